@@ -1,0 +1,256 @@
+"""Reading the dataset files, the label set and the shared train/validation split.
+
+The original COMP5329 CSV files are not valid CSV (see ``read_csv``); everything that
+reads a dataset goes through this module so every script sees the same rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ID_COLUMN = "ImageID"
+LABELS_COLUMN = "Labels"
+CAPTION_COLUMN = "Caption"
+KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
+
+# A line that opens a record even when the previous record left a quote open: an image
+# file name followed by a comma (the issue's rule is `^<digits>.jpg,`; any image name works).
+_RECORD_START = re.compile(r'^[^",\s]+\.(?:jpe?g|png),', re.IGNORECASE)
+
+
+class DataFormatError(ValueError):
+    """A dataset file that cannot be read; the message names the file and line."""
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        # utf-8-sig drops a byte-order mark written by spreadsheet programs.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{path}:{line}: byte 0x{raw[err.start]:02x} is not UTF-8; save the file as UTF-8"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _split_records(lines: list[str]) -> list[tuple[int, str]]:
+    """Group physical lines into records: (first line number, record text).
+
+    A record continues onto the next line while it holds an odd number of double
+    quotes (a quoted caption with a newline inside, as in images 1014, 2259 and 6751),
+    unless that next line itself looks like the start of a record.
+    """
+    records: list[tuple[int, str]] = []
+    open_quote = False
+    for number, line in enumerate(lines, start=2):
+        if open_quote and not _RECORD_START.match(line):
+            start, text = records[-1]
+            records[-1] = (start, text + "\n" + line)
+        elif line.strip() == "":
+            continue  # blank lines (a trailing newline) carry no record
+        else:
+            records.append((number, line))
+        open_quote = records[-1][1].count('"') % 2 == 1 if records else False
+    return records
+
+
+def _parse_record(text: str, header: list[str]) -> list[str] | None:
+    """Fields of one record, or None when it cannot be read.
+
+    Valid CSV is parsed strictly by the csv module. The originals also hold captions
+    with unescaped inner quotes (9084: ``"A street sign labeled "Seltzer Way," ..."``);
+    when the caption is the last column, everything after the other fields is the caption,
+    with its enclosing quotes removed and nothing else touched (so a trailing ``/`` stays).
+    """
+    try:
+        rows = list(csv.reader(io.StringIO(text), strict=True))
+    except csv.Error:
+        rows = []
+    if len(rows) == 1 and len(rows[0]) == len(header):
+        return rows[0]
+    if header[-1] != CAPTION_COLUMN:
+        return None
+    parts = text.split(",", len(header) - 1)
+    if len(parts) != len(header) or any('"' in part for part in parts[:-1]):
+        return None
+    caption = parts[-1]
+    if len(caption) >= 2 and caption.startswith('"') and caption.endswith('"'):
+        caption = caption[1:-1]
+    return parts[:-1] + [caption]
+
+
+def _parse_labels(field: str, path: Path, line: int) -> list[int]:
+    try:
+        return [int(token) for token in field.split()]
+    except ValueError:
+        raise DataFormatError(
+            f"{path}:{line}: Labels {field!r} must be label ids separated by spaces, e.g. '1 3 19'"
+        ) from None
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
+
+    Reads the original competition files exactly (unescaped inner quotes, captions ending
+    in ``/``, captions spanning lines) as well as clean CSV written by pandas. No record is
+    ever dropped: one that cannot be read raises ``DataFormatError`` naming its line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    lines = _decode(path).split("\n")
+    header = next(csv.reader([lines[0]])) if lines and lines[0].strip() else []
+    header = [name.strip() for name in header]
+    if ID_COLUMN not in header:
+        raise DataFormatError(
+            f"{path}:1: header {lines[0]!r} has no {ID_COLUMN} column "
+            f"(expected {','.join(KNOWN_COLUMNS)})"
+        )
+    unknown = [name for name in header if name not in KNOWN_COLUMNS]
+    if unknown:
+        raise DataFormatError(f"{path}:1: unknown column(s) {unknown}; expected {list(KNOWN_COLUMNS)}")
+    if len(set(header)) != len(header):
+        raise DataFormatError(f"{path}:1: repeated column name in header {header}")
+
+    rows: list[dict] = []
+    for line, text in _split_records(lines[1:]):
+        fields = _parse_record(text, header)
+        if fields is None:
+            raise DataFormatError(
+                f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}"
+            )
+        row = dict(zip(header, fields))
+        if LABELS_COLUMN in row:
+            row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line)
+        row["_line"] = line
+        rows.append(row)
+
+    columns = [name for name in KNOWN_COLUMNS if name in header]
+    frame = pd.DataFrame(rows, columns=columns + ["_line"])
+    frame.attrs["source"] = str(path)
+    frame.attrs["lines"] = frame.pop("_line").tolist()
+    return frame.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The ordered label ids of a run; column ``j`` of every probability matrix is ``ids[j]``."""
+
+    ids: tuple[int, ...]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> LabelSet:
+        """The sorted set of label ids seen in a training frame."""
+        ids = sorted({label for labels in frame[LABELS_COLUMN] for label in labels})
+        if not ids:
+            raise ValueError(f"{frame.attrs.get('source', 'training data')}: no labels found")
+        return cls(tuple(ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def encode(self, label_lists: list[list[int]] | pd.Series) -> np.ndarray:
+        """Multi-hot matrix (N, L) of 0/1 for lists of label ids; unknown ids are an error."""
+        index = {label: j for j, label in enumerate(self.ids)}
+        matrix = np.zeros((len(label_lists), len(self.ids)), dtype=np.float32)
+        for i, labels in enumerate(label_lists):
+            for label in labels:
+                if label not in index:
+                    raise ValueError(f"label id {label} is not one of the trained labels {list(self.ids)}")
+                matrix[i, index[label]] = 1.0
+        return matrix
+
+    def decode(self, multi_hot: np.ndarray) -> list[list[int]]:
+        """Label ids of each row of a 0/1 matrix (N, L)."""
+        return [[self.ids[j] for j in np.flatnonzero(row)] for row in multi_hot]
+
+
+def validation_mask(image_ids: pd.Series | list[str], val_fraction: float = 0.15) -> np.ndarray:
+    """True for the images in the shared validation split.
+
+    The split is a stable hash of the ImageID, so it is the same for every script, every
+    run and every machine, and an image's side does not depend on which other rows exist.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    buckets = np.array(
+        [int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") for i in image_ids],
+        dtype=np.uint64,
+    )
+    return (buckets / np.float64(2**64)) < val_fraction
+
+
+def split_train_val(frame: pd.DataFrame, val_fraction: float = 0.15) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The shared (train, validation) split of a labelled frame."""
+    is_val = validation_mask(frame[ID_COLUMN], val_fraction)
+    return frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Where a dataset's files are: ``root/train.csv``, ``root/test.csv``, images in ``root/data``."""
+
+    root: Path
+    images: Path
+
+    @classmethod
+    def resolve(cls, data: str | Path, images: str | Path | None = None) -> DatasetPaths:
+        root = Path(data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root}: no such directory")
+        return cls(root=root, images=Path(images) if images else root / "data")
+
+    @property
+    def train_csv(self) -> Path:
+        return self.root / "train.csv"
+
+    @property
+    def test_csv(self) -> Path:
+        return self.root / "test.csv"
+
+    def image_path(self, image_id: str) -> Path:
+        """The file of an image; an ImageID that would leave the image folder is refused."""
+        name = str(image_id)
+        if (
+            not name
+            or "\x00" in name
+            or "/" in name
+            or "\\" in name
+            or name in {".", ".."}
+        ):
+            raise ValueError(f"ImageID {image_id!r} is not a plain file name inside {self.images}")
+        return self.images / name
+
+
+def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -> DatasetPaths:
+    """The dataset a run uses: ``--data`` if given, else the demo dataset (generated when missing)."""
+    if data is None:
+        from pipeline.config import DEMO_DATA
+        from pipeline.demo import generate_demo
+
+        generate_demo(DEMO_DATA)  # returns at once when the demo is already complete
+        data = DEMO_DATA
+    return DatasetPaths.resolve(data, images)
+
+
+def load_train_val(paths: DatasetPaths, val_fraction: float) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
+    """The label set and the shared (train, validation) split of ``train.csv``."""
+    frame = read_csv(paths.train_csv)
+    if LABELS_COLUMN not in frame.columns:
+        raise DataFormatError(f"{paths.train_csv}:1: a training file needs a {LABELS_COLUMN} column")
+    if frame.empty:
+        raise DataFormatError(f"{paths.train_csv}: no training rows")
+    train, val = split_train_val(frame, val_fraction)
+    if train.empty:
+        raise DataFormatError(f"{paths.train_csv}: the training split is empty (--val-fraction {val_fraction})")
+    return LabelSet.from_frame(frame), train, val

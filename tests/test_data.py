@@ -1,0 +1,156 @@
+"""The data layer: exact reading of the competition's quirky CSVs, labels and the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.data import (
+    DataFormatError,
+    DatasetPaths,
+    LabelSet,
+    load_train_val,
+    read_csv,
+    split_train_val,
+    validation_mask,
+)
+
+# Lines copied in the shape of the original train.csv, one per quirk.
+QUIRKY_TRAIN = (
+    "ImageID,Labels,Caption\n"
+    '0.jpg,1,"Woman in swim suit holding parasol on sunny day."\n'
+    '1014.jpg,18,"Atop an oriental rug rests a dog and two low-lying tables and a taller one\n'
+    'full of very tidily arranged piles of jeans and tops."\n'
+    '4787.jpg,1 18,"Man and his dog laying on the floor inside of a room/"\n'
+    '4788.jpg,1,"the batter is swinging his bat to hit the ball"\n'
+    '9084.jpg,3 1 11,"A street sign labeled "Seltzer Way," with a red fire hydrant in the foreground."\n'
+    '9508.jpg,1,"A cow in street with writing that reads "oh no, not beef on the menu again!""\n'
+    '6751.jpg,4,"Red motor \n'
+    'scooter parked on the sand with a sunset in background."\n'
+    '14957.jpg,3 13,"A red stop sign next to a paper sign that reads "COURT"/"\n'
+)
+
+EXPECTED = {
+    "0.jpg": ([1], "Woman in swim suit holding parasol on sunny day."),
+    "1014.jpg": ([18], "Atop an oriental rug rests a dog and two low-lying tables and a taller one\n"
+                       "full of very tidily arranged piles of jeans and tops."),
+    "4787.jpg": ([1, 18], "Man and his dog laying on the floor inside of a room/"),
+    "4788.jpg": ([1], "the batter is swinging his bat to hit the ball"),
+    "9084.jpg": ([3, 1, 11], 'A street sign labeled "Seltzer Way," with a red fire hydrant in the foreground.'),
+    "9508.jpg": ([1], 'A cow in street with writing that reads "oh no, not beef on the menu again!"'),
+    "6751.jpg": ([4], "Red motor \nscooter parked on the sand with a sunset in background."),
+    "14957.jpg": ([3, 13], 'A red stop sign next to a paper sign that reads "COURT"/'),
+}
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+def check_expected(frame: pd.DataFrame) -> None:
+    assert list(frame.columns) == ["ImageID", "Labels", "Caption"]
+    assert frame["ImageID"].tolist() == list(EXPECTED)
+    for image_id, labels, caption in frame.itertuples(index=False):
+        assert (labels, caption) == EXPECTED[image_id], image_id
+
+
+def test_reads_every_quirk_of_the_original_train_file(tmp_path):
+    check_expected(read_csv(write(tmp_path / "train.csv", QUIRKY_TRAIN)))
+
+
+def test_the_naive_readers_fail_on_the_same_file(tmp_path):
+    """The reason read_csv exists: pandas raises, and skipping bad lines loses rows."""
+    path = write(tmp_path / "train.csv", QUIRKY_TRAIN)
+    with pytest.raises(pd.errors.ParserError):
+        pd.read_csv(path)
+    assert len(pd.read_csv(path, on_bad_lines="skip")) < len(EXPECTED)
+
+
+def test_clean_csv_written_by_pandas_reads_the_same(tmp_path):
+    original = read_csv(write(tmp_path / "train.csv", QUIRKY_TRAIN))
+    clean = original.assign(Labels=[" ".join(map(str, labels)) for labels in original["Labels"]])
+    clean.to_csv(tmp_path / "clean.csv", index=False)
+    check_expected(read_csv(tmp_path / "clean.csv"))
+
+
+def test_reads_a_test_file_without_labels(tmp_path):
+    path = write(tmp_path / "test.csv", (
+        "ImageID,Caption\n"
+        '30000.jpg,"A little girl waring a krispy kreme hat holding a box of krispy kreme donuts."\n'
+        '36889.jpg,"Stop sign with added "war" annotation, at an intersection."\n'
+    ))
+    frame = read_csv(path)
+    assert list(frame.columns) == ["ImageID", "Caption"]
+    assert frame["Caption"].tolist()[1] == 'Stop sign with added "war" annotation, at an intersection.'
+
+
+def test_crlf_line_endings_and_bom_read_the_same(tmp_path):
+    data = b"\xef\xbb\xbf" + QUIRKY_TRAIN.replace("\n", "\r\n").encode("utf-8")
+    frame = read_csv(write(tmp_path / "train.csv", data))
+    # Newlines inside captions come back as "\n" whatever the file used.
+    check_expected(frame)
+
+
+def test_a_record_that_cannot_be_read_names_its_line(tmp_path):
+    path = write(tmp_path / "train.csv", QUIRKY_TRAIN + "not a record at all\n")
+    with pytest.raises(DataFormatError, match=r"train\.csv:12:"):
+        read_csv(path)
+
+
+def test_non_integer_label_names_file_and_line(tmp_path):
+    path = write(tmp_path / "train.csv", 'ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg,dog,"b"\n')
+    with pytest.raises(DataFormatError, match=r"train\.csv:3: Labels 'dog'"):
+        read_csv(path)
+
+
+def test_bytes_that_are_not_utf8_name_the_line(tmp_path):
+    path = write(tmp_path / "train.csv", b'ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg,1,"caf\xe9"\n')
+    with pytest.raises(DataFormatError, match=r"train\.csv:3: byte 0xe9 is not UTF-8"):
+        read_csv(path)
+
+
+def test_missing_id_column_is_an_error(tmp_path):
+    path = write(tmp_path / "train.csv", 'Labels,Caption\n1,"a"\n')
+    with pytest.raises(DataFormatError, match="no ImageID column"):
+        read_csv(path)
+
+
+def test_label_set_encodes_and_decodes_original_ids():
+    frame = pd.DataFrame({"ImageID": ["a", "b"], "Labels": [[19, 1], [3]], "Caption": ["", ""]})
+    labels = LabelSet.from_frame(frame)
+    assert labels.ids == (1, 3, 19)
+    matrix = labels.encode(frame["Labels"])
+    np.testing.assert_array_equal(matrix, [[1, 0, 1], [0, 1, 0]])
+    assert labels.decode(matrix) == [[1, 19], [3]]
+    with pytest.raises(ValueError, match="label id 7"):
+        labels.encode([[7]])
+
+
+def test_split_is_deterministic_and_independent_of_other_rows():
+    ids = [f"{i}.jpg" for i in range(4000)]
+    mask = validation_mask(ids, 0.15)
+    assert 0.13 < mask.mean() < 0.17
+    # The same image lands on the same side whatever else is in the file.
+    np.testing.assert_array_equal(validation_mask(ids[::-1], 0.15)[::-1], mask)
+    np.testing.assert_array_equal(validation_mask(ids[:100], 0.15), mask[:100])
+    frame = pd.DataFrame({"ImageID": ids, "Labels": [[1]] * 4000, "Caption": [""] * 4000})
+    train, val = split_train_val(frame, 0.15)
+    assert len(train) + len(val) == 4000 and set(train.ImageID).isdisjoint(val.ImageID)
+
+
+def test_empty_training_split_is_an_error(tmp_path):
+    write(tmp_path / "train.csv", 'ImageID,Labels,Caption\n0.jpg,1,"a"\n')
+    paths = DatasetPaths.resolve(tmp_path)
+    with pytest.raises(DataFormatError, match="training split is empty"):
+        load_train_val(paths, val_fraction=0.999999)
+
+
+@pytest.mark.parametrize("image_id", ["../x.jpg", "/etc/passwd", "a/b.jpg", "x.jpg\0", "..", "a\\b.jpg"])
+def test_image_ids_that_are_paths_are_refused(tmp_path, image_id):
+    paths = DatasetPaths.resolve(tmp_path)
+    with pytest.raises(ValueError, match="not a plain file name"):
+        paths.image_path(image_id)
