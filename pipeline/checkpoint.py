@@ -1,0 +1,133 @@
+"""Checkpoint and probability-file I/O: atomic writes, safe loads, clear mismatch errors.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) so it loads with
+``torch.load(..., weights_only=True)``, which refuses files crafted to run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+FORMAT_VERSION = 1
+BRANCHES = ("image", "decoder", "caption")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable, unsafe, or does not fit the run; names the file."""
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The rename is atomic, so a run killed mid-write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` atomically."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def checkpoint_path(weights_dir: str | Path, branch: str) -> Path:
+    """Where a branch's checkpoint lives: ``weights/<branch>.pt``."""
+    return Path(weights_dir) / f"{branch}.pt"
+
+
+def save_checkpoint(path: str | Path, *, branch: str, state_dict: dict, config: dict,
+                    label_ids: Sequence[int], **extras: object) -> None:
+    """Save one branch as a plain dict carrying everything needed to rebuild it."""
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown branch {branch!r}; valid: {', '.join(BRANCHES)}")
+    checkpoint = {
+        "format_version": FORMAT_VERSION,
+        "branch": branch,
+        "config": dict(config),
+        "label_ids": [int(i) for i in label_ids],
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        **extras,
+    }
+    atomic_torch_save(checkpoint, Path(path))
+
+
+def load_checkpoint(path: str | Path, *, branch: str | None = None,
+                    label_ids: Sequence[int] | None = None) -> dict:
+    """Load a checkpoint safely and check it is the expected branch, label set and format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint; train the branch first")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: not a plain-data checkpoint (weights_only load failed: "
+            f"{str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no format_version)")
+    if checkpoint["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {checkpoint['format_version']}, this code reads version "
+            f"{FORMAT_VERSION}; retrain the branch"
+        )
+    if branch is not None and checkpoint.get("branch") != branch:
+        raise CheckpointError(f"{path}: holds the {checkpoint.get('branch')!r} branch, expected {branch!r}")
+    if label_ids is not None and list(checkpoint["label_ids"]) != [int(i) for i in label_ids]:
+        raise CheckpointError(
+            f"{path}: trained for labels {checkpoint['label_ids']}, this run has {list(label_ids)}"
+        )
+    return checkpoint
+
+
+def probabilities_path(weights_dir: str | Path, branch: str) -> Path:
+    """Where a branch's validation-split probabilities live."""
+    return Path(weights_dir) / f"val_probs_{branch}.csv"
+
+
+def save_probabilities(path: str | Path, image_ids: Sequence[str], label_ids: Sequence[int],
+                       probs: np.ndarray) -> None:
+    """Write probabilities (N, L) keyed by ImageID, one column per label id, atomically."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(image_ids), len(label_ids)):
+        raise ValueError(f"probabilities of shape {probs.shape} for {len(image_ids)} images x {len(label_ids)} labels")
+    frame = pd.DataFrame(probs, columns=[str(i) for i in label_ids])
+    frame.insert(0, "ImageID", list(image_ids))
+    _atomic_write(Path(path), lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
+
+
+def load_probabilities(path: str | Path, label_ids: Sequence[int] | None = None) -> tuple[list[str], list[int], np.ndarray]:
+    """Read a probabilities file: (image ids, label ids, probabilities (N, L))."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such probabilities file; train the branch first")
+    frame = pd.read_csv(path, dtype={"ImageID": str})
+    file_labels = [int(c) for c in frame.columns[1:]]
+    if label_ids is not None and file_labels != [int(i) for i in label_ids]:
+        raise CheckpointError(f"{path}: probabilities for labels {file_labels}, expected {list(label_ids)}")
+    return frame["ImageID"].tolist(), file_labels, frame.iloc[:, 1:].to_numpy(dtype=np.float64)

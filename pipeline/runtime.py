@@ -1,0 +1,34 @@
+"""Device, precision and seeding, decided once per run and passed down."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: valid values are auto, cpu, cuda")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU; nothing on CPU, where fp32 is both faster and exact here."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so the same command gives the same result."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
