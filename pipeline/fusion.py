@@ -1,0 +1,219 @@
+"""Fusion of the branches' probabilities: weighted average or a learned stacker, with
+tuned thresholds, saved as a readable, hand-editable ``fusion.json``.
+
+Everything is tuned on the shared validation split, which no branch trained on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold
+
+from pipeline.checkpoint import atomic_write_text
+from pipeline.metrics import THRESHOLD_GRID, binarize, samples_f1, tune_global_threshold
+
+log = logging.getLogger(__name__)
+
+FUSION_VERSION = 1
+# Per-label thresholds move from the global one toward their own optimum in proportion to
+# n_pos / (n_pos + SHRINK_POSITIVES): a label with few validation positives stays near global.
+SHRINK_POSITIVES = 30.0
+
+
+class FusionError(ValueError):
+    """fusion.json that is unreadable or does not fit the loaded branches; names the file."""
+
+
+@dataclass
+class FusionSettings:
+    """What ``fusion.json`` holds."""
+
+    branches: list[str]
+    label_ids: list[int]
+    method: str = "weighted"  # "weighted" or "stacker"
+    weights: dict[str, float] = field(default_factory=dict)
+    threshold: float = 0.5
+    per_label_thresholds: dict[str, float] = field(default_factory=dict)  # label id (as str) -> threshold
+    stacker: dict | None = None  # coefficients of the logistic-regression stacker, when used
+    val_samples_f1: float | None = None
+    cv_samples_f1: dict[str, float] = field(default_factory=dict)
+    tuned_on: dict = field(default_factory=dict)
+    version: int = FUSION_VERSION
+
+    def thresholds(self) -> np.ndarray:
+        """Per-label thresholds (L,), the global one where no per-label value is set."""
+        return np.array([self.per_label_thresholds.get(str(i), self.threshold) for i in self.label_ids])
+
+    def probabilities(self, probs_by_branch: dict[str, np.ndarray]) -> np.ndarray:
+        """Fused probabilities (N, L) of the configured branches."""
+        missing = [b for b in self.branches if b not in probs_by_branch]
+        if missing:
+            raise FusionError(f"fusion needs branch(es) {missing}, which were not loaded")
+        if self.method == "stacker":
+            return _stacker_predict(self.stacker, [probs_by_branch[b] for b in self.branches])
+        return weighted_average(probs_by_branch, self.weights)
+
+    def predict(self, probs_by_branch: dict[str, np.ndarray]) -> np.ndarray:
+        """0/1 predictions (N, L), at least one label per image."""
+        return binarize(self.probabilities(probs_by_branch), self.thresholds())
+
+
+def weighted_average(probs_by_branch: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted average of probabilities; weights are renormalised over the branches given."""
+    total = sum(weights.get(b, 0.0) for b in probs_by_branch)
+    if total <= 0:
+        raise FusionError(f"fusion weights {weights} give no weight to the branches {list(probs_by_branch)}")
+    return sum(weights.get(b, 0.0) / total * p for b, p in probs_by_branch.items())
+
+
+def simplex_grid(branches: list[str], step: float = 0.05) -> list[dict[str, float]]:
+    """All weightings of the branches on the simplex with the given step."""
+    n = round(1 / step)
+    grid = []
+    for combo in itertools.product(range(n + 1), repeat=len(branches) - 1):
+        if sum(combo) <= n:
+            parts = [*combo, n - sum(combo)]
+            grid.append({b: k / n for b, k in zip(branches, parts)})
+    return grid
+
+
+def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], step: float = 0.05) -> tuple[dict[str, float], float, float]:
+    """Simplex weights and global threshold maximising samples-F1: (weights, threshold, F1)."""
+    coarse = THRESHOLD_GRID[::3]  # the weight search needs the threshold only roughly
+    best = (-1.0, {}, 0.5)
+    for weights in simplex_grid(list(probs_by_branch), step):
+        fused = weighted_average(probs_by_branch, weights)
+        threshold, f1 = tune_global_threshold(y_true, fused, coarse)
+        if f1 > best[0] + 1e-12:
+            best = (f1, weights, threshold)
+    weights = best[1]
+    threshold, f1 = tune_global_threshold(y_true, weighted_average(probs_by_branch, weights))
+    return weights, threshold, f1
+
+
+def tune_per_label_thresholds(y_true: np.ndarray, probs: np.ndarray, global_threshold: float,
+                              rounds: int = 2) -> np.ndarray:
+    """Per-label thresholds by coordinate ascent on samples-F1 itself, shrunk toward the global one."""
+    thresholds = np.full(probs.shape[1], global_threshold)
+    positives = y_true.sum(axis=0)
+    for _ in range(rounds):
+        for j in range(probs.shape[1]):
+            scores = []
+            for t in THRESHOLD_GRID:
+                thresholds_j = thresholds.copy()
+                thresholds_j[j] = t
+                scores.append(samples_f1(y_true, binarize(probs, thresholds_j)))
+            best_t = THRESHOLD_GRID[int(np.argmax(scores))]
+            weight = positives[j] / (positives[j] + SHRINK_POSITIVES)
+            thresholds[j] = round(float(global_threshold + weight * (best_t - global_threshold)), 3)
+    return thresholds
+
+
+def _stacker_features(probs_list: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(probs_list, axis=1)  # (N, B * L)
+
+
+def _fit_stacker(features: np.ndarray, y_true: np.ndarray, c: float = 1.0) -> dict:
+    coefs, intercepts = [], []
+    for j in range(y_true.shape[1]):
+        if y_true[:, j].min() == y_true[:, j].max():
+            # A label with one class only in this fold: a constant prediction.
+            coefs.append([0.0] * features.shape[1])
+            rate = float(np.clip(y_true[:, j].mean(), 1e-4, 1 - 1e-4))
+            intercepts.append(float(np.log(rate / (1 - rate))))
+            continue
+        model = LogisticRegression(C=c, max_iter=1000).fit(features, y_true[:, j])
+        coefs.append(model.coef_[0].round(6).tolist())
+        intercepts.append(round(float(model.intercept_[0]), 6))
+    return {"coef": coefs, "intercept": intercepts, "C": c}
+
+
+def _stacker_predict(stacker: dict, probs_list: list[np.ndarray]) -> np.ndarray:
+    logits = _stacker_features(probs_list) @ np.asarray(stacker["coef"]).T + np.asarray(stacker["intercept"])
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def _cross_validated(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], method: str,
+                     folds: int, seed: int) -> float:
+    """Samples-F1 of out-of-fold predictions: each fold predicted by settings tuned on the others."""
+    branches = list(probs_by_branch)
+    predictions = np.zeros_like(y_true)
+    for fit_idx, eval_idx in KFold(folds, shuffle=True, random_state=seed).split(y_true):
+        fit = {b: p[fit_idx] for b, p in probs_by_branch.items()}
+        held = {b: p[eval_idx] for b, p in probs_by_branch.items()}
+        if method == "stacker":
+            stacker = _fit_stacker(_stacker_features([fit[b] for b in branches]), y_true[fit_idx])
+            threshold, _ = tune_global_threshold(y_true[fit_idx], _stacker_predict(stacker, [fit[b] for b in branches]))
+            predictions[eval_idx] = binarize(_stacker_predict(stacker, [held[b] for b in branches]), threshold)
+        else:
+            weights, threshold, _ = tune_weights(y_true[fit_idx], fit)
+            fused = weighted_average(fit, weights)
+            thresholds = tune_per_label_thresholds(y_true[fit_idx], fused, threshold, rounds=1)
+            predictions[eval_idx] = binarize(weighted_average(held, weights), thresholds)
+    return samples_f1(y_true, predictions)
+
+
+def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: list[int],
+                folds: int = 5, seed: int = 0, compare_stacker: bool = True) -> FusionSettings:
+    """Tune weights and thresholds (and a stacker) on validation probabilities; keep the better method."""
+    branches = list(probs_by_branch)
+    weights, threshold, f1_global = tune_weights(y_true, probs_by_branch)
+    fused = weighted_average(probs_by_branch, weights)
+    per_label = tune_per_label_thresholds(y_true, fused, threshold)
+    f1_weighted = samples_f1(y_true, binarize(fused, per_label))
+    settings = FusionSettings(
+        branches=branches, label_ids=[int(i) for i in label_ids], method="weighted",
+        weights={b: round(w, 4) for b, w in weights.items()}, threshold=round(threshold, 3),
+        per_label_thresholds={str(i): float(t) for i, t in zip(label_ids, per_label)},
+        val_samples_f1=round(f1_weighted, 5),
+        tuned_on={"n_images": int(len(y_true)), "global_threshold_samples_f1": round(f1_global, 5)},
+    )
+    if compare_stacker and len(y_true) >= 5 * folds:
+        cv = {m: round(_cross_validated(y_true, probs_by_branch, m, folds, seed), 5) for m in ("weighted", "stacker")}
+        settings.cv_samples_f1 = cv
+        log.info("fusion cross-validated samples-F1: weighted %.4f, stacker %.4f", cv["weighted"], cv["stacker"])
+        if cv["stacker"] > cv["weighted"]:
+            features = _stacker_features([probs_by_branch[b] for b in branches])
+            stacker = _fit_stacker(features, y_true)
+            stacked = _stacker_predict(stacker, [probs_by_branch[b] for b in branches])
+            threshold, f1 = tune_global_threshold(y_true, stacked)
+            settings.method, settings.stacker, settings.weights = "stacker", stacker, {}
+            settings.threshold, settings.per_label_thresholds = threshold, {}
+            settings.val_samples_f1 = round(f1, 5)
+    return settings
+
+
+def save_fusion(settings: FusionSettings, path: str | Path) -> None:
+    """Write fusion.json atomically."""
+    atomic_write_text(Path(path), json.dumps(asdict(settings), indent=2) + "\n")
+
+
+def load_fusion(path: str | Path) -> FusionSettings:
+    """Read fusion.json, with clear errors for hand edits that break it."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise FusionError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    known = set(FusionSettings.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise FusionError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(known)}")
+    try:
+        settings = FusionSettings(**raw)
+    except TypeError as err:
+        raise FusionError(f"{path}: {err}") from None
+    if settings.version != FUSION_VERSION:
+        raise FusionError(f"{path}: version {settings.version}, this code reads {FUSION_VERSION}; re-tune with --tune")
+    if settings.method not in ("weighted", "stacker"):
+        raise FusionError(f"{path}: method {settings.method!r}; valid: weighted, stacker")
+    if settings.method == "stacker" and not settings.stacker:
+        raise FusionError(f"{path}: method is 'stacker' but no stacker coefficients are stored")
+    return settings
