@@ -232,3 +232,18 @@ def evaluate_probs(
             for j, key in enumerate(keys)
         },
     }
+
+
+THRESHOLD_GRID = np.round(np.arange(0.02, 0.96, 0.01), 2)
+
+
+def tune_global_threshold(y_true: np.ndarray, probs: np.ndarray,
+                          grid: np.ndarray = THRESHOLD_GRID) -> tuple[float, float]:
+    """The single threshold on ``grid`` that maximises samples-F1: (threshold, samples-F1).
+
+    Ties go to the threshold closest to 0.5, so a flat optimum does not drift to an extreme.
+    """
+    scores = np.array([samples_f1(y_true, binarize(probs, t)) for t in grid])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    choice = best[np.argmin(np.abs(grid[best] - 0.5))]
+    return float(grid[choice]), float(scores[choice])
