@@ -259,28 +259,40 @@ def load_train_val(paths: DatasetPaths, val_fraction: float) -> tuple[LabelSet, 
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i)``."""
+    """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i, readable)``.
 
-    def __init__(self, paths: DatasetPaths, image_ids: list[str], transform) -> None:
+    A missing or undecodable file yields a blank tensor with ``readable`` False instead of
+    stopping the loader, so the caller decides: training lists the bad files and stops,
+    inference falls back to the branches that need no image.
+    """
+
+    def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int) -> None:
         self.files = [paths.image_path(image_id) for image_id in image_ids]
         self.transform = transform
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         path = self.files[index]
         try:
             with Image.open(path) as image:
                 # draft() lets libjpeg decode at a reduced scale when the image is much larger
                 # than needed: memory stays bounded and decoding is faster.
-                if min(image.size) > 2048:
+                if min(image.size) > 4 * self.size:
                     image.draft("RGB", (image.width // 4, image.height // 4))
                 rgb = image.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise ImageReadError(f"{path}: cannot read image ({err})") from None
-        return self.transform(rgb), index
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return torch.zeros(3, self.size, self.size), index, False
+        return self.transform(rgb), index, True
 
 
 class ImageReadError(OSError):
-    """An image file that is missing or cannot be decoded; names the file."""
+    """Image files that are missing or cannot be decoded; the message lists them."""
+
+    @classmethod
+    def listing(cls, files: list[Path], hint: str = "") -> ImageReadError:
+        shown = "\n  ".join(str(f) for f in files[:20])
+        more = f"\n  ... and {len(files) - 20} more" if len(files) > 20 else ""
+        return cls(f"{len(files)} image file(s) missing or unreadable:\n  {shown}{more}{hint}")

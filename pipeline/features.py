@@ -61,7 +61,7 @@ def _cache_file(cache_dir: Path, key: dict) -> Path:
     return cache_dir / f"features-{key['backbone']}-{digest}.pt"
 
 
-def _load_cached(path: Path, key: dict) -> torch.Tensor | None:
+def _load_cached(path: Path, key: dict) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -69,48 +69,56 @@ def _load_cached(path: Path, key: dict) -> torch.Tensor | None:
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         log.warning("feature cache %s is unreadable (%s); rebuilding it", path, err)
         return None
-    features = cached.get("features") if isinstance(cached, dict) else None
-    if cached.get("key") != key or features is None or features.shape[0] != key["num_images"]:
+    if (not isinstance(cached, dict) or cached.get("key") != key
+            or not isinstance(cached.get("features"), torch.Tensor)
+            or cached["features"].shape[0] != key["num_images"]
+            or not isinstance(cached.get("readable"), torch.Tensor)):
         log.warning("feature cache %s does not match these images/settings; rebuilding it", path)
         return None
-    return features
+    return cached
 
 
 @torch.inference_mode()
 def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], device: torch.device,
                      batch_size: int = 64, workers: int = 2, views: Sequence[str] = VIEWS,
-                     description: str = "features") -> torch.Tensor:
-    """Pooled features (N, 2C) of the images, averaged over the views (plain and mirrored)."""
+                     description: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (N, 2C) averaged over the views (plain and mirrored), and a (N,) bool
+    mask of the images that could be read (the others' features are NaN)."""
     model = backbone.module.to(device).eval().to(memory_format=torch.channels_last)
+    size = backbone.preprocessing["resolution"]
     total: torch.Tensor | None = None
+    readable = torch.ones(len(image_ids), dtype=torch.bool)
     for view in views:
         transform = build_transform(backbone.preprocessing, flip=(view == "flip"))
         loader = DataLoader(
-            ImageDataset(paths, list(image_ids), transform), batch_size=batch_size, num_workers=workers,
-            pin_memory=device.type == "cuda", persistent_workers=False,
+            ImageDataset(paths, list(image_ids), transform, size), batch_size=batch_size, num_workers=workers,
+            pin_memory=device.type == "cuda",
         )
         parts = []
-        for images, _ in tqdm(loader, desc=f"{description} ({view})", unit="batch", leave=False):
+        for images, index, ok in tqdm(loader, desc=f"{description} ({view})", unit="batch"):
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             parts.append(pool_features(model(images)).float().cpu())  # (B, 2C)
+            readable[index[~ok]] = False
         pooled = torch.cat(parts) if parts else torch.zeros(0, 2 * backbone.feature_dim)
         total = pooled if total is None else total + pooled
-    return total / len(views)
+    features = total / len(views)
+    features[~readable] = float("nan")
+    return features, readable
 
 
 def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
                     device: torch.device, batch_size: int = 64, workers: int = 2,
-                    views: Sequence[str] = VIEWS, description: str = "features") -> torch.Tensor:
-    """Features of the images from the cache when it matches, else extracted and cached."""
+                    views: Sequence[str] = VIEWS, description: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, 2C), readable (N,)) from the cache when it matches, else extracted and cached."""
     files = [paths.image_path(image_id) for image_id in image_ids]
     key = cache_key(backbone, files, views)
     path = _cache_file(Path(cache_dir), key)
-    features = _load_cached(path, key)
-    if features is not None:
+    cached = _load_cached(path, key)
+    if cached is not None:
         log.info("feature cache hit: %s (%d images)", path, len(files))
-        return features.float()
-    features = extract_features(backbone, paths, image_ids, device, batch_size, workers, views, description)
+        return cached["features"].float(), cached["readable"]
+    features, readable = extract_features(backbone, paths, image_ids, device, batch_size, workers, views, description)
     # fp16 halves the file; the heads train in fp32 and do not notice the rounding.
-    atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features.half()}, path)
+    atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features.half(), "readable": readable}, path)
     log.info("feature cache written: %s", path)
-    return features.half().float()
+    return features.half().float(), readable

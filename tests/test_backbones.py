@@ -109,8 +109,8 @@ def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_im
     with pytest.warns(UserWarning):
         backbone = create_backbone("test_efficientnet", resolution=32)
     cache = tmp_path / "cache"
-    first = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
-    assert first.shape == (6, 2 * backbone.feature_dim)
+    first, ok = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    assert first.shape == (6, 2 * backbone.feature_dim) and ok.all()
     files = list(cache.glob("*.pt"))
     assert len(files) == 1
 
@@ -119,15 +119,15 @@ def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_im
     calls = []
     original = features_module.extract_features
     monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: calls.append(1) or original(*a, **k))
-    again = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    again, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
     assert calls == [] and torch.equal(again, first)
 
     # A file cut off half-way is detected and rebuilt, not read.
     files[0].write_bytes(files[0].read_bytes()[:100])
-    rebuilt = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    rebuilt, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
     assert calls == [1] and torch.allclose(rebuilt, first)
 
     # A changed image is a different key: extracted again.
     Image.new("RGB", (40, 50), "red").save(paths.images / ids[0])
-    changed = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    changed, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
     assert calls == [1, 1] and not torch.allclose(changed[0], first[0])

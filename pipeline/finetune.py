@@ -1,0 +1,161 @@
+"""End-to-end fine-tuning of the image branch (the default on GPU).
+
+The backbone, the image head and the CNN-RNN decoder train jointly, as in the CNN-RNN paper:
+augmentation, AdamW, warmup + cosine schedule, EMA of the weights, bf16 autocast on GPU,
+channels_last and gradient clipping. The checkpoints carry the fine-tuned backbone weights,
+so inference rebuilds exactly this model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
+from pipeline.config import save_config
+from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageDataset, ImageReadError, load_train_val, resolve_dataset
+from pipeline.engine import ModelEma, train_one_epoch, warmup_cosine
+from pipeline.features import pool_features
+from pipeline.metrics import tune_global_threshold
+from pipeline.models.backbones import create_backbone
+from pipeline.models.decoder import LabelDecoder, LabelOrder
+from pipeline.models.heads import FeatureNorm, ImageHead
+from pipeline.runtime import autocast_context
+from pipeline.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+class ImageModel(nn.Module):
+    """Backbone + avg/max pooling + image head + label decoder, trained together."""
+
+    def __init__(self, backbone: nn.Module, head: ImageHead, decoder: LabelDecoder) -> None:
+        super().__init__()
+        self.backbone, self.head, self.decoder = backbone, head, decoder
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return pool_features(self.backbone(images))  # (B, 2C)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, L)
+
+
+class _LabelledImages(torch.utils.data.Dataset):
+    """(image, multi-hot target) pairs; an unreadable image stops training with its name."""
+
+    def __init__(self, images: ImageDataset, targets: np.ndarray) -> None:
+        self.images, self.targets = images, torch.from_numpy(targets)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, _, readable = self.images[index]
+        if not readable:
+            raise ImageReadError.listing([self.images.files[index]])
+        return image, self.targets[index]
+
+
+def _state_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return "finetuned-" + digest.hexdigest()[:16]
+
+
+def finetune_image_branch(config, device: torch.device) -> dict:
+    """Fine-tune backbone, head and decoder end to end; write the same files as frozen mode."""
+    from pipeline.train_image import backbone_record
+
+    started = time.perf_counter()
+    paths = resolve_dataset(config.data, config.images)
+    labels, train, val = load_train_val(paths, config.val_fraction)
+    backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
+    y_train, y_val = labels.encode(train[LABELS_COLUMN]), labels.encode(val[LABELS_COLUMN])
+    size = backbone.preprocessing["resolution"]
+    feature_dim = 2 * backbone.feature_dim
+    model = ImageModel(
+        backbone.module,
+        ImageHead(feature_dim, len(labels), config.head_hidden, config.head_dropout),
+        LabelDecoder(feature_dim, len(labels), config.decoder_embed, config.decoder_hidden, config.decoder_dropout),
+    ).to(device).to(memory_format=torch.channels_last)
+    order = LabelOrder.from_train(y_train, config.label_order)
+    rank = order.rank.to(device)
+
+    train_set = _LabelledImages(ImageDataset(paths, train[ID_COLUMN].tolist(),
+                                             build_transform(backbone.preprocessing, train=True), size), y_train)
+    val_set = _LabelledImages(ImageDataset(paths, val[ID_COLUMN].tolist(),
+                                           build_transform(backbone.preprocessing), size), y_val)
+    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
+                        pin_memory=device.type == "cuda", drop_last=len(train_set) > config.batch_size,
+                        generator=torch.Generator().manual_seed(config.seed))
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.workers,
+                            pin_memory=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.finetune_lr, weight_decay=config.weight_decay)
+    steps = config.finetune_epochs * len(loader)
+    scheduler = warmup_cosine(optimizer, steps, int(config.warmup_epochs * len(loader)))
+    ema = ModelEma(model, config.ema_decay)
+    autocast = lambda: autocast_context(device)  # noqa: E731 - a fresh context per step
+
+    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, targets = batch
+        features = m.features(images.contiguous(memory_format=torch.channels_last))
+        return F.binary_cross_entropy_with_logits(m.head(features).float(), targets) + m.decoder.loss(features.float(), targets, rank)
+
+    best = {"f1": -1.0}
+    for epoch in range(1, config.finetune_epochs + 1):
+        loss = train_one_epoch(model, loader, step_loss, optimizer, device, epoch, scheduler=scheduler,
+                               autocast=autocast, grad_clip=config.grad_clip, ema=ema)
+        head_probs, decoder_probs = _predict(ema.module, val_loader, device, config.beam_width)
+        threshold, f1 = tune_global_threshold(y_val, head_probs)
+        log.info("fine-tune epoch %d/%d  loss %.4f  val samples-F1 %.4f", epoch, config.finetune_epochs, loss, f1)
+        if f1 > best["f1"]:
+            best = {"f1": f1, "epoch": epoch, "head_probs": head_probs, "decoder_probs": decoder_probs,
+                    "state": {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}}
+    ema.module.load_state_dict(best["state"])
+    final = ema.module.cpu()
+
+    backbone.module = final.backbone
+    backbone.weights, backbone.weights_digest = "finetuned", _state_digest(final.backbone)
+    record = {**backbone_record(backbone, ["plain"]), "state_dict": final.backbone.state_dict()}
+    identity = FeatureNorm(feature_dim).state_dict()  # fine-tuned heads saw raw pooled features
+    weights_dir = config.weights
+    config_dict = dataclasses.asdict(config)
+    save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=final.head.state_dict(),
+                    config=config_dict, label_ids=labels.ids, backbone=record, preprocessing=backbone.preprocessing,
+                    feature_norm=identity,
+                    head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout})
+    save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=final.decoder.state_dict(),
+                    config=config_dict, label_ids=labels.ids, backbone=record, preprocessing=backbone.preprocessing,
+                    feature_norm=identity, label_order=order.to_list(),
+                    decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
+                             "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
+                             "beam_width": config.beam_width})
+    val_ids = val[ID_COLUMN].tolist()
+    save_probabilities(probabilities_path(weights_dir, "image"), val_ids, labels.ids, best["head_probs"])
+    save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, labels.ids, best["decoder_probs"])
+    save_config(config, Path(weights_dir) / "image_config.json")
+    return {"mode": "finetune", "image_val_samples_f1": best["f1"], "image_best_epoch": best["epoch"],
+            "total_seconds": time.perf_counter() - started}
+
+
+@torch.inference_mode()
+def _predict(model: ImageModel, loader: DataLoader, device: torch.device, beam_width: int) -> tuple[np.ndarray, np.ndarray]:
+    model.eval().to(device)
+    head_parts, decoder_parts = [], []
+    for images, _ in loader:
+        with autocast_context(device):
+            features = model.features(images.to(device).contiguous(memory_format=torch.channels_last)).float()
+        head_parts.append(torch.sigmoid(model.head(features)).cpu())
+        decoder_parts.append(model.decoder.beam_search(features, beam_width=beam_width)[1].cpu())
+    return torch.cat(head_parts).numpy(), torch.cat(decoder_parts).numpy()

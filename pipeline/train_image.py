@@ -1,0 +1,214 @@
+"""Training the image branch: the image head and the CNN-RNN label decoder.
+
+``frozen`` mode (the default on CPU): pooled backbone features are computed once and cached,
+and both heads train on the cache in seconds. ``finetune`` mode (the default on GPU): the
+backbone, the head and the decoder train end to end (see ``pipeline.finetune``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
+from pipeline.config import CommonConfig, option, save_config
+from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, load_train_val, resolve_dataset
+from pipeline.engine import predict_probs, train_one_epoch, warmup_cosine
+from pipeline.features import VIEWS, cached_features
+from pipeline.metrics import tune_global_threshold
+from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from pipeline.models.decoder import LabelDecoder, LabelOrder
+from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
+from pipeline.runtime import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageTrainConfig(CommonConfig):
+    """Settings of ``train_efficientnet.py``."""
+
+    backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)")
+    backbone_weights: str | None = option(
+        None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
+        "tf_efficientnet_lite0, random initialisation (with a warning) for other names")
+    pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)")
+    resolution: int | None = option(None, "input size in pixels (default: the backbone's own, 224 for Lite0)")
+    mode: str = option("auto", "frozen: heads on cached backbone features; finetune: end to end; "
+                       "auto: frozen on CPU, finetune on GPU", choices=["auto", "frozen", "finetune"])
+    flip_views: bool = option(True, "average the features of each image and its mirror image (frozen mode)")
+    head_hidden: int = option(1024, "hidden units of the image head's MLP (0: linear)")
+    head_dropout: float = option(0.5, "dropout of the image head")
+    loss: str = option("bce", "image head loss", choices=["bce", "asl"])
+    epochs: int = option(40, "epochs of head training on cached features")
+    lr: float = option(1e-3, "peak learning rate of the heads (AdamW, warmup + cosine)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    decoder_embed: int = option(256, "label embedding size of the CNN-RNN decoder")
+    decoder_hidden: int = option(512, "LSTM hidden size of the CNN-RNN decoder")
+    decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder")
+    decoder_epochs: int = option(30, "epochs of decoder training on cached features")
+    label_order: str = option("frequent", "order of the label sequences the decoder learns",
+                              choices=["frequent", "rare"])
+    beam_width: int = option(3, "beam width of the decoder's beam search")
+    finetune_epochs: int = option(10, "epochs of end-to-end fine-tuning (finetune mode)")
+    finetune_lr: float = option(3e-4, "peak learning rate when fine-tuning")
+    warmup_epochs: float = option(1.0, "linear warmup length, in epochs")
+    ema_decay: float = option(0.999, "decay of the weights' exponential moving average (finetune mode)")
+    grad_clip: float = option(1.0, "gradient norm clipping (finetune mode)")
+    batch_size: int = option(64, "images per batch for feature extraction and fine-tuning")
+
+
+def head_batches(features: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool,
+                 seed: int) -> DataLoader:
+    """Batches of (features, targets) from in-memory tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(features, targets), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
+                   x_val: torch.Tensor, y_val: np.ndarray, device: torch.device) -> tuple[ImageHead, np.ndarray, dict]:
+    """Train the head on cached features; keep the epoch with the best validation samples-F1."""
+    head = ImageHead(x_train.shape[1], y_train.shape[1], config.head_hidden, config.head_dropout).to(device)
+    loss_fn = get_loss(config.loss)
+    loader = head_batches(x_train, y_train, 256, shuffle=True, seed=config.seed)
+    val_loader = head_batches(x_val, torch.from_numpy(y_val), 1024, shuffle=False, seed=config.seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), len(loader))
+    best = {"f1": -1.0}
+    for epoch in range(1, config.epochs + 1):
+        loss = train_one_epoch(head, loader, lambda m, b: loss_fn(m(b[0]), b[1]), optimizer, device, epoch,
+                               scheduler=scheduler, progress=False)
+        probs = predict_probs(head, val_loader, device)
+        threshold, f1 = tune_global_threshold(y_val, probs)
+        log.info("image head epoch %d/%d  loss %.4f  val samples-F1 %.4f (threshold %.2f)",
+                 epoch, config.epochs, loss, f1, threshold)
+        if f1 > best["f1"]:
+            best = {"f1": f1, "epoch": epoch, "threshold": threshold, "probs": probs,
+                    "state": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+    head.load_state_dict(best.pop("state"))
+    return head, best.pop("probs"), best
+
+
+def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
+                x_val: torch.Tensor, y_val: np.ndarray, device: torch.device) -> tuple[LabelDecoder, LabelOrder, np.ndarray, dict]:
+    """Train the CNN-RNN decoder on cached features with teacher forcing; score it by beam search."""
+    order = LabelOrder.from_train(y_train.numpy(), config.label_order)
+    decoder = LabelDecoder(x_train.shape[1], y_train.shape[1], config.decoder_embed, config.decoder_hidden,
+                           config.decoder_dropout).to(device)
+    loader = head_batches(x_train, y_train, 256, shuffle=True, seed=config.seed)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
+    rank = order.rank.to(device)
+    for epoch in range(1, config.decoder_epochs + 1):
+        loss = train_one_epoch(decoder, loader, lambda m, b: m.loss(b[0], b[1], rank), optimizer, device, epoch,
+                               scheduler=scheduler, progress=False)
+        log.info("decoder epoch %d/%d  loss %.4f", epoch, config.decoder_epochs, loss)
+    decoder.eval()
+    summary = {}
+    probs = None
+    for width in sorted({1, config.beam_width}):
+        sets, scores = decoder.beam_search(x_val.to(device), beam_width=width)
+        decoded = np.zeros_like(y_val)
+        for i, labels in enumerate(sets):
+            decoded[i, labels] = 1
+        from pipeline.metrics import samples_f1
+
+        summary[f"val_samples_f1_beam{width}"] = samples_f1(y_val, decoded)
+        if width == config.beam_width:
+            probs = scores.cpu().numpy()
+    log.info("decoder val samples-F1: %s", summary)
+    return decoder, order, probs, summary
+
+
+def train_image_branch(config: ImageTrainConfig) -> dict:
+    """Train the image head and the label decoder; write their checkpoints and validation probabilities."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    mode = config.mode if config.mode != "auto" else ("finetune" if device.type == "cuda" else "frozen")
+    if mode == "finetune":
+        from pipeline.finetune import finetune_image_branch
+
+        return finetune_image_branch(config, device)
+
+    paths = resolve_dataset(config.data, config.images)
+    labels, train, val = load_train_val(paths, config.val_fraction)
+    if val.empty:
+        raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
+    weights_dir = Path(config.weights)
+    backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
+    views = VIEWS if config.flip_views else VIEWS[:1]
+
+    extract_start = time.perf_counter()
+    all_ids = training_image_ids(train, val)
+    features, readable = cached_features(backbone, paths, all_ids, weights_dir / "cache", device,
+                                         config.batch_size, config.workers, views, description="train.csv features")
+    extract_seconds = time.perf_counter() - extract_start
+    if not readable.all():
+        bad = [paths.image_path(all_ids[i]) for i in torch.nonzero(~readable).flatten().tolist()]
+        raise ImageReadError.listing(bad, "\nfix or remove these rows of train.csv")
+    norm = FeatureNorm(features.shape[1]).fit(features[: len(train)])
+    x_train, x_val = norm(features[: len(train)]), norm(features[len(train):])
+    y_train = torch.from_numpy(labels.encode(train[LABELS_COLUMN]))
+    y_val = labels.encode(val[LABELS_COLUMN])
+
+    heads_start = time.perf_counter()
+    head, head_probs, head_summary = fit_image_head(config, x_train, y_train, x_val, y_val, device)
+    decoder, order, decoder_probs, decoder_summary = fit_decoder(config, x_train, y_train, x_val, y_val, device)
+    heads_seconds = time.perf_counter() - heads_start
+
+    backbone_info = backbone_record(backbone, views)
+    config_dict = dataclasses.asdict(config)
+    save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=head.state_dict(),
+                    config=config_dict, label_ids=labels.ids, backbone=backbone_info,
+                    preprocessing=backbone.preprocessing, feature_norm=norm.state_dict(),
+                    head={"in_dim": x_train.shape[1], "hidden": config.head_hidden, "dropout": config.head_dropout})
+    save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=decoder.state_dict(),
+                    config=config_dict, label_ids=labels.ids, backbone=backbone_info,
+                    preprocessing=backbone.preprocessing, feature_norm=norm.state_dict(), label_order=order.to_list(),
+                    decoder={"feature_dim": x_train.shape[1], "embed_dim": config.decoder_embed,
+                             "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
+                             "beam_width": config.beam_width})
+    val_ids = val[ID_COLUMN].tolist()
+    save_probabilities(probabilities_path(weights_dir, "image"), val_ids, labels.ids, head_probs)
+    save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, labels.ids, decoder_probs)
+    save_config(config, weights_dir / "image_config.json")
+
+    summary = {
+        "mode": mode,
+        "train_images": len(train),
+        "val_images": len(val),
+        "image_val_samples_f1": head_summary["f1"],
+        "image_best_epoch": head_summary["epoch"],
+        **{f"decoder_{k}": v for k, v in decoder_summary.items()},
+        "feature_seconds": extract_seconds,
+        "head_training_seconds": heads_seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
+    tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return summary
+
+
+def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
+    """The image list of the training feature cache: train split then validation split.
+
+    One cache covers both, and inference asks for the same list when it evaluates on the
+    validation split, so it reuses the cache instead of extracting again.
+    """
+    return train[ID_COLUMN].tolist() + val[ID_COLUMN].tolist()
+
+
+def backbone_record(backbone: Backbone, views) -> dict:
+    """What inference needs to rebuild the frozen backbone and check it is the same one."""
+    return {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
+            "feature_dim": backbone.feature_dim, "views": list(views), "pooling": "avg+max"}

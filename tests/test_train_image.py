@@ -1,0 +1,102 @@
+"""train_efficientnet.py end to end on tiny data, and the image head pieces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train_efficientnet
+from pipeline.checkpoint import load_checkpoint, load_probabilities
+from pipeline.data import ImageReadError
+from pipeline.engine import NonFiniteLossError, train_one_epoch
+from pipeline.models.heads import FeatureNorm, ImageHead, asymmetric_loss, get_loss
+from tests.conftest import TINY_IMAGE_ARGS
+
+
+def test_image_head_shapes_and_gradients():
+    head = ImageHead(12, 5, hidden=8)
+    logits = head(torch.randn(4, 12))
+    assert logits.shape == (4, 5)
+    get_loss("bce")(logits, torch.ones(4, 5)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_asymmetric_loss_is_finite_and_smaller_for_better_predictions():
+    targets = torch.tensor([[1.0, 0.0, 0.0]])
+    good = asymmetric_loss(torch.tensor([[4.0, -4.0, -4.0]]), targets)
+    bad = asymmetric_loss(torch.tensor([[-4.0, 4.0, 4.0]]), targets)
+    assert torch.isfinite(good) and good < bad
+    with pytest.raises(ValueError, match="valid: bce, asl"):
+        get_loss("focal")
+
+
+def test_feature_norm_standardises_with_training_statistics():
+    x = torch.randn(100, 3) * torch.tensor([1.0, 10.0, 100.0]) + 5
+    z = FeatureNorm(3).fit(x)(x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    model = torch.nn.Linear(2, 1)
+    batches = [(torch.ones(1, 2),), (torch.full((1, 2), float("nan")),)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match="epoch 3, step 1"):
+        train_one_epoch(model, batches, lambda m, b: m(b[0]).sum(), optimizer, torch.device("cpu"), epoch=3,
+                        progress=False)
+
+
+def test_train_efficientnet_main_writes_both_heads(tiny_dataset, tmp_path):
+    weights = tmp_path / "weights"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        summary = train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(weights),
+                                           "--output", str(tmp_path / "out"), *TINY_IMAGE_ARGS])
+    assert summary["mode"] == "frozen"
+    assert 0.0 <= summary["image_val_samples_f1"] <= 1.0
+    image = load_checkpoint(weights / "image.pt", branch="image", label_ids=[1, 3, 18, 19])
+    decoder = load_checkpoint(weights / "decoder.pt", branch="decoder")
+    assert image["backbone"]["name"] == "test_efficientnet"
+    assert image["preprocessing"]["resolution"] == 32
+    assert sorted(decoder["label_order"]) == [0, 1, 2, 3]
+    for branch in ("image", "decoder"):
+        ids, labels, probs = load_probabilities(weights / f"val_probs_{branch}.csv")
+        assert labels == [1, 3, 18, 19] and probs.shape == (len(ids), 4)
+        assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    config = json.loads((weights / "image_config.json").read_text())
+    assert config["backbone"] == "test_efficientnet" and config["seed"] == 0
+    assert len(list((weights / "cache").glob("features-*.pt"))) == 1
+
+
+def test_same_command_gives_the_same_result(tiny_dataset, tmp_path):
+    results = []
+    for run in ("a", "b"):
+        weights = tmp_path / run
+        with pytest.warns(UserWarning):
+            train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(weights), *TINY_IMAGE_ARGS])
+        results.append(load_probabilities(weights / "val_probs_image.csv")[2])
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_unreadable_training_images_are_listed(tiny_dataset, tmp_path):
+    (tiny_dataset / "data" / "3.jpg").write_bytes(b"not a jpeg")
+    (tiny_dataset / "data" / "5.jpg").unlink()
+    with pytest.warns(UserWarning), pytest.raises(ImageReadError, match=r"2 image file\(s\)[\s\S]*3\.jpg[\s\S]*5\.jpg"):
+        train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS])
+
+
+def test_finetune_mode_trains_end_to_end_and_saves_the_backbone(tiny_dataset, tmp_path):
+    weights = tmp_path / "weights"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        summary = train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(weights),
+                                           *TINY_IMAGE_ARGS, "--mode", "finetune", "--finetune-epochs", "2",
+                                           "--warmup-epochs", "0.5"])
+    assert summary["mode"] == "finetune"
+    image = load_checkpoint(weights / "image.pt", branch="image")
+    assert image["backbone"]["weights"] == "finetuned"
+    assert image["backbone"]["weights_digest"].startswith("finetuned-")
+    assert "conv_stem.weight" in "".join(image["backbone"]["state_dict"])
+    probs = load_probabilities(weights / "val_probs_decoder.csv")[2]
+    assert np.isfinite(probs).all()

@@ -1,0 +1,25 @@
+"""Train the image branch: an EfficientNet image head and the CNN-RNN label-sequence decoder.
+
+On CPU (the default there) the backbone is frozen: its features are computed once, cached on
+disk and both heads train on the cache. On GPU the backbone is fine-tuned end to end.
+Writes weights/image.pt, weights/decoder.pt, their validation probabilities and
+weights/image_config.json.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import build_parser, config_from_args
+from pipeline.train_image import ImageTrainConfig, train_image_branch
+
+
+def get_args_parser():
+    return build_parser(ImageTrainConfig, __doc__)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    return train_image_branch(config_from_args(ImageTrainConfig, args))
+
+
+if __name__ == "__main__":
+    main()
