@@ -38,7 +38,7 @@ class FusionSettings:
     branches: list[str]
     label_ids: list[int]
     method: str = "weighted"  # "weighted" or "stacker"
-    weights: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # also the fallback of the stacker
     threshold: float = 0.5
     per_label_thresholds: dict[str, float] = field(default_factory=dict)  # label id (as str) -> threshold
     stacker: dict | None = None  # coefficients of the logistic-regression stacker, when used
@@ -56,9 +56,13 @@ class FusionSettings:
         missing = [b for b in self.branches if b not in probs_by_branch]
         if missing:
             raise FusionError(f"fusion needs branch(es) {missing}, which were not loaded")
+        used = {b: probs_by_branch[b] for b in self.branches}
+        fused = weighted_average(used, self.weights)
         if self.method == "stacker":
-            return _stacker_predict(self.stacker, [probs_by_branch[b] for b in self.branches])
-        return weighted_average(probs_by_branch, self.weights)
+            # Images missing a branch's input keep the weighted average; the stacker needs all inputs.
+            complete = ~np.any([np.isnan(p).any(axis=1) for p in used.values()], axis=0)
+            fused[complete] = _stacker_predict(self.stacker, [p[complete] for p in used.values()])
+        return fused
 
     def predict(self, probs_by_branch: dict[str, np.ndarray]) -> np.ndarray:
         """0/1 predictions (N, L), at least one label per image."""
@@ -66,11 +70,22 @@ class FusionSettings:
 
 
 def weighted_average(probs_by_branch: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Weighted average of probabilities; weights are renormalised over the branches given."""
-    total = sum(weights.get(b, 0.0) for b in probs_by_branch)
-    if total <= 0:
+    """Weighted average of probabilities, renormalised per image over the branches it has.
+
+    A branch without input for an image (an unreadable image) has NaN rows; that image is
+    fused from the other branches alone.
+    """
+    if sum(weights.get(b, 0.0) for b in probs_by_branch) <= 0:
         raise FusionError(f"fusion weights {weights} give no weight to the branches {list(probs_by_branch)}")
-    return sum(weights.get(b, 0.0) / total * p for b, p in probs_by_branch.items())
+    total = weight_sum = 0.0
+    for branch, probs in probs_by_branch.items():
+        available = ~np.isnan(probs).any(axis=1, keepdims=True)  # (N, 1)
+        weight = weights.get(branch, 0.0) * available
+        total = total + weight * np.nan_to_num(probs)
+        weight_sum = weight_sum + weight
+    if np.any(weight_sum == 0):
+        raise FusionError("some images have no input for any weighted branch (no caption and no readable image)")
+    return total / weight_sum
 
 
 def simplex_grid(branches: list[str], step: float = 0.05) -> list[dict[str, float]]:
@@ -184,7 +199,8 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
             stacker = _fit_stacker(features, y_true)
             stacked = _stacker_predict(stacker, [probs_by_branch[b] for b in branches])
             threshold, f1 = tune_global_threshold(y_true, stacked)
-            settings.method, settings.stacker, settings.weights = "stacker", stacker, {}
+            # The weights stay: they fuse images for which a branch has no input.
+            settings.method, settings.stacker = "stacker", stacker
             settings.threshold, settings.per_label_thresholds = threshold, {}
             settings.val_samples_f1 = round(f1, 5)
     return settings

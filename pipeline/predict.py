@@ -1,0 +1,316 @@
+"""Inference: every branch's probabilities, their fusion, the submission and the evaluation report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.checkpoint import (
+    BRANCHES,
+    CheckpointError,
+    atomic_write_text,
+    checkpoint_path,
+    load_checkpoint,
+    load_probabilities,
+    probabilities_path,
+)
+from pipeline.config import CommonConfig, option
+from pipeline.data import (
+    CAPTION_COLUMN,
+    ID_COLUMN,
+    LABELS_COLUMN,
+    DatasetPaths,
+    LabelSet,
+    load_train_val,
+    read_csv,
+    resolve_dataset,
+)
+from pipeline.features import cached_features
+from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
+from pipeline.models.backbones import create_backbone
+from pipeline.models.decoder import LabelDecoder
+from pipeline.models.heads import FeatureNorm, ImageHead
+from pipeline.runtime import resolve_device, seed_everything
+from pipeline.train_image import training_image_ids
+
+log = logging.getLogger(__name__)
+
+IMAGE_BRANCHES = ("image", "decoder")
+
+
+@dataclass
+class InferenceConfig(CommonConfig):
+    """Settings of ``inference.py``."""
+
+    branches: str | None = option(None, "comma-separated branches to use (image,decoder,caption); "
+                                  "default: every branch with a checkpoint in --weights")
+    tune: bool = option(False, "re-tune fusion weights and thresholds on the validation split and "
+                        "rewrite weights/fusion.json")
+    fusion_weights: str | None = option(None, "fusion weights by hand, e.g. image=0.5,caption=0.4,decoder=0.1 "
+                                        "(overrides fusion.json for this run)")
+    threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)")
+    evaluate: bool = option(False, "score every branch alone and fused; write metrics.json and plots")
+    eval_csv: str | None = option(None, "labelled CSV to evaluate on (default: the validation split)")
+    test_csv: str | None = option(None, "CSV to predict (default: DATA/test.csv)")
+    batch_size: int = option(64, "images per batch for feature extraction")
+
+
+def parse_branch_list(text: str | None) -> list[str] | None:
+    """``"image,caption"`` -> ``["image", "caption"]``, with unknown names refused."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BRANCHES]
+    if unknown or not names:
+        raise ValueError(f"--branches {text!r}: valid branch names are {', '.join(BRANCHES)}")
+    return names
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"image=0.5,caption=0.4"`` -> ``{"image": 0.5, "caption": 0.4}``."""
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in BRANCHES or not value:
+            raise ValueError(f"--fusion-weights {text!r}: expected branch=weight pairs with branches from {', '.join(BRANCHES)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--fusion-weights {text!r}: {value!r} is not a number") from None
+    return weights
+
+
+def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> dict[str, dict]:
+    """The checkpoints of the requested branches (or all present), checked against each other."""
+    wanted = branches or [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
+    if not wanted:
+        raise CheckpointError(
+            f"{weights_dir}: no branch checkpoints (image.pt, decoder.pt, caption.pt); "
+            "run train_efficientnet.py and/or train_caption_rnn.py first"
+        )
+    loaded = {b: load_checkpoint(checkpoint_path(weights_dir, b), branch=b) for b in wanted}
+    first = wanted[0]
+    for name, checkpoint in loaded.items():
+        if checkpoint["label_ids"] != loaded[first]["label_ids"]:
+            raise CheckpointError(
+                f"{checkpoint_path(weights_dir, name)}: labels {checkpoint['label_ids']} differ from "
+                f"{checkpoint_path(weights_dir, first)}: {loaded[first]['label_ids']}; retrain on the same data"
+            )
+    if "image" in loaded and "decoder" in loaded and loaded["image"]["backbone"] != loaded["decoder"]["backbone"]:
+        raise CheckpointError(f"{weights_dir}: image.pt and decoder.pt were trained on different backbones; retrain")
+    return loaded
+
+
+class BranchPredictor:
+    """Rebuilds the loaded branches and computes their probabilities for any frame of images/captions."""
+
+    def __init__(self, checkpoints: dict[str, dict], paths: DatasetPaths, cache_dir: Path,
+                 device: torch.device, batch_size: int, workers: int) -> None:
+        self.checkpoints = checkpoints
+        self.paths, self.cache_dir, self.device = paths, cache_dir, device
+        self.batch_size, self.workers = batch_size, workers
+        image_branches = [b for b in IMAGE_BRANCHES if b in checkpoints]
+        self.backbone = None
+        if image_branches:
+            self.backbone = self._rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
+            self.views = checkpoints[image_branches[0]]["backbone"]["views"]
+        self.unreadable: list[str] = []
+
+    @staticmethod
+    def _rebuild_backbone(checkpoint: dict, branch: str):
+        record = checkpoint["backbone"]
+        resolution = checkpoint["preprocessing"]["resolution"]
+        if "state_dict" in record:  # fine-tuned: the checkpoint holds the backbone itself
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # initial weights are overwritten at once
+                backbone = create_backbone(record["name"], resolution=resolution)
+            backbone.module.load_state_dict(record["state_dict"])
+            backbone.weights, backbone.weights_digest = record["weights"], record["weights_digest"]
+            return backbone
+        weights = None if record["weights"] in ("bundled", "random", "hub") else record["weights"]
+        backbone = create_backbone(record["name"], weights, pretrained=record["weights"] == "hub", resolution=resolution)
+        if backbone.weights_digest != record["weights_digest"]:
+            raise CheckpointError(
+                f"the backbone weights here ({backbone.weights_digest}) are not the ones {branch}.pt "
+                f"was trained with ({record['weights_digest']})"
+            )
+        return backbone
+
+    def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D), readable (N,)) of the images, through the feature cache."""
+        return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
+                               self.batch_size, self.workers, self.views, description)
+
+    def probabilities(self, frame: pd.DataFrame, features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      description: str = "features") -> dict[str, np.ndarray]:
+        """Probabilities (N, L) of every loaded branch for the rows of ``frame``.
+
+        Rows whose image cannot be read get NaN from the image branches (fusion then uses
+        the caption alone for them) and are listed in ``self.unreadable``.
+        """
+        out: dict[str, np.ndarray] = {}
+        if self.backbone is not None:
+            values, readable = features if features is not None else \
+                self.features(frame[ID_COLUMN].tolist(), description)
+            self.unreadable = [i for i, ok in zip(frame[ID_COLUMN], readable.tolist()) if not ok]
+            values = torch.where(readable[:, None], values, torch.zeros(()))  # finite input for every row
+            with torch.inference_mode():
+                if "image" in self.checkpoints:
+                    out["image"] = self._image_probs(self.checkpoints["image"], values)
+                if "decoder" in self.checkpoints:
+                    out["decoder"] = self._decoder_probs(self.checkpoints["decoder"], values)
+            for branch in IMAGE_BRANCHES:
+                if branch in out:
+                    out[branch][~readable.numpy()] = np.nan
+        if "caption" in self.checkpoints:
+            from pipeline.train_caption import predict_caption_probs
+
+            captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
+            out["caption"] = predict_caption_probs(self.checkpoints["caption"], captions, self.device)
+        return out
+
+    def _normalised(self, checkpoint: dict, features: torch.Tensor) -> torch.Tensor:
+        norm = FeatureNorm(features.shape[1])
+        norm.load_state_dict(checkpoint["feature_norm"])
+        return norm(features).to(self.device)
+
+    def _image_probs(self, checkpoint: dict, features: torch.Tensor) -> np.ndarray:
+        spec = checkpoint["head"]
+        head = ImageHead(spec["in_dim"], len(checkpoint["label_ids"]), spec["hidden"], spec["dropout"])
+        head.load_state_dict(checkpoint["state_dict"])
+        head.to(self.device).eval()
+        x = self._normalised(checkpoint, features)
+        return torch.cat([torch.sigmoid(head(x[i:i + 4096])).cpu() for i in range(0, len(x), 4096)]).numpy()
+
+    def _decoder_probs(self, checkpoint: dict, features: torch.Tensor) -> np.ndarray:
+        spec = checkpoint["decoder"]
+        decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
+                               spec["hidden_dim"], spec["dropout"])
+        decoder.load_state_dict(checkpoint["state_dict"])
+        decoder.to(self.device).eval()
+        _, scores = decoder.beam_search(self._normalised(checkpoint, features), beam_width=spec["beam_width"])
+        return scores.cpu().numpy()
+
+
+def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],
+                             label_ids: list[int]) -> dict[str, np.ndarray]:
+    """The validation-split probabilities each training script saved, aligned on ``val_ids``."""
+    out = {}
+    for branch in branches:
+        ids, _, probs = load_probabilities(probabilities_path(weights_dir, branch), label_ids)
+        index = {image_id: i for i, image_id in enumerate(ids)}
+        missing = [i for i in val_ids if i not in index]
+        if missing:
+            raise CheckpointError(
+                f"{probabilities_path(weights_dir, branch)}: no probabilities for {len(missing)} validation "
+                f"images (e.g. {missing[0]}); was it trained with the same --val-fraction and data?"
+            )
+        out[branch] = probs[[index[i] for i in val_ids]]
+    return out
+
+
+def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSet, y_val: np.ndarray,
+                   val_probs: dict[str, np.ndarray] | None, weights_dir: Path) -> FusionSettings:
+    """fusion.json if it fits the branches, else tuned (and saved); then the hand overrides."""
+    path = weights_dir / "fusion.json"
+    settings = None
+    if path.is_file() and not config.tune:
+        settings = load_fusion(path)
+        if sorted(settings.branches) != sorted(branches) or settings.label_ids != list(labels.ids):
+            log.warning("%s was tuned for branches %s and labels %s; re-tuning for %s",
+                        path, settings.branches, settings.label_ids, branches)
+            settings = None
+    if settings is None:
+        if val_probs is None:
+            raise FusionError(f"{path}: missing; the validation split is empty, so fusion cannot be tuned")
+        log.info("tuning fusion weights and thresholds on %d validation images", len(y_val))
+        settings = tune_fusion(y_val, val_probs, list(labels.ids), seed=config.seed)
+        settings.tuned_on["val_fraction"] = config.val_fraction
+        save_fusion(settings, path)
+        log.info("wrote %s (method %s, validation samples-F1 %.4f)", path, settings.method, settings.val_samples_f1)
+    if config.fusion_weights:
+        settings.method, settings.weights, settings.stacker = "weighted", parse_weights(config.fusion_weights), None
+        unknown = set(settings.weights) - set(branches)
+        if unknown:
+            raise FusionError(f"--fusion-weights names branch(es) {sorted(unknown)} that are not loaded ({branches})")
+    if config.threshold is not None:
+        if not 0.0 < config.threshold < 1.0:
+            raise ValueError(f"--threshold {config.threshold}: must be between 0 and 1")
+        settings.threshold, settings.per_label_thresholds = config.threshold, {}
+    return settings
+
+
+def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:
+    """``ImageID,Labels`` with space-separated original label ids, one row per image, atomically."""
+    rows = [" ".join(str(label) for label in row) for row in labels.decode(predictions)]
+    frame = pd.DataFrame({ID_COLUMN: image_ids, LABELS_COLUMN: rows})
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def run_inference(config: InferenceConfig) -> dict:
+    """Predict test.csv with the fused branches; optionally evaluate. Returns a summary."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    paths = resolve_dataset(config.data, config.images)
+    weights_dir, output_dir = Path(config.weights), Path(config.output)
+    checkpoints = load_branch_checkpoints(weights_dir, parse_branch_list(config.branches))
+    branches = list(checkpoints)
+    labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
+    predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers)
+
+    _, train, val = load_train_val(paths, config.val_fraction)
+    y_val = labels.encode(val[LABELS_COLUMN]) if not val.empty else None
+    val_probs = validation_probabilities(weights_dir, branches, val[ID_COLUMN].tolist(), list(labels.ids)) \
+        if not val.empty else None
+    settings = resolve_fusion(config, branches, labels, y_val, val_probs, weights_dir)
+
+    test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
+    test = read_csv(test_csv)
+    test_probs = predictor.probabilities(test, description=f"{test_csv.name} features")
+    predictions = settings.predict(test_probs)
+    submission = output_dir / "submission.csv"
+    write_submission(submission, test[ID_COLUMN].tolist(), predictions, labels)
+    summary = {"branches": branches, "fusion_method": settings.method, "submission": str(submission),
+               "rows": len(test), "fusion_val_samples_f1": settings.val_samples_f1,
+               "unreadable_images": len(predictor.unreadable)}
+    if predictor.unreadable:
+        listing = output_dir / "unreadable_images.txt"
+        atomic_write_text(listing, "\n".join(predictor.unreadable) + "\n")
+        log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
+                    len(predictor.unreadable), listing)
+    log.info("wrote %s: %d rows for the %d rows of %s", submission, len(test), len(test), test_csv)
+
+    if config.evaluate:
+        from pipeline.report import evaluation_report
+
+        if config.eval_csv:
+            frame = read_csv(config.eval_csv)
+            if LABELS_COLUMN not in frame:
+                raise ValueError(f"--eval-csv {config.eval_csv}: needs a Labels column")
+            y_true = labels.encode(frame[LABELS_COLUMN])
+            probs = predictor.probabilities(frame, description="evaluation features")
+            source = str(config.eval_csv)
+        else:
+            features = None
+            if predictor.backbone is not None:
+                # The training feature cache covers train + validation: reuse it.
+                values, readable = predictor.features(training_image_ids(train, val), "train.csv features")
+                features = (values[len(train):], readable[len(train):])
+            y_true, source = y_val, "validation split"
+            probs = predictor.probabilities(val, features=features)
+        report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)
+        summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_text(output_dir / "inference_summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
