@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv from requirements.txt.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SHARED ?= ../shared/comp5329
+REAL_OUT ?= /tmp/captioned-multilabel-real
+
+.PHONY: help venv demo demo-data test check-real bench clean
+
+help:
+	@echo "make demo        install, generate the demo dataset, run every stage, print the scores"
+	@echo "make test        install and run the test suite (CPU, tiny generated data)"
+	@echo "make check-real  checks on the real competition data in $(SHARED)"
+	@echo "make bench       benchmarks (speed figures) on the demo data"
+	@echo "make clean       remove generated data, weights and outputs (keeps .venv)"
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo-data: $(STAMP)
+	$(PY) -m pipeline.demo --out data/demo
+
+demo: demo-data
+	$(PY) train_efficientnet.py --data data/demo
+	$(PY) train_caption_rnn.py --data data/demo
+	$(PY) inference.py --data data/demo --evaluate
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+check-real: $(STAMP)
+	@if [ -d $(SHARED) ]; then \
+		$(PY) -m pytest -q bench/check_real.py --shared $(SHARED); \
+	else echo "$(SHARED) not found: skipping the real-data checks"; fi
+
+bench: $(STAMP)
+	$(PY) -m pipeline.bench --output output
+
+clean:
+	rm -rf data/demo output/* weights/*.pt weights/*.csv weights/*.json weights/cache
