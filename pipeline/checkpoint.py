@@ -87,8 +87,8 @@ def load_checkpoint(path: str | Path, *, branch: str | None = None,
             f"{path}: refused to load: not a plain-data checkpoint (weights_only load failed: "
             f"{str(err).splitlines()[0]})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse an arbitrary file means "not a checkpoint"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format_version)")
     if checkpoint["format_version"] != FORMAT_VERSION:
