@@ -1,0 +1,121 @@
+"""inference.py end to end on tiny data: fusion, submission, evaluation, subsets and failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+import inference
+import train_caption_rnn
+import train_efficientnet
+from pipeline.checkpoint import CheckpointError
+from pipeline.fusion import load_fusion
+from tests.conftest import TINY_IMAGE_ARGS
+
+TINY_CAPTION_ARGS = ["--epochs", "3", "--embed-dim", "16", "--hidden-size", "16", "--val-fraction", "0.25",
+                     "--min-freq", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny dataset with all three branches trained once for the module."""
+    from tests.conftest import make_tiny_dataset
+
+    root = tmp_path_factory.mktemp("predict")
+    data = make_tiny_dataset(root / "tiny")
+    weights = root / "weights"
+    train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
+    train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--output", str(root / "o"),
+                            *TINY_CAPTION_ARGS])
+    return data, weights
+
+
+# The tiny test backbone has no pretrained weights; its warning is tested elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
+
+
+def run(data, weights, output, *extra):
+    return inference.main(["--data", str(data), "--weights", str(weights), "--output", str(output),
+                           "--workers", "0", "--val-fraction", "0.25", *extra])
+
+
+def copy_weights(weights, tmp_path):
+    target = tmp_path / "weights"
+    shutil.copytree(weights, target)
+    return target
+
+
+def test_submission_has_one_row_per_test_row_with_original_ids(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    summary = run(data, weights, tmp_path / "out", "--evaluate")
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str, keep_default_na=False)
+    test = pd.read_csv(data / "test.csv")
+    assert list(submission.columns) == ["ImageID", "Labels"]
+    assert submission["ImageID"].tolist() == test["ImageID"].tolist()
+    for labels in submission["Labels"]:
+        assert labels and set(map(int, labels.split())) <= {1, 3, 18, 19}
+    assert summary["branches"] == ["image", "decoder", "caption"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["branches"]) == {"image", "decoder", "caption", "fused"}
+    assert (tmp_path / "out" / "per_label_f1.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "f1_vs_threshold.png").stat().st_size > 1000
+    fusion = load_fusion(weights / "fusion.json")
+    assert sorted(fusion.branches) == ["caption", "decoder", "image"]
+
+
+def test_branch_subset_retunes_instead_of_mixing(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    run(data, weights, tmp_path / "all")
+    summary = run(data, weights, tmp_path / "caption", "--branches", "caption")
+    assert summary["branches"] == ["caption"]
+    assert load_fusion(weights / "fusion.json").branches == ["caption"]
+
+
+def test_hand_overrides_apply(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    run(data, weights, tmp_path / "a", "--fusion-weights", "image=1,caption=0,decoder=0", "--threshold", "0.99")
+    submission = pd.read_csv(tmp_path / "a" / "submission.csv", dtype=str)
+    # With a threshold no probability reaches, every image keeps exactly its top label.
+    assert all(len(labels.split()) == 1 for labels in submission["Labels"])
+    with pytest.raises(ValueError, match="--fusion-weights"):
+        run(data, weights, tmp_path / "b", "--fusion-weights", "imag=1")
+
+
+def test_unreadable_test_images_still_get_a_row(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    test = pd.read_csv(broken / "test.csv")
+    (broken / "data" / test["ImageID"][0]).unlink()
+    (broken / "data" / test["ImageID"][1]).write_bytes(b"\xff\xd8 truncated")
+    summary = run(broken, weights, tmp_path / "out")
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
+    assert len(submission) == len(test) and submission["Labels"].notna().all()
+    assert summary["unreadable_images"] == 2
+    listed = (tmp_path / "out" / "unreadable_images.txt").read_text().split()
+    assert listed == test["ImageID"][:2].tolist()
+
+
+def test_missing_weights_and_unknown_branch_are_clear_errors(trained, tmp_path):
+    data, _ = trained
+    with pytest.raises(CheckpointError, match="no branch checkpoints"):
+        inference.main(["--data", str(data), "--weights", str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="valid branch names are image, decoder, caption"):
+        inference.main(["--data", str(data), "--weights", str(tmp_path), "--branches", "audio"])
+
+
+def test_evaluation_csv_with_an_unknown_label_names_it(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    frame = pd.read_csv(data / "train.csv").head(5)
+    frame.loc[0, "Labels"] = "1 7"
+    frame.to_csv(tmp_path / "eval.csv", index=False)
+    with pytest.raises(ValueError, match="label id 7"):
+        run(data, weights, tmp_path / "out", "--evaluate", "--eval-csv", str(tmp_path / "eval.csv"))
