@@ -6,13 +6,13 @@ STAMP := $(VENV)/.installed
 SHARED ?= ../shared/comp5329
 REAL_OUT ?= /tmp/captioned-multilabel-real
 
-.PHONY: help venv demo demo-data test check-real bench clean
+.PHONY: help venv demo demo-data test check-real bench-real clean
 
 help:
 	@echo "make demo        install, generate the demo dataset, run every stage, print the scores"
 	@echo "make test        install and run the test suite (CPU, tiny generated data)"
 	@echo "make check-real  checks on the real competition data in $(SHARED)"
-	@echo "make bench       benchmarks (speed figures) on the demo data"
+	@echo "make bench-real  the whole default recipe on the real data, timed (bench/real_pipeline.py)"
 	@echo "make clean       remove generated data, weights and outputs (keeps .venv)"
 
 $(STAMP): requirements.txt
@@ -38,8 +38,10 @@ check-real: $(STAMP)
 		$(PY) -m pytest -q bench/check_real.py --shared $(SHARED); \
 	else echo "$(SHARED) not found: skipping the real-data checks"; fi
 
-bench: $(STAMP)
-	$(PY) -m pipeline.bench --output output
-
 clean:
 	rm -rf data/demo output/* weights/*.pt weights/*.csv weights/*.json weights/cache
+
+bench-real: $(STAMP)
+	@if [ -d $(SHARED) ]; then \
+		$(PY) bench/real_pipeline.py --data $(SHARED) --work $(REAL_OUT) --output output; \
+	else echo "$(SHARED) not found: skipping the real-data benchmark"; fi

@@ -8,7 +8,9 @@ backbone, the head and the decoder train end to end (see ``pipeline.finetune``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
+from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import CommonConfig, option, save_config
 from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, load_train_val, resolve_dataset
 from pipeline.engine import predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
-from pipeline.metrics import tune_global_threshold
+from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
@@ -84,7 +86,7 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), len(loader))
     best = {"f1": -1.0}
-    for epoch in range(1, config.epochs + 1):
+    for epoch in tqdm(range(1, config.epochs + 1), desc="image head", unit="epoch"):
         loss = train_one_epoch(head, loader, lambda m, b: loss_fn(m(b[0]), b[1]), optimizer, device, epoch,
                                scheduler=scheduler, progress=False)
         probs = predict_probs(head, val_loader, device)
@@ -108,7 +110,7 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
     rank = order.rank.to(device)
-    for epoch in range(1, config.decoder_epochs + 1):
+    for epoch in tqdm(range(1, config.decoder_epochs + 1), desc="label decoder", unit="epoch"):
         loss = train_one_epoch(decoder, loader, lambda m, b: m.loss(b[0], b[1], rank), optimizer, device, epoch,
                                scheduler=scheduler, progress=False)
         log.info("decoder epoch %d/%d  loss %.4f", epoch, config.decoder_epochs, loss)
@@ -120,8 +122,6 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
         decoded = np.zeros_like(y_val)
         for i, labels in enumerate(sets):
             decoded[i, labels] = 1
-        from pipeline.metrics import samples_f1
-
         summary[f"val_samples_f1_beam{width}"] = samples_f1(y_val, decoded)
         if width == config.beam_width:
             probs = scores.cpu().numpy()
@@ -194,7 +194,9 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
         "feature_seconds": extract_seconds,
         "head_training_seconds": heads_seconds,
         "total_seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    atomic_write_text(weights_dir / "image_summary.json", json.dumps(summary, indent=2) + "\n")
     tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
 
