@@ -47,7 +47,8 @@ class ImageTrainConfig(CommonConfig):
     resolution: int | None = option(None, "input size in pixels (default: the backbone's own, 224 for Lite0)")
     mode: str = option("auto", "frozen: heads on cached backbone features; finetune: end to end; "
                        "auto: frozen on CPU, finetune on GPU", choices=["auto", "frozen", "finetune"])
-    flip_views: bool = option(True, "average the features of each image and its mirror image (frozen mode)")
+    flip_views: bool = option(False, "also extract mirrored images and average the two views' features "
+                              "(frozen mode; doubles extraction time)")
     head_hidden: int = option(1024, "hidden units of the image head's MLP (0: linear)")
     head_dropout: float = option(0.5, "dropout of the image head")
     loss: str = option("bce", "image head loss", choices=["bce", "asl"])
