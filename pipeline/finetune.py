@@ -8,11 +8,9 @@ so inference rebuilds exactly this model.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +18,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
-from pipeline.config import save_config
 from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageDataset, ImageReadError, load_train_val, resolve_dataset
 from pipeline.engine import ModelEma, train_one_epoch, warmup_cosine
 from pipeline.features import pool_features
@@ -75,7 +71,7 @@ def _state_digest(module: nn.Module) -> str:
 
 def finetune_image_branch(config, device: torch.device) -> dict:
     """Fine-tune backbone, head and decoder end to end; write the same files as frozen mode."""
-    from pipeline.train_image import backbone_record
+    from pipeline.train_image import backbone_record, save_image_branch
 
     started = time.perf_counter()
     paths = resolve_dataset(config.data, config.images)
@@ -128,23 +124,9 @@ def finetune_image_branch(config, device: torch.device) -> dict:
     backbone.module = final.backbone
     backbone.weights, backbone.weights_digest = "finetuned", _state_digest(final.backbone)
     record = {**backbone_record(backbone, ["plain"]), "state_dict": final.backbone.state_dict()}
-    identity = FeatureNorm(feature_dim).state_dict()  # fine-tuned heads saw raw pooled features
-    weights_dir = config.weights
-    config_dict = dataclasses.asdict(config)
-    save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=final.head.state_dict(),
-                    config=config_dict, label_ids=labels.ids, backbone=record, preprocessing=backbone.preprocessing,
-                    feature_norm=identity,
-                    head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout})
-    save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=final.decoder.state_dict(),
-                    config=config_dict, label_ids=labels.ids, backbone=record, preprocessing=backbone.preprocessing,
-                    feature_norm=identity, label_order=order.to_list(),
-                    decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
-                             "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
-                             "beam_width": config.beam_width})
-    val_ids = val[ID_COLUMN].tolist()
-    save_probabilities(probabilities_path(weights_dir, "image"), val_ids, labels.ids, best["head_probs"])
-    save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, labels.ids, best["decoder_probs"])
-    save_config(config, Path(weights_dir) / "image_config.json")
+    identity = FeatureNorm(feature_dim)  # fine-tuned heads saw raw pooled features
+    save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), record, backbone.preprocessing, identity,
+                      final.head, final.decoder, order, best["head_probs"], best["decoder_probs"])
     return {"mode": "finetune", "image_val_samples_f1": best["f1"], "image_best_epoch": best["epoch"],
             "total_seconds": time.perf_counter() - started}
 

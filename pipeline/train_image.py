@@ -168,22 +168,8 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
     decoder, order, decoder_probs, decoder_summary = fit_decoder(config, x_train, y_train, x_val, y_val, device)
     heads_seconds = time.perf_counter() - heads_start
 
-    backbone_info = backbone_record(backbone, views)
-    config_dict = dataclasses.asdict(config)
-    save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=head.state_dict(),
-                    config=config_dict, label_ids=labels.ids, backbone=backbone_info,
-                    preprocessing=backbone.preprocessing, feature_norm=norm.state_dict(),
-                    head={"in_dim": x_train.shape[1], "hidden": config.head_hidden, "dropout": config.head_dropout})
-    save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=decoder.state_dict(),
-                    config=config_dict, label_ids=labels.ids, backbone=backbone_info,
-                    preprocessing=backbone.preprocessing, feature_norm=norm.state_dict(), label_order=order.to_list(),
-                    decoder={"feature_dim": x_train.shape[1], "embed_dim": config.decoder_embed,
-                             "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
-                             "beam_width": config.beam_width})
-    val_ids = val[ID_COLUMN].tolist()
-    save_probabilities(probabilities_path(weights_dir, "image"), val_ids, labels.ids, head_probs)
-    save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, labels.ids, decoder_probs)
-    save_config(config, weights_dir / "image_config.json")
+    save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), backbone_record(backbone, views),
+                      backbone.preprocessing, norm, head, decoder, order, head_probs, decoder_probs)
 
     summary = {
         "mode": mode,
@@ -200,6 +186,32 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
     atomic_write_text(weights_dir / "image_summary.json", json.dumps(summary, indent=2) + "\n")
     tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
+
+
+def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_ids: list[str], backbone: dict,
+                      preprocessing: dict, norm: FeatureNorm, head: ImageHead, decoder: LabelDecoder,
+                      order: LabelOrder, head_probs: np.ndarray, decoder_probs: np.ndarray) -> None:
+    """Write image.pt, decoder.pt, their validation probabilities and image_config.json.
+
+    Each checkpoint carries what is needed to rebuild its head: settings, label ids, the
+    backbone record, preprocessing and the feature standardisation.
+    """
+    weights_dir = Path(config.weights)
+    common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
+              "preprocessing": preprocessing, "feature_norm": norm.state_dict()}
+    feature_dim = norm.mean.shape[0]
+    save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=head.state_dict(),
+                    head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout},
+                    **common)
+    save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=decoder.state_dict(),
+                    label_order=order.to_list(),
+                    decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
+                             "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
+                             "beam_width": config.beam_width},
+                    **common)
+    save_probabilities(probabilities_path(weights_dir, "image"), val_ids, label_ids, head_probs)
+    save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, label_ids, decoder_probs)
+    save_config(config, weights_dir / "image_config.json")
 
 
 def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
