@@ -132,7 +132,13 @@ def tune_per_label_thresholds(y_true: np.ndarray, probs: np.ndarray, global_thre
 
 
 def _stacker_features(probs_list: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(probs_list, axis=1)  # (N, B * L)
+    """Log-odds of every branch's probabilities side by side (N, B * L).
+
+    Log-odds make a confident branch count for more than a probability near 1 would
+    in a linear model.
+    """
+    probs = np.clip(np.concatenate(probs_list, axis=1), 1e-4, 1 - 1e-4)
+    return np.log(probs / (1 - probs))
 
 
 def _fit_stacker(features: np.ndarray, y_true: np.ndarray, c: float = 1.0) -> dict:
