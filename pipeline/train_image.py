@@ -30,7 +30,7 @@ from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
-from pipeline.runtime import resolve_device, seed_everything
+from pipeline.runtime import cpu_threads, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,11 @@ class ImageTrainConfig(CommonConfig):
     decoder_embed: int = option(256, "label embedding size of the CNN-RNN decoder")
     decoder_hidden: int = option(512, "LSTM hidden size of the CNN-RNN decoder")
     decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder")
-    decoder_epochs: int = option(30, "epochs of decoder training on cached features")
+    decoder_epochs: int = option(15, "epochs of decoder training on cached features (the best epoch is kept)")
     label_order: str = option("frequent", "order of the label sequences the decoder learns",
                               choices=["frequent", "rare"])
+    head_threads: int = option(1, "CPU threads while training the heads on cached features (0: torch's "
+                               "default); one is robust when other processes share the cores")
     beam_width: int = option(3, "beam width of the decoder's beam search")
     finetune_epochs: int = option(10, "epochs of end-to-end fine-tuning (finetune mode)")
     finetune_lr: float = option(3e-4, "peak learning rate when fine-tuning")
@@ -111,23 +113,33 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
     rank = order.rank.to(device)
+    x_val = x_val.to(device)
+    best = {"f1": -1.0}
     for epoch in tqdm(range(1, config.decoder_epochs + 1), desc="label decoder", unit="epoch"):
         loss = train_one_epoch(decoder, loader, lambda m, b: m.loss(b[0], b[1], rank), optimizer, device, epoch,
                                scheduler=scheduler, progress=False)
-        log.info("decoder epoch %d/%d  loss %.4f", epoch, config.decoder_epochs, loss)
-    decoder.eval()
-    summary = {}
-    probs = None
+        # Greedy decoding is cheap enough to score every epoch; the decoder overfits the
+        # label sequences after a few epochs, so the best epoch is kept.
+        f1 = decoded_samples_f1(decoder, x_val, y_val, beam_width=1)
+        log.info("decoder epoch %d/%d  loss %.4f  val samples-F1 (greedy) %.4f", epoch, config.decoder_epochs, loss, f1)
+        if f1 > best["f1"]:
+            best = {"f1": f1, "epoch": epoch, "state": {k: v.detach().clone() for k, v in decoder.state_dict().items()}}
+    decoder.load_state_dict(best["state"])
+    summary = {"best_epoch": best["epoch"]}
     for width in sorted({1, config.beam_width}):
-        sets, scores = decoder.beam_search(x_val.to(device), beam_width=width)
-        decoded = np.zeros_like(y_val)
-        for i, labels in enumerate(sets):
-            decoded[i, labels] = 1
-        summary[f"val_samples_f1_beam{width}"] = samples_f1(y_val, decoded)
-        if width == config.beam_width:
-            probs = scores.cpu().numpy()
+        summary[f"val_samples_f1_beam{width}"] = decoded_samples_f1(decoder, x_val, y_val, width)
+    probs = decoder.beam_search(x_val, beam_width=config.beam_width)[1].cpu().numpy()
     log.info("decoder val samples-F1: %s", summary)
     return decoder, order, probs, summary
+
+
+def decoded_samples_f1(decoder: LabelDecoder, features: torch.Tensor, y_true: np.ndarray, beam_width: int) -> float:
+    """Samples-F1 of the label sets the decoder's beam search emits."""
+    sets, _ = decoder.beam_search(features, beam_width=beam_width)
+    decoded = np.zeros_like(y_true)
+    for i, labels in enumerate(sets):
+        decoded[i, labels] = 1
+    return samples_f1(y_true, decoded)
 
 
 def train_image_branch(config: ImageTrainConfig) -> dict:
@@ -164,8 +176,9 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
     y_val = labels.encode(val[LABELS_COLUMN])
 
     heads_start = time.perf_counter()
-    head, head_probs, head_summary = fit_image_head(config, x_train, y_train, x_val, y_val, device)
-    decoder, order, decoder_probs, decoder_summary = fit_decoder(config, x_train, y_train, x_val, y_val, device)
+    with cpu_threads(config.head_threads if device.type == "cpu" else 0):
+        head, head_probs, head_summary = fit_image_head(config, x_train, y_train, x_val, y_val, device)
+        decoder, order, decoder_probs, decoder_summary = fit_decoder(config, x_train, y_train, x_val, y_val, device)
     heads_seconds = time.perf_counter() - heads_start
 
     save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), backbone_record(backbone, views),
