@@ -174,7 +174,7 @@ def _cross_validated(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
             threshold, _ = tune_global_threshold(y_true[fit_idx], _stacker_predict(stacker, [fit[b] for b in branches]))
             predictions[eval_idx] = binarize(_stacker_predict(stacker, [held[b] for b in branches]), threshold)
         else:
-            weights, threshold, _ = tune_weights(y_true[fit_idx], fit)
+            weights, threshold, _ = tune_weights(y_true[fit_idx], fit, step=0.1)
             fused = weighted_average(fit, weights)
             thresholds = tune_per_label_thresholds(y_true[fit_idx], fused, threshold, rounds=1)
             predictions[eval_idx] = binarize(weighted_average(held, weights), thresholds)

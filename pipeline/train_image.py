@@ -49,16 +49,16 @@ class ImageTrainConfig(CommonConfig):
                        "auto: frozen on CPU, finetune on GPU", choices=["auto", "frozen", "finetune"])
     flip_views: bool = option(False, "also extract mirrored images and average the two views' features "
                               "(frozen mode; doubles extraction time)")
-    head_hidden: int = option(1024, "hidden units of the image head's MLP (0: linear)")
+    head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)")
     head_dropout: float = option(0.5, "dropout of the image head")
     loss: str = option("bce", "image head loss", choices=["bce", "asl"])
-    epochs: int = option(40, "epochs of head training on cached features")
+    epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)")
     lr: float = option(1e-3, "peak learning rate of the heads (AdamW, warmup + cosine)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    decoder_embed: int = option(256, "label embedding size of the CNN-RNN decoder")
-    decoder_hidden: int = option(512, "LSTM hidden size of the CNN-RNN decoder")
+    decoder_embed: int = option(128, "label embedding size of the CNN-RNN decoder")
+    decoder_hidden: int = option(256, "LSTM hidden size of the CNN-RNN decoder")
     decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder")
-    decoder_epochs: int = option(15, "epochs of decoder training on cached features (the best epoch is kept)")
+    decoder_epochs: int = option(8, "epochs of decoder training on cached features (the best epoch is kept)")
     label_order: str = option("frequent", "order of the label sequences the decoder learns",
                               choices=["frequent", "rare"])
     head_threads: int = option(1, "CPU threads while training the heads on cached features (0: torch's "
