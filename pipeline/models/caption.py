@@ -1,0 +1,114 @@
+"""Caption classifier: embedding -> (bi)LSTM/GRU over packed sequences -> masked pooling -> logits.
+
+The module takes token ids and lengths and returns one logit per label; vocabulary,
+files and loaders live elsewhere (``pipeline.text``, ``pipeline.train_caption``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+# The recurrent layers a caption model can use (``--rnn``).
+RNN_TYPES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def rnn_class(name: str) -> type[nn.RNNBase]:
+    """The recurrent layer class registered under ``name``."""
+    try:
+        return RNN_TYPES[name]
+    except KeyError:
+        raise ValueError(f"--rnn {name!r}: unknown recurrent layer; valid: {', '.join(RNN_TYPES)}") from None
+
+
+class CaptionClassifier(nn.Module):
+    """Multi-label classifier over a tokenised caption.
+
+    Max and mean pooling are taken over the real tokens only, so a caption's logits do
+    not depend on how much padding its batch needed. Max pooling picks up a single
+    decisive word ("horse"), mean pooling the overall gist; both together beat either.
+
+    With ``label_attention`` each label also gets its own attention over the words (a
+    learnt query per label) and a logit from what it attends to, added to the pooled
+    head's logit: "bus" can look at "bus" and "station" while "person" looks at "man".
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_labels: int,
+        *,
+        rnn_type: str = "lstm",
+        embed_dim: int = 128,
+        hidden_size: int = 128,
+        layers: int = 1,
+        dropout: float = 0.3,
+        embed_dropout: float = 0.1,
+        bidirectional: bool = True,
+        label_attention: bool = False,
+        pad_id: int = 0,
+        embeddings: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if embeddings is not None and tuple(embeddings.shape) != (vocab_size, embed_dim):
+            raise ValueError(
+                f"pretrained embeddings have shape {tuple(embeddings.shape)}, expected ({vocab_size}, {embed_dim})"
+            )
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        if embeddings is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(embeddings)
+                self.embedding.weight[pad_id].zero_()
+        self.embed_dropout = embed_dropout
+        self.rnn = rnn_class(rnn_type)(
+            embed_dim,
+            hidden_size,
+            num_layers=layers,
+            batch_first=True,
+            bidirectional=bidirectional,
+            # nn.LSTM/GRU apply dropout only between stacked layers (and warn otherwise).
+            dropout=dropout if layers > 1 else 0.0,
+        )
+        features = hidden_size * (2 if bidirectional else 1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * features, num_labels)
+        self.label_attention = label_attention
+        if label_attention:
+            self.label_queries = nn.Parameter(torch.randn(num_labels, features) * 0.05)  # (L, H)
+            # Zero start: training begins from the pooled head alone and adds attention as it helps.
+            self.label_weights = nn.Parameter(torch.zeros(num_labels, features))  # (L, H)
+
+    def _drop_words(self, embedded: torch.Tensor) -> torch.Tensor:
+        """Zero whole token vectors at random while training (word dropout).
+
+        Dropping entire words, rather than single coordinates, makes the model use
+        every label cue in a caption instead of leaning on one keyword.
+        """
+        if not self.training or self.embed_dropout == 0.0:
+            return embedded
+        keep = torch.full(embedded.shape[:2], 1.0 - self.embed_dropout, device=embedded.device)  # (B, T)
+        mask = torch.bernoulli(keep).unsqueeze(-1) / (1.0 - self.embed_dropout)  # (B, T, 1)
+        return embedded * mask
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L) for padded token ids (B, T) and lengths (B,), all lengths >= 1."""
+        width = ids.shape[1]
+        embedded = self._drop_words(self.embedding(ids))  # (B, T, E)
+        # pack_padded_sequence wants the lengths on the CPU whatever the model's device.
+        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        outputs, _ = self.rnn(packed)
+        states, _ = pad_packed_sequence(outputs, batch_first=True, total_length=width)  # (B, T, H)
+        mask = (torch.arange(width, device=ids.device)[None, :] < lengths.to(ids.device)[:, None])  # (B, T)
+        mask = mask.unsqueeze(-1)  # (B, T, 1)
+        max_pool = states.masked_fill(~mask, float("-inf")).amax(dim=1)  # (B, H)
+        mean_pool = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B, H)
+        pooled = torch.cat([max_pool, mean_pool], dim=1)  # (B, 2H)
+        logits = self.head(self.dropout(pooled))  # (B, L)
+        if self.label_attention:
+            scores = torch.einsum("bth,lh->blt", states, self.label_queries)  # (B, L, T)
+            scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))  # padding gets weight 0
+            context = torch.einsum("blt,bth->blh", scores.softmax(dim=-1), self.dropout(states))  # (B, L, H)
+            logits = logits + (context * self.label_weights).sum(dim=-1)  # (B, L)
+        return logits
