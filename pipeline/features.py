@@ -96,8 +96,11 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
         )
         parts = []
         for images, index, ok in tqdm(loader, desc=f"{description} ({view})", unit="batch"):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            parts.append(pool_features(model(images)).float().cpu())  # (B, 2C)
+            pooled_batch = torch.full((len(index), 2 * backbone.feature_dim), float("nan"))  # (B, 2C)
+            if ok.any():  # blank stand-ins for unreadable files are not worth a forward pass
+                images = images[ok].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                pooled_batch[ok] = pool_features(model(images)).float().cpu()
+            parts.append(pooled_batch)
             readable[index[~ok]] = False
         pooled = torch.cat(parts) if parts else torch.zeros(0, 2 * backbone.feature_dim)
         total = pooled if total is None else total + pooled
