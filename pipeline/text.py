@@ -1,18 +1,21 @@
 """Caption tokenisation and the vocabulary of the caption branch.
 
-Tokenisation uses nltk's ``wordpunct_tokenize`` (a regular expression), so it needs no
-downloaded nltk data and behaves the same on every machine. The vocabulary travels
-inside the checkpoint as a plain list of tokens, so inference tokenises and indexes
-exactly as training did.
+Tokenisation uses nltk's ``wordpunct_tokenize`` (a regular expression) and, optionally,
+its Porter stemmer (rules in code): neither needs downloaded nltk data, so both behave
+the same on every machine. The vocabulary travels inside the checkpoint as a plain list
+of tokens (plus the stemming switch in the settings), so inference tokenises and
+indexes exactly as training did.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from nltk.stem import PorterStemmer
 from nltk.tokenize import wordpunct_tokenize
 
 PAD_TOKEN = "<pad>"
@@ -22,18 +25,31 @@ UNK_ID = 1
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN)
 
 
-def tokenize(text: str | None) -> list[str]:
-    """Lower-cased word and punctuation tokens of a caption; ``None``/NaN gives ``[]``."""
+_STEMMER = PorterStemmer()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def stem_token(token: str) -> str:
+    """Porter stem of a lower-cased token ("giraffes" -> "giraff"); cached, captions repeat words."""
+    return _STEMMER.stem(token)
+
+
+def tokenize(text: str | None, stem: bool = False) -> list[str]:
+    """Lower-cased word and punctuation tokens of a caption, stemmed if asked; ``None``/NaN gives ``[]``."""
     if not isinstance(text, str):
         # pandas gives NaN (a float) for an empty caption field.
         return []
-    return wordpunct_tokenize(text.lower())
+    tokens = wordpunct_tokenize(text.lower())
+    return [stem_token(token) for token in tokens] if stem else tokens
 
 
 class Vocabulary:
-    """Token <-> id mapping with ``<pad>`` = 0 and ``<unk>`` = 1."""
+    """Token <-> id mapping with ``<pad>`` = 0 and ``<unk>`` = 1.
 
-    def __init__(self, tokens: Sequence[str]) -> None:
+    ``stem`` says whether the tokens are Porter stems; :meth:`encode` tokenises the same way.
+    """
+
+    def __init__(self, tokens: Sequence[str], stem: bool = False) -> None:
         tokens = list(tokens)
         if tokens[:2] != list(SPECIAL_TOKENS):
             raise ValueError(
@@ -42,10 +58,11 @@ class Vocabulary:
         if len(set(tokens)) != len(tokens):
             raise ValueError("a vocabulary list must not repeat a token")
         self.tokens: list[str] = tokens
+        self.stem = stem
         self.index: dict[str, int] = {token: i for i, token in enumerate(tokens)}
 
     @classmethod
-    def build(cls, texts: Iterable[str], min_freq: int = 2) -> Vocabulary:
+    def build(cls, texts: Iterable[str], min_freq: int = 2, stem: bool = False) -> Vocabulary:
         """Vocabulary of the tokens seen at least ``min_freq`` times in ``texts``.
 
         Tokens are ordered by decreasing count, ties alphabetically, so the same texts
@@ -53,27 +70,27 @@ class Vocabulary:
         """
         if min_freq < 1:
             raise ValueError(f"--min-freq must be >= 1, got {min_freq}")
-        counts = Counter(token for text in texts for token in tokenize(text))
+        counts = Counter(token for text in texts for token in tokenize(text, stem))
         kept = sorted(
             (t for t, n in counts.items() if n >= min_freq and t not in SPECIAL_TOKENS),
             key=lambda t: (-counts[t], t),
         )
-        return cls([*SPECIAL_TOKENS, *kept])
+        return cls([*SPECIAL_TOKENS, *kept], stem)
 
     def to_list(self) -> list[str]:
         """The plain list of tokens (id = position) stored in the checkpoint."""
         return list(self.tokens)
 
     @classmethod
-    def from_list(cls, tokens: Sequence[str]) -> Vocabulary:
-        """The vocabulary saved by :meth:`to_list`."""
-        return cls(tokens)
+    def from_list(cls, tokens: Sequence[str], stem: bool = False) -> Vocabulary:
+        """The vocabulary saved by :meth:`to_list` (``stem`` as it was built)."""
+        return cls(tokens, stem)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.tokens == other.tokens
+        return isinstance(other, Vocabulary) and self.tokens == other.tokens and self.stem == other.stem
 
     def lookup(self, tokens: Iterable[str]) -> list[int]:
         """Ids of tokens, ``<unk>`` for unseen ones."""
@@ -88,7 +105,7 @@ class Vocabulary:
         """
         if max_len < 1:
             raise ValueError(f"--max-len must be >= 1, got {max_len}")
-        rows = [self.lookup(tokenize(text))[:max_len] or [UNK_ID] for text in texts]
+        rows = [self.lookup(tokenize(text, self.stem))[:max_len] or [UNK_ID] for text in texts]
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (N,)
         width = int(lengths.max()) if rows else 1
         ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)  # (N, T)
@@ -103,8 +120,9 @@ def load_word_vectors(path: str | Path, vocab: Vocabulary, embed_dim: int,
 
     Each line of the file is a token and its ``embed_dim`` numbers, separated by spaces.
     Tokens the file lacks get random vectors of the file's own scale, so they start on
-    an equal footing; ``<pad>`` is all zeros. Tokens are matched lower-cased, like
-    :func:`tokenize`.
+    an equal footing; ``<pad>`` is all zeros. File words are lower-cased (and stemmed
+    when the vocabulary is) before matching, like :func:`tokenize`; for a stem, the
+    file's first word with that stem wins (GloVe lists frequent words first).
     """
     path = Path(path)
     if not path.is_file():
@@ -122,8 +140,9 @@ def load_word_vectors(path: str | Path, vocab: Vocabulary, embed_dim: int,
                     f"--word-vectors {path}:{number}: vectors of {len(parts) - 1} numbers, "
                     f"but --embed-dim is {embed_dim}; pass --embed-dim {len(parts) - 1}"
                 )
-            token_id = vocab.index.get(parts[0].lower())
-            # The first vector of a token wins: GloVe files list the frequent casing first.
+            word = parts[0].lower()
+            token_id = vocab.index.get(stem_token(word) if vocab.stem else word)
+            # The first vector of a token wins: GloVe files list frequent words and casings first.
             if token_id is None or token_id in found:
                 continue
             try:

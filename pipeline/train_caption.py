@@ -43,7 +43,7 @@ MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_d
 class CaptionTrainConfig(CommonConfig):
     """Settings of ``train_caption_rnn.py``."""
 
-    batch_size: int = option(64, "captions per training batch")
+    batch_size: int = option(32, "captions per training batch")
     rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_TYPES))
     embed_dim: int = option(64, "word embedding size (must match --word-vectors when given)")
     hidden_size: int = option(64, "hidden units per direction of the recurrent layer")
@@ -53,6 +53,8 @@ class CaptionTrainConfig(CommonConfig):
     bidirectional: bool = option(True, "read captions both ways")
     label_attention: bool = option(
         True, "give each label its own attention over the words, added to the max+mean pooled head")
+    stem: bool = option(True, "reduce words to their Porter stems (nltk, no downloads), so 'dogs' and 'dog' "
+                        "share an id")
     min_freq: int = option(2, "a word must appear this often in the training split to get its own id")
     max_len: int = option(40, "caption tokens kept (longer captions are cut)")
     epochs: int = option(12, "maximum training epochs (the learning-rate schedule spans all of them)")
@@ -158,7 +160,8 @@ def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.d
     num_labels = len(checkpoint["label_ids"])
     if len(captions) == 0:
         return np.zeros((0, num_labels), dtype=np.float32)
-    vocab = Vocabulary.from_list(checkpoint["vocab"])
+    # Checkpoints from before stemming existed did not stem.
+    vocab = Vocabulary.from_list(checkpoint["vocab"], stem=bool(config.get("stem", False)))
     members = build_ensemble(model_settings(config), int(config.get("ensemble", 1)), len(vocab), num_labels)
     members.load_state_dict(checkpoint["state_dict"])
     members.to(device)
@@ -184,7 +187,8 @@ def cpu_threads(threads: int) -> Iterator[None]:
 
     The caption model's matrices are small: a second thread gains little on an idle
     machine, and when other processes keep the cores busy the threads' synchronisation
-    made an epoch ~40x slower here (measured: 19 s vs 14 min per epoch at load 6).
+    made training ~45x slower here (40 batches at load ~6: 3.8 s with one thread, 169 s
+    with two).
     """
     previous = torch.get_num_threads()
     if threads > 0:
@@ -267,16 +271,11 @@ def _score(config: CaptionTrainConfig, y_true: np.ndarray, probs: np.ndarray) ->
 
 
 def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded, val: _Encoded,
-                vocab: Vocabulary, device: torch.device) -> _Member:
+                vocab_size: int, embeddings: torch.Tensor | None, device: torch.device) -> _Member:
     """Train one model from ``seed``; keep its epoch with the best validation score."""
     seed_everything(seed)
-    embeddings = None
-    if config.word_vectors:
-        embeddings, covered = load_word_vectors(
-            config.word_vectors, vocab, config.embed_dim, torch.Generator().manual_seed(seed))
-        tqdm.write(f"{tag}: {covered}/{len(vocab)} vocabulary words found in {config.word_vectors}")
     num_labels = train.labels.shape[1]
-    model = build_model(model_settings(config), len(vocab), num_labels, embeddings).to(device)
+    model = build_model(model_settings(config), vocab_size, num_labels, embeddings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train.lengths) / config.batch_size)
     # One-cycle: a short warm-up, then cosine decay over the whole budget of epochs, so
@@ -335,17 +334,24 @@ def _train(config: CaptionTrainConfig) -> dict:
     device = resolve_device(config.device)
     paths = resolve_dataset(config.data, config.images)
     label_set, train_df, val_df = load_train_val(paths, config.val_fraction)
-    vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq)
+    vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
     train = _encode(vocab, train_df, label_set, config.max_len)
     val = _encode(vocab, val_df, label_set, config.max_len)
     has_val = len(val_df) > 0
     if not has_val:
         tqdm.write("caption: the validation split is empty; keeping each model's last epoch")
 
+    embeddings = None
+    if config.word_vectors:
+        # Read once: every ensemble member starts from the same pretrained vectors.
+        embeddings, covered = load_word_vectors(
+            config.word_vectors, vocab, config.embed_dim, torch.Generator().manual_seed(config.seed))
+        tqdm.write(f"caption: {covered}/{len(vocab)} vocabulary words found in {config.word_vectors}")
+
     members = []
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
-        members.append(_fit_member(config, config.seed + i, tag, train, val, vocab, device))
+        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, device))
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set))
     for model, member in zip(ensemble, members):

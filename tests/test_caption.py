@@ -84,8 +84,8 @@ def test_pretrained_embeddings_are_loaded_and_shape_checked():
 
 def test_checkpoint_round_trip_gives_identical_probabilities(tmp_path):
     captions = ["a man and a car", "a bicycle", "", "zebra crossing at night with a man"]
-    vocab = Vocabulary.build(captions, min_freq=1)
     config = CaptionTrainConfig(embed_dim=8, hidden_size=6, layers=1, max_len=6, rnn="gru", ensemble=2)
+    vocab = Vocabulary.build(captions, min_freq=1, stem=config.stem)
     torch.manual_seed(1)
     members = build_ensemble(model_settings(config), 2, len(vocab), NUM_LABELS)
     label_ids = [1, 2, 3, 4, 5]
@@ -139,7 +139,7 @@ def test_script_smoke_run_writes_checkpoint_probabilities_and_config(tmp_path):
     assert summary["seconds"] >= 0
 
     checkpoint = load_checkpoint(weights / "caption.pt", branch="caption", label_ids=[1, 2, 3, 4, 5])
-    assert checkpoint["vocab"][:2] == ["<pad>", "<unk>"] and "bicycle" in checkpoint["vocab"]
+    assert checkpoint["vocab"][:2] == ["<pad>", "<unk>"] and "bicycl" in checkpoint["vocab"]  # stemmed
     assert checkpoint["config"]["rnn"] == "gru" and checkpoint["config"]["hidden_size"] == 8
     assert {key.split(".")[0] for key in checkpoint["state_dict"]} == {"0", "1"}  # two ensemble members
     image_ids, label_ids, probs = load_probabilities(weights / "val_probs_caption.csv", [1, 2, 3, 4, 5])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.text import PAD_ID, UNK_ID, Vocabulary, load_word_vectors, tokenize
+from pipeline.text import PAD_ID, UNK_ID, Vocabulary, load_word_vectors, stem_token, tokenize
 
 CAPTIONS = [
     "A dog runs on the grass.",
@@ -16,6 +16,18 @@ def test_tokenize_lowercases_and_splits_punctuation_without_nltk_data():
     assert tokenize("") == []
     assert tokenize(None) == []
     assert tokenize(float("nan")) == []  # pandas' empty field
+
+
+def test_stemming_merges_word_forms():
+    assert tokenize("Two Dogs riding horses.", stem=True) == ["two", "dog", "ride", "hors", "."]
+    assert stem_token("giraffes") == stem_token("giraffe")
+    vocab = Vocabulary.build(CAPTIONS, min_freq=2, stem=True)
+    assert "dog" in vocab.index and "dogs" not in vocab.index
+    ids, _ = vocab.encode(["dogs"], max_len=3)
+    assert ids[0, 0].item() == vocab.index["dog"]
+    # The stemming switch travels beside the plain list and must match for equality.
+    assert Vocabulary.from_list(vocab.to_list(), stem=True) == vocab
+    assert Vocabulary.from_list(vocab.to_list(), stem=False) != vocab
 
 
 def test_vocabulary_min_freq_specials_and_order():
@@ -64,6 +76,10 @@ def test_load_word_vectors_glove_format(tmp_path):
     assert found == 2
     assert weights[vocab.index["dog"]].tolist() == [1.0, 2.0, 3.0]  # first casing wins
     assert weights[PAD_ID].abs().sum() == 0
+    stemmed = Vocabulary.build(CAPTIONS, min_freq=2, stem=True)
+    path.write_text("dogs 7 7 7\ndog 1 2 3\n", encoding="utf-8")
+    weights, found = load_word_vectors(path, stemmed, 3)
+    assert found == 1 and weights[stemmed.index["dog"]].tolist() == [7.0, 7.0, 7.0]  # first word of the stem
     with pytest.raises(ValueError, match="embed-dim 3"):
         load_word_vectors(path, vocab, 4)
     with pytest.raises(FileNotFoundError, match="word-vectors"):

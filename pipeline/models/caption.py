@@ -27,7 +27,8 @@ class CaptionClassifier(nn.Module):
 
     Max and mean pooling are taken over the real tokens only, so a caption's logits do
     not depend on how much padding its batch needed. Max pooling picks up a single
-    decisive word ("horse"), mean pooling the overall gist; both together beat either.
+    decisive word ("horse"), mean pooling the overall gist; the head sees both.
+    Below, H is the RNN's output size: ``hidden_size`` times the number of directions.
 
     With ``label_attention`` each label also gets its own attention over the words (a
     learnt query per label) and a logit from what it attends to, added to the pooled
@@ -40,13 +41,13 @@ class CaptionClassifier(nn.Module):
         num_labels: int,
         *,
         rnn_type: str = "lstm",
-        embed_dim: int = 128,
-        hidden_size: int = 128,
+        embed_dim: int = 64,
+        hidden_size: int = 64,
         layers: int = 1,
         dropout: float = 0.3,
         embed_dropout: float = 0.1,
         bidirectional: bool = True,
-        label_attention: bool = False,
+        label_attention: bool = True,
         pad_id: int = 0,
         embeddings: torch.Tensor | None = None,
     ) -> None:
