@@ -24,18 +24,8 @@ from sklearn.multiclass import OneVsRestClassifier
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data import CAPTION_COLUMN, LABELS_COLUMN, load_train_val, resolve_dataset  # noqa: E402
-from pipeline.metrics import binarize, samples_f1  # noqa: E402
+from pipeline.metrics import binarize, samples_f1, tune_global_threshold  # noqa: E402
 from pipeline.text import tokenize  # noqa: E402
-
-THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
-
-
-def best_global_threshold(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """(threshold, samples-F1) of the best single threshold on a 0.05..0.95 grid."""
-    scores = [samples_f1(y_true, binarize(probs, t)) for t in THRESHOLD_GRID]
-    best = int(np.argmax(scores))
-    return float(THRESHOLD_GRID[best]), float(scores[best])
-
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
 
     f1_half = samples_f1(y_val, binarize(probs, 0.5))
-    threshold, f1_tuned = best_global_threshold(y_val, probs)
+    threshold, f1_tuned = tune_global_threshold(y_val, probs)
     print(f"train {len(train)} / val {len(val)} captions, {len(label_set)} labels, "
           f"{x_train.shape[1]} TF-IDF features")
     print(f"val samples-F1 @0.5: {f1_half:.4f}")

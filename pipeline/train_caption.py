@@ -26,14 +26,13 @@ from tqdm.auto import tqdm
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import CommonConfig, option, save_config
 from pipeline.data import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, LabelSet, load_train_val, resolve_dataset
-from pipeline.metrics import binarize, samples_f1
+from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier
-from pipeline.runtime import resolve_device, seed_everything
+from pipeline.runtime import cpu_threads, resolve_device, seed_everything
 from pipeline.text import Vocabulary, load_word_vectors
 
 BRANCH = "caption"
 # Global thresholds tried when tuning on the validation split.
-THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 # The model settings a checkpoint must carry to be rebuilt.
 MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_dropout", "bidirectional",
                 "label_attention")
@@ -95,13 +94,6 @@ def build_model(settings: dict, vocab_size: int, num_labels: int,
         label_attention=settings["label_attention"],
         embeddings=embeddings,
     )
-
-
-def best_threshold(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """(threshold, samples-F1) of the best global threshold on the grid; ties keep the lowest."""
-    scores = np.array([samples_f1(y_true, binarize(probs, t)) for t in THRESHOLD_GRID])
-    best = int(np.argmax(scores))
-    return float(THRESHOLD_GRID[best]), float(scores[best])
 
 
 def _batches(ids: torch.Tensor, lengths: torch.Tensor,
@@ -181,24 +173,6 @@ def _deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-@contextlib.contextmanager
-def cpu_threads(threads: int) -> Iterator[None]:
-    """Limit torch's CPU threads for a block, restoring the caller's setting.
-
-    The caption model's matrices are small: a second thread gains little on an idle
-    machine, and when other processes keep the cores busy the threads' synchronisation
-    made training ~45x slower here (40 batches at load ~6: 3.8 s with one thread, 169 s
-    with two).
-    """
-    previous = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _validate(config: CaptionTrainConfig) -> None:
     checks = [
         (config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}"),
@@ -266,7 +240,7 @@ def _score(config: CaptionTrainConfig, y_true: np.ndarray, probs: np.ndarray) ->
     f1_half = samples_f1(y_true, binarize(probs, 0.5))
     if not config.tune_threshold:
         return f1_half, 0.5, f1_half
-    threshold, f1_tuned = best_threshold(y_true, probs)
+    threshold, f1_tuned = tune_global_threshold(y_true, probs)
     return f1_tuned, threshold, f1_half
 
 
@@ -303,7 +277,7 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
             scheduler.step()
             total += loss.item() * len(rows)
             seen += len(rows)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+            bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
 
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if not has_val:
