@@ -50,11 +50,13 @@ class CommonConfig:
         return Path(self.data) if self.data else DEMO_DATA
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default and keeps the script docstring's paragraphs as written."""
+
+
 def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per dataclass field."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
