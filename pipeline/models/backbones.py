@@ -157,7 +157,9 @@ def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
         source, digest = "random", "random"
     preprocessing = make_preprocessing(
         cfg.get("input_size", (3, 224, 224))[-1], cfg.get("mean", IMAGENET_MEAN),
-        cfg.get("std", IMAGENET_STD), cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
+        cfg.get("std", IMAGENET_STD),
+        # Models whose config names another interpolation (or none) are fed bicubic, as timm does by default.
+        cfg.get("interpolation") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
     )
     return Backbone(name, _TimmFeatures(model), model.num_features, preprocessing, source, digest)
 
