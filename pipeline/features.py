@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import atomic_torch_save
 from pipeline.data import DatasetPaths, ImageDataset
+from pipeline.distributed import DistContext, barrier, gather_shards
 from pipeline.models.backbones import Backbone
 from pipeline.transforms import build_transform
 
@@ -111,17 +112,29 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
 
 def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
                     device: torch.device, batch_size: int = 64, workers: int = 2,
-                    views: Sequence[str] = VIEWS, description: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, 2C), readable (N,)) from the cache when it matches, else extracted and cached."""
+                    views: Sequence[str] = VIEWS, description: str = "features",
+                    context: DistContext = DistContext()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, 2C), readable (N,)) from the cache when it matches, else extracted and cached.
+
+    Under torchrun each rank extracts its contiguous share of the images and the shares are
+    gathered on every rank; rank 0 alone writes the cache.
+    """
     files = [paths.image_path(image_id) for image_id in image_ids]
     key = cache_key(backbone, files, views)
     path = _cache_file(Path(cache_dir), key)
     cached = _load_cached(path, key)
+    barrier(context)  # every rank has looked before rank 0 may write a new cache
     if cached is not None:
         log.info("feature cache hit: %s (%d images)", path, len(files))
         return cached["features"].float(), cached["readable"]
-    features, readable = extract_features(backbone, paths, image_ids, device, batch_size, workers, views, description)
+    shard = context.shard(len(image_ids))
+    features, readable = extract_features(backbone, paths, [image_ids[i] for i in shard], device, batch_size,
+                                          workers, views, description)
     # fp16 halves the file; the heads train in fp32 and do not notice the rounding.
-    atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features.half(), "readable": readable}, path)
-    log.info("feature cache written: %s", path)
-    return features.half().float(), readable
+    features = gather_shards(features.half().to(device), context, len(image_ids)).cpu()
+    readable = gather_shards(readable.to(device, torch.uint8), context, len(image_ids)).cpu().bool()
+    if context.is_main:
+        atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features, "readable": readable},
+                          path)
+        log.info("feature cache written: %s", path)
+    return features.float(), readable

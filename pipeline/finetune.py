@@ -19,7 +19,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageDataset, ImageReadError, load_train_val, resolve_dataset
-from pipeline.engine import ModelEma, train_one_epoch, warmup_cosine
+from pipeline.distributed import DistContext, barrier, gather_shards, wrap_model
+from pipeline.engine import ModelEma, TrainStep, epoch_loader, train_one_epoch, warmup_cosine
 from pipeline.features import pool_features
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import create_backbone
@@ -69,8 +70,15 @@ def _state_digest(module: nn.Module) -> str:
     return "finetuned-" + digest.hexdigest()[:16]
 
 
-def finetune_image_branch(config, device: torch.device) -> dict:
-    """Fine-tune backbone, head and decoder end to end; write the same files as frozen mode."""
+def finetune_image_branch(config, device: torch.device, context: DistContext = DistContext()) -> dict:
+    """Fine-tune backbone, head and decoder end to end; write the same files as frozen mode.
+
+    Under torchrun the model is wrapped in DistributedDataParallel (BatchNorm statistics stay
+    per process, as in torchvision's references without ``--sync-bn``). Each rank trains on
+    its share of every global batch and scores its share of the validation split; the
+    shares' probabilities are gathered so every rank keeps the same best epoch. Rank 0 alone
+    writes files.
+    """
     from pipeline.train_image import backbone_record, save_image_branch
 
     started = time.perf_counter()
@@ -92,11 +100,12 @@ def finetune_image_branch(config, device: torch.device) -> dict:
                                              build_transform(backbone.preprocessing, train=True), size), y_train)
     val_set = _LabelledImages(ImageDataset(paths, val[ID_COLUMN].tolist(),
                                            build_transform(backbone.preprocessing), size), y_val)
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
-                        pin_memory=device.type == "cuda", drop_last=len(train_set) > config.batch_size,
-                        generator=torch.Generator().manual_seed(config.seed))
-    val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=config.workers,
-                            pin_memory=device.type == "cuda")
+    loader = epoch_loader(train_set, config.batch_size, context, shuffle=True, seed=config.seed,
+                          workers=config.workers, pin_memory=device.type == "cuda",
+                          drop_last=len(train_set) > config.batch_size)
+    val_shard = torch.utils.data.Subset(val_set, context.shard(len(val_set)).tolist())
+    val_loader = DataLoader(val_shard, batch_size=context.local_batch_size(config.batch_size),
+                            num_workers=config.workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.finetune_lr, weight_decay=config.weight_decay)
     steps = config.finetune_epochs * len(loader)
     scheduler = warmup_cosine(optimizer, steps, int(config.warmup_epochs * len(loader)))
@@ -108,11 +117,15 @@ def finetune_image_branch(config, device: torch.device) -> dict:
         features = m.features(images.contiguous(memory_format=torch.channels_last))
         return F.binary_cross_entropy_with_logits(m.head(features).float(), targets) + m.decoder.loss(features.float(), targets, rank)
 
+    step = wrap_model(TrainStep(model, step_loss), context, device)
     best = {"f1": -1.0}
     for epoch in range(1, config.finetune_epochs + 1):
-        loss = train_one_epoch(model, loader, step_loss, optimizer, device, epoch, scheduler=scheduler,
-                               autocast=autocast, grad_clip=config.grad_clip, ema=ema)
-        head_probs, decoder_probs = _predict(ema.module, val_loader, device, config.beam_width)
+        loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
+                               autocast=autocast, grad_clip=config.grad_clip, ema=ema, context=context)
+        head_probs, decoder_probs = (
+            gather_shards(torch.from_numpy(part).to(device), context, len(val_set)).cpu().numpy()
+            for part in _predict(ema.module, val_loader, device, config.beam_width)
+        )
         threshold, f1 = tune_global_threshold(y_val, head_probs)
         log.info("fine-tune epoch %d/%d  loss %.4f  val samples-F1 %.4f", epoch, config.finetune_epochs, loss, f1)
         if f1 > best["f1"]:
@@ -125,8 +138,10 @@ def finetune_image_branch(config, device: torch.device) -> dict:
     backbone.weights, backbone.weights_digest = "finetuned", _state_digest(final.backbone)
     record = {**backbone_record(backbone, ["plain"]), "state_dict": final.backbone.state_dict()}
     identity = FeatureNorm(feature_dim)  # fine-tuned heads saw raw pooled features
-    save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), record, backbone.preprocessing, identity,
-                      final.head, final.decoder, order, best["head_probs"], best["decoder_probs"])
+    if context.is_main:
+        save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), record, backbone.preprocessing, identity,
+                          final.head, final.decoder, order, best["head_probs"], best["decoder_probs"])
+    barrier(context)
     return {"mode": "finetune", "image_val_samples_f1": best["f1"], "image_best_epoch": best["epoch"],
             "total_seconds": time.perf_counter() - started}
 

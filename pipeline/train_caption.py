@@ -28,6 +28,8 @@ from pipeline.config import CommonConfig, option, save_config
 from pipeline.data import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, LabelSet, load_train_val, resolve_dataset
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier
+from pipeline.distributed import DistContext, barrier, distributed_session, mean_across_ranks, wrap_model
+from pipeline.engine import NonFiniteLossError
 from pipeline.runtime import cpu_threads, resolve_device, seed_everything
 from pipeline.text import Vocabulary, load_word_vectors
 
@@ -205,14 +207,16 @@ def train_caption_branch(config: CaptionTrainConfig) -> dict:
     """
     _validate(config)
     start = time.perf_counter()
-    with _deterministic(), cpu_threads(config.threads):
-        summary = _train(config)
+    with (_deterministic(), cpu_threads(config.threads),
+          distributed_session(resolve_device(config.device)) as (context, device)):
+        summary = _train(config, device, context)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    tqdm.write(
-        f"caption: best epoch(s) {summary['best_epochs']}, val samples-F1 {summary['val_samples_f1']} "
-        f"@{summary['threshold']:.2f} ({summary['val_samples_f1_at_0.5']} @0.5), {summary['seconds']} s, "
-        f"wrote {summary['checkpoint']}"
-    )
+    if context.is_main:
+        tqdm.write(
+            f"caption: best epoch(s) {summary['best_epochs']}, val samples-F1 {summary['val_samples_f1']} "
+            f"@{summary['threshold']:.2f} ({summary['val_samples_f1_at_0.5']} @0.5), {summary['seconds']} s, "
+            f"wrote {summary['checkpoint']}"
+        )
     return summary
 
 
@@ -245,11 +249,18 @@ def _score(config: CaptionTrainConfig, y_true: np.ndarray, probs: np.ndarray) ->
 
 
 def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded, val: _Encoded,
-                vocab_size: int, embeddings: torch.Tensor | None, device: torch.device) -> _Member:
-    """Train one model from ``seed``; keep its epoch with the best validation score."""
+                vocab_size: int, embeddings: torch.Tensor | None, device: torch.device,
+                context: DistContext = DistContext()) -> _Member:
+    """Train one model from ``seed``; keep its epoch with the best validation score.
+
+    Under torchrun every rank draws the same global batches and trains on every N-th row
+    of each (DistributedDataParallel averages the gradients); every rank scores the whole
+    validation split, so all keep the same epoch.
+    """
     seed_everything(seed)
     num_labels = train.labels.shape[1]
     model = build_model(model_settings(config), vocab_size, num_labels, embeddings).to(device)
+    trained = wrap_model(model, context, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train.lengths) / config.batch_size)
     # One-cycle: a short warm-up, then cosine decay over the whole budget of epochs, so
@@ -263,14 +274,19 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
 
     best: _Member | None = None
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        batch_rows = _bucketed_batches(train.lengths, config.batch_size, shuffle)
+        trained.train()
+        batch_rows = [rows[context.rank::context.world_size]
+                      for rows in _bucketed_batches(train.lengths, config.batch_size, shuffle)
+                      if len(rows) >= context.world_size]  # every rank needs rows in every step
         total, seen = 0.0, 0
         bar = tqdm(_batches(train.ids, train.lengths, batch_rows), total=len(batch_rows),
-                   desc=f"{tag} epoch {epoch}/{config.epochs}", leave=False)
-        for rows, batch_ids, batch_lengths in bar:
-            logits = model(batch_ids.to(device), batch_lengths.to(device))  # (B, L)
+                   desc=f"{tag} epoch {epoch}/{config.epochs}", leave=False, disable=not context.is_main)
+        for step, (rows, batch_ids, batch_lengths) in enumerate(bar):
+            logits = trained(batch_ids.to(device), batch_lengths.to(device))  # (B, L)
             loss = loss_fn(logits, targets[rows].to(device))
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(
+                    f"{tag}: loss is {loss.item()} at epoch {epoch}, step {step}: lower --lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -280,21 +296,23 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
             bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
 
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        mean_loss = mean_across_ranks(total, seen, context)
+        say = tqdm.write if context.is_main else (lambda _: None)
         if not has_val:
-            tqdm.write(f"{tag} epoch {epoch}: loss {total / seen:.4f}")
+            say(f"{tag} epoch {epoch}: loss {mean_loss:.4f}")
             best = _Member(state=state, epoch=epoch, score=None, probs=None)
             continue
         probs = _predict(model, val.ids, val.lengths, device, 256)
         score, threshold, f1_half = _score(config, val.labels, probs)
         improved = best is None or score > best.score
-        tqdm.write(
-            f"{tag} epoch {epoch}: loss {total / seen:.4f}, val samples-F1 {f1_half:.4f} @0.5, "
+        say(
+            f"{tag} epoch {epoch}: loss {mean_loss:.4f}, val samples-F1 {f1_half:.4f} @0.5, "
             f"{score:.4f} @{threshold:.2f}" + (" (best)" if improved else "")
         )
         if improved:
             best = _Member(state=state, epoch=epoch, score=score, probs=probs)
         elif epoch - best.epoch >= config.patience:
-            tqdm.write(f"{tag}: no better validation samples-F1 for {config.patience} epochs; stopping")
+            say(f"{tag}: no better validation samples-F1 for {config.patience} epochs; stopping")
             break
     return best
 
@@ -304,15 +322,14 @@ def _encode(vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet, max_len
     return _Encoded(ids=ids, lengths=lengths, labels=label_set.encode(frame[LABELS_COLUMN]))
 
 
-def _train(config: CaptionTrainConfig) -> dict:
-    device = resolve_device(config.device)
+def _train(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> dict:
     paths = resolve_dataset(config.data, config.images)
     label_set, train_df, val_df = load_train_val(paths, config.val_fraction)
     vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
     train = _encode(vocab, train_df, label_set, config.max_len)
     val = _encode(vocab, val_df, label_set, config.max_len)
     has_val = len(val_df) > 0
-    if not has_val:
+    if not has_val and context.is_main:
         tqdm.write("caption: the validation split is empty; keeping each model's last epoch")
 
     embeddings = None
@@ -320,12 +337,13 @@ def _train(config: CaptionTrainConfig) -> dict:
         # Read once: every ensemble member starts from the same pretrained vectors.
         embeddings, covered = load_word_vectors(
             config.word_vectors, vocab, config.embed_dim, torch.Generator().manual_seed(config.seed))
-        tqdm.write(f"caption: {covered}/{len(vocab)} vocabulary words found in {config.word_vectors}")
+        if context.is_main:
+            tqdm.write(f"caption: {covered}/{len(vocab)} vocabulary words found in {config.word_vectors}")
 
     members = []
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
-        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, device))
+        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, device, context))
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set))
     for model, member in zip(ensemble, members):
@@ -339,16 +357,19 @@ def _train(config: CaptionTrainConfig) -> dict:
 
     weights_dir = Path(config.weights)
     ckpt = checkpoint_path(weights_dir, BRANCH)
-    save_checkpoint(
-        ckpt, branch=BRANCH, state_dict=ensemble.state_dict(), config=dataclasses.asdict(config),
-        label_ids=label_set.ids, vocab=vocab.to_list(), epochs=[m.epoch for m in members],
-        threshold=threshold,
-    )
     probs_file = probabilities_path(weights_dir, BRANCH)
-    save_probabilities(probs_file, val_df[ID_COLUMN].tolist(), label_set.ids, val_probs)
     config_file = weights_dir / f"{BRANCH}_config.json"
-    save_config(config, config_file)
+    if context.is_main:
+        save_checkpoint(
+            ckpt, branch=BRANCH, state_dict=ensemble.state_dict(), config=dataclasses.asdict(config),
+            label_ids=label_set.ids, vocab=vocab.to_list(), epochs=[m.epoch for m in members],
+            threshold=threshold,
+        )
+        save_probabilities(probs_file, val_df[ID_COLUMN].tolist(), label_set.ids, val_probs)
+        save_config(config, config_file)
+    barrier(context)
     return {
+        "processes": context.world_size,
         "best_epoch": members[0].epoch,
         "best_epochs": [m.epoch for m in members],
         "member_val_samples_f1": [None if m.score is None else round(m.score, 4) for m in members],

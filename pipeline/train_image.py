@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import CommonConfig, option, save_config
 from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, load_train_val, resolve_dataset
-from pipeline.engine import predict_probs, train_one_epoch, warmup_cosine
+from pipeline.distributed import DistContext, barrier, distributed_session, wrap_model
+from pipeline.engine import TrainStep, epoch_loader, predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
 from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
@@ -69,29 +70,35 @@ class ImageTrainConfig(CommonConfig):
     warmup_epochs: float = option(1.0, "linear warmup length, in epochs")
     ema_decay: float = option(0.999, "decay of the weights' exponential moving average (finetune mode)")
     grad_clip: float = option(1.0, "gradient norm clipping (finetune mode)")
-    batch_size: int = option(64, "images per batch for feature extraction and fine-tuning")
+    batch_size: int = option(64, "images per batch for feature extraction and fine-tuning (the global batch: "
+                             "under torchrun each of N processes takes 1/N)")
+    head_batch_size: int = option(256, "feature rows per batch when training the heads on cached features "
+                                  "(the global batch)")
 
 
-def head_batches(features: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool,
-                 seed: int) -> DataLoader:
-    """Batches of (features, targets) from in-memory tensors."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(features, targets), batch_size=batch_size, shuffle=shuffle, generator=generator)
+def _step_module(model: torch.nn.Module, step_loss, context: DistContext, device: torch.device) -> torch.nn.Module:
+    return wrap_model(TrainStep(model, step_loss), context, device)
 
 
 def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
-                   x_val: torch.Tensor, y_val: np.ndarray, device: torch.device) -> tuple[ImageHead, np.ndarray, dict]:
-    """Train the head on cached features; keep the epoch with the best validation samples-F1."""
+                   x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
+                   context: DistContext = DistContext()) -> tuple[ImageHead, np.ndarray, dict]:
+    """Train the head on cached features; keep the epoch with the best validation samples-F1.
+
+    Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
+    """
     head = ImageHead(x_train.shape[1], y_train.shape[1], config.head_hidden, config.head_dropout).to(device)
     loss_fn = get_loss(config.loss)
-    loader = head_batches(x_train, y_train, 256, shuffle=True, seed=config.seed)
-    val_loader = head_batches(x_val, torch.from_numpy(y_val), 1024, shuffle=False, seed=config.seed)
+    step = _step_module(head, lambda m, b: loss_fn(m(b[0]), b[1]), context, device)
+    loader = epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
+                          seed=config.seed, option="--head-batch-size")
+    val_loader = DataLoader(TensorDataset(x_val), batch_size=1024)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), len(loader))
     best = {"f1": -1.0}
-    for epoch in tqdm(range(1, config.epochs + 1), desc="image head", unit="epoch"):
-        loss = train_one_epoch(head, loader, lambda m, b: loss_fn(m(b[0]), b[1]), optimizer, device, epoch,
-                               scheduler=scheduler, progress=False)
+    for epoch in tqdm(range(1, config.epochs + 1), desc="image head", unit="epoch", disable=not context.is_main):
+        loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
+                               context=context)
         probs = predict_probs(head, val_loader, device)
         threshold, f1 = tune_global_threshold(y_val, probs)
         log.info("image head epoch %d/%d  loss %.4f  val samples-F1 %.4f (threshold %.2f)",
@@ -104,20 +111,24 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
 
 
 def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
-                x_val: torch.Tensor, y_val: np.ndarray, device: torch.device) -> tuple[LabelDecoder, LabelOrder, np.ndarray, dict]:
+                x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
+                context: DistContext = DistContext()) -> tuple[LabelDecoder, LabelOrder, np.ndarray, dict]:
     """Train the CNN-RNN decoder on cached features with teacher forcing; score it by beam search."""
     order = LabelOrder.from_train(y_train.numpy(), config.label_order)
     decoder = LabelDecoder(x_train.shape[1], y_train.shape[1], config.decoder_embed, config.decoder_hidden,
                            config.decoder_dropout).to(device)
-    loader = head_batches(x_train, y_train, 256, shuffle=True, seed=config.seed)
+    rank = order.rank.to(device)
+    step = _step_module(decoder, lambda m, b: m.loss(b[0], b[1], rank), context, device)
+    loader = epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
+                          seed=config.seed, option="--head-batch-size")
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
-    rank = order.rank.to(device)
     x_val = x_val.to(device)
     best = {"f1": -1.0}
-    for epoch in tqdm(range(1, config.decoder_epochs + 1), desc="label decoder", unit="epoch"):
-        loss = train_one_epoch(decoder, loader, lambda m, b: m.loss(b[0], b[1], rank), optimizer, device, epoch,
-                               scheduler=scheduler, progress=False)
+    for epoch in tqdm(range(1, config.decoder_epochs + 1), desc="label decoder", unit="epoch",
+                      disable=not context.is_main):
+        loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
+                               context=context)
         # Greedy decoding is cheap enough to score every epoch; the decoder overfits the
         # label sequences after a few epochs, so the best epoch is kept.
         f1 = decoded_samples_f1(decoder, x_val, y_val, beam_width=1)
@@ -143,17 +154,23 @@ def decoded_samples_f1(decoder: LabelDecoder, features: torch.Tensor, y_true: np
 
 
 def train_image_branch(config: ImageTrainConfig) -> dict:
-    """Train the image head and the label decoder; write their checkpoints and validation probabilities."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started = time.perf_counter()
+    """Train the image head and the label decoder; write their checkpoints and validation probabilities.
+
+    Under ``torchrun`` every process runs this; rank 0 alone writes files.
+    """
     seed_everything(config.seed)
-    device = resolve_device(config.device)
-    mode = config.mode if config.mode != "auto" else ("finetune" if device.type == "cuda" else "frozen")
-    if mode == "finetune":
-        from pipeline.finetune import finetune_image_branch
+    with distributed_session(resolve_device(config.device)) as (context, device):
+        logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
+        mode = config.mode if config.mode != "auto" else ("finetune" if device.type == "cuda" else "frozen")
+        if mode == "finetune":
+            from pipeline.finetune import finetune_image_branch
 
-        return finetune_image_branch(config, device)
+            return finetune_image_branch(config, device, context)
+        return _train_frozen(config, device, context)
 
+
+def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistContext) -> dict:
+    started = time.perf_counter()
     paths = resolve_dataset(config.data, config.images)
     labels, train, val = load_train_val(paths, config.val_fraction)
     if val.empty:
@@ -165,7 +182,8 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
     extract_start = time.perf_counter()
     all_ids = training_image_ids(train, val)
     features, readable = cached_features(backbone, paths, all_ids, weights_dir / "cache", device,
-                                         config.batch_size, config.workers, views, description="train.csv features")
+                                         config.batch_size, config.workers, views, description="train.csv features",
+                                         context=context)
     extract_seconds = time.perf_counter() - extract_start
     if not readable.all():
         bad = [paths.image_path(all_ids[i]) for i in torch.nonzero(~readable).flatten().tolist()]
@@ -177,15 +195,14 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
 
     heads_start = time.perf_counter()
     with cpu_threads(config.head_threads if device.type == "cpu" else 0):
-        head, head_probs, head_summary = fit_image_head(config, x_train, y_train, x_val, y_val, device)
-        decoder, order, decoder_probs, decoder_summary = fit_decoder(config, x_train, y_train, x_val, y_val, device)
+        head, head_probs, head_summary = fit_image_head(config, x_train, y_train, x_val, y_val, device, context)
+        decoder, order, decoder_probs, decoder_summary = fit_decoder(config, x_train, y_train, x_val, y_val,
+                                                                     device, context)
     heads_seconds = time.perf_counter() - heads_start
 
-    save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), backbone_record(backbone, views),
-                      backbone.preprocessing, norm, head, decoder, order, head_probs, decoder_probs)
-
     summary = {
-        "mode": mode,
+        "mode": "frozen",
+        "processes": context.world_size,
         "train_images": len(train),
         "val_images": len(val),
         "image_val_samples_f1": head_summary["f1"],
@@ -196,8 +213,12 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
         "total_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    atomic_write_text(weights_dir / "image_summary.json", json.dumps(summary, indent=2) + "\n")
-    tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if context.is_main:
+        save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), backbone_record(backbone, views),
+                          backbone.preprocessing, norm, head, decoder, order, head_probs, decoder_probs)
+        atomic_write_text(weights_dir / "image_summary.json", json.dumps(summary, indent=2) + "\n")
+        tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    barrier(context)  # the other ranks return once the files exist
     return summary
 
 

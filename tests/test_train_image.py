@@ -11,7 +11,7 @@ import torch
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint, load_probabilities
 from pipeline.data import ImageReadError
-from pipeline.engine import NonFiniteLossError, train_one_epoch
+from pipeline.engine import NonFiniteLossError, TrainStep, train_one_epoch
 from pipeline.models.heads import FeatureNorm, ImageHead, asymmetric_loss, get_loss
 from tests.conftest import TINY_IMAGE_ARGS
 
@@ -45,8 +45,8 @@ def test_non_finite_loss_names_epoch_and_step():
     batches = [(torch.ones(1, 2),), (torch.full((1, 2), float("nan")),)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(NonFiniteLossError, match="epoch 3, step 1"):
-        train_one_epoch(model, batches, lambda m, b: m(b[0]).sum(), optimizer, torch.device("cpu"), epoch=3,
-                        progress=False)
+        train_one_epoch(TrainStep(model, lambda m, b: m(b[0]).sum()), batches, optimizer, torch.device("cpu"),
+                        epoch=3, progress=False)
 
 
 def test_train_efficientnet_main_writes_both_heads(tiny_dataset, tmp_path):

@@ -233,20 +233,25 @@ class LabelDecoder(nn.Module):
         rank: Tensor | LabelOrder,
         label_smoothing: float = 0.0,
     ) -> Tensor:
-        """Mean cross-entropy over the non-padded steps of the ordered label sequences.
+        """Cross-entropy of the ordered label sequences: summed over each sequence's steps
+        (padding excluded), averaged over the images.
 
+        Averaging per image rather than per step keeps the loss of a batch split across
+        DistributedDataParallel processes equal to the loss of the whole batch.
         ``multi_hot`` is the (B, L) 0/1 target; ``rank`` fixes the order (``label_rank``).
         """
         if isinstance(rank, LabelOrder):
             rank = rank.rank
         inputs, targets, _ = make_sequences(multi_hot, rank.to(features.device))  # (B, T) x2
         logits = self(features, inputs)  # (B, T, L+1)
-        return F.cross_entropy(
+        summed = F.cross_entropy(
             logits.reshape(-1, self.num_outputs),
             targets.reshape(-1),
             ignore_index=self.tokens.pad,  # PAD targets are exactly the masked-out steps
             label_smoothing=label_smoothing,
+            reduction="sum",
         )
+        return summed / max(len(features), 1)
 
     @torch.no_grad()
     def beam_search(

@@ -1,0 +1,85 @@
+"""Training under torchrun: 2 CPU processes with gloo give the single-process result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_caption_rnn
+import train_efficientnet
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import DatasetPaths, load_train_val
+from pipeline.distributed import DistContext, gather_shards
+from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+# Dropout draws differ between one process and two, so it is off for the comparison.
+NO_DROPOUT_IMAGE = ["--head-dropout", "0", "--decoder-dropout", "0", "--head-batch-size", "16"]
+CAPTION_ARGS = ["--ensemble", "1", "--epochs", "3", "--embed-dim", "8", "--hidden-size", "8", "--dropout", "0",
+                "--embed-dropout", "0", "--batch-size", "8", "--val-fraction", "0.25", "--workers", "0"]
+
+
+def test_shards_cover_every_row_once_in_order():
+    shards = [DistContext(rank=r, world_size=3).shard(10) for r in range(3)]
+    assert [s.tolist() for s in shards] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    local = torch.arange(5.0)
+    assert gather_shards(local, DistContext(), 5) is local
+
+
+def test_global_batch_must_split_evenly_across_processes():
+    assert DistContext(rank=1, world_size=4).local_batch_size(64) == 16
+    with pytest.raises(ValueError, match="--batch-size 30 is the global batch.*4 processes"):
+        DistContext(rank=0, world_size=4).local_batch_size(30)
+
+
+def _torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / script), *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def even_dataset(tmp_path_factory) -> Path:
+    """A tiny dataset whose training split has an even number of rows (equal shares for 2 ranks)."""
+    root = make_tiny_dataset(tmp_path_factory.mktemp("dist") / "tiny", n_train=48)
+    _, train, _ = load_train_val(DatasetPaths.resolve(root), 0.25)
+    assert len(train) % 2 == 0
+    return root
+
+
+def test_two_gloo_processes_train_the_image_heads_like_one(even_dataset, tmp_path):
+    common = ["--data", str(even_dataset), *TINY_IMAGE_ARGS, *NO_DROPOUT_IMAGE, "--mode", "frozen"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning of the test backbone
+        single = train_efficientnet.main([*common, "--weights", str(tmp_path / "one"), "--output", str(tmp_path / "o1")])
+    _torchrun("train_efficientnet.py", [*common, "--weights", str(tmp_path / "two"), "--output", str(tmp_path / "o2")])
+
+    for branch in ("image", "decoder"):
+        one = load_checkpoint(tmp_path / "one" / f"{branch}.pt", branch=branch)
+        two = load_checkpoint(tmp_path / "two" / f"{branch}.pt", branch=branch)
+        assert one["state_dict"].keys() == two["state_dict"].keys()
+        for name, value in one["state_dict"].items():
+            torch.testing.assert_close(two["state_dict"][name], value, atol=2e-4, rtol=1e-3, msg=f"{branch} {name}")
+    # Rank 0 alone wrote: one feature cache, one summary saying 2 processes.
+    assert len(list((tmp_path / "two" / "cache").glob("features-*.pt"))) == 1
+    assert single["processes"] == 1
+    assert '"processes": 2' in (tmp_path / "two" / "image_summary.json").read_text()
+
+
+def test_two_gloo_processes_train_the_caption_branch_like_one(even_dataset, tmp_path):
+    common = ["--data", str(even_dataset), *CAPTION_ARGS]
+    train_caption_rnn.main([*common, "--weights", str(tmp_path / "one")])
+    _torchrun("train_caption_rnn.py", [*common, "--weights", str(tmp_path / "two")])
+    one = load_checkpoint(tmp_path / "one" / "caption.pt", branch="caption")
+    two = load_checkpoint(tmp_path / "two" / "caption.pt", branch="caption")
+    for name, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][name], value, atol=2e-4, rtol=1e-3, msg=name)
