@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from pipeline.checkpoint import atomic_torch_save
 from pipeline.data import DatasetPaths, ImageDataset
 from pipeline.distributed import DistContext, barrier, gather_shards
-from pipeline.models.backbones import Backbone
+from pipeline.models.backbones import Backbone, fuse_for_inference
+from pipeline.runtime import autocast_context
 from pipeline.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
                      description: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, 2C) averaged over the views (plain and mirrored), and a (N,) bool
     mask of the images that could be read (the others' features are NaN)."""
-    model = backbone.module.to(device).eval().to(memory_format=torch.channels_last)
     size = backbone.preprocessing["resolution"]
+    model = fuse_for_inference(backbone.module, size).to(device).to(memory_format=torch.channels_last)
     total: torch.Tensor | None = None
     readable = torch.ones(len(image_ids), dtype=torch.bool)
     for view in views:
@@ -100,7 +101,8 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
             pooled_batch = torch.full((len(index), 2 * backbone.feature_dim), float("nan"))  # (B, 2C)
             if ok.any():  # blank stand-ins for unreadable files are not worth a forward pass
                 images = images[ok].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                pooled_batch[ok] = pool_features(model(images)).float().cpu()
+                with autocast_context(device):
+                    pooled_batch[ok] = pool_features(model(images)).float().cpu()
             parts.append(pooled_batch)
             readable[index[~ok]] = False
         pooled = torch.cat(parts) if parts else torch.zeros(0, 2 * backbone.feature_dim)

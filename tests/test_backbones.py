@@ -18,6 +18,7 @@ from pipeline.models.backbones import (
     BackboneWeightsError,
     bundled_weights_path,
     create_backbone,
+    fuse_for_inference,
     load_by_position,
 )
 
@@ -131,3 +132,16 @@ def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_im
     Image.new("RGB", (40, 50), "red").save(paths.images / ids[0])
     changed, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
     assert calls == [1, 1] and not torch.allclose(changed[0], first[0])
+
+
+def test_batch_norm_folding_keeps_the_output_and_removes_every_batch_norm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = create_backbone("test_efficientnet", resolution=32)
+    fused = fuse_for_inference(backbone.module, 32)
+    assert fused is not backbone.module  # a copy: the trainable module keeps its batch norms
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.module.modules())
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(images), backbone.module.eval()(images), atol=1e-4, rtol=1e-4)

@@ -11,6 +11,7 @@ With no weights to be had, the backbone is randomly initialised with a loud warn
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -64,6 +65,44 @@ class _TimmFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(images)  # (B, C, h, w)
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(parent, conv name, batch-norm name) for every Conv2d registered just before a BatchNorm2d."""
+    pairs = []
+    children = list(module.named_children())
+    for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            pairs.append((module, conv_name, bn_name))
+    for _, child in children:
+        pairs.extend(_conv_bn_pairs(child))
+    return pairs
+
+
+@torch.no_grad()
+def fuse_for_inference(module: nn.Module, resolution: int = 224) -> nn.Module:
+    """A copy of ``module`` in eval mode with each batch norm folded into the convolution before it.
+
+    Inference with frozen statistics makes ``BN(conv(x))`` one convolution with adjusted
+    weights; on CPU this cuts a third or more of the backbone's time. timm's BatchNormAct2d
+    keeps its activation. Pairing is by registration order, so the result is checked
+    against the original on a random batch and the original is returned if they disagree.
+    """
+    from timm.layers import BatchNormAct2d
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    original = module.eval()
+    fused = copy.deepcopy(original)
+    for parent, conv_name, bn_name in _conv_bn_pairs(fused):
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+        setattr(parent, bn_name, nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity())
+    probe = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    expected, got = original(probe), fused(probe)
+    if not torch.allclose(expected, got, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+        warnings.warn("batch-norm folding changed this backbone's output; running it unfused", stacklevel=2)
+        return original
+    return fused
 
 
 def bundled_weights_path() -> Path:
