@@ -82,3 +82,12 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
 def save_config(config, path: Path) -> None:
     """Write the resolved settings as JSON, atomically."""
     atomic_write_text(path, json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class TrainingConfig(CommonConfig):
+    """The options shared by the two training scripts."""
+
+    resume: bool = option(
+        False, "continue an interrupted run from its last completed epoch (same options and data give the "
+        "result of an uninterrupted run); per-epoch states live in WEIGHTS/resume/ until the run finishes")

@@ -8,11 +8,13 @@ so inference rebuilds exactly this model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,6 +28,7 @@ from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead
+from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
 from pipeline.runtime import autocast_context
 from pipeline.transforms import build_transform
 
@@ -62,6 +65,28 @@ class _LabelledImages(torch.utils.data.Dataset):
         return image, self.targets[index]
 
 
+def _no_transform(image) -> torch.Tensor:
+    return torch.zeros(3, 1, 1)  # the shape ImageDataset gives an unreadable image at size 1
+
+
+def _readable_rows(config, paths, frame: pd.DataFrame, which: str) -> pd.DataFrame:
+    """The rows of ``frame`` whose image decodes; the others stop training with their list,
+    or are left out (and counted) with ``--skip-bad-images``. One decoding pass up front
+    finds every bad file at once instead of failing mid-epoch."""
+    images = ImageDataset(paths, frame[ID_COLUMN].tolist(), _no_transform, 1)
+    readable = torch.cat([ok for _, _, ok in DataLoader(images, batch_size=256, num_workers=config.workers)]) \
+        if len(images) else torch.zeros(0, dtype=torch.bool)
+    if readable.all():
+        return frame
+    bad = [images.files[i] for i in torch.nonzero(~readable).flatten().tolist()]
+    if not config.skip_bad_images:
+        raise ImageReadError.listing(bad, f"\nfix or remove these rows of train.csv ({which} split), "
+                                          "or pass --skip-bad-images")
+    log.warning("--skip-bad-images: left out %d of %d %s rows whose image is missing or unreadable",
+                len(bad), len(frame), which)
+    return frame[readable.numpy()].reset_index(drop=True)
+
+
 def _state_digest(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, value in module.state_dict().items():
@@ -79,12 +104,16 @@ def finetune_image_branch(config, device: torch.device, context: DistContext = D
     shares' probabilities are gathered so every rank keeps the same best epoch. Rank 0 alone
     writes files.
     """
-    from pipeline.train_image import backbone_record, save_image_branch
+    from pipeline.train_image import backbone_record, expand_rows, save_image_branch
 
     started = time.perf_counter()
     paths = resolve_dataset(config.data, config.images)
     labels, train, val = load_train_val(paths, config.val_fraction)
     backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
+    all_val_ids = val[ID_COLUMN].tolist()
+    train = _readable_rows(config, paths, train, "training")
+    val = _readable_rows(config, paths, val, "validation")
+    val_ok = np.isin(all_val_ids, val[ID_COLUMN].tolist())
     y_train, y_val = labels.encode(train[LABELS_COLUMN]), labels.encode(val[LABELS_COLUMN])
     size = backbone.preprocessing["resolution"]
     feature_dim = 2 * backbone.feature_dim
@@ -118,8 +147,12 @@ def finetune_image_branch(config, device: torch.device, context: DistContext = D
         return F.binary_cross_entropy_with_logits(m.head(features).float(), targets) + m.decoder.loss(features.float(), targets, rank)
 
     step = wrap_model(TrainStep(model, step_loss), context, device)
-    best = {"f1": -1.0}
-    for epoch in range(1, config.finetune_epochs + 1):
+    resume_dir = start_run(config.weights, "image", config.resume, context)
+    state = ResumeState(resume_dir, "finetune", fingerprint(dataclasses.asdict(config),
+                        train_csv=file_digest(paths.train_csv)), config.resume, context)
+    first, best = state.begin({"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema.module},
+                              {"f1": -1.0}, config.finetune_epochs)
+    for epoch in range(first, config.finetune_epochs + 1):
         loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
                                autocast=autocast, grad_clip=config.grad_clip, ema=ema, context=context)
         head_probs, decoder_probs = (
@@ -131,6 +164,7 @@ def finetune_image_branch(config, device: torch.device, context: DistContext = D
         if f1 > best["f1"]:
             best = {"f1": f1, "epoch": epoch, "head_probs": head_probs, "decoder_probs": decoder_probs,
                     "state": {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}}
+        state.end_epoch(epoch, best)
     ema.module.load_state_dict(best["state"])
     final = ema.module.cpu()
 
@@ -139,9 +173,12 @@ def finetune_image_branch(config, device: torch.device, context: DistContext = D
     record = {**backbone_record(backbone, ["plain"]), "state_dict": final.backbone.state_dict()}
     identity = FeatureNorm(feature_dim)  # fine-tuned heads saw raw pooled features
     if context.is_main:
-        save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), record, backbone.preprocessing, identity,
-                          final.head, final.decoder, order, best["head_probs"], best["decoder_probs"])
+        # Validation rows without a readable image get NaN: fusion then uses the caption for them.
+        save_image_branch(config, labels.ids, all_val_ids, record, backbone.preprocessing, identity,
+                          final.head, final.decoder, order, expand_rows(best["head_probs"], val_ok),
+                          expand_rows(best["decoder_probs"], val_ok))
     barrier(context)
+    finish_run(resume_dir, context)
     return {"mode": "finetune", "image_val_samples_f1": best["f1"], "image_best_epoch": best["epoch"],
             "total_seconds": time.perf_counter() - started}
 

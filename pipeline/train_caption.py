@@ -24,12 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
-from pipeline.config import CommonConfig, option, save_config
+from pipeline.config import TrainingConfig, option, save_config
 from pipeline.data import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, LabelSet, load_train_val, resolve_dataset
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier
 from pipeline.distributed import DistContext, barrier, distributed_session, mean_across_ranks, wrap_model
 from pipeline.engine import NonFiniteLossError
+from pipeline.resume import GeneratorState, ResumeState, file_digest, finish_run, fingerprint, start_run
 from pipeline.runtime import cpu_threads, resolve_device, seed_everything
 from pipeline.text import Vocabulary, load_word_vectors
 
@@ -41,7 +42,7 @@ MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_d
 
 
 @dataclass
-class CaptionTrainConfig(CommonConfig):
+class CaptionTrainConfig(TrainingConfig):
     """Settings of ``train_caption_rnn.py``."""
 
     batch_size: int = option(32, "captions per training batch")
@@ -250,7 +251,7 @@ def _score(config: CaptionTrainConfig, y_true: np.ndarray, probs: np.ndarray) ->
 
 def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded, val: _Encoded,
                 vocab_size: int, embeddings: torch.Tensor | None, device: torch.device,
-                context: DistContext = DistContext()) -> _Member:
+                context: DistContext = DistContext(), state: ResumeState | None = None) -> _Member:
     """Train one model from ``seed``; keep its epoch with the best validation score.
 
     Under torchrun every rank draws the same global batches and trains on every N-th row
@@ -272,8 +273,11 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     targets = torch.from_numpy(train.labels)  # (N, L)
     has_val = len(val.lengths) > 0
 
-    best: _Member | None = None
-    for epoch in range(1, config.epochs + 1):
+    state = state or ResumeState.off()
+    first, saved = state.begin({"model": model, "optimizer": optimizer, "scheduler": scheduler,
+                                "shuffle": GeneratorState(shuffle)}, None, config.epochs)
+    best = _Member(**saved) if saved else None
+    for epoch in range(first, config.epochs + 1):
         trained.train()
         batch_rows = [rows[context.rank::context.world_size]
                       for rows in _bucketed_batches(train.lengths, config.batch_size, shuffle)
@@ -295,12 +299,13 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
             seen += len(rows)
             bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
 
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         mean_loss = mean_across_ranks(total, seen, context)
         say = tqdm.write if context.is_main else (lambda _: None)
         if not has_val:
             say(f"{tag} epoch {epoch}: loss {mean_loss:.4f}")
-            best = _Member(state=state, epoch=epoch, score=None, probs=None)
+            best = _Member(state=weights, epoch=epoch, score=None, probs=None)
+            state.end_epoch(epoch, dataclasses.asdict(best))
             continue
         probs = _predict(model, val.ids, val.lengths, device, 256)
         score, threshold, f1_half = _score(config, val.labels, probs)
@@ -310,8 +315,10 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
             f"{score:.4f} @{threshold:.2f}" + (" (best)" if improved else "")
         )
         if improved:
-            best = _Member(state=state, epoch=epoch, score=score, probs=probs)
-        elif epoch - best.epoch >= config.patience:
+            best = _Member(state=weights, epoch=epoch, score=score, probs=probs)
+        stop = epoch - best.epoch >= config.patience
+        state.end_epoch(epoch, dataclasses.asdict(best), finished=stop)
+        if stop:
             say(f"{tag}: no better validation samples-F1 for {config.patience} epochs; stopping")
             break
     return best
@@ -340,10 +347,14 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         if context.is_main:
             tqdm.write(f"caption: {covered}/{len(vocab)} vocabulary words found in {config.word_vectors}")
 
+    resume_dir = start_run(config.weights, "caption", config.resume, context)
+    digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv))
     members = []
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
-        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, device, context))
+        state = ResumeState(resume_dir, f"member{i}", digest, config.resume, context)
+        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, device,
+                                   context, state))
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set))
     for model, member in zip(ensemble, members):
@@ -368,6 +379,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         save_probabilities(probs_file, val_df[ID_COLUMN].tolist(), label_set.ids, val_probs)
         save_config(config, config_file)
     barrier(context)
+    finish_run(resume_dir, context)
     return {
         "processes": context.world_size,
         "best_epoch": members[0].epoch,

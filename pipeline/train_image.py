@@ -8,6 +8,7 @@ backbone, the head and the decoder train end to end (see ``pipeline.finetune``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import resource
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
-from pipeline.config import CommonConfig, option, save_config
+from pipeline.config import TrainingConfig, option, save_config
 from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, load_train_val, resolve_dataset
 from pipeline.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine import TrainStep, epoch_loader, predict_probs, train_one_epoch, warmup_cosine
@@ -31,13 +32,14 @@ from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
+from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
 from pipeline.runtime import cpu_threads, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ImageTrainConfig(CommonConfig):
+class ImageTrainConfig(TrainingConfig):
     """Settings of ``train_efficientnet.py``."""
 
     backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)")
@@ -48,6 +50,8 @@ class ImageTrainConfig(CommonConfig):
     resolution: int | None = option(None, "input size in pixels (default: the backbone's own, 224 for Lite0)")
     mode: str = option("auto", "frozen: heads on cached backbone features; finetune: end to end; "
                        "auto: frozen on CPU, finetune on GPU", choices=["auto", "frozen", "finetune"])
+    skip_bad_images: bool = option(False, "leave out training rows whose image is missing or unreadable "
+                                   "(their count is reported) instead of stopping with their list")
     flip_views: bool = option(False, "also extract mirrored images and average the two views' features "
                               "(frozen mode; doubles extraction time)")
     head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)")
@@ -82,7 +86,8 @@ def _step_module(model: torch.nn.Module, step_loss, context: DistContext, device
 
 def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
                    x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
-                   context: DistContext = DistContext()) -> tuple[ImageHead, np.ndarray, dict]:
+                   context: DistContext = DistContext(),
+                   state: ResumeState | None = None) -> tuple[ImageHead, np.ndarray, dict]:
     """Train the head on cached features; keep the epoch with the best validation samples-F1.
 
     Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
@@ -95,8 +100,10 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
     val_loader = DataLoader(TensorDataset(x_val), batch_size=1024)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), len(loader))
-    best = {"f1": -1.0}
-    for epoch in tqdm(range(1, config.epochs + 1), desc="image head", unit="epoch", disable=not context.is_main):
+    state = state or ResumeState.off()
+    first, best = state.begin({"model": head, "optimizer": optimizer, "scheduler": scheduler}, {"f1": -1.0},
+                              config.epochs)
+    for epoch in tqdm(range(first, config.epochs + 1), desc="image head", unit="epoch", disable=not context.is_main):
         loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
                                context=context)
         probs = predict_probs(head, val_loader, device)
@@ -106,13 +113,15 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
         if f1 > best["f1"]:
             best = {"f1": f1, "epoch": epoch, "threshold": threshold, "probs": probs,
                     "state": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+        state.end_epoch(epoch, best)
     head.load_state_dict(best.pop("state"))
     return head, best.pop("probs"), best
 
 
 def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
                 x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
-                context: DistContext = DistContext()) -> tuple[LabelDecoder, LabelOrder, np.ndarray, dict]:
+                context: DistContext = DistContext(),
+                state: ResumeState | None = None) -> tuple[LabelDecoder, LabelOrder, np.ndarray, dict]:
     """Train the CNN-RNN decoder on cached features with teacher forcing; score it by beam search."""
     order = LabelOrder.from_train(y_train.numpy(), config.label_order)
     decoder = LabelDecoder(x_train.shape[1], y_train.shape[1], config.decoder_embed, config.decoder_hidden,
@@ -124,8 +133,10 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
     x_val = x_val.to(device)
-    best = {"f1": -1.0}
-    for epoch in tqdm(range(1, config.decoder_epochs + 1), desc="label decoder", unit="epoch",
+    state = state or ResumeState.off()
+    first, best = state.begin({"model": decoder, "optimizer": optimizer, "scheduler": scheduler}, {"f1": -1.0},
+                              config.decoder_epochs)
+    for epoch in tqdm(range(first, config.decoder_epochs + 1), desc="label decoder", unit="epoch",
                       disable=not context.is_main):
         loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
                                context=context)
@@ -135,6 +146,7 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
         log.info("decoder epoch %d/%d  loss %.4f  val samples-F1 (greedy) %.4f", epoch, config.decoder_epochs, loss, f1)
         if f1 > best["f1"]:
             best = {"f1": f1, "epoch": epoch, "state": {k: v.detach().clone() for k, v in decoder.state_dict().items()}}
+        state.end_epoch(epoch, best)
     decoder.load_state_dict(best["state"])
     summary = {"best_epoch": best["epoch"]}
     for width in sorted({1, config.beam_width}):
@@ -185,25 +197,33 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
                                          config.batch_size, config.workers, views, description="train.csv features",
                                          context=context)
     extract_seconds = time.perf_counter() - extract_start
-    if not readable.all():
-        bad = [paths.image_path(all_ids[i]) for i in torch.nonzero(~readable).flatten().tolist()]
-        raise ImageReadError.listing(bad, "\nfix or remove these rows of train.csv")
-    norm = FeatureNorm(features.shape[1]).fit(features[: len(train)])
-    x_train, x_val = norm(features[: len(train)]), norm(features[len(train):])
+    train_ok, val_ok = _usable_rows(config, paths, all_ids, readable, len(train), weights_dir, context)
+    train = train[train_ok].reset_index(drop=True)
+    norm = FeatureNorm(features.shape[1]).fit(features[: len(train_ok)][train_ok])
+    x_train, x_val = norm(features[: len(train_ok)][train_ok]), norm(features[len(train_ok):][val_ok])
     y_train = torch.from_numpy(labels.encode(train[LABELS_COLUMN]))
-    y_val = labels.encode(val[LABELS_COLUMN])
+    y_val = labels.encode(val[LABELS_COLUMN][val_ok])
 
+    resume_dir = start_run(weights_dir, "image", config.resume, context)
+    digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv),
+                         features=hashlib.sha256(features.numpy().tobytes()).hexdigest())
     heads_start = time.perf_counter()
     with cpu_threads(config.head_threads if device.type == "cpu" else 0):
-        head, head_probs, head_summary = fit_image_head(config, x_train, y_train, x_val, y_val, device, context)
-        decoder, order, decoder_probs, decoder_summary = fit_decoder(config, x_train, y_train, x_val, y_val,
-                                                                     device, context)
+        head, head_probs, head_summary = fit_image_head(
+            config, x_train, y_train, x_val, y_val, device, context,
+            ResumeState(resume_dir, "image_head", digest, config.resume, context))
+        decoder, order, decoder_probs, decoder_summary = fit_decoder(
+            config, x_train, y_train, x_val, y_val, device, context,
+            ResumeState(resume_dir, "decoder", digest, config.resume, context))
     heads_seconds = time.perf_counter() - heads_start
+    # Validation rows without a readable image get NaN: fusion then uses the caption for them.
+    head_probs, decoder_probs = (expand_rows(probs, val_ok) for probs in (head_probs, decoder_probs))
 
     summary = {
         "mode": "frozen",
         "processes": context.world_size,
         "train_images": len(train),
+        "skipped_unreadable_images": int((~readable).sum()),
         "val_images": len(val),
         "image_val_samples_f1": head_summary["f1"],
         "image_best_epoch": head_summary["epoch"],
@@ -219,7 +239,39 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
         atomic_write_text(weights_dir / "image_summary.json", json.dumps(summary, indent=2) + "\n")
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     barrier(context)  # the other ranks return once the files exist
+    finish_run(resume_dir, context)
     return summary
+
+
+def _usable_rows(config: ImageTrainConfig, paths, image_ids: list[str], readable: torch.Tensor, num_train: int,
+                 weights_dir: Path, context: DistContext) -> tuple[np.ndarray, np.ndarray]:
+    """(train mask, validation mask) of the rows whose image could be read.
+
+    Unreadable images stop training with their list, unless ``--skip-bad-images``: then
+    they are left out of training and scoring, listed in WEIGHTS/skipped_images.txt, and
+    their count is reported.
+    """
+    ok = readable.numpy()
+    if ok.all():
+        return ok[:num_train], ok[num_train:]
+    bad = [paths.image_path(image_ids[i]) for i in np.flatnonzero(~ok)]
+    if not config.skip_bad_images:
+        raise ImageReadError.listing(bad, "\nfix or remove these rows of train.csv, or pass --skip-bad-images")
+    listing = weights_dir / "skipped_images.txt"
+    if context.is_main:
+        atomic_write_text(listing, "".join(f"{path}\n" for path in bad))
+    log.warning("--skip-bad-images: left out %d of %d rows whose image is missing or unreadable (listed in %s)",
+                len(bad), len(ok), listing)
+    if not ok[:num_train].any() or not ok[num_train:].any():
+        raise ImageReadError.listing(bad, "\nno readable image is left in the training or validation split")
+    return ok[:num_train], ok[num_train:]
+
+
+def expand_rows(probs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(n, L) probabilities of the ``rows`` mask placed in an (N, L) matrix of NaN."""
+    full = np.full((len(rows), probs.shape[1]), np.nan, dtype=np.float32)
+    full[rows] = probs
+    return full
 
 
 def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_ids: list[str], backbone: dict,

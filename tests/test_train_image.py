@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint, load_probabilities
-from pipeline.data import ImageReadError
+from pipeline.data import ImageReadError, validation_mask
 from pipeline.engine import NonFiniteLossError, TrainStep, train_one_epoch
 from pipeline.models.heads import FeatureNorm, ImageHead, asymmetric_loss, get_loss
 from tests.conftest import TINY_IMAGE_ARGS
@@ -85,6 +86,28 @@ def test_unreadable_training_images_are_listed(tiny_dataset, tmp_path):
     (tiny_dataset / "data" / "5.jpg").unlink()
     with pytest.warns(UserWarning), pytest.raises(ImageReadError, match=r"2 image file\(s\)[\s\S]*3\.jpg[\s\S]*5\.jpg"):
         train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS])
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_skip_bad_images_trains_on_the_rest_and_reports_them(tiny_dataset, tmp_path, mode):
+    (tiny_dataset / "data" / "3.jpg").write_bytes(b"not a jpeg")
+    (tiny_dataset / "data" / "5.jpg").unlink()
+    weights = tmp_path / "w"
+    args = ["--data", str(tiny_dataset), "--weights", str(weights), *TINY_IMAGE_ARGS, "--mode", mode,
+            "--finetune-epochs", "1"]
+    with pytest.warns(UserWarning), pytest.raises(ImageReadError, match="--skip-bad-images"):
+        train_efficientnet.main(args)
+    with pytest.warns(UserWarning):
+        train_efficientnet.main([*args, "--skip-bad-images"])
+    # Every validation row keeps a row of probabilities; an unreadable one holds NaN.
+    val_ids, _, probs = load_probabilities(weights / "val_probs_image.csv")
+    train_rows = pd.read_csv(tiny_dataset / "train.csv")
+    assert len(val_ids) == len(train_rows) - int((~validation_mask(train_rows.ImageID, 0.25)).sum())
+    for image_id, row in zip(val_ids, probs):
+        assert np.isnan(row).all() == (image_id in ("3.jpg", "5.jpg"))
+    if mode == "frozen":
+        assert (weights / "skipped_images.txt").read_text().count(".jpg") == 2
+        assert json.loads((weights / "image_summary.json").read_text())["skipped_unreadable_images"] == 2
 
 
 def test_finetune_mode_trains_end_to_end_and_saves_the_backbone(tiny_dataset, tmp_path):

@@ -1,0 +1,162 @@
+"""Per-epoch training state, so ``--resume`` continues an interrupted run where it stopped.
+
+After every completed epoch a training loop saves, atomically, everything the next epoch
+depends on: model, optimizer, scheduler (and EMA) states, the random number generators and
+the best epoch so far. ``--resume`` restores the last saved epoch and runs the remaining
+ones, which gives the same result as a run that was never interrupted: the shuffling
+is a function of (seed, epoch) or a saved generator, and dropout draws come from the
+restored global generator.
+
+States live in ``weights/resume/<script>/<loop>.pt`` and carry a fingerprint of the
+settings and data; a state saved by a different run is refused rather than mixed in.
+They are deleted when the script finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import CheckpointError, atomic_torch_save
+from pipeline.distributed import DistContext
+
+# Settings that do not change what is computed, so a resumed run may differ in them.
+NEUTRAL_SETTINGS = ("resume", "workers", "device", "output", "weights")
+
+
+def fingerprint(config: dict, **data: object) -> str:
+    """A digest of the settings that shape training plus identities of the data."""
+    shaping = {k: v for k, v in config.items() if k not in NEUTRAL_SETTINGS}
+    text = json.dumps({"config": shaping, "data": data}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (the training CSV's identity in a fingerprint)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+
+
+def to_saveable(value: Any) -> Any:
+    """NumPy arrays (nested in dicts and lists) wrapped as tensors, which weights-only loading accepts."""
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value))}
+    if isinstance(value, dict):
+        return {k: to_saveable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_saveable(v) for v in value]
+    return value
+
+
+def from_saved(value: Any) -> Any:
+    """The inverse of :func:`to_saveable`."""
+    if isinstance(value, dict):
+        if set(value) == {"__ndarray__"}:
+            return value["__ndarray__"].numpy()
+        return {k: from_saved(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_saved(v) for v in value]
+    return value
+
+
+class ResumeState:
+    """One training loop's per-epoch state: rank 0 writes it after each epoch, ``--resume`` reads it.
+
+    Usage::
+
+        epoch, best = state.begin({"model": m, "optimizer": opt}, best, total_epochs)
+        for epoch in range(epoch, total_epochs + 1):
+            ...  # train, evaluate, update best
+            state.end_epoch(epoch, best)
+    """
+
+    def __init__(self, directory: Path | None, loop: str = "", digest: str = "", resume: bool = False,
+                 context: DistContext = DistContext()) -> None:
+        self.path = Path(directory) / f"{loop}.pt" if directory is not None else None
+        self.digest, self.resume, self.context = digest, resume, context
+        self.modules: dict[str, Any] = {}
+
+    @classmethod
+    def off(cls) -> ResumeState:
+        """A state that neither saves nor restores (a loop run outside a script)."""
+        return cls(None)
+
+    def _load(self) -> dict | None:
+        if self.path is None or not self.resume or not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path}: unreadable resume state ({err}); delete it to start over") from None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.digest:
+            raise CheckpointError(
+                f"{self.path}: saved by a run with other settings or data; rerun with the same options, "
+                f"or without --resume to start over"
+            )
+        return state
+
+    def begin(self, modules: dict[str, Any], best: Any, total_epochs: int) -> tuple[int, Any]:
+        """(first epoch to run, best so far): ``(1, best)`` for a fresh run; after the last saved
+        epoch when resuming (past ``total_epochs`` if the loop had finished)."""
+        self.modules = modules
+        state = self._load()
+        if state is None:
+            return 1, best
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        epoch = total_epochs + 1 if state["finished"] else int(state["epoch"]) + 1
+        return epoch, from_saved(state["best"])
+
+    def end_epoch(self, epoch: int, best: Any, finished: bool = False) -> None:
+        """Record a completed epoch (``finished``: the loop stops here, e.g. early stopping)."""
+        if self.path is None or not self.context.is_main:
+            return
+        state = {
+            "fingerprint": self.digest,
+            "epoch": epoch,
+            "finished": finished,
+            "modules": {name: module.state_dict() for name, module in self.modules.items()},
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "best": to_saveable(best),
+        }
+        atomic_torch_save(state, self.path)
+
+
+class GeneratorState:
+    """A ``torch.Generator`` seen as a module with a state dict, so ResumeState can save it."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+def resume_directory(weights_dir: str | Path, script: str) -> Path:
+    return Path(weights_dir) / "resume" / script
+
+
+def start_run(weights_dir: str | Path, script: str, resume: bool, context: DistContext = DistContext()) -> Path:
+    """The script's resume folder; a fresh (non-resumed) run first clears what an earlier run left."""
+    directory = resume_directory(weights_dir, script)
+    if not resume and context.is_main and directory.exists():
+        shutil.rmtree(directory)
+    return directory
+
+
+def finish_run(directory: Path, context: DistContext = DistContext()) -> None:
+    """Delete the resume states once the script has written its outputs."""
+    if context.is_main and directory.exists():
+        shutil.rmtree(directory)
