@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,20 +93,37 @@ def _parse_record(text: str, header: list[str]) -> list[str] | None:
 
 
 def _parse_labels(field: str, path: Path, line: int) -> list[int]:
-    try:
-        return [int(token) for token in field.split()]
-    except ValueError:
+    tokens = field.split()
+    if not tokens:
+        # Every image of this task has at least one label (a submission row needs one too),
+        # so an empty field is a mistake in the file, not "no labels".
+        raise DataFormatError(f"{path}:{line}: empty Labels field; every image needs at least one label id")
+    # isdigit() alone accepts non-ASCII digits such as '٣', which int() would quietly read.
+    bad = [token for token in tokens if not (token.isascii() and token.isdigit())]
+    if bad:
         raise DataFormatError(
-            f"{path}:{line}: Labels {field!r} must be label ids separated by spaces, e.g. '1 3 19'"
-        ) from None
+            f"{path}:{line}: Labels {field!r} must be non-negative integer label ids separated by "
+            f"spaces, e.g. '1 3 19' ({bad[0]!r} is not)"
+        )
+    return [int(token) for token in tokens]
 
 
-def read_csv(path: str | Path) -> pd.DataFrame:
+def is_plain_file_name(name: str) -> bool:
+    """True when ``name`` can only mean a file directly inside the image folder."""
+    return bool(name) and not ({"\x00", "/", "\\"} & set(name)) and name not in {".", ".."}
+
+
+def read_csv(path: str | Path, *, require: Sequence[str] = (),
+             allow_duplicate_ids: bool = False) -> pd.DataFrame:
     """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
 
     Reads the original competition files exactly (unescaped inner quotes, captions ending
-    in ``/``, captions spanning lines) as well as clean CSV written by pandas. No record is
-    ever dropped: one that cannot be read raises ``DataFormatError`` naming its line.
+    in ``/``, captions spanning lines) as well as clean CSV written by pandas, with the
+    columns in any order. No record is ever dropped: a record that cannot be read, a column
+    of ``require`` that is missing, an ImageID that is empty or a path, an empty or
+    non-integer Labels field, or an ImageID that repeats an earlier row raises
+    ``DataFormatError`` naming the file and line. ``allow_duplicate_ids`` accepts repeated
+    ImageIDs, for files with one row per caption of an image.
     """
     path = Path(path)
     if not path.is_file():
@@ -123,15 +141,47 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         raise DataFormatError(f"{path}:1: unknown column(s) {unknown}; expected {list(KNOWN_COLUMNS)}")
     if len(set(header)) != len(header):
         raise DataFormatError(f"{path}:1: repeated column name in header {header}")
+    missing = [name for name in require if name not in header]
+    if missing:
+        raise DataFormatError(
+            f"{path}:1: header {lines[0]!r} has no {' or '.join(missing)} column; this file needs "
+            f"{','.join(name for name in KNOWN_COLUMNS if name in header or name in missing)}"
+        )
+
+    records = _split_records(lines[1:])
+    if records:
+        start, text = records[-1]
+        body = text.rstrip("\n")
+        swallowed = body.count("\n")
+        if body.count('"') % 2 == 1 and swallowed:
+            # The record swallowed every line after it: reading it would silently lose rows.
+            raise DataFormatError(
+                f"{path}:{start}: the quote opened in this record is never closed, so it runs over "
+                f"the {swallowed} line(s) after it to the end of the file"
+            )
+        records[-1] = (start, body)
 
     rows: list[dict] = []
-    for line, text in _split_records(lines[1:]):
+    first_line: dict[str, int] = {}
+    for line, text in records:
         fields = _parse_record(text, header)
         if fields is None:
             raise DataFormatError(
                 f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}"
             )
         row = dict(zip(header, fields))
+        image_id = row[ID_COLUMN]
+        if not is_plain_file_name(image_id):
+            # Refused here, before any image is opened, so no file outside the image folder is read.
+            raise DataFormatError(
+                f"{path}:{line}: ImageID {image_id!r} is not a plain file name inside the image folder"
+            )
+        if image_id in first_line and not allow_duplicate_ids:
+            raise DataFormatError(
+                f"{path}:{line}: ImageID {image_id!r} repeats line {first_line[image_id]}; "
+                "each image needs exactly one row"
+            )
+        first_line.setdefault(image_id, line)
         if LABELS_COLUMN in row:
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line)
         row["_line"] = line
@@ -222,16 +272,9 @@ class DatasetPaths:
 
     def image_path(self, image_id: str) -> Path:
         """The file of an image; an ImageID that would leave the image folder is refused."""
-        name = str(image_id)
-        if (
-            not name
-            or "\x00" in name
-            or "/" in name
-            or "\\" in name
-            or name in {".", ".."}
-        ):
+        if not is_plain_file_name(str(image_id)):
             raise ValueError(f"ImageID {image_id!r} is not a plain file name inside {self.images}")
-        return self.images / name
+        return self.images / str(image_id)
 
 
 def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -> DatasetPaths:
@@ -245,11 +288,15 @@ def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -
     return DatasetPaths.resolve(data, images)
 
 
-def load_train_val(paths: DatasetPaths, val_fraction: float) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
-    """The label set and the shared (train, validation) split of ``train.csv``."""
-    frame = read_csv(paths.train_csv)
-    if LABELS_COLUMN not in frame.columns:
-        raise DataFormatError(f"{paths.train_csv}:1: a training file needs a {LABELS_COLUMN} column")
+def load_train_val(paths: DatasetPaths, val_fraction: float, *,
+                   allow_duplicate_ids: bool = False) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
+    """The label set and the shared (train, validation) split of ``train.csv``.
+
+    ``allow_duplicate_ids`` accepts an ImageID on several rows (one row per caption); the
+    split hashes the ImageID, so all rows of an image land on the same side.
+    """
+    frame = read_csv(paths.train_csv, require=(LABELS_COLUMN, CAPTION_COLUMN),
+                     allow_duplicate_ids=allow_duplicate_ids)
     if frame.empty:
         raise DataFormatError(f"{paths.train_csv}: no training rows")
     train, val = split_train_val(frame, val_fraction)
