@@ -305,6 +305,31 @@ def load_train_val(paths: DatasetPaths, val_fraction: float, *,
     return LabelSet.from_frame(frame), train, val
 
 
+def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None) -> pd.DataFrame:
+    """A CSV of images to predict: ``test.csv``, or a labelled evaluation CSV when ``labels`` is given.
+
+    Beyond ``read_csv``'s checks: at least one row (an empty submission is of no use), one row
+    per ImageID (a submission has one row per image), a Caption column when the caption
+    branch is used, and with ``labels`` a Labels column whose every id is one the model was
+    trained on (another id is an error naming it, the file and the line).
+    """
+    path = Path(path)
+    require = ((CAPTION_COLUMN,) if captions else ()) + ((LABELS_COLUMN,) if labels is not None else ())
+    frame = read_csv(path, require=require)
+    if frame.empty:
+        raise DataFormatError(f"{path}: no rows after the header; nothing to predict")
+    if labels is not None:
+        known = set(labels.ids)
+        for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN]):
+            unknown = [label for label in row_labels if label not in known]
+            if unknown:
+                raise DataFormatError(
+                    f"{path}:{line}: label id {unknown[0]} is not one of the labels the model was "
+                    f"trained on {list(labels.ids)}"
+                )
+    return frame
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i, readable)``.
 

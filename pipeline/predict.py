@@ -30,7 +30,7 @@ from pipeline.data import (
     DatasetPaths,
     LabelSet,
     load_train_val,
-    read_csv,
+    read_prediction_csv,
     resolve_dataset,
 )
 from pipeline.features import cached_features
@@ -267,6 +267,9 @@ def run_inference(config: InferenceConfig) -> dict:
     checkpoints = load_branch_checkpoints(weights_dir, parse_branch_list(config.branches))
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
+    # Read before any slow step, so a broken test.csv fails at once.
+    test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
+    test = read_prediction_csv(test_csv, captions="caption" in branches)
     predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers)
 
     _, train, val = load_train_val(paths, config.val_fraction)
@@ -275,8 +278,6 @@ def run_inference(config: InferenceConfig) -> dict:
         if not val.empty else None
     settings = resolve_fusion(config, branches, labels, y_val, val_probs, weights_dir)
 
-    test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
-    test = read_csv(test_csv)
     test_probs = predictor.probabilities(test, description=f"{test_csv.name} features")
     predictions = settings.predict(test_probs)
     submission = output_dir / "submission.csv"
@@ -295,9 +296,7 @@ def run_inference(config: InferenceConfig) -> dict:
         from pipeline.report import evaluation_report
 
         if config.eval_csv:
-            frame = read_csv(config.eval_csv)
-            if LABELS_COLUMN not in frame:
-                raise ValueError(f"--eval-csv {config.eval_csv}: needs a Labels column")
+            frame = read_prediction_csv(config.eval_csv, captions="caption" in branches, labels=labels)
             y_true = labels.encode(frame[LABELS_COLUMN])
             probs = predictor.probabilities(frame, description="evaluation features")
             source = str(config.eval_csv)

@@ -7,16 +7,25 @@ covered elsewhere are named in the README table; the rest are here.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from PIL import Image
 
+import inference
+import train_caption_rnn
+import train_efficientnet
 from pipeline.data import (
     DataFormatError,
     DatasetPaths,
+    LabelSet,
     load_train_val,
     read_csv,
+    read_prediction_csv,
 )
+from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
 HEADER = "ImageID,Labels,Caption\n"
 GOOD_ROW = '0.jpg,1,"a person"\n'
@@ -118,5 +127,102 @@ def test_duplicate_image_ids_can_be_allowed_explicitly(tmp_path):
     assert set(train.ImageID).isdisjoint(val.ImageID)
     with pytest.raises(DataFormatError, match=r"train\.csv:32: ImageID '0\.jpg' repeats line 2"):
         load_train_val(DatasetPaths.resolve(tmp_path), 0.3)
+
+
+# --- Files to predict: test.csv and --eval-csv ----------------------------------------------------
+
+# (case, content of test.csv, keyword arguments, error)
+BAD_PREDICTION_CSV = [
+    ("zero rows", "ImageID,Caption\n", {}, r"test\.csv: no rows after the header"),
+    ("zero rows, CRLF", "ImageID,Caption\r\n\r\n", {}, r"test\.csv: no rows after the header"),
+    ("duplicate ImageID", 'ImageID,Caption\n0.jpg,"a"\n0.jpg,"b"\n', {},
+     r"test\.csv:3: ImageID '0\.jpg' repeats line 2"),
+    ("no Caption column for the caption branch", "ImageID\n0.jpg\n", {"captions": True},
+     r"test\.csv:1: header 'ImageID' has no Caption column"),
+    ("evaluation file without Labels", 'ImageID,Caption\n0.jpg,"a"\n', {"labels": LabelSet((1, 3))},
+     r"test\.csv:1: header .* has no Labels column"),
+    ("label id the model does not know", 'ImageID,Labels,Caption\n0.jpg,1,"a"\n1.jpg,3 7,"b"\n',
+     {"labels": LabelSet((1, 3))}, r"test\.csv:3: label id 7 is not one of the labels the model was trained on"),
+]
+
+
+@pytest.mark.parametrize("case, content, kwargs, error", BAD_PREDICTION_CSV, ids=[c[0] for c in BAD_PREDICTION_CSV])
+def test_bad_csv_to_predict_is_an_error(tmp_path, case, content, kwargs, error):
+    path = write(tmp_path / "test.csv", content)
+    with pytest.raises(DataFormatError, match=error):
+        read_prediction_csv(path, **{"captions": False, **kwargs})
+
+
+def test_test_csv_without_captions_is_fine_for_image_branches_only(tmp_path):
+    frame = read_prediction_csv(write(tmp_path / "test.csv", "ImageID\n0.jpg\n1.jpg\n"), captions=False)
+    assert frame["ImageID"].tolist() == ["0.jpg", "1.jpg"]
+
+
+TINY_CAPTION_ARGS = ["--epochs", "2", "--embed-dim", "16", "--hidden-size", "16", "--val-fraction", "0.25",
+                     "--min-freq", "1"]
+N_TEST = 24
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny dataset with every branch trained once for the module."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    data = make_tiny_dataset(root / "tiny", n_train=48, n_test=N_TEST)
+    weights = root / "weights"
+    train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
+    train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--output", str(root / "o"),
+                            *TINY_CAPTION_ARGS])
+    return data, weights
+
+
+def _copy(trained: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    data, weights = trained
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(weights, tmp_path / "weights")
+    return tmp_path / "data", tmp_path / "weights"
+
+
+def _infer(data: Path, weights: Path, output: Path, *extra: str) -> dict:
+    return inference.main(["--data", str(data), "--weights", str(weights), "--output", str(output),
+                           "--workers", "0", "--val-fraction", "0.25", *extra])
+
+
+def test_inference_with_an_empty_caption_keeps_the_row(trained, tmp_path):
+    data, weights = _copy(trained, tmp_path)
+    test = pd.read_csv(data / "test.csv")
+    test.loc[[0, 3], "Caption"] = ""
+    test.to_csv(data / "test.csv", index=False)
+    _infer(data, weights, tmp_path / "out", "--branches", "caption")
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str, keep_default_na=False)
+    assert submission["ImageID"].tolist() == test["ImageID"].tolist()
+    assert all(labels.split() for labels in submission["Labels"])
+
+
+@pytest.mark.parametrize("content, error", [
+    ("ImageID,Caption\n", r"test\.csv: no rows after the header"),
+    ('ImageID,Caption\n20.jpg,"a"\n20.jpg,"a"\n', r"test\.csv:3: ImageID '20\.jpg' repeats line 2"),
+    ('ImageID,Caption\n50.jpg,"a"\n../secret.jpg,"a"\n', r"test\.csv:3: ImageID '\.\./secret\.jpg'"),
+    ('ImageID,Caption\n/etc/passwd,"a"\n', r"test\.csv:2: ImageID '/etc/passwd'"),
+], ids=["zero rows", "duplicate ImageID", "relative path", "absolute path"])
+def test_inference_refuses_a_bad_test_csv_before_opening_any_image(trained, tmp_path, monkeypatch, content, error):
+    data, weights = _copy(trained, tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.jpg")  # what ../secret.jpg would reach
+    write(data / "test.csv", content)
+    opened: list[str] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    with pytest.raises(DataFormatError, match=error):
+        _infer(data, weights, tmp_path / "out")
+    assert opened == []
+    assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_evaluation_csv_with_an_unknown_label_names_it_file_and_line(trained, tmp_path):
+    data, weights = _copy(trained, tmp_path)
+    frame = pd.read_csv(data / "train.csv").head(5)
+    frame.loc[2, "Labels"] = "1 7"
+    frame.to_csv(tmp_path / "eval.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"eval\.csv:4: label id 7 is not one of the labels"):
+        _infer(data, weights, tmp_path / "out", "--evaluate", "--eval-csv", str(tmp_path / "eval.csv"))
 
 
