@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,12 +331,46 @@ def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | 
     return frame
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of an image in any mode Pillow reads.
+
+    ``convert("RGB")`` alone clips 16- and 32-bit greyscale at 255 (a white image) and drops
+    transparency, leaving whatever colour hides under it; both are handled here.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # Integer greyscale is taken as 16-bit (0..65535, as PNG stores it): 65535 / 257 = 255.
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        # Float images have no fixed range: stretch their own minimum..maximum to 0..255.
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(np.rint(scaled).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Composite over neutral grey: transparent areas become featureless instead of
+        # showing the arbitrary colour stored under alpha 0.
+        background = Image.new("RGBA", image.size, (128, 128, 128, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def shrink(image: Image.Image, size: int) -> Image.Image:
+    """Reduce an image much larger than ``size`` by an integer box filter, so that its short side
+    stays at least ``2 * size``: the resize that follows then works on a bounded tensor."""
+    factor = min(image.size) // (2 * size)
+    return image.reduce(factor) if min(image.size) > 4 * size and factor >= 2 else image
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i, readable)``.
 
     A missing or undecodable file yields a blank tensor with ``readable`` False instead of
     stopping the loader, so the caller decides: training lists the bad files and stops,
-    inference falls back to the branches that need no image.
+    inference falls back to the branches that need no image. So does an image over Pillow's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels): decoding it
+    could take gigabytes in every loader worker. Any mode becomes 8-bit RGB (``to_rgb``), and
+    a large image is reduced before the transform (``shrink``), so memory stays bounded.
     """
 
     def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int) -> None:
@@ -349,13 +384,16 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                # draft() lets libjpeg decode at a reduced scale when the image is much larger
-                # than needed: memory stays bounded and decoding is faster.
-                if min(image.size) > 4 * self.size:
-                    image.draft("RGB", (image.width // 4, image.height // 4))
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
+            with warnings.catch_warnings():
+                # Pillow only warns between 1x and 2x its limit; refuse those too.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    # draft() lets libjpeg decode at a reduced scale when the image is much larger
+                    # than needed: memory stays bounded and decoding is faster.
+                    if min(image.size) > 4 * self.size:
+                        image.draft("RGB", (image.width // 4, image.height // 4))
+                    rgb = shrink(to_rgb(image), self.size)
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             return torch.zeros(3, self.size, self.size), index, False
         return self.transform(rgb), index, True
 

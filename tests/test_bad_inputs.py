@@ -7,11 +7,15 @@ covered elsewhere are named in the README table; the rest are here.
 
 from __future__ import annotations
 
+import io
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import inference
@@ -20,6 +24,7 @@ import train_efficientnet
 from pipeline.data import (
     DataFormatError,
     DatasetPaths,
+    ImageDataset,
     LabelSet,
     load_train_val,
     read_csv,
@@ -224,5 +229,162 @@ def test_evaluation_csv_with_an_unknown_label_names_it_file_and_line(trained, tm
     frame.to_csv(tmp_path / "eval.csv", index=False)
     with pytest.raises(DataFormatError, match=r"eval\.csv:4: label id 7 is not one of the labels"):
         _infer(data, weights, tmp_path / "out", "--evaluate", "--eval-csv", str(tmp_path / "eval.csv"))
+
+
+# --- Images ---------------------------------------------------------------------------------------
+
+SIZE = 16  # the transform's resolution in the image tests
+
+
+def _jpeg(path: Path, image: Image.Image) -> None:
+    image.save(path, format="JPEG", quality=95)
+
+
+def _truncated_jpeg(path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def _sixteen_bit(path: Path) -> None:
+    # Mid grey in 16 bits: convert("RGB") alone would clip it to white.
+    Image.fromarray(np.full((20, 20), 32896, dtype=np.uint16)).save(path, format="PNG")
+
+
+def _float_tiff(path: Path) -> None:
+    Image.fromarray(np.linspace(0.0, 1.0, 400, dtype=np.float32).reshape(20, 20)).save(path, format="TIFF")
+
+
+def _palette_with_transparency(path: Path) -> None:
+    image = Image.new("P", (20, 20), 0)
+    image.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+    image.save(path, format="PNG", transparency=0)
+
+
+# (case, writer of the file, mean colour the transform receives). The file is always named
+# <case>.jpg, as in the dataset, whatever its real format.
+READABLE_IMAGES: list[tuple[str, Callable[[Path], None], tuple[int, int, int]]] = [
+    ("rgb", lambda p: _jpeg(p, Image.new("RGB", (20, 30), (200, 30, 40))), (200, 30, 40)),
+    ("grayscale", lambda p: _jpeg(p, Image.new("L", (20, 30), 90)), (90, 90, 90)),
+    ("cmyk", lambda p: _jpeg(p, Image.new("CMYK", (20, 30), (0, 255, 255, 0))), (255, 0, 0)),
+    ("rgba fully transparent", lambda p: Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(p, format="PNG"),
+     (128, 128, 128)),
+    ("rgba opaque", lambda p: Image.new("RGBA", (20, 20), (0, 0, 255, 255)).save(p, format="PNG"), (0, 0, 255)),
+    ("grey with alpha", lambda p: Image.new("LA", (20, 20), (0, 0)).save(p, format="PNG"), (128, 128, 128)),
+    ("palette with transparency", _palette_with_transparency, (128, 128, 128)),
+    ("16-bit greyscale", _sixteen_bit, (128, 128, 128)),
+    ("float greyscale", _float_tiff, (128, 128, 128)),
+    ("png under a .jpg name", lambda p: Image.new("RGB", (20, 20), (10, 220, 10)).save(p, format="PNG"),
+     (10, 220, 10)),
+    ("bilevel", lambda p: Image.new("1", (20, 20), 1).save(p, format="PNG"), (255, 255, 255)),
+    ("1x1", lambda p: _jpeg(p, Image.new("RGB", (1, 1), (250, 250, 0))), (250, 250, 0)),
+    ("1x600", lambda p: Image.new("RGB", (1, 600), (0, 250, 250)).save(p, format="PNG"), (0, 250, 250)),
+    ("large png", lambda p: Image.new("RGB", (1000, 900), (70, 70, 200)).save(p, format="PNG"), (70, 70, 200)),
+]
+
+
+def _bomb(path: Path) -> None:
+    Image.new("RGB", (120, 100), "white").save(path, format="PNG")
+
+
+UNREADABLE_IMAGES: list[tuple[str, Callable[[Path], None] | None]] = [
+    ("missing", None),
+    ("empty", lambda p: p.write_bytes(b"")),
+    ("truncated jpeg", _truncated_jpeg),
+    ("jpeg header only", lambda p: p.write_bytes(b"\xff\xd8 truncated")),
+    ("text file", lambda p: p.write_text("this is not an image\n")),
+    ("html page", lambda p: p.write_text("<!doctype html><html><body>404</body></html>")),
+    ("over the decompression-bomb limit", _bomb),
+]
+
+
+class RecordingTransform:
+    """Stands in for the image transform and records what the decoder hands to it."""
+
+    def __init__(self) -> None:
+        self.seen: list[Image.Image] = []
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        self.seen.append(image.copy())
+        return torch.ones(3, SIZE, SIZE)
+
+
+def _dataset(tmp_path: Path, names: list[str]) -> tuple[ImageDataset, RecordingTransform]:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    transform = RecordingTransform()
+    return ImageDataset(DatasetPaths.resolve(tmp_path), names, transform, SIZE), transform
+
+
+@pytest.mark.parametrize("case, make, colour", READABLE_IMAGES, ids=[c[0] for c in READABLE_IMAGES])
+def test_every_image_mode_and_shape_becomes_8_bit_rgb(tmp_path, case, make, colour):
+    dataset, transform = _dataset(tmp_path, ["x.jpg"])
+    make(tmp_path / "data" / "x.jpg")
+    tensor, index, readable = dataset[0]
+    assert readable and index == 0 and tensor.shape == (3, SIZE, SIZE)
+    (image,) = transform.seen
+    assert image.mode == "RGB"
+    assert min(image.size) <= 4 * SIZE  # a large file is reduced before the resize
+    mean = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(mean, colour, atol=6)
+
+
+def test_a_very_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    """8000 x 8000: libjpeg decodes at 1/4 scale, a box filter reduces the rest, the output has its shape."""
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8000, 8000), (30, 160, 90)).save(tmp_path / "data" / "big.jpg", quality=75)
+    dataset, transform = _dataset(tmp_path, ["big.jpg"])
+    tensor, _, readable = dataset[0]
+    assert readable and tensor.shape == (3, SIZE, SIZE)
+    (image,) = transform.seen
+    assert 2 * SIZE <= min(image.size) <= 4 * SIZE  # what reaches the resize is small, whatever the file
+    np.testing.assert_allclose(np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0), (30, 160, 90), atol=6)
+
+
+@pytest.mark.parametrize("case, make", UNREADABLE_IMAGES, ids=[c[0] for c in UNREADABLE_IMAGES])
+def test_unreadable_images_are_flagged_not_fatal(tmp_path, monkeypatch, case, make):
+    # 120 x 100 = 12,000 pixels: over a limit of 10,000 (Pillow only warns up to 2x its limit).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    dataset, transform = _dataset(tmp_path, ["ok.jpg", "x.jpg"])
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "data" / "ok.jpg")
+    if make is not None:
+        make(tmp_path / "data" / "x.jpg")
+    assert dataset[0][2] is True
+    tensor, index, readable = dataset[1]
+    assert readable is False and index == 1
+    assert torch.equal(tensor, torch.zeros(3, SIZE, SIZE))
+    assert len(transform.seen) == 1
+
+
+def test_far_over_the_decompression_bomb_limit_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # 12,000 > 2 x 1,000: Pillow's own error
+    dataset, _ = _dataset(tmp_path, ["x.jpg"])
+    _bomb(tmp_path / "data" / "x.jpg")
+    assert dataset[0][2] is False
+
+
+def test_inference_writes_a_row_for_every_image_whatever_its_file(trained, tmp_path):
+    """Unreadable images fall back to the caption and are listed; odd but valid ones are read."""
+    data, weights = _copy(trained, tmp_path)
+    test = pd.read_csv(data / "test.csv")
+    kinds = [(case, make) for case, make in UNREADABLE_IMAGES if case != "over the decompression-bomb limit"]
+    kinds += [(case, make) for case, make, _ in READABLE_IMAGES]
+    kinds.append(("8000x8000", lambda p: Image.new("RGB", (8000, 8000), (40, 40, 220)).save(p, format="JPEG")))
+    assert len(kinds) <= len(test)
+    for (case, make), image_id in zip(kinds, test["ImageID"]):
+        (data / "data" / image_id).unlink()
+        if make is not None:
+            make(data / "data" / image_id)
+    test.loc[0, "Caption"] = ""  # a missing image and an empty caption: still a row
+    test.to_csv(data / "test.csv", index=False)
+
+    summary = _infer(data, weights, tmp_path / "out")
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str, keep_default_na=False)
+    assert submission["ImageID"].tolist() == test["ImageID"].tolist()
+    assert all(labels.split() for labels in submission["Labels"])
+    n_unreadable = len(kinds) - len(READABLE_IMAGES) - 1
+    listed = (tmp_path / "out" / "unreadable_images.txt").read_text().split()
+    assert listed == test["ImageID"][:n_unreadable].tolist()
+    assert summary["unreadable_images"] == n_unreadable and summary["rows"] == len(test)
 
 
