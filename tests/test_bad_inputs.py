@@ -10,7 +10,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import select
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +29,11 @@ import train_caption_rnn
 import train_efficientnet
 from pipeline.checkpoint import (
     CheckpointError,
+    atomic_torch_save,
     load_checkpoint,
+    safe_torch_load,
     save_checkpoint,
+    save_probabilities,
 )
 from pipeline.data import (
     DataFormatError,
@@ -38,9 +45,12 @@ from pipeline.data import (
     read_prediction_csv,
 )
 from pipeline.features import _load_cached
+from pipeline.fusion import FusionSettings, save_fusion
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
+from pipeline.predict import write_submission
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
+REPO = Path(__file__).resolve().parents[1]
 HEADER = "ImageID,Labels,Caption\n"
 GOOD_ROW = '0.jpg,1,"a person"\n'
 
@@ -515,5 +525,94 @@ def test_inference_refuses_another_branch_and_mismatched_label_sets(trained, tmp
     torch.save(caption, weights / "caption.pt")
     with pytest.raises(CheckpointError, match=r"caption\.pt: labels \[1, 3, 18, 20\] differ from .*image\.pt"):
         _infer(data, weights, tmp_path / "out")
+
+
+# --- Atomic writes --------------------------------------------------------------------------------
+
+_SLOW_WRITER = """
+import io, sys, time
+from pathlib import Path
+import torch
+from pipeline.checkpoint import save_checkpoint
+
+real_save = torch.save
+
+def slow_save(obj, target):
+    # Serialise for real, then write half, say so, and hang: the parent kills us here.
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    with open(target, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        print("half written", flush=True)
+        time.sleep(120)
+        handle.write(data[len(data) // 2:])
+
+torch.save = slow_save
+save_checkpoint(Path(sys.argv[1]), branch="image", state_dict={"w": torch.full((500, 500), 2.0)},
+                config={"run": 2}, label_ids=[1, 3])
+"""
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
+    target = _good_checkpoint(tmp_path / "image.pt", config={"run": 1})
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(target)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 120)
+        assert ready and child.stdout.readline().strip() == "half written", child.stderr.read()
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert load_checkpoint(target, branch="image", label_ids=[1, 3])["config"] == {"run": 1}
+    # The half-written temporary file is left behind under a name no loader or glob picks up.
+    (stray,) = [p for p in tmp_path.iterdir() if p != target]
+    assert stray.name.startswith(".image.pt.") and stray.name.endswith(".tmp")
+    assert sorted(tmp_path.glob("*.pt")) == [target] and not list(tmp_path.glob("features-*.pt"))
+    with pytest.raises(CheckpointError):
+        safe_torch_load(stray)
+
+
+def _interrupted_write(*args: object, **kwargs: object) -> None:
+    """Stands in for torch.save, Path.write_text or DataFrame.to_csv: writes part of the
+    file it was given, then the process is interrupted."""
+    target = next(arg for arg in args if isinstance(arg, (str, os.PathLike)))
+    Path(target).write_bytes(b"half a file")
+    raise KeyboardInterrupt
+
+
+def _fusion(path: Path, threshold: float) -> None:
+    save_fusion(FusionSettings(branches=["image"], label_ids=[1, 3], weights={"image": 1.0}, threshold=threshold),
+                path)
+
+
+# (file, function writing version k of it, what to interrupt)
+ATOMIC_WRITERS: list[tuple[str, Callable[[Path, int], None], tuple[object, str]]] = [
+    ("image.pt", lambda p, k: _good_checkpoint(p, config={"run": k}), (torch, "save")),
+    ("features-x.pt", lambda p, k: atomic_torch_save({"features": torch.full((4, 2), float(k))}, p), (torch, "save")),
+    ("fusion.json", lambda p, k: _fusion(p, 0.1 * k), (Path, "write_text")),
+    ("submission.csv", lambda p, k: write_submission(p, ["0.jpg", "1.jpg"], np.eye(2)[:, :: (-1) ** k],
+                                                     LabelSet((1, 3))), (Path, "write_text")),
+    ("val_probs_image.csv", lambda p, k: save_probabilities(p, ["0.jpg"], [1, 3], np.full((1, 2), 0.1 * k)),
+     (pd.DataFrame, "to_csv")),
+]
+
+
+@pytest.mark.parametrize("name, save, target", ATOMIC_WRITERS, ids=[w[0] for w in ATOMIC_WRITERS])
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch, name, save, target):
+    path = tmp_path / name
+    save(path, 1)
+    before = path.read_bytes()
+    monkeypatch.setattr(*target, _interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        save(path, 2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # the temporary file is removed
+    save(path, 2)
+    assert path.read_bytes() != before
 
 
