@@ -27,6 +27,7 @@ from PIL import Image
 import inference
 import train_caption_rnn
 import train_efficientnet
+from pipeline import runtime
 from pipeline.checkpoint import (
     CheckpointError,
     atomic_torch_save,
@@ -616,3 +617,27 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch, na
     assert path.read_bytes() != before
 
 
+# --- Out of memory --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error_class", sorted({torch.cuda.OutOfMemoryError,
+                                                getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)},
+                                               key=str))
+def test_gpu_out_of_memory_suggests_a_smaller_batch_size(error_class):
+    with pytest.raises(error_class, match=r"out of GPU memory at --batch-size 64; try --batch-size 32") as caught:
+        with runtime.oom_hint(64):
+            raise error_class("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "Tried to allocate 2.00 GiB" in str(caught.value)
+    assert isinstance(caught.value.__cause__, error_class)
+    with pytest.raises(error_class, match=r"--batch-size is already 1: try a smaller --resolution"):
+        with runtime.oom_hint(1):
+            raise error_class("CUDA out of memory")
+
+
+def test_oom_hint_leaves_other_errors_and_success_alone():
+    with pytest.raises(RuntimeError, match="^something else$"):
+        with runtime.oom_hint(64):
+            raise RuntimeError("something else")
+    with runtime.oom_hint(64):
+        value = 1
+    assert value == 1
