@@ -279,17 +279,18 @@ def run_inference(config: InferenceConfig) -> dict:
     settings = resolve_fusion(config, branches, labels, y_val, val_probs, weights_dir)
 
     test_probs = predictor.probabilities(test, description=f"{test_csv.name} features")
+    if predictor.unreadable:
+        # Listed before fusion, so the list is there even when fusion cannot predict those rows.
+        listing = output_dir / "unreadable_images.txt"
+        atomic_write_text(listing, "\n".join(predictor.unreadable) + "\n")
+        log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
+                    len(predictor.unreadable), listing)
     predictions = settings.predict(test_probs)
     submission = output_dir / "submission.csv"
     write_submission(submission, test[ID_COLUMN].tolist(), predictions, labels)
     summary = {"branches": branches, "fusion_method": settings.method, "submission": str(submission),
                "rows": len(test), "fusion_val_samples_f1": settings.val_samples_f1,
                "unreadable_images": len(predictor.unreadable)}
-    if predictor.unreadable:
-        listing = output_dir / "unreadable_images.txt"
-        atomic_write_text(listing, "\n".join(predictor.unreadable) + "\n")
-        log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
-                    len(predictor.unreadable), listing)
     log.info("wrote %s: %d rows for the %d rows of %s", submission, len(test), len(test), test_csv)
 
     if config.evaluate:

@@ -46,7 +46,7 @@ from pipeline.data import (
     read_prediction_csv,
 )
 from pipeline.features import _load_cached
-from pipeline.fusion import FusionSettings, save_fusion
+from pipeline.fusion import FusionError, FusionSettings, save_fusion, weighted_average
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
 from pipeline.predict import write_submission
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
@@ -406,6 +406,33 @@ def test_inference_writes_a_row_for_every_image_whatever_its_file(trained, tmp_p
     listed = (tmp_path / "out" / "unreadable_images.txt").read_text().split()
     assert listed == test["ImageID"][:n_unreadable].tolist()
     assert summary["unreadable_images"] == n_unreadable and summary["rows"] == len(test)
+
+
+def test_fusion_falls_back_to_the_branches_an_image_has():
+    probs = {"image": np.array([[np.nan, np.nan], [0.2, 0.4]]), "caption": np.array([[0.9, 0.1], [0.5, 0.5]])}
+    np.testing.assert_allclose(weighted_average(probs, {"image": 1.0, "caption": 0.0}), [[0.9, 0.1], [0.2, 0.4]])
+    with pytest.raises(FusionError, match=r"1 image\(s\) have no input for any loaded branch"):
+        weighted_average({"image": probs["image"]}, {"image": 1.0})
+
+
+def test_an_unreadable_image_uses_the_caption_even_when_the_weights_ignore_it(trained, tmp_path):
+    data, weights = _copy(trained, tmp_path)
+    test = pd.read_csv(data / "test.csv")
+    (data / "data" / test["ImageID"][2]).unlink()
+    _infer(data, weights, tmp_path / "out", "--fusion-weights", "image=1,caption=0,decoder=0")
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str, keep_default_na=False)
+    assert submission["ImageID"].tolist() == test["ImageID"].tolist()
+    assert all(labels.split() for labels in submission["Labels"])
+
+
+def test_an_unreadable_image_with_no_caption_branch_is_an_error_listing_it(trained, tmp_path):
+    data, weights = _copy(trained, tmp_path)
+    test = pd.read_csv(data / "test.csv")
+    (data / "data" / test["ImageID"][2]).unlink()
+    with pytest.raises(FusionError, match=r"1 image\(s\) have no input .* load the caption branch"):
+        _infer(data, weights, tmp_path / "out", "--branches", "image,decoder")
+    assert (tmp_path / "out" / "unreadable_images.txt").read_text().split() == [test["ImageID"][2]]
+    assert not (tmp_path / "out" / "submission.csv").exists()
 
 
 # --- Checkpoints and caches -----------------------------------------------------------------------
