@@ -18,6 +18,8 @@ import torch
 
 FORMAT_VERSION = 1
 BRANCHES = ("image", "decoder", "caption")
+# What every branch's checkpoint holds (save_checkpoint writes them all); the rest is per branch.
+REQUIRED_KEYS = ("branch", "config", "label_ids", "state_dict")
 
 
 class CheckpointError(ValueError):
@@ -74,21 +76,41 @@ def save_checkpoint(path: str | Path, *, branch: str, state_dict: dict, config: 
     atomic_torch_save(checkpoint, Path(path))
 
 
+def _weights_only_reason(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only error that says what was refused, without its advice
+    (which suggests ``weights_only=False``, exactly what must not be done with such a file)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+    return specific[0] if specific else (lines[0] if lines else type(err).__name__)
+
+
+def safe_torch_load(path: str | Path) -> object:
+    """``torch.load(weights_only=True)`` of any file: plain data, or a ``CheckpointError`` naming the file.
+
+    weights_only refuses pickles that would build arbitrary objects or call functions, so a
+    file crafted to run code on load is refused before any of it runs.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Both a crafted file and plain garbage end here: either way it is not a plain-data
+        # file written by torch.save, and nothing in it has run.
+        raise CheckpointError(
+            f"{path}: refused to load: not a plain-data checkpoint written by torch.save "
+            f"({_weights_only_reason(err)})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse an arbitrary file means "not a checkpoint"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
 def load_checkpoint(path: str | Path, *, branch: str | None = None,
                     label_ids: Sequence[int] | None = None) -> dict:
     """Load a checkpoint safely and check it is the expected branch, label set and format."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train the branch first")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: not a plain-data checkpoint (weights_only load failed: "
-            f"{str(err).splitlines()[0]})"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - any failure to parse an arbitrary file means "not a checkpoint"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format_version)")
     if checkpoint["format_version"] != FORMAT_VERSION:
@@ -96,6 +118,9 @@ def load_checkpoint(path: str | Path, *, branch: str | None = None,
             f"{path}: format version {checkpoint['format_version']}, this code reads version "
             f"{FORMAT_VERSION}; retrain the branch"
         )
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, no {', '.join(missing)}; retrain the branch")
     if branch is not None and checkpoint.get("branch") != branch:
         raise CheckpointError(f"{path}: holds the {checkpoint.get('branch')!r} branch, expected {branch!r}")
     if label_ids is not None and list(checkpoint["label_ids"]) != [int(i) for i in label_ids]:

@@ -10,6 +10,8 @@ import csv
 import hashlib
 import io
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,20 +94,37 @@ def _parse_record(text: str, header: list[str]) -> list[str] | None:
 
 
 def _parse_labels(field: str, path: Path, line: int) -> list[int]:
-    try:
-        return [int(token) for token in field.split()]
-    except ValueError:
+    tokens = field.split()
+    if not tokens:
+        # Every image of this task has at least one label (a submission row needs one too),
+        # so an empty field is a mistake in the file, not "no labels".
+        raise DataFormatError(f"{path}:{line}: empty Labels field; every image needs at least one label id")
+    # isdigit() alone accepts non-ASCII digits such as '٣', which int() would quietly read.
+    bad = [token for token in tokens if not (token.isascii() and token.isdigit())]
+    if bad:
         raise DataFormatError(
-            f"{path}:{line}: Labels {field!r} must be label ids separated by spaces, e.g. '1 3 19'"
-        ) from None
+            f"{path}:{line}: Labels {field!r} must be non-negative integer label ids separated by "
+            f"spaces, e.g. '1 3 19' ({bad[0]!r} is not)"
+        )
+    return [int(token) for token in tokens]
 
 
-def read_csv(path: str | Path) -> pd.DataFrame:
+def is_plain_file_name(name: str) -> bool:
+    """True when ``name`` can only mean a file directly inside the image folder."""
+    return bool(name) and not ({"\x00", "/", "\\"} & set(name)) and name not in {".", ".."}
+
+
+def read_csv(path: str | Path, *, require: Sequence[str] = (),
+             allow_duplicate_ids: bool = False) -> pd.DataFrame:
     """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
 
     Reads the original competition files exactly (unescaped inner quotes, captions ending
-    in ``/``, captions spanning lines) as well as clean CSV written by pandas. No record is
-    ever dropped: one that cannot be read raises ``DataFormatError`` naming its line.
+    in ``/``, captions spanning lines) as well as clean CSV written by pandas, with the
+    columns in any order. No record is ever dropped: a record that cannot be read, a column
+    of ``require`` that is missing, an ImageID that is empty or a path, an empty or
+    non-integer Labels field, or an ImageID that repeats an earlier row raises
+    ``DataFormatError`` naming the file and line. ``allow_duplicate_ids`` accepts repeated
+    ImageIDs, for files with one row per caption of an image.
     """
     path = Path(path)
     if not path.is_file():
@@ -123,15 +142,47 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         raise DataFormatError(f"{path}:1: unknown column(s) {unknown}; expected {list(KNOWN_COLUMNS)}")
     if len(set(header)) != len(header):
         raise DataFormatError(f"{path}:1: repeated column name in header {header}")
+    missing = [name for name in require if name not in header]
+    if missing:
+        raise DataFormatError(
+            f"{path}:1: header {lines[0]!r} has no {' or '.join(missing)} column; this file needs "
+            f"{','.join(name for name in KNOWN_COLUMNS if name in header or name in missing)}"
+        )
+
+    records = _split_records(lines[1:])
+    if records:
+        start, text = records[-1]
+        body = text.rstrip("\n")
+        swallowed = body.count("\n")
+        if body.count('"') % 2 == 1 and swallowed:
+            # The record swallowed every line after it: reading it would silently lose rows.
+            raise DataFormatError(
+                f"{path}:{start}: the quote opened in this record is never closed, so it runs over "
+                f"the {swallowed} line(s) after it to the end of the file"
+            )
+        records[-1] = (start, body)
 
     rows: list[dict] = []
-    for line, text in _split_records(lines[1:]):
+    first_line: dict[str, int] = {}
+    for line, text in records:
         fields = _parse_record(text, header)
         if fields is None:
             raise DataFormatError(
                 f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}"
             )
         row = dict(zip(header, fields))
+        image_id = row[ID_COLUMN]
+        if not is_plain_file_name(image_id):
+            # Refused here, before any image is opened, so no file outside the image folder is read.
+            raise DataFormatError(
+                f"{path}:{line}: ImageID {image_id!r} is not a plain file name inside the image folder"
+            )
+        if image_id in first_line and not allow_duplicate_ids:
+            raise DataFormatError(
+                f"{path}:{line}: ImageID {image_id!r} repeats line {first_line[image_id]}; "
+                "each image needs exactly one row"
+            )
+        first_line.setdefault(image_id, line)
         if LABELS_COLUMN in row:
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line)
         row["_line"] = line
@@ -222,16 +273,9 @@ class DatasetPaths:
 
     def image_path(self, image_id: str) -> Path:
         """The file of an image; an ImageID that would leave the image folder is refused."""
-        name = str(image_id)
-        if (
-            not name
-            or "\x00" in name
-            or "/" in name
-            or "\\" in name
-            or name in {".", ".."}
-        ):
+        if not is_plain_file_name(str(image_id)):
             raise ValueError(f"ImageID {image_id!r} is not a plain file name inside {self.images}")
-        return self.images / name
+        return self.images / str(image_id)
 
 
 def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -> DatasetPaths:
@@ -245,11 +289,15 @@ def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -
     return DatasetPaths.resolve(data, images)
 
 
-def load_train_val(paths: DatasetPaths, val_fraction: float) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
-    """The label set and the shared (train, validation) split of ``train.csv``."""
-    frame = read_csv(paths.train_csv)
-    if LABELS_COLUMN not in frame.columns:
-        raise DataFormatError(f"{paths.train_csv}:1: a training file needs a {LABELS_COLUMN} column")
+def load_train_val(paths: DatasetPaths, val_fraction: float, *,
+                   allow_duplicate_ids: bool = False) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
+    """The label set and the shared (train, validation) split of ``train.csv``.
+
+    ``allow_duplicate_ids`` accepts an ImageID on several rows (one row per caption); the
+    split hashes the ImageID, so all rows of an image land on the same side.
+    """
+    frame = read_csv(paths.train_csv, require=(LABELS_COLUMN, CAPTION_COLUMN),
+                     allow_duplicate_ids=allow_duplicate_ids)
     if frame.empty:
         raise DataFormatError(f"{paths.train_csv}: no training rows")
     train, val = split_train_val(frame, val_fraction)
@@ -258,12 +306,71 @@ def load_train_val(paths: DatasetPaths, val_fraction: float) -> tuple[LabelSet, 
     return LabelSet.from_frame(frame), train, val
 
 
+def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None) -> pd.DataFrame:
+    """A CSV of images to predict: ``test.csv``, or a labelled evaluation CSV when ``labels`` is given.
+
+    Beyond ``read_csv``'s checks: at least one row (an empty submission is of no use), one row
+    per ImageID (a submission has one row per image), a Caption column when the caption
+    branch is used, and with ``labels`` a Labels column whose every id is one the model was
+    trained on (another id is an error naming it, the file and the line).
+    """
+    path = Path(path)
+    require = ((CAPTION_COLUMN,) if captions else ()) + ((LABELS_COLUMN,) if labels is not None else ())
+    frame = read_csv(path, require=require)
+    if frame.empty:
+        raise DataFormatError(f"{path}: no rows after the header; nothing to predict")
+    if labels is not None:
+        known = set(labels.ids)
+        for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN]):
+            unknown = [label for label in row_labels if label not in known]
+            if unknown:
+                raise DataFormatError(
+                    f"{path}:{line}: label id {unknown[0]} is not one of the labels the model was "
+                    f"trained on {list(labels.ids)}"
+                )
+    return frame
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of an image in any mode Pillow reads.
+
+    ``convert("RGB")`` alone clips 16- and 32-bit greyscale at 255 (a white image) and drops
+    transparency, leaving whatever colour hides under it; both are handled here.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # Integer greyscale is taken as 16-bit (0..65535, as PNG stores it): 65535 / 257 = 255.
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        # Float images have no fixed range: stretch their own minimum..maximum to 0..255.
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(np.rint(scaled).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Composite over neutral grey: transparent areas become featureless instead of
+        # showing the arbitrary colour stored under alpha 0.
+        background = Image.new("RGBA", image.size, (128, 128, 128, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def shrink(image: Image.Image, size: int) -> Image.Image:
+    """Reduce an image much larger than ``size`` by an integer box filter, so that its short side
+    stays at least ``2 * size``: the resize that follows then works on a bounded tensor."""
+    factor = min(image.size) // (2 * size)
+    return image.reduce(factor) if min(image.size) > 4 * size and factor >= 2 else image
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i, readable)``.
 
     A missing or undecodable file yields a blank tensor with ``readable`` False instead of
     stopping the loader, so the caller decides: training lists the bad files and stops,
-    inference falls back to the branches that need no image.
+    inference falls back to the branches that need no image. So does an image over Pillow's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels): decoding it
+    could take gigabytes in every loader worker. Any mode becomes 8-bit RGB (``to_rgb``), and
+    a large image is reduced before the transform (``shrink``), so memory stays bounded.
     """
 
     def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int) -> None:
@@ -277,13 +384,16 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                # draft() lets libjpeg decode at a reduced scale when the image is much larger
-                # than needed: memory stays bounded and decoding is faster.
-                if min(image.size) > 4 * self.size:
-                    image.draft("RGB", (image.width // 4, image.height // 4))
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
+            with warnings.catch_warnings():
+                # Pillow only warns between 1x and 2x its limit; refuse those too.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    # draft() lets libjpeg decode at a reduced scale when the image is much larger
+                    # than needed: memory stays bounded and decoding is faster.
+                    if min(image.size) > 4 * self.size:
+                        image.draft("RGB", (image.width // 4, image.height // 4))
+                    rgb = shrink(to_rgb(image), self.size)
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             return torch.zeros(3, self.size, self.size), index, False
         return self.transform(rgb), index, True
 

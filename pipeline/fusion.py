@@ -73,19 +73,27 @@ def weighted_average(probs_by_branch: dict[str, np.ndarray], weights: dict[str, 
     """Weighted average of probabilities, renormalised per image over the branches it has.
 
     A branch without input for an image (an unreadable image) has NaN rows; that image is
-    fused from the other branches alone.
+    fused from the other branches alone. When every branch with a weight lacks input for an
+    image (an unreadable image, and tuned weights that give the caption nothing), the image
+    gets the plain average of the branches that have input, so it still gets a prediction.
     """
     if sum(weights.get(b, 0.0) for b in probs_by_branch) <= 0:
         raise FusionError(f"fusion weights {weights} give no weight to the branches {list(probs_by_branch)}")
-    total = weight_sum = 0.0
+    total = weight_sum = plain_total = plain_count = 0.0
     for branch, probs in probs_by_branch.items():
         available = ~np.isnan(probs).any(axis=1, keepdims=True)  # (N, 1)
         weight = weights.get(branch, 0.0) * available
         total = total + weight * np.nan_to_num(probs)
         weight_sum = weight_sum + weight
-    if np.any(weight_sum == 0):
-        raise FusionError("some images have no input for any weighted branch (no caption and no readable image)")
-    return total / weight_sum
+        plain_total = plain_total + available * np.nan_to_num(probs)
+        plain_count = plain_count + available
+    if np.any(plain_count == 0):
+        raise FusionError(
+            f"{int(np.sum(plain_count == 0))} image(s) have no input for any loaded branch (an unreadable image "
+            "and no caption branch); load the caption branch too, or fix the images"
+        )
+    unweighted = weight_sum == 0  # (N, 1)
+    return np.where(unweighted, plain_total / np.maximum(plain_count, 1), total / np.where(unweighted, 1, weight_sum))
 
 
 def simplex_grid(branches: list[str], step: float = 0.05) -> list[dict[str, float]]:

@@ -30,7 +30,7 @@ from pipeline.data import (
     DatasetPaths,
     LabelSet,
     load_train_val,
-    read_csv,
+    read_prediction_csv,
     resolve_dataset,
 )
 from pipeline.features import cached_features
@@ -267,6 +267,9 @@ def run_inference(config: InferenceConfig) -> dict:
     checkpoints = load_branch_checkpoints(weights_dir, parse_branch_list(config.branches))
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
+    # Read before any slow step, so a broken test.csv fails at once.
+    test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
+    test = read_prediction_csv(test_csv, captions="caption" in branches)
     predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers)
 
     _, train, val = load_train_val(paths, config.val_fraction)
@@ -275,29 +278,26 @@ def run_inference(config: InferenceConfig) -> dict:
         if not val.empty else None
     settings = resolve_fusion(config, branches, labels, y_val, val_probs, weights_dir)
 
-    test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
-    test = read_csv(test_csv)
     test_probs = predictor.probabilities(test, description=f"{test_csv.name} features")
+    if predictor.unreadable:
+        # Listed before fusion, so the list is there even when fusion cannot predict those rows.
+        listing = output_dir / "unreadable_images.txt"
+        atomic_write_text(listing, "\n".join(predictor.unreadable) + "\n")
+        log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
+                    len(predictor.unreadable), listing)
     predictions = settings.predict(test_probs)
     submission = output_dir / "submission.csv"
     write_submission(submission, test[ID_COLUMN].tolist(), predictions, labels)
     summary = {"branches": branches, "fusion_method": settings.method, "submission": str(submission),
                "rows": len(test), "fusion_val_samples_f1": settings.val_samples_f1,
                "unreadable_images": len(predictor.unreadable)}
-    if predictor.unreadable:
-        listing = output_dir / "unreadable_images.txt"
-        atomic_write_text(listing, "\n".join(predictor.unreadable) + "\n")
-        log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
-                    len(predictor.unreadable), listing)
     log.info("wrote %s: %d rows for the %d rows of %s", submission, len(test), len(test), test_csv)
 
     if config.evaluate:
         from pipeline.report import evaluation_report
 
         if config.eval_csv:
-            frame = read_csv(config.eval_csv)
-            if LABELS_COLUMN not in frame:
-                raise ValueError(f"--eval-csv {config.eval_csv}: needs a Labels column")
+            frame = read_prediction_csv(config.eval_csv, captions="caption" in branches, labels=labels)
             y_true = labels.encode(frame[LABELS_COLUMN])
             probs = predictor.probabilities(frame, description="evaluation features")
             source = str(config.eval_csv)

@@ -28,6 +28,30 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+# torch >= 2.5 has torch.OutOfMemoryError, of which torch.cuda.OutOfMemoryError is an alias.
+_OUT_OF_MEMORY: tuple[type[BaseException], ...] = tuple(
+    {torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)}
+)
+
+
+@contextlib.contextmanager
+def oom_hint(batch_size: int) -> Iterator[None]:
+    """Re-raise a GPU out-of-memory error inside the block with the option that fixes it.
+
+    The error keeps its type (callers catching out-of-memory still do); its message suggests
+    half the ``--batch-size``, or other options when the batch is already a single image.
+    """
+    try:
+        yield
+    except _OUT_OF_MEMORY as err:
+        if batch_size > 1:
+            hint = f"try --batch-size {batch_size // 2}"
+        else:
+            hint = "--batch-size is already 1: try a smaller --resolution, or --device cpu"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise type(err)(f"out of GPU memory at --batch-size {batch_size}; {hint} ({detail})") from err
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so the same command gives the same result."""
     random.seed(seed)

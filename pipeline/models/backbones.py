@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.checkpoint import CheckpointError, safe_torch_load
 from pipeline.transforms import make_preprocessing
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -143,7 +144,10 @@ def _file_digest(path: Path) -> str:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"--backbone-weights {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = safe_torch_load(path)
+    except CheckpointError as err:
+        raise BackboneWeightsError(f"--backbone-weights {err}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
