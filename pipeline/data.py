@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ ID_COLUMN = "ImageID"
 LABELS_COLUMN = "Labels"
 CAPTION_COLUMN = "Caption"
 KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
+# What pipeline.convert records about the CSV files it writes, keyed by file name.
+DATASET_INFO = "dataset.json"
 
 # A line that opens a record even when the previous record left a quote open: an image
 # file name followed by a comma (the issue's rule is `^<digits>.jpg,`; any image name works).
@@ -100,12 +103,14 @@ def _parse_labels(field: str, path: Path, line: int) -> list[int]:
         ) from None
 
 
-def read_csv(path: str | Path) -> pd.DataFrame:
+def read_csv(path: str | Path, repeated_ids: bool = False) -> pd.DataFrame:
     """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
 
     Reads the original competition files exactly (unescaped inner quotes, captions ending
     in ``/``, captions spanning lines) as well as clean CSV written by pandas. No record is
     ever dropped: one that cannot be read raises ``DataFormatError`` naming its line.
+    An ImageID on several rows is an error unless ``repeated_ids`` (one row per caption,
+    see ``repeated_ids_declared`` and ``group_by_image``).
     """
     path = Path(path)
     if not path.is_file():
@@ -141,7 +146,80 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=columns + ["_line"])
     frame.attrs["source"] = str(path)
     frame.attrs["lines"] = frame.pop("_line").tolist()
+    if not repeated_ids:
+        _refuse_repeated_ids(frame, path)
     return frame.reset_index(drop=True)
+
+
+def _refuse_repeated_ids(frame: pd.DataFrame, path: Path) -> None:
+    """An ImageID on two rows of a file that declares one row per image is an error naming both lines."""
+    repeated = frame[ID_COLUMN].duplicated()
+    if not repeated.any():
+        return
+    row = int(np.flatnonzero(repeated.to_numpy())[0])
+    first = int(np.flatnonzero((frame[ID_COLUMN] == frame[ID_COLUMN].iloc[row]).to_numpy())[0])
+    lines = frame.attrs["lines"]
+    raise DataFormatError(
+        f"{path}:{lines[row]}: ImageID {frame[ID_COLUMN].iloc[row]!r} already has a row (line {lines[first]}); "
+        f"a file with one row per caption must say so in {DATASET_INFO} beside it "
+        f"(python -m pipeline.convert coco --caption all writes it)"
+    )
+
+
+def dataset_info(csv_path: str | Path) -> dict:
+    """What ``pipeline.convert`` recorded about a CSV file in the ``dataset.json`` beside it ({} if none)."""
+    csv_path = Path(csv_path)
+    info_path = csv_path.parent / DATASET_INFO
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{info_path}: not valid JSON ({err})") from None
+    entry = info.get(csv_path.name, {}) if isinstance(info, dict) else None
+    if not isinstance(entry, dict):
+        raise DataFormatError(f"{info_path}: the entry of {csv_path.name!r} must be a JSON object")
+    return entry
+
+
+def repeated_ids_declared(csv_path: str | Path) -> bool:
+    """True when ``dataset.json`` says the file has one row per caption (an ImageID on several rows)."""
+    return bool(dataset_info(csv_path).get("repeated_ids", False))
+
+
+@dataclass(frozen=True)
+class ImageGroups:
+    """The rows of a frame grouped by image; several rows of one ImageID are its captions.
+
+    Image models and every per-image output (validation probabilities, the submission) use
+    ``images``; the caption branch reads every row and averages its rows with ``mean``.
+    """
+
+    images: pd.DataFrame  # one row per image, in order of first appearance (that row's fields)
+    row_image: np.ndarray  # (N_rows,) the row of ``images`` each row of the frame belongs to
+
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        """Per-image means (N_images, L) of per-row values (N_rows, L)."""
+        sums = np.zeros((len(self.images), values.shape[1]), dtype=np.float64)
+        np.add.at(sums, self.row_image, values)
+        counts = np.bincount(self.row_image, minlength=len(self.images))
+        return (sums / np.maximum(counts, 1)[:, None]).astype(values.dtype)
+
+
+def group_by_image(frame: pd.DataFrame) -> ImageGroups:
+    """Group the rows of a frame by ImageID; the rows of one image must agree on their Labels."""
+    codes, _ = pd.factorize(frame[ID_COLUMN])  # codes number the images in order of first appearance
+    _, first = np.unique(codes, return_index=True)
+    images = frame.iloc[first].reset_index(drop=True)
+    if LABELS_COLUMN in frame and len(images) < len(frame):
+        first_labels = images[LABELS_COLUMN].tolist()
+        for image, labels, image_id in zip(codes, frame[LABELS_COLUMN], frame[ID_COLUMN]):
+            if sorted(labels) != sorted(first_labels[image]):
+                raise DataFormatError(
+                    f"{frame.attrs.get('source', 'dataset')}: the rows of ImageID {image_id!r} disagree on "
+                    f"Labels ({first_labels[image]} and {labels}); every caption row of an image has its labels"
+                )
+    return ImageGroups(images=images, row_image=codes.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -246,8 +324,12 @@ def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -
 
 
 def load_train_val(paths: DatasetPaths, val_fraction: float) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
-    """The label set and the shared (train, validation) split of ``train.csv``."""
-    frame = read_csv(paths.train_csv)
+    """The label set and the shared (train, validation) split of ``train.csv``.
+
+    The frames hold every row: several rows of one image (one per caption) when
+    ``dataset.json`` declares them; ``group_by_image`` gives one row per image.
+    """
+    frame = read_csv(paths.train_csv, repeated_ids=repeated_ids_declared(paths.train_csv))
     if LABELS_COLUMN not in frame.columns:
         raise DataFormatError(f"{paths.train_csv}:1: a training file needs a {LABELS_COLUMN} column")
     if frame.empty:
