@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import CommonConfig, option, save_config
-from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, load_train_val, resolve_dataset
+from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, group_by_image, load_train_val, resolve_dataset
 from pipeline.engine import predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
 from pipeline.metrics import samples_f1, tune_global_threshold
@@ -156,6 +156,8 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
 
     paths = resolve_dataset(config.data, config.images)
     labels, train, val = load_train_val(paths, config.val_fraction)
+    # One row per image: rows that differ only by caption would repeat an image's features.
+    train, val = group_by_image(train).images, group_by_image(val).images
     if val.empty:
         raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
     weights_dir = Path(config.weights)

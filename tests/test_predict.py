@@ -7,6 +7,7 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 import inference
 import train_caption_rnn
@@ -119,3 +120,32 @@ def test_evaluation_csv_with_an_unknown_label_names_it(trained, tmp_path):
     frame.to_csv(tmp_path / "eval.csv", index=False)
     with pytest.raises(ValueError, match="label id 7"):
         run(data, weights, tmp_path / "out", "--evaluate", "--eval-csv", str(tmp_path / "eval.csv"))
+
+
+def test_caption_rows_train_on_every_caption_and_predict_one_row_per_image(tmp_path):
+    """A dataset with two caption rows per image, declared in dataset.json."""
+    from tests.conftest import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "rows")
+    for name in ("train.csv", "test.csv"):
+        frame = pd.read_csv(data / name, dtype=str, keep_default_na=False)
+        second = frame.assign(Caption="Here is " + frame["Caption"].str.lower())
+        # Interleaved, so an image's rows are not neighbours.
+        pd.concat([frame, second.iloc[::-1]]).to_csv(data / name, index=False)
+    (data / "dataset.json").write_text(json.dumps({n: {"repeated_ids": True} for n in ("train.csv", "test.csv")}))
+    weights = tmp_path / "weights"
+    train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
+    train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--output", str(tmp_path / "o"),
+                            "--ensemble", "1", *TINY_CAPTION_ARGS])
+    caption_ids = pd.read_csv(weights / "val_probs_caption.csv", dtype=str)["ImageID"].tolist()
+    image_ids = pd.read_csv(weights / "val_probs_image.csv", dtype=str)["ImageID"].tolist()
+    assert caption_ids == image_ids and len(set(caption_ids)) == len(caption_ids) > 0
+    # "here" is only in the second rows: the caption branch learnt from every row.
+    assert "here" in torch.load(weights / "caption.pt", weights_only=True)["vocab"]
+
+    summary = run(data, weights, tmp_path / "out", "--evaluate")
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
+    test_ids = pd.read_csv(data / "test.csv", dtype=str)["ImageID"]
+    assert submission["ImageID"].tolist() == test_ids.drop_duplicates().tolist()
+    assert summary["rows"] == len(submission) == len(test_ids) // 2
+    assert set(summary["metrics"]) == {"image", "decoder", "caption", "fused"}
