@@ -91,6 +91,37 @@ def parse_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def missing_inputs(paths: DatasetPaths, frames: dict[Path, pd.DataFrame]) -> dict[str, str]:
+    """Why a branch cannot run on this dataset, by branch: a CSV without captions, no image folder."""
+    reasons = {}
+    without_captions = [str(path) for path, frame in frames.items() if CAPTION_COLUMN not in frame]
+    if without_captions:
+        reasons["caption"] = f"no {CAPTION_COLUMN} column in {', '.join(without_captions)}"
+    if not paths.images.is_dir():
+        for branch in IMAGE_BRANCHES:
+            reasons[branch] = f"the image folder {paths.images} does not exist"
+    return reasons
+
+
+def choose_branches(weights_dir: Path, requested: list[str] | None, missing: dict[str, str]) -> list[str] | None:
+    """The branches of a run: the requested ones, which must have their input, or else every
+    branch with a checkpoint whose input this dataset has (None when no checkpoint exists)."""
+    if requested is not None:
+        for branch in requested:
+            if branch in missing:
+                raise ValueError(f"--branches {','.join(requested)}: the {branch} branch cannot run: {missing[branch]}")
+        return requested
+    present = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
+    for branch in present:
+        if branch in missing:
+            log.warning("not using the %s branch: %s", branch, missing[branch])
+    usable = [b for b in present if b not in missing]
+    if present and not usable:
+        raise ValueError(f"{weights_dir}: none of the trained branches {present} can run on this dataset: "
+                         + "; ".join(sorted(set(missing.values()))))
+    return usable or None
+
+
 def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> dict[str, dict]:
     """The checkpoints of the requested branches (or all present), checked against each other."""
     wanted = branches or [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
@@ -272,10 +303,13 @@ def run_inference(config: InferenceConfig) -> dict:
     _, train, val = load_train_val(paths, config.val_fraction)
     test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
     test = read_csv(test_csv, repeated_ids=repeated_ids_declared(test_csv))
+    frames = {paths.train_csv: train, test_csv: test}
     eval_frame = None
     if config.evaluate and config.eval_csv:
         eval_frame = read_csv(config.eval_csv, repeated_ids=repeated_ids_declared(config.eval_csv))
-    checkpoints = load_branch_checkpoints(weights_dir, parse_branch_list(config.branches))
+        frames[Path(config.eval_csv)] = eval_frame
+    branches = choose_branches(weights_dir, parse_branch_list(config.branches), missing_inputs(paths, frames))
+    checkpoints = load_branch_checkpoints(weights_dir, branches)
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
     predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers)

@@ -29,6 +29,7 @@ from pipeline.data import (
     CAPTION_COLUMN,
     ID_COLUMN,
     LABELS_COLUMN,
+    DataFormatError,
     ImageGroups,
     LabelSet,
     group_by_image,
@@ -325,6 +326,10 @@ def _train(config: CaptionTrainConfig) -> dict:
     device = resolve_device(config.device)
     paths = resolve_dataset(config.data, config.images)
     label_set, train_df, val_df = load_train_val(paths, config.val_fraction)
+    if CAPTION_COLUMN not in train_df:
+        raise DataFormatError(
+            f"{paths.train_csv}:1: no {CAPTION_COLUMN} column, so there is nothing for the caption branch to "
+            "learn from; train the image branches alone with train_efficientnet.py")
     vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
     train = _encode(vocab, train_df, label_set, config.max_len)
     val = _encode(vocab, val_df, label_set, config.max_len)

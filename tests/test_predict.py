@@ -13,6 +13,7 @@ import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.checkpoint import CheckpointError
+from pipeline.data import DataFormatError
 from pipeline.fusion import load_fusion
 from tests.conftest import TINY_IMAGE_ARGS
 
@@ -149,3 +150,37 @@ def test_caption_rows_train_on_every_caption_and_predict_one_row_per_image(tmp_p
     assert submission["ImageID"].tolist() == test_ids.drop_duplicates().tolist()
     assert summary["rows"] == len(submission) == len(test_ids) // 2
     assert set(summary["metrics"]) == {"image", "decoder", "caption", "fused"}
+
+
+def test_a_dataset_without_captions_uses_the_image_branches_alone(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    images_only = tmp_path / "images_only"
+    shutil.copytree(data, images_only)
+    for name in ("train.csv", "test.csv"):
+        pd.read_csv(data / name).drop(columns="Caption").to_csv(images_only / name, index=False)
+    # caption.pt is in --weights, but there are no captions to give it.
+    summary = run(images_only, weights, tmp_path / "out", "--evaluate")
+    assert summary["branches"] == ["image", "decoder"]
+    assert set(summary["metrics"]) == {"image", "decoder", "fused"}
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
+    assert len(submission) == 10 and submission["Labels"].notna().all()
+    with pytest.raises(ValueError, match=r"caption branch cannot run: no Caption column in .*train\.csv, .*test\.csv"):
+        run(images_only, weights, tmp_path / "out", "--branches", "image,caption")
+    with pytest.raises(DataFormatError, match=r"train\.csv:1: no Caption column.*train_efficientnet\.py"):
+        train_caption_rnn.main(["--data", str(images_only), "--weights", str(tmp_path / "w2"), *TINY_CAPTION_ARGS])
+
+
+def test_a_dataset_without_images_uses_the_caption_branch_alone(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    captions_only = tmp_path / "captions_only"
+    captions_only.mkdir()
+    for name in ("train.csv", "test.csv"):
+        shutil.copy(data / name, captions_only / name)
+    summary = run(captions_only, weights, tmp_path / "out", "--branches", "caption", "--evaluate")
+    assert summary["branches"] == ["caption"] and summary["unreadable_images"] == 0
+    assert len(pd.read_csv(tmp_path / "out" / "submission.csv")) == 10
+    assert run(captions_only, weights, tmp_path / "auto")["branches"] == ["caption"]
+    with pytest.raises(ValueError, match=r"image branch cannot run: the image folder .*captions_only/data does not exist"):
+        run(captions_only, weights, tmp_path / "out", "--branches", "image")
