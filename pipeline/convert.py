@@ -220,11 +220,11 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
     label_sets: dict[int, set[int]] | None = None
     categories: dict[int, str] = {}
     chosen: list[int] = []
-    if inst_data is not None:
+    # The COCO test files (image_info_test*.json) list images and categories but no annotations.
+    if inst_data is not None and ("annotations" in inst_data or "categories" in inst_data):
         for entry in _entries(inst_data, instances, "categories", {"id": int, "name": str}):
             categories[entry["id"]] = entry["name"]
         chosen = parse_label_selection(labels, categories, instances)
-        # The COCO test files (image_info_test*.json) list images and categories but no annotations.
         if "annotations" in inst_data:
             label_sets = {image_id: set() for image_id in file_names}
             for index, ann in enumerate(_entries(inst_data, instances, "annotations",
@@ -236,7 +236,8 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
                                        "is not in its categories")
                 label_sets[ann["image_id"]].add(ann["category_id"])
     elif labels.strip() != "all":
-        raise ConvertError("--labels chooses among the categories of --instances; give --instances")
+        raise ConvertError("--labels chooses among the categories of --instances: "
+                           + (f"{instances} has no 'categories'" if instances else "give --instances"))
     if split == "train" and label_sets is None:
         raise ConvertError("--split train needs labels: " + (f"{instances} has no 'annotations'" if instances
                                                               else "give --instances"))

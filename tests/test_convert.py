@@ -169,8 +169,14 @@ def test_coco_without_instances_annotations_keeps_every_image(tmp_path):
           "--out", str(tmp_path / "out"), "--split", "test"])
     assert (tmp_path / "out" / "test.csv").read_text().splitlines() == [
         "ImageID", "000000000007.jpg", "000000000003.jpg", "000000000012.jpg", "000000000005.jpg", "000000000009.jpg"]
-    with pytest.raises(ConvertError, match="--split train needs labels"):
+    with pytest.raises(ConvertError, match="--split train needs labels: .*instances_train2017.json has no 'annotations'"):
         convert_coco(tmp_path / "o2", instances=files["instances"])
+    # A file of images alone converts too; --labels then has nothing to choose from.
+    del data["categories"]
+    files["instances"].write_text(json.dumps(data))
+    assert convert_coco(tmp_path / "o3", instances=files["instances"], split="test").rows == 5
+    with pytest.raises(ConvertError, match="--labels chooses among the categories of --instances: .* has no 'categories'"):
+        convert_coco(tmp_path / "o3", instances=files["instances"], split="test", labels="1")
 
 
 def test_coco_input_errors_name_the_file_and_key(tmp_path, capsys):
