@@ -13,6 +13,7 @@ labels are known also gets OUT/test_labels.csv, for inference.py --evaluate --ev
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import random
@@ -77,20 +78,24 @@ class ConvertReport:
 
     def lines(self) -> list[str]:
         """The human-readable report."""
-        images = (f"{self.images} images {self.image_mode} in {self.image_folder}" if self.image_folder
-                  else f"{self.images} images, no image folder (captions only)")
+        images = (f"{_images(self.images)} {self.image_mode} in {self.image_folder}" if self.image_folder
+                  else f"{_images(self.images)}, no image folder (captions only)")
         lines = [f"{self.dataset}: wrote {self.csv_path}: {self.rows} rows, {images}"]
         if self.dropped_empty:
-            lines.append(f"  {self.dropped_empty} images without a chosen label dropped (--keep-empty keeps them)")
+            lines.append(f"  {_images(self.dropped_empty)} without a chosen label dropped (--keep-empty keeps them)")
         if self.kept_empty:
-            lines.append(f"  {self.kept_empty} images without a chosen label kept with no labels (--keep-empty)")
+            lines.append(f"  {_images(self.kept_empty)} without a chosen label kept with no labels (--keep-empty)")
         if self.without_caption:
-            lines.append(f"  {self.without_caption} images without a caption (empty Caption)")
+            lines.append(f"  {_images(self.without_caption)} without a caption (empty Caption)")
         if self.label_counts:
             counts = ", ".join(f"{i} {self.label_names.get(i, '?')}: {n}" for i, n in sorted(self.label_counts.items()))
             lines.append(f"  images per label: {counts}")
         lines.extend(f"  wrote {path}" for path in self.extra_files)
         return lines
+
+
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
 
 
 def parse_label_selection(text: str, categories: dict[int, str], source: Path | str) -> list[int]:
@@ -337,11 +342,21 @@ def convert_voc(root: str | Path, out: str | Path, split: str = "trainval", diff
 
 
 def _place_image(source: Path, target: Path, copy: bool) -> None:
-    """Link (or copy) one image, replacing what a previous conversion left there."""
+    """Link (or copy) one image; the same image left there by a previous conversion is kept.
+
+    A different image under the same name (another split or folder with the same file
+    names) is an error rather than silently replacing the image another CSV file uses.
+    """
     if target.is_symlink() or target.exists():
-        # Unlink first: copying onto a link to the source would write through it.
         if not copy and target.is_symlink() and Path(os.readlink(target)) == source:
             return
+        if target.exists() and not filecmp.cmp(source, target, shallow=False):
+            raise ConvertError(f"{target} already exists and is a different image than {source}: another "
+                               "conversion wrote an image of the same name here; use another --out")
+        if target.is_file() and not target.is_symlink():
+            return  # an identical copy
+        # A dangling link or a link to an identical file; unlinking first also keeps a copy
+        # from writing through the link.
         target.unlink()
     if copy:
         shutil.copy2(source, target)
@@ -349,20 +364,18 @@ def _place_image(source: Path, target: Path, copy: bool) -> None:
         target.symlink_to(source)
 
 
-def _update_info(out: Path, entries: dict[str, dict]) -> Path:
-    """Merge this conversion's entries into OUT/dataset.json (train and test are converted separately)."""
+def _read_info(out: Path) -> dict:
+    """OUT/dataset.json as left by earlier conversions (train and test are converted separately)."""
     path = out / DATASET_INFO
-    info: dict = {}
-    if path.is_file():
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConvertError(f"{path}: not valid JSON ({err}); remove it or fix it") from None
-        if not isinstance(info, dict):
-            raise ConvertError(f"{path}: expected a JSON object keyed by CSV file name")
-    info.update(entries)
-    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return path
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConvertError(f"{path}: not valid JSON ({err}); remove it or fix it") from None
+    if not isinstance(info, dict):
+        raise ConvertError(f"{path}: expected a JSON object keyed by CSV file name")
+    return info
 
 
 def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_names: dict[int, str], info: dict,
@@ -390,13 +403,10 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
             rows.append({ID_COLUMN: record.image_id, LABELS_COLUMN: labels, CAPTION_COLUMN: text})
     columns = [ID_COLUMN] + ([LABELS_COLUMN] if csv_name == "train.csv" else []) + ([CAPTION_COLUMN] if has_captions else [])
     frame = pd.DataFrame(rows, columns=[ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN])
+    # Read before writing anything: the CSV files are only usable with their dataset.json entries.
+    info_path, info_file = out / DATASET_INFO, _read_info(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {csv_name: columns}
-    if csv_name == "test.csv" and labelled:
-        files["test_labels.csv"] = [ID_COLUMN, LABELS_COLUMN] + ([CAPTION_COLUMN] if has_captions else [])
-    for name, file_columns in files.items():
-        atomic_write_text(out / name, frame[file_columns].to_csv(index=False))
-
+    # Images first: a name clash stops the run before any CSV file points at the wrong image.
     image_folder = None
     if with_images:
         image_folder = out / "data"
@@ -404,11 +414,18 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
         for record in with_images:
             _place_image(record.source.resolve(), image_folder / record.image_id, copy)
 
+    files = {csv_name: columns}
+    if csv_name == "test.csv" and labelled:
+        files["test_labels.csv"] = [ID_COLUMN, LABELS_COLUMN] + ([CAPTION_COLUMN] if has_captions else [])
+    for name, file_columns in files.items():
+        atomic_write_text(out / name, frame[file_columns].to_csv(index=False))
+
     repeated = len(rows) > len(kept)
     entry = {**info, "labels": {str(i): name for i, name in sorted(label_names.items())},
              "empty_images": "kept" if keep_empty else "dropped", "repeated_ids": repeated,
              "rows": len(rows), "image_count": len(kept)}
-    info_path = _update_info(out, {name: entry for name in files})
+    info_file.update({name: entry for name in files})
+    atomic_write_text(info_path, json.dumps(info_file, indent=2, sort_keys=True) + "\n")
     counts = Counter(label for r in kept if r.labels for label in r.labels)
     # Zero counts stay in the report: a chosen label without images is worth noticing.
     counts = {label: counts.get(label, 0) for label in sorted(set(label_names) | set(counts))}

@@ -107,7 +107,7 @@ def test_coco_keep_empty_all_labels_and_copies(tmp_path):
         ["000000000007.jpg", "1 3"], ["000000000003.jpg", "1 18"], ["000000000012.jpg", "44"],
         ["000000000005.jpg", ""], ["000000000009.jpg", "2 3"]]
     assert report.kept_empty == 1 and report.dropped_empty == 0
-    assert "  1 images without a chosen label kept with no labels (--keep-empty)" in report.lines()
+    assert "  1 image without a chosen label kept with no labels (--keep-empty)" in report.lines()
     copied = tmp_path / "out" / "data" / "000000000005.jpg"
     assert copied.is_file() and not copied.is_symlink()
     # The project's reader gives the empty label set as [].
@@ -157,6 +157,35 @@ def test_coco_test_split_writes_captions_and_the_labels_aside(tmp_path):
     assert pd.read_csv(tmp_path / "out" / "test_labels.csv").columns.tolist() == ["ImageID", "Labels", "Caption"]
     assert tmp_path / "out" / "test_labels.csv" in report.extra_files
     assert not (tmp_path / "out" / "train.csv").exists()
+
+
+def test_converting_again_keeps_the_images_and_never_replaces_another_image(tmp_path):
+    files = write_coco(tmp_path, SMALL_COCO)
+    main(coco_args(files, tmp_path / "out"))
+    link = tmp_path / "out" / "data" / "000000000007.jpg"
+    main(coco_args(files, tmp_path / "out", "--labels", "1-19"))
+    assert link.resolve() == (files["images"] / "000000000007.jpg").resolve()
+    # val2017 images with the same file names must not replace the ones train.csv uses.
+    other = write_coco(tmp_path, SMALL_COCO, name="val2017")
+    for name in ("000000000007.jpg", "000000000012.jpg"):
+        draw(other["images"] / name, [19])
+    with pytest.raises(ConvertError, match=r"out/data/000000000007\.jpg already exists and is a different image "
+                                           r"than .*val2017"):
+        main(coco_args(other, tmp_path / "out", "--split", "test"))
+    assert not (tmp_path / "out" / "test.csv").exists()
+    assert link.resolve() == (files["images"] / "000000000007.jpg").resolve()
+    main(coco_args(files, tmp_path / "copies", "--copy"))
+    main(coco_args(files, tmp_path / "copies", "--copy"))
+    assert (tmp_path / "copies" / "data" / "000000000007.jpg").is_file()
+    assert not (tmp_path / "copies" / "data" / "000000000007.jpg").is_symlink()
+    with pytest.raises(ConvertError, match="already exists and is a different image"):
+        main(coco_args(other, tmp_path / "copies", "--copy", "--labels", "44"))
+    # A link whose image is gone is replaced.
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "out" / "data" / "000000000009.jpg").unlink()
+    (tmp_path / "out" / "data" / "000000000009.jpg").symlink_to(tmp_path / "gone" / "000000000009.jpg")
+    main(coco_args(files, tmp_path / "out"))
+    assert (tmp_path / "out" / "data" / "000000000009.jpg").resolve() == (files["images"] / "000000000009.jpg").resolve()
 
 
 def test_coco_without_instances_annotations_keeps_every_image(tmp_path):
@@ -269,7 +298,7 @@ def test_voc_labels_by_class_order_with_difficult_objects_ignored(tmp_path, caps
     )
     assert capsys.readouterr().out.splitlines()[:2] == [
         f"voc: wrote {tmp_path / 'out' / 'train.csv'}: 3 rows, 3 images linked in {tmp_path / 'out' / 'data'}",
-        "  1 images without a chosen label dropped (--keep-empty keeps them)",
+        "  1 image without a chosen label dropped (--keep-empty keeps them)",
     ]
     counts = {i: n for i, n in report.label_counts.items() if n}
     assert counts == {7: 1, 9: 1, 13: 1, 15: 1} and len(report.label_counts) == 20
@@ -288,6 +317,10 @@ def test_voc_test_split_and_errors(tmp_path):
     assert (tmp_path / "out" / "test.csv").read_text() == "ImageID\n000001.jpg\n000002.jpg\n"
     assert (tmp_path / "out" / "test_labels.csv").read_text() == "ImageID,Labels\n000001.jpg,12\n000002.jpg,7\n"
 
+    (tmp_path / "out" / "dataset.json").write_text('{"test.csv": ')
+    with pytest.raises(ConvertError, match=r"out/dataset\.json: not valid JSON"):
+        convert_voc(year, tmp_path / "out", split="trainval")
+    assert not (tmp_path / "out" / "train.csv").exists()
     with pytest.raises(ConvertError, match=r"ImageSets/Main/val\.txt: no such file"):
         convert_voc(year, tmp_path / "out", split="val")
     xml = year / "Annotations" / "000007.xml"
