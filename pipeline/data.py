@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ ID_COLUMN = "ImageID"
 LABELS_COLUMN = "Labels"
 CAPTION_COLUMN = "Caption"
 KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
+# What pipeline.convert records about the CSV files it writes, keyed by file name.
+DATASET_INFO = "dataset.json"
 
 # A line that opens a record even when the previous record left a quote open: an image
 # file name followed by a comma (the issue's rule is `^<digits>.jpg,`; any image name works).
@@ -93,12 +96,18 @@ def _parse_record(text: str, header: list[str]) -> list[str] | None:
     return parts[:-1] + [caption]
 
 
-def _parse_labels(field: str, path: Path, line: int) -> list[int]:
+def _parse_labels(field: str, path: Path, line: int, allow_empty: bool = False) -> list[int]:
     tokens = field.split()
+    if not tokens and allow_empty:
+        return []
     if not tokens:
         # Every image of this task has at least one label (a submission row needs one too),
-        # so an empty field is a mistake in the file, not "no labels".
-        raise DataFormatError(f"{path}:{line}: empty Labels field; every image needs at least one label id")
+        # so an empty field is a mistake in the file, not "no labels" -- unless the converter
+        # recorded that it kept label-less images on purpose (--keep-empty).
+        raise DataFormatError(
+            f"{path}:{line}: empty Labels field; every image needs at least one label id "
+            f"(unless {DATASET_INFO} beside the file records \"empty_images\": \"kept\")"
+        )
     # isdigit() alone accepts non-ASCII digits such as '٣', which int() would quietly read.
     bad = [token for token in tokens if not (token.isascii() and token.isdigit())]
     if bad:
@@ -115,7 +124,7 @@ def is_plain_file_name(name: str) -> bool:
 
 
 def read_csv(path: str | Path, *, require: Sequence[str] = (),
-             allow_duplicate_ids: bool = False) -> pd.DataFrame:
+             allow_duplicate_ids: bool | None = None) -> pd.DataFrame:
     """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
 
     Reads the original competition files exactly (unescaped inner quotes, captions ending
@@ -123,12 +132,16 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
     columns in any order. No record is ever dropped: a record that cannot be read, a column
     of ``require`` that is missing, an ImageID that is empty or a path, an empty or
     non-integer Labels field, or an ImageID that repeats an earlier row raises
-    ``DataFormatError`` naming the file and line. ``allow_duplicate_ids`` accepts repeated
-    ImageIDs, for files with one row per caption of an image.
+    ``DataFormatError`` naming the file and line. Repeated ImageIDs (one row per caption of
+    an image, see ``group_by_image``) are accepted when ``allow_duplicate_ids`` is True or,
+    by default, when ``dataset.json`` beside the file declares them.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    if allow_duplicate_ids is None:
+        allow_duplicate_ids = repeated_ids_declared(path)
+    allow_empty_labels = dataset_info(path).get("empty_images") == "kept"
     lines = _decode(path).split("\n")
     header = next(csv.reader([lines[0]])) if lines and lines[0].strip() else []
     header = [name.strip() for name in header]
@@ -179,12 +192,13 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
             )
         if image_id in first_line and not allow_duplicate_ids:
             raise DataFormatError(
-                f"{path}:{line}: ImageID {image_id!r} repeats line {first_line[image_id]}; "
-                "each image needs exactly one row"
+                f"{path}:{line}: ImageID {image_id!r} repeats line {first_line[image_id]}; each image needs "
+                f"exactly one row (a file with one row per caption must say so in {DATASET_INFO} beside it, "
+                "as python -m pipeline.convert coco --caption all writes)"
             )
         first_line.setdefault(image_id, line)
         if LABELS_COLUMN in row:
-            row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line)
+            row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line, allow_empty_labels)
         row["_line"] = line
         rows.append(row)
 
@@ -193,6 +207,62 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
     frame.attrs["source"] = str(path)
     frame.attrs["lines"] = frame.pop("_line").tolist()
     return frame.reset_index(drop=True)
+
+
+def dataset_info(csv_path: str | Path) -> dict:
+    """What ``pipeline.convert`` recorded about a CSV file in the ``dataset.json`` beside it ({} if none)."""
+    csv_path = Path(csv_path)
+    info_path = csv_path.parent / DATASET_INFO
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{info_path}: not valid JSON ({err})") from None
+    entry = info.get(csv_path.name, {}) if isinstance(info, dict) else None
+    if not isinstance(entry, dict):
+        raise DataFormatError(f"{info_path}: the entry of {csv_path.name!r} must be a JSON object")
+    return entry
+
+
+def repeated_ids_declared(csv_path: str | Path) -> bool:
+    """True when ``dataset.json`` says the file has one row per caption (an ImageID on several rows)."""
+    return bool(dataset_info(csv_path).get("repeated_ids", False))
+
+
+@dataclass(frozen=True)
+class ImageGroups:
+    """The rows of a frame grouped by image; several rows of one ImageID are its captions.
+
+    Image models and every per-image output (validation probabilities, the submission) use
+    ``images``; the caption branch reads every row and averages its rows with ``mean``.
+    """
+
+    images: pd.DataFrame  # one row per image, in order of first appearance (that row's fields)
+    row_image: np.ndarray  # (N_rows,) the row of ``images`` each row of the frame belongs to
+
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        """Per-image means (N_images, L) of per-row values (N_rows, L)."""
+        sums = np.zeros((len(self.images), values.shape[1]), dtype=np.float64)
+        np.add.at(sums, self.row_image, values)
+        counts = np.bincount(self.row_image, minlength=len(self.images))
+        return (sums / np.maximum(counts, 1)[:, None]).astype(values.dtype)
+
+
+def group_by_image(frame: pd.DataFrame) -> ImageGroups:
+    """Group the rows of a frame by ImageID; the rows of one image must agree on their Labels."""
+    codes, _ = pd.factorize(frame[ID_COLUMN])  # codes number the images in order of first appearance
+    _, first = np.unique(codes, return_index=True)
+    images = frame.iloc[first].reset_index(drop=True)
+    if LABELS_COLUMN in frame and len(images) < len(frame):
+        first_labels = images[LABELS_COLUMN].tolist()
+        for image, labels, image_id in zip(codes, frame[LABELS_COLUMN], frame[ID_COLUMN]):
+            if sorted(labels) != sorted(first_labels[image]):
+                raise DataFormatError(
+                    f"{frame.attrs.get('source', 'dataset')}: the rows of ImageID {image_id!r} disagree on "
+                    f"Labels ({first_labels[image]} and {labels}); every caption row of an image has its labels"
+                )
+    return ImageGroups(images=images, row_image=codes.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -290,14 +360,15 @@ def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -
 
 
 def load_train_val(paths: DatasetPaths, val_fraction: float, *,
-                   allow_duplicate_ids: bool = False) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
+                   allow_duplicate_ids: bool | None = None) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
     """The label set and the shared (train, validation) split of ``train.csv``.
 
-    ``allow_duplicate_ids`` accepts an ImageID on several rows (one row per caption); the
-    split hashes the ImageID, so all rows of an image land on the same side.
+    The frames hold every row: several rows of one image (one per caption) when
+    ``dataset.json`` declares them (or ``allow_duplicate_ids``); the split hashes the
+    ImageID, so all rows of an image land on the same side; ``group_by_image`` gives one
+    row per image. The Caption column is optional (an images-only dataset).
     """
-    frame = read_csv(paths.train_csv, require=(LABELS_COLUMN, CAPTION_COLUMN),
-                     allow_duplicate_ids=allow_duplicate_ids)
+    frame = read_csv(paths.train_csv, require=(LABELS_COLUMN,), allow_duplicate_ids=allow_duplicate_ids)
     if frame.empty:
         raise DataFormatError(f"{paths.train_csv}: no training rows")
     train, val = split_train_val(frame, val_fraction)

@@ -20,7 +20,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageDataset, ImageReadError, load_train_val, resolve_dataset
+from pipeline.data import (
+    ID_COLUMN,
+    LABELS_COLUMN,
+    ImageDataset,
+    ImageReadError,
+    group_by_image,
+    load_train_val,
+    resolve_dataset,
+)
 from pipeline.distributed import DistContext, barrier, gather_shards, wrap_model
 from pipeline.engine import ModelEma, TrainStep, epoch_loader, train_one_epoch, warmup_cosine
 from pipeline.features import pool_features
@@ -109,6 +117,8 @@ def finetune_image_branch(config, device: torch.device, context: DistContext = D
     started = time.perf_counter()
     paths = resolve_dataset(config.data, config.images)
     labels, train, val = load_train_val(paths, config.val_fraction)
+    # One row per image: rows that differ only by caption would repeat an image's features.
+    train, val = group_by_image(train).images, group_by_image(val).images
     backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
     all_val_ids = val[ID_COLUMN].tolist()
     train = _readable_rows(config, paths, train, "training")

@@ -27,8 +27,10 @@ from pipeline.data import (
     CAPTION_COLUMN,
     ID_COLUMN,
     LABELS_COLUMN,
+    DataFormatError,
     DatasetPaths,
     LabelSet,
+    group_by_image,
     load_train_val,
     read_prediction_csv,
     resolve_dataset,
@@ -87,6 +89,37 @@ def parse_weights(text: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"--fusion-weights {text!r}: {value!r} is not a number") from None
     return weights
+
+
+def missing_inputs(paths: DatasetPaths, frames: dict[Path, pd.DataFrame]) -> dict[str, str]:
+    """Why a branch cannot run on this dataset, by branch: a CSV without captions, no image folder."""
+    reasons = {}
+    without_captions = [str(path) for path, frame in frames.items() if CAPTION_COLUMN not in frame]
+    if without_captions:
+        reasons["caption"] = f"no {CAPTION_COLUMN} column in {', '.join(without_captions)}"
+    if not paths.images.is_dir():
+        for branch in IMAGE_BRANCHES:
+            reasons[branch] = f"the image folder {paths.images} does not exist"
+    return reasons
+
+
+def choose_branches(weights_dir: Path, requested: list[str] | None, missing: dict[str, str]) -> list[str] | None:
+    """The branches of a run: the requested ones, which must have their input, or else every
+    branch with a checkpoint whose input this dataset has (None when no checkpoint exists)."""
+    if requested is not None:
+        for branch in requested:
+            if branch in missing:
+                raise ValueError(f"--branches {','.join(requested)}: the {branch} branch cannot run: {missing[branch]}")
+        return requested
+    present = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
+    for branch in present:
+        if branch in missing:
+            log.warning("not using the %s branch: %s", branch, missing[branch])
+    usable = [b for b in present if b not in missing]
+    if present and not usable:
+        raise ValueError(f"{weights_dir}: none of the trained branches {present} can run on this dataset: "
+                         + "; ".join(sorted(set(missing.values()))))
+    return usable or None
 
 
 def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> dict[str, dict]:
@@ -152,16 +185,19 @@ class BranchPredictor:
 
     def probabilities(self, frame: pd.DataFrame, features: tuple[torch.Tensor, torch.Tensor] | None = None,
                       description: str = "features") -> dict[str, np.ndarray]:
-        """Probabilities (N, L) of every loaded branch for the rows of ``frame``.
+        """Probabilities (N_images, L) of every loaded branch for the images of ``frame``.
 
-        Rows whose image cannot be read get NaN from the image branches (fusion then uses
-        the caption alone for them) and are listed in ``self.unreadable``.
+        One row per image, in the order of ``group_by_image(frame).images``: the caption
+        branch averages over the rows (captions) of an image. ``features``, when given, are
+        those images' features. Images that cannot be read get NaN from the image branches
+        (fusion then uses the caption alone for them) and are listed in ``self.unreadable``.
         """
         out: dict[str, np.ndarray] = {}
+        groups = group_by_image(frame)
+        image_ids = groups.images[ID_COLUMN].tolist()
         if self.backbone is not None:
-            values, readable = features if features is not None else \
-                self.features(frame[ID_COLUMN].tolist(), description)
-            self.unreadable = [i for i, ok in zip(frame[ID_COLUMN], readable.tolist()) if not ok]
+            values, readable = features if features is not None else self.features(image_ids, description)
+            self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
             values = torch.where(readable[:, None], values, torch.zeros(()))  # finite input for every row
             with torch.inference_mode():
                 if "image" in self.checkpoints:
@@ -175,7 +211,7 @@ class BranchPredictor:
             from pipeline.train_caption import predict_caption_probs
 
             captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
-            out["caption"] = predict_caption_probs(self.checkpoints["caption"], captions, self.device)
+            out["caption"] = groups.mean(predict_caption_probs(self.checkpoints["caption"], captions, self.device))
         return out
 
     def _normalised(self, checkpoint: dict, features: torch.Tensor) -> torch.Tensor:
@@ -264,20 +300,32 @@ def run_inference(config: InferenceConfig) -> dict:
     device = resolve_device(config.device)
     paths = resolve_dataset(config.data, config.images)
     weights_dir, output_dir = Path(config.weights), Path(config.output)
-    checkpoints = load_branch_checkpoints(weights_dir, parse_branch_list(config.branches))
+    # Every input file is read before any slow step, so a broken one fails at once; which
+    # columns they have decides the branches that can run.
+    _, train, val = load_train_val(paths, config.val_fraction)
+    test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
+    test = read_prediction_csv(test_csv, captions=False)
+    frames = {paths.train_csv: train, test_csv: test}
+    eval_frame = None
+    if config.evaluate and config.eval_csv:
+        eval_frame = read_prediction_csv(config.eval_csv, captions=False)
+        if LABELS_COLUMN not in eval_frame:
+            raise DataFormatError(f"--eval-csv {config.eval_csv}:1: needs a {LABELS_COLUMN} column")
+        frames[Path(config.eval_csv)] = eval_frame
+    branches = choose_branches(weights_dir, parse_branch_list(config.branches), missing_inputs(paths, frames))
+    checkpoints = load_branch_checkpoints(weights_dir, branches)
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
-    # Read before any slow step, so a broken test.csv fails at once.
-    test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
-    test = read_prediction_csv(test_csv, captions="caption" in branches)
     predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers)
 
-    _, train, val = load_train_val(paths, config.val_fraction)
-    y_val = labels.encode(val[LABELS_COLUMN]) if not val.empty else None
-    val_probs = validation_probabilities(weights_dir, branches, val[ID_COLUMN].tolist(), list(labels.ids)) \
+    # Every per-image output has one row per image, also when a file has one row per caption.
+    train_images, val_images = group_by_image(train).images, group_by_image(val).images
+    y_val = labels.encode(val_images[LABELS_COLUMN]) if not val.empty else None
+    val_probs = validation_probabilities(weights_dir, branches, val_images[ID_COLUMN].tolist(), list(labels.ids)) \
         if not val.empty else None
     settings = resolve_fusion(config, branches, labels, y_val, val_probs, weights_dir)
 
+    test_images = group_by_image(test).images
     test_probs = predictor.probabilities(test, description=f"{test_csv.name} features")
     if predictor.unreadable:
         # Listed before fusion, so the list is there even when fusion cannot predict those rows.
@@ -287,26 +335,29 @@ def run_inference(config: InferenceConfig) -> dict:
                     len(predictor.unreadable), listing)
     predictions = settings.predict(test_probs)
     submission = output_dir / "submission.csv"
-    write_submission(submission, test[ID_COLUMN].tolist(), predictions, labels)
+    write_submission(submission, test_images[ID_COLUMN].tolist(), predictions, labels)
     summary = {"branches": branches, "fusion_method": settings.method, "submission": str(submission),
-               "rows": len(test), "fusion_val_samples_f1": settings.val_samples_f1,
+               "rows": len(test_images), "fusion_val_samples_f1": settings.val_samples_f1,
                "unreadable_images": len(predictor.unreadable)}
-    log.info("wrote %s: %d rows for the %d rows of %s", submission, len(test), len(test), test_csv)
+    log.info("wrote %s: %d rows for the %d images (%d rows) of %s",
+             submission, len(test_images), len(test_images), len(test), test_csv)
 
     if config.evaluate:
         from pipeline.report import evaluation_report
 
-        if config.eval_csv:
-            frame = read_prediction_csv(config.eval_csv, captions="caption" in branches, labels=labels)
-            y_true = labels.encode(frame[LABELS_COLUMN])
-            probs = predictor.probabilities(frame, description="evaluation features")
+        if eval_frame is not None:
+            # Read again now that the model's labels are known: an unknown label id is an error.
+            eval_frame = read_prediction_csv(config.eval_csv, captions=False, labels=labels)
+            y_true = labels.encode(group_by_image(eval_frame).images[LABELS_COLUMN])
+            probs = predictor.probabilities(eval_frame, description="evaluation features")
             source = str(config.eval_csv)
         else:
             features = None
             if predictor.backbone is not None:
                 # The training feature cache covers train + validation: reuse it.
-                values, readable = predictor.features(training_image_ids(train, val), "train.csv features")
-                features = (values[len(train):], readable[len(train):])
+                values, readable = predictor.features(training_image_ids(train_images, val_images),
+                                                      "train.csv features")
+                features = (values[len(train_images):], readable[len(train_images):])
             y_true, source = y_val, "validation split"
             probs = predictor.probabilities(val, features=features)
         report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)

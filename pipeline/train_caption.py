@@ -25,7 +25,17 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import TrainingConfig, option, save_config
-from pipeline.data import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, LabelSet, load_train_val, resolve_dataset
+from pipeline.data import (
+    CAPTION_COLUMN,
+    ID_COLUMN,
+    LABELS_COLUMN,
+    DataFormatError,
+    ImageGroups,
+    LabelSet,
+    group_by_image,
+    load_train_val,
+    resolve_dataset,
+)
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier
 from pipeline.distributed import DistContext, barrier, distributed_session, mean_across_ranks, wrap_model
@@ -223,11 +233,17 @@ def train_caption_branch(config: CaptionTrainConfig) -> dict:
 
 @dataclass
 class _Encoded:
-    """One split's token ids (N, T), lengths (N,) and multi-hot labels (N, L)."""
+    """One split's token ids (N, T), lengths (N,) and multi-hot labels (N, L) of its rows.
+
+    A split may hold several rows (captions) of one image: training uses every row, while
+    validation scores the per-image mean of its rows' probabilities against ``image_labels``.
+    """
 
     ids: torch.Tensor
     lengths: torch.Tensor
     labels: np.ndarray
+    groups: ImageGroups
+    image_labels: np.ndarray  # (N_images, L)
 
 
 @dataclass
@@ -307,8 +323,8 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
             best = _Member(state=weights, epoch=epoch, score=None, probs=None)
             state.end_epoch(epoch, dataclasses.asdict(best))
             continue
-        probs = _predict(model, val.ids, val.lengths, device, 256)
-        score, threshold, f1_half = _score(config, val.labels, probs)
+        probs = val.groups.mean(_predict(model, val.ids, val.lengths, device, 256))
+        score, threshold, f1_half = _score(config, val.image_labels, probs)
         improved = best is None or score > best.score
         say(
             f"{tag} epoch {epoch}: loss {mean_loss:.4f}, val samples-F1 {f1_half:.4f} @0.5, "
@@ -326,12 +342,18 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
 
 def _encode(vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet, max_len: int) -> _Encoded:
     ids, lengths = vocab.encode(frame[CAPTION_COLUMN].tolist(), max_len)
-    return _Encoded(ids=ids, lengths=lengths, labels=label_set.encode(frame[LABELS_COLUMN]))
+    groups = group_by_image(frame)
+    return _Encoded(ids=ids, lengths=lengths, labels=label_set.encode(frame[LABELS_COLUMN]), groups=groups,
+                    image_labels=label_set.encode(groups.images[LABELS_COLUMN]))
 
 
 def _train(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> dict:
     paths = resolve_dataset(config.data, config.images)
     label_set, train_df, val_df = load_train_val(paths, config.val_fraction)
+    if CAPTION_COLUMN not in train_df:
+        raise DataFormatError(
+            f"{paths.train_csv}:1: no {CAPTION_COLUMN} column, so there is nothing for the caption branch to "
+            "learn from; train the image branches alone with train_efficientnet.py")
     vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
     train = _encode(vocab, train_df, label_set, config.max_len)
     val = _encode(vocab, val_df, label_set, config.max_len)
@@ -360,8 +382,8 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     for model, member in zip(ensemble, members):
         model.load_state_dict(member.state)
     if has_val:
-        val_probs = np.mean([member.probs for member in members], axis=0)  # (M, L)
-        score, threshold, f1_half = _score(config, val.labels, val_probs)
+        val_probs = np.mean([member.probs for member in members], axis=0)  # (images, L)
+        score, threshold, f1_half = _score(config, val.image_labels, val_probs)
     else:
         val_probs = np.zeros((0, len(label_set)))
         score, threshold, f1_half = None, 0.5, None
@@ -376,7 +398,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
             label_ids=label_set.ids, vocab=vocab.to_list(), epochs=[m.epoch for m in members],
             threshold=threshold,
         )
-        save_probabilities(probs_file, val_df[ID_COLUMN].tolist(), label_set.ids, val_probs)
+        save_probabilities(probs_file, val.groups.images[ID_COLUMN].tolist(), label_set.ids, val_probs)
         save_config(config, config_file)
     barrier(context)
     finish_run(resume_dir, context)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import TrainingConfig, option, save_config
-from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, load_train_val, resolve_dataset
+from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, group_by_image, load_train_val, resolve_dataset
 from pipeline.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine import TrainStep, epoch_loader, predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
@@ -185,6 +185,8 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     started = time.perf_counter()
     paths = resolve_dataset(config.data, config.images)
     labels, train, val = load_train_val(paths, config.val_fraction)
+    # One row per image: rows that differ only by caption would repeat an image's features.
+    train, val = group_by_image(train).images, group_by_image(val).images
     if val.empty:
         raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
     weights_dir = Path(config.weights)

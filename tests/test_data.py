@@ -12,8 +12,10 @@ from pipeline.data import (
     DataFormatError,
     DatasetPaths,
     LabelSet,
+    group_by_image,
     load_train_val,
     read_csv,
+    repeated_ids_declared,
     split_train_val,
     validation_mask,
 )
@@ -154,3 +156,51 @@ def test_image_ids_that_are_paths_are_refused(tmp_path, image_id):
     paths = DatasetPaths.resolve(tmp_path)
     with pytest.raises(ValueError, match="not a plain file name"):
         paths.image_path(image_id)
+
+
+CAPTION_ROWS = (
+    "ImageID,Labels,Caption\n"
+    '1.jpg,1 3,"a man by a car"\n'
+    '2.jpg,18,"a dog"\n'
+    '1.jpg,1 3,"a car and a person"\n'
+)
+
+
+def test_a_repeated_image_id_is_an_error_naming_both_lines(tmp_path):
+    path = write(tmp_path / "train.csv", CAPTION_ROWS)
+    with pytest.raises(DataFormatError, match=r"train\.csv:4: ImageID '1\.jpg' repeats line 2.*dataset\.json"):
+        read_csv(path)
+    assert read_csv(path, allow_duplicate_ids=True)["ImageID"].tolist() == ["1.jpg", "2.jpg", "1.jpg"]
+
+
+def test_caption_rows_are_declared_in_dataset_json(tmp_path):
+    write(tmp_path / "train.csv", CAPTION_ROWS)
+    assert not repeated_ids_declared(tmp_path / "train.csv")
+    write(tmp_path / "dataset.json", '{"train.csv": {"repeated_ids": true}, "test.csv": {"repeated_ids": false}}')
+    assert repeated_ids_declared(tmp_path / "train.csv")
+    assert not repeated_ids_declared(tmp_path / "test.csv")
+    _, train, val = load_train_val(DatasetPaths.resolve(tmp_path), val_fraction=0.0)
+    assert len(train) == 3 and val.empty
+    write(tmp_path / "dataset.json", '{"train.csv": ')
+    with pytest.raises(DataFormatError, match=r"dataset\.json: not valid JSON"):
+        repeated_ids_declared(tmp_path / "train.csv")
+
+
+def test_group_by_image_keeps_first_appearance_order_and_averages_rows(tmp_path):
+    frame = read_csv(write(tmp_path / "train.csv", CAPTION_ROWS), allow_duplicate_ids=True)
+    groups = group_by_image(frame)
+    assert groups.images["ImageID"].tolist() == ["1.jpg", "2.jpg"]
+    assert groups.images["Labels"].tolist() == [[1, 3], [18]]
+    assert groups.row_image.tolist() == [0, 1, 0]
+    probs = np.array([[0.2, 0.4], [0.9, 0.1], [0.6, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(groups.mean(probs), [[0.4, 0.2], [0.9, 0.1]], rtol=1e-6)
+    assert groups.mean(probs).dtype == np.float32
+    # Without repeats, the grouping is the frame itself.
+    unique = group_by_image(frame.iloc[:2])
+    assert unique.images["ImageID"].tolist() == ["1.jpg", "2.jpg"] and unique.row_image.tolist() == [0, 1]
+
+
+def test_caption_rows_of_one_image_must_agree_on_labels(tmp_path):
+    path = write(tmp_path / "train.csv", CAPTION_ROWS.replace('1.jpg,1 3,"a car and', '1.jpg,1,"a car and'))
+    with pytest.raises(DataFormatError, match=r"rows of ImageID '1\.jpg' disagree on Labels \(\[1, 3\] and \[1\]\)"):
+        group_by_image(read_csv(path, allow_duplicate_ids=True))

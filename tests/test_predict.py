@@ -7,11 +7,13 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.checkpoint import CheckpointError
+from pipeline.data import DataFormatError
 from pipeline.fusion import load_fusion
 from tests.conftest import TINY_IMAGE_ARGS
 
@@ -119,3 +121,66 @@ def test_evaluation_csv_with_an_unknown_label_names_it(trained, tmp_path):
     frame.to_csv(tmp_path / "eval.csv", index=False)
     with pytest.raises(ValueError, match="label id 7"):
         run(data, weights, tmp_path / "out", "--evaluate", "--eval-csv", str(tmp_path / "eval.csv"))
+
+
+def test_caption_rows_train_on_every_caption_and_predict_one_row_per_image(tmp_path):
+    """A dataset with two caption rows per image, declared in dataset.json."""
+    from tests.conftest import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "rows")
+    for name in ("train.csv", "test.csv"):
+        frame = pd.read_csv(data / name, dtype=str, keep_default_na=False)
+        second = frame.assign(Caption="Here is " + frame["Caption"].str.lower())
+        # Interleaved, so an image's rows are not neighbours.
+        pd.concat([frame, second.iloc[::-1]]).to_csv(data / name, index=False)
+    (data / "dataset.json").write_text(json.dumps({n: {"repeated_ids": True} for n in ("train.csv", "test.csv")}))
+    weights = tmp_path / "weights"
+    train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
+    train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--output", str(tmp_path / "o"),
+                            "--ensemble", "1", *TINY_CAPTION_ARGS])
+    caption_ids = pd.read_csv(weights / "val_probs_caption.csv", dtype=str)["ImageID"].tolist()
+    image_ids = pd.read_csv(weights / "val_probs_image.csv", dtype=str)["ImageID"].tolist()
+    assert caption_ids == image_ids and len(set(caption_ids)) == len(caption_ids) > 0
+    # "here" is only in the second rows: the caption branch learnt from every row.
+    assert "here" in torch.load(weights / "caption.pt", weights_only=True)["vocab"]
+
+    summary = run(data, weights, tmp_path / "out", "--evaluate")
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
+    test_ids = pd.read_csv(data / "test.csv", dtype=str)["ImageID"]
+    assert submission["ImageID"].tolist() == test_ids.drop_duplicates().tolist()
+    assert summary["rows"] == len(submission) == len(test_ids) // 2
+    assert set(summary["metrics"]) == {"image", "decoder", "caption", "fused"}
+
+
+def test_a_dataset_without_captions_uses_the_image_branches_alone(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    images_only = tmp_path / "images_only"
+    shutil.copytree(data, images_only)
+    for name in ("train.csv", "test.csv"):
+        pd.read_csv(data / name).drop(columns="Caption").to_csv(images_only / name, index=False)
+    # caption.pt is in --weights, but there are no captions to give it.
+    summary = run(images_only, weights, tmp_path / "out", "--evaluate")
+    assert summary["branches"] == ["image", "decoder"]
+    assert set(summary["metrics"]) == {"image", "decoder", "fused"}
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
+    assert len(submission) == 10 and submission["Labels"].notna().all()
+    with pytest.raises(ValueError, match=r"caption branch cannot run: no Caption column in .*train\.csv, .*test\.csv"):
+        run(images_only, weights, tmp_path / "out", "--branches", "image,caption")
+    with pytest.raises(DataFormatError, match=r"train\.csv:1: no Caption column.*train_efficientnet\.py"):
+        train_caption_rnn.main(["--data", str(images_only), "--weights", str(tmp_path / "w2"), *TINY_CAPTION_ARGS])
+
+
+def test_a_dataset_without_images_uses_the_caption_branch_alone(trained, tmp_path):
+    data, weights = trained
+    weights = copy_weights(weights, tmp_path)
+    captions_only = tmp_path / "captions_only"
+    captions_only.mkdir()
+    for name in ("train.csv", "test.csv"):
+        shutil.copy(data / name, captions_only / name)
+    summary = run(captions_only, weights, tmp_path / "out", "--branches", "caption", "--evaluate")
+    assert summary["branches"] == ["caption"] and summary["unreadable_images"] == 0
+    assert len(pd.read_csv(tmp_path / "out" / "submission.csv")) == 10
+    assert run(captions_only, weights, tmp_path / "auto")["branches"] == ["caption"]
+    with pytest.raises(ValueError, match=r"image branch cannot run: the image folder .*captions_only/data does not exist"):
+        run(captions_only, weights, tmp_path / "out", "--branches", "image")

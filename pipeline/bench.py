@@ -1,0 +1,324 @@
+"""Throughput benchmark: ``python -m pipeline.bench`` (measures; not a test).
+
+Measures in one run, on real JPEGs of ``--data`` (the first ``--num-images`` rows of its
+train.csv stand in for a test set), with the trained checkpoints in ``--weights``:
+
+- ``backbone_forward_img_s``: the backbone alone on a batch already in memory, exactly as
+  inference runs it (batch norm folded, channels_last, inference mode): this hardware's limit;
+- ``pipeline_img_s``: inference's whole path per image: JPEG decode and resize in DataLoader
+  workers, backbone, every head, caption tokenisation and the caption ensemble, fusion and
+  the submission file, with an empty feature cache;
+- ``effnet_pytorch_pipeline_img_s``: the same path with efficientnet-pytorch's
+  ``efficientnet-b0`` as the backbone (random weights: speed does not depend on them);
+- ``train_finetune_img_s``: end-to-end fine-tuning steps (augmentation, forward, backward,
+  AdamW, EMA) on real images;
+- ``train_cached_head_img_s`` (and ``train_cached_decoder_img_s``): training the image head
+  (the label decoder) on cached features;
+- a per-image breakdown (decode, backbone, heads, caption) to show where the time goes;
+- ``peak_rss_mb``, device, threads, workers, batch size and resolution.
+
+Writes ``--output``/bench.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import resource
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.checkpoint import atomic_write_text
+from pipeline.config import CommonConfig, build_parser, config_from_args, option
+from pipeline.data import CAPTION_COLUMN, ID_COLUMN, ImageDataset, LabelSet, read_csv, resolve_dataset
+from pipeline.distributed import DistContext
+from pipeline.engine import ModelEma, TrainStep, epoch_loader, train_one_epoch
+from pipeline.finetune import ImageModel
+from pipeline.fusion import FusionSettings, load_fusion
+from pipeline.models.backbones import create_backbone, fuse_for_inference
+from pipeline.models.decoder import LabelDecoder, LabelOrder
+from pipeline.models.heads import ImageHead
+from pipeline.predict import BranchPredictor, load_branch_checkpoints, write_submission
+from pipeline.runtime import autocast_context, resolve_device, seed_everything
+from pipeline.transforms import build_transform
+
+COMPARED_BACKBONE = "efficientnet-b0"
+
+
+@dataclass
+class BenchConfig(CommonConfig):
+    """Settings of ``python -m pipeline.bench``."""
+
+    num_images: int = option(640, "images timed through the inference path (per backbone)")
+    forward_seconds: float = option(10.0, "how long to time the in-memory backbone forward pass")
+    finetune_batches: int = option(4, "fine-tuning steps timed (after one warm-up step)")
+    finetune_batch_size: int = option(32, "images per fine-tuning step")
+    head_rows: int = option(20000, "cached-feature rows per head-training epoch timed")
+    threads: int = option(0, "torch CPU threads (0: torch's default, one per core)")
+    compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}")
+    batch_size: int = option(64, "images per batch in the inference path and the forward pass")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 2)
+
+
+@torch.inference_mode()
+def time_backbone_forward(module: torch.nn.Module, batch_size: int, resolution: int, device: torch.device,
+                          seconds: float) -> float:
+    """Images per second of ``module`` on one in-memory batch, repeated for ``seconds``."""
+    images = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    model = module.to(device).to(memory_format=torch.channels_last)
+    with autocast_context(device):
+        model(images)  # warm-up: first-call allocations and kernel selection
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or count == 0:
+            model(images)
+            count += batch_size
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return _rate(count, time.perf_counter() - started)
+
+
+def time_inference_path(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings,
+                        labels: LabelSet, scratch: Path) -> dict:
+    """Seconds per stage and images per second of the whole inference path on ``frame``."""
+    started = time.perf_counter()
+    features = predictor.features(frame[ID_COLUMN].tolist(), "bench features")
+    extracted = time.perf_counter()
+    probs = predictor.probabilities(frame, features=features)
+    predictions = settings.predict(probs)
+    write_submission(scratch / "submission.csv", frame[ID_COLUMN].tolist(), predictions, labels)
+    seconds = time.perf_counter() - started
+    return {"img_s": _rate(len(frame), seconds), "seconds": round(seconds, 2),
+            "features_seconds": round(extracted - started, 2),
+            "heads_caption_fusion_seconds": round(seconds - (extracted - started), 2)}
+
+
+def time_decode(paths, image_ids: list[str], preprocessing: dict) -> float:
+    """Milliseconds per image to open, decode and resize a JPEG in one process."""
+    dataset = ImageDataset(paths, image_ids, build_transform(preprocessing), preprocessing["resolution"])
+    started = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    return round(1000 * (time.perf_counter() - started) / max(len(dataset), 1), 3)
+
+
+def time_caption(predictor: BranchPredictor, frame: pd.DataFrame) -> float | None:
+    """Milliseconds per caption of the caption branch alone (tokenise, encode, ensemble)."""
+    if "caption" not in predictor.checkpoints:
+        return None
+    from pipeline.train_caption import predict_caption_probs
+
+    captions = frame[CAPTION_COLUMN].fillna("").tolist()
+    started = time.perf_counter()
+    predict_caption_probs(predictor.checkpoints["caption"], captions, predictor.device)
+    return round(1000 * (time.perf_counter() - started) / len(captions), 3)
+
+
+def time_finetune(backbone_name: str, paths, image_ids: list[str], num_labels: int, device: torch.device,
+                  batch_size: int, batches: int, workers: int) -> float:
+    """Images per second of end-to-end fine-tuning steps (random targets: speed only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = create_backbone(backbone_name)
+    feature_dim = 2 * backbone.feature_dim
+    model = ImageModel(backbone.module, ImageHead(feature_dim, num_labels, 512, 0.5),
+                       LabelDecoder(feature_dim, num_labels)).to(device).to(memory_format=torch.channels_last)
+    rank = LabelOrder.from_train(np.eye(num_labels, dtype=np.float32), "frequent").rank.to(device)
+    ids = image_ids[: batch_size * (batches + 1)]
+    images = ImageDataset(paths, ids, build_transform(backbone.preprocessing, train=True),
+                          backbone.preprocessing["resolution"])
+    targets = (torch.rand(len(ids), num_labels, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    targets[:, 0] = 1.0  # every image has a label, as in real data
+
+    class Labelled(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(images)
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return images[index][0], targets[index]
+
+    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        features = m.features(batch[0].contiguous(memory_format=torch.channels_last))
+        return torch.nn.functional.binary_cross_entropy_with_logits(m.head(features).float(), batch[1]) \
+            + m.decoder.loss(features.float(), batch[1], rank)
+
+    step = TrainStep(model, step_loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema = ModelEma(model)
+    warmup = DataLoader(Labelled(), batch_size=batch_size, num_workers=0)
+    loader = DataLoader(torch.utils.data.Subset(Labelled(), range(batch_size, len(ids))), batch_size=batch_size,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    autocast = lambda: autocast_context(device)  # noqa: E731 - a fresh context per step
+    train_one_epoch(step, [next(iter(warmup))], optimizer, device, 0, autocast=autocast, ema=ema, progress=False)
+    started = time.perf_counter()
+    train_one_epoch(step, loader, optimizer, device, 1, autocast=autocast, ema=ema, progress=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return _rate(len(ids) - batch_size, time.perf_counter() - started)
+
+
+def time_head_training(make_step: Callable[[int, int], torch.nn.Module], feature_dim: int, num_labels: int,
+                       rows: int, device: torch.device) -> float:
+    """Rows per second of one epoch of head training on in-memory features (batches of 256)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(rows, feature_dim, generator=generator)
+    targets = (torch.rand(rows, num_labels, generator=generator) < 0.2).float()
+    targets[:, 0] = 1.0
+    step = make_step(feature_dim, num_labels).to(device)
+    optimizer = torch.optim.AdamW(step.parameters(), lr=1e-3)
+    loader = epoch_loader(TensorDataset(features, targets), 256, DistContext(), shuffle=True, seed=0)
+    train_one_epoch(step, [next(iter(loader))], optimizer, device, 0, progress=False)  # warm-up
+    started = time.perf_counter()
+    train_one_epoch(step, loader, optimizer, device, 1, progress=False)
+    return _rate(rows, time.perf_counter() - started)
+
+
+def _head_step(feature_dim: int, num_labels: int) -> torch.nn.Module:
+    head = ImageHead(feature_dim, num_labels, 512, 0.5)
+    return TrainStep(head, lambda m, b: torch.nn.functional.binary_cross_entropy_with_logits(m(b[0]), b[1]))
+
+
+def _decoder_step(feature_dim: int, num_labels: int) -> torch.nn.Module:
+    rank = LabelOrder.from_train(np.eye(num_labels, dtype=np.float32), "frequent").rank
+    return TrainStep(LabelDecoder(feature_dim, num_labels, 128, 256, 0.3), lambda m, b: m.loss(b[0], b[1], rank))
+
+
+def run_benchmark(config: BenchConfig) -> dict:
+    """Run every measurement; write bench.json in ``--output``; return the results."""
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    paths = resolve_dataset(config.data, config.images)
+    checkpoints = load_branch_checkpoints(Path(config.weights), None)
+    image_branch = next((b for b in ("image", "decoder") if b in checkpoints), None)
+    if image_branch is None:
+        raise SystemExit(f"{config.weights}: no image.pt or decoder.pt; run train_efficientnet.py first")
+    branches = list(checkpoints)
+    labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
+    frame = read_csv(paths.train_csv).head(config.num_images)
+    frame = frame[[c for c in (ID_COLUMN, CAPTION_COLUMN) if c in frame.columns]]
+    fusion_file = Path(config.weights) / "fusion.json"
+    settings = load_fusion(fusion_file) if fusion_file.is_file() else None
+    if settings is None or sorted(settings.branches) != sorted(branches):
+        settings = FusionSettings(branches=branches, label_ids=list(labels.ids),
+                                  weights={b: 1.0 / len(branches) for b in branches})
+
+    results: dict = {
+        "data": str(paths.root), "weights": str(config.weights), "images_timed": len(frame),
+        "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
+        "batch_size": config.batch_size, "branches": branches, "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        predictor = BranchPredictor(checkpoints, paths, scratch / "cache", device, config.batch_size, config.workers)
+        backbone = predictor.backbone
+        resolution = backbone.preprocessing["resolution"]
+        results.update(backbone=backbone.name, resolution=resolution)
+        print(f"timing {backbone.name} forward on an in-memory batch of {config.batch_size} ...", flush=True)
+        results["backbone_forward_img_s"] = time_backbone_forward(
+            fuse_for_inference(backbone.module, resolution), config.batch_size, resolution, device,
+            config.forward_seconds)
+        print(f"timing the inference path on {len(frame)} images ...", flush=True)
+        path = time_inference_path(predictor, frame, settings, labels, scratch)
+        results["pipeline_img_s"] = path["img_s"]
+        results["pipeline_breakdown_seconds"] = path
+        results["pipeline_over_forward"] = round(results["pipeline_img_s"] / results["backbone_forward_img_s"], 3)
+        results["test_10000_images_minutes"] = round(10000 / results["pipeline_img_s"] / 60, 2)
+
+        if config.compare:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # random weights: speed does not depend on them
+                compared = create_backbone(COMPARED_BACKBONE, resolution=resolution)
+            if compared.feature_dim != backbone.feature_dim:
+                raise SystemExit(f"{COMPARED_BACKBONE} gives {compared.feature_dim} features, the trained heads "
+                                 f"expect {backbone.feature_dim}; run with --no-compare")
+            predictor.backbone = compared
+            predictor.cache_dir = scratch / "cache-compared"
+            print(f"timing the inference path with efficientnet-pytorch {COMPARED_BACKBONE} ...", flush=True)
+            results["effnet_pytorch_pipeline_img_s"] = time_inference_path(
+                predictor, frame, settings, labels, scratch)["img_s"]
+            results["effnet_pytorch_forward_img_s"] = time_backbone_forward(
+                fuse_for_inference(compared.module, resolution), config.batch_size, resolution, device,
+                config.forward_seconds)
+            results["speedup_over_effnet_pytorch"] = round(
+                results["pipeline_img_s"] / results["effnet_pytorch_pipeline_img_s"], 2)
+            predictor.backbone = backbone
+
+        ids = frame[ID_COLUMN].tolist()
+        results["decode_resize_ms_per_img"] = time_decode(paths, ids[:200], backbone.preprocessing)
+        results["caption_branch_ms_per_img"] = time_caption(predictor, frame)
+
+    print("timing fine-tuning steps ...", flush=True)
+    results["train_finetune_img_s"] = time_finetune(backbone.name, paths, ids, len(labels), device,
+                                                    config.finetune_batch_size, config.finetune_batches,
+                                                    config.workers)
+    feature_dim = 2 * backbone.feature_dim
+    results["train_cached_head_img_s"] = time_head_training(_head_step, feature_dim, len(labels),
+                                                            config.head_rows, device)
+    results["train_cached_decoder_img_s"] = time_head_training(_decoder_step, feature_dim, len(labels),
+                                                               config.head_rows, device)
+    results["peak_rss_mb"] = round(_peak_rss_mb())
+    results["config"] = dataclasses.asdict(config)
+
+    output = Path(config.output) / "bench.json"
+    atomic_write_text(output, json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    print(f"wrote {output}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The headline figures as an aligned two-column table."""
+    rows = [
+        ("backbone", f"{results['backbone']} @ {results['resolution']} px on {results['device']}, "
+                     f"{results['threads']} threads, {results['workers']} workers, batch {results['batch_size']}"),
+        ("backbone forward (limit)", f"{results['backbone_forward_img_s']} img/s"),
+        ("inference pipeline", f"{results['pipeline_img_s']} img/s ({results['pipeline_over_forward']:.0%} of the limit)"),
+        ("10,000 test images", f"{results['test_10000_images_minutes']} min"),
+    ]
+    if "effnet_pytorch_pipeline_img_s" in results:
+        rows.append((f"pipeline with {COMPARED_BACKBONE}",
+                     f"{results['effnet_pytorch_pipeline_img_s']} img/s "
+                     f"(ours is {results['speedup_over_effnet_pytorch']}x)"))
+    rows += [
+        ("decode + resize", f"{results['decode_resize_ms_per_img']} ms/img (one process)"),
+        ("caption branch", f"{results['caption_branch_ms_per_img']} ms/img"),
+        ("fine-tuning", f"{results['train_finetune_img_s']} img/s"),
+        ("head on cached features", f"{results['train_cached_head_img_s']} rows/s"),
+        ("decoder on cached features", f"{results['train_cached_decoder_img_s']} rows/s"),
+        ("peak memory", f"{results['peak_rss_mb']} MB"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def get_args_parser():
+    return build_parser(BenchConfig, __doc__)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    return run_benchmark(config_from_args(BenchConfig, args))
+
+
+if __name__ == "__main__":
+    main()
