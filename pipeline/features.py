@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import atomic_torch_save
+from pipeline.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.data import DatasetPaths, ImageDataset
 from pipeline.distributed import DistContext, barrier, gather_shards
 from pipeline.models.backbones import Backbone, fuse_for_inference
@@ -67,9 +67,9 @@ def _load_cached(path: Path, key: dict) -> dict | None:
     if not path.is_file():
         return None
     try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, err)
+        cached = safe_torch_load(path)
+    except CheckpointError as err:
+        log.warning("feature cache unreadable (%s); rebuilding it", err)
         return None
     if (not isinstance(cached, dict) or cached.get("key") != key
             or not isinstance(cached.get("features"), torch.Tensor)

@@ -40,7 +40,7 @@ from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusio
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder
 from pipeline.models.heads import FeatureNorm, ImageHead
-from pipeline.runtime import resolve_device, seed_everything
+from pipeline.runtime import oom_hint, resolve_device, seed_everything
 from pipeline.train_image import training_image_ids
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,11 @@ def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, 
 
 def run_inference(config: InferenceConfig) -> dict:
     """Predict test.csv with the fused branches; optionally evaluate. Returns a summary."""
+    with oom_hint(config.batch_size):
+        return _run_inference(config)
+
+
+def _run_inference(config: InferenceConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     seed_everything(config.seed)

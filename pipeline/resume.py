@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import CheckpointError, atomic_torch_save
+from pipeline.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.distributed import DistContext
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
@@ -89,10 +89,7 @@ class ResumeState:
     def _load(self) -> dict | None:
         if self.path is None or not self.resume or not self.path.is_file():
             return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise CheckpointError(f"{self.path}: unreadable resume state ({err}); delete it to start over") from None
+        state = safe_torch_load(self.path)
         if not isinstance(state, dict) or state.get("fingerprint") != self.digest:
             raise CheckpointError(
                 f"{self.path}: saved by a run with other settings or data; rerun with the same options, "

@@ -41,7 +41,7 @@ from pipeline.models.caption import RNN_TYPES, CaptionClassifier
 from pipeline.distributed import DistContext, barrier, distributed_session, mean_across_ranks, wrap_model
 from pipeline.engine import NonFiniteLossError
 from pipeline.resume import GeneratorState, ResumeState, file_digest, finish_run, fingerprint, start_run
-from pipeline.runtime import cpu_threads, resolve_device, seed_everything
+from pipeline.runtime import cpu_threads, oom_hint, resolve_device, seed_everything
 from pipeline.text import Vocabulary, load_word_vectors
 
 BRANCH = "caption"
@@ -218,7 +218,7 @@ def train_caption_branch(config: CaptionTrainConfig) -> dict:
     """
     _validate(config)
     start = time.perf_counter()
-    with (_deterministic(), cpu_threads(config.threads),
+    with (_deterministic(), cpu_threads(config.threads), oom_hint(config.batch_size),
           distributed_session(resolve_device(config.device)) as (context, device)):
         summary = _train(config, device, context)
     summary["seconds"] = round(time.perf_counter() - start, 1)

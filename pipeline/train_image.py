@@ -33,7 +33,7 @@ from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbon
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
-from pipeline.runtime import cpu_threads, resolve_device, seed_everything
+from pipeline.runtime import cpu_threads, oom_hint, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
     Under ``torchrun`` every process runs this; rank 0 alone writes files.
     """
     seed_everything(config.seed)
-    with distributed_session(resolve_device(config.device)) as (context, device):
+    with oom_hint(config.batch_size), distributed_session(resolve_device(config.device)) as (context, device):
         logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
         mode = config.mode if config.mode != "auto" else ("finetune" if device.type == "cuda" else "frozen")
         if mode == "finetune":

@@ -481,9 +481,6 @@ def test_a_crafted_feature_cache_never_runs_code(tmp_path):
     assert cached is None and not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/features.py _load_cached lets pickle.UnpicklingError and KeyError "
-                                       "through; loading with checkpoint.safe_torch_load and rebuilding on "
-                                       "CheckpointError fixes it (then remove this mark)")
 @pytest.mark.parametrize("content", [b"hello", b'{"features": [1, 2]}'], ids=["text", "JSON"])
 def test_a_foreign_file_as_feature_cache_is_rebuilt(tmp_path, content):
     path = write(tmp_path / "features-x.pt", content)

@@ -123,3 +123,12 @@ def test_finetune_mode_trains_end_to_end_and_saves_the_backbone(tiny_dataset, tm
     assert "conv_stem.weight" in "".join(image["backbone"]["state_dict"])
     probs = load_probabilities(weights / "val_probs_decoder.csv")[2]
     assert np.isfinite(probs).all()
+
+
+def test_out_of_memory_during_training_suggests_a_smaller_batch(tiny_dataset, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("pipeline.train_image.cached_features", out_of_memory)
+    with pytest.warns(UserWarning), pytest.raises(torch.cuda.OutOfMemoryError, match="try --batch-size 8"):
+        train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS])
