@@ -444,10 +444,12 @@ class ImageDataset(torch.utils.data.Dataset):
     a large image is reduced before the transform (``shrink``), so memory stays bounded.
     """
 
-    def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int) -> None:
+    def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int,
+                 blank_dtype: torch.dtype = torch.float32) -> None:
         self.files = [paths.image_path(image_id) for image_id in image_ids]
         self.transform = transform
         self.size = size
+        self.blank_dtype = blank_dtype  # the transform's output type (uint8 before normalisation)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -465,7 +467,7 @@ class ImageDataset(torch.utils.data.Dataset):
                         image.draft("RGB", (image.width // 4, image.height // 4))
                     rgb = shrink(to_rgb(image), self.size)
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return torch.zeros(3, self.size, self.size), index, False
+            return torch.zeros(3, self.size, self.size, dtype=self.blank_dtype), index, False
         return self.transform(rgb), index, True
 
 

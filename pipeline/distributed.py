@@ -111,6 +111,19 @@ def barrier(context: DistContext) -> None:
         dist.barrier()
 
 
+def all_ranks_agree(flag: bool, context: DistContext, device: torch.device) -> bool:
+    """True when ``flag`` is True on every rank (e.g. every rank found the feature cache).
+
+    On several machines without a shared file system one rank may see a file another does
+    not; deciding together keeps every rank on the same path through the collectives.
+    """
+    if not context.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def mean_across_ranks(total: float, count: int, context: DistContext) -> float:
     """``sum(total) / sum(count)`` over every rank (e.g. the epoch's mean loss)."""
     if not context.enabled:

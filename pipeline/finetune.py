@@ -37,7 +37,7 @@ from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead
 from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
-from pipeline.runtime import autocast_context
+from pipeline.runtime import autocast_context, resolve_precision
 from pipeline.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ def finetune_image_branch(config, device: torch.device, context: DistContext = D
 
     backbone.module = final.backbone
     backbone.weights, backbone.weights_digest = "finetuned", _state_digest(final.backbone)
-    record = {**backbone_record(backbone, ["plain"]), "state_dict": final.backbone.state_dict()}
+    record = {**backbone_record(backbone, ["plain"], resolve_precision(config.precision, device)),
+              "state_dict": final.backbone.state_dict()}
     identity = FeatureNorm(feature_dim)  # fine-tuned heads saw raw pooled features
     if context.is_main:
         # Validation rows without a readable image get NaN: fusion then uses the caption for them.

@@ -40,7 +40,7 @@ from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusio
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder
 from pipeline.models.heads import FeatureNorm, ImageHead
-from pipeline.runtime import oom_hint, resolve_device, seed_everything
+from pipeline.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.train_image import training_image_ids
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,8 @@ class BranchPredictor:
         if image_branches:
             self.backbone = self._rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
             self.views = checkpoints[image_branches[0]]["backbone"]["views"]
+            # Features are computed as in training (checkpoints from before the option: fp32).
+            self.precision = checkpoints[image_branches[0]]["backbone"].get("precision", "fp32")
         self.unreadable: list[str] = []
 
     @staticmethod
@@ -181,7 +183,7 @@ class BranchPredictor:
     def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N, D), readable (N,)) of the images, through the feature cache."""
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
-                               self.batch_size, self.workers, self.views, description)
+                               self.batch_size, self.workers, self.views, description, precision=self.precision)
 
     def probabilities(self, frame: pd.DataFrame, features: tuple[torch.Tensor, torch.Tensor] | None = None,
                       description: str = "features") -> dict[str, np.ndarray]:
@@ -294,6 +296,7 @@ def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, 
 
 def run_inference(config: InferenceConfig) -> dict:
     """Predict test.csv with the fused branches; optionally evaluate. Returns a summary."""
+    reuse_freed_memory()
     with oom_hint(config.batch_size):
         return _run_inference(config)
 

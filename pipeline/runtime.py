@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import random
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,10 +24,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU; nothing on CPU, where fp32 is both faster and exact here."""
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 arithmetic runs in hardware: CUDA GPUs that support it, and CPUs with
+    AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere bf16 is emulated and slower)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device computes it natively, else ``fp32``."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r}: valid values are {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
+def autocast_context(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast when ``precision`` is ``bf16``, nothing for ``fp32``.
+
+    ``None`` is the training default: bf16 on GPU, fp32 on CPU (training on CPU is the
+    fine-tune fallback; its precision was not tuned).
+    """
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -50,6 +83,24 @@ def oom_hint(batch_size: int) -> Iterator[None]:
             hint = "--batch-size is already 1: try a smaller --resolution, or --device cpu"
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise type(err)(f"out of GPU memory at --batch-size {batch_size}; {hint} ({detail})") from err
+
+
+def reuse_freed_memory() -> bool:
+    """Keep large freed blocks in the process instead of handing them back to the OS (glibc).
+
+    glibc serves large allocations with mmap and unmaps them when freed, so every forward
+    pass of a CNN page-faults its activation buffers back in from zero pages. Raising the
+    mmap and trim thresholds lets freed buffers be reused: measured on this 2-core machine,
+    Lite0's forward went from 103 to 193 img/s in fp32 and from 197 to 309 img/s in bf16
+    (page faults per 5 s: 1.9 million -> 7 thousand). The price is that the process keeps
+    its peak memory. Returns False where there is no glibc (nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def seed_everything(seed: int) -> None:

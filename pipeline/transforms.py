@@ -34,8 +34,10 @@ def make_preprocessing(resolution: int, mean: tuple[float, ...], std: tuple[floa
     }
 
 
-def build_transform(preprocessing: dict, train: bool = False, flip: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised float tensor (3, R, R).
+def build_transform(preprocessing: dict, train: bool = False, flip: bool = False,
+                    normalize: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalised float tensor (3, R, R), or with ``normalize=False`` the resized
+    uint8 tensor, to be normalised a batch at a time by :func:`normalize_batch`.
 
     ``train`` adds light augmentation for fine-tuning; ``flip`` mirrors every image (the
     second view of flip test-time augmentation).
@@ -53,5 +55,18 @@ def build_transform(preprocessing: dict, train: bool = False, flip: bool = False
         steps.append(T.Resize((size, size), interpolation=interpolation, antialias=True))
         if flip:
             steps.append(T.RandomHorizontalFlip(p=1.0))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(preprocessing["mean"], preprocessing["std"])]
+    if normalize:
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(preprocessing["mean"], preprocessing["std"])]
     return T.Compose(steps)
+
+
+def normalize_batch(images: torch.Tensor, preprocessing: dict) -> torch.Tensor:
+    """uint8 images (B, 3, R, R) -> normalised float32, as ``build_transform`` would have made them.
+
+    One fused pass over a whole batch costs a fraction of normalising image by image, and a
+    uint8 batch is a quarter of the bytes to move between processes or to the GPU.
+    """
+    mean = torch.tensor(preprocessing["mean"], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing["std"], device=images.device).view(1, 3, 1, 1)
+    scale = 1.0 / (255.0 * std)  # (x / 255 - mean) / std == x * scale - mean / std
+    return torch.addcmul(-mean / std, images.float(), scale)

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pipeline.data import DatasetPaths
-from pipeline.features import cached_features, pool_features
+from pipeline.features import cache_key, cached_features, extract_features, pool_features
 from pipeline.models.backbones import (
     BackboneWeightsError,
     bundled_weights_path,
@@ -145,3 +145,47 @@ def test_batch_norm_folding_keeps_the_output_and_removes_every_batch_norm():
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(images), backbone.module.eval()(images), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_worker_processes_give_the_in_process_features(tiny_images, precision):
+    paths, ids = tiny_images
+    (paths.images / ids[2]).write_bytes(b"not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = create_backbone("test_efficientnet", resolution=32)
+    cpu = torch.device("cpu")
+    inline, ok_inline = extract_features(backbone, paths, ids, cpu, batch_size=4, workers=0, views=("plain",),
+                                         precision=precision)
+    spread, ok_spread = extract_features(backbone, paths, ids, cpu, batch_size=4, workers=1, views=("plain",),
+                                         precision=precision, processes=2)
+    assert ok_inline.tolist() == ok_spread.tolist() == [True, True, False, True, True, True]
+    assert spread[2].isnan().all() and not spread[ok_spread].isnan().any()
+    torch.testing.assert_close(spread, inline, equal_nan=True, atol=1e-2 if precision == "bf16" else 1e-5,
+                               rtol=1e-2 if precision == "bf16" else 1e-5)
+
+
+def test_precision_resolves_from_the_hardware_and_refuses_unknown_names(monkeypatch):
+    import pipeline.runtime as runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="--precision 'fp16': valid values are auto, fp32, bf16"):
+        runtime.resolve_precision("fp16", cpu)
+    with runtime.autocast_context(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with runtime.autocast_context(cpu, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_feature_cache_key_separates_precisions(tiny_images):
+    paths, ids = tiny_images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = create_backbone("test_efficientnet", resolution=32)
+    files = [paths.image_path(i) for i in ids]
+    assert cache_key(backbone, files, ["plain"], "bf16") != cache_key(backbone, files, ["plain"], "fp32")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -46,10 +45,10 @@ def assert_same_checkpoints(first: Path, second: Path, branches: tuple[str, ...]
         assert (first / f"val_probs_{branch}.csv").read_text() == (second / f"val_probs_{branch}.csv").read_text()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the random-weights warning of the test backbone
 @pytest.mark.parametrize("loop, epoch", [("image_head", 2), ("decoder", 1)])
 def test_resumed_image_training_equals_an_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch, loop, epoch):
     args = ["--data", str(tiny_dataset), *TINY_IMAGE_ARGS, "--output", str(tmp_path / "out")]
-    warnings.simplefilter("ignore")  # the random-weights warning of the test backbone
     train_efficientnet.main([*args, "--weights", str(tmp_path / "whole")])
     with monkeypatch.context() as patch:
         crash_after(patch, loop, epoch)

@@ -13,6 +13,7 @@ import train_efficientnet
 from pipeline.checkpoint import load_checkpoint, load_probabilities
 from pipeline.data import ImageReadError, validation_mask
 from pipeline.engine import NonFiniteLossError, TrainStep, train_one_epoch
+from pipeline.models.backbones import create_backbone
 from pipeline.models.heads import FeatureNorm, ImageHead, asymmetric_loss, get_loss
 from tests.conftest import TINY_IMAGE_ARGS
 
@@ -132,3 +133,35 @@ def test_out_of_memory_during_training_suggests_a_smaller_batch(tiny_dataset, tm
     monkeypatch.setattr("pipeline.train_image.cached_features", out_of_memory)
     with pytest.warns(UserWarning), pytest.raises(torch.cuda.OutOfMemoryError, match="try --batch-size 8"):
         train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the random-weights warning of the test backbone
+def test_scripts_reuse_the_feature_cache_and_any_change_invalidates_it(tiny_dataset, tmp_path, monkeypatch):
+    import inference
+    import pipeline.features as features_module
+
+    extracted: list[int] = []
+    original = features_module.extract_features
+
+    def counting(backbone, paths, image_ids, *args, **kwargs):
+        extracted.append(len(image_ids))
+        return original(backbone, paths, image_ids, *args, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_features", counting)
+    weights = tmp_path / "w"
+    args = ["--data", str(tiny_dataset), "--weights", str(weights), "--output", str(tmp_path / "out"), *TINY_IMAGE_ARGS]
+    train_efficientnet.main(args)
+    assert extracted == [48]  # train + validation images, once
+    train_efficientnet.main(args)
+    assert extracted == [48]  # second run: read from the cache
+    inference.main(["--data", str(tiny_dataset), "--weights", str(weights), "--output", str(tmp_path / "out"),
+                    "--workers", "0", "--val-fraction", "0.25", "--evaluate"])
+    assert extracted == [48, 10]  # only the 10 test images; validation features come from the cache
+
+    train_efficientnet.main([*args, "--resolution", "48"])  # later options win: another resolution
+    assert extracted == [48, 10, 48]
+    state = create_backbone("test_efficientnet").module.model.state_dict()
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "other.pt")
+    train_efficientnet.main([*args, "--backbone-weights", str(tmp_path / "other.pt")])  # other weights
+    assert extracted == [48, 10, 48, 48]
+    assert len(list((weights / "cache").glob("features-*.pt"))) == 4
