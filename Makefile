@@ -6,13 +6,15 @@ STAMP := $(VENV)/.installed
 SHARED ?= ../shared/comp5329
 REAL_OUT ?= /tmp/captioned-multilabel-real
 
-.PHONY: help venv demo demo-data test check-real bench-real clean
+.PHONY: help venv demo demo-data test check-real bench bench-real clean
 
 help:
 	@echo "make demo        install, generate the demo dataset, run every stage, print the scores"
 	@echo "make test        install and run the test suite (CPU, tiny generated data)"
 	@echo "make check-real  checks on the real competition data in $(SHARED)"
-	@echo "make bench-real  the whole default recipe on the real data, timed (bench/real_pipeline.py)"
+	@echo "make bench-real  the whole default recipe on the real data, timed (bench/real_pipeline.py),"
+	@echo "                 then the throughput benchmark on its weights (python -m pipeline.bench)"
+	@echo "make bench       the throughput benchmark on the demo dataset (after make demo)"
 	@echo "make clean       remove generated data, weights and outputs (keeps .venv)"
 
 $(STAMP): requirements.txt
@@ -43,5 +45,9 @@ clean:
 
 bench-real: $(STAMP)
 	@if [ -d $(SHARED) ]; then \
-		$(PY) bench/real_pipeline.py --data $(SHARED) --work $(REAL_OUT) --output output; \
+		$(PY) bench/real_pipeline.py --data $(SHARED) --work $(REAL_OUT) --output output && \
+		$(PY) -m pipeline.bench --data $(SHARED) --weights $(REAL_OUT)/weights --output output; \
 	else echo "$(SHARED) not found: skipping the real-data benchmark"; fi
+
+bench: $(STAMP)
+	$(PY) -m pipeline.bench --data data/demo --weights weights --output output

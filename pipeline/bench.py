@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import resource
 import tempfile
@@ -43,13 +44,14 @@ from pipeline.config import CommonConfig, build_parser, config_from_args, option
 from pipeline.data import CAPTION_COLUMN, ID_COLUMN, ImageDataset, LabelSet, read_csv, resolve_dataset
 from pipeline.distributed import DistContext
 from pipeline.engine import ModelEma, TrainStep, epoch_loader, train_one_epoch
+from pipeline.features import CPU_BATCH
 from pipeline.finetune import ImageModel
 from pipeline.fusion import FusionSettings, load_fusion
 from pipeline.models.backbones import create_backbone, fuse_for_inference
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
 from pipeline.predict import BranchPredictor, load_branch_checkpoints, write_submission
-from pipeline.runtime import autocast_context, resolve_device, seed_everything
+from pipeline.runtime import autocast_context, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.transforms import build_transform
 
 COMPARED_BACKBONE = "efficientnet-b0"
@@ -59,12 +61,17 @@ COMPARED_BACKBONE = "efficientnet-b0"
 class BenchConfig(CommonConfig):
     """Settings of ``python -m pipeline.bench``."""
 
-    num_images: int = option(640, "images timed through the inference path (per backbone)")
-    forward_seconds: float = option(10.0, "how long to time the in-memory backbone forward pass")
+    num_images: int = option(1000, "images timed through the inference path (per backbone and repeat)")
+    forward_seconds: float = option(6.0, "how long to time each in-memory backbone forward pass")
     finetune_batches: int = option(4, "fine-tuning steps timed (after one warm-up step)")
     finetune_batch_size: int = option(32, "images per fine-tuning step")
     head_rows: int = option(20000, "cached-feature rows per head-training epoch timed")
     threads: int = option(0, "torch CPU threads (0: torch's default, one per core)")
+    repeats: int = option(2, "each throughput is measured this many times and the best kept (this "
+                          "machine's speed varies from run to run)")
+    precision: str | None = option(None, "run the backbone in this precision instead of the one the checkpoint "
+                                   "was trained with (speed only: the heads expect the trained one)",
+                                   choices=["fp32", "bf16"])
     compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}")
     batch_size: int = option(64, "images per batch in the inference path and the forward pass")
 
@@ -79,12 +86,12 @@ def _rate(count: int, seconds: float) -> float:
 
 @torch.inference_mode()
 def time_backbone_forward(module: torch.nn.Module, batch_size: int, resolution: int, device: torch.device,
-                          seconds: float) -> float:
-    """Images per second of ``module`` on one in-memory batch, repeated for ``seconds``."""
+                          seconds: float, precision: str) -> float:
+    """Images per second of ``module`` in this process (torch's threads) on one in-memory batch."""
     images = torch.randn(batch_size, 3, resolution, resolution, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     model = module.to(device).to(memory_format=torch.channels_last)
-    with autocast_context(device):
+    with autocast_context(device, precision):
         model(images)  # warm-up: first-call allocations and kernel selection
         count, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds or count == 0:
@@ -95,9 +102,60 @@ def time_backbone_forward(module: torch.nn.Module, batch_size: int, resolution: 
     return _rate(count, time.perf_counter() - started)
 
 
+class _InMemoryForward(torch.utils.data.Dataset):
+    """Item ``k``: one forward pass of a fixed in-memory batch, run in a DataLoader worker."""
+
+    def __init__(self, module: torch.nn.Module, batch: torch.Tensor, batches: int, precision: str) -> None:
+        self.module, self.batch, self.batches, self.precision = module, batch, batches, precision
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        with torch.inference_mode(), autocast_context(torch.device("cpu"), self.precision):
+            return self.module(self.batch).mean()
+
+
+def time_forward_in_processes(module: torch.nn.Module, batch_size: int, resolution: int, processes: int,
+                              images: int, precision: str) -> float:
+    """Images per second of ``processes`` single-threaded workers each running the forward pass
+    on an in-memory batch: the CPU layout feature extraction uses, without any decoding."""
+    batch = torch.randn(batch_size, 3, resolution, resolution).contiguous(memory_format=torch.channels_last)
+    model = module.to(memory_format=torch.channels_last)
+    batches = max(2 * processes, images // batch_size)
+    loader = DataLoader(_InMemoryForward(model, batch, batches, precision), batch_size=None,
+                        num_workers=processes, prefetch_factor=4)
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    return _rate(batches * batch_size, time.perf_counter() - started)
+
+
+def forward_limits(module: torch.nn.Module, resolution: int, device: torch.device, precision: str,
+                   config: BenchConfig, batch: int, processes: int) -> dict[str, float]:
+    """The backbone's in-memory forward throughput in each layout that could run it here (best
+    of ``--repeats``): this process with torch's threads at the pipeline's batch and at
+    ``--batch-size``, and on CPU one single-threaded process per core. The limit is the best."""
+    fused = fuse_for_inference(module, resolution)
+    limits = {}
+    for size in sorted({batch, config.batch_size}):
+        limits[f"threads_batch{size}"] = max(
+            time_backbone_forward(fused, size, resolution, device, config.forward_seconds, precision)
+            for _ in range(config.repeats))
+    if processes:
+        images = int(limits[f"threads_batch{batch}"] * config.forward_seconds)
+        limits[f"processes{processes}_batch{batch}"] = max(
+            time_forward_in_processes(fused, batch, resolution, processes, images, precision)
+            for _ in range(config.repeats))
+    return limits
+
+
 def time_inference_path(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings,
                         labels: LabelSet, scratch: Path) -> dict:
-    """Seconds per stage and images per second of the whole inference path on ``frame``."""
+    """Seconds per stage and images per second of the whole inference path on ``frame``
+    (an empty feature cache in ``scratch``, so every image is decoded and run)."""
+    predictor.cache_dir = scratch / "cache"
+    scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     features = predictor.features(frame[ID_COLUMN].tolist(), "bench features")
     extracted = time.perf_counter()
@@ -203,6 +261,7 @@ def _decoder_step(feature_dim: int, num_labels: int) -> torch.nn.Module:
 def run_benchmark(config: BenchConfig) -> dict:
     """Run every measurement; write bench.json in ``--output``; return the results."""
     seed_everything(config.seed)
+    reuse_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -230,15 +289,21 @@ def run_benchmark(config: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch_name:
         scratch = Path(scratch_name)
         predictor = BranchPredictor(checkpoints, paths, scratch / "cache", device, config.batch_size, config.workers)
-        backbone = predictor.backbone
+        if config.precision:
+            predictor.precision = config.precision
+        backbone, precision = predictor.backbone, predictor.precision
         resolution = backbone.preprocessing["resolution"]
-        results.update(backbone=backbone.name, resolution=resolution)
-        print(f"timing {backbone.name} forward on an in-memory batch of {config.batch_size} ...", flush=True)
-        results["backbone_forward_img_s"] = time_backbone_forward(
-            fuse_for_inference(backbone.module, resolution), config.batch_size, resolution, device,
-            config.forward_seconds)
+        processes = len(os.sched_getaffinity(0)) if device.type == "cpu" and config.workers > 0 else 0
+        batch = min(config.batch_size, CPU_BATCH) if processes else config.batch_size
+        results.update(backbone=backbone.name, resolution=resolution, precision=precision,
+                       pipeline_batch=batch, pipeline_processes=processes)
+        print(f"timing {backbone.name} forward ({precision}) on in-memory batches ...", flush=True)
+        limits = forward_limits(backbone.module, resolution, device, precision, config, batch, processes)
+        results["backbone_forward_layouts_img_s"] = limits
+        results["backbone_forward_img_s"] = max(limits.values())
         print(f"timing the inference path on {len(frame)} images ...", flush=True)
-        path = time_inference_path(predictor, frame, settings, labels, scratch)
+        path = max((time_inference_path(predictor, frame, settings, labels, scratch / f"run{i}")
+                    for i in range(config.repeats)), key=lambda run: run["img_s"])
         results["pipeline_img_s"] = path["img_s"]
         results["pipeline_breakdown_seconds"] = path
         results["pipeline_over_forward"] = round(results["pipeline_img_s"] / results["backbone_forward_img_s"], 3)
@@ -252,13 +317,12 @@ def run_benchmark(config: BenchConfig) -> dict:
                 raise SystemExit(f"{COMPARED_BACKBONE} gives {compared.feature_dim} features, the trained heads "
                                  f"expect {backbone.feature_dim}; run with --no-compare")
             predictor.backbone = compared
-            predictor.cache_dir = scratch / "cache-compared"
             print(f"timing the inference path with efficientnet-pytorch {COMPARED_BACKBONE} ...", flush=True)
-            results["effnet_pytorch_pipeline_img_s"] = time_inference_path(
-                predictor, frame, settings, labels, scratch)["img_s"]
-            results["effnet_pytorch_forward_img_s"] = time_backbone_forward(
-                fuse_for_inference(compared.module, resolution), config.batch_size, resolution, device,
-                config.forward_seconds)
+            results["effnet_pytorch_pipeline_img_s"] = max(
+                time_inference_path(predictor, frame, settings, labels, scratch / f"compared{i}")["img_s"]
+                for i in range(config.repeats))
+            results["effnet_pytorch_forward_img_s"] = max(
+                forward_limits(compared.module, resolution, device, precision, config, batch, processes).values())
             results["speedup_over_effnet_pytorch"] = round(
                 results["pipeline_img_s"] / results["effnet_pytorch_pipeline_img_s"], 2)
             predictor.backbone = backbone
@@ -289,9 +353,12 @@ def run_benchmark(config: BenchConfig) -> dict:
 def format_table(results: dict) -> str:
     """The headline figures as an aligned two-column table."""
     rows = [
-        ("backbone", f"{results['backbone']} @ {results['resolution']} px on {results['device']}, "
-                     f"{results['threads']} threads, {results['workers']} workers, batch {results['batch_size']}"),
-        ("backbone forward (limit)", f"{results['backbone_forward_img_s']} img/s"),
+        ("backbone", f"{results['backbone']} @ {results['resolution']} px, {results['precision']}, on "
+                     f"{results['device']} ({results['threads']} threads); pipeline batch {results['pipeline_batch']}, "
+                     f"{results['pipeline_processes']} extraction processes"),
+        ("backbone forward (limit)", f"{results['backbone_forward_img_s']} img/s (best of "
+                                     + ", ".join(f"{k} {v}" for k, v in results['backbone_forward_layouts_img_s'].items())
+                                     + ")"),
         ("inference pipeline", f"{results['pipeline_img_s']} img/s ({results['pipeline_over_forward']:.0%} of the limit)"),
         ("10,000 test images", f"{results['test_10000_images_minutes']} min"),
     ]
