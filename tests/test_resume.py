@@ -64,30 +64,30 @@ def test_resumed_image_training_equals_an_uninterrupted_run(tiny_dataset, tmp_pa
 def test_resumed_caption_ensemble_equals_an_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch):
     args = ["--data", str(tiny_dataset), *CAPTION_ARGS]
     train_caption_rnn.main([*args, "--weights", str(tmp_path / "whole")])
-    with monkeypatch.context() as patch:
-        crash_after(patch, "member1", 1)  # the first model finished, the second after one epoch
-        with pytest.raises(SimulatedCrash):
-            train_caption_rnn.main([*args, "--weights", str(tmp_path / "cut")])
+    # The first model finished, the second died after one epoch.
+    interrupted_caption_run(monkeypatch, [*args, "--weights", str(tmp_path / "cut")], "member1", 1)
     train_caption_rnn.main([*args, "--weights", str(tmp_path / "cut"), "--resume"])
     assert_same_checkpoints(tmp_path / "whole", tmp_path / "cut", ("caption",))
 
 
-def test_resume_refuses_a_state_saved_with_other_settings(tiny_dataset, tmp_path, monkeypatch):
-    args = ["--data", str(tiny_dataset), *CAPTION_ARGS, "--weights", str(tmp_path / "w")]
+def interrupted_caption_run(monkeypatch, args: list[str], loop: str, epoch: int) -> None:
+    """Run train_caption_rnn.py until it dies after ``loop`` saved ``epoch``."""
     with monkeypatch.context() as patch:
-        crash_after(patch, "member0", 1)
+        crash_after(patch, loop, epoch)
         with pytest.raises(SimulatedCrash):
             train_caption_rnn.main(args)
+
+
+def test_resume_refuses_a_state_saved_with_other_settings(tiny_dataset, tmp_path, monkeypatch):
+    args = ["--data", str(tiny_dataset), *CAPTION_ARGS, "--weights", str(tmp_path / "w")]
+    interrupted_caption_run(monkeypatch, args, "member0", 1)
     with pytest.raises(CheckpointError, match=r"member0\.pt: saved by a run with other settings"):
         train_caption_rnn.main([*args, "--lr", "0.01", "--resume"])
 
 
 def test_a_fresh_run_clears_states_an_earlier_run_left(tiny_dataset, tmp_path, monkeypatch):
     args = ["--data", str(tiny_dataset), *CAPTION_ARGS, "--weights", str(tmp_path / "w")]
-    with monkeypatch.context() as patch:
-        crash_after(patch, "member0", 1)
-        with pytest.raises(SimulatedCrash):
-            train_caption_rnn.main(args)
+    interrupted_caption_run(monkeypatch, args, "member0", 1)
     stale = tmp_path / "w" / "resume" / "caption" / "member0.pt"
     assert stale.is_file()
     train_caption_rnn.main([*args, "--lr", "0.01"])  # no --resume: starts over, other settings are fine
