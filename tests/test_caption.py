@@ -7,6 +7,7 @@ import torch
 
 import train_caption_rnn
 from pipeline.checkpoint import load_checkpoint, load_probabilities, save_checkpoint
+from pipeline.engine import NonFiniteLossError
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier, rnn_class
 from pipeline.text import Vocabulary
 from pipeline.train_caption import CaptionTrainConfig, build_ensemble, model_settings, predict_caption_probs
@@ -180,3 +181,16 @@ def test_training_starts_from_word_vectors_file(tmp_path):
     assert summary["best_epoch"] == 1
     with pytest.raises(ValueError, match="--embed-dim 4"):
         train_caption_rnn.main(base + ["--embed-dim", "5"])
+
+
+def test_non_finite_caption_loss_names_model_epoch_and_step(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _write_tiny_dataset(data)
+
+    def nan_loss():
+        return lambda logits, targets: logits.sum() * float("nan")
+
+    monkeypatch.setattr(torch.nn, "BCEWithLogitsLoss", nan_loss)
+    with pytest.raises(NonFiniteLossError, match=r"caption: loss is nan at epoch 1, step 0"):
+        train_caption_rnn.main(["--data", str(data), "--weights", str(tmp_path / "w"), "--ensemble", "1",
+                                "--epochs", "1", "--workers", "0"])
