@@ -139,9 +139,10 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    info = dataset_info(path)
     if allow_duplicate_ids is None:
-        allow_duplicate_ids = repeated_ids_declared(path)
-    allow_empty_labels = dataset_info(path).get("empty_images") == "kept"
+        allow_duplicate_ids = bool(info.get("repeated_ids", False))
+    allow_empty_labels = info.get("empty_images") == "kept"
     lines = _decode(path).split("\n")
     header = next(csv.reader([lines[0]])) if lines and lines[0].strip() else []
     header = [name.strip() for name in header]
@@ -391,15 +392,20 @@ def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | 
     if frame.empty:
         raise DataFormatError(f"{path}: no rows after the header; nothing to predict")
     if labels is not None:
-        known = set(labels.ids)
-        for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN]):
-            unknown = [label for label in row_labels if label not in known]
-            if unknown:
-                raise DataFormatError(
-                    f"{path}:{line}: label id {unknown[0]} is not one of the labels the model was "
-                    f"trained on {list(labels.ids)}"
-                )
+        check_known_labels(frame, labels)
     return frame
+
+
+def check_known_labels(frame: pd.DataFrame, labels: LabelSet) -> None:
+    """Every label id of a labelled frame is one the model knows; else an error naming file and line."""
+    known = set(labels.ids)
+    for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN]):
+        unknown = [label for label in row_labels if label not in known]
+        if unknown:
+            raise DataFormatError(
+                f"{frame.attrs['source']}:{line}: label id {unknown[0]} is not one of the labels the model "
+                f"was trained on {list(labels.ids)}"
+            )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

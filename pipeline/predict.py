@@ -30,6 +30,7 @@ from pipeline.data import (
     DataFormatError,
     DatasetPaths,
     LabelSet,
+    check_known_labels,
     group_by_image,
     load_train_val,
     read_prediction_csv,
@@ -354,8 +355,7 @@ def _run_inference(config: InferenceConfig) -> dict:
         from pipeline.report import evaluation_report
 
         if eval_frame is not None:
-            # Read again now that the model's labels are known: an unknown label id is an error.
-            eval_frame = read_prediction_csv(config.eval_csv, captions=False, labels=labels)
+            check_known_labels(eval_frame, labels)  # the model's labels are known only now
             y_true = labels.encode(group_by_image(eval_frame).images[LABELS_COLUMN])
             probs = predictor.probabilities(eval_frame, description="evaluation features")
             source = str(config.eval_csv)
