@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.checkpoint import atomic_write_text
+from pipeline.runtime import default_workers
 
 DEMO_DATA = Path("data/demo")
 
@@ -40,12 +40,11 @@ class CommonConfig:
         0.15, "fraction of train.csv held out for validation and fusion tuning, by a stable hash of "
         "ImageID; must be the same for every script of a run")
     batch_size: int = option(64, "images or captions per batch")
-    # Decoding a JPEG costs about a millisecond against several for the backbone, so one
-    # worker per spare core keeps a GPU fed without taking cores from it.
-    workers: int = option(max(1, min(4, len(os.sched_getaffinity(0)) - 1)),
-                          "DataLoader worker processes decoding images for the GPU and for fine-tuning; "
-                          "feature extraction on CPU runs one single-threaded decode+forward process per "
-                          "core instead (0: everything in the main process)")
+    workers: int = option(default_workers(),
+                          "DataLoader worker processes decoding images (default: one per core; under torchrun "
+                          "the processes of a machine share them); feature extraction on CPU runs one "
+                          "single-threaded decode+forward process per core instead (0: everything in the main "
+                          "process)")
 
     @property
     def data_dir(self) -> Path:

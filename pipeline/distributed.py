@@ -8,6 +8,10 @@ here is a no-op, so the single-process path is the same code.
 
 ``--batch-size`` stays the *global* batch: each of N processes takes 1/N of every batch, so
 a run gives the same result (up to float rounding) on 1 or N processes.
+
+Every collective in the package goes through this module and puts its tensors on
+``context.device``: NCCL only accepts CUDA tensors, gloo accepts CPU ones, so a helper that
+built its tensor on the CPU would work under gloo and crash under NCCL.
 """
 
 from __future__ import annotations
@@ -31,10 +35,15 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Where this rank computes, and where every tensor handed to a collective must live.
+    device: torch.device = torch.device("cpu")
+    # In a process group (launched by torchrun, even as its only process): DDP and the
+    # collectives run, so a one-GPU torchrun exercises the NCCL path.
+    distributed: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.distributed
 
     @property
     def is_main(self) -> bool:
@@ -74,30 +83,50 @@ def distributed_session(device: torch.device) -> Iterator[tuple[DistContext, tor
     past the timeout.
     """
     world_size = _env_int("WORLD_SIZE", 1)
-    if world_size <= 1 or dist.is_initialized():
-        yield (_current_context() if dist.is_initialized() else DistContext()), device
+    local_rank = _env_int("LOCAL_RANK", 0)
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or world_size > 1  # torchrun sets both
+    if device.type == "cuda" and (launched or dist.is_initialized()):
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if dist.is_initialized():
+        yield DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, distributed=True), device
         return
-    context = DistContext(rank=_env_int("RANK", 0), world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        torch.cuda.set_device(context.local_rank)
-        device = torch.device("cuda", context.local_rank)
+    if not launched:
+        yield DistContext(device=device), device
+        return
+    context = DistContext(_env_int("RANK", 0), world_size, local_rank, device, distributed=True)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                            device_id=device if device.type == "cuda" else None)
     try:
         yield context, device
     finally:
         dist.destroy_process_group()
 
 
-def _current_context() -> DistContext:
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=_env_int("LOCAL_RANK", 0))
+def local_world_size() -> int:
+    """Processes torchrun started on this machine (1 without torchrun): they share its cores."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
 
 
-def wrap_model(module: nn.Module, context: DistContext, device: torch.device) -> nn.Module:
-    """``module`` in DistributedDataParallel when several processes train, else unchanged."""
+def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = False) -> nn.Module:
+    """``module`` in DistributedDataParallel when several processes train, else unchanged.
+
+    ``find_unused_parameters`` stays off: it costs a traversal of the autograd graph every
+    step, and no model here has parameters outside the loss (backbones drop their unused
+    classifiers; a test checks that every parameter gets a gradient). ``sync_batch_norm``
+    (``--sync-bn``) makes batch norm use the statistics of the global batch, which helps
+    when each process's share of a batch is small.
+    """
     if not context.enabled:
         return module
-    device_ids = [device.index] if device.type == "cuda" else None
+    if sync_batch_norm:
+        if context.device.type != "cuda":
+            raise ValueError("--sync-bn: synchronised batch norm runs on GPUs only; leave it off on CPU")
+        from timm.layers import convert_sync_batchnorm
+
+        module = convert_sync_batchnorm(module)
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
@@ -107,11 +136,12 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def barrier(context: DistContext) -> None:
+    """Wait for every rank (a no-op in one process)."""
     if context.enabled:
-        dist.barrier()
+        dist.barrier(device_ids=[context.device.index] if context.device.type == "cuda" else None)
 
 
-def all_ranks_agree(flag: bool, context: DistContext, device: torch.device) -> bool:
+def all_ranks_agree(flag: bool, context: DistContext) -> bool:
     """True when ``flag`` is True on every rank (e.g. every rank found the feature cache).
 
     On several machines without a shared file system one rank may see a file another does
@@ -119,17 +149,20 @@ def all_ranks_agree(flag: bool, context: DistContext, device: torch.device) -> b
     """
     if not context.enabled:
         return flag
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(flag)], device=context.device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 
-def mean_across_ranks(total: float, count: int, context: DistContext) -> float:
-    """``sum(total) / sum(count)`` over every rank (e.g. the epoch's mean loss)."""
-    if not context.enabled:
-        return total / max(count, 1)
-    values = torch.tensor([total, float(count)], dtype=torch.float64)
-    dist.all_reduce(values)
+def mean_across_ranks(total: float | torch.Tensor, count: int, context: DistContext) -> float:
+    """``sum(total) / sum(count)`` over every rank (e.g. the epoch's mean loss).
+
+    ``total`` may be a tensor still on the device (a loss summed without host syncs).
+    """
+    values = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=context.device).reshape(()),
+                          torch.tensor(float(count), dtype=torch.float64, device=context.device)])
+    if context.enabled:
+        dist.all_reduce(values)
     return (values[0] / values[1].clamp(min=1)).item()
 
 
@@ -137,13 +170,14 @@ def gather_shards(local: torch.Tensor, context: DistContext, total: int) -> torc
     """Concatenate every rank's ``local`` rows (from :meth:`DistContext.shard`) in rank order.
 
     Shards differ in length by at most one row; they are padded to the same length for
-    ``all_gather`` and cut back. The result has ``total`` rows on every rank.
+    ``all_gather`` and cut back. The result has ``total`` rows on every rank, on the device
+    ``local`` came from (the collective itself runs on ``context.device``).
     """
     if not context.enabled:
         return local
     sizes = [len(part) for part in np.array_split(np.arange(total), context.world_size)]
-    padded = local.new_zeros((max(sizes), *local.shape[1:]))
-    padded[: len(local)] = local
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=context.device)
+    padded[: len(local)] = local.to(context.device)
     parts = [torch.empty_like(padded) for _ in range(context.world_size)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -24,14 +25,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 arithmetic runs in hardware: CUDA GPUs that support it, and CPUs with
     AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere bf16 is emulated and slower)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -40,25 +41,60 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the device computes it natively, else ``fp32``."""
+    """``auto`` -> ``bf16`` where the device computes it natively, else ``fp16`` on a GPU
+    (trained with a gradient scaler) and ``fp32`` on a CPU."""
     if name not in PRECISIONS:
         raise ValueError(f"--precision {name!r}: valid values are {', '.join(PRECISIONS)}")
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        if native_bf16(device):
+            return "bf16"
+        return "fp16" if device.type == "cuda" else "fp32"
     return name
 
 
-def autocast_context(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
-    """bf16 autocast when ``precision`` is ``bf16``, nothing for ``fp32``.
+def training_precision(name: str, device: torch.device) -> str:
+    """The precision training computes in: ``resolve_precision``, except that ``auto`` trains
+    in fp32 on a CPU, where bf16 backward passes are slower than fp32 ones (the README's
+    measurements); the frozen forward passes there still use bf16."""
+    if name == "auto" and device.type == "cpu":
+        return "fp32"
+    return resolve_precision(name, device)
 
-    ``None`` is the training default: bf16 on GPU, fp32 on CPU (training on CPU is the
-    fine-tune fallback; its precision was not tuned).
-    """
-    if precision is None:
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU, where tensor-core convolutions want it; the default layout on a
+    CPU, where training's backward convolutions run faster in it."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` (``bf16`` or ``fp16``); nothing for ``fp32``."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only for fp16 (whose small range underflows gradients;
+    bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast CUDA kernels: cuDNN picks the best convolution algorithm for the fixed input
+    size, and fp32 matrix products use TF32 tensor cores. No-op on CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def default_workers() -> int:
+    """Loader worker processes: one per core this process may use."""
+    return len(os.sched_getaffinity(0))
 
 
 # torch >= 2.5 has torch.OutOfMemoryError, of which torch.cuda.OutOfMemoryError is an alias.
@@ -91,9 +127,8 @@ def reuse_freed_memory() -> bool:
     glibc serves large allocations with mmap and unmaps them when freed, so every forward
     pass of a CNN page-faults its activation buffers back in from zero pages. Raising the
     mmap and trim thresholds lets freed buffers be reused: measured on this 2-core machine,
-    Lite0's forward went from 103 to 193 img/s in fp32 and from 197 to 309 img/s in bf16
-    (page faults per 5 s: 1.9 million -> 7 thousand). The price is that the process keeps
-    its peak memory. Returns False where there is no glibc (nothing changes).
+    the forward pass runs nearly twice as fast (README, "What makes the CPU extraction fast").
+    The price is that the process keeps its peak memory. Returns False where there is no glibc (nothing changes).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -116,7 +151,7 @@ def cpu_threads(threads: int) -> Iterator[None]:
 
     Small models (heads on cached features, the caption RNN) gain little from a second
     thread on an idle machine, and when another process holds a core the threads' spinning
-    and synchronisation made an epoch 10-40x slower here (5 s -> 50 s for the decoder).
+    and synchronisation make an epoch many times slower.
     """
     previous = torch.get_num_threads()
     if threads > 0:

@@ -279,7 +279,7 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     seed_everything(seed)
     num_labels = train.labels.shape[1]
     model = build_model(model_settings(config), vocab_size, num_labels, embeddings).to(device)
-    trained = wrap_model(model, context, device)
+    trained = wrap_model(model, context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train.lengths) / config.batch_size)
     # One-cycle: a short warm-up, then cosine decay over the whole budget of epochs, so

@@ -13,6 +13,27 @@ from PIL import Image
 # Tiny tensors run faster on one thread, and results stay identical run to run.
 torch.set_num_threads(1)
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs only where CUDA is present (and then always runs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run on a GPU machine (make gpu-check)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """The suite runs on the CPU on every machine, so a GPU machine runs the same tests: ``--device
+    auto`` (every script's default) resolves to the CPU here. Tests marked ``cuda`` see the GPU."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
 WORDS = {1: "person", 3: "car", 18: "dog", 19: "horse"}
 COLOURS = {1: (220, 40, 40), 3: (40, 200, 40), 18: (40, 40, 220), 19: (220, 220, 40)}
 
@@ -46,7 +67,7 @@ def tiny_dataset(tmp_path: Path) -> Path:
 
 # Options that keep the image branch tiny: a 100k-parameter timm test model at 32 px.
 TINY_IMAGE_ARGS = [
-    "--backbone", "test_efficientnet", "--resolution", "32", "--workers", "0", "--batch-size", "16",
+    "--device", "cpu", "--backbone", "test_efficientnet", "--resolution", "32", "--workers", "0", "--batch-size", "16",
     "--epochs", "3", "--decoder-epochs", "2", "--head-hidden", "32", "--decoder-embed", "16",
     "--decoder-hidden", "32", "--val-fraction", "0.25",
 ]

@@ -174,8 +174,15 @@ def test_precision_resolves_from_the_hardware_and_refuses_unknown_names(monkeypa
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
     assert runtime.resolve_precision("auto", cpu) == "bf16"
     assert runtime.resolve_precision("fp32", cpu) == "fp32"
-    with pytest.raises(ValueError, match="--precision 'fp16': valid values are auto, fp32, bf16"):
+    with pytest.raises(ValueError, match="--precision 'fp8': valid values are auto, fp32, bf16, fp16"):
+        runtime.resolve_precision("fp8", cpu)
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
         runtime.resolve_precision("fp16", cpu)
+    # A GPU without native bf16 trains in fp16 with a gradient scaler.
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    assert runtime.resolve_precision("auto", gpu) == "fp16"
+    assert runtime.grad_scaler(cpu, "fp32").is_enabled() is False
     with runtime.autocast_context(cpu, "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with runtime.autocast_context(cpu, "fp32"):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import inference
 import train_caption_rnn
@@ -44,8 +45,12 @@ def test_bad_option_values_are_refused_by_name(capsys):
     assert "--seed" in capsys.readouterr().err
 
 
-def test_device_resolution():
+def test_device_resolution(monkeypatch):
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda")
+    assert resolve_device("auto").type == "cpu"  # the suite is pinned to the CPU (conftest)
+    with pytest.raises(RuntimeError, match="--device cuda: no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
     with pytest.raises(ValueError, match="valid values"):
         resolve_device("tpu")
