@@ -47,14 +47,48 @@ class Backbone:
 
 
 class _EfficientNetPytorchFeatures(nn.Module):
-    """efficientnet-pytorch's model seen as a feature-map extractor."""
+    """efficientnet-pytorch's model seen as a feature-map extractor.
+
+    The classifier (``_fc``) is dropped: it would be a parameter outside the loss, which
+    DistributedDataParallel refuses unless it searches the graph for unused parameters
+    every step.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        model._fc = nn.Identity()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.extract_features(images)  # (B, C, h, w)
+
+
+class _EfficientNetPytorchStages(nn.Module):
+    """Blocks ``[first, stop)`` of an efficientnet-pytorch model, with the stem when ``first``
+    is 0 and the head convolution when ``stop`` is the last block: (B, C, h, w) -> (B, C', h', w').
+
+    Drop-connect keeps its depth scaling by each block's index in the whole network.
+    """
+
+    def __init__(self, model: nn.Module, first: int, stop: int) -> None:
+        super().__init__()
+        count = len(model._blocks)
+        self.first, self.count = first, count
+        self.drop_connect_rate = model._global_params.drop_connect_rate
+        self.stem = nn.ModuleList([model._conv_stem, model._bn0]) if first == 0 else None
+        self.blocks = nn.ModuleList(model._blocks[first:stop])
+        self.head = nn.ModuleList([model._conv_head, model._bn1]) if stop == count else None
+        self.swish = model._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = self.swish(self.stem[1](self.stem[0](x)))
+        for offset, block in enumerate(self.blocks):
+            rate = self.drop_connect_rate * (self.first + offset) / self.count if self.drop_connect_rate else None
+            x = block(x, drop_connect_rate=rate)
+        if self.head is not None:
+            x = self.swish(self.head[1](self.head[0](x)))
+        return x
 
 
 class _TimmFeatures(nn.Module):
@@ -66,6 +100,76 @@ class _TimmFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(images)  # (B, C, h, w)
+
+
+class _TimmStages(nn.Module):
+    """Stages ``[first, stop)`` of a timm EfficientNet-style model (``conv_stem``, ``bn1``, a
+    ``blocks`` sequence of stages, then ``conv_head`` and ``bn2`` when it has them), with the
+    stem when ``first`` is 0 and the head convolution when ``stop`` is the last stage."""
+
+    def __init__(self, model: nn.Module, first: int, stop: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(model.conv_stem, model.bn1) if first == 0 else nn.Identity()
+        self.blocks = model.blocks[first:stop]
+        # EfficientNet's forward_features ends with conv_head + bn2; MobileNetV3's ends at the blocks.
+        last = stop == len(model.blocks) and isinstance(getattr(model, "bn2", None), nn.Module)
+        self.head = nn.Sequential(model.conv_head, model.bn2) if last else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class BackboneSplitError(ValueError):
+    """A backbone that cannot be split into frozen and trained stages as asked."""
+
+
+def _stage_starts(backbone: Backbone) -> list[int]:
+    """Index of the first block of each stage (efficientnet-pytorch keeps its blocks flat; a
+    stage starts where a block changes the channel count)."""
+    model = backbone.module.model
+    if isinstance(backbone.module, _EfficientNetPytorchFeatures):
+        return [i for i, block in enumerate(model._blocks)
+                if i == 0 or block._block_args.input_filters != block._block_args.output_filters]
+    if all(isinstance(getattr(model, name, None), nn.Module) for name in ("conv_stem", "bn1", "blocks")):
+        return list(range(len(model.blocks)))
+    raise BackboneSplitError(
+        f"--mode partial needs an EfficientNet-style backbone (timm's EfficientNet and MobileNet families, "
+        f"or {', '.join(EFFICIENTNET_PYTORCH_NAMES[:2])}...); {backbone.name} has no stem and stage blocks to split")
+
+
+def num_stages(backbone: Backbone) -> int:
+    """Stages of the backbone that ``split_backbone`` can split at."""
+    return len(_stage_starts(backbone))
+
+
+@torch.no_grad()
+def split_backbone(backbone: Backbone, stage: int) -> tuple[nn.Module, nn.Module]:
+    """(front, tail) with ``tail(front(x)) == backbone.module(x)``: the front is the stem and
+    stages ``0 .. stage-1``, the tail the other stages and the head convolution.
+
+    Both share their tensors with ``backbone.module``, so training the tail trains the
+    backbone. The split is checked on a random batch.
+    """
+    starts = _stage_starts(backbone)
+    if not 1 <= stage < len(starts):
+        raise BackboneSplitError(
+            f"--train-from-stage {stage}: {backbone.name} has stages 0..{len(starts) - 1}; choose 1..{len(starts) - 1} "
+            "(0 is --mode finetune)")
+    model = backbone.module.model
+    if isinstance(backbone.module, _EfficientNetPytorchFeatures):
+        front = _EfficientNetPytorchStages(model, 0, starts[stage])
+        tail = _EfficientNetPytorchStages(model, starts[stage], len(model._blocks))
+    else:
+        front, tail = _TimmStages(model, 0, stage), _TimmStages(model, stage, len(starts))
+    was_training = backbone.module.training
+    backbone.module.eval()
+    probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected, got = backbone.module(probe), tail(front(probe))
+    backbone.module.train(was_training)
+    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
+        raise BackboneSplitError(f"--mode partial: {backbone.name} does not run as stem, stages and head in order; "
+                                 "use --mode frozen or finetune")
+    return front, tail
 
 
 def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
@@ -231,7 +335,8 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
             source, digest = "random", "random"
     resolution = EfficientNet.get_image_size(name)
     preprocessing = make_preprocessing(resolution, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
-    return Backbone(name, _EfficientNetPytorchFeatures(model), model._fc.in_features, preprocessing, source, digest)
+    feature_dim = model._fc.in_features
+    return Backbone(name, _EfficientNetPytorchFeatures(model), feature_dim, preprocessing, source, digest)
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, pretrained: bool = False,
