@@ -45,13 +45,22 @@ from pipeline.data import CAPTION_COLUMN, ID_COLUMN, ImageDataset, LabelSet, rea
 from pipeline.distributed import DistContext
 from pipeline.engine import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.features import CPU_BATCH
-from pipeline.finetune import ImageModel
+from pipeline.finetune import build_image_model, build_optimizer, image_inputs, joint_loss
+from pipeline.image_branch import ImageTrainConfig
 from pipeline.fusion import FusionSettings, load_fusion
 from pipeline.models.backbones import create_backbone, fuse_for_inference
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
 from pipeline.predict import BranchPredictor, load_branch_checkpoints, write_submission
-from pipeline.runtime import autocast_context, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.runtime import (
+    autocast_context,
+    configure_backends,
+    grad_scaler,
+    resolve_device,
+    reuse_freed_memory,
+    seed_everything,
+    training_precision,
+)
 from pipeline.transforms import build_transform
 
 COMPARED_BACKBONE = "efficientnet-b0"
@@ -63,7 +72,8 @@ class BenchConfig(CommonConfig):
 
     num_images: int = option(1000, "images timed through the inference path (per backbone and repeat)")
     forward_seconds: float = option(6.0, "how long to time each in-memory backbone forward pass")
-    finetune_batches: int = option(4, "fine-tuning steps timed (after one warm-up step)")
+    finetune_batches: int | None = option(None, "fine-tuning steps timed, after 3 untimed ones (default: 4 on "
+                                          "CPU, 40 on GPU, where a step takes milliseconds)")
     finetune_batch_size: int = option(32, "images per fine-tuning step")
     head_rows: int = option(20000, "cached-feature rows per head-training epoch timed")
     threads: int = option(0, "torch CPU threads (0: torch's default, one per core)")
@@ -189,47 +199,38 @@ def time_caption(predictor: BranchPredictor, frame: pd.DataFrame) -> float | Non
     return round(1000 * (time.perf_counter() - started) / len(captions), 3)
 
 
-def time_finetune(backbone_name: str, paths, image_ids: list[str], num_labels: int, device: torch.device,
-                  batch_size: int, batches: int, workers: int) -> float:
-    """Images per second of end-to-end fine-tuning steps (random targets: speed only)."""
+def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[str], num_labels: int,
+                  device: torch.device, batch_size: int, batches: int, workers: int, precision: str) -> float:
+    """Images per second of end-to-end fine-tuning steps, as ``--mode finetune`` runs them
+    (augmentation in loader workers, forward, backward, AdamW, EMA; random targets: speed
+    only). A few untimed steps first let the loader fill and cuDNN choose its kernels."""
+    warmup_batches = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        backbone = create_backbone(backbone_name)
-    feature_dim = 2 * backbone.feature_dim
-    model = ImageModel(backbone.module, ImageHead(feature_dim, num_labels, 512, 0.5),
-                       LabelDecoder(feature_dim, num_labels)).to(device).to(memory_format=torch.channels_last)
-    rank = LabelOrder.from_train(np.eye(num_labels, dtype=np.float32), "frequent").rank.to(device)
-    ids = image_ids[: batch_size * (batches + 1)]
-    images = ImageDataset(paths, ids, build_transform(backbone.preprocessing, train=True),
-                          backbone.preprocessing["resolution"])
-    targets = (torch.rand(len(ids), num_labels, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+        backbone = create_backbone(backbone_name, resolution=resolution)
+    config = ImageTrainConfig(batch_size=batch_size, workers=workers)
+    needed = batch_size * (batches + warmup_batches)
+    ids = [image_ids[i % len(image_ids)] for i in range(needed)]
+    targets = (np.random.default_rng(0).random((needed, num_labels)) < 0.2).astype(np.float32)
     targets[:, 0] = 1.0  # every image has a label, as in real data
-
-    class Labelled(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return images[index][0], targets[index]
-
-    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        features = m.features(batch[0].contiguous(memory_format=torch.channels_last))
-        return torch.nn.functional.binary_cross_entropy_with_logits(m.head(features).float(), batch[1]) \
-            + m.decoder.loss(features.float(), batch[1], rank)
-
-    step = TrainStep(model, step_loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ema = ModelEma(model)
-    warmup = DataLoader(Labelled(), batch_size=batch_size, num_workers=0)
-    loader = DataLoader(torch.utils.data.Subset(Labelled(), range(batch_size, len(ids))), batch_size=batch_size,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    autocast = lambda: autocast_context(device)  # noqa: E731 - a fresh context per step
-    train_one_epoch(step, [next(iter(warmup))], optimizer, device, 0, autocast=autocast, ema=ema, progress=False)
-    started = time.perf_counter()
-    train_one_epoch(step, loader, optimizer, device, 1, autocast=autocast, ema=ema, progress=True)
+    inputs = image_inputs(config, backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device)
+    model = build_image_model(config, inputs.trunk, 2 * backbone.feature_dim, num_labels, device)
+    step = TrainStep(model, joint_loss(config, inputs.prepare, LabelOrder.from_train(targets), device))
+    optimizer, _ = build_optimizer(config, model)
+    ema, scaler = ModelEma(model), grad_scaler(device, precision)
+    loader = DataLoader(inputs.train, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    batch_iter = iter(loader)
+    autocast = lambda: autocast_context(device, precision)  # noqa: E731 - a fresh context per step
+    warm = [next(batch_iter) for _ in range(warmup_batches)]
+    train_one_epoch(step, warm, optimizer, device, 0, autocast=autocast, ema=ema, scaler=scaler, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return _rate(len(ids) - batch_size, time.perf_counter() - started)
+    started = time.perf_counter()
+    train_one_epoch(step, batch_iter, optimizer, device, 1, autocast=autocast, ema=ema, scaler=scaler, progress=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return _rate(batch_size * batches, time.perf_counter() - started)
 
 
 def time_head_training(make_step: Callable[[int, int], torch.nn.Module], feature_dim: int, num_labels: int,
@@ -265,6 +266,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    configure_backends(device)
     paths = resolve_dataset(config.data, config.images)
     checkpoints = load_branch_checkpoints(Path(config.weights), None)
     image_branch = next((b for b in ("image", "decoder") if b in checkpoints), None)
@@ -332,9 +334,11 @@ def run_benchmark(config: BenchConfig) -> dict:
         results["caption_branch_ms_per_img"] = time_caption(predictor, frame)
 
     print("timing fine-tuning steps ...", flush=True)
-    results["train_finetune_img_s"] = time_finetune(backbone.name, paths, ids, len(labels), device,
-                                                    config.finetune_batch_size, config.finetune_batches,
-                                                    config.workers)
+    finetune_batches = config.finetune_batches or (40 if device.type == "cuda" else 4)
+    results["train_finetune_img_s"] = time_finetune(backbone.name, resolution, paths, ids, len(labels), device,
+                                                    config.finetune_batch_size, finetune_batches, config.workers,
+                                                    training_precision("auto", device))
+    results["train_finetune_batches_timed"] = finetune_batches
     feature_dim = 2 * backbone.feature_dim
     results["train_cached_head_img_s"] = time_head_training(_head_step, feature_dim, len(labels),
                                                             config.head_rows, device)

@@ -36,13 +36,13 @@ from pipeline.data import (
     read_prediction_csv,
     resolve_dataset,
 )
-from pipeline.features import cached_features
+from pipeline.features import cached_features, has_cached_features
 from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder
 from pipeline.models.heads import FeatureNorm, ImageHead
 from pipeline.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.train_image import training_image_ids
+from pipeline.image_branch import training_image_ids
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,16 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
                 f"{checkpoint_path(weights_dir, name)}: labels {checkpoint['label_ids']} differ from "
                 f"{checkpoint_path(weights_dir, first)}: {loaded[first]['label_ids']}; retrain on the same data"
             )
-    if "image" in loaded and "decoder" in loaded and loaded["image"]["backbone"] != loaded["decoder"]["backbone"]:
+    if "image" in loaded and "decoder" in loaded and \
+            _backbone_identity(loaded["image"]["backbone"]) != _backbone_identity(loaded["decoder"]["backbone"]):
         raise CheckpointError(f"{weights_dir}: image.pt and decoder.pt were trained on different backbones; retrain")
     return loaded
+
+
+def _backbone_identity(record: dict) -> dict:
+    """A backbone record without its weights: a fine-tuned backbone's tensors are named by
+    their digest, which the record holds."""
+    return {key: value for key, value in record.items() if key != "state_dict"}
 
 
 class BranchPredictor:
@@ -185,6 +192,10 @@ class BranchPredictor:
         """(features (N, D), readable (N,)) of the images, through the feature cache."""
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision)
+
+    def has_cached(self, image_ids: list[str]) -> bool:
+        """True when the features of these images are in the cache."""
+        return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision)
 
     def probabilities(self, frame: pd.DataFrame, features: tuple[torch.Tensor, torch.Tensor] | None = None,
                       description: str = "features") -> dict[str, np.ndarray]:
@@ -361,10 +372,12 @@ def _run_inference(config: InferenceConfig) -> dict:
             source = str(config.eval_csv)
         else:
             features = None
-            if predictor.backbone is not None:
-                # The training feature cache covers train + validation: reuse it.
-                values, readable = predictor.features(training_image_ids(train_images, val_images),
-                                                      "train.csv features")
+            training_ids = training_image_ids(train_images, val_images)
+            if predictor.backbone is not None and predictor.has_cached(training_ids):
+                # Frozen mode's feature cache covers train + validation: reuse it. (A fine-tuned
+                # backbone's training wrote the validation images' features alone, which the
+                # usual path below finds.)
+                values, readable = predictor.features(training_ids, "train.csv features")
                 features = (values[len(train_images):], readable[len(train_images):])
             y_true, source = y_val, "validation split"
             probs = predictor.probabilities(val, features=features)

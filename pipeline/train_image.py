@@ -1,40 +1,46 @@
 """Training the image branch: the image head and the CNN-RNN label decoder.
 
-``frozen`` mode (the default on CPU): pooled backbone features are computed once and cached,
-and both heads train on the cache in seconds. ``finetune`` mode (the default on GPU): the
-backbone, the head and the decoder train end to end (see ``pipeline.finetune``).
+``train_image_branch`` picks the mode. ``frozen`` (the default on CPU) is here: pooled
+backbone features are computed once and cached, and both heads train on the cache in
+seconds. ``partial`` and ``finetune`` train the backbone too (``pipeline.finetune``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
-from pipeline.config import TrainingConfig, option, save_config
-from pipeline.data import ID_COLUMN, LABELS_COLUMN, ImageReadError, group_by_image, load_train_val, resolve_dataset
+from pipeline.data import ID_COLUMN, LABELS_COLUMN, group_by_image, load_train_val, resolve_dataset
 from pipeline.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine import TrainStep, epoch_loader, predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
+from pipeline.finetune import finetune_image_branch
+from pipeline.image_branch import (
+    ImageTrainConfig,
+    backbone_record,
+    expand_rows,
+    resolve_mode,
+    save_image_branch,
+    training_image_ids,
+    usable_rows,
+    write_summary,
+)
 from pipeline.metrics import samples_f1, tune_global_threshold
-from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
 from pipeline.runtime import (
-    PRECISIONS,
+    configure_backends,
     cpu_threads,
     oom_hint,
     resolve_device,
@@ -46,54 +52,8 @@ from pipeline.runtime import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ImageTrainConfig(TrainingConfig):
-    """Settings of ``train_efficientnet.py``."""
-
-    backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)")
-    backbone_weights: str | None = option(
-        None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
-        "tf_efficientnet_lite0, random initialisation (with a warning) for other names")
-    pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)")
-    resolution: int | None = option(None, "input size in pixels (default: the backbone's own, 224 for Lite0)")
-    mode: str = option("auto", "frozen: heads on cached backbone features; finetune: end to end; "
-                       "auto: frozen on CPU, finetune on GPU", choices=["auto", "frozen", "finetune"])
-    skip_bad_images: bool = option(False, "leave out training rows whose image is missing or unreadable "
-                                   "(their count is reported) instead of stopping with their list")
-    precision: str = option(
-        "auto", "arithmetic of the frozen backbone's forward pass (feature extraction here and in inference): "
-        "auto = bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX, where it is "
-        "about 3x faster), else fp32", choices=list(PRECISIONS))
-    flip_views: bool = option(False, "also extract mirrored images and average the two views' features "
-                              "(frozen mode; doubles extraction time)")
-    head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)")
-    head_dropout: float = option(0.5, "dropout of the image head")
-    loss: str = option("bce", "image head loss", choices=["bce", "asl"])
-    epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)")
-    lr: float = option(1e-3, "peak learning rate of the heads (AdamW, warmup + cosine)")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    decoder_embed: int = option(128, "label embedding size of the CNN-RNN decoder")
-    decoder_hidden: int = option(256, "LSTM hidden size of the CNN-RNN decoder")
-    decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder")
-    decoder_epochs: int = option(8, "epochs of decoder training on cached features (the best epoch is kept)")
-    label_order: str = option("frequent", "order of the label sequences the decoder learns",
-                              choices=["frequent", "rare"])
-    head_threads: int = option(1, "CPU threads while training the heads on cached features (0: torch's "
-                               "default); one is robust when other processes share the cores")
-    beam_width: int = option(3, "beam width of the decoder's beam search")
-    finetune_epochs: int = option(10, "epochs of end-to-end fine-tuning (finetune mode)")
-    finetune_lr: float = option(3e-4, "peak learning rate when fine-tuning")
-    warmup_epochs: float = option(1.0, "linear warmup length, in epochs")
-    ema_decay: float = option(0.999, "decay of the weights' exponential moving average (finetune mode)")
-    grad_clip: float = option(1.0, "gradient norm clipping (finetune mode)")
-    batch_size: int = option(64, "images per batch for feature extraction and fine-tuning (the global batch: "
-                             "under torchrun each of N processes takes 1/N)")
-    head_batch_size: int = option(256, "feature rows per batch when training the heads on cached features "
-                                  "(the global batch)")
-
-
-def _step_module(model: torch.nn.Module, step_loss, context: DistContext, device: torch.device) -> torch.nn.Module:
-    return wrap_model(TrainStep(model, step_loss), context, device)
+def _step_module(model: torch.nn.Module, step_loss, context: DistContext) -> torch.nn.Module:
+    return wrap_model(TrainStep(model, step_loss), context)
 
 
 def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
@@ -106,7 +66,7 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
     """
     head = ImageHead(x_train.shape[1], y_train.shape[1], config.head_hidden, config.head_dropout).to(device)
     loss_fn = get_loss(config.loss)
-    step = _step_module(head, lambda m, b: loss_fn(m(b[0]), b[1]), context, device)
+    step = _step_module(head, lambda m, b: loss_fn(m(b[0]), b[1]), context)
     loader = epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
                           seed=config.seed, option="--head-batch-size")
     val_loader = DataLoader(TensorDataset(x_val), batch_size=1024)
@@ -139,7 +99,7 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
     decoder = LabelDecoder(x_train.shape[1], y_train.shape[1], config.decoder_embed, config.decoder_hidden,
                            config.decoder_dropout).to(device)
     rank = order.rank.to(device)
-    step = _step_module(decoder, lambda m, b: m.loss(b[0], b[1], rank), context, device)
+    step = _step_module(decoder, lambda m, b: m.loss(b[0], b[1], rank), context)
     loader = epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
                           seed=config.seed, option="--head-batch-size")
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -182,15 +142,15 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
 
     Under ``torchrun`` every process runs this; rank 0 alone writes files.
     """
+    config.validate()
     seed_everything(config.seed)
     reuse_freed_memory()
     with oom_hint(config.batch_size), distributed_session(resolve_device(config.device)) as (context, device):
         logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
-        mode = config.mode if config.mode != "auto" else ("finetune" if device.type == "cuda" else "frozen")
-        if mode == "finetune":
-            from pipeline.finetune import finetune_image_branch
-
-            return finetune_image_branch(config, device, context)
+        configure_backends(device)
+        mode = resolve_mode(config.mode, device)
+        if mode in ("partial", "finetune"):
+            return finetune_image_branch(config, mode, device, context)
         return _train_frozen(config, device, context)
 
 
@@ -213,7 +173,7 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
                                          config.batch_size, config.workers, views, description="train.csv features",
                                          context=context, precision=precision)
     extract_seconds = time.perf_counter() - extract_start
-    train_ok, val_ok = _usable_rows(config, paths, all_ids, readable, len(train), weights_dir, context)
+    train_ok, val_ok = usable_rows(config, paths, all_ids, readable.numpy(), len(train), context)
     train = train[train_ok].reset_index(drop=True)
     norm = FeatureNorm(features.shape[1]).fit(features[: len(train_ok)][train_ok])
     x_train, x_val = norm(features[: len(train_ok)][train_ok]), norm(features[len(train_ok):][val_ok])
@@ -252,81 +212,9 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     if context.is_main:
         save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), backbone_record(backbone, views, precision),
                           backbone.preprocessing, norm, head, decoder, order, head_probs, decoder_probs)
-        atomic_write_text(weights_dir / "image_summary.json", json.dumps(summary, indent=2) + "\n")
-        tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    write_summary(config, summary, context)
     barrier(context)  # the other ranks return once the files exist
     finish_run(resume_dir, context)
     return summary
 
 
-def _usable_rows(config: ImageTrainConfig, paths, image_ids: list[str], readable: torch.Tensor, num_train: int,
-                 weights_dir: Path, context: DistContext) -> tuple[np.ndarray, np.ndarray]:
-    """(train mask, validation mask) of the rows whose image could be read.
-
-    Unreadable images stop training with their list, unless ``--skip-bad-images``: then
-    they are left out of training and scoring, listed in WEIGHTS/skipped_images.txt, and
-    their count is reported.
-    """
-    ok = readable.numpy()
-    if ok.all():
-        return ok[:num_train], ok[num_train:]
-    bad = [paths.image_path(image_ids[i]) for i in np.flatnonzero(~ok)]
-    if not config.skip_bad_images:
-        raise ImageReadError.listing(bad, "\nfix or remove these rows of train.csv, or pass --skip-bad-images")
-    listing = weights_dir / "skipped_images.txt"
-    if context.is_main:
-        atomic_write_text(listing, "".join(f"{path}\n" for path in bad))
-    log.warning("--skip-bad-images: left out %d of %d rows whose image is missing or unreadable (listed in %s)",
-                len(bad), len(ok), listing)
-    if not ok[:num_train].any() or not ok[num_train:].any():
-        raise ImageReadError.listing(bad, "\nno readable image is left in the training or validation split")
-    return ok[:num_train], ok[num_train:]
-
-
-def expand_rows(probs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(n, L) probabilities of the ``rows`` mask placed in an (N, L) matrix of NaN."""
-    full = np.full((len(rows), probs.shape[1]), np.nan, dtype=np.float32)
-    full[rows] = probs
-    return full
-
-
-def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_ids: list[str], backbone: dict,
-                      preprocessing: dict, norm: FeatureNorm, head: ImageHead, decoder: LabelDecoder,
-                      order: LabelOrder, head_probs: np.ndarray, decoder_probs: np.ndarray) -> None:
-    """Write image.pt, decoder.pt, their validation probabilities and image_config.json.
-
-    Each checkpoint carries what is needed to rebuild its head: settings, label ids, the
-    backbone record, preprocessing and the feature standardisation.
-    """
-    weights_dir = Path(config.weights)
-    common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
-              "preprocessing": preprocessing, "feature_norm": norm.state_dict()}
-    feature_dim = norm.mean.shape[0]
-    save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=head.state_dict(),
-                    head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout},
-                    **common)
-    save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=decoder.state_dict(),
-                    label_order=order.to_list(),
-                    decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
-                             "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
-                             "beam_width": config.beam_width},
-                    **common)
-    save_probabilities(probabilities_path(weights_dir, "image"), val_ids, label_ids, head_probs)
-    save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, label_ids, decoder_probs)
-    save_config(config, weights_dir / "image_config.json")
-
-
-def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
-    """The image list of the training feature cache: train split then validation split.
-
-    One cache covers both, and inference asks for the same list when it evaluates on the
-    validation split, so it reuses the cache instead of extracting again.
-    """
-    return train[ID_COLUMN].tolist() + val[ID_COLUMN].tolist()
-
-
-def backbone_record(backbone: Backbone, views, precision: str) -> dict:
-    """What inference needs to rebuild the frozen backbone, run it as training did and check it is the same one."""
-    return {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
-            "feature_dim": backbone.feature_dim, "views": list(views), "pooling": "avg+max",
-            "precision": precision}

@@ -39,22 +39,24 @@ def build_transform(preprocessing: dict, train: bool = False, flip: bool = False
     """PIL image -> normalised float tensor (3, R, R), or with ``normalize=False`` the resized
     uint8 tensor, to be normalised a batch at a time by :func:`normalize_batch`.
 
-    ``train`` adds light augmentation for fine-tuning; ``flip`` mirrors every image (the
-    second view of flip test-time augmentation).
+    ``train`` adds the fine-tuning augmentation, chosen to keep every object in the picture
+    (a multi-label target describes the whole image, and a crop can cut a labelled object
+    out): the whole image squashed as in evaluation, a random mirror, light colour jitter,
+    and cutout (one random rectangle of up to a fifth of the image blanked, half the time,
+    as in ASL's recipe). ``flip`` mirrors every image (the second view of flip test-time
+    augmentation).
     """
     size = preprocessing["resolution"]
     interpolation = _INTERPOLATIONS[preprocessing["interpolation"]]
-    steps: list = [T.ToImage()]
+    steps: list = [T.ToImage(), T.Resize((size, size), interpolation=interpolation, antialias=True)]
     if train:
         steps += [
-            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation, antialias=True),
             T.RandomHorizontalFlip(),
-            T.ColorJitter(0.2, 0.2, 0.2),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            T.RandomErasing(p=0.5, scale=(0.02, 0.2), value=0),
         ]
-    else:
-        steps.append(T.Resize((size, size), interpolation=interpolation, antialias=True))
-        if flip:
-            steps.append(T.RandomHorizontalFlip(p=1.0))
+    elif flip:
+        steps.append(T.RandomHorizontalFlip(p=1.0))
     if normalize:
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(preprocessing["mean"], preprocessing["std"])]
     return T.Compose(steps)
