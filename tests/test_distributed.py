@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint
@@ -21,7 +23,7 @@ from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 ROOT = Path(__file__).resolve().parents[1]
 # Dropout draws differ between one process and two, so it is off for the comparison.
 NO_DROPOUT_IMAGE = ["--head-dropout", "0", "--decoder-dropout", "0", "--head-batch-size", "16"]
-CAPTION_ARGS = ["--ensemble", "1", "--epochs", "3", "--embed-dim", "8", "--hidden-size", "8", "--dropout", "0",
+CAPTION_ARGS = ["--device", "cpu", "--ensemble", "1", "--epochs", "3", "--embed-dim", "8", "--hidden-size", "8", "--dropout", "0",
                 "--embed-dropout", "0", "--batch-size", "8", "--val-fraction", "0.25", "--workers", "0"]
 
 
@@ -38,9 +40,9 @@ def test_global_batch_must_split_evenly_across_processes():
         DistContext(rank=0, world_size=4).local_batch_size(30)
 
 
-def _torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(script: str, args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                str(ROOT / script), *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,3 +85,20 @@ def test_two_gloo_processes_train_the_caption_branch_like_one(even_dataset, tmp_
     two = load_checkpoint(tmp_path / "two" / "caption.pt", branch="caption")
     for name, value in one["state_dict"].items():
         torch.testing.assert_close(two["state_dict"][name], value, atol=2e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the random-weights warning of the test backbone
+def test_partial_fine_tuning_under_two_gloo_processes_writes_a_usable_branch(even_dataset, tmp_path):
+    """Fine-tuning under torchrun: stage maps written by both ranks into one cache, DDP over the
+    tail, validation shards gathered, rank 0 writing, and inference from the result."""
+    weights = tmp_path / "two"
+    _torchrun("train_efficientnet.py", ["--data", str(even_dataset), *TINY_IMAGE_ARGS, "--weights", str(weights),
+                                        "--output", str(tmp_path / "o"), "--mode", "partial",
+                                        "--train-from-stage", "3", "--finetune-epochs", "2"])
+    summary = json.loads((weights / "image_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["mode"] == "partial"
+    maps = list((weights / "cache").glob("stagemaps-*"))
+    assert len(maps) == 1 and (maps[0] / "key.json").is_file() and not list(maps[0].glob(".*partial"))
+    result = inference.main(["--data", str(even_dataset), "--weights", str(weights), "--output", str(tmp_path / "o"),
+                             "--device", "cpu", "--workers", "0", "--val-fraction", "0.25", "--evaluate"])
+    assert result["rows"] == 10 and result["metrics"]["image"] == pytest.approx(summary["image_val_samples_f1"])

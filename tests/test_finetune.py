@@ -1,0 +1,290 @@
+"""Fine-tuning the image branch: the recipe's pieces, partial and end-to-end modes, inference
+from their checkpoints, --resume, and the GPU rules that can be checked on a CPU."""
+
+from __future__ import annotations
+
+import ast
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+import inference
+import train_efficientnet
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import DatasetPaths
+from pipeline.distributed import DistContext, all_ranks_agree, barrier, gather_shards, mean_across_ranks, wrap_model
+from pipeline.engine import ModelEma, TrainStep, parameter_groups, scaled_lr
+from pipeline.features import cached_stage_maps
+from pipeline.finetune import RandomViewSampler, build_image_model, joint_loss
+from pipeline.image_branch import ImageTrainConfig
+from pipeline.models.backbones import BackboneSplitError, create_backbone, split_backbone
+from pipeline.models.decoder import LabelOrder
+from tests.conftest import TINY_IMAGE_ARGS
+from tests.test_resume import SimulatedCrash, assert_same_checkpoints, crash_after
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTIAL = ["--mode", "partial", "--train-from-stage", "3", "--finetune-epochs", "2", "--warmup-epochs", "0.5"]
+FINETUNE = ["--mode", "finetune", "--finetune-epochs", "2", "--warmup-epochs", "0.5"]
+
+pytestmark = pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
+
+
+def tiny_backbone(name: str = "test_efficientnet", resolution: int = 32):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        return create_backbone(name, resolution=resolution)
+
+
+def test_ema_warm_up_follows_the_model_early_and_reaches_the_decay_late():
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEma(model, decay=0.999)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    start = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    # lerp by 1 - 0.1: the average is 90% of the way to the new weights after one step.
+    torch.testing.assert_close(ema.module.weight, start + 0.9)
+    ema.updates = 100_000
+    assert ema.current_decay() == 0.999
+    assert ModelEma(model, decay=0.999, warmup=False).current_decay() == 0.999
+    state = ema.state_dict()
+    restored = ModelEma(model)
+    restored.load_state_dict(state)
+    assert restored.updates == 100_000 and torch.equal(restored.module.weight, ema.module.weight)
+
+
+def test_ema_copies_integer_buffers_and_averages_batch_norm_statistics():
+    model = torch.nn.BatchNorm1d(2)
+    ema = ModelEma(model)
+    model.train()(torch.randn(8, 2) * 5 + 3)
+    ema.update(model)
+    assert int(ema.module.num_batches_tracked) == 1
+    assert not torch.equal(ema.module.running_mean, torch.zeros(2))
+
+
+def test_parameter_groups_spare_norms_and_biases_and_speed_up_new_modules():
+    model = torch.nn.ModuleDict({"trunk": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+                                 "head": torch.nn.Linear(4, 2)})
+    groups = parameter_groups(model, lr=1e-3, weight_decay=0.05, new_modules=("head",), new_lr_scale=10.0)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model["trunk"][0].weight)]["weight_decay"] == 0.05
+    assert by_param[id(model["trunk"][0].weight)]["lr"] == 1e-3
+    for bias_or_norm in (model["trunk"][0].bias, model["trunk"][1].weight, model["trunk"][1].bias):
+        assert by_param[id(bias_or_norm)]["weight_decay"] == 0.0
+    assert by_param[id(model["head"].weight)]["lr"] == pytest.approx(1e-2)
+    assert by_param[id(model["head"].bias)]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert scaled_lr(4e-4, 64) == pytest.approx(2e-4) and scaled_lr(4e-4, 1024) == pytest.approx(8e-4)
+
+
+@pytest.mark.parametrize("name, stage", [("test_efficientnet", 3), ("efficientnet-b0", 5),
+                                         ("mobilenetv3_small_050", 2)])
+def test_split_backbone_front_then_tail_is_the_whole_backbone(name, stage):
+    backbone = tiny_backbone(name, 64)
+    front, tail = split_backbone(backbone, stage)
+    images = torch.randn(2, 3, 64, 64)
+    backbone.module.eval(), front.eval(), tail.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tail(front(images)), backbone.module(images))
+    # The tail shares its tensors with the backbone: training it trains the backbone.
+    whole = {t.data_ptr() for t in backbone.module.parameters()}
+    assert {t.data_ptr() for t in tail.parameters()} <= whole
+    assert not {t.data_ptr() for t in tail.parameters()} & {t.data_ptr() for t in front.parameters()}
+
+
+def test_split_backbone_refuses_what_it_cannot_split():
+    with pytest.raises(BackboneSplitError, match="--train-from-stage 9: test_efficientnet has stages 0..4"):
+        split_backbone(tiny_backbone(), 9)
+    with pytest.raises(BackboneSplitError, match="resnet18 has no stem and stage blocks"):
+        split_backbone(tiny_backbone("resnet18"), 2)
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "efficientnet-b0"])
+def test_a_fine_tuning_step_reaches_every_parameter(name):
+    """DistributedDataParallel runs without find_unused_parameters: every parameter must get
+    a gradient (efficientnet-pytorch's unused classifier is dropped for this)."""
+    backbone = tiny_backbone(name, 32)
+    config = ImageTrainConfig(head_hidden=16, decoder_embed=8, decoder_hidden=16)
+    model = build_image_model(config, backbone.module, 2 * backbone.feature_dim, 4, torch.device("cpu"))
+    targets = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+    step = TrainStep(model, joint_loss(config, lambda x: x, LabelOrder.from_train(targets), torch.device("cpu")))
+    loss = step(torch.randn(2, 3, 32, 32), targets)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_random_view_sampler_draws_the_same_views_on_one_or_two_ranks():
+    def indices(rank: int, world: int, epoch: int) -> list[int]:
+        rows = DistributedSampler(range(10), num_replicas=world, rank=rank, shuffle=True, seed=3)
+        sampler = RandomViewSampler(rows, 10, 2, seed=3)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    one = indices(0, 1, 1)
+    assert sorted(i % 10 for i in one) == list(range(10))  # every row once, as plain (i) or flipped (i + 10)
+    assert {i // 10 for i in one} == {0, 1}
+    two = indices(0, 2, 1) + indices(1, 2, 1)
+    assert sorted(two) == sorted(one)
+    assert indices(0, 1, 2) != one  # another epoch, other views and order
+    assert indices(0, 1, 1) == one
+
+
+def test_stage_map_cache_is_reused_and_a_cut_off_file_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
+    paths = DatasetPaths.resolve(tiny_dataset)
+    ids = [f"{i}.jpg" for i in range(6)]
+    backbone = tiny_backbone()
+    front, _ = split_backbone(backbone, 3)
+    cpu = torch.device("cpu")
+    maps = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0)
+    assert maps.shape[0] == 6 and maps.views == ("plain", "flip") and maps.readable.all()
+    plain, flip = np.array(maps.array("plain")), np.array(maps.array("flip"))
+    with torch.no_grad():
+        one_map = front.eval()(torch.zeros(1, 3, 32, 32))
+    assert plain.shape == (6, *one_map.shape[1:]) and np.isfinite(plain).all() and not np.array_equal(plain, flip)
+
+    import pipeline.features as features_module
+
+    calls = []
+    original = features_module._extractor
+    monkeypatch.setattr(features_module, "_extractor", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0)
+    assert calls == [] and np.array_equal(np.array(again.array("plain")), plain)
+    flip_file = maps.directory / "flip.npy"
+    flip_file.write_bytes(flip_file.read_bytes()[:300])  # cut off mid-write
+    rebuilt = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0)
+    assert calls == [1] and np.array_equal(np.array(rebuilt.array("flip")), flip)
+
+
+def _train(dataset: Path, weights: Path, *extra: str) -> dict:
+    return train_efficientnet.main(["--data", str(dataset), "--weights", str(weights),
+                                    "--output", str(weights.parent / "out"), *TINY_IMAGE_ARGS, *extra])
+
+
+def _infer(dataset: Path, weights: Path, output: Path) -> dict:
+    return inference.main(["--data", str(dataset), "--weights", str(weights), "--output", str(output),
+                           "--workers", "0", "--val-fraction", "0.25", "--evaluate", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("mode_args", [PARTIAL, FINETUNE], ids=["partial", "finetune"])
+def test_fine_tuned_checkpoints_run_in_inference(tiny_dataset, tmp_path, mode_args):
+    weights = tmp_path / "w"
+    summary = _train(tiny_dataset, weights, *mode_args)
+    assert summary["mode"] == mode_args[1]
+    image = load_checkpoint(weights / "image.pt", branch="image")
+    record = image["backbone"]
+    assert record["weights"] == "finetuned" and record["weights_digest"].startswith("finetuned-")
+    assert record["trained_from_stage"] == (3 if mode_args is PARTIAL else 0)
+
+    # The trained stages changed and, in partial mode, the frozen ones did not.
+    torch.manual_seed(0)  # the random initial weights training drew (--seed 0)
+    original = tiny_backbone().module.state_dict()
+    changed = {name for name, value in record["state_dict"].items()
+               if value.dtype.is_floating_point and not torch.equal(value, original[name])}
+    assert any(".blocks.4." in name or "conv_head" in name for name in changed)
+    if mode_args is PARTIAL:
+        assert not any(".blocks.0." in name or "conv_stem" in name for name in changed)
+        assert list((weights / "cache").glob("stagemaps-*/plain.npy"))
+    else:
+        assert any("conv_stem" in name for name in changed)
+
+    result = _infer(tiny_dataset, weights, tmp_path / "out")
+    test_rows = len(pd.read_csv(tiny_dataset / "test.csv"))
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv")
+    assert len(submission) == test_rows == result["rows"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    # The evaluation recomputes the training's validation probabilities through the inference path.
+    assert metrics["branches"]["image"]["samples_f1"] == pytest.approx(summary["image_val_samples_f1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("mode_args, loop", [(PARTIAL, "partial"), (FINETUNE, "finetune")],
+                         ids=["partial", "finetune"])
+def test_resumed_fine_tuning_equals_an_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch, mode_args, loop):
+    _train(tiny_dataset, tmp_path / "whole", *mode_args)
+    with monkeypatch.context() as patch:
+        crash_after(patch, loop, 1)
+        with pytest.raises(SimulatedCrash):
+            _train(tiny_dataset, tmp_path / "cut", *mode_args)
+    assert (tmp_path / "cut" / "resume" / "image" / f"{loop}.pt").is_file()
+    _train(tiny_dataset, tmp_path / "cut", *mode_args, "--resume")
+    assert_same_checkpoints(tmp_path / "whole", tmp_path / "cut", ("image", "decoder"))
+
+
+def test_loss_option_is_honoured_when_fine_tuning(tiny_dataset, tmp_path, monkeypatch):
+    import pipeline.finetune as finetune_module
+
+    asked = []
+    original = finetune_module.get_loss
+    monkeypatch.setattr(finetune_module, "get_loss", lambda name: asked.append(name) or original(name))
+    _train(tiny_dataset, tmp_path / "w", *PARTIAL, "--loss", "asl", "--finetune-epochs", "1")
+    assert asked == ["asl"]
+
+
+def test_bad_fine_tuning_options_name_the_option(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="--finetune-epochs must be >= 1"):
+        _train(tiny_dataset, tmp_path / "w", *PARTIAL, "--finetune-epochs", "0")
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        _train(tiny_dataset, tmp_path / "w", "--epochs", "0")
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
+        _train(tiny_dataset, tmp_path / "w", *PARTIAL, "--precision", "fp16")
+
+
+class _Reached(Exception):
+    """A fake collective was called with tensors on the right device."""
+
+
+def test_every_collective_gets_its_tensors_on_the_contexts_device(monkeypatch):
+    """NCCL takes CUDA tensors only, gloo CPU ones: a helper that built its tensor on the CPU
+    passes every gloo test and crashes on GPUs. Here the context's device is ``meta``, which
+    no helper could hit by accident, and the collectives check where their tensors are."""
+    device = torch.device("meta")
+    context = DistContext(rank=0, world_size=2, device=device, distributed=True)
+
+    def check(*args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [t for a in args if isinstance(a, list) for t in a]
+        assert tensors and all(t.device == device for t in tensors), [t.device for t in tensors]
+        raise _Reached
+
+    for name in ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor"):
+        monkeypatch.setattr(dist, name, check)
+    calls = [lambda: all_ranks_agree(True, context), lambda: mean_across_ranks(2.0, 4, context),
+             lambda: mean_across_ranks(torch.tensor(2.0), 4, context),
+             lambda: gather_shards(torch.ones(3, 2), context, 5),
+             lambda: gather_shards(torch.ones(3, dtype=torch.uint8), context, 5)]
+    for call in calls:
+        with pytest.raises(_Reached):
+            call()
+    barrier_devices = []
+    monkeypatch.setattr(dist, "barrier", lambda device_ids=None: barrier_devices.append(device_ids))
+    barrier(DistContext(world_size=2, device=torch.device("cuda", 1), distributed=True))
+    assert barrier_devices == [[1]]
+
+
+def test_only_the_distributed_module_calls_collectives():
+    """Every collective goes through pipeline/distributed.py, where the device rule is kept."""
+    offenders = []
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        if path.name == "distributed.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(a.name.startswith("torch.distributed") for a in node.names):
+                offenders.append(str(path))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
+                offenders.append(str(path))
+    assert offenders == []
+
+
+def test_sync_bn_is_refused_on_cpu():
+    context = DistContext(world_size=2, distributed=True)
+    with pytest.raises(ValueError, match="--sync-bn: synchronised batch norm runs on GPUs only"):
+        wrap_model(torch.nn.BatchNorm2d(3), context, sync_batch_norm=True)
