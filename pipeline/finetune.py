@@ -52,7 +52,7 @@ from pipeline.image_branch import (
     write_summary,
 )
 from pipeline.metrics import tune_global_threshold
-from pipeline.models.backbones import Backbone, create_backbone, split_backbone
+from pipeline.models.backbones import Backbone, create_backbone, num_stages, split_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
@@ -261,7 +261,7 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     # Frozen forward passes (stage maps, inference) and training may compute differently.
     precision, train_precision = resolve_precision(config.precision, device), training_precision(config.precision, device)
     all_ids = training_image_ids(train, val)
-    stage = config.train_from_stage if mode == "partial" else 0
+    stage = (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
     weights_dir = config.weights
 
     extract_start = time.perf_counter()

@@ -48,7 +48,7 @@ class ImageTrainConfig(TrainingConfig):
         "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
         "backbone's first --train-from-stage stages run once and are cached, the later stages train with the "
         "heads; finetune: the whole backbone trains with the heads on augmented images; auto: finetune on "
-        "GPU, frozen on CPU", choices=list(MODES))
+        "GPU, partial on CPU (frozen for backbones without stages to split)", choices=list(MODES))
     skip_bad_images: bool = option(False, "leave out training rows whose image is missing or unreadable "
                                    "(their count is reported) instead of stopping with their list")
     precision: str = option(
@@ -73,8 +73,9 @@ class ImageTrainConfig(TrainingConfig):
     head_threads: int = option(1, "CPU threads while training the heads on cached features (0: torch's "
                                "default); one is robust when other processes share the cores")
     beam_width: int = option(3, "beam width of the decoder's beam search")
-    train_from_stage: int = option(5, "partial mode: the first stage that trains; the stages before it run once "
-                                   "and their output maps are cached (Lite0 has stages 0..6)")
+    train_from_stage: int | None = option(
+        None, "partial mode: the first stage that trains; the stages before it run once and their output maps "
+        "are cached (default: the last stage, 6 of Lite0's 0..6)")
     finetune_epochs: int = option(10, "epochs of partial or end-to-end fine-tuning (the best epoch is kept)")
     finetune_lr: float = option(4e-4, "peak learning rate of the backbone when fine-tuning, for a global batch of "
                                 "256; scaled by sqrt(--batch-size / 256)")
@@ -113,8 +114,8 @@ class ImageTrainConfig(TrainingConfig):
             (0.0 <= self.head_dropout < 1.0, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
             (0.0 <= self.decoder_dropout < 1.0, f"--decoder-dropout must be in [0, 1), got {self.decoder_dropout}"),
             (self.resolution is None or self.resolution >= 8, f"--resolution must be >= 8, got {self.resolution}"),
-            (self.train_from_stage >= 1, f"--train-from-stage must be >= 1 (0 is --mode finetune), got "
-                                         f"{self.train_from_stage}"),
+            (self.train_from_stage is None or self.train_from_stage >= 1,
+             f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
         ]
         for ok, message in checks:
@@ -123,9 +124,10 @@ class ImageTrainConfig(TrainingConfig):
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``finetune`` on a GPU, ``frozen`` on a CPU."""
+    """``auto`` -> ``finetune`` on a GPU, ``partial`` on a CPU (which falls back to ``frozen``
+    for a backbone that cannot be split into stages)."""
     if mode == "auto":
-        return "finetune" if device.type == "cuda" else "frozen"
+        return "finetune" if device.type == "cuda" else "partial"
     return mode
 
 

@@ -35,7 +35,7 @@ from pipeline.image_branch import (
     write_summary,
 )
 from pipeline.metrics import samples_f1, tune_global_threshold
-from pipeline.models.backbones import create_backbone
+from pipeline.models.backbones import BackboneSplitError, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
@@ -150,7 +150,12 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
         configure_backends(device)
         mode = resolve_mode(config.mode, device)
         if mode in ("partial", "finetune"):
-            return finetune_image_branch(config, mode, device, context)
+            try:
+                return finetune_image_branch(config, mode, device, context)
+            except BackboneSplitError as err:
+                if config.mode != "auto":
+                    raise
+                log.warning("%s; training in frozen mode instead", err)
         return _train_frozen(config, device, context)
 
 

@@ -67,7 +67,7 @@ def tiny_dataset(tmp_path: Path) -> Path:
 
 # Options that keep the image branch tiny: a 100k-parameter timm test model at 32 px.
 TINY_IMAGE_ARGS = [
-    "--device", "cpu", "--backbone", "test_efficientnet", "--resolution", "32", "--workers", "0", "--batch-size", "16",
+    "--device", "cpu", "--mode", "frozen", "--backbone", "test_efficientnet", "--resolution", "32", "--workers", "0", "--batch-size", "16",
     "--epochs", "3", "--decoder-epochs", "2", "--head-hidden", "32", "--decoder-embed", "16",
     "--decoder-hidden", "32", "--val-fraction", "0.25",
 ]

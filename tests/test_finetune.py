@@ -219,6 +219,14 @@ def test_resumed_fine_tuning_equals_an_uninterrupted_run(tiny_dataset, tmp_path,
     assert_same_checkpoints(tmp_path / "whole", tmp_path / "cut", ("image", "decoder"))
 
 
+def test_auto_mode_is_partial_on_cpu_and_frozen_for_a_backbone_without_stages(tiny_dataset, tmp_path):
+    assert _train(tiny_dataset, tmp_path / "a", "--mode", "auto", "--finetune-epochs", "1")["mode"] == "partial"
+    auto = _train(tiny_dataset, tmp_path / "b", "--mode", "auto", "--backbone", "test_resnet")
+    assert auto["mode"] == "frozen"
+    with pytest.raises(BackboneSplitError, match="test_resnet has no stem"):
+        _train(tiny_dataset, tmp_path / "c", "--mode", "partial", "--backbone", "test_resnet")
+
+
 def test_loss_option_is_honoured_when_fine_tuning(tiny_dataset, tmp_path, monkeypatch):
     import pipeline.finetune as finetune_module
 

@@ -89,7 +89,7 @@ def test_unreadable_training_images_are_listed(tiny_dataset, tmp_path):
         train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS])
 
 
-@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+@pytest.mark.parametrize("mode", ["frozen", "partial", "finetune"])
 def test_skip_bad_images_trains_on_the_rest_and_reports_them(tiny_dataset, tmp_path, mode):
     (tiny_dataset / "data" / "3.jpg").write_bytes(b"not a jpeg")
     (tiny_dataset / "data" / "5.jpg").unlink()
@@ -106,9 +106,8 @@ def test_skip_bad_images_trains_on_the_rest_and_reports_them(tiny_dataset, tmp_p
     assert len(val_ids) == len(train_rows) - int((~validation_mask(train_rows.ImageID, 0.25)).sum())
     for image_id, row in zip(val_ids, probs):
         assert np.isnan(row).all() == (image_id in ("3.jpg", "5.jpg"))
-    if mode == "frozen":
-        assert (weights / "skipped_images.txt").read_text().count(".jpg") == 2
-        assert json.loads((weights / "image_summary.json").read_text())["skipped_unreadable_images"] == 2
+    assert (weights / "skipped_images.txt").read_text().count(".jpg") == 2
+    assert json.loads((weights / "image_summary.json").read_text())["skipped_unreadable_images"] == 2
 
 
 def test_finetune_mode_trains_end_to_end_and_saves_the_backbone(tiny_dataset, tmp_path):
