@@ -44,6 +44,7 @@ from pipeline.engine import (
 )
 from pipeline.features import VIEWS, StageMaps, cached_features, cached_stage_maps
 from pipeline.image_branch import (
+    FINETUNE_RESOLUTION,
     ImageTrainConfig,
     backbone_record,
     save_image_branch,
@@ -258,6 +259,9 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     if val.empty:
         raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
     backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
+    if config.resolution is None:
+        resolution = max(backbone.preprocessing["resolution"], FINETUNE_RESOLUTION)
+        backbone.preprocessing = {**backbone.preprocessing, "resolution": resolution}
     # Frozen forward passes (stage maps, inference) and training may compute differently.
     precision, train_precision = resolve_precision(config.precision, device), training_precision(config.precision, device)
     all_ids = training_image_ids(train, val)

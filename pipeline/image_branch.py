@@ -32,6 +32,9 @@ from pipeline.runtime import PRECISIONS
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "frozen", "partial", "finetune")
+# Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
+# traffic lights); frozen ImageNet features gain nothing from it (README, "Fine-tuning").
+FINETUNE_RESOLUTION = 320
 
 
 @dataclass
@@ -43,7 +46,9 @@ class ImageTrainConfig(TrainingConfig):
         None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
         "tf_efficientnet_lite0, random initialisation (with a warning) for other names")
     pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)")
-    resolution: int | None = option(None, "input size in pixels (default: the backbone's own, 224 for Lite0)")
+    resolution: int | None = option(
+        None, f"input size in pixels (default: the backbone's own, 224 for Lite0, in frozen mode; at least "
+        f"{FINETUNE_RESOLUTION} when fine-tuning (README, \"Fine-tuning\"))")
     mode: str = option(
         "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
         "backbone's first --train-from-stage stages run once and are cached, the later stages train with the "
