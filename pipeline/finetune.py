@@ -24,6 +24,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -266,12 +267,12 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     precision, train_precision = resolve_precision(config.precision, device), training_precision(config.precision, device)
     all_ids = training_image_ids(train, val)
     stage = (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
-    weights_dir = config.weights
+    weights_dir, cache_dir = config.weights, Path(config.weights) / "cache"
 
     extract_start = time.perf_counter()
     if stage:
         front, trunk = split_backbone(backbone, stage)
-        maps = cached_stage_maps(backbone, front, stage, paths, all_ids, f"{weights_dir}/cache", device,
+        maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device,
                                  config.batch_size, config.workers, VIEWS, "train.csv stage maps", context, precision)
         readable = maps.readable
     else:
@@ -336,7 +337,7 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     identity = FeatureNorm(feature_dim)  # fine-tuned heads saw raw pooled features
     # Validation probabilities for fusion, computed exactly as inference computes them.
     val_ids = val[ID_COLUMN].tolist()
-    features, val_readable = cached_features(backbone, paths, val_ids, f"{weights_dir}/cache", device,
+    features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device,
                                              config.batch_size, config.workers, views, "validation features",
                                              context, precision)
     head_probs, decoder_probs = _heads_on_features(model, features, val_readable, config.beam_width, device)
