@@ -1,7 +1,9 @@
 """Train the image branch: an EfficientNet image head and the CNN-RNN label-sequence decoder.
 
-On CPU (the default there) the backbone is frozen: its features are computed once, cached on
-disk and both heads train on the cache. On GPU the backbone is fine-tuned end to end.
+On a GPU the backbone is fine-tuned end to end with both heads (--mode finetune). On a CPU
+its first stages run once and their output maps are cached, and the last stage trains with
+both heads on the cache (--mode partial); --mode frozen trains the heads alone on cached
+features, fastest.
 Writes weights/image.pt, weights/decoder.pt, their validation probabilities and
 weights/image_config.json.
 """

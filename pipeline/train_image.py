@@ -1,8 +1,8 @@
 """Training the image branch: the image head and the CNN-RNN label decoder.
 
-``train_image_branch`` picks the mode. ``frozen`` (the default on CPU) is here: pooled
-backbone features are computed once and cached, and both heads train on the cache in
-seconds. ``partial`` and ``finetune`` train the backbone too (``pipeline.finetune``).
+``train_image_branch`` picks the mode. ``frozen`` is here: pooled backbone features are
+computed once and cached, and both heads train on the cache in seconds. ``partial`` (the
+default on CPU) and ``finetune`` (on GPU) train the backbone too (``pipeline.finetune``).
 """
 
 from __future__ import annotations
