@@ -109,6 +109,12 @@ def local_world_size() -> int:
     return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
 
 
+def workers_per_process(workers: int) -> int:
+    """This process's share of ``workers`` loader processes (``--workers`` counts for the
+    machine, whose torchrun processes share its cores); 0 stays 0."""
+    return max(1, workers // local_world_size()) if workers > 0 else 0
+
+
 def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = False) -> nn.Module:
     """``module`` in DistributedDataParallel when several processes train, else unchanged.
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 from pipeline.data import DatasetPaths, ImageDataset
-from pipeline.distributed import DistContext, all_ranks_agree, barrier, gather_shards, local_world_size
+from pipeline.distributed import DistContext, all_ranks_agree, barrier, gather_shards, workers_per_process
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features
 from pipeline.runtime import autocast_context
@@ -67,9 +67,12 @@ def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], p
     }
 
 
+def _key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def _cache_file(cache_dir: Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_dir / f"features-{key['backbone']}-{digest}.pt"
+    return cache_dir / f"features-{key['backbone']}-{_key_digest(key)}.pt"
 
 
 def _load_cached(path: Path, key: dict) -> dict | None:
@@ -175,10 +178,10 @@ def _view_batches(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequenc
     return _batches(dataset, extractor, batch_size, workers, processes)
 
 
-def _processes(workers: int, context: DistContext) -> int:
-    """Single-threaded extraction processes of this rank on CPU: the cores shared among the
-    ranks of this machine (none with ``workers=0``)."""
-    return max(1, len(os.sched_getaffinity(0)) // local_world_size()) if workers > 0 else 0
+def _processes(workers: int) -> int:
+    """Single-threaded extraction processes of this rank on CPU: one per core, the cores
+    shared among the ranks of this machine (none with ``workers=0``)."""
+    return workers_per_process(len(os.sched_getaffinity(0))) if workers > 0 else 0
 
 
 def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], device: torch.device,
@@ -230,7 +233,7 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
         return cached["features"].float(), cached["readable"]
     shard = context.shard(len(image_ids))
     features, readable = extract_features(backbone, paths, [image_ids[i] for i in shard], device, batch_size,
-                                          workers, views, description, precision, _processes(workers, context))
+                                          workers, views, description, precision, _processes(workers))
     # fp16 halves the file; the heads train in fp32 and do not notice the rounding.
     features = gather_shards(features.half(), context, len(image_ids))
     readable = gather_shards(readable.to(torch.uint8), context, len(image_ids)).bool()
@@ -268,8 +271,7 @@ _KEY_FILE = "key.json"
 
 
 def _stage_dir(cache_dir: Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_dir / f"stagemaps-{key['backbone']}-{key['pooling']}-{digest}"
+    return cache_dir / f"stagemaps-{key['backbone']}-{key['pooling']}-{_key_digest(key)}"
 
 
 def _load_stage_maps(directory: Path, key: dict) -> StageMaps | None:
@@ -326,7 +328,7 @@ def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, pa
     shard = context.shard(len(image_ids))
     rows = shard[0] if len(shard) else 0
     extractor = _extractor(front, backbone, tuple(shape[1:]), precision, device)
-    processes = _processes(workers, context)
+    processes = _processes(workers)
     readable = np.lib.format.open_memmap(partial["readable"], mode="r+")
     readable[shard] = True
     for view in views:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pipeline.data import ID_COLUMN, LABELS_COLUMN, DatasetPaths, ImageDataset, ImageReadError, group_by_image, \
     load_train_val, resolve_dataset
-from pipeline.distributed import DistContext, barrier, gather_shards, local_world_size, wrap_model
+from pipeline.distributed import DistContext, barrier, gather_shards, workers_per_process, wrap_model
 from pipeline.engine import (
     ModelEma,
     TrainStep,
@@ -142,7 +142,7 @@ def decodable(paths: DatasetPaths, image_ids: list[str], workers: int, context: 
     so every bad file is found in one pass before training, not mid-epoch."""
     shard = context.shard(len(image_ids))
     images = ImageDataset(paths, [image_ids[i] for i in shard], _no_transform, 1, blank_dtype=torch.uint8)
-    parts = [ok for _, _, ok in DataLoader(images, batch_size=256, num_workers=workers)]
+    parts = [ok for _, _, ok in DataLoader(images, batch_size=256, num_workers=workers_per_process(workers))]
     local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
     return gather_shards(local.to(torch.uint8), context, len(image_ids)).bool().numpy()
 
@@ -217,9 +217,7 @@ def image_inputs(config: ImageTrainConfig, backbone: Backbone, paths: DatasetPat
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
 
-    # The cores of a machine are shared among its torchrun processes.
-    workers = max(1, config.workers // local_world_size()) if config.workers else 0
-    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers)
+    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(config.workers))
 
 
 def _map_inputs(config: ImageTrainConfig, maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray,
@@ -233,7 +231,7 @@ def _map_inputs(config: ImageTrainConfig, maps: StageMaps, trunk: nn.Module, tra
     val_set = _LabelledMaps(maps, val_rows, y_val)  # indices below len(val_rows): the plain view
     # Reading rows of a memory map is a copy; on a CPU, worker processes would only take
     # cores from the training arithmetic.
-    workers = max(1, config.workers // local_world_size()) if config.workers and device.type == "cuda" else 0
+    workers = workers_per_process(config.workers) if device.type == "cuda" else 0
     layout = training_memory_format(device)
 
     def prepare(maps_batch: torch.Tensor) -> torch.Tensor:
