@@ -13,7 +13,7 @@ help:
 	@echo "make test        install and run the test suite (CPU, tiny generated data)"
 	@echo "make check-real  checks on the real competition data in $(SHARED)"
 	@echo "make bench-real  the whole default recipe on the real data, timed (bench/real_pipeline.py),"
-	@echo "                 then the throughput benchmark on its weights (python -m pipeline.bench)"
+	@echo "                 then the throughput benchmark on its weights (python -m pipeline.tools.bench)"
 	@echo "make bench       the throughput benchmark on the demo dataset (after make demo)"
 	@echo "make gpu-pack    pack wheels, a real-data subset and the check script into .gpu/ (under 60 MB)"
 	@echo "make gpu-check   run .gpu/check.sh on a CUDA machine: every GPU stage, report in .gpu/out/gpu_check.json"
@@ -27,7 +27,7 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 demo-data: $(STAMP)
-	$(PY) -m pipeline.demo --out data/demo
+	$(PY) -m pipeline.tools.demo --out data/demo
 
 demo: demo-data
 	$(PY) train_efficientnet.py --data data/demo
@@ -48,11 +48,11 @@ clean:
 bench-real: $(STAMP)
 	@if [ -d $(SHARED) ]; then \
 		$(PY) bench/real_pipeline.py --data $(SHARED) --work $(REAL_OUT) --output output && \
-		$(PY) -m pipeline.bench --data $(SHARED) --weights $(REAL_OUT)/weights --output output; \
+		$(PY) -m pipeline.tools.bench --data $(SHARED) --weights $(REAL_OUT)/weights --output output; \
 	else echo "$(SHARED) not found: skipping the real-data benchmark"; fi
 
 bench: $(STAMP)
-	$(PY) -m pipeline.bench --data data/demo --weights weights --output output
+	$(PY) -m pipeline.tools.bench --data data/demo --weights weights --output output
 
 gpu-pack: $(STAMP)
 	$(PY) bench/gpu_pack.py --data $(SHARED) --out .gpu

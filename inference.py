@@ -9,7 +9,7 @@ labelled CSV given with --eval-csv) and writes output/metrics.json and plots.
 from __future__ import annotations
 
 from pipeline.config import build_parser, config_from_args
-from pipeline.predict import InferenceConfig, run_inference
+from pipeline.inference import InferenceConfig, run_inference
 
 
 def get_args_parser():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import build_parser, config_from_args
-from pipeline.train_caption import CaptionTrainConfig, train_caption_branch
+from pipeline.train.caption import CaptionTrainConfig, train_caption_branch
 
 
 def get_args_parser() -> argparse.ArgumentParser:

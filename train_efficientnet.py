@@ -11,7 +11,7 @@ weights/image_config.json.
 from __future__ import annotations
 
 from pipeline.config import build_parser, config_from_args
-from pipeline.train_image import ImageTrainConfig, train_image_branch
+from pipeline.train.image import ImageTrainConfig, train_image_branch
 
 
 def get_args_parser():

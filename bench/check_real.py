@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipeline.data import LabelSet, read_csv, split_train_val
+from pipeline.data.dataset import LabelSet, read_csv, split_train_val
 from pipeline.labels import COMP5329_LABEL_IDS
 
 

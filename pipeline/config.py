@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.checkpoint import atomic_write_text
-from pipeline.runtime import default_workers
+from pipeline.engine.runtime import default_workers
 
 DEMO_DATA = Path("data/demo")
 

@@ -30,12 +30,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
-from pipeline.data import DatasetPaths, ImageDataset
-from pipeline.distributed import DistContext, all_ranks_agree, barrier, gather_shards, workers_per_process
+from pipeline.data.dataset import DatasetPaths
+from pipeline.data.images import ImageDataset
+from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, workers_per_process
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features
-from pipeline.runtime import autocast_context
-from pipeline.transforms import build_transform, normalize_batch
+from pipeline.engine.runtime import autocast_context
+from pipeline.data.transforms import build_transform, normalize_batch
 
 log = logging.getLogger(__name__)
 

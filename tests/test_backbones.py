@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pipeline.data import DatasetPaths
+from pipeline.data.dataset import DatasetPaths
 from pipeline.features import cache_key, cached_features, extract_features, pool_features
 from pipeline.models.backbones import (
     BackboneWeightsError,
@@ -166,7 +166,7 @@ def test_cpu_worker_processes_give_the_in_process_features(tiny_images, precisio
 
 
 def test_precision_resolves_from_the_hardware_and_refuses_unknown_names(monkeypatch):
-    import pipeline.runtime as runtime
+    import pipeline.engine.runtime as runtime
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)

@@ -27,7 +27,7 @@ from PIL import Image
 import inference
 import train_caption_rnn
 import train_efficientnet
-from pipeline import runtime
+from pipeline.engine import runtime
 from pipeline.checkpoint import (
     CheckpointError,
     atomic_torch_save,
@@ -36,19 +36,12 @@ from pipeline.checkpoint import (
     save_checkpoint,
     save_probabilities,
 )
-from pipeline.data import (
-    DataFormatError,
-    DatasetPaths,
-    ImageDataset,
-    LabelSet,
-    load_train_val,
-    read_csv,
-    read_prediction_csv,
-)
+from pipeline.data.dataset import DataFormatError, DatasetPaths, LabelSet, load_train_val, read_csv, read_prediction_csv
+from pipeline.data.images import ImageDataset
 from pipeline.features import _load_cached
 from pipeline.fusion import FusionError, FusionSettings, save_fusion, weighted_average
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
-from pipeline.predict import write_submission
+from pipeline.inference import write_submission
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]

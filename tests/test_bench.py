@@ -8,7 +8,7 @@ import pytest
 
 import train_caption_rnn
 import train_efficientnet
-from pipeline import bench
+from pipeline.tools import bench
 from tests.conftest import TINY_IMAGE_ARGS
 
 

@@ -7,10 +7,10 @@ import torch
 
 import train_caption_rnn
 from pipeline.checkpoint import load_checkpoint, load_probabilities, save_checkpoint
-from pipeline.engine import NonFiniteLossError
+from pipeline.engine.loop import NonFiniteLossError
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier, rnn_class
-from pipeline.text import Vocabulary
-from pipeline.train_caption import CaptionTrainConfig, build_ensemble, model_settings, predict_caption_probs
+from pipeline.data.text import Vocabulary
+from pipeline.train.caption import CaptionTrainConfig, build_ensemble, model_settings, predict_caption_probs
 
 NUM_LABELS = 5
 # Label id -> the word that names it in the generated captions.

@@ -12,7 +12,7 @@ import torch
 import inference
 import train_caption_rnn
 import train_efficientnet
-from pipeline.runtime import resolve_device
+from pipeline.engine.runtime import resolve_device
 
 SCRIPTS = [train_efficientnet, train_caption_rnn, inference]
 SHARED_OPTIONS = ["--data", "--images", "--weights", "--output", "--device", "--seed", "--val-fraction"]

@@ -1,4 +1,4 @@
-"""pipeline.convert: COCO and Pascal VOC files built here, converted, then trained on and predicted."""
+"""pipeline.tools.convert: COCO and Pascal VOC files built here, converted, then trained on and predicted."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 import inference
 import train_caption_rnn
 import train_efficientnet
-from pipeline.convert import ConvertError, convert_coco, convert_voc, main
-from pipeline.data import DataFormatError, DatasetPaths, load_train_val
+from pipeline.tools.convert import ConvertError, convert_coco, convert_voc, main
+from pipeline.data.dataset import DataFormatError, DatasetPaths, load_train_val
 from tests.conftest import TINY_IMAGE_ARGS
 from tests.test_predict import TINY_CAPTION_ARGS
 

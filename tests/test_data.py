@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data import (
+from pipeline.data.dataset import (
     DataFormatError,
     DatasetPaths,
     LabelSet,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.demo import MARKER_NAME, generate_demo, get_args_parser, main
+from pipeline.tools.demo import MARKER_NAME, generate_demo, get_args_parser, main
 from pipeline.labels import COMP5329_LABEL_IDS
 
 N, SIZE, TEST_FRACTION = 40, 64, 0.25

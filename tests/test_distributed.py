@@ -16,8 +16,8 @@ import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint
-from pipeline.data import DatasetPaths, load_train_val
-from pipeline.distributed import DistContext, gather_shards
+from pipeline.data.dataset import DatasetPaths, load_train_val
+from pipeline.engine.distributed import DistContext, gather_shards
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

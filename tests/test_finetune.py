@@ -18,12 +18,12 @@ from torch.utils.data import DistributedSampler
 import inference
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint
-from pipeline.data import DatasetPaths
-from pipeline.distributed import DistContext, all_ranks_agree, barrier, gather_shards, mean_across_ranks, wrap_model
-from pipeline.engine import ModelEma, TrainStep, parameter_groups, scaled_lr
+from pipeline.data.dataset import DatasetPaths
+from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, mean_across_ranks, wrap_model
+from pipeline.engine.loop import ModelEma, TrainStep, parameter_groups, scaled_lr
 from pipeline.features import cached_stage_maps
-from pipeline.finetune import RandomViewSampler, build_image_model, joint_loss
-from pipeline.image_branch import ImageTrainConfig
+from pipeline.train.finetune import RandomViewSampler, build_image_model, joint_loss
+from pipeline.branches.image import ImageTrainConfig
 from pipeline.models.backbones import BackboneSplitError, create_backbone, split_backbone
 from pipeline.models.decoder import LabelOrder
 from tests.conftest import TINY_IMAGE_ARGS
@@ -228,7 +228,7 @@ def test_auto_mode_is_partial_on_cpu_and_frozen_for_a_backbone_without_stages(ti
 
 
 def test_loss_option_is_honoured_when_fine_tuning(tiny_dataset, tmp_path, monkeypatch):
-    import pipeline.finetune as finetune_module
+    import pipeline.train.finetune as finetune_module
 
     asked = []
     original = finetune_module.get_loss

@@ -13,7 +13,7 @@ import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.checkpoint import CheckpointError
-from pipeline.data import DataFormatError
+from pipeline.data.dataset import DataFormatError
 from pipeline.fusion import load_fusion
 from tests.conftest import TINY_IMAGE_ARGS
 

@@ -10,7 +10,7 @@ import torch
 import train_caption_rnn
 import train_efficientnet
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.resume import ResumeState
+from pipeline.engine.resume import ResumeState
 from tests.conftest import TINY_IMAGE_ARGS
 
 # Settings under which the best epochs come late (3 and 3), so a resumed run that drew

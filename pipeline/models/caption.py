@@ -1,7 +1,7 @@
 """Caption classifier: embedding -> (bi)LSTM/GRU over packed sequences -> masked pooling -> logits.
 
 The module takes token ids and lengths and returns one logit per label; vocabulary,
-files and loaders live elsewhere (``pipeline.text``, ``pipeline.train_caption``).
+files and loaders live elsewhere (``pipeline.data.text``, ``pipeline.train.caption``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pipeline.checkpoint import (
     probabilities_path,
 )
 from pipeline.config import CommonConfig, option
-from pipeline.data import (
+from pipeline.data.dataset import (
     CAPTION_COLUMN,
     ID_COLUMN,
     LABELS_COLUMN,
@@ -41,8 +41,8 @@ from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusio
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder
 from pipeline.models.heads import FeatureNorm, ImageHead
-from pipeline.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.image_branch import training_image_ids
+from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.branches.image import training_image_ids
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class BranchPredictor:
                 if branch in out:
                     out[branch][~readable.numpy()] = np.nan
         if "caption" in self.checkpoints:
-            from pipeline.train_caption import predict_caption_probs
+            from pipeline.train.caption import predict_caption_probs
 
             captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
             out["caption"] = groups.mean(predict_caption_probs(self.checkpoints["caption"], captions, self.device))

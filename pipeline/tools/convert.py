@@ -1,8 +1,8 @@
 """Convert COCO and Pascal VOC annotations to this project's dataset layout.
 
-    python -m pipeline.convert coco --instances instances_train2017.json \\
+    python -m pipeline.tools.convert coco --instances instances_train2017.json \\
         --captions captions_train2017.json --images train2017 --out data/coco --labels 1-19
-    python -m pipeline.convert voc --root VOCdevkit/VOC2007 --split trainval --out data/voc2007
+    python -m pipeline.tools.convert voc --root VOCdevkit/VOC2007 --split trainval --out data/voc2007
 
 Each run writes OUT/train.csv (ImageID,Labels[,Caption]) or OUT/test.csv (ImageID[,Caption]),
 symbolic links to (or with --copy, copies of) the images in OUT/data/, and records its inputs,
@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.checkpoint import atomic_write_text
-from pipeline.data import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
+from pipeline.data.dataset import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
 
 CAPTION_MODES = ("first", "random", "all")
 COCO_SPLITS = ("train", "test")
@@ -444,7 +444,7 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``coco`` and ``voc`` subcommands."""
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="python -m pipeline.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -1,6 +1,6 @@
 """A deterministic synthetic demo dataset in the competition's layout.
 
-``python -m pipeline.demo --out data/demo`` writes ``train.csv`` (ImageID, Labels,
+``python -m pipeline.tools.demo --out data/demo`` writes ``train.csv`` (ImageID, Labels,
 Caption), ``test.csv`` (ImageID, Caption), ``test_labels.csv`` (the hidden test truth)
 and RGB JPEG images in ``data/``. Each label is a drawn object with its own shape and
 colour; label sets follow a COCO-like scene model (person on ~70% of images, street,
@@ -850,9 +850,9 @@ def generate_demo(out_dir: Path, num_images: int = 2000, test_fraction: float = 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m pipeline.demo``."""
+    """The command line of ``python -m pipeline.tools.demo``."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.demo",
+        prog="python -m pipeline.tools.demo",
         description="Generate a deterministic synthetic demo dataset (drawn objects for the 18 "
         "COMP5329 labels, one caption per image) in the competition's layout: train.csv, "
         "test.csv, test_labels.csv and data/<ImageID>.jpg.",

@@ -2,7 +2,7 @@
 
 ``train_image_branch`` picks the mode. ``frozen`` is here: pooled backbone features are
 computed once and cached, and both heads train on the cache in seconds. ``partial`` (the
-default on CPU) and ``finetune`` (on GPU) train the backbone too (``pipeline.finetune``).
+default on CPU) and ``finetune`` (on GPU) train the backbone too (``pipeline.train.finetune``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from pipeline.data import ID_COLUMN, LABELS_COLUMN, group_by_image, load_train_val, resolve_dataset
-from pipeline.distributed import DistContext, barrier, distributed_session, wrap_model
-from pipeline.engine import TrainStep, epoch_loader, predict_probs, train_one_epoch, warmup_cosine
+from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, group_by_image, load_train_val, resolve_dataset
+from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
+from pipeline.engine.loop import TrainStep, epoch_loader, predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
-from pipeline.finetune import finetune_image_branch
-from pipeline.image_branch import (
+from pipeline.train.finetune import finetune_image_branch
+from pipeline.branches.image import (
     ImageTrainConfig,
     backbone_record,
     expand_rows,
@@ -38,8 +38,8 @@ from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import BackboneSplitError, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
-from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
-from pipeline.runtime import (
+from pipeline.engine.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
+from pipeline.engine.runtime import (
     configure_backends,
     cpu_threads,
     oom_hint,

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from pipeline.data import ID_COLUMN, LABELS_COLUMN, DatasetPaths, ImageDataset, ImageReadError, group_by_image, \
-    load_train_val, resolve_dataset
-from pipeline.distributed import DistContext, barrier, gather_shards, workers_per_process, wrap_model
-from pipeline.engine import (
+from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_by_image, load_train_val, resolve_dataset
+from pipeline.data.images import ImageDataset, ImageReadError
+from pipeline.engine.distributed import DistContext, barrier, gather_shards, workers_per_process, wrap_model
+from pipeline.engine.loop import (
     ModelEma,
     TrainStep,
     epoch_loader,
@@ -44,7 +44,7 @@ from pipeline.engine import (
     warmup_cosine,
 )
 from pipeline.features import VIEWS, StageMaps, cached_features, cached_stage_maps
-from pipeline.image_branch import (
+from pipeline.branches.image import (
     FINETUNE_RESOLUTION,
     ImageTrainConfig,
     backbone_record,
@@ -58,15 +58,15 @@ from pipeline.models.backbones import Backbone, create_backbone, num_stages, spl
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
-from pipeline.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
-from pipeline.runtime import (
+from pipeline.engine.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
+from pipeline.engine.runtime import (
     autocast_context,
     grad_scaler,
     resolve_precision,
     training_memory_format,
     training_precision,
 )
-from pipeline.transforms import build_transform, normalize_batch
+from pipeline.data.transforms import build_transform, normalize_batch
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 and the checkpoints it writes.
 
 The image branch trains in one of three modes (``--mode``): ``frozen`` (heads on cached
-pooled features, ``pipeline.train_image``), ``partial`` and ``finetune`` (the backbone from
-a stage onward, trained with the heads, ``pipeline.finetune``). All three write the same
+pooled features, ``pipeline.train.image``), ``partial`` and ``finetune`` (the backbone from
+a stage onward, trained with the heads, ``pipeline.train.finetune``). All three write the same
 files: ``image.pt``, ``decoder.pt``, their validation probabilities and ``image_config.json``.
 """
 
@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import TrainingConfig, option, save_config
-from pipeline.data import ID_COLUMN, DatasetPaths, ImageReadError
-from pipeline.distributed import DistContext
+from pipeline.data.dataset import ID_COLUMN, DatasetPaths
+from pipeline.data.images import ImageReadError
+from pipeline.engine.distributed import DistContext
 from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import LOSSES, FeatureNorm, ImageHead
-from pipeline.runtime import PRECISIONS
+from pipeline.engine.runtime import PRECISIONS
 
 log = logging.getLogger(__name__)
 

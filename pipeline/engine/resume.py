@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
-from pipeline.distributed import DistContext
+from pipeline.engine.distributed import DistContext
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
 NEUTRAL_SETTINGS = ("resume", "workers", "device", "output", "weights")

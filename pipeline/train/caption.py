@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import TrainingConfig, option, save_config
-from pipeline.data import (
+from pipeline.data.dataset import (
     CAPTION_COLUMN,
     ID_COLUMN,
     LABELS_COLUMN,
@@ -38,11 +38,11 @@ from pipeline.data import (
 )
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier
-from pipeline.distributed import DistContext, barrier, distributed_session, mean_across_ranks, wrap_model
-from pipeline.engine import NonFiniteLossError
-from pipeline.resume import GeneratorState, ResumeState, file_digest, finish_run, fingerprint, start_run
-from pipeline.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.text import Vocabulary, load_word_vectors
+from pipeline.engine.distributed import DistContext, barrier, distributed_session, mean_across_ranks, wrap_model
+from pipeline.engine.loop import NonFiniteLossError
+from pipeline.engine.resume import GeneratorState, ResumeState, file_digest, finish_run, fingerprint, start_run
+from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.data.text import Vocabulary, load_word_vectors
 
 BRANCH = "caption"
 # Global thresholds tried when tuning on the validation split.

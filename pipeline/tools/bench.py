@@ -1,4 +1,4 @@
-"""Throughput benchmark: ``python -m pipeline.bench`` (measures; not a test).
+"""Throughput benchmark: ``python -m pipeline.tools.bench`` (measures; not a test).
 
 Measures in one run, on real JPEGs of ``--data`` (the first ``--num-images`` rows of its
 train.csv stand in for a test set), with the trained checkpoints in ``--weights``:
@@ -41,18 +41,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.checkpoint import atomic_write_text
 from pipeline.config import CommonConfig, build_parser, config_from_args, option
-from pipeline.data import CAPTION_COLUMN, ID_COLUMN, ImageDataset, LabelSet, read_csv, resolve_dataset
-from pipeline.distributed import DistContext
-from pipeline.engine import ModelEma, TrainStep, epoch_loader, train_one_epoch
+from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LabelSet, read_csv, resolve_dataset
+from pipeline.data.images import ImageDataset
+from pipeline.engine.distributed import DistContext
+from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.features import CPU_BATCH
-from pipeline.finetune import build_image_model, build_optimizer, image_inputs, joint_loss
-from pipeline.image_branch import ImageTrainConfig
+from pipeline.train.finetune import build_image_model, build_optimizer, image_inputs, joint_loss
+from pipeline.branches.image import ImageTrainConfig
 from pipeline.fusion import FusionSettings, load_fusion
 from pipeline.models.backbones import create_backbone, fuse_for_inference
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
-from pipeline.predict import BranchPredictor, load_branch_checkpoints, write_submission
-from pipeline.runtime import (
+from pipeline.inference import BranchPredictor, load_branch_checkpoints, write_submission
+from pipeline.engine.runtime import (
     autocast_context,
     configure_backends,
     grad_scaler,
@@ -61,14 +62,14 @@ from pipeline.runtime import (
     seed_everything,
     training_precision,
 )
-from pipeline.transforms import build_transform
+from pipeline.data.transforms import build_transform
 
 COMPARED_BACKBONE = "efficientnet-b0"
 
 
 @dataclass
 class BenchConfig(CommonConfig):
-    """Settings of ``python -m pipeline.bench``."""
+    """Settings of ``python -m pipeline.tools.bench``."""
 
     num_images: int = option(1000, "images timed through the inference path (per backbone and repeat)")
     forward_seconds: float = option(6.0, "how long to time each in-memory backbone forward pass")
@@ -191,7 +192,7 @@ def time_caption(predictor: BranchPredictor, frame: pd.DataFrame) -> float | Non
     """Milliseconds per caption of the caption branch alone (tokenise, encode, ensemble)."""
     if "caption" not in predictor.checkpoints:
         return None
-    from pipeline.train_caption import predict_caption_probs
+    from pipeline.train.caption import predict_caption_probs
 
     captions = frame[CAPTION_COLUMN].fillna("").tolist()
     started = time.perf_counter()

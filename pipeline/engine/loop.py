@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from pipeline.distributed import DistContext, mean_across_ranks, unwrap
+from pipeline.engine.distributed import DistContext, mean_across_ranks, unwrap
 
 # A step's loss from (model, batch); batches are tuples of tensors already on the device.
 StepLoss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
