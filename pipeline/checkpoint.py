@@ -1,4 +1,4 @@
-"""Checkpoint and probability-file I/O: atomic writes, safe loads, clear mismatch errors.
+"""Branch checkpoints and validation-probability files: what they hold, and clear mismatch errors.
 
 A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) so it loads with
 ``torch.load(..., weights_only=True)``, which refuses files crafted to run code.
@@ -6,53 +6,18 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) so it loa
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+
+from pipeline.io import CheckpointError, atomic_torch_save, atomic_write, safe_torch_load
 
 FORMAT_VERSION = 1
 BRANCHES = ("image", "decoder", "caption")
 # What every branch's checkpoint holds (save_checkpoint writes them all); the rest is per branch.
 REQUIRED_KEYS = ("branch", "config", "label_ids", "state_dict")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is unreadable, unsafe, or does not fit the run; names the file."""
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    The rename is atomic, so a run killed mid-write leaves the previous file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a UTF-8 text file atomically."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` atomically."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_path(weights_dir: str | Path, branch: str) -> Path:
@@ -74,34 +39,6 @@ def save_checkpoint(path: str | Path, *, branch: str, state_dict: dict, config: 
         **extras,
     }
     atomic_torch_save(checkpoint, Path(path))
-
-
-def _weights_only_reason(err: pickle.UnpicklingError) -> str:
-    """The line of torch's weights_only error that says what was refused, without its advice
-    (which suggests ``weights_only=False``, exactly what must not be done with such a file)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    specific = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
-    return specific[0] if specific else (lines[0] if lines else type(err).__name__)
-
-
-def safe_torch_load(path: str | Path) -> object:
-    """``torch.load(weights_only=True)`` of any file: plain data, or a ``CheckpointError`` naming the file.
-
-    weights_only refuses pickles that would build arbitrary objects or call functions, so a
-    file crafted to run code on load is refused before any of it runs.
-    """
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # Both a crafted file and plain garbage end here: either way it is not a plain-data
-        # file written by torch.save, and nothing in it has run.
-        raise CheckpointError(
-            f"{path}: refused to load: not a plain-data checkpoint written by torch.save "
-            f"({_weights_only_reason(err)})"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - any failure to parse an arbitrary file means "not a checkpoint"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
 
 
 def load_checkpoint(path: str | Path, *, branch: str | None = None,
@@ -143,7 +80,7 @@ def save_probabilities(path: str | Path, image_ids: Sequence[str], label_ids: Se
         raise ValueError(f"probabilities of shape {probs.shape} for {len(image_ids)} images x {len(label_ids)} labels")
     frame = pd.DataFrame(probs, columns=[str(i) for i in label_ids])
     frame.insert(0, "ImageID", list(image_ids))
-    _atomic_write(Path(path), lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
 
 
 def load_probabilities(path: str | Path, label_ids: Sequence[int] | None = None) -> tuple[list[str], list[int], np.ndarray]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.checkpoint import atomic_write_text
+from pipeline.io import write_json
 from pipeline.engine.runtime import default_workers
 
 DEMO_DATA = Path("data/demo")
@@ -82,7 +81,7 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
 
 def save_config(config, path: Path) -> None:
     """Write the resolved settings as JSON, atomically."""
-    atomic_write_text(path, json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
+    write_json(path, dataclasses.asdict(config), sort_keys=True)
 
 
 @dataclass

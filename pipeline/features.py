@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
+from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load, write_json
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import ImageDataset
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, workers_per_process
@@ -348,7 +348,7 @@ def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, pa
     if context.is_main:
         for name, path in partial.items():
             os.replace(path, directory / f"{name}.npy")
-        atomic_write_text(directory / _KEY_FILE, json.dumps({"key": key, "shape": list(shape)}, indent=1) + "\n")
+        write_json(directory / _KEY_FILE, {"key": key, "shape": list(shape)})
         log.info("stage-map cache written: %s (%.1f GB)", directory,
                  len(views) * np.prod(shape) * 2 / 1e9)
     barrier(context)

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 
-from pipeline.checkpoint import atomic_write_text
+from pipeline.io import write_json
 from pipeline.metrics import THRESHOLD_GRID, binarize, samples_f1, tune_global_threshold
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
 
 def save_fusion(settings: FusionSettings, path: str | Path) -> None:
     """Write fusion.json atomically."""
-    atomic_write_text(Path(path), json.dumps(asdict(settings), indent=2) + "\n")
+    write_json(Path(path), asdict(settings))
 
 
 def load_fusion(path: str | Path) -> FusionSettings:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -13,15 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.checkpoint import (
-    BRANCHES,
-    CheckpointError,
-    atomic_write_text,
-    checkpoint_path,
-    load_checkpoint,
-    load_probabilities,
-    probabilities_path,
-)
+from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
+from pipeline.io import CheckpointError, atomic_write_text, write_json
 from pipeline.config import CommonConfig, option
 from pipeline.data.dataset import (
     CAPTION_COLUMN,
@@ -384,5 +376,5 @@ def _run_inference(config: InferenceConfig) -> dict:
         report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)
         summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_text(output_dir / "inference_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(output_dir / "inference_summary.json", summary)
     return summary

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.checkpoint import atomic_write_text
+from pipeline.io import write_json
 from pipeline.fusion import FusionSettings
 from pipeline.labels import label_name
 from pipeline.metrics import THRESHOLD_GRID, binarize, evaluate_probs, samples_f1, tune_global_threshold
@@ -33,7 +32,7 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
     curves["fused"] = np.array([samples_f1(y_true, binarize(fused, t)) for t in THRESHOLD_GRID])
 
     payload = {"source": source, "n_images": int(len(y_true)), "branches": report}
-    atomic_write_text(output_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    write_json(output_dir / "metrics.json", payload)
     _plot_per_label_f1(report, label_ids, output_dir / "per_label_f1.png")
     _plot_threshold_curves(curves, output_dir / "f1_vs_threshold.png")
 

@@ -10,7 +10,6 @@ files: ``image.pt``, ``decoder.pt``, their validation probabilities and ``image_
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import atomic_write_text, checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
+from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
+from pipeline.io import atomic_write_text, write_json
 from pipeline.config import TrainingConfig, option, save_config
 from pipeline.data.dataset import ID_COLUMN, DatasetPaths
 from pipeline.data.images import ImageReadError
@@ -220,5 +220,5 @@ def write_summary(config: ImageTrainConfig, summary: dict, context: DistContext)
     """WEIGHTS/image_summary.json and one line on the console (rank 0)."""
     if not context.is_main:
         return
-    atomic_write_text(Path(config.weights) / "image_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(Path(config.weights) / "image_summary.json", summary)
     tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

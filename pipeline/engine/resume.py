@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
+from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.engine.distributed import DistContext
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
@@ -35,11 +35,6 @@ def fingerprint(config: dict, **data: object) -> str:
     shaping = {k: v for k, v in config.items() if k not in NEUTRAL_SETTINGS}
     text = json.dumps({"config": shaping, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (the training CSV's identity in a fingerprint)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
 
 
 def to_saveable(value: Any) -> Any:

@@ -12,7 +12,6 @@ With no weights to be had, the backbone is randomly initialised with a loud warn
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, safe_torch_load
+from pipeline.io import CheckpointError, file_digest, safe_torch_load
 from pipeline.data.transforms import make_preprocessing
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -237,14 +236,6 @@ def load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
     model.load_state_dict(dict(zip(target.keys(), state_dict.values())))
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"--backbone-weights {path}: no such file")
@@ -286,7 +277,7 @@ def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
         full = timm.create_model(name, pretrained=False)  # with classifier: 296 tensors as in the file
         load_by_position(full, _read_state_dict(path), str(path))
         full.reset_classifier(0)
-        model, source, digest = full, BUNDLED, "bundled-" + _file_digest(path)
+        model, source, digest = full, BUNDLED, "bundled-" + file_digest(path)
     elif weights is not None:
         path = Path(weights)
         state = _read_state_dict(path)
@@ -296,7 +287,7 @@ def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
             raise BackboneWeightsError(
                 f"{path}: does not fit {name}: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
             )
-        source, digest = str(path), _file_digest(path)
+        source, digest = str(path), file_digest(path)
     elif pretrained:
         source, digest = "hub", f"hub-{cfg.get('hf_hub_id') or cfg.get('url')}"
     else:
@@ -329,7 +320,7 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
             missing = [k for k in missing if not k.startswith("_fc.")]
             if missing or unexpected:
                 raise BackboneWeightsError(f"{path}: does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-            source, digest = str(path), _file_digest(path)
+            source, digest = str(path), file_digest(path)
         else:
             _warn_random(name)
             source, digest = "random", "random"

@@ -23,7 +23,6 @@ Writes ``--output``/bench.json and prints a table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
@@ -39,7 +38,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.checkpoint import atomic_write_text
+from pipeline.io import write_json
 from pipeline.config import CommonConfig, build_parser, config_from_args, option
 from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LabelSet, read_csv, resolve_dataset
 from pipeline.data.images import ImageDataset
@@ -349,7 +348,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     results["config"] = dataclasses.asdict(config)
 
     output = Path(config.output) / "bench.json"
-    atomic_write_text(output, json.dumps(results, indent=2) + "\n")
+    write_json(output, results)
     print(format_table(results))
     print(f"wrote {output}")
     return results

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.checkpoint import atomic_write_text
+from pipeline.io import atomic_write_text, write_json
 from pipeline.data.dataset import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
 
 CAPTION_MODES = ("first", "random", "all")
@@ -425,7 +425,7 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
              "empty_images": "kept" if keep_empty else "dropped", "repeated_ids": repeated,
              "rows": len(rows), "image_count": len(kept)}
     info_file.update({name: entry for name in files})
-    atomic_write_text(info_path, json.dumps(info_file, indent=2, sort_keys=True) + "\n")
+    write_json(info_path, info_file, sort_keys=True)
     counts = Counter(label for r in kept if r.labels for label in r.labels)
     # Zero counts stay in the report: a chosen label without images is worth noticing.
     counts = {label: counts.get(label, 0) for label in sorted(set(label_names) | set(counts))}

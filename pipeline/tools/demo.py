@@ -35,6 +35,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from pipeline.io import atomic_write_bytes, write_json
 from pipeline.labels import COCO_NAMES, COMP5329_LABEL_IDS
 
 # Bump whenever the output for given parameters changes, so stale demo folders regenerate.
@@ -738,18 +739,12 @@ def _make_example(job: tuple[int, int, int, str]) -> tuple[str, str]:
     image = render_image(rng, scene, counts, size)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    _write_atomic(Path(image_dir) / f"{index}.jpg", buffer.getvalue())
+    atomic_write_bytes(Path(image_dir) / f"{index}.jpg", buffer.getvalue(), durable=False)
     return " ".join(str(label) for label in counts), caption
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    _write_atomic(path, frame.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+    atomic_write_bytes(path, frame.to_csv(index=False, lineterminator="\n").encode("utf-8"), durable=False)
 
 
 def _params(num_images: int, test_fraction: float, size: int, seed: int) -> dict:
@@ -845,7 +840,7 @@ def generate_demo(out_dir: Path, num_images: int = 2000, test_fraction: float = 
         "label_frequencies": _label_frequencies(labels),
     }
     stored = {k: v for k, v in summary.items() if k not in ("out_dir", "skipped", "seconds")}
-    _write_atomic(marker, json.dumps({"params": params, "summary": stored}, indent=2).encode("utf-8"))
+    write_json(marker, {"params": params, "summary": stored})
     return summary
 
 

@@ -40,7 +40,8 @@ from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, mean_across_ranks, wrap_model
 from pipeline.engine.loop import NonFiniteLossError
-from pipeline.engine.resume import GeneratorState, ResumeState, file_digest, finish_run, fingerprint, start_run
+from pipeline.io import file_digest
+from pipeline.engine.resume import GeneratorState, ResumeState, finish_run, fingerprint, start_run
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.data.text import Vocabulary, load_word_vectors
 

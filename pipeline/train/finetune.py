@@ -58,7 +58,8 @@ from pipeline.models.backbones import Backbone, create_backbone, num_stages, spl
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
-from pipeline.engine.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
+from pipeline.io import file_digest
+from pipeline.engine.resume import ResumeState, finish_run, fingerprint, start_run
 from pipeline.engine.runtime import (
     autocast_context,
     grad_scaler,

@@ -38,7 +38,8 @@ from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import BackboneSplitError, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
-from pipeline.engine.resume import ResumeState, file_digest, finish_run, fingerprint, start_run
+from pipeline.io import file_digest
+from pipeline.engine.resume import ResumeState, finish_run, fingerprint, start_run
 from pipeline.engine.runtime import (
     configure_backends,
     cpu_threads,

@@ -1,0 +1,100 @@
+"""File I/O every stage shares: atomic writes, JSON, safe torch loads and file digests.
+
+Every file this project writes goes through :func:`atomic_write`, so a run killed
+mid-write leaves the previous file intact instead of a truncated one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable, unsafe, or does not fit the run; names the file."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """Run ``write`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The rename is atomic. ``durable`` also flushes the file to disk before the rename, so a
+    power cut cannot leave an empty file under the final name; bulk writers of files that
+    are cheap to regenerate (the demo images) skip it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Write a binary file atomically."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), durable)
+
+
+def write_json(path: str | Path, value: object, sort_keys: bool = False) -> None:
+    """Write ``value`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys, default=str) + "\n")
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """``torch.save`` atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _weights_only_reason(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only error that says what was refused, without its advice
+    (which suggests ``weights_only=False``, exactly what must not be done with such a file)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+    return specific[0] if specific else (lines[0] if lines else type(err).__name__)
+
+
+def safe_torch_load(path: str | Path) -> object:
+    """``torch.load(weights_only=True)`` of any file: plain data, or a ``CheckpointError`` naming the file.
+
+    weights_only refuses pickles that would build arbitrary objects or call functions, so a
+    file crafted to run code on load is refused before any of it runs.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Both a crafted file and plain garbage end here: either way it is not a plain-data
+        # file written by torch.save, and nothing in it has run.
+        raise CheckpointError(
+            f"{path}: refused to load: not a plain-data checkpoint written by torch.save "
+            f"({_weights_only_reason(err)})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse an arbitrary file means "not a checkpoint"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (a file's identity in cache keys and fingerprints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
