@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import build_parser, config_from_args
-from pipeline.train.caption import CaptionTrainConfig, train_caption_branch
+from pipeline.branches.caption import CaptionTrainConfig
+from pipeline.train.caption import train_caption_branch
 
 
 def get_args_parser() -> argparse.ArgumentParser:

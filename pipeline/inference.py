@@ -214,7 +214,7 @@ class BranchPredictor:
                 if branch in out:
                     out[branch][~readable.numpy()] = np.nan
         if "caption" in self.checkpoints:
-            from pipeline.train.caption import predict_caption_probs
+            from pipeline.branches.caption import predict_caption_probs
 
             captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
             out["caption"] = groups.mean(predict_caption_probs(self.checkpoints["caption"], captions, self.device))

@@ -28,14 +28,8 @@ import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.engine import runtime
-from pipeline.checkpoint import (
-    CheckpointError,
-    atomic_torch_save,
-    load_checkpoint,
-    safe_torch_load,
-    save_checkpoint,
-    save_probabilities,
-)
+from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_probabilities
+from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.data.dataset import DataFormatError, DatasetPaths, LabelSet, load_train_val, read_csv, read_prediction_csv
 from pipeline.data.images import ImageDataset
 from pipeline.features import _load_cached

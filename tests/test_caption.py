@@ -10,7 +10,7 @@ from pipeline.checkpoint import load_checkpoint, load_probabilities, save_checkp
 from pipeline.engine.loop import NonFiniteLossError
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier, rnn_class
 from pipeline.data.text import Vocabulary
-from pipeline.train.caption import CaptionTrainConfig, build_ensemble, model_settings, predict_caption_probs
+from pipeline.branches.caption import CaptionTrainConfig, build_ensemble, model_settings, predict_caption_probs
 
 NUM_LABELS = 5
 # Label id -> the word that names it in the generated captions.
@@ -108,8 +108,6 @@ def test_checkpoint_round_trip_gives_identical_probabilities(tmp_path):
     after = predict_caption_probs(loaded, captions, torch.device("cpu"), batch_size=3)
     np.testing.assert_array_equal(before, after)
     assert predict_caption_probs(loaded, [], "cpu").shape == (0, NUM_LABELS)
-    with pytest.raises(ValueError, match="older version"):
-        model_settings({"rnn": "lstm"})
 
 
 def _write_tiny_dataset(root, rows: int = 60) -> None:

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_probabilities,
-    save_checkpoint,
-    save_probabilities,
-)
+from pipeline.checkpoint import load_checkpoint, load_probabilities, save_checkpoint, save_probabilities
+from pipeline.io import CheckpointError
 
 
 def saved(tmp_path, **overrides):

@@ -12,7 +12,7 @@ import torch
 import inference
 import train_caption_rnn
 import train_efficientnet
-from pipeline.checkpoint import CheckpointError
+from pipeline.io import CheckpointError
 from pipeline.data.dataset import DataFormatError
 from pipeline.fusion import load_fusion
 from tests.conftest import TINY_IMAGE_ARGS

@@ -9,7 +9,8 @@ import torch
 
 import train_caption_rnn
 import train_efficientnet
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.checkpoint import load_checkpoint
+from pipeline.io import CheckpointError
 from pipeline.engine.resume import ResumeState
 from tests.conftest import TINY_IMAGE_ARGS
 

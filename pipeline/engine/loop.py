@@ -1,4 +1,7 @@
-"""The training loop pieces shared by every branch: one epoch, prediction, EMA.
+"""The training loop every branch shares: :func:`train_one_epoch` runs one epoch and
+:func:`fit` runs the epochs, keeping the best one, stopping early and saving the resume
+state. The image head, the label decoder, partial and end-to-end fine-tuning and every
+caption model train through these two functions.
 
 Device and precision are decided by the caller once and passed in; nothing here calls
 ``.cuda()``.
@@ -10,6 +13,8 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from pipeline.engine.distributed import DistContext, mean_across_ranks, unwrap
+from pipeline.engine.resume import ResumeState
 
 # A step's loss from (model, batch); batches are tuples of tensors already on the device.
 StepLoss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -139,24 +145,27 @@ def epoch_loader(dataset: Dataset, global_batch: int, context: DistContext, shuf
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
-def _check_finite(first_bad: torch.Tensor, epoch: int, bad_loss: torch.Tensor) -> None:
+def _check_finite(first_bad: torch.Tensor, epoch: int, bad_loss: torch.Tensor, name: str) -> None:
     """Raise if a step's loss was NaN or infinite (one host sync, done every few steps)."""
     step = int(first_bad.item())
     if step >= 0:
-        raise NonFiniteLossError(
-            f"loss is {bad_loss.item()} at epoch {epoch}, step {step}: lower the learning rate or check the data")
+        prefix = f"{name}: " if name else ""
+        raise NonFiniteLossError(f"{prefix}loss is {bad_loss.item()} at epoch {epoch}, step {step}: "
+                                 "lower the learning rate or check the data")
 
 
 def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
                     epoch: int, scheduler=None, autocast=None, grad_clip: float | None = None,
                     ema: ModelEma | None = None, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = True, context: DistContext = DistContext(), sync_every: int = 50) -> float:
+                    progress: bool = True, context: DistContext = DistContext(), sync_every: int = 50,
+                    name: str = "") -> float:
     """One pass over ``loader`` with ``step(*batch) -> loss`` (a :class:`TrainStep`, maybe in DDP).
 
     Returns the mean loss over every rank's samples. A non-finite loss stops training
     with an error naming the epoch and step. The loss is summed on the device and read
     back once every ``sync_every`` steps (for the check and the progress bar), so the
-    host never waits for the GPU in between. ``scaler`` scales an fp16 loss.
+    host never waits for the GPU in between. ``scaler`` scales an fp16 loss. ``name`` labels
+    the progress bar and the error.
     """
     step.train()
     sampler = getattr(loader, "sampler", None)
@@ -168,7 +177,7 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
     # Index of the first non-finite step (-1: none yet) and that loss, kept on the device.
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     bad_loss = torch.zeros((), device=device)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and context.is_main))
+    bar = tqdm(loader, desc=f"{name} epoch {epoch}".strip(), leave=False, disable=not (progress and context.is_main))
     for index, batch in enumerate(bar):
         batch = _to_device(batch, device)
         with autocast():
@@ -196,9 +205,9 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
         total += loss.detach().double() * len(batch[0])
         count += len(batch[0])
         if (index + 1) % sync_every == 0:
-            _check_finite(first_bad, epoch, bad_loss)
+            _check_finite(first_bad, epoch, bad_loss, name)
             bar.set_postfix(loss=f"{(total / count).item():.4f}", refresh=False)
-    _check_finite(first_bad, epoch, bad_loss)
+    _check_finite(first_bad, epoch, bad_loss, name)
     return mean_across_ranks(total, count, context)
 
 
@@ -219,3 +228,53 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class EpochScore:
+    """One epoch's validation score (higher is better) and what to keep if it is the best.
+
+    ``value`` None means there is nothing to score on (no validation split): the last
+    epoch is kept.
+    """
+
+    value: float | None
+    kept: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Callable[[int], EpochScore],
+        scored: nn.Module, resume: ResumeState, resumable: dict[str, Any], patience: int | None = None,
+        context: DistContext = DistContext(), epoch_bar: bool = False) -> dict[str, Any]:
+    """Train for ``epochs`` epochs and keep the best: the one shared epoch loop of every branch.
+
+    Each epoch runs ``train_epoch(epoch) -> mean loss``, then ``score(epoch)``; the weights
+    of ``scored`` (the model, or its EMA) at the best score are kept and loaded back into
+    ``scored`` at the end. ``patience`` stops after that many epochs without a better
+    score. After every epoch the ``resumable`` states (model, optimizer, scheduler, ...)
+    and the best so far are saved through ``resume``, so ``--resume`` continues an
+    interrupted run with the result of an uninterrupted one.
+
+    Returns ``{"epoch": best epoch, "score": its value, **its kept values}``. Every rank
+    must compute the same scores, so all keep the same epoch.
+    """
+    first, best = resume.begin(resumable, None, epochs)
+    say = tqdm.write if context.is_main else (lambda _: None)
+    epoch_range = range(first, epochs + 1)
+    for epoch in tqdm(epoch_range, desc=name, unit="epoch", disable=not (epoch_bar and context.is_main)):
+        loss = train_epoch(epoch)
+        result = score(epoch)
+        improved = best is None or result.value is None or result.value > best["score"]
+        if improved:
+            best = {"epoch": epoch, "score": result.value, **result.kept,
+                    "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
+        say(f"{name} epoch {epoch}/{epochs}: loss {loss:.4f}" + (f", {result.message}" if result.message else "")
+            + (" (best)" if improved and result.value is not None else ""))
+        stop = patience is not None and epoch - best["epoch"] >= patience
+        resume.end_epoch(epoch, best, finished=stop)
+        if stop:
+            say(f"{name}: no better validation score for {patience} epochs; stopping")
+            break
+    best = dict(best)
+    scored.load_state_dict(best.pop("state"))
+    return best

@@ -191,7 +191,7 @@ def time_caption(predictor: BranchPredictor, frame: pd.DataFrame) -> float | Non
     """Milliseconds per caption of the caption branch alone (tokenise, encode, ensemble)."""
     if "caption" not in predictor.checkpoints:
         return None
-    from pipeline.train.caption import predict_caption_probs
+    from pipeline.branches.caption import predict_caption_probs
 
     captions = frame[CAPTION_COLUMN].fillna("").tolist()
     started = time.perf_counter()

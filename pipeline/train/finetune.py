@@ -19,6 +19,7 @@ inference computes them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import resource
@@ -35,9 +36,11 @@ from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_
 from pipeline.data.images import ImageDataset, ImageReadError
 from pipeline.engine.distributed import DistContext, barrier, gather_shards, workers_per_process, wrap_model
 from pipeline.engine.loop import (
+    EpochScore,
     ModelEma,
     TrainStep,
     epoch_loader,
+    fit,
     parameter_groups,
     scaled_lr,
     train_one_epoch,
@@ -308,26 +311,29 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     resume_dir = start_run(weights_dir, "image", config.resume, context)
     state = ResumeState(resume_dir, mode, fingerprint(dataclasses.asdict(config),
                         train_csv=file_digest(paths.train_csv)), config.resume, context)
-    first, best = state.begin({"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema,
-                               "scaler": scaler}, {"f1": -1.0}, config.finetune_epochs)
+    epochs_run = []  # a resumed run trains only the remaining epochs
+
+    def train_epoch(epoch: int) -> float:
+        epochs_run.append(epoch)
+        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
+                               autocast=functools.partial(autocast_context, device, train_precision),
+                               grad_clip=config.grad_clip, ema=ema, scaler=scaler, context=context, name=mode)
+
+    def score(epoch: int) -> EpochScore:
+        probs = _predict_head(ema.module, val_loader, inputs.prepare, device, train_precision)
+        probs = gather_shards(torch.from_numpy(probs), context, len(inputs.val)).numpy()
+        threshold, f1 = tune_global_threshold(y_val, probs)
+        return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
+                                      f"EMA decay {ema.current_decay():.4f})")
+
     train_start, train_start_unix = time.perf_counter(), time.time()
-    for epoch in range(first, config.finetune_epochs + 1):
-        loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
-                               autocast=lambda: autocast_context(device, train_precision), grad_clip=config.grad_clip,
-                               ema=ema, scaler=scaler, context=context)
-        head_probs = gather_shards(torch.from_numpy(_predict_head(ema.module, val_loader, inputs.prepare, device,
-                                                                  train_precision)), context, len(inputs.val)).numpy()
-        threshold, f1 = tune_global_threshold(y_val, head_probs)
-        log.info("%s epoch %d/%d  loss %.4f  val samples-F1 %.4f (threshold %.2f, EMA decay %.4f)", mode, epoch,
-                 config.finetune_epochs, loss, f1, threshold, ema.current_decay())
-        if f1 > best["f1"]:
-            best = {"f1": f1, "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}}
-        state.end_epoch(epoch, best)
+    best = fit(mode, config.finetune_epochs, train_epoch, score, ema.module, state,
+               {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
+               context=context)
     train_seconds = time.perf_counter() - train_start
 
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
-    model.load_state_dict(best["state"])
+    model.load_state_dict(ema.module.state_dict())
     model.cpu().eval()
     backbone.module = backbone.module.cpu().eval()
     backbone.weights, backbone.weights_digest = "finetuned", _state_digest(backbone.module)
@@ -356,14 +362,14 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
         "skipped_unreadable_images": int((~np.asarray(readable)).sum()),
         "val_images": len(val),
         "image_val_samples_f1": final_f1,
-        "image_val_samples_f1_training": best["f1"],
+        "image_val_samples_f1_training": best["score"],
         "image_best_epoch": best["epoch"],
         "decoder_val_samples_f1_beam": tune_global_threshold(y_val_all[val_ok], decoder_probs[val_ok])[1],
         "extract_seconds": extract_seconds,
         "training_seconds": train_seconds,
         "training_window_unix": [train_start_unix, train_start_unix + train_seconds],
-        "train_img_s": (config.finetune_epochs - first + 1) * len(loader) * config.batch_size / max(train_seconds, 1e-9)
-        if first <= config.finetune_epochs else None,
+        "train_img_s": len(epochs_run) * len(loader) * config.batch_size / max(train_seconds, 1e-9)
+        if epochs_run else None,
         "total_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, group_by_image, load_train_val, resolve_dataset
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
-from pipeline.engine.loop import TrainStep, epoch_loader, predict_probs, train_one_epoch, warmup_cosine
+from pipeline.engine.loop import EpochScore, TrainStep, epoch_loader, fit, predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
 from pipeline.train.finetune import finetune_image_branch
 from pipeline.branches.image import (
@@ -53,8 +52,10 @@ from pipeline.engine.runtime import (
 log = logging.getLogger(__name__)
 
 
-def _step_module(model: torch.nn.Module, step_loss, context: DistContext) -> torch.nn.Module:
-    return wrap_model(TrainStep(model, step_loss), context)
+def _head_loader(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
+                 context: DistContext) -> DataLoader:
+    return epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
+                        seed=config.seed, option="--head-batch-size")
 
 
 def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
@@ -64,30 +65,28 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
     """Train the head on cached features; keep the epoch with the best validation samples-F1.
 
     Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
+    Returns (head, its validation probabilities, {"epoch", "score", "threshold"}).
     """
     head = ImageHead(x_train.shape[1], y_train.shape[1], config.head_hidden, config.head_dropout).to(device)
     loss_fn = get_loss(config.loss)
-    step = _step_module(head, lambda m, b: loss_fn(m(b[0]), b[1]), context)
-    loader = epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
-                          seed=config.seed, option="--head-batch-size")
+    step = wrap_model(TrainStep(head, lambda m, b: loss_fn(m(b[0]), b[1])), context)
+    loader = _head_loader(config, x_train, y_train, context)
     val_loader = DataLoader(TensorDataset(x_val), batch_size=1024)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), len(loader))
-    state = state or ResumeState.off()
-    first, best = state.begin({"model": head, "optimizer": optimizer, "scheduler": scheduler}, {"f1": -1.0},
-                              config.epochs)
-    for epoch in tqdm(range(first, config.epochs + 1), desc="image head", unit="epoch", disable=not context.is_main):
-        loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
+
+    def train_epoch(epoch: int) -> float:
+        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
                                context=context)
+
+    def score(epoch: int) -> EpochScore:
         probs = predict_probs(head, val_loader, device)
         threshold, f1 = tune_global_threshold(y_val, probs)
-        log.info("image head epoch %d/%d  loss %.4f  val samples-F1 %.4f (threshold %.2f)",
-                 epoch, config.epochs, loss, f1, threshold)
-        if f1 > best["f1"]:
-            best = {"f1": f1, "epoch": epoch, "threshold": threshold, "probs": probs,
-                    "state": {k: v.detach().clone() for k, v in head.state_dict().items()}}
-        state.end_epoch(epoch, best)
-    head.load_state_dict(best.pop("state"))
+        return EpochScore(f1, {"threshold": threshold, "probs": probs},
+                          f"val samples-F1 {f1:.4f} (threshold {threshold:.2f})")
+
+    best = fit("image head", config.epochs, train_epoch, score, head, state or ResumeState.off(),
+               {"model": head, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
     return head, best.pop("probs"), best
 
 
@@ -100,27 +99,24 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
     decoder = LabelDecoder(x_train.shape[1], y_train.shape[1], config.decoder_embed, config.decoder_hidden,
                            config.decoder_dropout).to(device)
     rank = order.rank.to(device)
-    step = _step_module(decoder, lambda m, b: m.loss(b[0], b[1], rank), context)
-    loader = epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
-                          seed=config.seed, option="--head-batch-size")
+    step = wrap_model(TrainStep(decoder, lambda m, b: m.loss(b[0], b[1], rank)), context)
+    loader = _head_loader(config, x_train, y_train, context)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
     x_val = x_val.to(device)
-    state = state or ResumeState.off()
-    first, best = state.begin({"model": decoder, "optimizer": optimizer, "scheduler": scheduler}, {"f1": -1.0},
-                              config.decoder_epochs)
-    for epoch in tqdm(range(first, config.decoder_epochs + 1), desc="label decoder", unit="epoch",
-                      disable=not context.is_main):
-        loss = train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
+
+    def train_epoch(epoch: int) -> float:
+        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
                                context=context)
+
+    def score(epoch: int) -> EpochScore:
         # Greedy decoding is cheap enough to score every epoch; the decoder overfits the
         # label sequences after a few epochs, so the best epoch is kept.
         f1 = decoded_samples_f1(decoder, x_val, y_val, beam_width=1)
-        log.info("decoder epoch %d/%d  loss %.4f  val samples-F1 (greedy) %.4f", epoch, config.decoder_epochs, loss, f1)
-        if f1 > best["f1"]:
-            best = {"f1": f1, "epoch": epoch, "state": {k: v.detach().clone() for k, v in decoder.state_dict().items()}}
-        state.end_epoch(epoch, best)
-    decoder.load_state_dict(best["state"])
+        return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
+
+    best = fit("label decoder", config.decoder_epochs, train_epoch, score, decoder, state or ResumeState.off(),
+               {"model": decoder, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
     summary = {"best_epoch": best["epoch"]}
     for width in sorted({1, config.beam_width}):
         summary[f"val_samples_f1_beam{width}"] = decoded_samples_f1(decoder, x_val, y_val, width)
@@ -207,7 +203,7 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
         "train_images": len(train),
         "skipped_unreadable_images": int((~readable).sum()),
         "val_images": len(val),
-        "image_val_samples_f1": head_summary["f1"],
+        "image_val_samples_f1": head_summary["score"],
         "image_best_epoch": head_summary["epoch"],
         **{f"decoder_{k}": v for k, v in decoder_summary.items()},
         "feature_seconds": extract_seconds,
