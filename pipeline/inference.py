@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +29,14 @@ from pipeline.data.dataset import (
 )
 from pipeline.features import cached_features, has_cached_features
 from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
-from pipeline.models.backbones import create_backbone
-from pipeline.models.decoder import LabelDecoder
-from pipeline.models.heads import FeatureNorm, ImageHead
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.branches.image import training_image_ids
+from pipeline.branches.image import (
+    backbone_identity,
+    decoder_probabilities,
+    head_probabilities,
+    rebuild_backbone,
+    training_image_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +134,9 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
                 f"{checkpoint_path(weights_dir, first)}: {loaded[first]['label_ids']}; retrain on the same data"
             )
     if "image" in loaded and "decoder" in loaded and \
-            _backbone_identity(loaded["image"]["backbone"]) != _backbone_identity(loaded["decoder"]["backbone"]):
+            backbone_identity(loaded["image"]["backbone"]) != backbone_identity(loaded["decoder"]["backbone"]):
         raise CheckpointError(f"{weights_dir}: image.pt and decoder.pt were trained on different backbones; retrain")
     return loaded
-
-
-def _backbone_identity(record: dict) -> dict:
-    """A backbone record without its weights: a fine-tuned backbone's tensors are named by
-    their digest, which the record holds."""
-    return {key: value for key, value in record.items() if key != "state_dict"}
 
 
 class BranchPredictor:
@@ -154,31 +150,11 @@ class BranchPredictor:
         image_branches = [b for b in IMAGE_BRANCHES if b in checkpoints]
         self.backbone = None
         if image_branches:
-            self.backbone = self._rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
+            self.backbone = rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
             self.views = checkpoints[image_branches[0]]["backbone"]["views"]
             # Features are computed as in training (checkpoints from before the option: fp32).
             self.precision = checkpoints[image_branches[0]]["backbone"].get("precision", "fp32")
         self.unreadable: list[str] = []
-
-    @staticmethod
-    def _rebuild_backbone(checkpoint: dict, branch: str):
-        record = checkpoint["backbone"]
-        resolution = checkpoint["preprocessing"]["resolution"]
-        if "state_dict" in record:  # fine-tuned: the checkpoint holds the backbone itself
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # initial weights are overwritten at once
-                backbone = create_backbone(record["name"], resolution=resolution)
-            backbone.module.load_state_dict(record["state_dict"])
-            backbone.weights, backbone.weights_digest = record["weights"], record["weights_digest"]
-            return backbone
-        weights = None if record["weights"] in ("bundled", "random", "hub") else record["weights"]
-        backbone = create_backbone(record["name"], weights, pretrained=record["weights"] == "hub", resolution=resolution)
-        if backbone.weights_digest != record["weights_digest"]:
-            raise CheckpointError(
-                f"the backbone weights here ({backbone.weights_digest}) are not the ones {branch}.pt "
-                f"was trained with ({record['weights_digest']})"
-            )
-        return backbone
 
     def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N, D), readable (N,)) of the images, through the feature cache."""
@@ -207,9 +183,9 @@ class BranchPredictor:
             values = torch.where(readable[:, None], values, torch.zeros(()))  # finite input for every row
             with torch.inference_mode():
                 if "image" in self.checkpoints:
-                    out["image"] = self._image_probs(self.checkpoints["image"], values)
+                    out["image"] = head_probabilities(self.checkpoints["image"], values, self.device)
                 if "decoder" in self.checkpoints:
-                    out["decoder"] = self._decoder_probs(self.checkpoints["decoder"], values)
+                    out["decoder"] = decoder_probabilities(self.checkpoints["decoder"], values, self.device)
             for branch in IMAGE_BRANCHES:
                 if branch in out:
                     out[branch][~readable.numpy()] = np.nan
@@ -219,29 +195,6 @@ class BranchPredictor:
             captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
             out["caption"] = groups.mean(predict_caption_probs(self.checkpoints["caption"], captions, self.device))
         return out
-
-    def _normalised(self, checkpoint: dict, features: torch.Tensor) -> torch.Tensor:
-        norm = FeatureNorm(features.shape[1])
-        norm.load_state_dict(checkpoint["feature_norm"])
-        return norm(features).to(self.device)
-
-    def _image_probs(self, checkpoint: dict, features: torch.Tensor) -> np.ndarray:
-        spec = checkpoint["head"]
-        head = ImageHead(spec["in_dim"], len(checkpoint["label_ids"]), spec["hidden"], spec["dropout"])
-        head.load_state_dict(checkpoint["state_dict"])
-        head.to(self.device).eval()
-        x = self._normalised(checkpoint, features)
-        return torch.cat([torch.sigmoid(head(x[i:i + 4096])).cpu() for i in range(0, len(x), 4096)]).numpy()
-
-    def _decoder_probs(self, checkpoint: dict, features: torch.Tensor) -> np.ndarray:
-        spec = checkpoint["decoder"]
-        decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
-                               spec["hidden_dim"], spec["dropout"])
-        decoder.load_state_dict(checkpoint["state_dict"])
-        decoder.to(self.device).eval()
-        _, scores = decoder.beam_search(self._normalised(checkpoint, features), beam_width=spec["beam_width"])
-        return scores.cpu().numpy()
-
 
 def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],
                              label_ids: list[int]) -> dict[str, np.ndarray]:

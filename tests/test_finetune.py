@@ -22,7 +22,8 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, mean_across_ranks, wrap_model
 from pipeline.engine.loop import ModelEma, TrainStep, parameter_groups, scaled_lr
 from pipeline.features import cached_stage_maps
-from pipeline.train.finetune import RandomViewSampler, build_image_model, joint_loss
+from pipeline.branches.image import build_image_model, joint_loss
+from pipeline.data.labelled import RandomViewSampler
 from pipeline.branches.image import ImageTrainConfig
 from pipeline.models.backbones import BackboneSplitError, create_backbone, split_backbone
 from pipeline.models.decoder import LabelOrder
@@ -228,11 +229,11 @@ def test_auto_mode_is_partial_on_cpu_and_frozen_for_a_backbone_without_stages(ti
 
 
 def test_loss_option_is_honoured_when_fine_tuning(tiny_dataset, tmp_path, monkeypatch):
-    import pipeline.train.finetune as finetune_module
+    import pipeline.branches.image as image_branch
 
     asked = []
-    original = finetune_module.get_loss
-    monkeypatch.setattr(finetune_module, "get_loss", lambda name: asked.append(name) or original(name))
+    original = image_branch.get_loss
+    monkeypatch.setattr(image_branch, "get_loss", lambda name: asked.append(name) or original(name))
     _train(tiny_dataset, tmp_path / "w", *PARTIAL, "--loss", "asl", "--finetune-epochs", "1")
     assert asked == ["asl"]
 

@@ -1,34 +1,39 @@
-"""What every way of training the image branch shares: its settings, which rows can be used,
-and the checkpoints it writes.
+"""The image branch: its settings, the model it builds and the loss it learns, the
+checkpoints it writes, and how inference rebuilds it and predicts.
 
-The image branch trains in one of three modes (``--mode``): ``frozen`` (heads on cached
-pooled features, ``pipeline.train.image``), ``partial`` and ``finetune`` (the backbone from
-a stage onward, trained with the heads, ``pipeline.train.finetune``). All three write the same
-files: ``image.pt``, ``decoder.pt``, their validation probabilities and ``image_config.json``.
+The branch trains in one of three modes (``--mode``, ``pipeline.train``): ``frozen`` (heads
+on cached pooled features), ``partial`` and ``finetune`` (the backbone from a stage onward,
+trained with the heads). All three write the same files: ``image.pt``, ``decoder.pt``,
+their validation probabilities and ``image_config.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
-from pipeline.io import atomic_write_text, write_json
 from pipeline.config import TrainingConfig, option, save_config
 from pipeline.data.dataset import ID_COLUMN, DatasetPaths
 from pipeline.data.images import ImageReadError
 from pipeline.engine.distributed import DistContext
-from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone
+from pipeline.engine.loop import parameter_groups, scaled_lr
+from pipeline.engine.runtime import PRECISIONS, training_memory_format
+from pipeline.io import CheckpointError, atomic_write_text, write_json
+from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
-from pipeline.models.heads import LOSSES, FeatureNorm, ImageHead
-from pipeline.engine.runtime import PRECISIONS
+from pipeline.models.heads import LOSSES, FeatureNorm, ImageHead, get_loss
+from pipeline.models.image_model import ImageModel
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +227,95 @@ def write_summary(config: ImageTrainConfig, summary: dict, context: DistContext)
         return
     write_json(Path(config.weights) / "image_summary.json", summary)
     tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+def backbone_identity(record: dict) -> dict:
+    """A backbone record without its weights: a fine-tuned backbone's tensors are named by
+    their digest, which the record holds."""
+    return {key: value for key, value in record.items() if key != "state_dict"}
+
+
+def rebuild_backbone(checkpoint: dict, branch: str) -> Backbone:
+    """The backbone an image-branch checkpoint was trained with: its fine-tuned weights, or the
+    named pretrained weights, checked against the digest the checkpoint recorded."""
+    record = checkpoint["backbone"]
+    resolution = checkpoint["preprocessing"]["resolution"]
+    if "state_dict" in record:  # fine-tuned: the checkpoint holds the backbone itself
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # initial weights are overwritten at once
+            backbone = create_backbone(record["name"], resolution=resolution)
+        backbone.module.load_state_dict(record["state_dict"])
+        backbone.weights, backbone.weights_digest = record["weights"], record["weights_digest"]
+        return backbone
+    weights = None if record["weights"] in ("bundled", "random", "hub") else record["weights"]
+    backbone = create_backbone(record["name"], weights, pretrained=record["weights"] == "hub", resolution=resolution)
+    if backbone.weights_digest != record["weights_digest"]:
+        raise CheckpointError(
+            f"the backbone weights here ({backbone.weights_digest}) are not the ones {branch}.pt "
+            f"was trained with ({record['weights_digest']})"
+        )
+    return backbone
+
+
+def _normalised(checkpoint: dict, features: torch.Tensor, device: torch.device) -> torch.Tensor:
+    norm = FeatureNorm(features.shape[1])
+    norm.load_state_dict(checkpoint["feature_norm"])
+    return norm(features).to(device)
+
+@torch.inference_mode()
+def head_probabilities(checkpoint: dict, features: torch.Tensor, device: torch.device) -> np.ndarray:
+    """The image head's probabilities (N, L) of pooled backbone features (N, D)."""
+    spec = checkpoint["head"]
+    head = ImageHead(spec["in_dim"], len(checkpoint["label_ids"]), spec["hidden"], spec["dropout"])
+    head.load_state_dict(checkpoint["state_dict"])
+    head.to(device).eval()
+    x = _normalised(checkpoint, features, device)
+    return torch.cat([torch.sigmoid(head(x[i:i + 4096])).cpu() for i in range(0, len(x), 4096)]).numpy()
+
+@torch.inference_mode()
+def decoder_probabilities(checkpoint: dict, features: torch.Tensor, device: torch.device) -> np.ndarray:
+    """The label decoder's beam-search label scores (N, L) of pooled backbone features (N, D)."""
+    spec = checkpoint["decoder"]
+    decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
+                           spec["hidden_dim"], spec["dropout"])
+    decoder.load_state_dict(checkpoint["state_dict"])
+    decoder.to(device).eval()
+    _, scores = decoder.beam_search(_normalised(checkpoint, features, device), beam_width=spec["beam_width"])
+    return scores.cpu().numpy()
+
+
+def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,
+                      device: torch.device) -> ImageModel:
+    """The trunk with a new image head and label decoder, on ``device``, in the training layout."""
+    return ImageModel(
+        trunk,
+        ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
+        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout),
+    ).to(device).to(memory_format=training_memory_format(device))
+
+
+def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder,
+               device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The training loss of a batch (inputs, targets): the head's ``--loss`` plus the decoder's
+    sequence loss times ``--decoder-loss-weight``."""
+    head_loss = get_loss(config.loss)
+    rank = order.rank.to(device)
+
+    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        raw, targets = batch
+        features = m.features(prepare(raw))  # (B, 2C), under autocast
+        # Head and decoder in fp32: they cost little, and the decoder's LSTM would otherwise
+        # run in reduced precision without a gradient scaler.
+        with torch.autocast(device.type, enabled=False):
+            features = features.float()
+            return (head_loss(m.head(features), targets)
+                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank))
+
+    return step_loss
+
+
+def build_optimizer(config: ImageTrainConfig, model: ImageModel) -> tuple[torch.optim.Optimizer, float]:
+    """(AdamW over the trainable parameters, the backbone's learning rate for this global batch)."""
+    lr = scaled_lr(config.finetune_lr, config.batch_size)
+    groups = parameter_groups(model, lr, config.weight_decay, ("head", "decoder"), config.head_lr_scale)
+    return torch.optim.AdamW(groups), lr

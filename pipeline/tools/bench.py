@@ -45,7 +45,8 @@ from pipeline.data.images import ImageDataset
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.features import CPU_BATCH
-from pipeline.train.finetune import build_image_model, build_optimizer, image_inputs, joint_loss
+from pipeline.branches.image import build_image_model, build_optimizer, joint_loss
+from pipeline.data.labelled import image_inputs
 from pipeline.branches.image import ImageTrainConfig
 from pipeline.fusion import FusionSettings, load_fusion
 from pipeline.models.backbones import create_backbone, fuse_for_inference
@@ -213,7 +214,7 @@ def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[st
     ids = [image_ids[i % len(image_ids)] for i in range(needed)]
     targets = (np.random.default_rng(0).random((needed, num_labels)) < 0.2).astype(np.float32)
     targets[:, 0] = 1.0  # every image has a label, as in real data
-    inputs = image_inputs(config, backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device)
+    inputs = image_inputs(backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device, config.workers)
     model = build_image_model(config, inputs.trunk, 2 * backbone.feature_dim, num_labels, device)
     step = TrainStep(model, joint_loss(config, inputs.prepare, LabelOrder.from_train(targets), device))
     optimizer, _ = build_optimizer(config, model)

@@ -24,131 +24,41 @@ import hashlib
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 
-from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_by_image, load_train_val, resolve_dataset
-from pipeline.data.images import ImageDataset, ImageReadError
-from pipeline.engine.distributed import DistContext, barrier, gather_shards, workers_per_process, wrap_model
-from pipeline.engine.loop import (
-    EpochScore,
-    ModelEma,
-    TrainStep,
-    epoch_loader,
-    fit,
-    parameter_groups,
-    scaled_lr,
-    train_one_epoch,
-    warmup_cosine,
-)
-from pipeline.features import VIEWS, StageMaps, cached_features, cached_stage_maps
 from pipeline.branches.image import (
     FINETUNE_RESOLUTION,
     ImageTrainConfig,
     backbone_record,
+    build_image_model,
+    build_optimizer,
+    joint_loss,
     save_image_branch,
     training_image_ids,
     usable_rows,
     write_summary,
 )
-from pipeline.metrics import tune_global_threshold
-from pipeline.models.backbones import Backbone, create_backbone, num_stages, split_backbone
-from pipeline.models.decoder import LabelDecoder, LabelOrder
-from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
-from pipeline.models.image_model import ImageModel
-from pipeline.io import file_digest
+from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, group_by_image, load_train_val, resolve_dataset
+from pipeline.data.labelled import decodable, image_inputs, map_inputs
+from pipeline.engine.distributed import DistContext, barrier, gather_shards, wrap_model
+from pipeline.engine.loop import EpochScore, ModelEma, TrainStep, epoch_loader, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import ResumeState, finish_run, fingerprint, start_run
-from pipeline.engine.runtime import (
-    autocast_context,
-    grad_scaler,
-    resolve_precision,
-    training_memory_format,
-    training_precision,
-)
-from pipeline.data.transforms import build_transform, normalize_batch
+from pipeline.engine.runtime import autocast_context, grad_scaler, resolve_precision, training_precision
+from pipeline.features import VIEWS, cached_features, cached_stage_maps
+from pipeline.io import file_digest
+from pipeline.metrics import tune_global_threshold
+from pipeline.models.backbones import create_backbone, num_stages, split_backbone
+from pipeline.models.decoder import LabelOrder
+from pipeline.models.heads import FeatureNorm
+from pipeline.models.image_model import ImageModel
 
 log = logging.getLogger(__name__)
-
-
-class _LabelledImages(Dataset):
-    """(uint8 image (3, R, R), multi-hot target) pairs; an unreadable image stops training with its name."""
-
-    def __init__(self, images: ImageDataset, targets: np.ndarray) -> None:
-        self.images, self.targets = images, torch.from_numpy(targets)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, _, readable = self.images[index]
-        if not readable:
-            raise ImageReadError.listing([self.images.files[index]])
-        return image, self.targets[index]
-
-
-class _LabelledMaps(Dataset):
-    """(float16 stage map (C, h, w), multi-hot target) pairs from the stage-map cache.
-
-    Index ``i + n * v`` is row ``rows[i]`` of view ``v`` (``RandomViewSampler`` picks ``v``),
-    so the view choice lives in the sampler, in the main process, and loader workers need
-    no per-epoch state. The memory maps are opened lazily, in the process that reads them.
-    """
-
-    def __init__(self, maps: StageMaps, rows: np.ndarray, targets: np.ndarray) -> None:
-        self.maps, self.rows, self.targets = maps, rows, torch.from_numpy(targets)
-        self._arrays: list[np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._arrays is None:
-            self._arrays = [self.maps.array(view) for view in self.maps.views]
-        view, i = divmod(index, len(self.rows))
-        return torch.from_numpy(np.array(self._arrays[view][self.rows[i]])), self.targets[i]
-
-
-class RandomViewSampler(Sampler[int]):
-    """A ``DistributedSampler`` over rows whose every row comes as one of ``num_views`` views,
-    drawn afresh each epoch from (seed, epoch, row): it yields ``row + num_rows * view``.
-
-    The draw depends on the row, not on the rank, so 1 or N processes see the same views.
-    """
-
-    def __init__(self, rows: DistributedSampler, num_rows: int, num_views: int, seed: int) -> None:
-        self.rows, self.num_rows, self.num_views, self.seed = rows, num_rows, num_views, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.rows.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        views = torch.randint(self.num_views, (self.num_rows,), generator=generator).tolist()
-        return (row + self.num_rows * views[row] for row in self.rows)
-
-
-def _no_transform(image) -> torch.Tensor:
-    return torch.zeros(3, 1, 1, dtype=torch.uint8)  # the shape ImageDataset gives an unreadable image at size 1
-
-
-def decodable(paths: DatasetPaths, image_ids: list[str], workers: int, context: DistContext) -> np.ndarray:
-    """(N,) bool: which images decode. Each rank decodes its share and the shares are gathered,
-    so every bad file is found in one pass before training, not mid-epoch."""
-    shard = context.shard(len(image_ids))
-    images = ImageDataset(paths, [image_ids[i] for i in shard], _no_transform, 1, blank_dtype=torch.uint8)
-    parts = [ok for _, _, ok in DataLoader(images, batch_size=256, num_workers=workers_per_process(workers))]
-    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
-    return gather_shards(local.to(torch.uint8), context, len(image_ids)).bool().numpy()
 
 
 def _state_digest(module: nn.Module) -> str:
@@ -157,91 +67,6 @@ def _state_digest(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return "finetuned-" + digest.hexdigest()[:16]
-
-
-def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,
-                      device: torch.device) -> ImageModel:
-    """The trunk with a new image head and label decoder, on ``device``, in the training layout."""
-    return ImageModel(
-        trunk,
-        ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
-        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout),
-    ).to(device).to(memory_format=training_memory_format(device))
-
-
-def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder,
-               device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """The training loss of a batch (inputs, targets): the head's ``--loss`` plus the decoder's
-    sequence loss times ``--decoder-loss-weight``."""
-    head_loss = get_loss(config.loss)
-    rank = order.rank.to(device)
-
-    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        raw, targets = batch
-        features = m.features(prepare(raw))  # (B, 2C), under autocast
-        # Head and decoder in fp32: they cost little, and the decoder's LSTM would otherwise
-        # run in reduced precision without a gradient scaler.
-        with torch.autocast(device.type, enabled=False):
-            features = features.float()
-            return (head_loss(m.head(features), targets)
-                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank))
-
-    return step_loss
-
-
-def build_optimizer(config: ImageTrainConfig, model: ImageModel) -> tuple[torch.optim.Optimizer, float]:
-    """(AdamW over the trainable parameters, the backbone's learning rate for this global batch)."""
-    lr = scaled_lr(config.finetune_lr, config.batch_size)
-    groups = parameter_groups(model, lr, config.weight_decay, ("head", "decoder"), config.head_lr_scale)
-    return torch.optim.AdamW(groups), lr
-
-
-@dataclasses.dataclass
-class TrainingInputs:
-    """What the trunk trains on: datasets, how a batch becomes the trunk's input, the trunk."""
-
-    train: Dataset
-    val: Dataset
-    sampler: Sampler | None
-    prepare: Callable[[torch.Tensor], torch.Tensor]
-    trunk: nn.Module
-    workers: int
-
-
-def image_inputs(config: ImageTrainConfig, backbone: Backbone, paths: DatasetPaths, train_ids: list[str],
-                 val_ids: list[str], y_train: np.ndarray, y_val: np.ndarray, device: torch.device) -> TrainingInputs:
-    preprocessing, size = backbone.preprocessing, backbone.preprocessing["resolution"]
-    train_set = _LabelledImages(ImageDataset(paths, train_ids, build_transform(preprocessing, train=True,
-                                                                               normalize=False), size), y_train)
-    val_set = _LabelledImages(ImageDataset(paths, val_ids, build_transform(preprocessing, normalize=False), size),
-                              y_val)
-
-    layout = training_memory_format(device)
-
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
-
-    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(config.workers))
-
-
-def _map_inputs(config: ImageTrainConfig, maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray,
-                val_rows: np.ndarray, y_train: np.ndarray, y_val: np.ndarray, context: DistContext,
-                device: torch.device) -> TrainingInputs:
-    train_set = _LabelledMaps(maps, train_rows, y_train)
-    sampler = RandomViewSampler(DistributedSampler(range(len(train_rows)), num_replicas=context.world_size,
-                                                   rank=context.rank, shuffle=True, seed=config.seed,
-                                                   drop_last=len(train_rows) > config.batch_size),
-                                len(train_rows), len(maps.views), config.seed)
-    val_set = _LabelledMaps(maps, val_rows, y_val)  # indices below len(val_rows): the plain view
-    # Reading rows of a memory map is a copy; on a CPU, worker processes would only take
-    # cores from the training arithmetic.
-    workers = workers_per_process(config.workers) if device.type == "cuda" else 0
-    layout = training_memory_format(device)
-
-    def prepare(maps_batch: torch.Tensor) -> torch.Tensor:
-        return maps_batch.float().contiguous(memory_format=layout)
-
-    return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers)
 
 
 def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.device,
@@ -284,11 +109,11 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     y_train = labels.encode(train[LABELS_COLUMN][train_ok])
     y_val = labels.encode(val[LABELS_COLUMN][val_ok])
     if stage:
-        inputs = _map_inputs(config, maps, trunk, np.flatnonzero(train_ok), len(train) + np.flatnonzero(val_ok),
-                             y_train, y_val, context, device)
+        inputs = map_inputs(maps, trunk, np.flatnonzero(train_ok), len(train) + np.flatnonzero(val_ok),
+                            y_train, y_val, context, device, config.batch_size, config.seed, config.workers)
     else:
-        inputs = image_inputs(config, backbone, paths, train[ID_COLUMN][train_ok].tolist(),
-                              val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device)
+        inputs = image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
+                              val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers)
 
     feature_dim = 2 * backbone.feature_dim
     model = build_image_model(config, inputs.trunk, feature_dim, len(labels), device)

@@ -1,0 +1,155 @@
+"""Labelled training inputs of the image model: augmented images, or cached stage maps.
+
+Fine-tuning (``--mode finetune``) trains on whole images decoded by loader workers;
+partial mode trains the later stages on the cached output maps of the earlier ones,
+each image seen plain or mirrored at random (:class:`RandomViewSampler`).
+:class:`TrainingInputs` bundles either kind with how a batch becomes the trunk's input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from pipeline.data.dataset import DatasetPaths
+from pipeline.data.images import ImageDataset, ImageReadError
+from pipeline.data.transforms import build_transform, normalize_batch
+from pipeline.engine.distributed import DistContext, gather_shards, workers_per_process
+from pipeline.engine.runtime import training_memory_format
+from pipeline.features import StageMaps
+from pipeline.models.backbones import Backbone
+
+
+class LabelledImages(Dataset):
+    """(uint8 image (3, R, R), multi-hot target) pairs; an unreadable image stops training with its name."""
+
+    def __init__(self, images: ImageDataset, targets: np.ndarray) -> None:
+        self.images, self.targets = images, torch.from_numpy(targets)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, _, readable = self.images[index]
+        if not readable:
+            raise ImageReadError.listing([self.images.files[index]])
+        return image, self.targets[index]
+
+
+class LabelledMaps(Dataset):
+    """(float16 stage map (C, h, w), multi-hot target) pairs from the stage-map cache.
+
+    Index ``i + n * v`` is row ``rows[i]`` of view ``v`` (``RandomViewSampler`` picks ``v``),
+    so the view choice lives in the sampler, in the main process, and loader workers need
+    no per-epoch state. The memory maps are opened lazily, in the process that reads them.
+    """
+
+    def __init__(self, maps: StageMaps, rows: np.ndarray, targets: np.ndarray) -> None:
+        self.maps, self.rows, self.targets = maps, rows, torch.from_numpy(targets)
+        self._arrays: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._arrays is None:
+            self._arrays = [self.maps.array(view) for view in self.maps.views]
+        view, i = divmod(index, len(self.rows))
+        return torch.from_numpy(np.array(self._arrays[view][self.rows[i]])), self.targets[i]
+
+
+class RandomViewSampler(Sampler[int]):
+    """A ``DistributedSampler`` over rows whose every row comes as one of ``num_views`` views,
+    drawn afresh each epoch from (seed, epoch, row): it yields ``row + num_rows * view``.
+
+    The draw depends on the row, not on the rank, so 1 or N processes see the same views.
+    """
+
+    def __init__(self, rows: DistributedSampler, num_rows: int, num_views: int, seed: int) -> None:
+        self.rows, self.num_rows, self.num_views, self.seed = rows, num_rows, num_views, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.rows.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        views = torch.randint(self.num_views, (self.num_rows,), generator=generator).tolist()
+        return (row + self.num_rows * views[row] for row in self.rows)
+
+
+def _no_transform(image) -> torch.Tensor:
+    return torch.zeros(3, 1, 1, dtype=torch.uint8)  # the shape ImageDataset gives an unreadable image at size 1
+
+
+def decodable(paths: DatasetPaths, image_ids: list[str], workers: int, context: DistContext) -> np.ndarray:
+    """(N,) bool: which images decode. Each rank decodes its share and the shares are gathered,
+    so every bad file is found in one pass before training, not mid-epoch."""
+    shard = context.shard(len(image_ids))
+    images = ImageDataset(paths, [image_ids[i] for i in shard], _no_transform, 1, blank_dtype=torch.uint8)
+    parts = [ok for _, _, ok in DataLoader(images, batch_size=256, num_workers=workers_per_process(workers))]
+    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+    return gather_shards(local.to(torch.uint8), context, len(image_ids)).bool().numpy()
+
+
+@dataclasses.dataclass
+class TrainingInputs:
+    """What the trunk trains on: datasets, how a batch becomes the trunk's input, the trunk."""
+
+    train: Dataset
+    val: Dataset
+    sampler: Sampler | None
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    trunk: nn.Module
+    workers: int
+
+
+def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], val_ids: list[str],
+                 y_train: np.ndarray, y_val: np.ndarray, device: torch.device, workers: int) -> TrainingInputs:
+    """Augmented training images and plain validation images at the backbone's resolution,
+    handed over as uint8 and normalised on the device (``prepare``)."""
+    preprocessing, size = backbone.preprocessing, backbone.preprocessing["resolution"]
+    train_set = LabelledImages(ImageDataset(paths, train_ids, build_transform(preprocessing, train=True,
+                                                                              normalize=False), size), y_train)
+    val_set = LabelledImages(ImageDataset(paths, val_ids, build_transform(preprocessing, normalize=False), size),
+                             y_val)
+
+    layout = training_memory_format(device)
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
+
+    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers))
+
+
+def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_rows: np.ndarray,
+               y_train: np.ndarray, y_val: np.ndarray, context: DistContext, device: torch.device,
+               batch_size: int, seed: int, workers: int) -> TrainingInputs:
+    """Rows of the stage-map cache: training rows in a random view per epoch, validation rows
+    plain; ``trunk`` is the backbone's trainable tail."""
+    train_set = LabelledMaps(maps, train_rows, y_train)
+    sampler = RandomViewSampler(DistributedSampler(range(len(train_rows)), num_replicas=context.world_size,
+                                                   rank=context.rank, shuffle=True, seed=seed,
+                                                   drop_last=len(train_rows) > batch_size),
+                                len(train_rows), len(maps.views), seed)
+    val_set = LabelledMaps(maps, val_rows, y_val)  # indices below len(val_rows): the plain view
+    # Reading rows of a memory map is a copy; on a CPU, worker processes would only take
+    # cores from the training arithmetic.
+    workers = workers_per_process(workers) if device.type == "cuda" else 0
+    layout = training_memory_format(device)
+
+    def prepare(maps_batch: torch.Tensor) -> torch.Tensor:
+        return maps_batch.float().contiguous(memory_format=layout)
+
+    return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers)
+
+
