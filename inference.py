@@ -1,18 +1,24 @@
-"""Predict labels for test.csv by fusing the trained branches, and evaluate them.
+"""Predict labels by fusing the trained branches, and evaluate them.
 
-Loads the checkpoints found in --weights (image head, label decoder, caption RNN), tunes
-or reads weights/fusion.json, and writes output/submission.csv with one row per test.csv
-row. --evaluate scores every branch alone and fused on the validation split (or on a
-labelled CSV given with --eval-csv) and writes output/metrics.json and plots.
+Loads the checkpoints in --weights-dir (image head, label decoder, caption RNN), tunes or
+reads WEIGHTS_DIR/fusion.json, and writes OUTPUT/submission.csv with one row per image of
+test.csv. --evaluate scores every branch alone and fused on the validation split (or on a
+labelled CSV given with --eval-csv) and writes OUTPUT/metrics.json and plots. --image
+predicts given files instead, each with its --caption, and prints labels with their names.
+
+    python inference.py --data path/to/dataset
+    python inference.py --image photo.jpg --caption "a man riding a horse" --format json
 """
 
 from __future__ import annotations
+
+import argparse
 
 from pipeline.config import build_parser, config_from_args
 from pipeline.inference import InferenceConfig, run_inference
 
 
-def get_args_parser():
+def get_args_parser() -> argparse.ArgumentParser:
     return build_parser(InferenceConfig, __doc__)
 
 

@@ -3,18 +3,22 @@
 On a GPU the backbone is fine-tuned end to end with both heads (--mode finetune). On a CPU
 its first stages run once and their output maps are cached, and the last stage trains with
 both heads on the cache (--mode partial); --mode frozen trains the heads alone on cached
-features, fastest.
-Writes weights/image.pt, weights/decoder.pt, their validation probabilities and
-weights/image_config.json.
+features, fastest. Writes WEIGHTS_DIR/image.pt, WEIGHTS_DIR/decoder.pt, their validation
+probabilities and WEIGHTS_DIR/image_config.json.
+
+    python train_efficientnet.py --data path/to/dataset
 """
 
 from __future__ import annotations
 
+import argparse
+
+from pipeline.branches.image import ImageTrainConfig
 from pipeline.config import build_parser, config_from_args
-from pipeline.train.image import ImageTrainConfig, train_image_branch
+from pipeline.train.image import train_image_branch
 
 
-def get_args_parser():
+def get_args_parser() -> argparse.ArgumentParser:
     return build_parser(ImageTrainConfig, __doc__)
 
 

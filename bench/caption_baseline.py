@@ -23,7 +23,7 @@ from sklearn.multiclass import OneVsRestClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.dataset import CAPTION_COLUMN, LABELS_COLUMN, load_train_val, resolve_dataset  # noqa: E402
+from pipeline.data.dataset import CAPTION_COLUMN, LABELS_COLUMN, DatasetPaths, load_train_val  # noqa: E402
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold  # noqa: E402
 from pipeline.data.text import tokenize  # noqa: E402
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    label_set, train, val = load_train_val(resolve_dataset(args.data), args.val_fraction)
+    label_set, train, val = load_train_val(DatasetPaths.resolve(args.data), args.val_fraction)
     # The same tokeniser as the RNN, so the two branches see the same words.
     vectorizer = TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None,
                                  ngram_range=(1, 2), min_df=2, sublinear_tf=True)

@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     frozen, tuned = work / "frozen", work / "finetune"
     run_stage(report, "frozen", ["train_efficientnet.py", *common, "--weights", str(frozen), "--mode", "frozen",
-                                 "--output", str(work / "o"), *tiny], logs, budget)
+                                 *tiny], logs, budget)
     run_stage(report, "finetune", ["train_efficientnet.py", *common, "--weights", str(tuned), "--mode", "finetune",
-                                   "--output", str(work / "o"), *tiny], logs, budget)
+                                   *tiny], logs, budget)
     caption_args = ["--ensemble", "1", "--epochs", "2"] if args.tiny else []
     run_stage(report, "caption", ["train_caption_rnn.py", *common, "--weights", str(tuned), *caption_args],
               logs, budget)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     "--evaluate", "--eval-csv", str(data / "test_labels.csv")], logs, budget)
     run_stage(report, "torchrun_nccl_1process",
               ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train_efficientnet.py",
-               *common, "--weights", str(work / "ddp"), "--mode", "finetune", "--output", str(work / "o"), *tiny,
+               *common, "--weights", str(work / "ddp"), "--mode", "finetune", *tiny,
                "--finetune-epochs", "1"], logs, budget)
     bench_args = ["--num-images", "32", "--forward-seconds", "0.5", "--repeats", "1", "--no-compare",
                   "--finetune-batches", "2", "--finetune-batch-size", "8", "--head-rows", "512"] if args.tiny \

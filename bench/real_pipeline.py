@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     weights, output, logs = work / "weights", work / "output", work / "logs"
     logs.mkdir(parents=True)
-    common = ["--data", args.data, "--weights", str(weights), "--output", str(output)]
+    common = ["--data", args.data, "--weights", str(weights)]
     stages = {}
     started = time.perf_counter()
     stages["train_efficientnet_cold"] = run_stage("train_efficientnet_cold", ["train_efficientnet.py", *common], logs)
     image_summary = json.loads((weights / "image_summary.json").read_text())
     stages["train_caption_rnn"] = run_stage("train_caption_rnn", ["train_caption_rnn.py", *common], logs)
-    stages["inference"] = run_stage("inference", ["inference.py", *common, "--evaluate"], logs)
+    stages["inference"] = run_stage("inference", ["inference.py", *common, "--output", str(output), "--evaluate"], logs)
     recipe_seconds = time.perf_counter() - started
     if not args.skip_warm:
         stages["train_efficientnet_warm"] = run_stage("train_efficientnet_warm", ["train_efficientnet.py", *common], logs)

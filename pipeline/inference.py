@@ -13,7 +13,7 @@ import torch
 
 from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
 from pipeline.io import CheckpointError, atomic_write_text, write_json
-from pipeline.config import CommonConfig, option
+from pipeline.config import CommonConfig, option, output_option, workers_option
 from pipeline.data.dataset import (
     CAPTION_COLUMN,
     ID_COLUMN,
@@ -25,7 +25,6 @@ from pipeline.data.dataset import (
     group_by_image,
     load_train_val,
     read_prediction_csv,
-    resolve_dataset,
 )
 from pipeline.features import cached_features, has_cached_features
 from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
@@ -48,16 +47,25 @@ class InferenceConfig(CommonConfig):
     """Settings of ``inference.py``."""
 
     branches: str | None = option(None, "comma-separated branches to use (image,decoder,caption); "
-                                  "default: every branch with a checkpoint in --weights")
+                                  "default: every branch with a checkpoint in --weights", group="prediction")
     tune: bool = option(False, "re-tune fusion weights and thresholds on the validation split and "
-                        "rewrite weights/fusion.json")
+                        "rewrite weights/fusion.json", group="prediction")
     fusion_weights: str | None = option(None, "fusion weights by hand, e.g. image=0.5,caption=0.4,decoder=0.1 "
-                                        "(overrides fusion.json for this run)")
-    threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)")
-    evaluate: bool = option(False, "score every branch alone and fused; write metrics.json and plots")
-    eval_csv: str | None = option(None, "labelled CSV to evaluate on (default: the validation split)")
-    test_csv: str | None = option(None, "CSV to predict (default: DATA/test.csv)")
-    batch_size: int = option(64, "images per batch for feature extraction")
+                                        "(overrides fusion.json for this run)", group="prediction")
+    threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)", group="prediction")
+    evaluate: bool = option(False, "score every branch alone and fused; write metrics.json and plots", group="prediction")
+    eval_csv: str | None = option(None, "labelled CSV to evaluate on instead of the validation split", group="data")
+    test_csv: str | None = option(None, "CSV of the images to predict instead of DATA/test.csv", group="data")
+    image: list[str] | None = option(
+        None, "predict these image files instead of a test CSV (with --caption: one caption per image, in "
+        "order); prints each image's labels with names and every branch's probabilities", group="prediction")
+    caption: list[str] | None = option(None, "the captions of the --image files, one per image (omit to use "
+                                       "the image branches alone)", group="prediction")
+    format: str = option("table", "how --image predictions are printed: a readable table or JSON for scripts",
+                         choices=["table", "json"], group="prediction")
+    batch_size: int = option(64, "images per batch for feature extraction", group="run")
+    workers: int = workers_option()
+    output: str = output_option()
 
 
 def parse_branch_list(text: str | None) -> list[str] | None:
@@ -263,8 +271,8 @@ def _run_inference(config: InferenceConfig) -> dict:
     started = time.perf_counter()
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    paths = resolve_dataset(config.data, config.images)
-    weights_dir, output_dir = Path(config.weights), Path(config.output)
+    paths = DatasetPaths.resolve(config.data, config.images)
+    weights_dir, output_dir = Path(config.weights_dir), Path(config.output)
     # Every input file is read before any slow step, so a broken one fails at once; which
     # columns they have decides the branches that can run.
     _, train, val = load_train_val(paths, config.val_fraction)

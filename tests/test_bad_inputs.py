@@ -179,7 +179,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     data = make_tiny_dataset(root / "tiny", n_train=48, n_test=N_TEST)
     weights = root / "weights"
     train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
-    train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--output", str(root / "o"),
+    train_caption_rnn.main(["--data", str(data), "--weights", str(weights),
                             *TINY_CAPTION_ARGS])
     return data, weights
 

@@ -128,7 +128,7 @@ def test_script_smoke_run_writes_checkpoint_probabilities_and_config(tmp_path):
     data = tmp_path / "data"
     _write_tiny_dataset(data)
     weights = tmp_path / "weights"
-    argv = ["--data", str(data), "--weights", str(weights), "--output", str(tmp_path / "out"),
+    argv = ["--data", str(data), "--weights", str(weights),
             "--device", "cpu", "--epochs", "3", "--embed-dim", "12", "--hidden-size", "8",
             "--batch-size", "16", "--val-fraction", "0.3", "--min-freq", "1", "--rnn", "gru",
             "--ensemble", "2"]
@@ -191,4 +191,4 @@ def test_non_finite_caption_loss_names_model_epoch_and_step(tmp_path, monkeypatc
     monkeypatch.setattr(torch.nn, "BCEWithLogitsLoss", nan_loss)
     with pytest.raises(NonFiniteLossError, match=r"caption: loss is nan at epoch 1, step 0"):
         train_caption_rnn.main(["--data", str(data), "--weights", str(tmp_path / "w"), "--ensemble", "1",
-                                "--epochs", "1", "--workers", "0"])
+                                "--epochs", "1"])

@@ -1,4 +1,4 @@
-"""The command-line contract shared by the three scripts."""
+"""The command-line contract of the three scripts: grouped --help, only options that act."""
 
 from __future__ import annotations
 
@@ -15,25 +15,52 @@ import train_efficientnet
 from pipeline.engine.runtime import resolve_device
 
 SCRIPTS = [train_efficientnet, train_caption_rnn, inference]
-SHARED_OPTIONS = ["--data", "--images", "--weights", "--output", "--device", "--seed", "--val-fraction"]
+SHARED_OPTIONS = ["--data", "--images", "--weights-dir", "--device", "--seed", "--val-fraction"]
 ROOT = Path(__file__).resolve().parents[1]
+# Options a script would accept without acting on them: each must be absent from its --help.
+NOT_ACTING = {
+    train_efficientnet: ["--output", "--threads", "--format"],
+    train_caption_rnn: ["--output", "--workers", "--backbone", "--format"],
+    inference: ["--resume", "--epochs", "--backbone"],
+}
+GROUP_TITLES = {
+    train_efficientnet: ["data (", "model (", "frozen mode (", "partial and finetune modes (", "CNN-RNN label decoder",
+                         "run ("],
+    train_caption_rnn: ["data (", "model (", "training", "run ("],
+    inference: ["data (", "prediction and fusion", "run ("],
+}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
-def test_every_script_has_the_shared_options(script):
+def test_every_script_has_the_shared_options_and_defaults(script):
     help_text = script.get_args_parser().format_help()
     for option in SHARED_OPTIONS:
         assert option in help_text, f"{script.__name__} lacks {option}"
     defaults = script.get_args_parser().parse_args([])
-    assert defaults.data is None and defaults.weights == "weights" and defaults.output == "output"
-    assert defaults.device == "auto"
+    assert defaults.data == "data/demo" and defaults.weights_dir == "weights" and defaults.device == "auto"
+    assert script.get_args_parser().parse_args(["--weights", "w"]).weights_dir == "w"  # the short spelling
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_help_is_grouped_and_shows_only_acting_options(script):
+    parser = script.get_args_parser()
+    help_text = parser.format_help()
+    for option in NOT_ACTING[script]:
+        assert f"{option} " not in help_text, f"{script.__name__} --help shows {option}, which it ignores"
+        with pytest.raises(SystemExit):
+            parser.parse_args([option, "1"])
+    titles = [group.title for group in parser._action_groups if group._group_actions]
+    for expected in GROUP_TITLES[script]:
+        assert any(title.startswith(expected) for title in titles), f"{script.__name__}: no {expected!r} group"
+    # Positions follow GROUPS: data first, run last.
+    assert titles[1].startswith("data (") and titles[-1].startswith("run (")
 
 
 def test_help_runs_as_a_program():
     """One real process start (the parsers of all three are checked above, in-process)."""
     result = subprocess.run([sys.executable, "inference.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "--data" in result.stdout and "default" in result.stdout
+    assert "--image" in result.stdout and "default" in result.stdout
 
 
 def test_bad_option_values_are_refused_by_name(capsys):
@@ -43,6 +70,16 @@ def test_bad_option_values_are_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         train_caption_rnn.get_args_parser().parse_args(["--seed", "one"])
     assert "--seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--epochs", "0"], "--epochs"), (["--decoder-epochs", "0"], "--decoder-epochs"),
+    (["--batch-size", "0"], "--batch-size"), (["--head-dropout", "1.5"], "--head-dropout"),
+    (["--workers", "-1"], "--workers"),
+])
+def test_impossible_image_settings_fail_naming_the_option_before_any_work(argv, option, tmp_path):
+    with pytest.raises(ValueError, match=f"^{option} "):
+        train_efficientnet.main(["--data", str(tmp_path / "absent"), *argv])
 
 
 def test_device_resolution(monkeypatch):

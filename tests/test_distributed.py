@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Dropout draws differ between one process and two, so it is off for the comparison.
 NO_DROPOUT_IMAGE = ["--head-dropout", "0", "--decoder-dropout", "0", "--head-batch-size", "16"]
 CAPTION_ARGS = ["--device", "cpu", "--ensemble", "1", "--epochs", "3", "--embed-dim", "8", "--hidden-size", "8", "--dropout", "0",
-                "--embed-dropout", "0", "--batch-size", "8", "--val-fraction", "0.25", "--workers", "0"]
+                "--embed-dropout", "0", "--batch-size", "8", "--val-fraction", "0.25"]
 
 
 def test_shards_cover_every_row_once_in_order():
@@ -62,8 +62,8 @@ def test_two_gloo_processes_train_the_image_heads_like_one(even_dataset, tmp_pat
     common = ["--data", str(even_dataset), *TINY_IMAGE_ARGS, *NO_DROPOUT_IMAGE, "--mode", "frozen"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-weights warning of the test backbone
-        single = train_efficientnet.main([*common, "--weights", str(tmp_path / "one"), "--output", str(tmp_path / "o1")])
-    _torchrun("train_efficientnet.py", [*common, "--weights", str(tmp_path / "two"), "--output", str(tmp_path / "o2")])
+        single = train_efficientnet.main([*common, "--weights", str(tmp_path / "one")])
+    _torchrun("train_efficientnet.py", [*common, "--weights", str(tmp_path / "two")])
 
     for branch in ("image", "decoder"):
         one = load_checkpoint(tmp_path / "one" / f"{branch}.pt", branch=branch)
@@ -93,7 +93,7 @@ def test_partial_fine_tuning_under_two_gloo_processes_writes_a_usable_branch(eve
     tail, validation shards gathered, rank 0 writing, and inference from the result."""
     weights = tmp_path / "two"
     _torchrun("train_efficientnet.py", ["--data", str(even_dataset), *TINY_IMAGE_ARGS, "--weights", str(weights),
-                                        "--output", str(tmp_path / "o"), "--mode", "partial",
+                                        "--mode", "partial",
                                         "--train-from-stage", "3", "--finetune-epochs", "2"])
     summary = json.loads((weights / "image_summary.json").read_text())
     assert summary["processes"] == 2 and summary["mode"] == "partial"

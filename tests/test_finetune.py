@@ -168,7 +168,7 @@ def test_stage_map_cache_is_reused_and_a_cut_off_file_is_rebuilt(tiny_dataset, t
 
 def _train(dataset: Path, weights: Path, *extra: str) -> dict:
     return train_efficientnet.main(["--data", str(dataset), "--weights", str(weights),
-                                    "--output", str(weights.parent / "out"), *TINY_IMAGE_ARGS, *extra])
+                                    *TINY_IMAGE_ARGS, *extra])
 
 
 def _infer(dataset: Path, weights: Path, output: Path) -> dict:

@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     data = make_tiny_dataset(root / "tiny")
     weights = root / "weights"
     train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
-    train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--output", str(root / "o"),
+    train_caption_rnn.main(["--data", str(data), "--weights", str(weights),
                             *TINY_CAPTION_ARGS])
     return data, weights
 
@@ -136,7 +136,7 @@ def test_caption_rows_train_on_every_caption_and_predict_one_row_per_image(tmp_p
     (data / "dataset.json").write_text(json.dumps({n: {"repeated_ids": True} for n in ("train.csv", "test.csv")}))
     weights = tmp_path / "weights"
     train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
-    train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--output", str(tmp_path / "o"),
+    train_caption_rnn.main(["--data", str(data), "--weights", str(weights),
                             "--ensemble", "1", *TINY_CAPTION_ARGS])
     caption_ids = pd.read_csv(weights / "val_probs_caption.csv", dtype=str)["ImageID"].tolist()
     image_ids = pd.read_csv(weights / "val_probs_image.csv", dtype=str)["ImageID"].tolist()

@@ -17,7 +17,7 @@ from tests.conftest import TINY_IMAGE_ARGS
 # Settings under which the best epochs come late (3 and 3), so a resumed run that drew
 # other random numbers after the interruption would end with other weights.
 CAPTION_ARGS = ["--ensemble", "2", "--epochs", "4", "--embed-dim", "8", "--hidden-size", "8", "--batch-size", "8",
-                "--lr", "0.03", "--min-freq", "1", "--val-fraction", "0.25", "--workers", "0"]
+                "--lr", "0.03", "--min-freq", "1", "--val-fraction", "0.25"]
 
 
 class SimulatedCrash(RuntimeError):
@@ -49,7 +49,7 @@ def assert_same_checkpoints(first: Path, second: Path, branches: tuple[str, ...]
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the random-weights warning of the test backbone
 @pytest.mark.parametrize("loop, epoch", [("image_head", 2), ("decoder", 1)])
 def test_resumed_image_training_equals_an_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch, loop, epoch):
-    args = ["--data", str(tiny_dataset), *TINY_IMAGE_ARGS, "--output", str(tmp_path / "out")]
+    args = ["--data", str(tiny_dataset), *TINY_IMAGE_ARGS]
     train_efficientnet.main([*args, "--weights", str(tmp_path / "whole")])
     with monkeypatch.context() as patch:
         crash_after(patch, loop, epoch)

@@ -56,7 +56,7 @@ def test_train_efficientnet_main_writes_both_heads(tiny_dataset, tmp_path):
     weights = tmp_path / "weights"
     with pytest.warns(UserWarning, match="RANDOM"):
         summary = train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(weights),
-                                           "--output", str(tmp_path / "out"), *TINY_IMAGE_ARGS])
+                                           *TINY_IMAGE_ARGS])
     assert summary["mode"] == "frozen"
     assert 0.0 <= summary["image_val_samples_f1"] <= 1.0
     image = load_checkpoint(weights / "image.pt", branch="image", label_ids=[1, 3, 18, 19])
@@ -149,7 +149,7 @@ def test_scripts_reuse_the_feature_cache_and_any_change_invalidates_it(tiny_data
 
     monkeypatch.setattr(features_module, "extract_features", counting)
     weights = tmp_path / "w"
-    args = ["--data", str(tiny_dataset), "--weights", str(weights), "--output", str(tmp_path / "out"), *TINY_IMAGE_ARGS]
+    args = ["--data", str(tiny_dataset), "--weights", str(weights), *TINY_IMAGE_ARGS]
     train_efficientnet.main(args)
     assert extracted == [48]  # train + validation images, once
     train_efficientnet.main(args)

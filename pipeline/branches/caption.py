@@ -28,31 +28,31 @@ MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_d
 class CaptionTrainConfig(TrainingConfig):
     """Settings of ``train_caption_rnn.py``."""
 
-    batch_size: int = option(32, "captions per training batch")
-    rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_TYPES))
-    embed_dim: int = option(64, "word embedding size (must match --word-vectors when given)")
-    hidden_size: int = option(64, "hidden units per direction of the recurrent layer")
-    layers: int = option(1, "stacked recurrent layers")
-    dropout: float = option(0.3, "dropout on the pooled features (and between stacked layers)")
-    embed_dropout: float = option(0.1, "probability of dropping a whole word's embedding while training")
-    bidirectional: bool = option(True, "read captions both ways")
+    batch_size: int = option(32, "captions per training batch", group="training")
+    rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_TYPES), group="model")
+    embed_dim: int = option(64, "word embedding size (must match --word-vectors when given)", group="model")
+    hidden_size: int = option(64, "hidden units per direction of the recurrent layer", group="model")
+    layers: int = option(1, "stacked recurrent layers", group="model")
+    dropout: float = option(0.3, "dropout on the pooled features (and between stacked layers)", group="model")
+    embed_dropout: float = option(0.1, "probability of dropping a whole word's embedding while training", group="training")
+    bidirectional: bool = option(True, "read captions both ways", group="model")
     label_attention: bool = option(
-        True, "give each label its own attention over the words, added to the max+mean pooled head")
+        True, "give each label its own attention over the words, added to the max+mean pooled head", group="model")
     stem: bool = option(True, "reduce words to their Porter stems (nltk, no downloads), so 'dogs' and 'dog' "
-                        "share an id")
-    min_freq: int = option(2, "a word must appear this often in the training split to get its own id")
-    max_len: int = option(40, "caption tokens kept (longer captions are cut)")
-    epochs: int = option(12, "maximum training epochs (the learning-rate schedule spans all of them)")
-    lr: float = option(3e-3, "AdamW peak learning rate (one-cycle schedule)")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    patience: int = option(4, "stop after this many epochs without a better validation samples-F1")
+                        "share an id", group="model")
+    min_freq: int = option(2, "a word must appear this often in the training split to get its own id", group="model")
+    max_len: int = option(40, "caption tokens kept (longer captions are cut)", group="model")
+    epochs: int = option(12, "maximum training epochs (the learning-rate schedule spans all of them)", group="training")
+    lr: float = option(3e-3, "AdamW peak learning rate (one-cycle schedule)", group="training")
+    weight_decay: float = option(1e-4, "AdamW weight decay", group="training")
+    patience: int = option(4, "stop after this many epochs without a better validation samples-F1", group="training")
     tune_threshold: bool = option(
-        True, "score epochs by validation samples-F1 at the best global threshold (else at 0.5)")
-    ensemble: int = option(5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged")
+        True, "score epochs by validation samples-F1 at the best global threshold (else at 0.5)", group="training")
+    ensemble: int = option(5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged", group="model")
     threads: int = option(1, "CPU threads for torch; 1 is fastest for this small model and stays fast "
-                          "when other processes load the cores; 0 keeps torch's default")
+                          "when other processes load the cores; 0 keeps torch's default", group="run")
     word_vectors: str | None = option(
-        None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)")
+        None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)", group="model")
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the option."""

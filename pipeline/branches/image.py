@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
-from pipeline.config import TrainingConfig, option, save_config
-from pipeline.data.dataset import ID_COLUMN, DatasetPaths
+from pipeline.config import TrainingConfig, option, save_config, workers_option
+from pipeline.data.dataset import ID_COLUMN, DatasetPaths, LabelSet, group_by_image, load_train_val
 from pipeline.data.images import ImageReadError
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import parameter_groups, scaled_lr
@@ -47,63 +47,64 @@ FINETUNE_RESOLUTION = 320
 class ImageTrainConfig(TrainingConfig):
     """Settings of ``train_efficientnet.py``."""
 
-    backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)")
+    backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model")
     backbone_weights: str | None = option(
         None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
-        "tf_efficientnet_lite0, random initialisation (with a warning) for other names")
-    pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)")
+        "tf_efficientnet_lite0, random initialisation (with a warning) for other names", group="model")
+    pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
     resolution: int | None = option(
         None, f"input size in pixels (default: the backbone's own, 224 for Lite0, in frozen mode; at least "
-        f"{FINETUNE_RESOLUTION} when fine-tuning (README, \"Fine-tuning\"))")
+        f"{FINETUNE_RESOLUTION} when fine-tuning (README, \"Fine-tuning\"))", group="model")
     mode: str = option(
         "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
         "backbone's first --train-from-stage stages run once and are cached, the later stages train with the "
         "heads; finetune: the whole backbone trains with the heads on augmented images; auto: finetune on "
-        "GPU, partial on CPU (frozen for backbones without stages to split)", choices=list(MODES))
+        "GPU, partial on CPU (frozen for backbones without stages to split)", choices=list(MODES), group="model")
     skip_bad_images: bool = option(False, "leave out training rows whose image is missing or unreadable "
-                                   "(their count is reported) instead of stopping with their list")
+                                   "(their count is reported) instead of stopping with their list", group="data")
     precision: str = option(
         "auto", "arithmetic of the backbone, in training and in feature extraction here and in inference: auto = "
         "bf16 where the hardware computes it natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp16 "
-        "with a gradient scaler on a GPU and fp32 on a CPU", choices=list(PRECISIONS))
+        "with a gradient scaler on a GPU and fp32 on a CPU", choices=list(PRECISIONS), group="run")
     flip_views: bool = option(False, "also extract mirrored images and average the two views' features, in "
-                              "training and inference (frozen and partial modes; doubles inference time)")
-    head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)")
-    head_dropout: float = option(0.5, "dropout of the image head")
+                              "training and inference (frozen and partial modes; doubles inference time)", group="model")
+    head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)", group="model")
+    head_dropout: float = option(0.5, "dropout of the image head", group="model")
     loss: str = option("bce", "image head loss: binary cross-entropy or the asymmetric loss (ASL)",
-                       choices=list(LOSSES))
-    epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)")
-    lr: float = option(1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)")
-    weight_decay: float = option(1e-4, "AdamW weight decay (never on norms and biases when fine-tuning)")
-    decoder_embed: int = option(128, "label embedding size of the CNN-RNN decoder")
-    decoder_hidden: int = option(256, "LSTM hidden size of the CNN-RNN decoder")
-    decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder")
-    decoder_epochs: int = option(8, "epochs of decoder training on cached features (the best epoch is kept)")
+                       choices=list(LOSSES), group="training")
+    epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)", group="frozen")
+    lr: float = option(1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)", group="frozen")
+    weight_decay: float = option(1e-4, "AdamW weight decay (never on norms and biases when fine-tuning)", group="training")
+    decoder_embed: int = option(128, "label embedding size of the CNN-RNN decoder", group="decoder")
+    decoder_hidden: int = option(256, "LSTM hidden size of the CNN-RNN decoder", group="decoder")
+    decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder", group="decoder")
+    decoder_epochs: int = option(8, "epochs of decoder training on cached features (the best epoch is kept)", group="decoder")
     label_order: str = option("frequent", "order of the label sequences the decoder learns",
-                              choices=["frequent", "rare"])
+                              choices=["frequent", "rare"], group="decoder")
     head_threads: int = option(1, "CPU threads while training the heads on cached features (0: torch's "
-                               "default); one is robust when other processes share the cores")
-    beam_width: int = option(3, "beam width of the decoder's beam search")
+                               "default); one is robust when other processes share the cores", group="frozen")
+    beam_width: int = option(3, "beam width of the decoder's beam search", group="decoder")
     train_from_stage: int | None = option(
         None, "partial mode: the first stage that trains; the stages before it run once and their output maps "
-        "are cached (default: the last stage, 6 of Lite0's 0..6)")
-    finetune_epochs: int = option(10, "epochs of partial or end-to-end fine-tuning (the best epoch is kept)")
+        "are cached (default: the last stage, 6 of Lite0's 0..6)", group="finetune")
+    finetune_epochs: int = option(10, "epochs of partial or end-to-end fine-tuning (the best epoch is kept)", group="finetune")
     finetune_lr: float = option(4e-4, "peak learning rate of the backbone when fine-tuning, for a global batch of "
-                                "256; scaled by sqrt(--batch-size / 256)")
+                                "256; scaled by sqrt(--batch-size / 256)", group="finetune")
     head_lr_scale: float = option(5.0, "the new head and decoder learn this many times faster than the "
-                                  "pretrained backbone when fine-tuning")
+                                  "pretrained backbone when fine-tuning", group="finetune")
     decoder_loss_weight: float = option(0.1, "weight of the decoder's loss (summed over its label steps) "
-                                        "against the head's when fine-tuning: both reach the backbone")
-    warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs")
+                                        "against the head's when fine-tuning: both reach the backbone", group="finetune")
+    warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
     ema_decay: float = option(0.9998, "decay of the weights' exponential moving average when fine-tuning "
-                              "(with warm-up: min(decay, (1 + step) / (10 + step)))")
-    grad_clip: float = option(1.0, "gradient norm clipping when fine-tuning (0: off)")
+                              "(with warm-up: min(decay, (1 + step) / (10 + step)))", group="finetune")
+    grad_clip: float = option(1.0, "gradient norm clipping when fine-tuning (0: off)", group="finetune")
     sync_bn: bool = option(False, "under torchrun, batch norm uses the statistics of the whole global batch "
-                           "(fine-tune modes)")
+                           "(fine-tune modes)", group="finetune")
     batch_size: int = option(64, "images per batch for feature extraction and fine-tuning (the global batch: "
-                             "under torchrun each of N processes takes 1/N)")
+                             "under torchrun each of N processes takes 1/N)", group="run")
+    workers: int = workers_option()
     head_batch_size: int = option(256, "feature rows per batch when training the heads on cached features "
-                                  "(the global batch)")
+                                  "(the global batch)", group="frozen")
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the option."""
@@ -142,6 +143,17 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def image_splits(config: ImageTrainConfig) -> tuple[DatasetPaths, LabelSet, pd.DataFrame, pd.DataFrame]:
+    """(paths, labels, train images, validation images) of a training run, one row per image:
+    rows that differ only by caption would repeat an image."""
+    paths = DatasetPaths.resolve(config.data, config.images)
+    labels, train, val = load_train_val(paths, config.val_fraction)
+    train, val = group_by_image(train).images, group_by_image(val).images
+    if val.empty:
+        raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
+    return paths, labels, train, val
+
+
 def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
     """The image list of the training caches: train split then validation split.
 
@@ -166,7 +178,7 @@ def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[s
     bad = [paths.image_path(image_ids[i]) for i in np.flatnonzero(~ok)]
     if not config.skip_bad_images:
         raise ImageReadError.listing(bad, "\nfix or remove these rows of train.csv, or pass --skip-bad-images")
-    listing = Path(config.weights) / "skipped_images.txt"
+    listing = Path(config.weights_dir) / "skipped_images.txt"
     if context.is_main:
         atomic_write_text(listing, "".join(f"{path}\n" for path in bad))
     log.warning("--skip-bad-images: left out %d of %d rows whose image is missing or unreadable (listed in %s)",
@@ -203,7 +215,7 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
     Each checkpoint carries what is needed to rebuild its head: settings, label ids, the
     backbone record, preprocessing and the feature standardisation.
     """
-    weights_dir = Path(config.weights)
+    weights_dir = Path(config.weights_dir)
     common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
               "preprocessing": preprocessing, "feature_norm": norm.state_dict()}
     feature_dim = norm.mean.shape[0]
@@ -225,7 +237,7 @@ def write_summary(config: ImageTrainConfig, summary: dict, context: DistContext)
     """WEIGHTS/image_summary.json and one line on the console (rank 0)."""
     if not context.is_main:
         return
-    write_json(Path(config.weights) / "image_summary.json", summary)
+    write_json(Path(config.weights_dir) / "image_summary.json", summary)
     tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 

@@ -24,6 +24,8 @@ CAPTION_COLUMN = "Caption"
 KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
 # What pipeline.tools.convert records about the CSV files it writes, keyed by file name.
 DATASET_INFO = "dataset.json"
+# The default --data: the synthetic demo dataset written by ``python -m pipeline.tools.demo``.
+DEMO_DATA = Path("data/demo")
 
 # A line that opens a record even when the previous record left a quote open: an image
 # file name followed by a comma (the issue's rule is `^<digits>.jpg,`; any image name works).
@@ -328,7 +330,8 @@ class DatasetPaths:
     def resolve(cls, data: str | Path, images: str | Path | None = None) -> DatasetPaths:
         root = Path(data)
         if not root.is_dir():
-            raise FileNotFoundError(f"--data {root}: no such directory")
+            hint = " (generate the demo dataset with: make demo-data)" if root == DEMO_DATA else ""
+            raise FileNotFoundError(f"--data {root}: no such directory{hint}")
         return cls(root=root, images=Path(images) if images else root / "data")
 
     @property
@@ -344,17 +347,6 @@ class DatasetPaths:
         if not is_plain_file_name(str(image_id)):
             raise ValueError(f"ImageID {image_id!r} is not a plain file name inside {self.images}")
         return self.images / str(image_id)
-
-
-def resolve_dataset(data: str | Path | None, images: str | Path | None = None) -> DatasetPaths:
-    """The dataset a run uses: ``--data`` if given, else the demo dataset (generated when missing)."""
-    if data is None:
-        from pipeline.config import DEMO_DATA
-        from pipeline.tools.demo import generate_demo
-
-        generate_demo(DEMO_DATA)  # returns at once when the demo is already complete
-        data = DEMO_DATA
-    return DatasetPaths.resolve(data, images)
 
 
 def load_train_val(paths: DatasetPaths, val_fraction: float, *,

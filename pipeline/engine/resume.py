@@ -27,7 +27,7 @@ from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.engine.distributed import DistContext
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
-NEUTRAL_SETTINGS = ("resume", "workers", "device", "output", "weights")
+NEUTRAL_SETTINGS = ("resume", "workers", "device", "weights_dir")
 
 
 def fingerprint(config: dict, **data: object) -> str:

@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.io import write_json
-from pipeline.config import CommonConfig, build_parser, config_from_args, option
-from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LabelSet, read_csv, resolve_dataset
+from pipeline.config import CommonConfig, build_parser, config_from_args, option, output_option, workers_option
+from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LabelSet, read_csv, DatasetPaths
 from pipeline.data.images import ImageDataset
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
@@ -71,20 +71,22 @@ COMPARED_BACKBONE = "efficientnet-b0"
 class BenchConfig(CommonConfig):
     """Settings of ``python -m pipeline.tools.bench``."""
 
-    num_images: int = option(1000, "images timed through the inference path (per backbone and repeat)")
-    forward_seconds: float = option(6.0, "how long to time each in-memory backbone forward pass")
+    num_images: int = option(1000, "images timed through the inference path (per backbone and repeat)", group="run")
+    forward_seconds: float = option(6.0, "how long to time each in-memory backbone forward pass", group="run")
     finetune_batches: int | None = option(None, "fine-tuning steps timed, after 3 untimed ones (default: 4 on "
-                                          "CPU, 40 on GPU, where a step takes milliseconds)")
-    finetune_batch_size: int = option(32, "images per fine-tuning step")
-    head_rows: int = option(20000, "cached-feature rows per head-training epoch timed")
-    threads: int = option(0, "torch CPU threads (0: torch's default, one per core)")
+                                          "CPU, 40 on GPU, where a step takes milliseconds)", group="run")
+    finetune_batch_size: int = option(32, "images per fine-tuning step", group="run")
+    head_rows: int = option(20000, "cached-feature rows per head-training epoch timed", group="run")
+    threads: int = option(0, "torch CPU threads (0: torch's default, one per core)", group="run")
     repeats: int = option(2, "each throughput is measured this many times and the best kept (this "
-                          "machine's speed varies from run to run)")
+                          "machine's speed varies from run to run)", group="run")
     precision: str | None = option(None, "run the backbone in this precision instead of the one the checkpoint "
                                    "was trained with (speed only: the heads expect the trained one)",
-                                   choices=["fp32", "bf16"])
-    compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}")
-    batch_size: int = option(64, "images per batch in the inference path and the forward pass")
+                                   choices=["fp32", "bf16"], group="run")
+    compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}", group="run")
+    batch_size: int = option(64, "images per batch in the inference path and the forward pass", group="run")
+    workers: int = workers_option()
+    output: str = output_option()
 
 
 def _peak_rss_mb() -> float:
@@ -268,23 +270,23 @@ def run_benchmark(config: BenchConfig) -> dict:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     configure_backends(device)
-    paths = resolve_dataset(config.data, config.images)
-    checkpoints = load_branch_checkpoints(Path(config.weights), None)
+    paths = DatasetPaths.resolve(config.data, config.images)
+    checkpoints = load_branch_checkpoints(Path(config.weights_dir), None)
     image_branch = next((b for b in ("image", "decoder") if b in checkpoints), None)
     if image_branch is None:
-        raise SystemExit(f"{config.weights}: no image.pt or decoder.pt; run train_efficientnet.py first")
+        raise SystemExit(f"{config.weights_dir}: no image.pt or decoder.pt; run train_efficientnet.py first")
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
     frame = read_csv(paths.train_csv).head(config.num_images)
     frame = frame[[c for c in (ID_COLUMN, CAPTION_COLUMN) if c in frame.columns]]
-    fusion_file = Path(config.weights) / "fusion.json"
+    fusion_file = Path(config.weights_dir) / "fusion.json"
     settings = load_fusion(fusion_file) if fusion_file.is_file() else None
     if settings is None or sorted(settings.branches) != sorted(branches):
         settings = FusionSettings(branches=branches, label_ids=list(labels.ids),
                                   weights={b: 1.0 / len(branches) for b in branches})
 
     results: dict = {
-        "data": str(paths.root), "weights": str(config.weights), "images_timed": len(frame),
+        "data": str(paths.root), "weights": str(config.weights_dir), "images_timed": len(frame),
         "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
         "batch_size": config.batch_size, "branches": branches, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),

@@ -38,11 +38,11 @@ from pipeline.data.dataset import (
     ID_COLUMN,
     LABELS_COLUMN,
     DataFormatError,
+    DatasetPaths,
     ImageGroups,
     LabelSet,
     group_by_image,
     load_train_val,
-    resolve_dataset,
 )
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
@@ -199,7 +199,7 @@ def _encode(vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet, max_len
 
 
 def _train(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> dict:
-    paths = resolve_dataset(config.data, config.images)
+    paths = DatasetPaths.resolve(config.data, config.images)
     label_set, train_df, val_df = load_train_val(paths, config.val_fraction)
     if CAPTION_COLUMN not in train_df:
         raise DataFormatError(
@@ -220,7 +220,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         if context.is_main:
             tqdm.write(f"caption: {covered}/{len(vocab)} vocabulary words found in {config.word_vectors}")
 
-    resume_dir = start_run(config.weights, "caption", config.resume, context)
+    resume_dir = start_run(config.weights_dir, "caption", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv))
     members = []
     for i in range(config.ensemble):
@@ -239,7 +239,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         val_probs = np.zeros((0, len(label_set)))
         score, threshold, f1_half = None, 0.5, None
 
-    weights_dir = Path(config.weights)
+    weights_dir = Path(config.weights_dir)
     ckpt = checkpoint_path(weights_dir, BRANCH)
     probs_file = probabilities_path(weights_dir, BRANCH)
     config_file = weights_dir / f"{BRANCH}_config.json"

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.branches.image import (
+    image_splits,
     FINETUNE_RESOLUTION,
     ImageTrainConfig,
     backbone_record,
@@ -44,7 +45,7 @@ from pipeline.branches.image import (
     usable_rows,
     write_summary,
 )
-from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, group_by_image, load_train_val, resolve_dataset
+from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.data.labelled import decodable, image_inputs, map_inputs
 from pipeline.engine.distributed import DistContext, barrier, gather_shards, wrap_model
 from pipeline.engine.loop import EpochScore, ModelEma, TrainStep, epoch_loader, fit, train_one_epoch, warmup_cosine
@@ -80,12 +81,7 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     keeps the same best epoch. Rank 0 alone writes files.
     """
     started = time.perf_counter()
-    paths = resolve_dataset(config.data, config.images)
-    labels, train, val = load_train_val(paths, config.val_fraction)
-    # One row per image: rows that differ only by caption would repeat an image.
-    train, val = group_by_image(train).images, group_by_image(val).images
-    if val.empty:
-        raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
+    paths, labels, train, val = image_splits(config)
     backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
     if config.resolution is None:
         resolution = max(backbone.preprocessing["resolution"], FINETUNE_RESOLUTION)
@@ -94,7 +90,7 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     precision, train_precision = resolve_precision(config.precision, device), training_precision(config.precision, device)
     all_ids = training_image_ids(train, val)
     stage = (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
-    weights_dir, cache_dir = config.weights, Path(config.weights) / "cache"
+    weights_dir, cache_dir = config.weights_dir, Path(config.weights_dir) / "cache"
 
     extract_start = time.perf_counter()
     if stage:

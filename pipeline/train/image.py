@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, group_by_image, load_train_val, resolve_dataset
+from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine.loop import EpochScore, TrainStep, epoch_loader, fit, predict_probs, train_one_epoch, warmup_cosine
 from pipeline.features import VIEWS, cached_features
 from pipeline.train.finetune import finetune_image_branch
 from pipeline.branches.image import (
+    image_splits,
     ImageTrainConfig,
     backbone_record,
     expand_rows,
@@ -158,13 +159,8 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
 
 def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistContext) -> dict:
     started = time.perf_counter()
-    paths = resolve_dataset(config.data, config.images)
-    labels, train, val = load_train_val(paths, config.val_fraction)
-    # One row per image: rows that differ only by caption would repeat an image's features.
-    train, val = group_by_image(train).images, group_by_image(val).images
-    if val.empty:
-        raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
-    weights_dir = Path(config.weights)
+    paths, labels, train, val = image_splits(config)
+    weights_dir = Path(config.weights_dir)
     backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
     views = VIEWS if config.flip_views else VIEWS[:1]
     precision = resolve_precision(config.precision, device)
