@@ -1,9 +1,12 @@
-"""Inference: every branch's probabilities, their fusion, the submission and the evaluation report."""
+"""Inference: every branch's probabilities, their fusion, the submission, the evaluation report,
+and predictions for image files named on the command line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,24 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
-from pipeline.io import CheckpointError, atomic_write_text, write_json
-from pipeline.config import CommonConfig, option, output_option, workers_option
-from pipeline.data.dataset import (
-    CAPTION_COLUMN,
-    ID_COLUMN,
-    LABELS_COLUMN,
-    DataFormatError,
-    DatasetPaths,
-    LabelSet,
-    check_known_labels,
-    group_by_image,
-    load_train_val,
-    read_prediction_csv,
-)
-from pipeline.features import cached_features, has_cached_features
-from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
-from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.branches.image import (
     backbone_identity,
     decoder_probabilities,
@@ -36,6 +21,28 @@ from pipeline.branches.image import (
     rebuild_backbone,
     training_image_ids,
 )
+from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
+from pipeline.config import CommonConfig, option, output_option, workers_option
+from pipeline.data.dataset import (
+    CAPTION_COLUMN,
+    ID_COLUMN,
+    LABELS_COLUMN,
+    DataFormatError,
+    DatasetPaths,
+    GivenFiles,
+    LabelSet,
+    check_known_labels,
+    dataset_info,
+    group_by_image,
+    load_train_val,
+    read_prediction_csv,
+)
+from pipeline.data.images import ImageReadError
+from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.features import cached_features, extract_features, has_cached_features
+from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
+from pipeline.io import CheckpointError, atomic_write_text, write_json
+from pipeline.labels import label_name
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +157,7 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
 class BranchPredictor:
     """Rebuilds the loaded branches and computes their probabilities for any frame of images/captions."""
 
-    def __init__(self, checkpoints: dict[str, dict], paths: DatasetPaths, cache_dir: Path,
+    def __init__(self, checkpoints: dict[str, dict], paths: DatasetPaths, cache_dir: Path | None,
                  device: torch.device, batch_size: int, workers: int) -> None:
         self.checkpoints = checkpoints
         self.paths, self.cache_dir, self.device = paths, cache_dir, device
@@ -165,7 +172,10 @@ class BranchPredictor:
         self.unreadable: list[str] = []
 
     def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features (N, D), readable (N,)) of the images, through the feature cache."""
+        """(features (N, D), readable (N,)) of the images, through the feature cache when there is one."""
+        if self.cache_dir is None:
+            return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size, self.workers,
+                                    self.views, description, self.precision)
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision)
 
@@ -221,9 +231,10 @@ def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: li
     return out
 
 
-def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSet, y_val: np.ndarray,
-                   val_probs: dict[str, np.ndarray] | None, weights_dir: Path) -> FusionSettings:
-    """fusion.json if it fits the branches, else tuned (and saved); then the hand overrides."""
+def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSet, weights_dir: Path,
+                   validation: Callable[[], tuple[np.ndarray | None, dict[str, np.ndarray] | None]]) -> FusionSettings:
+    """fusion.json if it fits the branches, else tuned on ``validation()`` = (labels, probabilities
+    by branch) of the validation split, and saved; then the hand overrides."""
     path = weights_dir / "fusion.json"
     settings = None
     if path.is_file() and not config.tune:
@@ -233,6 +244,7 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
                         path, settings.branches, settings.label_ids, branches)
             settings = None
     if settings is None:
+        y_val, val_probs = validation()
         if val_probs is None:
             raise FusionError(f"{path}: missing; the validation split is empty, so fusion cannot be tuned")
         log.info("tuning fusion weights and thresholds on %d validation images", len(y_val))
@@ -252,6 +264,15 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
     return settings
 
 
+def _validation_split(weights_dir: Path, branches: list[str], labels: LabelSet,
+                      val_images: pd.DataFrame) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
+    """(labels, probabilities by branch) of the validation images, for tuning fusion."""
+    if val_images.empty:
+        return None, None
+    return (labels.encode(val_images[LABELS_COLUMN]),
+            validation_probabilities(weights_dir, branches, val_images[ID_COLUMN].tolist(), list(labels.ids)))
+
+
 def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:
     """``ImageID,Labels`` with space-separated original label ids, one row per image, atomically."""
     rows = [" ".join(str(label) for label in row) for row in labels.decode(predictions)]
@@ -260,10 +281,11 @@ def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, 
 
 
 def run_inference(config: InferenceConfig) -> dict:
-    """Predict test.csv with the fused branches; optionally evaluate. Returns a summary."""
+    """Predict test.csv (or the ``--image`` files) with the fused branches; optionally evaluate.
+    Returns a summary."""
     reuse_freed_memory()
     with oom_hint(config.batch_size):
-        return _run_inference(config)
+        return predict_images(config) if config.image is not None else _run_inference(config)
 
 
 def _run_inference(config: InferenceConfig) -> dict:
@@ -294,9 +316,8 @@ def _run_inference(config: InferenceConfig) -> dict:
     # Every per-image output has one row per image, also when a file has one row per caption.
     train_images, val_images = group_by_image(train).images, group_by_image(val).images
     y_val = labels.encode(val_images[LABELS_COLUMN]) if not val.empty else None
-    val_probs = validation_probabilities(weights_dir, branches, val_images[ID_COLUMN].tolist(), list(labels.ids)) \
-        if not val.empty else None
-    settings = resolve_fusion(config, branches, labels, y_val, val_probs, weights_dir)
+    settings = resolve_fusion(config, branches, labels, weights_dir,
+                              lambda: _validation_split(weights_dir, branches, labels, val_images))
 
     test_images = group_by_image(test).images
     test_probs = predictor.probabilities(test, description=f"{test_csv.name} features")
@@ -339,3 +360,88 @@ def _run_inference(config: InferenceConfig) -> dict:
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_json(output_dir / "inference_summary.json", summary)
     return summary
+
+
+def recorded_label_names(data: str | Path) -> dict[str, str]:
+    """The label names ``dataset.json`` records for the dataset's train.csv ({} without one)."""
+    train_csv = Path(data) / "train.csv"
+    return dict(dataset_info(train_csv).get("labels", {})) if train_csv.is_file() else {}
+
+
+def predict_images(config: InferenceConfig) -> dict:
+    """Labels of the ``--image`` files (with their ``--caption``), from the trained branches and
+    the tuned fusion; printed as a table or JSON and written to OUTPUT/predictions.json.
+
+    A missing or unreadable image is predicted from its caption alone, as in batch inference.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    files, captions = list(config.image), config.caption
+    if captions is not None and len(captions) != len(files):
+        raise ValueError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s); "
+                         "give one caption per image, in the same order")
+    device = resolve_device(config.device)
+    weights_dir = Path(config.weights_dir)
+    missing = {} if captions is not None else {"caption": "no --caption given"}
+    branches = choose_branches(weights_dir, parse_branch_list(config.branches), missing)
+    checkpoints = load_branch_checkpoints(weights_dir, branches)
+    branches = list(checkpoints)
+    labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
+
+    def validation() -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
+        _, _, val = load_train_val(DatasetPaths.resolve(config.data, config.images), config.val_fraction)
+        return _validation_split(weights_dir, branches, labels, group_by_image(val).images)
+
+    settings = resolve_fusion(config, branches, labels, weights_dir, validation)
+    paths = GivenFiles.of(files)
+    frame = pd.DataFrame({ID_COLUMN: paths.image_ids, CAPTION_COLUMN: captions or [""] * len(files)})
+    # A few files decode faster in this process than worker processes start.
+    workers = config.workers if len(files) > config.batch_size else 0
+    predictor = BranchPredictor(checkpoints, paths, None, device, config.batch_size, workers)
+    probs = predictor.probabilities(frame, description="images")
+    unreadable = {int(image_id) for image_id in predictor.unreadable}
+    if unreadable and captions is None:
+        raise ImageReadError.listing([paths.files[k] for k in sorted(unreadable)],
+                                     "\ngive a --caption per image to predict them from their captions")
+    fused = settings.probabilities(probs)
+    predicted = settings.predict(probs)
+    names = recorded_label_names(config.data)
+    records = []
+    for k, file in enumerate(files):
+        records.append({
+            "image": str(file),
+            "caption": captions[k] if captions is not None else None,
+            "image_readable": k not in unreadable,
+            "labels": [{"id": i, "name": label_name(i, names)} for i in labels.decode(predicted[k:k + 1])[0]],
+            "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[k])},
+            "branches": {b: {str(i): None if np.isnan(p) else round(float(p), 4) for i, p in zip(labels.ids, probs[b][k])}
+                         for b in branches},
+            "thresholds": {str(i): round(float(th), 4) for i, th in zip(labels.ids, settings.thresholds())},
+        })
+    output = Path(config.output) / "predictions.json"
+    write_json(output, records)
+    print(json.dumps(records, indent=2) if config.format == "json" else format_predictions(records, labels, names))
+    return {"predictions": records, "output": str(output), "branches": branches}
+
+
+def format_predictions(records: list[dict], labels: LabelSet, names: dict[str, str]) -> str:
+    """A readable table per image: every label's probability from each branch and fused, the
+    predicted labels starred."""
+    blocks = []
+    for record in records:
+        branches = list(record["branches"])
+        chosen = {label["id"] for label in record["labels"]}
+        title = record["image"] + ("" if record["image_readable"] else "  (missing or unreadable: predicted from the caption)")
+        lines = [title]
+        if record["caption"] is not None:
+            lines.append(f"  caption: {record['caption']!r}")
+        lines.append("  labels:  " + ", ".join(f"{label['id']} {label['name']}" for label in record["labels"]))
+        width = max(len(label_name(i, names)) for i in labels.ids)
+        lines.append(f"  {'id':>3}  {'label':<{width}}  " + "  ".join(f"{b:>7}" for b in [*branches, "fused"])
+                     + "  threshold")
+        for i in labels.ids:
+            cells = [record["branches"][b][str(i)] for b in branches] + [record["fused"][str(i)]]
+            row = "  ".join("      -" if p is None else f"{p:7.3f}" for p in cells)
+            star = "  *" if i in chosen else ""
+            lines.append(f"  {i:>3}  {label_name(i, names):<{width}}  {row}  {record['thresholds'][str(i)]:9.2f}{star}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -18,6 +18,9 @@ COCO_NAMES: dict[int, str] = {
 COMP5329_LABEL_IDS: list[int] = [i for i in range(1, 20) if i != 12]
 
 
-def label_name(label_id: int) -> str:
-    """Human-readable name of a label id, falling back to the id itself."""
+def label_name(label_id: int, recorded: dict[str, str] | None = None) -> str:
+    """Human-readable name of a label id: the name a dataset recorded for it (``dataset.json``,
+    written by the converters), else its COCO name (the competition's ids), else the id itself."""
+    if recorded and str(label_id) in recorded:
+        return recorded[str(label_id)]
     return COCO_NAMES.get(label_id, str(label_id))

@@ -349,6 +349,25 @@ class DatasetPaths:
         return self.images / str(image_id)
 
 
+@dataclass(frozen=True)
+class GivenFiles(DatasetPaths):
+    """Image files named on the command line rather than listed in a CSV: ImageID ``"k"`` is
+    the ``k``-th file, wherever it is (a CSV's ImageIDs must stay inside the image folder)."""
+
+    files: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, files: Sequence[str | Path]) -> GivenFiles:
+        return cls(root=Path("."), images=Path("."), files=tuple(Path(f) for f in files))
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [str(k) for k in range(len(self.files))]
+
+    def image_path(self, image_id: str) -> Path:
+        return self.files[int(image_id)]
+
+
 def load_train_val(paths: DatasetPaths, val_fraction: float, *,
                    allow_duplicate_ids: bool | None = None) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
     """The label set and the shared (train, validation) split of ``train.csv``.
