@@ -93,9 +93,9 @@ def _load_cached(path: Path, key: dict) -> dict | None:
     return cached
 
 
-# Images per forward pass (and per hand-over to the main process) when extracting on CPU.
-# Measured on 2 EPYC cores with freed memory reused (runtime.reuse_freed_memory): 32 was the
-# fastest of 8..64 in bf16 (the per-chunk overhead shows below ~16) and as fast as any in fp32.
+# Images per forward pass (and per hand-over to the main process) when extracting on CPU:
+# below about 16 the per-chunk overhead shows, and larger chunks gain nothing (README,
+# "What makes the CPU extraction fast").
 CPU_BATCH = 32
 
 

@@ -167,8 +167,8 @@ class BranchPredictor:
         if image_branches:
             self.backbone = rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
             self.views = checkpoints[image_branches[0]]["backbone"]["views"]
-            # Features are computed as in training (checkpoints from before the option: fp32).
-            self.precision = checkpoints[image_branches[0]]["backbone"].get("precision", "fp32")
+            # Features are computed in the precision training computed them in.
+            self.precision = checkpoints[image_branches[0]]["backbone"]["precision"]
         self.unreadable: list[str] = []
 
     def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ DATASET_INFO = "dataset.json"
 DEMO_DATA = Path("data/demo")
 
 # A line that opens a record even when the previous record left a quote open: an image
-# file name followed by a comma (the issue's rule is `^<digits>.jpg,`; any image name works).
+# file name followed by a comma (the competition's ids are `<digits>.jpg`; any image name works).
 _RECORD_START = re.compile(r'^[^",\s]+\.(?:jpe?g|png),', re.IGNORECASE)
 
 

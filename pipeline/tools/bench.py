@@ -78,8 +78,8 @@ class BenchConfig(CommonConfig):
     finetune_batch_size: int = option(32, "images per fine-tuning step", group="run")
     head_rows: int = option(20000, "cached-feature rows per head-training epoch timed", group="run")
     threads: int = option(0, "torch CPU threads (0: torch's default, one per core)", group="run")
-    repeats: int = option(2, "each throughput is measured this many times and the best kept (this "
-                          "machine's speed varies from run to run)", group="run")
+    repeats: int = option(2, "each throughput is measured this many times and the best kept (a "
+                          "shared machine's speed varies from run to run)", group="run")
     precision: str | None = option(None, "run the backbone in this precision instead of the one the checkpoint "
                                    "was trained with (speed only: the heads expect the trained one)",
                                    choices=["fp32", "bf16"], group="run")
