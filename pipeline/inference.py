@@ -16,11 +16,11 @@ import torch
 
 from pipeline.branches.image import (
     backbone_identity,
-    decoder_probabilities,
-    head_probabilities,
+    ImageHeads,
     rebuild_backbone,
     training_image_ids,
 )
+from pipeline.branches.caption import predict_caption_probs
 from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
 from pipeline.config import CommonConfig, option, output_option, workers_option
 from pipeline.data.dataset import (
@@ -169,6 +169,7 @@ class BranchPredictor:
             self.views = checkpoints[image_branches[0]]["backbone"]["views"]
             # Features are computed in the precision training computed them in.
             self.precision = checkpoints[image_branches[0]]["backbone"]["precision"]
+        self.heads = ImageHeads.from_checkpoints(checkpoints)
         self.unreadable: list[str] = []
 
     def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,18 +199,8 @@ class BranchPredictor:
         if self.backbone is not None:
             values, readable = features if features is not None else self.features(image_ids, description)
             self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
-            values = torch.where(readable[:, None], values, torch.zeros(()))  # finite input for every row
-            with torch.inference_mode():
-                if "image" in self.checkpoints:
-                    out["image"] = head_probabilities(self.checkpoints["image"], values, self.device)
-                if "decoder" in self.checkpoints:
-                    out["decoder"] = decoder_probabilities(self.checkpoints["decoder"], values, self.device)
-            for branch in IMAGE_BRANCHES:
-                if branch in out:
-                    out[branch][~readable.numpy()] = np.nan
+            out.update(self.heads.probabilities(values, readable, self.device))
         if "caption" in self.checkpoints:
-            from pipeline.branches.caption import predict_caption_probs
-
             captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
             out["caption"] = groups.mean(predict_caption_probs(self.checkpoints["caption"], captions, self.device))
         return out

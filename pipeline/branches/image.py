@@ -188,13 +188,6 @@ def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[s
     return ok[:num_train], ok[num_train:]
 
 
-def expand_rows(probs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(n, L) probabilities of the ``rows`` mask placed in an (N, L) matrix of NaN."""
-    full = np.full((len(rows), probs.shape[1]), np.nan, dtype=np.float32)
-    full[rows] = probs
-    return full
-
-
 def backbone_record(backbone: Backbone, views, precision: str, state_dict: dict | None = None,
                     trained_from_stage: int | None = None) -> dict:
     """What inference needs to rebuild the backbone, run it as training did and check it is
@@ -269,31 +262,58 @@ def rebuild_backbone(checkpoint: dict, branch: str) -> Backbone:
     return backbone
 
 
-def _normalised(checkpoint: dict, features: torch.Tensor, device: torch.device) -> torch.Tensor:
-    norm = FeatureNorm(features.shape[1])
+@dataclass
+class ImageHeads:
+    """The trained heads on the pooled features: the image head and the label decoder (either
+    may be absent), with the feature standardisation each was trained with."""
+
+    head: ImageHead | None = None
+    head_norm: FeatureNorm | None = None
+    decoder: LabelDecoder | None = None
+    decoder_norm: FeatureNorm | None = None
+    beam_width: int = 1
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: dict[str, dict]) -> ImageHeads:
+        """The heads of loaded ``image`` and ``decoder`` checkpoints (those present)."""
+        heads = cls()
+        if "image" in checkpoints:
+            checkpoint, spec = checkpoints["image"], checkpoints["image"]["head"]
+            heads.head = ImageHead(spec["in_dim"], len(checkpoint["label_ids"]), spec["hidden"], spec["dropout"])
+            heads.head.load_state_dict(checkpoint["state_dict"])
+            heads.head_norm = _feature_norm(checkpoint, spec["in_dim"])
+        if "decoder" in checkpoints:
+            checkpoint, spec = checkpoints["decoder"], checkpoints["decoder"]["decoder"]
+            heads.decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
+                                         spec["hidden_dim"], spec["dropout"])
+            heads.decoder.load_state_dict(checkpoint["state_dict"])
+            heads.decoder_norm = _feature_norm(checkpoint, spec["feature_dim"])
+            heads.beam_width = int(spec["beam_width"])
+        return heads
+
+    @torch.inference_mode()
+    def probabilities(self, features: torch.Tensor, readable: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
+        """``{"image": head probabilities, "decoder": beam-search label scores}`` (N, L) of pooled
+        features (N, D); rows of unreadable images are NaN (fusion then uses the caption)."""
+        values = torch.where(readable[:, None], features, torch.zeros(()))  # finite input for every row
+        out = {}
+        if self.head is not None:
+            head, x = self.head.to(device).eval(), self.head_norm(values).to(device)
+            out["image"] = torch.cat([torch.sigmoid(head(x[i:i + 4096])).float().cpu()
+                                      for i in range(0, len(x), 4096)]).numpy()
+        if self.decoder is not None:
+            decoder = self.decoder.to(device).eval()
+            out["decoder"] = decoder.beam_search(self.decoder_norm(values).to(device),
+                                                 beam_width=self.beam_width)[1].float().cpu().numpy()
+        for probs in out.values():
+            probs[~readable.numpy()] = np.nan
+        return out
+
+
+def _feature_norm(checkpoint: dict, feature_dim: int) -> FeatureNorm:
+    norm = FeatureNorm(feature_dim)
     norm.load_state_dict(checkpoint["feature_norm"])
-    return norm(features).to(device)
-
-@torch.inference_mode()
-def head_probabilities(checkpoint: dict, features: torch.Tensor, device: torch.device) -> np.ndarray:
-    """The image head's probabilities (N, L) of pooled backbone features (N, D)."""
-    spec = checkpoint["head"]
-    head = ImageHead(spec["in_dim"], len(checkpoint["label_ids"]), spec["hidden"], spec["dropout"])
-    head.load_state_dict(checkpoint["state_dict"])
-    head.to(device).eval()
-    x = _normalised(checkpoint, features, device)
-    return torch.cat([torch.sigmoid(head(x[i:i + 4096])).cpu() for i in range(0, len(x), 4096)]).numpy()
-
-@torch.inference_mode()
-def decoder_probabilities(checkpoint: dict, features: torch.Tensor, device: torch.device) -> np.ndarray:
-    """The label decoder's beam-search label scores (N, L) of pooled backbone features (N, D)."""
-    spec = checkpoint["decoder"]
-    decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
-                           spec["hidden_dim"], spec["dropout"])
-    decoder.load_state_dict(checkpoint["state_dict"])
-    decoder.to(device).eval()
-    _, scores = decoder.beam_search(_normalised(checkpoint, features, device), beam_width=spec["beam_width"])
-    return scores.cpu().numpy()
+    return norm
 
 
 def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.branches.image import (
+    ImageHeads,
     image_splits,
     FINETUNE_RESOLUTION,
     ImageTrainConfig,
@@ -166,7 +167,9 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
     features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device,
                                              config.batch_size, config.workers, views, "validation features",
                                              context, precision)
-    head_probs, decoder_probs = _heads_on_features(model, features, val_readable, config.beam_width, device)
+    heads = ImageHeads(model.head, identity, model.decoder, identity, config.beam_width)
+    val_probs = heads.probabilities(features, val_readable, device)
+    head_probs, decoder_probs = val_probs["image"], val_probs["decoder"]
     y_val_all = labels.encode(val[LABELS_COLUMN])
     final_f1 = tune_global_threshold(y_val_all[val_ok], head_probs[val_ok])[1]
     if context.is_main:
@@ -213,16 +216,3 @@ def _predict_head(model: ImageModel, loader: DataLoader, prepare: Callable[[torc
             features = model.features(prepare(raw.to(device, non_blocking=True)))
         parts.append(torch.sigmoid(model.head(features.float())).float().cpu())
     return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.net[-1].out_features), np.float32)
-
-
-@torch.inference_mode()
-def _heads_on_features(model: ImageModel, features: torch.Tensor, readable: torch.Tensor, beam_width: int,
-                       device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(head, decoder) probabilities of pooled features; NaN rows for unreadable images."""
-    head, decoder = model.head.to(device).eval(), model.decoder.to(device).eval()
-    values = torch.where(readable[:, None], features, torch.zeros(())).to(device)
-    head_probs = torch.sigmoid(head(values)).cpu().numpy()
-    decoder_probs = decoder.beam_search(values, beam_width=beam_width)[1].cpu().numpy()
-    for probs in (head_probs, decoder_probs):
-        probs[~readable.numpy()] = np.nan
-    return head_probs, decoder_probs

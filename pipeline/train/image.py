@@ -27,7 +27,7 @@ from pipeline.branches.image import (
     image_splits,
     ImageTrainConfig,
     backbone_record,
-    expand_rows,
+    ImageHeads,
     resolve_mode,
     save_image_branch,
     training_image_ids,
@@ -62,11 +62,11 @@ def _head_loader(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch
 def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
                    x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
                    context: DistContext = DistContext(),
-                   state: ResumeState | None = None) -> tuple[ImageHead, np.ndarray, dict]:
+                   state: ResumeState | None = None) -> tuple[ImageHead, dict]:
     """Train the head on cached features; keep the epoch with the best validation samples-F1.
 
     Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
-    Returns (head, its validation probabilities, {"epoch", "score", "threshold"}).
+    Returns (head, {"epoch", "score", "threshold"}).
     """
     head = ImageHead(x_train.shape[1], y_train.shape[1], config.head_hidden, config.head_dropout).to(device)
     loss_fn = get_loss(config.loss)
@@ -83,18 +83,18 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
     def score(epoch: int) -> EpochScore:
         probs = predict_probs(head, val_loader, device)
         threshold, f1 = tune_global_threshold(y_val, probs)
-        return EpochScore(f1, {"threshold": threshold, "probs": probs},
+        return EpochScore(f1, {"threshold": threshold},
                           f"val samples-F1 {f1:.4f} (threshold {threshold:.2f})")
 
     best = fit("image head", config.epochs, train_epoch, score, head, state or ResumeState.off(),
                {"model": head, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
-    return head, best.pop("probs"), best
+    return head, best
 
 
 def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
                 x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
                 context: DistContext = DistContext(),
-                state: ResumeState | None = None) -> tuple[LabelDecoder, LabelOrder, np.ndarray, dict]:
+                state: ResumeState | None = None) -> tuple[LabelDecoder, LabelOrder, dict]:
     """Train the CNN-RNN decoder on cached features with teacher forcing; score it by beam search."""
     order = LabelOrder.from_train(y_train.numpy(), config.label_order)
     decoder = LabelDecoder(x_train.shape[1], y_train.shape[1], config.decoder_embed, config.decoder_hidden,
@@ -121,9 +121,8 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
     summary = {"best_epoch": best["epoch"]}
     for width in sorted({1, config.beam_width}):
         summary[f"val_samples_f1_beam{width}"] = decoded_samples_f1(decoder, x_val, y_val, width)
-    probs = decoder.beam_search(x_val, beam_width=config.beam_width)[1].cpu().numpy()
     log.info("decoder val samples-F1: %s", summary)
-    return decoder, order, probs, summary
+    return decoder, order, summary
 
 
 def decoded_samples_f1(decoder: LabelDecoder, features: torch.Tensor, y_true: np.ndarray, beam_width: int) -> float:
@@ -183,15 +182,16 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
                          features=hashlib.sha256(features.numpy().tobytes()).hexdigest())
     heads_start = time.perf_counter()
     with cpu_threads(config.head_threads if device.type == "cpu" else 0):
-        head, head_probs, head_summary = fit_image_head(
+        head, head_summary = fit_image_head(
             config, x_train, y_train, x_val, y_val, device, context,
             ResumeState(resume_dir, "image_head", digest, config.resume, context))
-        decoder, order, decoder_probs, decoder_summary = fit_decoder(
+        decoder, order, decoder_summary = fit_decoder(
             config, x_train, y_train, x_val, y_val, device, context,
             ResumeState(resume_dir, "decoder", digest, config.resume, context))
     heads_seconds = time.perf_counter() - heads_start
-    # Validation rows without a readable image get NaN: fusion then uses the caption for them.
-    head_probs, decoder_probs = (expand_rows(probs, val_ok) for probs in (head_probs, decoder_probs))
+    # Validation probabilities for fusion, as inference computes them (NaN rows for unreadable images).
+    val_probs = ImageHeads(head, norm, decoder, norm, config.beam_width).probabilities(
+        features[len(train_ok):], torch.from_numpy(val_ok), device)
 
     summary = {
         "mode": "frozen",
@@ -209,7 +209,7 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     }
     if context.is_main:
         save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), backbone_record(backbone, views, precision),
-                          backbone.preprocessing, norm, head, decoder, order, head_probs, decoder_probs)
+                          backbone.preprocessing, norm, head, decoder, order, val_probs["image"], val_probs["decoder"])
     write_summary(config, summary, context)
     barrier(context)  # the other ranks return once the files exist
     finish_run(resume_dir, context)
