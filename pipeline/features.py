@@ -29,14 +29,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load, write_json
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import ImageDataset
+from pipeline.data.transforms import build_transform, normalize_batch
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, workers_per_process
+from pipeline.engine.runtime import autocast_context
+from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load, write_json
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features
-from pipeline.engine.runtime import autocast_context
-from pipeline.data.transforms import build_transform, normalize_batch
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.branches.caption import predict_caption_probs
 from pipeline.branches.image import (
-    backbone_identity,
     ImageHeads,
+    backbone_identity,
     rebuild_backbone,
     training_image_ids,
 )
-from pipeline.branches.caption import predict_caption_probs
 from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
 from pipeline.config import CommonConfig, option, output_option, workers_option
 from pipeline.data.dataset import (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import write_json
 from pipeline.fusion import FusionSettings
+from pipeline.io import write_json
 from pipeline.labels import label_name
 from pipeline.metrics import THRESHOLD_GRID, binarize, evaluate_probs, samples_f1, tune_global_threshold
 

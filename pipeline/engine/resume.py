@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.engine.distributed import DistContext
+from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
 NEUTRAL_SETTINGS = ("resume", "workers", "device", "weights_dir")

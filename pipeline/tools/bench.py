@@ -38,21 +38,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.io import write_json
+from pipeline.branches.image import ImageTrainConfig, build_image_model, build_optimizer, joint_loss
 from pipeline.config import CommonConfig, build_parser, config_from_args, option, output_option, workers_option
-from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LabelSet, read_csv, DatasetPaths
+from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, DatasetPaths, LabelSet, read_csv
 from pipeline.data.images import ImageDataset
+from pipeline.data.labelled import image_inputs
+from pipeline.data.transforms import build_transform
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
-from pipeline.features import CPU_BATCH
-from pipeline.branches.image import build_image_model, build_optimizer, joint_loss
-from pipeline.data.labelled import image_inputs
-from pipeline.branches.image import ImageTrainConfig
-from pipeline.fusion import FusionSettings, load_fusion
-from pipeline.models.backbones import create_backbone, fuse_for_inference
-from pipeline.models.decoder import LabelDecoder, LabelOrder
-from pipeline.models.heads import ImageHead
-from pipeline.inference import BranchPredictor, load_branch_checkpoints, write_submission
 from pipeline.engine.runtime import (
     autocast_context,
     configure_backends,
@@ -62,7 +55,13 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
-from pipeline.data.transforms import build_transform
+from pipeline.features import CPU_BATCH
+from pipeline.fusion import FusionSettings, load_fusion
+from pipeline.inference import BranchPredictor, load_branch_checkpoints, write_submission
+from pipeline.io import write_json
+from pipeline.models.backbones import create_backbone, fuse_for_inference
+from pipeline.models.decoder import LabelDecoder, LabelOrder
+from pipeline.models.heads import ImageHead
 
 COMPARED_BACKBONE = "efficientnet-b0"
 

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.branches.caption import (
     BRANCH,
     CaptionTrainConfig,
@@ -32,6 +31,7 @@ from pipeline.branches.caption import (
     model_settings,
     predict_captions,
 )
+from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import save_config
 from pipeline.data.dataset import (
     CAPTION_COLUMN,
@@ -44,13 +44,14 @@ from pipeline.data.dataset import (
     group_by_image,
     load_train_val,
 )
-from pipeline.metrics import binarize, samples_f1, tune_global_threshold
+from pipeline.data.text import Vocabulary, load_word_vectors
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch
-from pipeline.io import file_digest
-from pipeline.engine.resume import GeneratorState, ResumeState, finish_run, fingerprint, start_run
+from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.data.text import Vocabulary, load_word_vectors
+from pipeline.io import file_digest
+from pipeline.metrics import binarize, samples_f1, tune_global_threshold
+
 
 def _bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator,
                       pool: int = 32) -> list[torch.Tensor]:

@@ -33,13 +33,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.branches.image import (
-    ImageHeads,
-    image_splits,
     FINETUNE_RESOLUTION,
+    ImageHeads,
     ImageTrainConfig,
     backbone_record,
     build_image_model,
     build_optimizer,
+    image_splits,
     joint_loss,
     save_image_branch,
     training_image_ids,
@@ -50,7 +50,7 @@ from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.data.labelled import decodable, image_inputs, map_inputs
 from pipeline.engine.distributed import DistContext, barrier, gather_shards, wrap_model
 from pipeline.engine.loop import EpochScore, ModelEma, TrainStep, epoch_loader, fit, train_one_epoch, warmup_cosine
-from pipeline.engine.resume import ResumeState, finish_run, fingerprint, start_run
+from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import autocast_context, grad_scaler, resolve_precision, training_precision
 from pipeline.features import VIEWS, cached_features, cached_stage_maps
 from pipeline.io import file_digest

@@ -18,28 +18,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
-from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
-from pipeline.engine.loop import EpochScore, TrainStep, epoch_loader, fit, predict_probs, train_one_epoch, warmup_cosine
-from pipeline.features import VIEWS, cached_features
-from pipeline.train.finetune import finetune_image_branch
 from pipeline.branches.image import (
-    image_splits,
+    ImageHeads,
     ImageTrainConfig,
     backbone_record,
-    ImageHeads,
+    image_splits,
     resolve_mode,
     save_image_branch,
     training_image_ids,
     usable_rows,
     write_summary,
 )
-from pipeline.metrics import samples_f1, tune_global_threshold
-from pipeline.models.backbones import BackboneSplitError, create_backbone
-from pipeline.models.decoder import LabelDecoder, LabelOrder
-from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
-from pipeline.io import file_digest
-from pipeline.engine.resume import ResumeState, finish_run, fingerprint, start_run
+from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
+from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
+from pipeline.engine.loop import EpochScore, TrainStep, epoch_loader, fit, predict_probs, train_one_epoch, warmup_cosine
+from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import (
     configure_backends,
     cpu_threads,
@@ -49,6 +42,13 @@ from pipeline.engine.runtime import (
     reuse_freed_memory,
     seed_everything,
 )
+from pipeline.features import VIEWS, cached_features
+from pipeline.io import file_digest
+from pipeline.metrics import samples_f1, tune_global_threshold
+from pipeline.models.backbones import BackboneSplitError, create_backbone
+from pipeline.models.decoder import LabelDecoder, LabelOrder
+from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
+from pipeline.train.finetune import finetune_image_branch
 
 log = logging.getLogger(__name__)
 
