@@ -175,8 +175,10 @@ class BranchPredictor:
     def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N, D), readable (N,)) of the images, through the feature cache when there is one."""
         if self.cache_dir is None:
-            return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size, self.workers,
-                                    self.views, description, self.precision)
+            features, readable = extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
+                                                  self.workers, self.views, description, self.precision)
+            # Rounded as the cache stores them, so a file gets the prediction batch inference gives it.
+            return features.half().float(), readable
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision)
 
@@ -370,6 +372,7 @@ def predict_images(config: InferenceConfig) -> dict:
     if captions is not None and len(captions) != len(files):
         raise ValueError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s); "
                          "give one caption per image, in the same order")
+    seed_everything(config.seed)
     device = resolve_device(config.device)
     weights_dir = Path(config.weights_dir)
     missing = {} if captions is not None else {"caption": "no --caption given"}
