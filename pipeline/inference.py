@@ -74,6 +74,21 @@ class InferenceConfig(CommonConfig):
     workers: int = workers_option()
     output: str = output_option()
 
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the option."""
+        checks = [
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.threshold is None or 0.0 < self.threshold < 1.0,
+             f"--threshold must be between 0 and 1, got {self.threshold}"),
+            (self.caption is None or self.image is not None, "--caption needs --image: the files it describes"),
+            (self.image is None or not (self.evaluate or self.test_csv or self.eval_csv),
+             "--image predicts the given files; it does not combine with --evaluate, --test-csv or --eval-csv"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
 
 def parse_branch_list(text: str | None) -> list[str] | None:
     """``"image,caption"`` -> ``["image", "caption"]``, with unknown names refused."""
@@ -251,8 +266,6 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
         if unknown:
             raise FusionError(f"--fusion-weights names branch(es) {sorted(unknown)} that are not loaded ({branches})")
     if config.threshold is not None:
-        if not 0.0 < config.threshold < 1.0:
-            raise ValueError(f"--threshold {config.threshold}: must be between 0 and 1")
         settings.threshold, settings.per_label_thresholds = config.threshold, {}
     return settings
 
@@ -276,6 +289,7 @@ def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, 
 def run_inference(config: InferenceConfig) -> dict:
     """Predict test.csv (or the ``--image`` files) with the fused branches; optionally evaluate.
     Returns a summary."""
+    config.validate()
     reuse_freed_memory()
     with oom_hint(config.batch_size):
         return predict_images(config) if config.image is not None else _run_inference(config)
