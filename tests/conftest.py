@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny dataset in the competition's layout, generated per test session."""
+"""Shared fixtures: a tiny dataset in the competition's layout, and the three branches trained on it once."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,29 +36,56 @@ def cpu_unless_marked_cuda(request, monkeypatch):
     if request.node.get_closest_marker("cuda") is None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
+
 WORDS = {1: "person", 3: "car", 18: "dog", 19: "horse"}
 COLOURS = {1: (220, 40, 40), 3: (40, 200, 40), 18: (40, 40, 220), 19: (220, 220, 40)}
+# The k-th caption of an image: each form after the first brings words no other form has, so
+# a vocabulary shows which caption rows a model read.
+CAPTION_FORMS = ("A photo of {}.", "Here is {}.", "We can see {}.")
 
 
-def make_tiny_dataset(root: Path, n_train: int = 48, n_test: int = 10, seed: int = 0) -> Path:
-    """Images with coloured squares for 4 labels, captions naming most of them."""
+def make_tiny_dataset(root: Path, n_train: int = 48, n_test: int = 10, seed: int = 0, *,
+                      captions_per_image: int = 1, images: bool = True) -> Path:
+    """The competition's layout under ``root``: ``train.csv`` (ImageID, Labels, Caption),
+    ``test.csv`` (ImageID, Caption) and ``data/<i>.jpg``, with images ``0 .. n_train-1`` for
+    training and the next ``n_test`` to predict.
+
+    Each 32x32 image holds one or two of the 4 labels as coloured bars on grey, and its captions
+    name them. ``captions_per_image`` > 1 writes one row per caption (an image's rows apart
+    from each other) and declares the repeats in ``dataset.json``; ``images=False`` leaves out
+    the image folder (a captions-only dataset).
+    """
+    if not 1 <= captions_per_image <= len(CAPTION_FORMS):
+        raise ValueError(f"captions_per_image must be 1..{len(CAPTION_FORMS)}")
     rng = np.random.default_rng(seed)
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    rows, test_rows = [], []
+    root.mkdir(parents=True, exist_ok=True)
+    if images:
+        (root / "data").mkdir(exist_ok=True)
+    train, test = [], []
     for i in range(n_train + n_test):
         labels = sorted(rng.choice(list(WORDS), size=rng.integers(1, 3), replace=False).tolist())
-        image = np.full((32, 32, 3), 128, dtype=np.uint8)
-        for k, label in enumerate(labels):
-            x = 2 + 15 * k
-            image[4:28, x:x + 12] = COLOURS[label]
-        Image.fromarray(image).save(root / "data" / f"{i}.jpg")
-        caption = "A photo of " + " and ".join(f"a {WORDS[label]}" for label in labels) + "."
+        if images:
+            image = np.full((32, 32, 3), 128, dtype=np.uint8)
+            for k, label in enumerate(labels):
+                x = 2 + 15 * k
+                image[4:28, x:x + 12] = COLOURS[label]
+            Image.fromarray(image).save(root / "data" / f"{i}.jpg")
+        named = " and ".join(f"a {WORDS[label]}" for label in labels)
+        captions = [form.format(named) for form in CAPTION_FORMS[:captions_per_image]]
         if i < n_train:
-            rows.append({"ImageID": f"{i}.jpg", "Labels": " ".join(map(str, labels)), "Caption": caption})
+            labels_field = " ".join(map(str, labels))
+            train.append([{"ImageID": f"{i}.jpg", "Labels": labels_field, "Caption": c} for c in captions])
         else:
-            test_rows.append({"ImageID": f"{i}.jpg", "Caption": caption})
-    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
-    pd.DataFrame(test_rows).to_csv(root / "test.csv", index=False)
+            test.append([{"ImageID": f"{i}.jpg", "Caption": c} for c in captions])
+    for name, per_image, columns in (("train.csv", train, ["ImageID", "Labels", "Caption"]),
+                                     ("test.csv", test, ["ImageID", "Caption"])):
+        # First captions in image order, then each further caption in reverse image order.
+        rows = [image_rows[0] for image_rows in per_image]
+        for k in range(1, captions_per_image):
+            rows += [image_rows[k] for image_rows in reversed(per_image)]
+        pd.DataFrame(rows, columns=columns).to_csv(root / name, index=False)
+    if captions_per_image > 1:
+        (root / "dataset.json").write_text(json.dumps({n: {"repeated_ids": True} for n in ("train.csv", "test.csv")}))
     return root
 
 
@@ -71,3 +100,31 @@ TINY_IMAGE_ARGS = [
     "--epochs", "3", "--decoder-epochs", "2", "--head-hidden", "32", "--decoder-embed", "16",
     "--decoder-hidden", "32", "--val-fraction", "0.25",
 ]
+# The same for the caption branch.
+TINY_CAPTION_ARGS = ["--epochs", "3", "--embed-dim", "16", "--hidden-size", "16", "--val-fraction", "0.25",
+                     "--min-freq", "1"]
+# Rows of test.csv in the trained_branches dataset: enough for one odd image file of each kind.
+TRAINED_N_TEST = 24
+
+
+@pytest.fixture(scope="session")
+def trained_branches(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset, weights): a tiny dataset with all three branches trained on it, once per session.
+
+    Shared by every test that needs trained weights: a test that writes into either folder
+    (inference writes fusion.json and a feature cache into the weights) copies it first.
+    """
+    import train_caption_rnn
+    import train_efficientnet
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_tiny_dataset(root / "tiny", n_test=TRAINED_N_TEST)
+    weights = root / "weights"
+    # Session fixtures are set up before the per-test CPU pin: pin here as well.
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        warnings.filterwarnings("ignore", "backbone test_efficientnet", UserWarning)
+        train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
+        train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--device", "cpu",
+                                *TINY_CAPTION_ARGS])
+    return data, weights

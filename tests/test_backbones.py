@@ -21,6 +21,7 @@ from pipeline.models.backbones import (
     fuse_for_inference,
     load_by_position,
 )
+from tests.conftest import make_tiny_dataset
 
 
 def test_bundled_lite0_names_real_photos():
@@ -97,12 +98,9 @@ def test_pool_features_concatenates_average_and_max():
 
 @pytest.fixture
 def tiny_images(tmp_path):
-    (tmp_path / "data").mkdir()
-    rng = np.random.default_rng(0)
-    ids = [f"{i}.jpg" for i in range(6)]
-    for image_id in ids:
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "data" / image_id)
-    return DatasetPaths.resolve(tmp_path), ids
+    """The image folder of a 6-image tiny dataset, and its ids."""
+    root = make_tiny_dataset(tmp_path / "tiny", n_train=6, n_test=0)
+    return DatasetPaths.resolve(root), [f"{i}.jpg" for i in range(6)]
 
 
 def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_images, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,18 +26,17 @@ import torch
 from PIL import Image
 
 import inference
-import train_caption_rnn
-import train_efficientnet
 from pipeline.engine import runtime
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_probabilities
 from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.data.dataset import DataFormatError, DatasetPaths, LabelSet, load_train_val, read_csv, read_prediction_csv
 from pipeline.data.images import ImageDataset
-from pipeline.features import _load_cached
+import pipeline.features as features_module
+from pipeline.features import cached_features
 from pipeline.fusion import FusionError, FusionSettings, save_fusion, weighted_average
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
 from pipeline.inference import write_submission
-from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
+from tests.conftest import make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "ImageID,Labels,Caption\n"
@@ -167,25 +167,9 @@ def test_test_csv_without_captions_is_fine_for_image_branches_only(tmp_path):
     assert frame["ImageID"].tolist() == ["0.jpg", "1.jpg"]
 
 
-TINY_CAPTION_ARGS = ["--epochs", "2", "--embed-dim", "16", "--hidden-size", "16", "--val-fraction", "0.25",
-                     "--min-freq", "1"]
-N_TEST = 24
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny dataset with every branch trained once for the module."""
-    root = tmp_path_factory.mktemp("bad_inputs")
-    data = make_tiny_dataset(root / "tiny", n_train=48, n_test=N_TEST)
-    weights = root / "weights"
-    train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
-    train_caption_rnn.main(["--data", str(data), "--weights", str(weights),
-                            *TINY_CAPTION_ARGS])
-    return data, weights
-
-
-def _copy(trained: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
-    data, weights = trained
+def _copy(trained_branches: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the shared dataset and weights, for a test to change."""
+    data, weights = trained_branches
     shutil.copytree(data, tmp_path / "data")
     shutil.copytree(weights, tmp_path / "weights")
     return tmp_path / "data", tmp_path / "weights"
@@ -196,8 +180,8 @@ def _infer(data: Path, weights: Path, output: Path, *extra: str) -> dict:
                            "--workers", "0", "--val-fraction", "0.25", *extra])
 
 
-def test_inference_with_an_empty_caption_keeps_the_row(trained, tmp_path):
-    data, weights = _copy(trained, tmp_path)
+def test_inference_with_an_empty_caption_keeps_the_row(trained_branches, tmp_path):
+    data, weights = _copy(trained_branches, tmp_path)
     test = pd.read_csv(data / "test.csv")
     test.loc[[0, 3], "Caption"] = ""
     test.to_csv(data / "test.csv", index=False)
@@ -213,8 +197,9 @@ def test_inference_with_an_empty_caption_keeps_the_row(trained, tmp_path):
     ('ImageID,Caption\n50.jpg,"a"\n../secret.jpg,"a"\n', r"test\.csv:3: ImageID '\.\./secret\.jpg'"),
     ('ImageID,Caption\n/etc/passwd,"a"\n', r"test\.csv:2: ImageID '/etc/passwd'"),
 ], ids=["zero rows", "duplicate ImageID", "relative path", "absolute path"])
-def test_inference_refuses_a_bad_test_csv_before_opening_any_image(trained, tmp_path, monkeypatch, content, error):
-    data, weights = _copy(trained, tmp_path)
+def test_inference_refuses_a_bad_test_csv_before_opening_any_image(trained_branches, tmp_path, monkeypatch, content,
+                                                                   error):
+    data, weights = _copy(trained_branches, tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "secret.jpg")  # what ../secret.jpg would reach
     write(data / "test.csv", content)
     opened: list[str] = []
@@ -226,8 +211,8 @@ def test_inference_refuses_a_bad_test_csv_before_opening_any_image(trained, tmp_
     assert not (tmp_path / "out" / "submission.csv").exists()
 
 
-def test_evaluation_csv_with_an_unknown_label_names_it_file_and_line(trained, tmp_path):
-    data, weights = _copy(trained, tmp_path)
+def test_evaluation_csv_with_an_unknown_label_names_it_file_and_line(trained_branches, tmp_path):
+    data, weights = _copy(trained_branches, tmp_path)
     frame = pd.read_csv(data / "train.csv").head(5)
     frame.loc[2, "Labels"] = "1 7"
     frame.to_csv(tmp_path / "eval.csv", index=False)
@@ -367,9 +352,9 @@ def test_far_over_the_decompression_bomb_limit_is_flagged(tmp_path, monkeypatch)
     assert dataset[0][2] is False
 
 
-def test_inference_writes_a_row_for_every_image_whatever_its_file(trained, tmp_path):
+def test_inference_writes_a_row_for_every_image_whatever_its_file(trained_branches, tmp_path):
     """Unreadable images fall back to the caption and are listed; odd but valid ones are read."""
-    data, weights = _copy(trained, tmp_path)
+    data, weights = _copy(trained_branches, tmp_path)
     test = pd.read_csv(data / "test.csv")
     kinds = [(case, make) for case, make in UNREADABLE_IMAGES if case != "over the decompression-bomb limit"]
     kinds += [(case, make) for case, make, _ in READABLE_IMAGES]
@@ -399,8 +384,8 @@ def test_fusion_falls_back_to_the_branches_an_image_has():
         weighted_average({"image": probs["image"]}, {"image": 1.0})
 
 
-def test_an_unreadable_image_uses_the_caption_even_when_the_weights_ignore_it(trained, tmp_path):
-    data, weights = _copy(trained, tmp_path)
+def test_an_unreadable_image_uses_the_caption_even_when_the_weights_ignore_it(trained_branches, tmp_path):
+    data, weights = _copy(trained_branches, tmp_path)
     test = pd.read_csv(data / "test.csv")
     (data / "data" / test["ImageID"][2]).unlink()
     _infer(data, weights, tmp_path / "out", "--fusion-weights", "image=1,caption=0,decoder=0")
@@ -409,8 +394,8 @@ def test_an_unreadable_image_uses_the_caption_even_when_the_weights_ignore_it(tr
     assert all(labels.split() for labels in submission["Labels"])
 
 
-def test_an_unreadable_image_with_no_caption_branch_is_an_error_listing_it(trained, tmp_path):
-    data, weights = _copy(trained, tmp_path)
+def test_an_unreadable_image_with_no_caption_branch_is_an_error_listing_it(trained_branches, tmp_path):
+    data, weights = _copy(trained_branches, tmp_path)
     test = pd.read_csv(data / "test.csv")
     (data / "data" / test["ImageID"][2]).unlink()
     with pytest.raises(FusionError, match=r"1 image\(s\) have no input .* load the caption branch"):
@@ -458,20 +443,52 @@ def test_a_file_crafted_to_run_code_is_refused_and_the_code_never_runs(tmp_path,
     assert not marker.exists()
 
 
-def test_a_crafted_feature_cache_never_runs_code(tmp_path):
+def _stale_cache(path: Path) -> None:
+    """A well-formed cache file of other images: the right name, the wrong key."""
+    atomic_torch_save({"key": {"num_images": 2}, "features": torch.zeros(2, 4), "readable": torch.ones(2).bool()},
+                      path)
+
+
+# (case, writer of a file in place of the feature cache). A cache cut off mid-write is in
+# tests/test_backbones.py.
+FOREIGN_CACHES: list[tuple[str, Callable[[Path, Path], None]]] = [
+    ("text", lambda p, marker: write(p, "hello")),
+    ("JSON", lambda p, marker: write(p, '{"features": [1, 2]}')),
+    ("crafted torch zip", lambda p, marker: _crafted(p, marker, "torch zip")),
+    ("crafted pickle", lambda p, marker: _crafted(p, marker, "pickle")),
+    ("a checkpoint", lambda p, marker: _good_checkpoint(p)),
+    ("a cache of other images", lambda p, marker: _stale_cache(p)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("case, make", FOREIGN_CACHES, ids=[c[0] for c in FOREIGN_CACHES])
+def test_a_foreign_file_in_place_of_the_feature_cache_is_rebuilt(tmp_path, monkeypatch, case, make):
+    paths = DatasetPaths.resolve(make_tiny_dataset(tmp_path / "tiny", n_train=6, n_test=0))
+    ids = [f"{i}.jpg" for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        backbone = create_backbone("test_efficientnet", resolution=32)
+    cpu = torch.device("cpu")
+    fresh, fresh_readable = cached_features(backbone, paths, ids, tmp_path / "fresh", cpu, batch_size=4, workers=0)
+    (cache_file,) = (tmp_path / "fresh").glob("features-*.pt")
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
     marker = tmp_path / "pwned"
-    path = _crafted(tmp_path / "features-x.pt", marker, "torch zip")
-    try:
-        cached = _load_cached(path, {"num_images": 1})
-    except pickle.UnpicklingError:  # refused, but not yet turned into a rebuild: see the next test
-        cached = None
-    assert cached is None and not marker.exists()
-
-
-@pytest.mark.parametrize("content", [b"hello", b'{"features": [1, 2]}'], ids=["text", "JSON"])
-def test_a_foreign_file_as_feature_cache_is_rebuilt(tmp_path, content):
-    path = write(tmp_path / "features-x.pt", content)
-    assert _load_cached(path, {"num_images": 1}) is None
+    make(cache / cache_file.name, marker)  # under the very name the cache would be read from
+    extracted: list[int] = []
+    original = features_module.extract_features
+    monkeypatch.setattr(features_module, "extract_features",
+                        lambda backbone, paths, image_ids, *a, **k: extracted.append(len(image_ids))
+                        or original(backbone, paths, image_ids, *a, **k))
+    rebuilt, readable = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
+    assert extracted == [6], "the foreign file was read as features instead of being rebuilt"
+    assert torch.equal(rebuilt, fresh) and torch.equal(readable, fresh_readable)
+    assert not marker.exists()
+    # The foreign file was replaced by a cache the next run reads.
+    again, _ = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
+    assert extracted == [6] and torch.equal(again, fresh)
 
 
 def _good_checkpoint(path: Path, **overrides: object) -> Path:
@@ -521,8 +538,8 @@ def test_backbone_weights_that_are_not_a_weights_file_name_the_option(tmp_path):
         create_backbone("test_efficientnet", str(path), resolution=32)
 
 
-def test_inference_refuses_another_branch_and_mismatched_label_sets(trained, tmp_path):
-    data, weights = _copy(trained, tmp_path)
+def test_inference_refuses_another_branch_and_mismatched_label_sets(trained_branches, tmp_path):
+    data, weights = _copy(trained_branches, tmp_path)
     original = (weights / "image.pt").read_bytes()
     shutil.copy(weights / "caption.pt", weights / "image.pt")
     with pytest.raises(CheckpointError, match=r"image\.pt: holds the 'caption' branch, expected 'image'"):

@@ -9,13 +9,14 @@ import train_caption_rnn
 from pipeline.checkpoint import load_checkpoint, load_probabilities, save_checkpoint
 from pipeline.engine.loop import NonFiniteLossError
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier, rnn_class
-from pipeline.data.text import Vocabulary
+from pipeline.data.text import Vocabulary, stem_token
 from pipeline.branches.caption import CaptionTrainConfig, build_ensemble, model_settings, predict_caption_probs
+from pipeline.metrics import binarize, samples_f1
+from tests.conftest import WORDS, make_tiny_dataset
+
+TINY_LABELS = sorted(WORDS)
 
 NUM_LABELS = 5
-# Label id -> the word that names it in the generated captions.
-WORDS = {1: "man", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane"}
-FILLERS = ["a photo of", "there is", "we can see", "look at", "in this picture"]
 
 
 def _model(rnn: str = "lstm", bidirectional: bool = True, label_attention: bool = True) -> CaptionClassifier:
@@ -110,23 +111,8 @@ def test_checkpoint_round_trip_gives_identical_probabilities(tmp_path):
     assert predict_caption_probs(loaded, [], "cpu").shape == (0, NUM_LABELS)
 
 
-def _write_tiny_dataset(root, rows: int = 60) -> None:
-    rng = np.random.default_rng(0)
-    train = []
-    for i in range(rows):
-        labels = sorted(rng.choice(list(WORDS), size=rng.integers(1, 3), replace=False).tolist())
-        words = " and a ".join(WORDS[label] for label in labels)
-        train.append({"ImageID": f"{i}.jpg", "Labels": " ".join(map(str, labels)),
-                      "Caption": f"{FILLERS[i % len(FILLERS)]} a {words}."})
-    root.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(train).to_csv(root / "train.csv", index=False)
-    test = [{"ImageID": f"{rows + i}.jpg", "Caption": f"a {WORDS[1 + i % 5]}"} for i in range(10)]
-    pd.DataFrame(test).to_csv(root / "test.csv", index=False)
-
-
 def test_script_smoke_run_writes_checkpoint_probabilities_and_config(tmp_path):
-    data = tmp_path / "data"
-    _write_tiny_dataset(data)
+    data = make_tiny_dataset(tmp_path / "data", n_train=60, images=False)
     weights = tmp_path / "weights"
     argv = ["--data", str(data), "--weights", str(weights),
             "--device", "cpu", "--epochs", "3", "--embed-dim", "12", "--hidden-size", "8",
@@ -134,22 +120,28 @@ def test_script_smoke_run_writes_checkpoint_probabilities_and_config(tmp_path):
             "--ensemble", "2"]
     summary = train_caption_rnn.main(argv)
     assert 1 <= summary["best_epoch"] <= 3 and len(summary["best_epochs"]) == 2
-    assert 0.0 <= summary["val_samples_f1"] <= 1.0
-    assert summary["seconds"] >= 0
+    assert summary["best_epoch"] == summary["best_epochs"][0]
 
-    checkpoint = load_checkpoint(weights / "caption.pt", branch="caption", label_ids=[1, 2, 3, 4, 5])
-    assert checkpoint["vocab"][:2] == ["<pad>", "<unk>"] and "bicycl" in checkpoint["vocab"]  # stemmed
+    checkpoint = load_checkpoint(weights / "caption.pt", branch="caption", label_ids=TINY_LABELS)
+    assert checkpoint["vocab"][:2] == ["<pad>", "<unk>"] and "hors" in checkpoint["vocab"]  # stemmed
+    assert summary["vocab_size"] == len(checkpoint["vocab"])
     assert checkpoint["config"]["rnn"] == "gru" and checkpoint["config"]["hidden_size"] == 8
     assert {key.split(".")[0] for key in checkpoint["state_dict"]} == {"0", "1"}  # two ensemble members
-    image_ids, label_ids, probs = load_probabilities(weights / "val_probs_caption.csv", [1, 2, 3, 4, 5])
-    assert label_ids == [1, 2, 3, 4, 5]
-    assert probs.shape == (len(image_ids), 5) and len(image_ids) > 0
+    image_ids, label_ids, probs = load_probabilities(weights / "val_probs_caption.csv", TINY_LABELS)
+    assert label_ids == TINY_LABELS
+    assert probs.shape == (len(image_ids), 4) and len(image_ids) > 0
     saved = json.loads((weights / "caption_config.json").read_text())
     assert saved["epochs"] == 3 and saved["data"] == str(data)
     # The saved validation probabilities are what the checkpoint predicts.
-    frame = pd.read_csv(data / "train.csv").set_index("ImageID")
+    frame = pd.read_csv(data / "train.csv", dtype=str).set_index("ImageID")
     again = predict_caption_probs(checkpoint, frame.loc[image_ids, "Caption"].tolist(), "cpu")
     np.testing.assert_allclose(again, probs, atol=2e-6)
+    # The reported scores are those of these probabilities, at the reported threshold and at 0.5.
+    truth = np.array([[str(label) in labels.split() for label in TINY_LABELS]
+                      for labels in frame.loc[image_ids, "Labels"]], dtype=int)
+    tuned = samples_f1(truth, binarize(probs, summary["threshold"]))
+    assert summary["val_samples_f1"] == pytest.approx(tuned, abs=1e-4)
+    assert summary["val_samples_f1_at_0.5"] == pytest.approx(samples_f1(truth, binarize(probs, 0.5)), abs=1e-4)
 
     # Same command, same result.
     summary2 = train_caption_rnn.main(argv[:3] + [str(tmp_path / "weights2")] + argv[4:])
@@ -169,21 +161,40 @@ def test_help_documents_every_option(capsys):
 
 
 def test_training_starts_from_word_vectors_file(tmp_path):
-    data = tmp_path / "data"
-    _write_tiny_dataset(data)
+    data = make_tiny_dataset(tmp_path / "data", n_train=60, images=False)
+    # A vector of its own for each word, so a row taken from another word shows.
+    file_vectors = {word: [i + 1.0, 0.5, -1.0, 2.0 + i] for i, word in enumerate(WORDS.values())}
     vectors = tmp_path / "vectors.txt"
-    vectors.write_text("".join(f"{word} {i} 0.5 -1 2\n" for i, word in enumerate(WORDS.values())), encoding="utf-8")
-    base = ["--data", str(data), "--weights", str(tmp_path / "w"), "--device", "cpu", "--epochs", "1",
-            "--hidden-size", "4", "--ensemble", "1", "--min-freq", "1", "--word-vectors", str(vectors)]
-    summary = train_caption_rnn.main(base + ["--embed-dim", "4"])
-    assert summary["best_epoch"] == 1
+    vectors.write_text("".join(f"{word} {' '.join(map(str, v))}\n" for word, v in file_vectors.items())
+                       + "zebra 9 9 9 9\n", encoding="utf-8")
+    # A learning rate too small to move any weight: the checkpoint shows where training started.
+    base = ["--data", str(data), "--device", "cpu", "--epochs", "1", "--hidden-size", "4", "--ensemble", "2",
+            "--min-freq", "1", "--lr", "1e-12"]
+
+    def start_rows(weights) -> dict[str, list[torch.Tensor]]:
+        """Each file word's embedding row in each ensemble member of the checkpoint."""
+        checkpoint = load_checkpoint(weights / "caption.pt", branch="caption")
+        index = {token: i for i, token in enumerate(checkpoint["vocab"])}
+        state = checkpoint["state_dict"]
+        return {word: [state[f"{member}.embedding.weight"][index[stem_token(word)]] for member in (0, 1)]
+                for word in file_vectors}
+
+    with_vectors = ["--word-vectors", str(vectors)]
+    train_caption_rnn.main(base + ["--embed-dim", "4", "--weights", str(tmp_path / "w"), *with_vectors])
+    for word, rows in start_rows(tmp_path / "w").items():
+        for row in rows:
+            torch.testing.assert_close(row, torch.tensor(file_vectors[word]), msg=word)
+
+    train_caption_rnn.main(base + ["--embed-dim", "4", "--weights", str(tmp_path / "plain")])
+    for word, rows in start_rows(tmp_path / "plain").items():
+        assert not any(torch.allclose(row, torch.tensor(file_vectors[word])) for row in rows), word
+
     with pytest.raises(ValueError, match="--embed-dim 4"):
-        train_caption_rnn.main(base + ["--embed-dim", "5"])
+        train_caption_rnn.main(base + ["--embed-dim", "5", "--weights", str(tmp_path / "w5"), *with_vectors])
 
 
 def test_non_finite_caption_loss_names_model_epoch_and_step(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    _write_tiny_dataset(data)
+    data = make_tiny_dataset(tmp_path / "data", n_train=60, images=False)
 
     def nan_loss():
         return lambda logits, targets: logits.sum() * float("nan")

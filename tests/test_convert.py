@@ -15,8 +15,7 @@ import train_caption_rnn
 import train_efficientnet
 from pipeline.tools.convert import ConvertError, convert_coco, convert_voc, main
 from pipeline.data.dataset import DataFormatError, DatasetPaths, load_train_val
-from tests.conftest import TINY_IMAGE_ARGS
-from tests.test_predict import TINY_CAPTION_ARGS
+from tests.conftest import TINY_CAPTION_ARGS, TINY_IMAGE_ARGS
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
 

@@ -119,10 +119,13 @@ def test_changed_parameters_regenerate_and_drop_stale_images(tmp_path: Path) -> 
 
 
 def test_rejects_bad_parameters(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="test_fraction must be between 0 and 1, got 1.5"):
         generate_demo(tmp_path, num_images=10, test_fraction=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_images must be at least 2, got 1"):
         generate_demo(tmp_path, num_images=1)
+    with pytest.raises(ValueError, match="size must be at least 32 pixels, got 16"):
+        generate_demo(tmp_path, num_images=10, size=16)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_main_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

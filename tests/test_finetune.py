@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
@@ -27,7 +29,7 @@ from pipeline.data.labelled import RandomViewSampler
 from pipeline.branches.image import ImageTrainConfig
 from pipeline.models.backbones import BackboneSplitError, create_backbone, split_backbone
 from pipeline.models.decoder import LabelOrder
-from tests.conftest import TINY_IMAGE_ARGS
+from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 from tests.test_resume import SimulatedCrash, assert_same_checkpoints, crash_after
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,30 +178,56 @@ def _infer(dataset: Path, weights: Path, output: Path) -> dict:
                            "--workers", "0", "--val-fraction", "0.25", "--evaluate", "--device", "cpu"])
 
 
-@pytest.mark.parametrize("mode_args", [PARTIAL, FINETUNE], ids=["partial", "finetune"])
-def test_fine_tuned_checkpoints_run_in_inference(tiny_dataset, tmp_path, mode_args):
-    weights = tmp_path / "w"
-    summary = _train(tiny_dataset, weights, *mode_args)
+def _stage(name: str) -> str:
+    """The part of a timm EfficientNet a backbone state_dict key belongs to: "stem", "stage N" or "head"."""
+    parts = name.split(".")  # model.conv_stem.weight, model.blocks.3.0.conv_pw.weight, model.bn2.bias ...
+    if parts[1] == "blocks":
+        return f"stage {parts[2]}"
+    return {"conv_stem": "stem", "bn1": "stem", "conv_head": "head", "bn2": "head"}[parts[1]]
+
+
+@pytest.fixture(scope="module", params=["partial", "finetune"])
+def fine_tuned(request, tmp_path_factory) -> tuple[list[str], Path, Path, dict, dict]:
+    """(options, dataset, weights, summary, initial backbone state_dict) of one fine-tuning run per mode.
+
+    The backbone starts from a weights file, so the starting point is known exactly.
+    """
+    mode_args = PARTIAL if request.param == "partial" else FINETUNE
+    root = tmp_path_factory.mktemp(request.param)
+    dataset = make_tiny_dataset(root / "tiny")
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        start = timm.create_model("test_efficientnet", pretrained=False, num_classes=0).state_dict()
+    torch.save(start, root / "start.pth")
+    summary = _train(dataset, root / "w", *mode_args, "--backbone-weights", str(root / "start.pth"))
+    initial = {f"model.{name}": value for name, value in start.items()}  # the checkpoint's names
+    return mode_args, dataset, root / "w", summary, initial
+
+
+def test_fine_tuning_changes_the_trained_stages_and_only_those(fine_tuned):
+    mode_args, _, weights, summary, initial = fine_tuned
     assert summary["mode"] == mode_args[1]
-    image = load_checkpoint(weights / "image.pt", branch="image")
-    record = image["backbone"]
-    assert record["weights"] == "finetuned" and record["weights_digest"].startswith("finetuned-")
+    record = load_checkpoint(weights / "image.pt", branch="image")["backbone"]
     assert record["trained_from_stage"] == (3 if mode_args is PARTIAL else 0)
+    saved = record["state_dict"]
+    assert saved.keys() == initial.keys()
+    assert {_stage(name) for name in saved} == {"stem", "head", *(f"stage {i}" for i in range(5))}
+    # --train-from-stage 3 freezes the stem and stages 0-2; finetune trains everything. Every
+    # tensor of a trained stage moves (batch-norm counters included), none of a frozen one.
+    frozen = {"stem", "stage 0", "stage 1", "stage 2"} if mode_args is PARTIAL else set()
+    unchanged = sorted(name for name in saved if torch.equal(saved[name], initial[name]))
+    assert unchanged == sorted(name for name in saved if _stage(name) in frozen)
 
-    # The trained stages changed and, in partial mode, the frozen ones did not.
-    torch.manual_seed(0)  # the random initial weights training drew (--seed 0)
-    original = tiny_backbone().module.state_dict()
-    changed = {name for name, value in record["state_dict"].items()
-               if value.dtype.is_floating_point and not torch.equal(value, original[name])}
-    assert any(".blocks.4." in name or "conv_head" in name for name in changed)
+
+def test_fine_tuned_checkpoints_run_in_inference(fine_tuned, tmp_path):
+    mode_args, dataset, weights, summary, _ = fine_tuned
+    record = load_checkpoint(weights / "image.pt", branch="image")["backbone"]
+    assert record["weights"] == "finetuned" and record["weights_digest"].startswith("finetuned-")
     if mode_args is PARTIAL:
-        assert not any(".blocks.0." in name or "conv_stem" in name for name in changed)
         assert list((weights / "cache").glob("stagemaps-*/plain.npy"))
-    else:
-        assert any("conv_stem" in name for name in changed)
-
-    result = _infer(tiny_dataset, weights, tmp_path / "out")
-    test_rows = len(pd.read_csv(tiny_dataset / "test.csv"))
+    weights = Path(shutil.copytree(weights, tmp_path / "w"))  # inference writes fusion.json beside the weights
+    result = _infer(dataset, weights, tmp_path / "out")
+    test_rows = len(pd.read_csv(dataset / "test.csv"))
     submission = pd.read_csv(tmp_path / "out" / "submission.csv")
     assert len(submission) == test_rows == result["rows"]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

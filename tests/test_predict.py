@@ -15,25 +15,7 @@ import train_efficientnet
 from pipeline.io import CheckpointError
 from pipeline.data.dataset import DataFormatError
 from pipeline.fusion import load_fusion
-from tests.conftest import TINY_IMAGE_ARGS
-
-TINY_CAPTION_ARGS = ["--epochs", "3", "--embed-dim", "16", "--hidden-size", "16", "--val-fraction", "0.25",
-                     "--min-freq", "1"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny dataset with all three branches trained once for the module."""
-    from tests.conftest import make_tiny_dataset
-
-    root = tmp_path_factory.mktemp("predict")
-    data = make_tiny_dataset(root / "tiny")
-    weights = root / "weights"
-    train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
-    train_caption_rnn.main(["--data", str(data), "--weights", str(weights),
-                            *TINY_CAPTION_ARGS])
-    return data, weights
-
+from tests.conftest import TINY_CAPTION_ARGS, TINY_IMAGE_ARGS, TRAINED_N_TEST, make_tiny_dataset
 
 # The tiny test backbone has no pretrained weights; its warning is tested elsewhere.
 pytestmark = pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
@@ -50,8 +32,8 @@ def copy_weights(weights, tmp_path):
     return target
 
 
-def test_submission_has_one_row_per_test_row_with_original_ids(trained, tmp_path):
-    data, weights = trained
+def test_submission_has_one_row_per_test_row_with_original_ids(trained_branches, tmp_path):
+    data, weights = trained_branches
     weights = copy_weights(weights, tmp_path)
     summary = run(data, weights, tmp_path / "out", "--evaluate")
     submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str, keep_default_na=False)
@@ -69,8 +51,8 @@ def test_submission_has_one_row_per_test_row_with_original_ids(trained, tmp_path
     assert sorted(fusion.branches) == ["caption", "decoder", "image"]
 
 
-def test_branch_subset_retunes_instead_of_mixing(trained, tmp_path):
-    data, weights = trained
+def test_branch_subset_retunes_instead_of_mixing(trained_branches, tmp_path):
+    data, weights = trained_branches
     weights = copy_weights(weights, tmp_path)
     run(data, weights, tmp_path / "all")
     summary = run(data, weights, tmp_path / "caption", "--branches", "caption")
@@ -78,8 +60,8 @@ def test_branch_subset_retunes_instead_of_mixing(trained, tmp_path):
     assert load_fusion(weights / "fusion.json").branches == ["caption"]
 
 
-def test_hand_overrides_apply(trained, tmp_path):
-    data, weights = trained
+def test_hand_overrides_apply(trained_branches, tmp_path):
+    data, weights = trained_branches
     weights = copy_weights(weights, tmp_path)
     run(data, weights, tmp_path / "a", "--fusion-weights", "image=1,caption=0,decoder=0", "--threshold", "0.99")
     submission = pd.read_csv(tmp_path / "a" / "submission.csv", dtype=str)
@@ -89,8 +71,8 @@ def test_hand_overrides_apply(trained, tmp_path):
         run(data, weights, tmp_path / "b", "--fusion-weights", "imag=1")
 
 
-def test_unreadable_test_images_still_get_a_row(trained, tmp_path):
-    data, weights = trained
+def test_unreadable_test_images_still_get_a_row(trained_branches, tmp_path):
+    data, weights = trained_branches
     weights = copy_weights(weights, tmp_path)
     broken = tmp_path / "broken"
     shutil.copytree(data, broken)
@@ -105,16 +87,16 @@ def test_unreadable_test_images_still_get_a_row(trained, tmp_path):
     assert listed == test["ImageID"][:2].tolist()
 
 
-def test_missing_weights_and_unknown_branch_are_clear_errors(trained, tmp_path):
-    data, _ = trained
+def test_missing_weights_and_unknown_branch_are_clear_errors(trained_branches, tmp_path):
+    data, _ = trained_branches
     with pytest.raises(CheckpointError, match="no branch checkpoints"):
         inference.main(["--data", str(data), "--weights", str(tmp_path / "empty")])
     with pytest.raises(ValueError, match="valid branch names are image, decoder, caption"):
         inference.main(["--data", str(data), "--weights", str(tmp_path), "--branches", "audio"])
 
 
-def test_evaluation_csv_with_an_unknown_label_names_it(trained, tmp_path):
-    data, weights = trained
+def test_evaluation_csv_with_an_unknown_label_names_it(trained_branches, tmp_path):
+    data, weights = trained_branches
     weights = copy_weights(weights, tmp_path)
     frame = pd.read_csv(data / "train.csv").head(5)
     frame.loc[0, "Labels"] = "1 7"
@@ -125,15 +107,7 @@ def test_evaluation_csv_with_an_unknown_label_names_it(trained, tmp_path):
 
 def test_caption_rows_train_on_every_caption_and_predict_one_row_per_image(tmp_path):
     """A dataset with two caption rows per image, declared in dataset.json."""
-    from tests.conftest import make_tiny_dataset
-
-    data = make_tiny_dataset(tmp_path / "rows")
-    for name in ("train.csv", "test.csv"):
-        frame = pd.read_csv(data / name, dtype=str, keep_default_na=False)
-        second = frame.assign(Caption="Here is " + frame["Caption"].str.lower())
-        # Interleaved, so an image's rows are not neighbours.
-        pd.concat([frame, second.iloc[::-1]]).to_csv(data / name, index=False)
-    (data / "dataset.json").write_text(json.dumps({n: {"repeated_ids": True} for n in ("train.csv", "test.csv")}))
+    data = make_tiny_dataset(tmp_path / "rows", captions_per_image=2)
     weights = tmp_path / "weights"
     train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
     train_caption_rnn.main(["--data", str(data), "--weights", str(weights),
@@ -152,8 +126,8 @@ def test_caption_rows_train_on_every_caption_and_predict_one_row_per_image(tmp_p
     assert set(summary["metrics"]) == {"image", "decoder", "caption", "fused"}
 
 
-def test_a_dataset_without_captions_uses_the_image_branches_alone(trained, tmp_path):
-    data, weights = trained
+def test_a_dataset_without_captions_uses_the_image_branches_alone(trained_branches, tmp_path):
+    data, weights = trained_branches
     weights = copy_weights(weights, tmp_path)
     images_only = tmp_path / "images_only"
     shutil.copytree(data, images_only)
@@ -164,23 +138,22 @@ def test_a_dataset_without_captions_uses_the_image_branches_alone(trained, tmp_p
     assert summary["branches"] == ["image", "decoder"]
     assert set(summary["metrics"]) == {"image", "decoder", "fused"}
     submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
-    assert len(submission) == 10 and submission["Labels"].notna().all()
+    assert submission["ImageID"].tolist() == pd.read_csv(data / "test.csv")["ImageID"].tolist()
+    assert submission["Labels"].notna().all()
     with pytest.raises(ValueError, match=r"caption branch cannot run: no Caption column in .*train\.csv, .*test\.csv"):
         run(images_only, weights, tmp_path / "out", "--branches", "image,caption")
     with pytest.raises(DataFormatError, match=r"train\.csv:1: no Caption column.*train_efficientnet\.py"):
         train_caption_rnn.main(["--data", str(images_only), "--weights", str(tmp_path / "w2"), *TINY_CAPTION_ARGS])
 
 
-def test_a_dataset_without_images_uses_the_caption_branch_alone(trained, tmp_path):
-    data, weights = trained
+def test_a_dataset_without_images_uses_the_caption_branch_alone(trained_branches, tmp_path):
+    _, weights = trained_branches
     weights = copy_weights(weights, tmp_path)
-    captions_only = tmp_path / "captions_only"
-    captions_only.mkdir()
-    for name in ("train.csv", "test.csv"):
-        shutil.copy(data / name, captions_only / name)
+    captions_only = make_tiny_dataset(tmp_path / "captions_only", n_test=TRAINED_N_TEST, images=False)
     summary = run(captions_only, weights, tmp_path / "out", "--branches", "caption", "--evaluate")
     assert summary["branches"] == ["caption"] and summary["unreadable_images"] == 0
-    assert len(pd.read_csv(tmp_path / "out" / "submission.csv")) == 10
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv", dtype=str)
+    assert submission["ImageID"].tolist() == pd.read_csv(captions_only / "test.csv")["ImageID"].tolist()
     assert run(captions_only, weights, tmp_path / "auto")["branches"] == ["caption"]
     with pytest.raises(ValueError, match=r"image branch cannot run: the image folder .*captions_only/data does not exist"):
         run(captions_only, weights, tmp_path / "out", "--branches", "image")

@@ -73,9 +73,15 @@ def test_load_word_vectors_glove_format(tmp_path):
     path.write_text("dog 1 2 3\nDog 9 9 9\nzebra 4 5 6\na 0.5 0.5 0.5\n", encoding="utf-8")
     weights, found = load_word_vectors(path, vocab, 3, torch.Generator().manual_seed(0))
     assert weights.shape == (len(vocab), 3)
-    assert found == 2
+    assert found == 2  # dog and a; zebra is not in the vocabulary
     assert weights[vocab.index["dog"]].tolist() == [1.0, 2.0, 3.0]  # first casing wins
-    assert weights[PAD_ID].abs().sum() == 0
+    assert weights[vocab.index["a"]].tolist() == [0.5, 0.5, 0.5]
+    assert weights[PAD_ID].tolist() == [0.0, 0.0, 0.0]
+    # Words the file lacks start from random vectors, the same ones for the same generator.
+    missing = [vocab.index[token] for token in ("<unk>", ".", "and")]
+    assert (weights[missing] != 0).all() and len({tuple(row) for row in weights[missing].tolist()}) == 3
+    again, _ = load_word_vectors(path, vocab, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(again, weights)
     stemmed = Vocabulary.build(CAPTIONS, min_freq=2, stem=True)
     path.write_text("dogs 7 7 7\ndog 1 2 3\n", encoding="utf-8")
     weights, found = load_word_vectors(path, stemmed, 3)

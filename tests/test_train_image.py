@@ -14,6 +14,7 @@ from pipeline.checkpoint import load_checkpoint, load_probabilities
 from pipeline.data.dataset import validation_mask
 from pipeline.data.images import ImageReadError
 from pipeline.engine.loop import NonFiniteLossError, TrainStep, train_one_epoch
+from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import create_backbone
 from pipeline.models.heads import FeatureNorm, ImageHead, asymmetric_loss, get_loss
 from tests.conftest import TINY_IMAGE_ARGS
@@ -58,7 +59,6 @@ def test_train_efficientnet_main_writes_both_heads(tiny_dataset, tmp_path):
         summary = train_efficientnet.main(["--data", str(tiny_dataset), "--weights", str(weights),
                                            *TINY_IMAGE_ARGS])
     assert summary["mode"] == "frozen"
-    assert 0.0 <= summary["image_val_samples_f1"] <= 1.0
     image = load_checkpoint(weights / "image.pt", branch="image", label_ids=[1, 3, 18, 19])
     decoder = load_checkpoint(weights / "decoder.pt", branch="decoder")
     assert image["backbone"]["name"] == "test_efficientnet"
@@ -68,6 +68,11 @@ def test_train_efficientnet_main_writes_both_heads(tiny_dataset, tmp_path):
         ids, labels, probs = load_probabilities(weights / f"val_probs_{branch}.csv")
         assert labels == [1, 3, 18, 19] and probs.shape == (len(ids), 4)
         assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    # The reported score is the tuned-threshold samples-F1 of the saved validation probabilities.
+    ids, _, probs = load_probabilities(weights / "val_probs_image.csv")
+    labels = pd.read_csv(tiny_dataset / "train.csv", dtype=str).set_index("ImageID").loc[ids, "Labels"]
+    truth = np.array([[str(label) in row.split() for label in (1, 3, 18, 19)] for row in labels], dtype=int)
+    assert summary["image_val_samples_f1"] == pytest.approx(tune_global_threshold(truth, probs)[1], abs=1e-4)
     config = json.loads((weights / "image_config.json").read_text())
     assert config["backbone"] == "test_efficientnet" and config["seed"] == 0
     assert len(list((weights / "cache").glob("features-*.pt"))) == 1
