@@ -181,8 +181,6 @@ def test_inference_loads_no_training_module():
     assert training == {}, "\n".join(" -> ".join(chain) for chain in training.values())
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.models.backbones imports pipeline.data.transforms "
-                                       "(make_preprocessing); needs a pipeline change")
 def test_models_import_no_data_engine_training_or_tool_modules():
     offenders = [f"{module} imports {name}" for module in MODULES if _within(module, "pipeline.models")
                  for name in sorted(imports(module)) if any(_within(name, banned) for banned in NOT_FOR_MODELS)]

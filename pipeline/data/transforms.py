@@ -1,7 +1,8 @@
 """The one image transform factory used by training, feature extraction and inference.
 
-Preprocessing is a plain dict stored in every image checkpoint and in the feature-cache key,
-so inference resizes and normalises exactly as training did.
+Preprocessing is a plain dict (``pipeline.models.backbones.make_preprocessing``) stored in
+every image checkpoint and in the feature-cache key, so inference resizes and normalises
+exactly as training did.
 """
 
 from __future__ import annotations
@@ -16,22 +17,6 @@ _INTERPOLATIONS = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "bicubic": T.InterpolationMode.BICUBIC,
 }
-
-
-def make_preprocessing(resolution: int, mean: tuple[float, ...], std: tuple[float, ...],
-                       interpolation: str = "bicubic") -> dict:
-    """A JSON-serialisable description of how images become tensors."""
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation {interpolation!r}: valid values are {', '.join(_INTERPOLATIONS)}")
-    return {
-        "resolution": int(resolution),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "interpolation": interpolation,
-        # Whole image squeezed to a square: multi-label objects sit near the borders too,
-        # so a centre crop would cut some of them away.
-        "resize": "squash",
-    }
 
 
 def build_transform(preprocessing: dict, train: bool = False, flip: bool = False,

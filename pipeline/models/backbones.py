@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data.transforms import make_preprocessing
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -27,6 +26,24 @@ BUNDLED = "bundled"  # the weights shipped inside efficientnet-lite0-pytorch-mod
 EFFICIENTNET_PYTORCH_NAMES = tuple(f"efficientnet-b{i}" for i in range(8))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resize filters a preprocessing may name (the transforms map them to torchvision's).
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def make_preprocessing(resolution: int, mean: tuple[float, ...], std: tuple[float, ...],
+                       interpolation: str = "bicubic") -> dict:
+    """A JSON-serialisable description of how images become tensors."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r}: valid values are {', '.join(INTERPOLATIONS)}")
+    return {
+        "resolution": int(resolution),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "interpolation": interpolation,
+        # Whole image squeezed to a square: multi-label objects sit near the borders too,
+        # so a centre crop would cut some of them away.
+        "resize": "squash",
+    }
 
 
 class BackboneWeightsError(RuntimeError):
