@@ -15,7 +15,6 @@ from pipeline.data.dataset import (
     group_by_image,
     load_train_val,
     read_csv,
-    repeated_ids_declared,
     split_train_val,
     validation_mask,
 )
@@ -175,15 +174,18 @@ def test_a_repeated_image_id_is_an_error_naming_both_lines(tmp_path):
 
 def test_caption_rows_are_declared_in_dataset_json(tmp_path):
     write(tmp_path / "train.csv", CAPTION_ROWS)
-    assert not repeated_ids_declared(tmp_path / "train.csv")
+    write(tmp_path / "test.csv", CAPTION_ROWS)
+    with pytest.raises(DataFormatError, match="repeats line 2"):
+        read_csv(tmp_path / "train.csv")
     write(tmp_path / "dataset.json", '{"train.csv": {"repeated_ids": true}, "test.csv": {"repeated_ids": false}}')
-    assert repeated_ids_declared(tmp_path / "train.csv")
-    assert not repeated_ids_declared(tmp_path / "test.csv")
+    assert len(read_csv(tmp_path / "train.csv")) == 3
+    with pytest.raises(DataFormatError, match="repeats line 2"):
+        read_csv(tmp_path / "test.csv")
     _, train, val = load_train_val(DatasetPaths.resolve(tmp_path), val_fraction=0.0)
     assert len(train) == 3 and val.empty
     write(tmp_path / "dataset.json", '{"train.csv": ')
     with pytest.raises(DataFormatError, match=r"dataset\.json: not valid JSON"):
-        repeated_ids_declared(tmp_path / "train.csv")
+        read_csv(tmp_path / "train.csv")
 
 
 def test_group_by_image_keeps_first_appearance_order_and_averages_rows(tmp_path):

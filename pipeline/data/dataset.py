@@ -225,11 +225,6 @@ def dataset_info(csv_path: str | Path) -> dict:
     return entry
 
 
-def repeated_ids_declared(csv_path: str | Path) -> bool:
-    """True when ``dataset.json`` says the file has one row per caption (an ImageID on several rows)."""
-    return bool(dataset_info(csv_path).get("repeated_ids", False))
-
-
 @dataclass(frozen=True)
 class ImageGroups:
     """The rows of a frame grouped by image; several rows of one ImageID are its captions.
