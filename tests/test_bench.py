@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pipeline.tools import bench
 
@@ -31,5 +32,19 @@ def test_bench_writes_every_figure(trained_branches, tmp_path):
                                         "train_cached_head_img_s"))
     assert results["pipeline_over_forward"] == pytest.approx(written["pipeline_img_s"]
                                                              / written["backbone_forward_img_s"], abs=1e-3)
+    # The bound charges each image its decode, forward share and caption on one core.
+    per_image_ms = (written["decode_resize_ms_per_img"] + written["caption_branch_ms_per_img"]
+                    + 1000 * written["cores"] / written["backbone_forward_img_s"])
+    assert written["bound_img_s"] == pytest.approx(1000 * written["cores"] / per_image_ms, rel=1e-3)
+    assert written["bound_img_s"] < written["backbone_forward_img_s"]
+    assert written["pipeline_over_bound"] == pytest.approx(written["pipeline_img_s"] / written["bound_img_s"], abs=1e-3)
     # The benchmark works in a scratch folder: the shared weights are left as they were.
     assert sorted(p.relative_to(weights) for p in weights.rglob("*")) == before
+
+
+def test_the_gpu_bound_is_the_slower_of_the_device_and_the_decoding_cores():
+    gpu = bench.physical_bound(1000.0, decode_ms=4.0, caption_ms=1.0, cores=4, device=torch.device("cuda"))
+    assert gpu == pytest.approx(800.0)  # 4 cores at 5 ms an image
+    assert bench.physical_bound(500.0, 4.0, 1.0, 4, torch.device("cuda")) == pytest.approx(500.0)
+    # On CPU the same cores run the forward: 2 cores, 4 ms forward share + 1 ms = 400 img/s.
+    assert bench.physical_bound(500.0, 0.5, 0.5, 2, torch.device("cpu")) == pytest.approx(400.0)
