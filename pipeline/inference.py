@@ -41,7 +41,7 @@ from pipeline.data.images import ImageReadError
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.features import cached_features, extract_features, has_cached_features
 from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
-from pipeline.io import CheckpointError, atomic_write_text, write_json
+from pipeline.io import CheckpointError, atomic_text_writer, atomic_write_text, write_json
 from pipeline.labels import label_name
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class InferenceConfig(CommonConfig):
     format: str = option("table", "how --image predictions are printed: a readable table or JSON for scripts",
                          choices=["table", "json"], group="prediction")
     batch_size: int = option(64, "images per batch for feature extraction", group="run")
+    chunk_size: int = option(
+        4096, "test images per chunk: features, probabilities and fusion run one chunk at a time and the "
+        "submission is written as they finish, so memory stays flat however many images there are; each "
+        "chunk's features are cached, so an interrupted run resumes at the chunk it stopped in", group="run")
     workers: int = workers_option()
     output: str = output_option()
 
@@ -78,6 +82,7 @@ class InferenceConfig(CommonConfig):
         """Refuse settings that cannot work, naming the option."""
         checks = [
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.threshold is None or 0.0 < self.threshold < 1.0,
              f"--threshold must be between 0 and 1, got {self.threshold}"),
@@ -281,9 +286,50 @@ def _validation_split(weights_dir: Path, branches: list[str], labels: LabelSet,
 
 def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:
     """``ImageID,Labels`` with space-separated original label ids, one row per image, atomically."""
+    with atomic_text_writer(path) as handle:
+        handle.write(f"{ID_COLUMN},{LABELS_COLUMN}\n")
+        _write_rows(handle, image_ids, predictions, labels)
+
+
+def _write_rows(handle, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:
     rows = [" ".join(str(label) for label in row) for row in labels.decode(predictions)]
-    frame = pd.DataFrame({ID_COLUMN: image_ids, LABELS_COLUMN: rows})
-    atomic_write_text(path, frame.to_csv(index=False))
+    pd.DataFrame({ID_COLUMN: image_ids, LABELS_COLUMN: rows}).to_csv(handle, index=False, header=False)
+
+
+def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings, labels: LabelSet,
+                      submission: Path, chunk_size: int, description: str) -> list[str]:
+    """Fused predictions of ``frame``'s images, ``chunk_size`` images at a time, streamed into
+    ``submission`` in the frame's image order (the file appears when every chunk is done).
+    Returns the ImageIDs that could not be read (their rows use the caption alone).
+
+    Each chunk's features are cached under their own key, so a rerun after an interruption
+    reads the finished chunks back instead of extracting them again.
+    """
+    image_ids = group_by_image(frame).images[ID_COLUMN].tolist()
+    starts = range(0, len(image_ids), chunk_size)
+    unreadable: list[str] = []
+    with atomic_text_writer(submission) as handle:
+        handle.write(f"{ID_COLUMN},{LABELS_COLUMN}\n")
+        for number, start in enumerate(starts, 1):
+            chunk_ids = image_ids[start:start + chunk_size]
+            chunk = frame[frame[ID_COLUMN].isin(set(chunk_ids))] if len(starts) > 1 else frame
+            name = description if len(starts) == 1 else f"{description} {number}/{len(starts)}"
+            probs = predictor.probabilities(chunk, description=name)
+            unreadable += predictor.unreadable
+            try:
+                predictions = settings.predict(probs)
+            except FusionError:
+                _list_unreadable(unreadable, submission.parent)
+                raise
+            _write_rows(handle, chunk_ids, predictions, labels)
+    return unreadable
+
+
+def _list_unreadable(image_ids: list[str], output_dir: Path) -> None:
+    listing = output_dir / "unreadable_images.txt"
+    atomic_write_text(listing, "\n".join(image_ids) + "\n")
+    log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
+                len(image_ids), listing)
 
 
 def run_inference(config: InferenceConfig) -> dict:
@@ -327,19 +373,14 @@ def _run_inference(config: InferenceConfig) -> dict:
                               lambda: _validation_split(weights_dir, branches, labels, val_images))
 
     test_images = group_by_image(test).images
-    test_probs = predictor.probabilities(test, description=f"{test_csv.name} features")
-    if predictor.unreadable:
-        # Listed before fusion, so the list is there even when fusion cannot predict those rows.
-        listing = output_dir / "unreadable_images.txt"
-        atomic_write_text(listing, "\n".join(predictor.unreadable) + "\n")
-        log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
-                    len(predictor.unreadable), listing)
-    predictions = settings.predict(test_probs)
     submission = output_dir / "submission.csv"
-    write_submission(submission, test_images[ID_COLUMN].tolist(), predictions, labels)
+    unreadable = predict_in_chunks(predictor, test, settings, labels, submission, config.chunk_size,
+                                   f"{test_csv.name} features")
+    if unreadable:
+        _list_unreadable(unreadable, output_dir)
     summary = {"branches": branches, "fusion_method": settings.method, "submission": str(submission),
                "rows": len(test_images), "fusion_val_samples_f1": settings.val_samples_f1,
-               "unreadable_images": len(predictor.unreadable)}
+               "unreadable_images": len(unreadable)}
     log.info("wrote %s: %d rows for the %d images (%d rows) of %s",
              submission, len(test_images), len(test_images), len(test), test_csv)
 

@@ -6,13 +6,15 @@ mid-write leaves the previous file intact instead of a truncated one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -38,6 +40,26 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool 
         if durable:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_text_writer(path: str | Path) -> Iterator[TextIO]:
+    """A UTF-8 text file written piece by piece that appears under ``path`` only once the
+    block completes: streaming output (a submission of millions of rows) without holding
+    it in memory, and still never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -606,8 +606,11 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
 def _interrupted_write(*args: object, **kwargs: object) -> None:
     """Stands in for torch.save, Path.write_text or DataFrame.to_csv: writes part of the
     file it was given, then the process is interrupted."""
-    target = next(arg for arg in args if isinstance(arg, (str, os.PathLike)))
-    Path(target).write_bytes(b"half a file")
+    target = next(arg for arg in args if isinstance(arg, (str, os.PathLike)) or hasattr(arg, "write"))
+    if hasattr(target, "write"):  # a file being streamed into
+        target.write("half a file")
+    else:
+        Path(target).write_bytes(b"half a file")
     raise KeyboardInterrupt
 
 
@@ -622,7 +625,7 @@ ATOMIC_WRITERS: list[tuple[str, Callable[[Path, int], None], tuple[object, str]]
     ("features-x.pt", lambda p, k: atomic_torch_save({"features": torch.full((4, 2), float(k))}, p), (torch, "save")),
     ("fusion.json", lambda p, k: _fusion(p, 0.1 * k), (Path, "write_text")),
     ("submission.csv", lambda p, k: write_submission(p, ["0.jpg", "1.jpg"], np.eye(2)[:, :: (-1) ** k],
-                                                     LabelSet((1, 3))), (Path, "write_text")),
+                                                     LabelSet((1, 3))), (pd.DataFrame, "to_csv")),
     ("val_probs_image.csv", lambda p, k: save_probabilities(p, ["0.jpg"], [1, 3], np.full((1, 2), 0.1 * k)),
      (pd.DataFrame, "to_csv")),
 ]
