@@ -3,8 +3,10 @@ and predictions for image files named on the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from pipeline.data.dataset import (
     read_prediction_csv,
 )
 from pipeline.data.images import ImageReadError
+from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.features import cached_features, extract_features, has_cached_features
 from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
@@ -297,31 +300,62 @@ def _write_rows(handle, image_ids: list[str], predictions: np.ndarray, labels: L
 
 
 def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings, labels: LabelSet,
-                      submission: Path, chunk_size: int, description: str) -> list[str]:
+                      submission: Path, chunk_size: int, description: str,
+                      context: DistContext = DistContext()) -> list[str]:
     """Fused predictions of ``frame``'s images, ``chunk_size`` images at a time, streamed into
     ``submission`` in the frame's image order (the file appears when every chunk is done).
     Returns the ImageIDs that could not be read (their rows use the caption alone).
 
     Each chunk's features are cached under their own key, so a rerun after an interruption
-    reads the finished chunks back instead of extracting them again.
+    reads the finished chunks back instead of extracting them again. Under torchrun rank
+    ``r`` predicts chunks ``r, r + N, ...`` into part files beside ``submission`` and rank 0
+    joins them in order (the ranks must share the output folder); the file is the one a
+    single process writes.
     """
     image_ids = group_by_image(frame).images[ID_COLUMN].tolist()
-    starts = range(0, len(image_ids), chunk_size)
-    unreadable: list[str] = []
-    with atomic_text_writer(submission) as handle:
-        handle.write(f"{ID_COLUMN},{LABELS_COLUMN}\n")
-        for number, start in enumerate(starts, 1):
-            chunk_ids = image_ids[start:start + chunk_size]
-            chunk = frame[frame[ID_COLUMN].isin(set(chunk_ids))] if len(starts) > 1 else frame
-            name = description if len(starts) == 1 else f"{description} {number}/{len(starts)}"
-            probs = predictor.probabilities(chunk, description=name)
-            unreadable += predictor.unreadable
-            try:
-                predictions = settings.predict(probs)
-            except FusionError:
-                _list_unreadable(unreadable, submission.parent)
-                raise
+    starts = list(range(0, len(image_ids), chunk_size))
+
+    def predict(number: int) -> tuple[list[str], np.ndarray, list[str]]:
+        chunk_ids = image_ids[starts[number]:starts[number] + chunk_size]
+        chunk = frame[frame[ID_COLUMN].isin(set(chunk_ids))] if len(starts) > 1 else frame
+        name = description if len(starts) == 1 else f"{description} {number + 1}/{len(starts)}"
+        probs = predictor.probabilities(chunk, description=name)
+        try:
+            return chunk_ids, settings.predict(probs), predictor.unreadable
+        except FusionError:
+            _list_unreadable(predictor.unreadable, submission.parent)
+            raise
+
+    if not context.distributed:
+        unreadable: list[str] = []
+        with atomic_text_writer(submission) as handle:
+            handle.write(f"{ID_COLUMN},{LABELS_COLUMN}\n")
+            for number in range(len(starts)):
+                chunk_ids, predictions, missing = predict(number)
+                unreadable += missing
+                _write_rows(handle, chunk_ids, predictions, labels)
+        return unreadable
+
+    parts = submission.parent / f".{submission.name}.parts"
+    if context.is_main:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+    barrier(context)
+    for number in range(context.rank, len(starts), context.world_size):
+        chunk_ids, predictions, missing = predict(number)
+        with atomic_text_writer(parts / f"{number:06d}.csv") as handle:
             _write_rows(handle, chunk_ids, predictions, labels)
+        write_json(parts / f"{number:06d}.unreadable.json", missing)
+    barrier(context)
+    unreadable = []
+    if context.is_main:
+        with atomic_text_writer(submission) as handle:
+            handle.write(f"{ID_COLUMN},{LABELS_COLUMN}\n")
+            for number in range(len(starts)):
+                handle.write((parts / f"{number:06d}.csv").read_text(encoding="utf-8"))
+                unreadable += json.loads((parts / f"{number:06d}.unreadable.json").read_text())
+        shutil.rmtree(parts)
+    barrier(context)
     return unreadable
 
 
@@ -338,14 +372,18 @@ def run_inference(config: InferenceConfig) -> dict:
     config.validate()
     reuse_freed_memory()
     with oom_hint(config.batch_size):
-        return predict_images(config) if config.image is not None else _run_inference(config)
+        if config.image is not None:
+            return predict_images(config)
+        with distributed_session(resolve_device(config.device)) as (context, device):
+            return _run_inference(config, device, context)
 
 
-def _run_inference(config: InferenceConfig) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def _run_inference(config: InferenceConfig, device: torch.device, context: DistContext) -> dict:
+    """Predict the test CSV; under torchrun every process predicts its share of the chunks
+    and rank 0 writes the submission and evaluates."""
+    logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
     started = time.perf_counter()
     seed_everything(config.seed)
-    device = resolve_device(config.device)
     paths = DatasetPaths.resolve(config.data, config.images)
     weights_dir, output_dir = Path(config.weights_dir), Path(config.output)
     # Every input file is read before any slow step, so a broken one fails at once; which
@@ -369,13 +407,20 @@ def _run_inference(config: InferenceConfig) -> dict:
     # Every per-image output has one row per image, also when a file has one row per caption.
     train_images, val_images = group_by_image(train).images, group_by_image(val).images
     y_val = labels.encode(val_images[LABELS_COLUMN]) if not val.empty else None
-    settings = resolve_fusion(config, branches, labels, weights_dir,
-                              lambda: _validation_split(weights_dir, branches, labels, val_images))
+    # Rank 0 tunes (or reads) fusion.json first; the others then read what it wrote.
+    settings = None
+    for turn in (True, False):
+        if context.is_main == turn:
+            settings = resolve_fusion(config if turn else dataclasses.replace(config, tune=False), branches, labels,
+                                      weights_dir, lambda: _validation_split(weights_dir, branches, labels, val_images))
+        barrier(context)
 
     test_images = group_by_image(test).images
     submission = output_dir / "submission.csv"
     unreadable = predict_in_chunks(predictor, test, settings, labels, submission, config.chunk_size,
-                                   f"{test_csv.name} features")
+                                   f"{test_csv.name} features", context)
+    if not context.is_main:
+        return {"rank": context.rank, "rows": len(test_images)}
     if unreadable:
         _list_unreadable(unreadable, output_dir)
     summary = {"branches": branches, "fusion_method": settings.method, "submission": str(submission),

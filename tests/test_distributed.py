@@ -102,3 +102,23 @@ def test_partial_fine_tuning_under_two_gloo_processes_writes_a_usable_branch(eve
     result = inference.main(["--data", str(even_dataset), "--weights", str(weights), "--output", str(tmp_path / "o"),
                              "--device", "cpu", "--workers", "0", "--val-fraction", "0.25", "--evaluate"])
     assert result["rows"] == 10 and result["metrics"]["image"] == pytest.approx(summary["image_val_samples_f1"])
+
+
+def test_two_gloo_processes_write_the_submission_of_one(trained_branches, tmp_path):
+    """Inference under torchrun: each rank predicts every other chunk, rank 0 joins them."""
+    import shutil
+
+    data, weights = trained_branches
+    common = ["--data", str(data), "--device", "cpu", "--workers", "0", "--val-fraction", "0.25", "--chunk-size", "5"]
+    # Each run on its own copy of the weights, so both extract their features (no shared cache).
+    one_weights, two_weights = (shutil.copytree(weights, tmp_path / f"weights-{n}") for n in ("one", "two"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inference.main([*common, "--weights", str(one_weights), "--output", str(tmp_path / "one")])
+    result = _torchrun("inference.py", [*common, "--weights", str(two_weights), "--output", str(tmp_path / "two")])
+    cached = {name: len(list(Path(w, "cache").glob("features-*.pt"))) for name, w in
+              (("trained", weights), ("two", two_weights))}
+    assert cached["two"] - cached["trained"] == 5  # the ranks extracted and cached all 5 chunks
+    one, two = (tmp_path / name / "submission.csv" for name in ("one", "two"))
+    assert two.read_bytes() == one.read_bytes(), result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["inference_summary.json", "submission.csv"]
