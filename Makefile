@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SHARED ?= ../shared/comp5329
 REAL_OUT ?= /tmp/captioned-multilabel-real
 
-.PHONY: help venv demo demo-data test check-real bench bench-real gpu-pack gpu-check clean
+.PHONY: help venv demo demo-data test check-real bench bench-real bench-scale gpu-pack gpu-check clean
 
 help:
 	@echo "make demo        install, generate the demo dataset, run every stage, print the scores"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench-real  the whole default recipe on the real data, timed (bench/real_pipeline.py),"
 	@echo "                 then the throughput benchmark on its weights (python -m pipeline.tools.bench)"
 	@echo "make bench       the throughput benchmark on the demo dataset (after make demo)"
+	@echo "make bench-scale time and memory at 15k, 60k and 120k images linked from $(SHARED) (output/scale.json)"
 	@echo "make gpu-pack    pack wheels, a real-data subset and the check script into .gpu/ (under 60 MB)"
 	@echo "make gpu-check   run .gpu/check.sh on a CUDA machine: every GPU stage, report in .gpu/out/gpu_check.json"
 	@echo "make clean       remove generated data, weights and outputs (keeps .venv)"
@@ -50,6 +51,11 @@ bench-real: $(STAMP)
 		$(PY) bench/real_pipeline.py --data $(SHARED) --work $(REAL_OUT) --output output && \
 		$(PY) -m pipeline.tools.bench --data $(SHARED) --weights $(REAL_OUT)/weights --output output; \
 	else echo "$(SHARED) not found: skipping the real-data benchmark"; fi
+
+bench-scale: $(STAMP)
+	@if [ -d $(SHARED) ]; then \
+		$(PY) bench/scale.py --source $(SHARED) --output output; \
+	else echo "$(SHARED) not found: skipping the scale benchmark"; fi
 
 bench: $(STAMP)
 	$(PY) -m pipeline.tools.bench --data data/demo --weights weights --output output
