@@ -219,7 +219,9 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
                     device: torch.device, batch_size: int = 64, workers: int = 2,
                     views: Sequence[str] = VIEWS, description: str = "features",
                     context: DistContext = DistContext(), precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, 2C), readable (N,)) from the cache when it matches, else extracted and cached.
+    """(features (N, 2C) float16, as cached, and readable (N,)) from the cache when it matches,
+    else extracted and cached. Callers widen a batch at a time, so a large set is never held
+    in float32 at once.
 
     Under torchrun each rank extracts its contiguous share of the images and the shares are
     gathered on every rank; rank 0 alone writes the cache.
@@ -231,7 +233,7 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
     # Decided together (which also makes every rank look before rank 0 may write a new cache).
     if all_ranks_agree(cached is not None, context):
         log.info("feature cache hit: %s (%d images)", path, len(files))
-        return cached["features"].float(), cached["readable"]
+        return cached["features"], cached["readable"]
     shard = context.shard(len(image_ids))
     features, readable = extract_features(backbone, paths, [image_ids[i] for i in shard], device, batch_size,
                                           workers, views, description, precision, _processes(workers))
@@ -242,7 +244,7 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
         atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features, "readable": readable},
                           path)
         log.info("feature cache written: %s", path)
-    return features.float(), readable
+    return features, readable
 
 
 def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,

@@ -200,8 +200,8 @@ class BranchPredictor:
         if self.cache_dir is None:
             features, readable = extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
                                                   self.workers, self.views, description, self.precision)
-            # Rounded as the cache stores them, so a file gets the prediction batch inference gives it.
-            return features.half().float(), readable
+            # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
+            return features.half(), readable
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision)
 

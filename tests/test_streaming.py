@@ -74,3 +74,25 @@ def test_each_chunk_is_cached_on_its_own(run, tmp_path, monkeypatch):
     assert extracted == [10, 10, TRAINED_N_TEST - 20]
     predict(tmp_path / "b", "--chunk-size", "10")
     assert extracted == [10, 10, TRAINED_N_TEST - 20]  # the second run read all three from the cache
+
+
+def test_streamed_standardisation_matches_the_whole_set_at_once():
+    import numpy as np
+    import torch
+
+    from pipeline.data.labelled import FeatureRows
+    from pipeline.models.heads import FeatureNorm
+
+    features = (torch.randn(1000, 24) * torch.linspace(0.1, 30, 24) + 5).half()
+    rows = np.arange(3, 1000, 2)
+    whole = FeatureNorm(24).fit(features[rows].float())
+    streamed = FeatureNorm(24).fit_chunks(features[rows[i:i + 64]] for i in range(0, len(rows), 64))
+    torch.testing.assert_close(streamed.mean, whole.mean, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(streamed.std, whole.std, rtol=1e-4, atol=1e-5)
+    targets = torch.arange(len(rows))[:, None].float()
+    dataset = FeatureRows(features, rows, targets, streamed)
+    x, y = dataset.batch([0, 5, 7])
+    torch.testing.assert_close(x, streamed(features[rows[[0, 5, 7]]].float()))
+    assert y[:, 0].tolist() == [0, 5, 7] and x.dtype == torch.float32
+    assert torch.cat([chunk for chunk, _ in dataset.chunks(100)]).shape == (len(rows), 24)
+    assert dataset.__getitems__([1, 2])[1][1].item() == 2

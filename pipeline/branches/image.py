@@ -295,7 +295,7 @@ class ImageHeads:
     def probabilities(self, features: torch.Tensor, readable: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
         """``{"image": head probabilities, "decoder": beam-search label scores}`` (N, L) of pooled
         features (N, D); rows of unreadable images are NaN (fusion then uses the caption)."""
-        values = torch.where(readable[:, None], features, torch.zeros(()))  # finite input for every row
+        values = torch.where(readable[:, None], features.float(), torch.zeros(()))  # finite input for every row
         out = {}
         if self.head is not None:
             head, x = self.head.to(device).eval(), self.head_norm(values).to(device)

@@ -23,6 +23,7 @@ from pipeline.engine.distributed import DistContext, gather_shards, workers_per_
 from pipeline.engine.runtime import training_memory_format
 from pipeline.features import StageMaps
 from pipeline.models.backbones import Backbone
+from pipeline.models.heads import FeatureNorm
 
 
 class LabelledImages(Dataset):
@@ -153,3 +154,38 @@ def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_ro
     return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers)
 
 
+
+
+class FeatureRows(Dataset):
+    """Labelled rows of cached pooled features, standardised a batch at a time: the features
+    stay float16, as cached, and no normalised float32 copy of the whole set is ever made.
+    Item ``i``: (features (D,), target (L,)) of row ``rows[i]``."""
+
+    def __init__(self, features: torch.Tensor, rows: np.ndarray, targets: torch.Tensor, norm: FeatureNorm) -> None:
+        self.features, self.rows, self.targets, self.norm = features, np.asarray(rows), targets, norm
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, index: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(standardised features (B, D) float32, targets (B, L)) of items ``index``."""
+        index = np.asarray(index)
+        return self.norm(self.features[self.rows[index]].float()), self.targets[index]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch in one indexing operation (the DataLoader's batched fetch)."""
+        x, y = self.batch(indices)
+        return list(zip(x, y))
+
+    def chunks(self, size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive (features, targets) batches of every item, in order."""
+        for start in range(0, len(self), size):
+            yield self.batch(np.arange(start, min(start + size, len(self))))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -23,6 +25,20 @@ class FeatureNorm(nn.Module):
     def fit(self, features: torch.Tensor) -> FeatureNorm:
         self.mean.copy_(features.mean(dim=0))
         self.std.copy_(features.std(dim=0).clamp(min=1e-6))
+        return self
+
+    @torch.no_grad()
+    def fit_chunks(self, chunks: Iterable[torch.Tensor]) -> FeatureNorm:
+        """:meth:`fit` over row chunks (B, D) of any precision, summed in float64, so a
+        feature set is standardised without ever being held in float32 at once."""
+        count, total, squares = 0, 0.0, 0.0
+        for chunk in chunks:
+            values = chunk.double()
+            count, total, squares = count + len(values), total + values.sum(0), squares + values.square().sum(0)
+        mean = total / count
+        variance = (squares - count * mean.square()) / max(count - 1, 1)
+        self.mean.copy_(mean.float())
+        self.std.copy_(variance.clamp(min=0).sqrt().float().clamp(min=1e-6))
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from pipeline.branches.image import (
     ImageHeads,
@@ -30,6 +30,7 @@ from pipeline.branches.image import (
     write_summary,
 )
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
+from pipeline.data.labelled import FeatureRows
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine.loop import EpochScore, TrainStep, epoch_loader, fit, predict_probs, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
@@ -53,14 +54,13 @@ from pipeline.train.finetune import finetune_image_branch
 log = logging.getLogger(__name__)
 
 
-def _head_loader(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
-                 context: DistContext) -> DataLoader:
-    return epoch_loader(TensorDataset(x_train, y_train), config.head_batch_size, context, shuffle=True,
-                        seed=config.seed, option="--head-batch-size")
+def _head_loader(config: ImageTrainConfig, train: FeatureRows, context: DistContext) -> DataLoader:
+    return epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
+                        option="--head-batch-size")
 
 
-def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
-                   x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
+def fit_image_head(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
+                   device: torch.device,
                    context: DistContext = DistContext(),
                    state: ResumeState | None = None) -> tuple[ImageHead, dict]:
     """Train the head on cached features; keep the epoch with the best validation samples-F1.
@@ -68,11 +68,11 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
     Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
     Returns (head, {"epoch", "score", "threshold"}).
     """
-    head = ImageHead(x_train.shape[1], y_train.shape[1], config.head_hidden, config.head_dropout).to(device)
+    head = ImageHead(train.dim, y_val.shape[1], config.head_hidden, config.head_dropout).to(device)
     loss_fn = get_loss(config.loss)
     step = wrap_model(TrainStep(head, lambda m, b: loss_fn(m(b[0]), b[1])), context)
-    loader = _head_loader(config, x_train, y_train, context)
-    val_loader = DataLoader(TensorDataset(x_val), batch_size=1024)
+    loader = _head_loader(config, train, context)
+    val_loader = DataLoader(val, batch_size=1024)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * len(loader), len(loader))
 
@@ -91,20 +91,19 @@ def fit_image_head(config: ImageTrainConfig, x_train: torch.Tensor, y_train: tor
     return head, best
 
 
-def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
-                x_val: torch.Tensor, y_val: np.ndarray, device: torch.device,
+def fit_decoder(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
+                device: torch.device,
                 context: DistContext = DistContext(),
                 state: ResumeState | None = None) -> tuple[LabelDecoder, LabelOrder, dict]:
     """Train the CNN-RNN decoder on cached features with teacher forcing; score it by beam search."""
-    order = LabelOrder.from_train(y_train.numpy(), config.label_order)
-    decoder = LabelDecoder(x_train.shape[1], y_train.shape[1], config.decoder_embed, config.decoder_hidden,
+    order = LabelOrder.from_train(train.targets.numpy(), config.label_order)
+    decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
                            config.decoder_dropout).to(device)
     rank = order.rank.to(device)
     step = wrap_model(TrainStep(decoder, lambda m, b: m.loss(b[0], b[1], rank)), context)
-    loader = _head_loader(config, x_train, y_train, context)
+    loader = _head_loader(config, train, context)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
-    x_val = x_val.to(device)
 
     def train_epoch(epoch: int) -> float:
         return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
@@ -113,24 +112,28 @@ def fit_decoder(config: ImageTrainConfig, x_train: torch.Tensor, y_train: torch.
     def score(epoch: int) -> EpochScore:
         # Greedy decoding is cheap enough to score every epoch; the decoder overfits the
         # label sequences after a few epochs, so the best epoch is kept.
-        f1 = decoded_samples_f1(decoder, x_val, y_val, beam_width=1)
+        f1 = decoded_samples_f1(decoder, val, y_val, beam_width=1, device=device)
         return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
 
     best = fit("label decoder", config.decoder_epochs, train_epoch, score, decoder, state or ResumeState.off(),
                {"model": decoder, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
     summary = {"best_epoch": best["epoch"]}
     for width in sorted({1, config.beam_width}):
-        summary[f"val_samples_f1_beam{width}"] = decoded_samples_f1(decoder, x_val, y_val, width)
+        summary[f"val_samples_f1_beam{width}"] = decoded_samples_f1(decoder, val, y_val, width, device)
     log.info("decoder val samples-F1: %s", summary)
     return decoder, order, summary
 
 
-def decoded_samples_f1(decoder: LabelDecoder, features: torch.Tensor, y_true: np.ndarray, beam_width: int) -> float:
-    """Samples-F1 of the label sets the decoder's beam search emits."""
-    sets, _ = decoder.beam_search(features, beam_width=beam_width)
+def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndarray, beam_width: int,
+                       device: torch.device) -> float:
+    """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time."""
     decoded = np.zeros_like(y_true)
-    for i, labels in enumerate(sets):
-        decoded[i, labels] = 1
+    done = 0
+    for features, _ in rows.chunks():
+        sets, _ = decoder.beam_search(features.to(device), beam_width=beam_width)
+        for i, labels in enumerate(sets):
+            decoded[done + i, labels] = 1
+        done += len(sets)
     return samples_f1(y_true, decoded)
 
 
@@ -172,10 +175,14 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     extract_seconds = time.perf_counter() - extract_start
     train_ok, val_ok = usable_rows(config, paths, all_ids, readable.numpy(), len(train), context)
     train = train[train_ok].reset_index(drop=True)
-    norm = FeatureNorm(features.shape[1]).fit(features[: len(train_ok)][train_ok])
-    x_train, x_val = norm(features[: len(train_ok)][train_ok]), norm(features[len(train_ok):][val_ok])
+    # Features stay float16 as cached; the heads see them standardised a batch at a time.
+    train_rows, val_rows = np.flatnonzero(train_ok), len(train_ok) + np.flatnonzero(val_ok)
+    norm = FeatureNorm(features.shape[1]).fit_chunks(features[train_rows[i:i + 8192]]
+                                                     for i in range(0, len(train_rows), 8192))
     y_train = torch.from_numpy(labels.encode(train[LABELS_COLUMN]))
     y_val = labels.encode(val[LABELS_COLUMN][val_ok])
+    x_train = FeatureRows(features, train_rows, y_train, norm)
+    x_val = FeatureRows(features, val_rows, torch.from_numpy(y_val), norm)
 
     resume_dir = start_run(weights_dir, "image", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv),
@@ -183,10 +190,10 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     heads_start = time.perf_counter()
     with cpu_threads(config.head_threads if device.type == "cpu" else 0):
         head, head_summary = fit_image_head(
-            config, x_train, y_train, x_val, y_val, device, context,
+            config, x_train, x_val, y_val, device, context,
             ResumeState(resume_dir, "image_head", digest, config.resume, context))
         decoder, order, decoder_summary = fit_decoder(
-            config, x_train, y_train, x_val, y_val, device, context,
+            config, x_train, x_val, y_val, device, context,
             ResumeState(resume_dir, "decoder", digest, config.resume, context))
     heads_seconds = time.perf_counter() - heads_start
     # Validation probabilities for fusion, as inference computes them (NaN rows for unreadable images).
