@@ -189,8 +189,8 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
                      batch_size: int = 64, workers: int = 2, views: Sequence[str] = VIEWS,
                      description: str = "features", precision: str = "fp32",
                      processes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (N, 2C) averaged over the views (plain and mirrored), and a (N,) bool
-    mask of the images that could be read (the others' features are NaN, never computed).
+    """Pooled features (N, 2C) in float16, averaged over the views (plain and mirrored), and a
+    (N,) bool mask of the images that could be read (the others' features are NaN, never computed).
 
     The backbone runs with batch norm folded, channels_last, in inference mode, in
     ``precision``. On GPU, ``workers`` processes decode and the GPU runs the forward. On
@@ -200,17 +200,16 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     extractor = _extractor(backbone.module, backbone, (2 * backbone.feature_dim,), precision, device)
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if workers > 0 else 0
-    total: torch.Tensor | None = None
+    # Written in place, a batch at a time, in the precision the cache keeps: the only copy of
+    # the set this function ever holds.
+    features = torch.zeros(len(image_ids), 2 * backbone.feature_dim, dtype=torch.float16)
     readable = torch.ones(len(image_ids), dtype=torch.bool)
-    for view in views:
+    for number, view in enumerate(views):
         batches, count = _view_batches(extractor, paths, image_ids, view, batch_size, workers, processes)
-        parts = []
         for pooled, index, ok in tqdm(batches, total=count, desc=f"{description} ({view})", unit="batch"):
-            parts.append(pooled)
+            # The running mean over the views seen so far (one view: the features themselves).
+            features[index] = ((features[index].float() * number + pooled) / (number + 1)).half()
             readable[index[~ok]] = False
-        features = torch.cat(parts) if parts else torch.zeros(0, 2 * backbone.feature_dim)
-        total = features if total is None else total + features
-    features = total / len(views)
     features[~readable] = float("nan")
     return features, readable
 
@@ -238,7 +237,7 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
     features, readable = extract_features(backbone, paths, [image_ids[i] for i in shard], device, batch_size,
                                           workers, views, description, precision, _processes(workers))
     # fp16 halves the file; the heads train in fp32 and do not notice the rounding.
-    features = gather_shards(features.half(), context, len(image_ids))
+    features = gather_shards(features, context, len(image_ids))
     readable = gather_shards(readable.to(torch.uint8), context, len(image_ids)).bool()
     if context.is_main:
         atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features, "readable": readable},
