@@ -186,7 +186,7 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
 
     resume_dir = start_run(weights_dir, "image", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv),
-                         features=hashlib.sha256(features.numpy().tobytes()).hexdigest())
+                         features=hashlib.sha256(features.contiguous().numpy().data).hexdigest())  # no copy
     heads_start = time.perf_counter()
     with cpu_threads(config.head_threads if device.type == "cpu" else 0):
         head, head_summary = fit_image_head(
