@@ -23,26 +23,34 @@ class CheckpointError(ValueError):
     """A checkpoint that is unreadable, unsafe, or does not fit the run; names the file."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> None:
-    """Run ``write`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    The rename is atomic. ``durable`` also flushes the file to disk before the rename, so a
-    power cut cannot leave an empty file under the final name; bulk writers of files that
-    are cheap to regenerate (the demo images) skip it.
-    """
+@contextlib.contextmanager
+def _replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed over it when the block completes and
+    removed when it fails: the rename is atomic, so ``path`` is never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """Run ``write`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    ``durable`` also flushes the file to disk before the rename, so a power cut cannot
+    leave an empty file under the final name; bulk writers of files that are cheap to
+    regenerate (the demo images) skip it.
+    """
+    with _replacing(path) as tmp:
         write(tmp)
         if durable:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -50,19 +58,10 @@ def atomic_text_writer(path: str | Path) -> Iterator[TextIO]:
     """A UTF-8 text file written piece by piece that appears under ``path`` only once the
     block completes: streaming output (a submission of millions of rows) without holding
     it in memory, and still never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -27,6 +27,16 @@ def run(trained_branches, tmp_path):
     return data, predict
 
 
+def _count_extractions(monkeypatch) -> list[int]:
+    """The number of images of every feature extraction from now on (cache hits add nothing)."""
+    extracted: list[int] = []
+    original = features_module.extract_features
+    monkeypatch.setattr(features_module, "extract_features",
+                        lambda backbone, paths, ids, *a, **k: extracted.append(len(ids)) or original(
+                            backbone, paths, ids, *a, **k))
+    return extracted
+
+
 def test_chunked_inference_writes_the_same_submission_as_one_chunk(run, tmp_path):
     data, predict = run
     whole = predict(tmp_path / "whole").read_bytes()
@@ -38,11 +48,7 @@ def test_chunked_inference_writes_the_same_submission_as_one_chunk(run, tmp_path
 
 def test_an_interrupted_run_leaves_no_submission_and_resumes_at_its_chunk(run, tmp_path, monkeypatch):
     _, predict = run
-    extracted = []
-    original_extract = features_module.extract_features
-    monkeypatch.setattr(features_module, "extract_features",
-                        lambda backbone, paths, ids, *a, **k: extracted.append(len(ids)) or original_extract(
-                            backbone, paths, ids, *a, **k))
+    extracted = _count_extractions(monkeypatch)
     original_rows, written = inference_module._write_rows, []
 
     def interrupted(handle, image_ids, predictions, labels):
@@ -65,11 +71,7 @@ def test_an_interrupted_run_leaves_no_submission_and_resumes_at_its_chunk(run, t
 
 def test_each_chunk_is_cached_on_its_own(run, tmp_path, monkeypatch):
     _, predict = run
-    extracted = []
-    original_extract = features_module.extract_features
-    monkeypatch.setattr(features_module, "extract_features",
-                        lambda backbone, paths, ids, *a, **k: extracted.append(len(ids)) or original_extract(
-                            backbone, paths, ids, *a, **k))
+    extracted = _count_extractions(monkeypatch)
     predict(tmp_path / "a", "--chunk-size", "10")
     assert extracted == [10, 10, TRAINED_N_TEST - 20]
     predict(tmp_path / "b", "--chunk-size", "10")
