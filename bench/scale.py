@@ -30,19 +30,21 @@ from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, read
 def build_dataset(source: Path, out: Path, size: int) -> Path:
     """``size`` training rows and ``size // 10`` test rows whose images link to the source's."""
     frame = read_csv(source / "train.csv")
+    ids, labels, captions = (frame[c].tolist() for c in (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN))
     out.mkdir(parents=True, exist_ok=True)
     images = out / "data"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir()
     rows = {"train": [], "test": []}
+    source_images = (source / "data").resolve()
     for split, count, prefix in (("train", size, ""), ("test", max(1, size // 10), "t")):
         for k in range(count):
-            row = frame.iloc[(k if split == "train" else size + k) % len(frame)]
+            i = (k if split == "train" else size + k) % len(ids)  # row lookups by list, not by DataFrame row
             name = f"{prefix}{k}.jpg"
-            os.symlink((source / "data" / row[ID_COLUMN]).resolve(), images / name)
-            labels = " ".join(str(label) for label in row[LABELS_COLUMN])
-            rows[split].append({ID_COLUMN: name, **({LABELS_COLUMN: labels} if split == "train" else {}),
-                                CAPTION_COLUMN: row[CAPTION_COLUMN]})
+            os.symlink(source_images / ids[i], images / name)
+            label_text = " ".join(str(label) for label in labels[i])
+            rows[split].append({ID_COLUMN: name, **({LABELS_COLUMN: label_text} if split == "train" else {}),
+                                CAPTION_COLUMN: captions[i]})
     import pandas as pd
 
     for split, records in rows.items():
