@@ -54,9 +54,23 @@ from pipeline.train.finetune import finetune_image_branch
 log = logging.getLogger(__name__)
 
 
-def _head_loader(config: ImageTrainConfig, train: FeatureRows, context: DistContext) -> DataLoader:
-    return epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
-                        option="--head-batch-size")
+def _fit_on_features(config: ImageTrainConfig, name: str, module: torch.nn.Module, step_loss, train: FeatureRows,
+                     epochs: int, score, device: torch.device, context: DistContext,
+                     state: ResumeState | None) -> dict:
+    """Train ``module`` on cached features with AdamW and warmup + cosine for ``epochs``,
+    keeping the epoch ``score`` rates best (the image head's and the decoder's recipe)."""
+    step = wrap_model(TrainStep(module, step_loss), context)
+    loader = epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
+                          option="--head-batch-size")
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, epochs * len(loader), len(loader))
+
+    def train_epoch(epoch: int) -> float:
+        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
+                               context=context)
+
+    return fit(name, epochs, train_epoch, score, module, state or ResumeState.off(),
+               {"model": module, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
 
 
 def fit_image_head(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
@@ -70,15 +84,7 @@ def fit_image_head(config: ImageTrainConfig, train: FeatureRows, val: FeatureRow
     """
     head = ImageHead(train.dim, y_val.shape[1], config.head_hidden, config.head_dropout).to(device)
     loss_fn = get_loss(config.loss)
-    step = wrap_model(TrainStep(head, lambda m, b: loss_fn(m(b[0]), b[1])), context)
-    loader = _head_loader(config, train, context)
     val_loader = DataLoader(val, batch_size=1024)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = warmup_cosine(optimizer, config.epochs * len(loader), len(loader))
-
-    def train_epoch(epoch: int) -> float:
-        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
-                               context=context)
 
     def score(epoch: int) -> EpochScore:
         probs = predict_probs(head, val_loader, device)
@@ -86,8 +92,8 @@ def fit_image_head(config: ImageTrainConfig, train: FeatureRows, val: FeatureRow
         return EpochScore(f1, {"threshold": threshold},
                           f"val samples-F1 {f1:.4f} (threshold {threshold:.2f})")
 
-    best = fit("image head", config.epochs, train_epoch, score, head, state or ResumeState.off(),
-               {"model": head, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
+    best = _fit_on_features(config, "image head", head, lambda m, b: loss_fn(m(b[0]), b[1]), train, config.epochs,
+                            score, device, context, state)
     return head, best
 
 
@@ -100,14 +106,6 @@ def fit_decoder(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, 
     decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
                            config.decoder_dropout).to(device)
     rank = order.rank.to(device)
-    step = wrap_model(TrainStep(decoder, lambda m, b: m.loss(b[0], b[1], rank)), context)
-    loader = _head_loader(config, train, context)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = warmup_cosine(optimizer, config.decoder_epochs * len(loader), len(loader))
-
-    def train_epoch(epoch: int) -> float:
-        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
-                               context=context)
 
     def score(epoch: int) -> EpochScore:
         # Greedy decoding is cheap enough to score every epoch; the decoder overfits the
@@ -115,8 +113,8 @@ def fit_decoder(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, 
         f1 = decoded_samples_f1(decoder, val, y_val, beam_width=1, device=device)
         return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
 
-    best = fit("label decoder", config.decoder_epochs, train_epoch, score, decoder, state or ResumeState.off(),
-               {"model": decoder, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
+    best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank), train,
+                            config.decoder_epochs, score, device, context, state)
     summary = {"best_epoch": best["epoch"]}
     for width in sorted({1, config.beam_width}):
         summary[f"val_samples_f1_beam{width}"] = decoded_samples_f1(decoder, val, y_val, width, device)
