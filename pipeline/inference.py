@@ -314,10 +314,13 @@ def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings:
     """
     image_ids = group_by_image(frame).images[ID_COLUMN].tolist()
     starts = list(range(0, len(image_ids), chunk_size))
+    # Each row's chunk, found once: the rows of an image go with it, in frame order.
+    position = {image_id: i for i, image_id in enumerate(image_ids)}
+    chunk_rows = frame.groupby(frame[ID_COLUMN].map(position).to_numpy() // chunk_size, sort=True).indices
 
     def predict(number: int) -> tuple[list[str], np.ndarray, list[str]]:
         chunk_ids = image_ids[starts[number]:starts[number] + chunk_size]
-        chunk = frame[frame[ID_COLUMN].isin(set(chunk_ids))] if len(starts) > 1 else frame
+        chunk = frame.iloc[chunk_rows[number]] if len(starts) > 1 else frame
         name = description if len(starts) == 1 else f"{description} {number + 1}/{len(starts)}"
         probs = predictor.probabilities(chunk, description=name)
         try:
