@@ -141,6 +141,22 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
+@torch.no_grad()
+def broadcast_state(module: nn.Module, context: DistContext) -> None:
+    """Give every rank rank 0's parameters and buffers.
+
+    After training, batch-norm statistics (and an EMA of them) can differ between ranks: each
+    rank's last forward updates its own. Rank 0's are the ones saved, so every rank continues
+    with those, and computes what the saved model computes.
+    """
+    if not context.enabled:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        moved = tensor.data.to(context.device)
+        dist.broadcast(moved, src=0)
+        tensor.data.copy_(moved)
+
+
 def barrier(context: DistContext) -> None:
     """Wait for every rank (a no-op in one process)."""
     if context.enabled:

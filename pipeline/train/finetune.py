@@ -48,7 +48,7 @@ from pipeline.branches.image import (
 )
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.data.labelled import decodable, image_inputs, map_inputs
-from pipeline.engine.distributed import DistContext, barrier, gather_shards, wrap_model
+from pipeline.engine.distributed import DistContext, barrier, broadcast_state, gather_shards, wrap_model
 from pipeline.engine.loop import EpochScore, ModelEma, TrainStep, epoch_loader, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import autocast_context, grad_scaler, resolve_precision, training_precision
@@ -156,6 +156,7 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
 
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
+    broadcast_state(model, context)  # the ranks' batch-norm statistics differ; rank 0's are saved
     model.cpu().eval()
     backbone.module = backbone.module.cpu().eval()
     backbone.weights, backbone.weights_digest = "finetuned", _state_digest(backbone.module)
