@@ -2,45 +2,48 @@
 
 Running the backbone is the slow part of the CPU recipe, so its outputs are computed once
 per (backbone, weights, preprocessing, precision, output, views, image list) and kept in
-``weights/cache/``:
+``weights/cache/`` as row-sharded stores (:mod:`pipeline.shards`):
 
-- pooled features (``features-*.pt``, frozen mode and inference): avg+max pooled vectors
-  of the whole backbone, averaged over the views;
+- pooled features (``features-*/``, frozen mode and inference): avg+max pooled vectors of
+  the whole backbone, averaged over the views;
 - stage maps (``stagemaps-*/``, partial mode): the feature maps of the frozen front of the
-  backbone, one memory-mapped float16 array per view, read batch by batch while the tail
-  trains, so they never have to fit in memory.
+  backbone, one array per view.
 
-The key is stored with the data and checked on load; a cache that is cut off or does not
-match is rebuilt, never read.
+Both are read a batch of rows at a time, so no process ever holds a whole set. The key is
+stored with the data and checked on load; shards are written atomically, so an interrupted
+extraction resumes at its first missing shard and a cut-off or foreign file is rebuilt,
+never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform, normalize_batch
-from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, workers_per_process
+from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
 from pipeline.engine.runtime import autocast_context
-from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load, write_json
+from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features
+from pipeline.shards import Field, ShardedStore
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 VIEWS = ("plain", "flip")
 
 
@@ -72,31 +75,25 @@ def _key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _cache_file(cache_dir: Path, key: dict) -> Path:
-    return cache_dir / f"features-{key['backbone']}-{_key_digest(key)}.pt"
-
-
-def _load_cached(path: Path, key: dict) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        cached = safe_torch_load(path)
-    except CheckpointError as err:
-        log.warning("feature cache unreadable (%s); rebuilding it", err)
-        return None
-    if (not isinstance(cached, dict) or cached.get("key") != key
-            or not isinstance(cached.get("features"), torch.Tensor)
-            or cached["features"].shape[0] != key["num_images"]
-            or not isinstance(cached.get("readable"), torch.Tensor)):
-        log.warning("feature cache %s does not match these images/settings; rebuilding it", path)
-        return None
-    return cached
+def _store_dir(cache_dir: Path, kind: str, key: dict) -> Path:
+    return Path(cache_dir) / f"{kind}-{key['backbone']}-{key['pooling'].replace('+', '')}-{_key_digest(key)}"
 
 
 # Images per forward pass (and per hand-over to the main process) when extracting on CPU:
 # below about 16 the per-chunk overhead shows, and larger chunks gain nothing (README,
 # "What makes the CPU extraction fast").
 CPU_BATCH = 32
+# Rows per shard: at most this many (an interrupted extraction loses at most one shard's
+# work), and fewer for large rows, so a shard being written stays small in memory.
+SHARD_ROWS = 4096
+SHARD_BYTES = 64 << 20
+
+
+def shard_rows_for(fields: dict[str, Field]) -> int:
+    """Rows per shard of a store with these fields: :data:`SHARD_ROWS`, fewer for rows so
+    large that a shard would pass :data:`SHARD_BYTES`."""
+    row_bytes = sum(field.row_bytes for field in fields.values())
+    return max(16, min(SHARD_ROWS, SHARD_BYTES // max(row_bytes, 1)))
 
 
 @dataclass
@@ -128,39 +125,73 @@ class _Extractor:
         return out
 
 
-class _ExtractedChunks(torch.utils.data.Dataset):
-    """Item ``k``: (outputs, row indices, readable) of the ``k``-th chunk of images,
-    computed entirely inside a DataLoader worker process (decode, resize and forward).
+@dataclass(frozen=True)
+class _Unit:
+    """A piece of extraction work: rows ``start..stop`` of view ``view`` (index into the views),
+    which belong to shard ``shard``."""
 
-    On CPU this beats decoding in workers and running a multi-threaded forward in the main
-    process: each worker uses one thread, so no core waits at intra-op barriers, and no
-    decoding process preempts a thread the others are waiting for.
+    shard: int
+    view: int
+    start: int
+    stop: int
+
+
+def _units(shards: Sequence[tuple[int, range]], num_views: int, size: int) -> list[_Unit]:
+    """The work units of ``(shard, rows)`` pairs, shard by shard, every view of a shard's rows
+    before the next shard, so each shard completes as early as possible."""
+    return [_Unit(shard, view, start, min(start + size, rows.stop))
+            for shard, rows in shards for view in range(num_views)
+            for start in range(rows.start, rows.stop, size)]
+
+
+class _UnitImages(Dataset):
+    """Item ``k``: (outputs, readable) of work unit ``k``: its images decoded and resized and,
+    with an extractor, run through it too, all inside a DataLoader worker process.
+
+    On CPU running the forward in the workers beats decoding there and running a
+    multi-threaded forward in the main process: each worker uses one thread, so no core
+    waits at intra-op barriers, and no decoding process preempts a thread the others wait for.
     """
 
-    def __init__(self, images: ImageDataset, extractor: _Extractor, chunk: int) -> None:
-        self.images, self.extractor, self.chunk = images, extractor, chunk
+    def __init__(self, views: list[ImageDataset], units: list[_Unit], extractor: _Extractor | None) -> None:
+        self.views, self.units, self.extractor = views, units, extractor
 
     def __len__(self) -> int:
-        return -(-len(self.images) // self.chunk)
+        return len(self.units)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = range(k * self.chunk, min(len(self.images), (k + 1) * self.chunk))
-        items = [self.images[i] for i in rows]
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = self.units[k]
+        items = [self.views[unit.view][i] for i in range(unit.start, unit.stop)]
         images = torch.stack([image for image, _, _ in items])  # (B, 3, R, R) uint8
         ok = torch.tensor([readable for _, _, readable in items], dtype=torch.bool)
-        return self.extractor.run(images, ok), torch.tensor(list(rows)), ok
+        return (self.extractor.run(images, ok) if self.extractor else images), ok
 
 
-def _batches(dataset: ImageDataset, extractor: _Extractor, batch_size: int, workers: int,
-             processes: int) -> tuple[Iterator, int]:
-    """(iterator, length) of (outputs, indices, readable) batches of ``dataset``."""
-    if extractor.device.type == "cpu" and processes > 0:
-        chunks = _ExtractedChunks(dataset, extractor, min(batch_size, CPU_BATCH))
-        loader = DataLoader(chunks, batch_size=None, num_workers=processes, prefetch_factor=4)
-        return iter(loader), len(chunks)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        pin_memory=extractor.device.type == "cuda", prefetch_factor=4 if workers else None)
-    return ((extractor.run(images, ok), index, ok) for images, index, ok in loader), len(loader)
+def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
+               units: list[_Unit], workers: int, processes: int, description: str,
+               show_progress: bool = True) -> Iterator[tuple[_Unit, torch.Tensor, torch.Tensor]]:
+    """(unit, outputs, readable) of every unit, in order.
+
+    On CPU with ``processes`` > 0, that many single-threaded workers each decode and run
+    whole units and the main process only collects; otherwise ``workers`` processes decode
+    and the main process (or the GPU) runs the forward.
+    """
+    resolution = extractor.preprocessing["resolution"]
+    datasets = [ImageDataset(paths, list(image_ids), build_transform(extractor.preprocessing, flip=(view == "flip"),
+                                                                     normalize=False),
+                             resolution, blank_dtype=torch.uint8) for view in views]
+    in_workers = extractor.device.type == "cpu" and processes > 0
+    count = processes if in_workers else workers
+    loader = DataLoader(_UnitImages(datasets, units, extractor if in_workers else None), batch_size=None,
+                        num_workers=count, pin_memory=extractor.device.type == "cuda" and not in_workers,
+                        prefetch_factor=4 if count else None)
+    batches = tqdm(zip(units, loader), total=len(units), desc=description, unit="batch", disable=not show_progress)
+    for unit, (outputs, ok) in batches:
+        yield unit, (outputs if in_workers else extractor.run(outputs, ok)), ok
+
+
+def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:
+    return min(batch_size, CPU_BATCH) if extractor.device.type == "cpu" and processes > 0 else batch_size
 
 
 def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[int, ...], precision: str,
@@ -170,19 +201,17 @@ def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[
                       precision, device)
 
 
-def _view_batches(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[str], view: str,
-                  batch_size: int, workers: int, processes: int) -> tuple[Iterator, int]:
-    """(outputs, indices, readable) batches of one view (plain or mirrored) of the images."""
-    transform = build_transform(extractor.preprocessing, flip=(view == "flip"), normalize=False)
-    dataset = ImageDataset(paths, list(image_ids), transform, extractor.preprocessing["resolution"],
-                           blank_dtype=torch.uint8)
-    return _batches(dataset, extractor, batch_size, workers, processes)
-
-
 def _processes(workers: int) -> int:
     """Single-threaded extraction processes of this rank on CPU: one per core, the cores
     shared among the ranks of this machine (none with ``workers=0``)."""
     return workers_per_process(len(os.sched_getaffinity(0))) if workers > 0 else 0
+
+
+def _mean_into(target: np.ndarray, rows: slice, view_number: int, pooled: torch.Tensor) -> None:
+    """The running mean over the views seen so far, kept in ``target``'s float16 (one view:
+    the features themselves)."""
+    previous = target[rows].astype(np.float32)
+    target[rows] = ((previous * view_number + pooled.numpy()) / (view_number + 1)).astype(np.float16)
 
 
 def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], device: torch.device,
@@ -190,7 +219,9 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
                      description: str = "features", precision: str = "fp32",
                      processes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, 2C) in float16, averaged over the views (plain and mirrored), and a
-    (N,) bool mask of the images that could be read (the others' features are NaN, never computed).
+    (N,) bool mask of the images that could be read (the others' features are NaN, never
+    computed), held in memory: for a chunk of images, not a whole training set (that is
+    :func:`cached_features`).
 
     The backbone runs with batch norm folded, channels_last, in inference mode, in
     ``precision``. On GPU, ``workers`` processes decode and the GPU runs the forward. On
@@ -200,161 +231,173 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     extractor = _extractor(backbone.module, backbone, (2 * backbone.feature_dim,), precision, device)
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if workers > 0 else 0
-    # Written in place, a batch at a time, in the precision the cache keeps: the only copy of
-    # the set this function ever holds.
-    features = torch.zeros(len(image_ids), 2 * backbone.feature_dim, dtype=torch.float16)
-    readable = torch.ones(len(image_ids), dtype=torch.bool)
-    for number, view in enumerate(views):
-        batches, count = _view_batches(extractor, paths, image_ids, view, batch_size, workers, processes)
-        for pooled, index, ok in tqdm(batches, total=count, desc=f"{description} ({view})", unit="batch"):
-            # The running mean over the views seen so far (one view: the features themselves).
-            features[index] = ((features[index].float() * number + pooled) / (number + 1)).half()
-            readable[index[~ok]] = False
-    features[~readable] = float("nan")
-    return features, readable
+    features = np.zeros((len(image_ids), 2 * backbone.feature_dim), dtype=np.float16)
+    readable = np.ones(len(image_ids), dtype=bool)
+    units = _units([(0, range(len(image_ids)))], len(views), _unit_size(extractor, batch_size, processes))
+    for unit, pooled, ok in _run_units(extractor, paths, image_ids, views, units, workers, processes, description):
+        _mean_into(features, slice(unit.start, unit.stop), unit.view, pooled)
+        readable[unit.start:unit.stop] &= ok.numpy()
+    features[~readable] = np.nan
+    return torch.from_numpy(features), torch.from_numpy(readable)
+
+
+def extract_into_store(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
+                       store: ShardedStore, shards: Sequence[int], batch_size: int, workers: int, processes: int,
+                       description: str, show_progress: bool = True) -> None:
+    """Extract shards ``shards`` of ``store``: pooled features averaged over the views (field
+    ``features``) or one field of maps per view, and ``readable``. Each shard is renamed into
+    place as soon as its last unit is in, so an interruption loses at most the shard being
+    written."""
+    units = _units([(k, store.shard_range(k)) for k in shards], len(views),
+                   _unit_size(extractor, batch_size, processes))
+    stream = _run_units(extractor, paths, image_ids, views, units, workers, processes, description, show_progress)
+    for shard, pieces in itertools.groupby(stream, key=lambda piece: piece[0].shard):
+        first = store.shard_range(shard).start
+        with store.write_shard(shard) as arrays:
+            readable = arrays["readable"]
+            readable[:] = True
+            for unit, outputs, ok in pieces:
+                rows = slice(unit.start - first, unit.stop - first)
+                if extractor.pooled_output:
+                    _mean_into(arrays["features"], rows, unit.view, outputs)
+                else:
+                    arrays[views[unit.view]][rows] = outputs.numpy()
+                readable[rows] &= ok.numpy()
+            if extractor.pooled_output:
+                arrays["features"][~readable] = np.nan
+
+
+def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor: Callable[[], _Extractor], paths: DatasetPaths,
+                  image_ids: Sequence[str], views: Sequence[str], cache_dir: Path, batch_size: int, workers: int,
+                  description: str, context: DistContext, shard_rows: int | None) -> ShardedStore:
+    """The complete store of ``key``: read when it is there, else its missing shards extracted.
+
+    Under torchrun rank 0 creates the store, the ranks take the missing shards in turn, and
+    every rank then reads the whole store: the ranks must share a file system.
+    """
+    directory = _store_dir(cache_dir, kind, key)
+    store = ShardedStore.open(directory, key)
+    complete = store is not None and store.num_rows == len(image_ids) and not store.missing_shards()
+    # Decided together (which also makes every rank look before rank 0 may change the store).
+    if all_ranks_agree(complete, context):
+        log.info("%s cache hit: %s (%d images)", kind, directory, len(image_ids))
+        return store
+    if context.is_main:
+        ShardedStore.create(directory, key, len(image_ids), shard_rows or shard_rows_for(fields), fields)
+    barrier(context)
+    store = ShardedStore.open(directory, key)
+    if store is None:
+        raise CheckpointError(f"{directory}: the cache rank 0 created cannot be read; under torchrun on several "
+                              "machines --weights-dir must be on a shared file system")
+    missing = store.missing_shards()
+    if len(missing) < store.num_shards:
+        log.info("%s cache: resuming, %d of %d shards to extract", kind, len(missing), store.num_shards)
+    barrier(context)  # every rank has listed the same missing shards before any is written
+    extract_into_store(make_extractor(), paths, image_ids, views, store, missing[context.rank::context.world_size],
+                       batch_size, workers, _processes(workers), description, context.is_main)
+    barrier(context)
+    if store.missing_shards():
+        raise CheckpointError(f"{directory}: shards written by other ranks are missing; under torchrun on several "
+                              "machines --weights-dir must be on a shared file system")
+    log.info("%s cache written: %s (%.1f MB)", kind, directory, store.disk_bytes() / 1e6)
+    return store
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    """Cached pooled features (N, D) float16, read from disk a batch of rows at a time.
+
+    Indexed like a tensor with an array of rows, a slice or a row; ``digest`` names the
+    content (the cache key's digest).
+    """
+
+    store: ShardedStore
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.store.num_rows, *self.store.fields["features"].shape)
+
+    @property
+    def digest(self) -> str:
+        return _key_digest(self.store.key)
+
+    def __len__(self) -> int:
+        return self.store.num_rows
+
+    def __getitem__(self, index: np.ndarray | Sequence[int] | slice | int) -> torch.Tensor:
+        if isinstance(index, slice):
+            return torch.from_numpy(self.store.read("features", np.arange(len(self))[index]))
+        if isinstance(index, (int, np.integer)):
+            return torch.from_numpy(self.store.read("features", [int(index)])[0])
+        return torch.from_numpy(self.store.read("features", np.asarray(index)))
+
+
+def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
+                  precision: str) -> dict:
+    return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], views, precision)
+
+
+def _pooled_fields(backbone: Backbone) -> dict[str, Field]:
+    # Float16 halves the bytes; the heads train in fp32 and do not notice the rounding.
+    return {"features": Field((2 * backbone.feature_dim,), "float16"), "readable": Field((), "bool")}
 
 
 def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
                     device: torch.device, batch_size: int = 64, workers: int = 2,
                     views: Sequence[str] = VIEWS, description: str = "features",
-                    context: DistContext = DistContext(), precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, 2C) float16, as cached, and readable (N,)) from the cache when it matches,
-    else extracted and cached. Callers widen a batch at a time, so a large set is never held
-    in float32 at once.
-
-    Under torchrun each rank extracts its contiguous share of the images and the shares are
-    gathered on every rank; rank 0 alone writes the cache.
-    """
-    files = [paths.image_path(image_id) for image_id in image_ids]
-    key = cache_key(backbone, files, views, precision)
-    path = _cache_file(Path(cache_dir), key)
-    cached = _load_cached(path, key)
-    # Decided together (which also makes every rank look before rank 0 may write a new cache).
-    if all_ranks_agree(cached is not None, context):
-        log.info("feature cache hit: %s (%d images)", path, len(files))
-        return cached["features"], cached["readable"]
-    shard = context.shard(len(image_ids))
-    features, readable = extract_features(backbone, paths, [image_ids[i] for i in shard], device, batch_size,
-                                          workers, views, description, precision, _processes(workers))
-    # fp16 halves the file; the heads train in fp32 and do not notice the rounding.
-    features = gather_shards(features, context, len(image_ids))
-    readable = gather_shards(readable.to(torch.uint8), context, len(image_ids)).bool()
-    if context.is_main:
-        atomic_torch_save({"key": key, "image_ids": list(image_ids), "features": features, "readable": readable},
-                          path)
-        log.info("feature cache written: %s", path)
-    return features, readable
+                    context: DistContext = DistContext(), precision: str = "fp32",
+                    shard_rows: int | None = None) -> tuple[CachedFeatures, torch.Tensor]:
+    """(features (N, 2C) float16 read from the cache a batch at a time, readable (N,)): from
+    the cache when it is complete, else its missing shards extracted first."""
+    key = _features_key(backbone, paths, image_ids, views, precision)
+    store = _cached_store("features", key, _pooled_fields(backbone),
+                          lambda: _extractor(backbone.module, backbone, (2 * backbone.feature_dim,), precision, device),
+                          paths, image_ids, views, cache_dir,
+                          batch_size, workers, description, context, shard_rows)
+    return CachedFeatures(store), torch.from_numpy(store.read_all("readable"))
 
 
 def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
                         views: Sequence[str], precision: str) -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
-    key = cache_key(backbone, [paths.image_path(i) for i in image_ids], views, precision)
-    path = _cache_file(Path(cache_dir), key)
-    return path.is_file() and _load_cached(path, key) is not None
+    key = _features_key(backbone, paths, image_ids, views, precision)
+    store = ShardedStore.open(_store_dir(cache_dir, "features", key), key)
+    return store is not None and store.num_rows == len(image_ids) and not store.missing_shards()
 
 
 @dataclass(frozen=True)
 class StageMaps:
-    """Cached stage maps of a list of images: one memory-mapped (N, C, h, w) float16 array per
-    view in ``directory``, and which images could be read (the others' maps are NaN)."""
+    """Cached stage maps of a list of images: (N, C, h, w) float16 per view, read a batch of
+    rows at a time, and which images could be read (the others' maps are NaN)."""
 
-    directory: Path
+    store: ShardedStore
     views: tuple[str, ...]
-    shape: tuple[int, ...]  # (N, C, h, w)
     readable: np.ndarray  # (N,) bool
 
-    def array(self, view: str) -> np.ndarray:
-        """The maps of one view, read from disk page by page as rows are indexed."""
-        return np.load(self.directory / f"{view}.npy", mmap_mode="r")
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.store.num_rows, *self.store.fields[self.views[0]].shape)
 
-
-_KEY_FILE = "key.json"
-
-
-def _stage_dir(cache_dir: Path, key: dict) -> Path:
-    return cache_dir / f"stagemaps-{key['backbone']}-{key['pooling']}-{_key_digest(key)}"
-
-
-def _load_stage_maps(directory: Path, key: dict) -> StageMaps | None:
-    """The cached maps when every file is there, complete and made for ``key``; else None."""
-    key_file = directory / _KEY_FILE
-    if not key_file.is_file():
-        return None
-    try:
-        stored = json.loads(key_file.read_text())
-        readable = np.load(directory / "readable.npy")
-        shapes = {tuple(np.load(directory / f"{view}.npy", mmap_mode="r").shape) for view in key["views"]}
-    except (OSError, ValueError) as err:
-        log.warning("stage-map cache %s unreadable (%s); rebuilding it", directory, err)
-        return None
-    if stored.get("key") != key or len(shapes) != 1 or readable.shape != (key["num_images"],) \
-            or next(iter(shapes))[0] != key["num_images"]:
-        log.warning("stage-map cache %s does not match these images/settings; rebuilding it", directory)
-        return None
-    return StageMaps(directory, tuple(key["views"]), next(iter(shapes)), readable.astype(bool))
+    def read(self, view: str, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The maps (len(rows), C, h, w) of rows ``rows`` in view ``view``."""
+        return self.store.read(view, rows)
 
 
 def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, paths: DatasetPaths,
                       image_ids: Sequence[str], cache_dir: Path, device: torch.device, batch_size: int = 64,
                       workers: int = 2, views: Sequence[str] = VIEWS, description: str = "stage maps",
-                      context: DistContext = DistContext(), precision: str = "fp32") -> StageMaps:
+                      context: DistContext = DistContext(), precision: str = "fp32",
+                      shard_rows: int | None = None) -> StageMaps:
     """The maps ``front`` (the backbone's first ``stage`` stages) computes for every image and
-    view, from the cache when it matches, else extracted into it.
-
-    The arrays are written in place as memory maps (``.partial`` files, renamed when
-    complete) and the key file is written last, so a cache interrupted at any point is
-    rebuilt. Under torchrun rank 0 creates the files, each rank writes its contiguous
-    share of the rows, and rank 0 completes the cache; the ranks must share a file system.
-    """
+    view, from the cache when it is complete, else its missing shards extracted first."""
     files = [paths.image_path(image_id) for image_id in image_ids]
     key = cache_key(backbone, files, views, precision, output=f"stage{stage}")
-    directory = _stage_dir(Path(cache_dir), key)
-    cached = _load_stage_maps(directory, key)
-    if all_ranks_agree(cached is not None, context):
-        log.info("stage-map cache hit: %s (%d images)", directory, len(files))
-        return cached
-
     resolution = backbone.preprocessing["resolution"]
     with torch.no_grad():
         probe = front.eval()(torch.zeros(1, 3, resolution, resolution))
-    shape = (len(image_ids), *probe.shape[1:])
-    partial = {name: directory / f".{name}.npy.partial" for name in (*views, "readable")}
-    if context.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / _KEY_FILE).unlink(missing_ok=True)
-        for view in views:
-            np.lib.format.open_memmap(partial[view], mode="w+", dtype=np.float16, shape=shape).flush()
-        np.lib.format.open_memmap(partial["readable"], mode="w+", dtype=np.bool_, shape=(len(image_ids),)).flush()
-    barrier(context)
-    shard = context.shard(len(image_ids))
-    rows = shard[0] if len(shard) else 0
-    extractor = _extractor(front, backbone, tuple(shape[1:]), precision, device)
-    processes = _processes(workers)
-    readable = np.lib.format.open_memmap(partial["readable"], mode="r+")
-    readable[shard] = True
-    for view in views:
-        target = np.lib.format.open_memmap(partial[view], mode="r+")
-        batches, count = _view_batches(extractor, paths, [image_ids[i] for i in shard], view, batch_size,
-                                       workers, processes)
-        for maps, index, ok in tqdm(batches, total=count, desc=f"{description} ({view})", unit="batch",
-                                    disable=not context.is_main):
-            target[rows + index.numpy()] = maps.numpy()
-            readable[rows + index[~ok].numpy()] = False
-        target.flush()
-        del target
-    readable.flush()
-    del readable
-    barrier(context)
-    if context.is_main:
-        for name, path in partial.items():
-            os.replace(path, directory / f"{name}.npy")
-        write_json(directory / _KEY_FILE, {"key": key, "shape": list(shape)})
-        log.info("stage-map cache written: %s (%.1f GB)", directory,
-                 len(views) * np.prod(shape) * 2 / 1e9)
-    barrier(context)
-    maps = _load_stage_maps(directory, key)
-    if maps is None:
-        raise CheckpointError(f"{directory}: the stage-map cache could not be read back; under torchrun on several "
-                              "machines --weights must be on a shared file system")
-    return maps
+    map_shape = tuple(probe.shape[1:])
+    fields = {**{view: Field(map_shape, "float16") for view in views}, "readable": Field((), "bool")}
+    store = _cached_store("stagemaps", key, fields, lambda: _extractor(front, backbone, map_shape, precision, device),
+                          paths, image_ids, views, cache_dir, batch_size,
+                          workers, description, context, shard_rows)
+    return StageMaps(store, tuple(views), store.read_all("readable").astype(bool))

@@ -42,7 +42,7 @@ from pipeline.data.dataset import (
 from pipeline.data.images import ImageReadError
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.features import cached_features, extract_features, has_cached_features
+from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
 from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
 from pipeline.io import CheckpointError, atomic_text_writer, atomic_write_text, write_json
 from pipeline.labels import label_name
@@ -195,13 +195,12 @@ class BranchPredictor:
         self.heads = ImageHeads.from_checkpoints(checkpoints)
         self.unreadable: list[str] = []
 
-    def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, image_ids: list[str], description: str) -> tuple[torch.Tensor | CachedFeatures, torch.Tensor]:
         """(features (N, D), readable (N,)) of the images, through the feature cache when there is one."""
         if self.cache_dir is None:
-            features, readable = extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
-                                                  self.workers, self.views, description, self.precision)
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
-            return features.half(), readable
+            return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
+                                    self.workers, self.views, description, self.precision)
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision)
 
@@ -209,22 +208,26 @@ class BranchPredictor:
         """True when the features of these images are in the cache."""
         return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision)
 
-    def probabilities(self, frame: pd.DataFrame, features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def probabilities(self, frame: pd.DataFrame,
+                      features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,
                       description: str = "features") -> dict[str, np.ndarray]:
         """Probabilities (N_images, L) of every loaded branch for the images of ``frame``.
 
         One row per image, in the order of ``group_by_image(frame).images``: the caption
-        branch averages over the rows (captions) of an image. ``features``, when given, are
-        those images' features. Images that cannot be read get NaN from the image branches
+        branch averages over the rows (captions) of an image. ``features``, when given, is
+        (features, readable, rows): those images' features are rows ``rows`` of ``features``. Images that cannot be read get NaN from the image branches
         (fusion then uses the caption alone for them) and are listed in ``self.unreadable``.
         """
         out: dict[str, np.ndarray] = {}
         groups = group_by_image(frame)
         image_ids = groups.images[ID_COLUMN].tolist()
         if self.backbone is not None:
-            values, readable = features if features is not None else self.features(image_ids, description)
+            if features is None:
+                values, readable = self.features(image_ids, description)
+                features = (values, readable, np.arange(len(image_ids)))
+            values, readable, rows = features
             self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
-            out.update(self.heads.probabilities(values, readable, self.device))
+            out.update(self.heads.probabilities(values, readable, self.device, rows=rows))
         if "caption" in self.checkpoints:
             captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
             out["caption"] = groups.mean(predict_caption_probs(self.checkpoints["caption"], captions, self.device))
@@ -448,7 +451,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                 # backbone's training wrote the validation images' features alone, which the
                 # usual path below finds.)
                 values, readable = predictor.features(training_ids, "train.csv features")
-                features = (values[len(train_images):], readable[len(train_images):])
+                features = (values, readable[len(train_images):], np.arange(len(train_images), len(training_ids)))
             y_true, source = y_val, "validation split"
             probs = predictor.probabilities(val, features=features)
         report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)

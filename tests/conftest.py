@@ -128,3 +128,24 @@ def trained_branches(tmp_path_factory) -> tuple[Path, Path]:
         train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--device", "cpu",
                                 *TINY_CAPTION_ARGS])
     return data, weights
+
+
+def count_extracted_rows(monkeypatch) -> list[int]:
+    """The rows each cached extraction computes from now on (its missing shards; a cache hit
+    adds nothing), and the image count of each uncached ``extract_features`` call."""
+    import pipeline.features as features_module
+
+    extracted: list[int] = []
+    into_store, in_memory = features_module.extract_into_store, features_module.extract_features
+
+    def counting_store(extractor, paths, image_ids, views, store, shards, *args, **kwargs):
+        extracted.append(sum(len(store.shard_range(k)) for k in shards))
+        return into_store(extractor, paths, image_ids, views, store, shards, *args, **kwargs)
+
+    def counting_memory(backbone, paths, image_ids, *args, **kwargs):
+        extracted.append(len(image_ids))
+        return in_memory(backbone, paths, image_ids, *args, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_into_store", counting_store)
+    monkeypatch.setattr(features_module, "extract_features", counting_memory)
+    return extracted

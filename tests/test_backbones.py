@@ -21,7 +21,7 @@ from pipeline.models.backbones import (
     fuse_for_inference,
     load_by_position,
 )
-from tests.conftest import make_tiny_dataset
+from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 
 def test_bundled_lite0_names_real_photos():
@@ -110,26 +110,23 @@ def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_im
     cache = tmp_path / "cache"
     first, ok = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
     assert first.shape == (6, 2 * backbone.feature_dim) and ok.all()
-    files = list(cache.glob("*.pt"))
-    assert len(files) == 1
+    (store,) = cache.glob("features-*")
+    whole = first[:]
 
-    import pipeline.features as features_module
-
-    calls = []
-    original = features_module.extract_features
-    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    extracted = count_extracted_rows(monkeypatch)
     again, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
-    assert calls == [] and torch.equal(again, first)
+    assert extracted == [] and torch.equal(again[:], whole)
 
-    # A file cut off half-way is detected and rebuilt, not read.
-    files[0].write_bytes(files[0].read_bytes()[:100])
+    # A shard cut off half-way is detected and rebuilt, not read.
+    shard = store / "features-00000.npy"
+    shard.write_bytes(shard.read_bytes()[:200])
     rebuilt, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
-    assert calls == [1] and torch.allclose(rebuilt, first)
+    assert extracted == [6] and torch.equal(rebuilt[:], whole)
 
     # A changed image is a different key: extracted again.
     Image.new("RGB", (40, 50), "red").save(paths.images / ids[0])
     changed, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
-    assert calls == [1, 1] and not torch.allclose(changed[0], first[0])
+    assert extracted == [6, 6] and not torch.allclose(changed[0].float(), whole[0].float())
 
 
 def test_batch_norm_folding_keeps_the_output_and_removes_every_batch_norm():

@@ -7,6 +7,7 @@ covered elsewhere are named in the README table; the rest are here.
 
 from __future__ import annotations
 
+import json
 import io
 import os
 import pickle
@@ -31,12 +32,11 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_probabili
 from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 from pipeline.data.dataset import DataFormatError, DatasetPaths, LabelSet, load_train_val, read_csv, read_prediction_csv
 from pipeline.data.images import ImageDataset
-import pipeline.features as features_module
 from pipeline.features import cached_features
 from pipeline.fusion import FusionError, FusionSettings, save_fusion, weighted_average
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
 from pipeline.inference import write_submission
-from tests.conftest import make_tiny_dataset
+from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "ImageID,Labels,Caption\n"
@@ -444,51 +444,59 @@ def test_a_file_crafted_to_run_code_is_refused_and_the_code_never_runs(tmp_path,
 
 
 def _stale_cache(path: Path) -> None:
-    """A well-formed cache file of other images: the right name, the wrong key."""
-    atomic_torch_save({"key": {"num_images": 2}, "features": torch.zeros(2, 4), "readable": torch.ones(2).bool()},
-                      path)
+    """A well-formed file of another cache under this cache's file name: the wrong key or shape."""
+    if path.suffix == ".json":
+        write(path, json.dumps({"store_version": 1, "key": {"num_images": 2}, "num_rows": 2, "shard_rows": 2,
+                                "fields": {"features": {"shape": [4], "dtype": "float16"}}}))
+    else:
+        np.save(path, np.zeros((2, 4), dtype=np.float16))
 
 
-# (case, writer of a file in place of the feature cache). A cache cut off mid-write is in
-# tests/test_backbones.py.
+def _pickled_npy(path: Path, marker: Path) -> None:
+    """A genuine .npy file holding a pickled object array whose unpickling runs code."""
+    with open(path, "wb") as handle:  # np.save would append ".npy" to a name without it
+        np.save(handle, np.array([_RunsCode(marker)], dtype=object), allow_pickle=True)
+
+
+# (case, writer of a file in place of one of the feature cache's files). A shard cut off
+# mid-write is in tests/test_backbones.py.
 FOREIGN_CACHES: list[tuple[str, Callable[[Path, Path], None]]] = [
     ("text", lambda p, marker: write(p, "hello")),
     ("JSON", lambda p, marker: write(p, '{"features": [1, 2]}')),
     ("crafted torch zip", lambda p, marker: _crafted(p, marker, "torch zip")),
     ("crafted pickle", lambda p, marker: _crafted(p, marker, "pickle")),
+    ("crafted object npy", _pickled_npy),
     ("a checkpoint", lambda p, marker: _good_checkpoint(p)),
-    ("a cache of other images", lambda p, marker: _stale_cache(p)),
+    ("a file of another cache", lambda p, marker: _stale_cache(p)),
 ]
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("target", ["manifest.json", "features-00000.npy", "readable-00000.npy"])
 @pytest.mark.parametrize("case, make", FOREIGN_CACHES, ids=[c[0] for c in FOREIGN_CACHES])
-def test_a_foreign_file_in_place_of_the_feature_cache_is_rebuilt(tmp_path, monkeypatch, case, make):
+def test_a_foreign_file_in_the_feature_cache_is_rebuilt(tmp_path, monkeypatch, case, make, target):
     paths = DatasetPaths.resolve(make_tiny_dataset(tmp_path / "tiny", n_train=6, n_test=0))
     ids = [f"{i}.jpg" for i in range(6)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights
         backbone = create_backbone("test_efficientnet", resolution=32)
     cpu = torch.device("cpu")
-    fresh, fresh_readable = cached_features(backbone, paths, ids, tmp_path / "fresh", cpu, batch_size=4, workers=0)
-    (cache_file,) = (tmp_path / "fresh").glob("features-*.pt")
-
     cache = tmp_path / "cache"
-    cache.mkdir()
+    fresh, fresh_readable = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
+    fresh = fresh[:]
+    (store,) = cache.glob("features-*")
+
     marker = tmp_path / "pwned"
-    make(cache / cache_file.name, marker)  # under the very name the cache would be read from
-    extracted: list[int] = []
-    original = features_module.extract_features
-    monkeypatch.setattr(features_module, "extract_features",
-                        lambda backbone, paths, image_ids, *a, **k: extracted.append(len(image_ids))
-                        or original(backbone, paths, image_ids, *a, **k))
+    (store / target).unlink()
+    make(store / target, marker)  # under the very name the cache would be read from
+    extracted = count_extracted_rows(monkeypatch)
     rebuilt, readable = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
-    assert extracted == [6], "the foreign file was read as features instead of being rebuilt"
-    assert torch.equal(rebuilt, fresh) and torch.equal(readable, fresh_readable)
+    assert extracted == [6], "the foreign file was read as part of the cache instead of being rebuilt"
+    assert torch.equal(rebuilt[:], fresh) and torch.equal(readable, fresh_readable)
     assert not marker.exists()
     # The foreign file was replaced by a cache the next run reads.
     again, _ = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
-    assert extracted == [6] and torch.equal(again, fresh)
+    assert extracted == [6] and torch.equal(again[:], fresh)
 
 
 def _good_checkpoint(path: Path, **overrides: object) -> Path:
@@ -598,7 +606,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     # The half-written temporary file is left behind under a name no loader or glob picks up.
     (stray,) = [p for p in tmp_path.iterdir() if p != target]
     assert stray.name.startswith(".image.pt.") and stray.name.endswith(".tmp")
-    assert sorted(tmp_path.glob("*.pt")) == [target] and not list(tmp_path.glob("features-*.pt"))
+    assert sorted(tmp_path.glob("*.pt")) == [target] and not list(tmp_path.glob("features-*"))
     with pytest.raises(CheckpointError):
         safe_torch_load(stray)
 

@@ -72,7 +72,7 @@ def test_two_gloo_processes_train_the_image_heads_like_one(even_dataset, tmp_pat
         for name, value in one["state_dict"].items():
             torch.testing.assert_close(two["state_dict"][name], value, atol=2e-4, rtol=1e-3, msg=f"{branch} {name}")
     # Rank 0 alone wrote: one feature cache, one summary saying 2 processes.
-    assert len(list((tmp_path / "two" / "cache").glob("features-*.pt"))) == 1
+    assert len(list((tmp_path / "two" / "cache").glob("features-*"))) == 1
     assert single["processes"] == 1
     assert '"processes": 2' in (tmp_path / "two" / "image_summary.json").read_text()
 
@@ -98,7 +98,7 @@ def test_partial_fine_tuning_under_two_gloo_processes_writes_a_usable_branch(eve
     summary = json.loads((weights / "image_summary.json").read_text())
     assert summary["processes"] == 2 and summary["mode"] == "partial"
     maps = list((weights / "cache").glob("stagemaps-*"))
-    assert len(maps) == 1 and (maps[0] / "key.json").is_file() and not list(maps[0].glob(".*partial"))
+    assert len(maps) == 1 and (maps[0] / "manifest.json").is_file() and not list(maps[0].glob(".*partial"))
     result = inference.main(["--data", str(even_dataset), "--weights", str(weights), "--output", str(tmp_path / "o"),
                              "--device", "cpu", "--workers", "0", "--val-fraction", "0.25", "--evaluate"])
     assert result["rows"] == 10 and result["metrics"]["image"] == pytest.approx(summary["image_val_samples_f1"])
@@ -116,7 +116,7 @@ def test_two_gloo_processes_write_the_submission_of_one(trained_branches, tmp_pa
         warnings.simplefilter("ignore")
         inference.main([*common, "--weights", str(one_weights), "--output", str(tmp_path / "one")])
     result = _torchrun("inference.py", [*common, "--weights", str(two_weights), "--output", str(tmp_path / "two")])
-    cached = {name: len(list(Path(w, "cache").glob("features-*.pt"))) for name, w in
+    cached = {name: len(list(Path(w, "cache").glob("features-*"))) for name, w in
               (("trained", weights), ("two", two_weights))}
     assert cached["two"] - cached["trained"] == 5  # the ranks extracted and cached all 5 chunks
     one, two = (tmp_path / name / "submission.csv" for name in ("one", "two"))

@@ -29,7 +29,7 @@ from pipeline.data.labelled import RandomViewSampler
 from pipeline.branches.image import ImageTrainConfig
 from pipeline.models.backbones import BackboneSplitError, create_backbone, split_backbone
 from pipeline.models.decoder import LabelOrder
-from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
+from tests.conftest import TINY_IMAGE_ARGS, count_extracted_rows, make_tiny_dataset
 from tests.test_resume import SimulatedCrash, assert_same_checkpoints, crash_after
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,30 +142,27 @@ def test_random_view_sampler_draws_the_same_views_on_one_or_two_ranks():
     assert indices(0, 1, 1) == one
 
 
-def test_stage_map_cache_is_reused_and_a_cut_off_file_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
+def test_stage_map_cache_is_reused_and_a_cut_off_shard_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
     paths = DatasetPaths.resolve(tiny_dataset)
     ids = [f"{i}.jpg" for i in range(6)]
     backbone = tiny_backbone()
     front, _ = split_backbone(backbone, 3)
     cpu = torch.device("cpu")
-    maps = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0)
+    maps = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0, shard_rows=4)
     assert maps.shape[0] == 6 and maps.views == ("plain", "flip") and maps.readable.all()
-    plain, flip = np.array(maps.array("plain")), np.array(maps.array("flip"))
+    plain, flip = maps.read("plain", range(6)), maps.read("flip", range(6))
     with torch.no_grad():
         one_map = front.eval()(torch.zeros(1, 3, 32, 32))
     assert plain.shape == (6, *one_map.shape[1:]) and np.isfinite(plain).all() and not np.array_equal(plain, flip)
+    np.testing.assert_array_equal(maps.read("flip", [5, 0, 4, 3]), flip[[5, 0, 4, 3]])  # across the shard boundary
 
-    import pipeline.features as features_module
-
-    calls = []
-    original = features_module._extractor
-    monkeypatch.setattr(features_module, "_extractor", lambda *a, **k: calls.append(1) or original(*a, **k))
-    again = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0)
-    assert calls == [] and np.array_equal(np.array(again.array("plain")), plain)
-    flip_file = maps.directory / "flip.npy"
+    extracted = count_extracted_rows(monkeypatch)
+    again = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0, shard_rows=4)
+    assert extracted == [] and np.array_equal(again.read("plain", range(6)), plain)
+    flip_file = maps.store.path("flip", 1)
     flip_file.write_bytes(flip_file.read_bytes()[:300])  # cut off mid-write
-    rebuilt = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0)
-    assert calls == [1] and np.array_equal(np.array(rebuilt.array("flip")), flip)
+    rebuilt = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0, shard_rows=4)
+    assert extracted == [2] and np.array_equal(rebuilt.read("flip", range(6)), flip)  # only the last shard's 2 rows
 
 
 def _train(dataset: Path, weights: Path, *extra: str) -> dict:
@@ -224,7 +221,7 @@ def test_fine_tuned_checkpoints_run_in_inference(fine_tuned, tmp_path):
     record = load_checkpoint(weights / "image.pt", branch="image")["backbone"]
     assert record["weights"] == "finetuned" and record["weights_digest"].startswith("finetuned-")
     if mode_args is PARTIAL:
-        assert list((weights / "cache").glob("stagemaps-*/plain.npy"))
+        assert list((weights / "cache").glob("stagemaps-*/plain-00000.npy"))
     weights = Path(shutil.copytree(weights, tmp_path / "w"))  # inference writes fusion.json beside the weights
     result = _infer(dataset, weights, tmp_path / "out")
     test_rows = len(pd.read_csv(dataset / "test.csv"))

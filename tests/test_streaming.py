@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 
 import inference
-import pipeline.features as features_module
 import pipeline.inference as inference_module
-from tests.conftest import TRAINED_N_TEST
+from tests.conftest import TRAINED_N_TEST, count_extracted_rows
 
 
 @pytest.fixture
@@ -27,16 +26,6 @@ def run(trained_branches, tmp_path):
     return data, predict
 
 
-def _count_extractions(monkeypatch) -> list[int]:
-    """The number of images of every feature extraction from now on (cache hits add nothing)."""
-    extracted: list[int] = []
-    original = features_module.extract_features
-    monkeypatch.setattr(features_module, "extract_features",
-                        lambda backbone, paths, ids, *a, **k: extracted.append(len(ids)) or original(
-                            backbone, paths, ids, *a, **k))
-    return extracted
-
-
 def test_chunked_inference_writes_the_same_submission_as_one_chunk(run, tmp_path):
     data, predict = run
     whole = predict(tmp_path / "whole").read_bytes()
@@ -48,7 +37,7 @@ def test_chunked_inference_writes_the_same_submission_as_one_chunk(run, tmp_path
 
 def test_an_interrupted_run_leaves_no_submission_and_resumes_at_its_chunk(run, tmp_path, monkeypatch):
     _, predict = run
-    extracted = _count_extractions(monkeypatch)
+    extracted = count_extracted_rows(monkeypatch)
     original_rows, written = inference_module._write_rows, []
 
     def interrupted(handle, image_ids, predictions, labels):
@@ -71,7 +60,7 @@ def test_an_interrupted_run_leaves_no_submission_and_resumes_at_its_chunk(run, t
 
 def test_each_chunk_is_cached_on_its_own(run, tmp_path, monkeypatch):
     _, predict = run
-    extracted = _count_extractions(monkeypatch)
+    extracted = count_extracted_rows(monkeypatch)
     predict(tmp_path / "a", "--chunk-size", "10")
     assert extracted == [10, 10, TRAINED_N_TEST - 20]
     predict(tmp_path / "b", "--chunk-size", "10")

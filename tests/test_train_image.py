@@ -17,7 +17,7 @@ from pipeline.engine.loop import NonFiniteLossError, TrainStep, train_one_epoch
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import create_backbone
 from pipeline.models.heads import FeatureNorm, ImageHead, asymmetric_loss, get_loss
-from tests.conftest import TINY_IMAGE_ARGS
+from tests.conftest import TINY_IMAGE_ARGS, count_extracted_rows
 
 
 def test_image_head_shapes_and_gradients():
@@ -75,7 +75,7 @@ def test_train_efficientnet_main_writes_both_heads(tiny_dataset, tmp_path):
     assert summary["image_val_samples_f1"] == pytest.approx(tune_global_threshold(truth, probs)[1], abs=1e-4)
     config = json.loads((weights / "image_config.json").read_text())
     assert config["backbone"] == "test_efficientnet" and config["seed"] == 0
-    assert len(list((weights / "cache").glob("features-*.pt"))) == 1
+    assert len(list((weights / "cache").glob("features-*"))) == 1
 
 
 def test_same_command_gives_the_same_result(tiny_dataset, tmp_path):
@@ -143,16 +143,8 @@ def test_out_of_memory_during_training_suggests_a_smaller_batch(tiny_dataset, tm
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the random-weights warning of the test backbone
 def test_scripts_reuse_the_feature_cache_and_any_change_invalidates_it(tiny_dataset, tmp_path, monkeypatch):
     import inference
-    import pipeline.features as features_module
 
-    extracted: list[int] = []
-    original = features_module.extract_features
-
-    def counting(backbone, paths, image_ids, *args, **kwargs):
-        extracted.append(len(image_ids))
-        return original(backbone, paths, image_ids, *args, **kwargs)
-
-    monkeypatch.setattr(features_module, "extract_features", counting)
+    extracted = count_extracted_rows(monkeypatch)
     weights = tmp_path / "w"
     args = ["--data", str(tiny_dataset), "--weights", str(weights), *TINY_IMAGE_ARGS]
     train_efficientnet.main(args)
@@ -169,4 +161,4 @@ def test_scripts_reuse_the_feature_cache_and_any_change_invalidates_it(tiny_data
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "other.pt")
     train_efficientnet.main([*args, "--backbone-weights", str(tmp_path / "other.pt")])  # other weights
     assert extracted == [48, 10, 48, 48]
-    assert len(list((weights / "cache").glob("features-*.pt"))) == 4
+    assert len(list((weights / "cache").glob("features-*"))) == 4

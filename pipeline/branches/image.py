@@ -29,6 +29,7 @@ from pipeline.data.images import ImageReadError
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import parameter_groups, scaled_lr
 from pipeline.engine.runtime import PRECISIONS, training_memory_format
+from pipeline.features import CachedFeatures
 from pipeline.io import CheckpointError, atomic_write_text, write_json
 from pipeline.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
@@ -292,22 +293,34 @@ class ImageHeads:
         return heads
 
     @torch.inference_mode()
-    def probabilities(self, features: torch.Tensor, readable: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
-        """``{"image": head probabilities, "decoder": beam-search label scores}`` (N, L) of pooled
-        features (N, D); rows of unreadable images are NaN (fusion then uses the caption)."""
-        values = torch.where(readable[:, None], features.float(), torch.zeros(()))  # finite input for every row
-        out = {}
-        if self.head is not None:
-            head, x = self.head.to(device).eval(), self.head_norm(values).to(device)
-            out["image"] = torch.cat([torch.sigmoid(head(x[i:i + 4096])).float().cpu()
-                                      for i in range(0, len(x), 4096)]).numpy()
-        if self.decoder is not None:
-            decoder = self.decoder.to(device).eval()
-            out["decoder"] = decoder.beam_search(self.decoder_norm(values).to(device),
-                                                 beam_width=self.beam_width)[1].float().cpu().numpy()
+    def probabilities(self, features: torch.Tensor | CachedFeatures, readable: torch.Tensor, device: torch.device,
+                      rows: np.ndarray | None = None, chunk: int = 4096) -> dict[str, np.ndarray]:
+        """``{"image": head probabilities, "decoder": beam-search label scores}`` (N, L) of the
+        pooled features (rows ``rows`` of ``features``, default all), ``chunk`` rows at a time;
+        rows of unreadable images are NaN (fusion then uses the caption)."""
+        rows = np.arange(len(readable)) if rows is None else np.asarray(rows)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(rows), chunk):
+            ok = readable[start:start + chunk]
+            values = torch.where(ok[:, None], features[rows[start:start + chunk]].float(),
+                                 torch.zeros(()))  # (B, D), finite for every row
+            if self.head is not None:
+                head = self.head.to(device).eval()
+                parts.setdefault("image", []).append(
+                    torch.sigmoid(head(self.head_norm(values).to(device))).float().cpu())
+            if self.decoder is not None:
+                decoder = self.decoder.to(device).eval()
+                parts.setdefault("decoder", []).append(decoder.beam_search(
+                    self.decoder_norm(values).to(device), beam_width=self.beam_width)[1].float().cpu())
+        names = [name for name, present in (("image", self.head), ("decoder", self.decoder)) if present is not None]
+        out = {name: torch.cat(parts[name]).numpy() if name in parts else np.zeros((0, self._num_labels()), np.float32)
+               for name in names}
         for probs in out.values():
             probs[~readable.numpy()] = np.nan
         return out
+
+    def _num_labels(self) -> int:
+        return (self.head.net[-1].out_features if self.head is not None else self.decoder.num_labels)
 
 
 def _feature_norm(checkpoint: dict, feature_dim: int) -> FeatureNorm:

@@ -47,21 +47,26 @@ class LabelledMaps(Dataset):
 
     Index ``i + n * v`` is row ``rows[i]`` of view ``v`` (``RandomViewSampler`` picks ``v``),
     so the view choice lives in the sampler, in the main process, and loader workers need
-    no per-epoch state. The memory maps are opened lazily, in the process that reads them.
+    no per-epoch state. A batch is read from the cache in one call per view.
     """
 
     def __init__(self, maps: StageMaps, rows: np.ndarray, targets: np.ndarray) -> None:
-        self.maps, self.rows, self.targets = maps, rows, torch.from_numpy(targets)
-        self._arrays: list[np.ndarray] | None = None
+        self.maps, self.rows, self.targets = maps, np.asarray(rows), torch.from_numpy(targets)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._arrays is None:
-            self._arrays = [self.maps.array(view) for view in self.maps.views]
-        view, i = divmod(index, len(self.rows))
-        return torch.from_numpy(np.array(self._arrays[view][self.rows[i]])), self.targets[i]
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        views, items = np.divmod(np.asarray(indices), len(self.rows))
+        maps = np.empty((len(items), *self.maps.shape[1:]), dtype=np.float16)  # (B, C, h, w)
+        for view in np.unique(views):
+            chosen = views == view
+            maps[chosen] = self.maps.read(self.maps.views[view], self.rows[items[chosen]])
+        maps = torch.from_numpy(maps)
+        return [(maps[k], self.targets[i]) for k, i in enumerate(items)]
 
 
 class RandomViewSampler(Sampler[int]):

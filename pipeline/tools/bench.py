@@ -173,9 +173,9 @@ def time_inference_path(predictor: BranchPredictor, frame: pd.DataFrame, setting
     predictor.cache_dir = scratch / "cache"
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    features = predictor.features(frame[ID_COLUMN].tolist(), "bench features")
+    values, readable = predictor.features(frame[ID_COLUMN].tolist(), "bench features")
     extracted = time.perf_counter()
-    probs = predictor.probabilities(frame, features=features)
+    probs = predictor.probabilities(frame, features=(values, readable, np.arange(len(frame))))
     predictions = settings.predict(probs)
     write_submission(scratch / "submission.csv", frame[ID_COLUMN].tolist(), predictions, labels)
     seconds = time.perf_counter() - started

@@ -8,7 +8,6 @@ default on CPU) and ``finetune`` (on GPU) train the backbone too (``pipeline.tra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import resource
 import time
@@ -184,7 +183,7 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
 
     resume_dir = start_run(weights_dir, "image", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv),
-                         features=hashlib.sha256(features.contiguous().numpy().data).hexdigest())  # no copy
+                         features=features.digest)
     heads_start = time.perf_counter()
     with cpu_threads(config.head_threads if device.type == "cpu" else 0):
         head, head_summary = fit_image_head(
@@ -196,7 +195,7 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     heads_seconds = time.perf_counter() - heads_start
     # Validation probabilities for fusion, as inference computes them (NaN rows for unreadable images).
     val_probs = ImageHeads(head, norm, decoder, norm, config.beam_width).probabilities(
-        features[len(train_ok):], torch.from_numpy(val_ok), device)
+        features, torch.from_numpy(val_ok), device, rows=len(train_ok) + np.arange(len(val_ok)))
 
     summary = {
         "mode": "frozen",
