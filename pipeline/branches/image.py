@@ -294,7 +294,7 @@ class ImageHeads:
 
     @torch.inference_mode()
     def probabilities(self, features: torch.Tensor | CachedFeatures, readable: torch.Tensor, device: torch.device,
-                      rows: np.ndarray | None = None, chunk: int = 4096) -> dict[str, np.ndarray]:
+                      rows: np.ndarray | None = None, chunk: int = 1024) -> dict[str, np.ndarray]:
         """``{"image": head probabilities, "decoder": beam-search label scores}`` (N, L) of the
         pooled features (rows ``rows`` of ``features``, default all), ``chunk`` rows at a time;
         rows of unreadable images are NaN (fusion then uses the caption)."""

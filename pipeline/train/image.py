@@ -174,8 +174,10 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     train = train[train_ok].reset_index(drop=True)
     # Features stay float16 as cached; the heads see them standardised a batch at a time.
     train_rows, val_rows = np.flatnonzero(train_ok), len(train_ok) + np.flatnonzero(val_ok)
-    norm = FeatureNorm(features.shape[1]).fit_chunks(features[train_rows[i:i + 8192]]
-                                                     for i in range(0, len(train_rows), 8192))
+    # Small chunks: glibc keeps the freed heap (reuse_freed_memory), so the largest temporary
+    # (a float64 chunk and its square) stays in the process for the rest of the run.
+    norm = FeatureNorm(features.shape[1]).fit_chunks(features[train_rows[i:i + 1024]]
+                                                     for i in range(0, len(train_rows), 1024))
     y_train = torch.from_numpy(labels.encode(train[LABELS_COLUMN]))
     y_val = labels.encode(val[LABELS_COLUMN][val_ok])
     x_train = FeatureRows(features, train_rows, y_train, norm)
