@@ -267,9 +267,10 @@ def extract_into_store(extractor: _Extractor, paths: DatasetPaths, image_ids: Se
                 arrays["features"][~readable] = np.nan
 
 
-def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor: Callable[[], _Extractor], paths: DatasetPaths,
-                  image_ids: Sequence[str], views: Sequence[str], cache_dir: Path, batch_size: int, workers: int,
-                  description: str, context: DistContext, shard_rows: int | None) -> ShardedStore:
+def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor: Callable[[], _Extractor],
+                  paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str], cache_dir: Path,
+                  batch_size: int, workers: int, description: str, context: DistContext,
+                  shard_rows: int | None) -> ShardedStore:
     """The complete store of ``key``: read when it is there, else its missing shards extracted.
 
     Under torchrun rank 0 creates the store, the ranks take the missing shards in turn, and

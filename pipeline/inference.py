@@ -215,8 +215,9 @@ class BranchPredictor:
 
         One row per image, in the order of ``group_by_image(frame).images``: the caption
         branch averages over the rows (captions) of an image. ``features``, when given, is
-        (features, readable, rows): those images' features are rows ``rows`` of ``features``. Images that cannot be read get NaN from the image branches
-        (fusion then uses the caption alone for them) and are listed in ``self.unreadable``.
+        (features, readable, rows): those images' features are rows ``rows`` of ``features``.
+        Images that cannot be read get NaN from the image branches (fusion then uses the
+        caption alone for them) and are listed in ``self.unreadable``.
         """
         out: dict[str, np.ndarray] = {}
         groups = group_by_image(frame)
