@@ -322,3 +322,17 @@ def test_sync_bn_is_refused_on_cpu():
     context = DistContext(world_size=2, distributed=True)
     with pytest.raises(ValueError, match="--sync-bn: synchronised batch norm runs on GPUs only"):
         wrap_model(torch.nn.BatchNorm2d(3), context, sync_batch_norm=True)
+
+
+def test_a_cache_hit_trains_the_same_model_as_a_cache_miss(tiny_dataset, tmp_path):
+    """Extraction starts loaders, and each takes a seed from the global generator; training
+    must not depend on whether that happened."""
+    import shutil
+
+    _train(tiny_dataset, tmp_path / "cold", *PARTIAL)
+    shutil.copytree(tmp_path / "cold" / "cache", tmp_path / "warm" / "cache")
+    _train(tiny_dataset, tmp_path / "warm", *PARTIAL)
+    cold, warm = (load_checkpoint(tmp_path / run / "image.pt", branch="image") for run in ("cold", "warm"))
+    assert cold["state_dict"].keys() == warm["state_dict"].keys()
+    for name, tensor in cold["state_dict"].items():
+        assert torch.equal(tensor, warm["state_dict"][name]), name

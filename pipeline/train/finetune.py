@@ -51,7 +51,7 @@ from pipeline.data.labelled import decodable, image_inputs, map_inputs
 from pipeline.engine.distributed import DistContext, barrier, broadcast_state, gather_shards, wrap_model
 from pipeline.engine.loop import EpochScore, ModelEma, TrainStep, epoch_loader, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
-from pipeline.engine.runtime import autocast_context, grad_scaler, resolve_precision, training_precision
+from pipeline.engine.runtime import autocast_context, grad_scaler, resolve_precision, seed_everything, training_precision
 from pipeline.features import VIEWS, cached_features, cached_stage_maps
 from pipeline.io import file_digest
 from pipeline.metrics import tune_global_threshold
@@ -112,6 +112,9 @@ def finetune_image_branch(config: ImageTrainConfig, mode: str, device: torch.dev
         inputs = image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
                               val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers)
 
+    # Training starts from the seed, not from whatever the extraction drew (each loader it
+    # starts takes a seed), so a cache hit and a cache miss train the same model.
+    seed_everything(config.seed)
     feature_dim = 2 * backbone.feature_dim
     model = build_image_model(config, inputs.trunk, feature_dim, len(labels), device)
     order = LabelOrder.from_train(y_train, config.label_order)

@@ -183,6 +183,7 @@ def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistC
     x_train = FeatureRows(features, train_rows, y_train, norm)
     x_val = FeatureRows(features, val_rows, torch.from_numpy(y_val), norm)
 
+    seed_everything(config.seed)  # as in fine-tuning: the same model whether the cache was hit or not
     resume_dir = start_run(weights_dir, "image", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv),
                          features=features.digest)
