@@ -80,9 +80,9 @@ def _store_dir(cache_dir: Path, kind: str, key: dict) -> Path:
 
 
 # Images per forward pass (and per hand-over to the main process) when extracting on CPU:
-# below about 16 the per-chunk overhead shows, and larger chunks gain nothing (README,
-# "What makes the CPU extraction fast").
-CPU_BATCH = 32
+# larger chunks run no faster once started but delay every worker's first result, and
+# below about 8 the per-chunk overhead shows (README, "What makes the CPU extraction fast").
+CPU_BATCH = 16
 # Rows per shard: at most this many (an interrupted extraction loses at most one shard's
 # work), and fewer for large rows, so a shard being written stays small in memory.
 SHARD_ROWS = 4096
