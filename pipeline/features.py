@@ -277,10 +277,9 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
     every rank then reads the whole store: the ranks must share a file system.
     """
     directory = _store_dir(cache_dir, kind, key)
-    store = ShardedStore.open(directory, key)
-    complete = store is not None and store.num_rows == len(image_ids) and not store.missing_shards()
+    store = ShardedStore.open_complete(directory, key, len(image_ids))
     # Decided together (which also makes every rank look before rank 0 may change the store).
-    if all_ranks_agree(complete, context):
+    if all_ranks_agree(store is not None, context):
         log.info("%s cache hit: %s (%d images)", kind, directory, len(image_ids))
         return store
     if context.is_main:
@@ -297,7 +296,7 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
     extract_into_store(make_extractor(), paths, image_ids, views, store, missing[context.rank::context.world_size],
                        batch_size, workers, _processes(workers), description, context.is_main)
     barrier(context)
-    if store.missing_shards():
+    if any(not store.shard_complete(shard) for shard in missing):
         raise CheckpointError(f"{directory}: shards written by other ranks are missing; under torchrun on several "
                               "machines --weights-dir must be on a shared file system")
     log.info("%s cache written: %s (%.1f MB)", kind, directory, store.disk_bytes() / 1e6)
@@ -362,8 +361,7 @@ def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequ
                         views: Sequence[str], precision: str) -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
     key = _features_key(backbone, paths, image_ids, views, precision)
-    store = ShardedStore.open(_store_dir(cache_dir, "features", key), key)
-    return store is not None and store.num_rows == len(image_ids) and not store.missing_shards()
+    return ShardedStore.open_complete(_store_dir(cache_dir, "features", key), key, len(image_ids)) is not None
 
 
 @dataclass(frozen=True)

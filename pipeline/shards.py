@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,11 @@ class ShardedStore:
     num_rows: int
     shard_rows: int
     fields: dict[str, Field]
+    # Data offset of each shard file read so far, by (field, shard), with the (inode, size,
+    # mtime) it was read for: a training loop reads every shard once per batch, and parsing
+    # the header each time would double its system calls.
+    _offsets: dict[tuple[str, int], tuple[tuple[int, int, int], int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_shards(self) -> int:
@@ -112,6 +117,15 @@ class ShardedStore:
             return None
         if manifest.get("store_version") != STORE_VERSION or store.key != key or store.shard_rows < 1:
             log.warning("cache %s does not match these images/settings; rebuilding it", directory)
+            return None
+        return store
+
+    @classmethod
+    def open_complete(cls, directory: Path, key: dict, num_rows: int) -> ShardedStore | None:
+        """The store in ``directory`` when it was written for ``key`` and every one of its
+        ``num_rows`` rows is in a complete shard; else None."""
+        store = cls.open(directory, key)
+        if store is None or store.num_rows != num_rows or store.missing_shards():
             return None
         return store
 
@@ -188,12 +202,14 @@ class ShardedStore:
         flat = out.reshape(len(rows), -1).view(np.uint8)
         for shard in np.unique(shards):
             path = self.path(field, int(shard))
-            layout = _npy_layout(path)
-            if layout is None:
-                raise OSError(f"{path}: missing or cut off; delete {self.directory} to rebuild the cache")
-            offset = layout[2]
-            with open(path, "rb") as handle:
+            try:
+                handle = open(path, "rb")
+            except OSError as err:
+                raise OSError(f"{path}: missing or cut off ({err.strerror}); delete {self.directory} to rebuild "
+                              "the cache") from err
+            with handle:
                 fd = handle.fileno()
+                offset = self._data_offset(field, int(shard), path, fd)
                 in_shard = (shards[starts] == shard)
                 for start, stop in zip(starts[in_shard], stops[in_shard]):
                     local = int(ordered[start]) - int(shard) * self.shard_rows
@@ -203,6 +219,19 @@ class ShardedStore:
                         raise OSError(f"{path}: cut off; delete {self.directory} to rebuild the cache")
                     flat[order[start:stop]] = np.frombuffer(data, np.uint8).reshape(count, -1)
         return out
+
+    def _data_offset(self, field: str, shard: int, path: Path, fd: int) -> int:
+        """Where the rows of the open shard file ``fd`` start, parsed once per file version."""
+        stat = os.fstat(fd)
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._offsets.get((field, shard))
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        layout = _npy_layout(path)
+        if layout is None:
+            raise OSError(f"{path}: missing or cut off; delete {self.directory} to rebuild the cache")
+        self._offsets[(field, shard)] = (version, layout[2])
+        return layout[2]
 
     def read_all(self, field: str) -> np.ndarray:
         """Every row of ``field`` (for small stores, such as the readable masks)."""

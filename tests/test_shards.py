@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pipeline.features as features_module
+import pipeline.shards as shards_module
 from pipeline.data.dataset import DatasetPaths
 from pipeline.features import cached_features, extract_features
 from pipeline.models.backbones import create_backbone
@@ -43,6 +44,24 @@ def test_rows_are_read_in_any_order_across_shard_boundaries(store):
     assert store.read_all("readable").shape == (N_IMAGES,)
     with pytest.raises(IndexError, match="rows outside 0..9"):
         store.read("x", [10])
+
+
+def test_each_shard_header_is_parsed_once_until_the_file_changes(store, monkeypatch):
+    store, values = store
+    parsed = []
+    original = shards_module
+    layout = original._npy_layout
+    monkeypatch.setattr(original, "_npy_layout", lambda path: parsed.append(path.name) or layout(path))
+    for _ in range(3):
+        np.testing.assert_array_equal(store.read("x", [3, 4, 9]), values[[3, 4, 9]])
+    assert sorted(parsed) == ["x-00000.npy", "x-00001.npy", "x-00002.npy"]
+    rewritten = values.copy()
+    rewritten[4:8] += 1
+    with store.write_shard(1) as arrays:  # a new file for shard 1: its header is read again
+        arrays["x"][:] = rewritten[4:8]
+        arrays["readable"][:] = True
+    np.testing.assert_array_equal(store.read("x", [3, 4, 9]), rewritten[[3, 4, 9]])
+    assert sorted(parsed) == ["x-00000.npy", "x-00001.npy", "x-00001.npy", "x-00002.npy"]
 
 
 def test_a_cut_off_or_misshapen_shard_counts_as_missing(store):
