@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import ImageDataset
-from pipeline.data.transforms import build_transform, normalize_batch
+from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
-from pipeline.engine.runtime import autocast_context
+from pipeline.engine.runtime import autocast_context, compute_dtype
 from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features
@@ -43,7 +43,7 @@ from pipeline.shards import Field, ShardedStore
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 VIEWS = ("plain", "flip")
 
 
@@ -100,7 +100,7 @@ def shard_rows_for(fields: dict[str, Field]) -> int:
 class _Extractor:
     """The inference-ready backbone (or its front) and how to feed it."""
 
-    model: torch.nn.Module  # batch norm folded, channels_last
+    model: torch.nn.Module  # batch norm and normalisation folded (takes raw pixels), channels_last
     preprocessing: dict
     output_shape: tuple[int, ...]  # per image: (2C,) pooled, or (C, h, w) maps
     precision: str
@@ -111,13 +111,18 @@ class _Extractor:
         return len(self.output_shape) == 1
 
     def run(self, images: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        """Outputs of a uint8 batch: pooled features (B, 2C) in float32, or maps (B, C, h, w)
-        in float16 (half the bytes to keep); NaN rows for unreadable images (never run)."""
+        """Outputs of a uint8 batch (B, 3, R, R), best laid out channels_last (as
+        :func:`stack_pixels` makes it): pooled features (B, 2C) in float32, or maps
+        (B, C, h, w) in float16 (half the bytes to keep); NaN rows for unreadable images
+        (never run)."""
         dtype = torch.float32 if self.pooled_output else torch.float16
         out = torch.full((len(ok), *self.output_shape), float("nan"), dtype=dtype)
         if ok.any():
-            batch = normalize_batch(images[ok].to(self.device, non_blocking=True), self.preprocessing)
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            pixels = images if ok.all() else images[ok]
+            # The model takes raw pixel values, so the batch only changes type: the values
+            # 0..255 are exact in every precision it can run in.
+            batch = pixels.to(self.device, non_blocking=True).to(
+                compute_dtype(self.precision), memory_format=torch.channels_last)
             with torch.inference_mode(), autocast_context(self.device, self.precision):
                 result = self.model(batch)
                 result = pool_features(result) if self.pooled_output else result
@@ -162,7 +167,7 @@ class _UnitImages(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         unit = self.units[k]
         items = [self.views[unit.view][i] for i in range(unit.start, unit.stop)]
-        images = torch.stack([image for image, _, _ in items])  # (B, 3, R, R) uint8
+        images = stack_pixels([image for image, _, _ in items])  # (B, 3, R, R) uint8, channels_last
         ok = torch.tensor([readable for _, _, readable in items], dtype=torch.bool)
         return (self.extractor.run(images, ok) if self.extractor else images), ok
 
@@ -196,7 +201,7 @@ def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:
 
 def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[int, ...], precision: str,
                device: torch.device) -> _Extractor:
-    model = fuse_for_inference(module, backbone.preprocessing["resolution"]).to(device)
+    model = fuse_for_inference(module, backbone.preprocessing).to(device)
     return _Extractor(model.to(memory_format=torch.channels_last), backbone.preprocessing, output_shape,
                       precision, device)
 

@@ -13,9 +13,11 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pipeline.data.dataset import DatasetPaths
+from pipeline.data.transforms import normalize_batch
 from pipeline.features import cache_key, cached_features, extract_features, pool_features
 from pipeline.models.backbones import (
     BackboneWeightsError,
+    RawPixelStem,
     bundled_weights_path,
     create_backbone,
     fuse_for_inference,
@@ -129,17 +131,30 @@ def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_im
     assert extracted == [6, 6] and not torch.allclose(changed[0].float(), whole[0].float())
 
 
-def test_batch_norm_folding_keeps_the_output_and_removes_every_batch_norm():
+@pytest.mark.parametrize("name, size, other_sizes", [
+    ("test_efficientnet", 32, True),  # symmetric padding: the top row and left column read it
+    ("tf_efficientnet_lite0", 32, True),  # TF "same" padding: the bottom row and right column
+    ("tf_efficientnet_lite0", 33, True),  # odd size: every side
+    ("efficientnet-b0", 33, False),  # efficientnet-pytorch's padding, fixed for one size
+])
+def test_folded_model_takes_raw_pixels_and_gives_the_original_output(name, size, other_sizes):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        backbone = create_backbone("test_efficientnet", resolution=32)
-    fused = fuse_for_inference(backbone.module, 32)
+        backbone = create_backbone(name, resolution=size)
+    fused = fuse_for_inference(backbone.module, backbone.preprocessing)
     assert fused is not backbone.module  # a copy: the trainable module keeps its batch norms
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.module.modules())
-    images = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(images), backbone.module.eval()(images), atol=1e-4, rtol=1e-4)
+    stems = [m for m in fused.modules() if isinstance(m, RawPixelStem)]
+    assert len(stems) == 1 and stems[0].border_corrections(size, size)  # padding read somewhere
+    generator = torch.Generator().manual_seed(0)
+    # The size it was folded for, and another, whose border correction is found on first use.
+    for height, width in ((size, size), (size + 8, size - 5))[:2 if other_sizes else 1]:
+        pixels = torch.randint(0, 256, (3, 3, height, width), dtype=torch.uint8, generator=generator)
+        with torch.no_grad():
+            expected = backbone.module.eval()(normalize_batch(pixels, backbone.preprocessing))
+            got = fused(pixels.float())
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

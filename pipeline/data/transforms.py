@@ -57,3 +57,13 @@ def normalize_batch(images: torch.Tensor, preprocessing: dict) -> torch.Tensor:
     std = torch.tensor(preprocessing["std"], device=images.device).view(1, 3, 1, 1)
     scale = 1.0 / (255.0 * std)  # (x / 255 - mean) / std == x * scale - mean / std
     return torch.addcmul(-mean / std, images.float(), scale)
+
+
+def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 images (3, R, R) -> a batch (B, 3, R, R) laid out channels_last.
+
+    Decoded and resized images already lie channel-last in memory (as Pillow and the uint8
+    resize make them), so stacking them that way is a plain copy, and the batch can go to a
+    channels_last model with a type change only; ``torch.stack`` would transpose every image.
+    """
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)

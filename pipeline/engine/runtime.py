@@ -69,10 +69,18 @@ def training_memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype convolutions compute in at ``precision`` (``fp32``, ``bf16`` or ``fp16``)."""
+    return _COMPUTE_DTYPES[precision]
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to ``precision`` (``bf16`` or ``fp16``); nothing for ``fp32``."""
     if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        return torch.autocast(device.type, dtype=compute_dtype(precision))
     return contextlib.nullcontext()
 
 

@@ -200,32 +200,140 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return pairs
 
 
+class _NormalizeInput(nn.Module):
+    """Raw pixel values (0..255) -> the normalised image a backbone was trained on."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        std_t = torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / std_t)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, pixels.float(), self.scale)
+
+
+class RawPixelStem(nn.Module):
+    """A backbone's first convolution, fed raw pixel values (0..255) instead of normalised ones.
+
+    Normalisation is ``(x - 255 mean) * scale`` per channel. The scale folds into the weights
+    and the shift into the bias exactly, except where the convolution reads its zero padding
+    (a normalised zero is a raw ``255 mean``), so the outputs along the border get a fixed
+    correction, found once per input size by convolving a constant image. A batch then needs
+    no normalisation pass of its own: the uint8 images only change type.
+    """
+
+    def __init__(self, conv: nn.Conv2d, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.reference = _NormalizeInput(mean, std), copy.deepcopy(conv)  # a tuple: not a submodule
+        self.conv = copy.deepcopy(conv)
+        scale = self.reference[0].scale  # (1, 3, 1, 1)
+        shift = 255.0 * torch.tensor(mean)  # (3,): the raw value that normalises to 0
+        with torch.no_grad():
+            self.conv.weight.mul_(scale)
+            offset = -(self.conv.weight * shift.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))  # (C_out,)
+            if self.conv.bias is None:
+                self.conv.bias = nn.Parameter(offset)
+            else:
+                self.conv.bias.add_(offset)
+        self._borders: dict[tuple, list[tuple[tuple[slice, slice], torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def border_corrections(self, height: int, width: int) -> list[tuple[tuple[slice, slice], torch.Tensor]]:
+        """((rows, cols), correction (C_out, h, w)) of the border regions of a ``height`` x
+        ``width`` input whose outputs differ from the original convolution's."""
+        device = self.conv.weight.device
+        key = (height, width, str(device))
+        if key not in self._borders:
+            normalize, original = (part.to(device) for part in self.reference)
+            blank = torch.zeros(1, 3, height, width, device=device)
+            difference = (original(normalize(blank)) - self.conv(blank))[0]  # (C_out, h, w)
+            significant = difference.abs().amax(dim=0) > 1e-4 * max(float(difference.abs().max()), 1e-12)
+            h, w = significant.shape
+            # The border's depth on each side, read along the middle column and row.
+            rows, cols = significant[:, w // 2].tolist(), significant[h // 2, :].tolist()
+            top, left = _run_length(rows), _run_length(cols)
+            bottom, right = min(_run_length(rows[::-1]), h - top), min(_run_length(cols[::-1]), w - left)
+            regions = [(slice(0, top), slice(0, w)), (slice(h - bottom, h), slice(0, w)),
+                       (slice(top, h - bottom), slice(0, left)), (slice(top, h - bottom), slice(w - right, w))]
+            covered = torch.zeros_like(significant)
+            for region in regions:
+                covered[region] = True
+            if (significant & ~covered).any():
+                raise ValueError("the stem's output differs away from the border; its input cannot be folded")
+            self._borders[key] = [(region, difference[:, region[0], region[1]].contiguous())
+                                  for region in regions
+                                  if region[0].stop > region[0].start and region[1].stop > region[1].start]
+        return self._borders[key]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.conv(pixels)  # (B, C_out, h, w)
+        for (rows, cols), correction in self.border_corrections(*pixels.shape[-2:]):
+            out[:, :, rows, cols] += correction.to(out.dtype)
+        return out
+
+
+def _run_length(flags: list[bool]) -> int:
+    """How many leading ``flags`` are True."""
+    count = 0
+    while count < len(flags) and flags[count]:
+        count += 1
+    return count
+
+
+def _first_rgb_conv(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """(parent, name) of the first registered convolution that reads 3 channels: the stem."""
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
+                return parent, name
+    return None
+
+
 @torch.no_grad()
-def fuse_for_inference(module: nn.Module, resolution: int = 224) -> nn.Module:
-    """A copy of ``module`` in eval mode with each batch norm folded into the convolution before it.
+def fuse_for_inference(module: nn.Module, preprocessing: dict) -> nn.Module:
+    """A copy of ``module`` in eval mode for inference: each batch norm folded into the
+    convolution before it, and the input normalisation of ``preprocessing`` folded into the
+    stem, so **the copy takes raw pixel values** (0..255, in the dtype it will run in).
 
     Inference with frozen statistics makes ``BN(conv(x))`` one convolution with adjusted
     weights; on CPU this cuts a third or more of the backbone's time. timm's BatchNormAct2d
-    keeps its activation. Pairing is by registration order, so the result is checked
-    against the original on a random batch and the original is returned if they disagree.
+    keeps its activation. The folded stem (:class:`RawPixelStem`) saves a pass over every
+    batch. Pairing is by registration order, so the result is checked against the original
+    on a random batch; if they disagree, the original runs unfused behind a normalisation.
     """
     from timm.layers import BatchNormAct2d
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     original = module.eval()
+    mean, std = preprocessing["mean"], preprocessing["std"]
     fused = copy.deepcopy(original)
     for parent, conv_name, bn_name in _conv_bn_pairs(fused):
         conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
         setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
         setattr(parent, bn_name, nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity())
+    stem = _first_rgb_conv(fused)
+    if stem is None:
+        fused = nn.Sequential(_NormalizeInput(mean, std), fused)
+    else:
+        setattr(stem[0], stem[1], RawPixelStem(getattr(stem[0], stem[1]), mean, std))
+    unfused = nn.Sequential(_NormalizeInput(mean, std), original)
     # The pairing does not depend on the image size, so a small probe checks it at a fraction of the cost.
-    size = min(resolution, 64)
-    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = original(probe), fused(probe)
-    if not torch.allclose(expected, got, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
-        warnings.warn("batch-norm folding changed this backbone's output; running it unfused", stacklevel=2)
-        return original
+    size = min(preprocessing["resolution"], 64)
+    pixels = 255 * torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    expected = unfused(pixels)
+    try:
+        got = fused(pixels)
+        if stem is not None:
+            # The correction at the size inference runs at: found once here, not in every worker.
+            resolution = preprocessing["resolution"]
+            getattr(stem[0], stem[1]).border_corrections(resolution, resolution)
+    except ValueError:
+        got = None
+    if got is None or not torch.allclose(expected, got, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+        warnings.warn("folding batch norm and normalisation changed this backbone's output; running it unfused",
+                      stacklevel=2)
+        return unfused
     return fused
 
 

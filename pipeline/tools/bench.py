@@ -4,7 +4,8 @@ Measures in one run, on real JPEGs of ``--data`` (the first ``--num-images`` row
 train.csv stand in for a test set), with the trained checkpoints in ``--weights``:
 
 - ``backbone_forward_img_s``: the backbone alone on a batch already in memory, exactly as
-  inference runs it (batch norm folded, channels_last, inference mode): this hardware's limit;
+  inference runs it (batch norm and input normalisation folded, raw pixels in the compute
+  dtype, channels_last, inference mode): this hardware's limit;
 - ``pipeline_img_s``: inference's whole path per image: JPEG decode and resize in DataLoader
   workers, backbone, every head, caption tokenisation and the caption ensemble, fusion and
   the submission file, with an empty feature cache;
@@ -52,6 +53,7 @@ from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.engine.runtime import (
     autocast_context,
+    compute_dtype,
     configure_backends,
     grad_scaler,
     resolve_device,
@@ -100,12 +102,19 @@ def _rate(count: int, seconds: float) -> float:
     return round(count / seconds, 2)
 
 
+def _pixel_batch(batch_size: int, resolution: int, precision: str, device: torch.device) -> torch.Tensor:
+    """A batch as inference hands it to the backbone: raw pixel values in the compute dtype,
+    channels_last."""
+    pixels = torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return pixels.permute(0, 3, 1, 2).to(device).to(compute_dtype(precision), memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def time_backbone_forward(module: torch.nn.Module, batch_size: int, resolution: int, device: torch.device,
                           seconds: float, precision: str) -> float:
     """Images per second of ``module`` in this process (torch's threads) on one in-memory batch."""
-    images = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
+    images = _pixel_batch(batch_size, resolution, precision, device)
     model = module.to(device).to(memory_format=torch.channels_last)
     with autocast_context(device, precision):
         model(images)  # warm-up: first-call allocations and kernel selection
@@ -136,7 +145,7 @@ def time_forward_in_processes(module: torch.nn.Module, batch_size: int, resoluti
                               images: int, precision: str) -> float:
     """Images per second of ``processes`` single-threaded workers each running the forward pass
     on an in-memory batch: the CPU layout feature extraction uses, without any decoding."""
-    batch = torch.randn(batch_size, 3, resolution, resolution).contiguous(memory_format=torch.channels_last)
+    batch = _pixel_batch(batch_size, resolution, precision, torch.device("cpu"))
     model = module.to(memory_format=torch.channels_last)
     batches = max(2 * processes, images // batch_size)
     loader = DataLoader(_InMemoryForward(model, batch, batches, precision), batch_size=None,
@@ -147,12 +156,13 @@ def time_forward_in_processes(module: torch.nn.Module, batch_size: int, resoluti
     return _rate(batches * batch_size, time.perf_counter() - started)
 
 
-def forward_limits(module: torch.nn.Module, resolution: int, device: torch.device, precision: str,
+def forward_limits(module: torch.nn.Module, preprocessing: dict, device: torch.device, precision: str,
                    config: BenchConfig, batch: int, processes: int) -> dict[str, float]:
     """The backbone's in-memory forward throughput in each layout that could run it here (best
     of ``--repeats``): this process with torch's threads at the pipeline's batch and at
     ``--batch-size``, and on CPU one single-threaded process per core. The limit is the best."""
-    fused = fuse_for_inference(module, resolution)
+    fused = fuse_for_inference(module, preprocessing)
+    resolution = preprocessing["resolution"]
     limits = {}
     for size in sorted({batch, config.batch_size}):
         limits[f"threads_batch{size}"] = max(
@@ -323,7 +333,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         results.update(backbone=backbone.name, resolution=resolution, precision=precision,
                        pipeline_batch=batch, pipeline_processes=processes)
         print(f"timing {backbone.name} forward ({precision}) on in-memory batches ...", flush=True)
-        limits = forward_limits(backbone.module, resolution, device, precision, config, batch, processes)
+        limits = forward_limits(backbone.module, backbone.preprocessing, device, precision, config, batch, processes)
         results["backbone_forward_layouts_img_s"] = limits
         results["backbone_forward_img_s"] = max(limits.values())
         print(f"timing the inference path on {len(frame)} images ...", flush=True)
@@ -347,7 +357,7 @@ def run_benchmark(config: BenchConfig) -> dict:
                 time_inference_path(predictor, frame, settings, labels, scratch / f"compared{i}")["img_s"]
                 for i in range(config.repeats))
             results["effnet_pytorch_forward_img_s"] = max(
-                forward_limits(compared.module, resolution, device, precision, config, batch, processes).values())
+                forward_limits(compared.module, compared.preprocessing, device, precision, config, batch, processes).values())
             results["speedup_over_effnet_pytorch"] = round(
                 results["pipeline_img_s"] / results["effnet_pytorch_pipeline_img_s"], 2)
             predictor.backbone = backbone
