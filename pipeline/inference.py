@@ -9,6 +9,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,17 +223,31 @@ class BranchPredictor:
         out: dict[str, np.ndarray] = {}
         groups = group_by_image(frame)
         image_ids = groups.images[ID_COLUMN].tolist()
-        if self.backbone is not None:
-            if features is None:
-                values, readable = self.features(image_ids, description)
-                features = (values, readable, np.arange(len(image_ids)))
-            values, readable, rows = features
-            self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
-            out.update(self.heads.probabilities(values, readable, self.device, rows=rows))
-        if "caption" in self.checkpoints:
-            captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
-            out["caption"] = groups.mean(predict_caption_probs(self.checkpoints["caption"], captions, self.device))
+        # The caption branch needs no image, so it runs in a thread beside the image
+        # branches: their extraction keeps the cores busy from its own processes and leaves
+        # the main process waiting, and the caption branch's small batches leave cores idle
+        # when run alone.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-branch") as pool:
+            caption = pool.submit(self._caption_probabilities, frame, torch.get_num_threads()) \
+                if "caption" in self.checkpoints else None
+            if self.backbone is not None:
+                if features is None:
+                    values, readable = self.features(image_ids, description)
+                    features = (values, readable, np.arange(len(image_ids)))
+                values, readable, rows = features
+                self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
+                out.update(self.heads.probabilities(values, readable, self.device, rows=rows))
+            if caption is not None:
+                out["caption"] = groups.mean(caption.result())
         return out
+
+    def _caption_probabilities(self, frame: pd.DataFrame, threads: int) -> np.ndarray:
+        """The caption branch's probabilities (N_rows, L), with ``threads`` torch threads (a new
+        thread starts with the default count, and the count can change the rounding)."""
+        torch.set_num_threads(threads)
+        captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
+        return predict_caption_probs(self.checkpoints["caption"], captions, self.device)
+
 
 def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],
                              label_ids: list[int]) -> dict[str, np.ndarray]:

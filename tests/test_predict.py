@@ -157,3 +157,54 @@ def test_a_dataset_without_images_uses_the_caption_branch_alone(trained_branches
     assert run(captions_only, weights, tmp_path / "auto")["branches"] == ["caption"]
     with pytest.raises(ValueError, match=r"image branch cannot run: the image folder .*captions_only/data does not exist"):
         run(captions_only, weights, tmp_path / "out", "--branches", "image")
+
+
+def test_the_caption_branch_runs_beside_image_extraction_and_gives_what_it_gives_alone(trained_branches,
+                                                                                       tmp_path, monkeypatch):
+    import threading
+
+    import pipeline.features as features_module
+    import pipeline.inference as inference_module
+    from pipeline.branches.caption import predict_caption_probs
+    from pipeline.data.dataset import DatasetPaths, read_csv
+    from pipeline.inference import BranchPredictor, group_by_image, load_branch_checkpoints
+
+    data, weights = trained_branches
+    paths = DatasetPaths.resolve(str(data), None)
+    frame = read_csv(paths.test_csv)
+    checkpoints = load_branch_checkpoints(weights, None)
+    predictor = BranchPredictor(checkpoints, paths, tmp_path / "cache", torch.device("cpu"), 8, 0)
+
+    # The extraction waits until the caption branch has started in its own thread: they overlap.
+    caption_started, events = threading.Event(), []
+
+    def caption_branch(*args, **kwargs):
+        events.append(("caption starts", threading.current_thread().name, torch.get_num_threads()))
+        caption_started.set()
+        result = predict_caption_probs(*args, **kwargs)
+        events.append(("caption ends", threading.current_thread().name, None))
+        return result
+
+    extract = features_module.extract_into_store
+
+    def extraction(*args, **kwargs):
+        assert caption_started.wait(timeout=30)
+        events.append(("extraction", threading.current_thread().name, None))
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(inference_module, "predict_caption_probs", caption_branch)
+    monkeypatch.setattr(features_module, "extract_into_store", extraction)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probs = predictor.probabilities(frame)
+    finally:
+        torch.set_num_threads(threads)
+    names = {event: thread for event, thread, _ in events}
+    assert names["extraction"] == threading.main_thread().name
+    assert names["caption starts"] != threading.main_thread().name
+    assert events[0][2] == 1  # the caller's torch thread count, not a new thread's default
+    alone = group_by_image(frame).mean(predict_caption_probs(checkpoints["caption"],
+                                                             frame["Caption"].fillna("").tolist(), "cpu"))
+    assert probs["caption"].shape == (len(group_by_image(frame).images), len(checkpoints["caption"]["label_ids"]))
+    assert (probs["caption"] == alone).all()

@@ -144,8 +144,8 @@ def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.d
     members.load_state_dict(checkpoint["state_dict"])
     members.to(device)
     ids, lengths = vocab.encode(list(captions), int(config["max_len"]))
-    # torch's own thread count here, not the training setting: prediction runs alone, after
-    # image extraction, and gains from every core.
+    # The caller's torch thread count here, not the training setting: at inference this runs
+    # beside image extraction, and on every core when alone.
     return np.mean([predict_captions(model, ids, lengths, device, batch_size) for model in members], axis=0)
 
 
