@@ -206,3 +206,25 @@ def test_caption_rows_of_one_image_must_agree_on_labels(tmp_path):
     path = write(tmp_path / "train.csv", CAPTION_ROWS.replace('1.jpg,1 3,"a car and', '1.jpg,1,"a car and'))
     with pytest.raises(DataFormatError, match=r"rows of ImageID '1\.jpg' disagree on Labels \(\[1, 3\] and \[1\]\)"):
         group_by_image(read_csv(path, allow_duplicate_ids=True))
+
+
+def test_decoded_images_stack_channels_last_without_changing_a_pixel(tmp_path):
+    import torch
+    from PIL import Image
+
+    from pipeline.data.dataset import DatasetPaths
+    from pipeline.data.images import ImageDataset
+    from pipeline.data.transforms import build_transform, stack_pixels
+
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a.jpg", (40, 30)), ("b.png", (17, 23))):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / "data" / name)
+    preprocessing = {"resolution": 12, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    dataset = ImageDataset(DatasetPaths.resolve(str(tmp_path), None), ["a.jpg", "b.png", "missing.jpg"],
+                           build_transform(preprocessing, normalize=False), 12, blank_dtype=torch.uint8)
+    images = [dataset[i][0] for i in range(3)]  # two decoded (channel-last in memory), one blank
+    batch = stack_pixels(images)
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 12, 12)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(images))
