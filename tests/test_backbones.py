@@ -157,6 +157,30 @@ def test_folded_model_takes_raw_pixels_and_gives_the_original_output(name, size,
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
+def test_a_fold_that_changes_the_output_falls_back_to_the_original_behind_a_normalisation():
+    class Crossed(torch.nn.Module):
+        """Registers conv before bn, but the batch norm follows another convolution."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+            self.other = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn.running_mean.fill_(0.5)
+            self.bn.running_var.fill_(4.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.other(x)) + self.conv(x)
+
+    torch.manual_seed(0)
+    module = Crossed()
+    preprocessing = {"resolution": 8, "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4]}
+    with pytest.warns(UserWarning, match="running it unfused"):
+        model = fuse_for_inference(module, preprocessing)
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels.float()), module.eval()(normalize_batch(pixels, preprocessing)))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cpu_worker_processes_give_the_in_process_features(tiny_images, precision):
     paths, ids = tiny_images
