@@ -283,10 +283,10 @@ def _run_length(flags: list[bool]) -> int:
 
 def _first_rgb_conv(module: nn.Module) -> tuple[nn.Module, str] | None:
     """(parent, name) of the first registered convolution that reads 3 channels: the stem."""
-    for parent in module.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
-                return parent, name
+    for path, child in module.named_modules():
+        if path and isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
+            parent, _, name = path.rpartition(".")
+            return module.get_submodule(parent), name
     return None
 
 
