@@ -12,6 +12,7 @@ With no weights to be had, the backbone is randomly initialised with a loud warn
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.data.transforms import normalize_batch
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -203,14 +205,12 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
 class _NormalizeInput(nn.Module):
     """Raw pixel values (0..255) -> the normalised image a backbone was trained on."""
 
-    def __init__(self, mean: list[float], std: list[float]) -> None:
+    def __init__(self, preprocessing: dict) -> None:
         super().__init__()
-        std_t = torch.tensor(std).view(1, 3, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std_t))
-        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / std_t)
+        self.preprocessing = preprocessing
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, pixels.float(), self.scale)
+        return normalize_batch(pixels, self.preprocessing)
 
 
 class RawPixelStem(nn.Module):
@@ -223,15 +223,15 @@ class RawPixelStem(nn.Module):
     no normalisation pass of its own: the uint8 images only change type.
     """
 
-    def __init__(self, conv: nn.Conv2d, mean: list[float], std: list[float]) -> None:
+    def __init__(self, conv: nn.Conv2d, preprocessing: dict) -> None:
         super().__init__()
-        self.reference = _NormalizeInput(mean, std), copy.deepcopy(conv)  # a tuple: not a submodule
+        self.reference = _NormalizeInput(preprocessing), copy.deepcopy(conv)  # a tuple: not a submodule
         self.conv = copy.deepcopy(conv)
-        scale = self.reference[0].scale  # (1, 3, 1, 1)
-        shift = 255.0 * torch.tensor(mean)  # (3,): the raw value that normalises to 0
+        scale = 1.0 / (255.0 * torch.tensor(preprocessing["std"]).view(1, 3, 1, 1))
+        shift = 255.0 * torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)  # the raw value that normalises to 0
         with torch.no_grad():
             self.conv.weight.mul_(scale)
-            offset = -(self.conv.weight * shift.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))  # (C_out,)
+            offset = -(self.conv.weight * shift).sum(dim=(1, 2, 3))  # (C_out,)
             if self.conv.bias is None:
                 self.conv.bias = nn.Parameter(offset)
             else:
@@ -275,10 +275,7 @@ class RawPixelStem(nn.Module):
 
 def _run_length(flags: list[bool]) -> int:
     """How many leading ``flags`` are True."""
-    count = 0
-    while count < len(flags) and flags[count]:
-        count += 1
-    return count
+    return sum(1 for _ in itertools.takewhile(bool, flags))
 
 
 def _first_rgb_conv(module: nn.Module) -> tuple[nn.Module, str] | None:
@@ -306,28 +303,28 @@ def fuse_for_inference(module: nn.Module, preprocessing: dict) -> nn.Module:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     original = module.eval()
-    mean, std = preprocessing["mean"], preprocessing["std"]
     fused = copy.deepcopy(original)
     for parent, conv_name, bn_name in _conv_bn_pairs(fused):
         conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
         setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
         setattr(parent, bn_name, nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity())
-    stem = _first_rgb_conv(fused)
-    if stem is None:
-        fused = nn.Sequential(_NormalizeInput(mean, std), fused)
+    found = _first_rgb_conv(fused)
+    stem = None
+    if found is None:
+        fused = nn.Sequential(_NormalizeInput(preprocessing), fused)
     else:
-        setattr(stem[0], stem[1], RawPixelStem(getattr(stem[0], stem[1]), mean, std))
-    unfused = nn.Sequential(_NormalizeInput(mean, std), original)
+        stem = RawPixelStem(getattr(*found), preprocessing)
+        setattr(*found, stem)
+    unfused = nn.Sequential(_NormalizeInput(preprocessing), original)
     # The pairing does not depend on the image size, so a small probe checks it at a fraction of the cost.
-    size = min(preprocessing["resolution"], 64)
+    resolution = preprocessing["resolution"]
+    size = min(resolution, 64)
     pixels = 255 * torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     expected = unfused(pixels)
     try:
         got = fused(pixels)
         if stem is not None:
-            # The correction at the size inference runs at: found once here, not in every worker.
-            resolution = preprocessing["resolution"]
-            getattr(stem[0], stem[1]).border_corrections(resolution, resolution)
+            stem.border_corrections(resolution, resolution)  # found once here, not in every worker
     except ValueError:
         got = None
     if got is None or not torch.allclose(expected, got, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
