@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data.transforms import normalize_batch
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -203,14 +202,17 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 class _NormalizeInput(nn.Module):
-    """Raw pixel values (0..255) -> the normalised image a backbone was trained on."""
+    """Raw pixel values (0..255) -> the normalised image a backbone was trained on: the same
+    arithmetic as ``data.transforms.normalize_batch``, which models may not import."""
 
     def __init__(self, preprocessing: dict) -> None:
         super().__init__()
-        self.preprocessing = preprocessing
+        std = torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) / std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return normalize_batch(pixels, self.preprocessing)
+        return torch.addcmul(self.shift, pixels.float(), self.scale)
 
 
 class RawPixelStem(nn.Module):
