@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.branches.caption import CaptionTrainConfig
+from pipeline.train.caption_config import CaptionTrainConfig
 from pipeline.config import build_parser, config_from_args
 from pipeline.train.caption import train_caption_branch
 

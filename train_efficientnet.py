@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.branches.image import ImageTrainConfig
+from pipeline.train.image_config import ImageTrainConfig
 from pipeline.config import build_parser, config_from_args
 from pipeline.train.image import train_image_branch
 

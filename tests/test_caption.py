@@ -10,7 +10,8 @@ from pipeline.checkpoint import load_checkpoint, load_probabilities, save_checkp
 from pipeline.engine.loop import NonFiniteLossError
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier, rnn_class
 from pipeline.data.text import Vocabulary, stem_token
-from pipeline.branches.caption import CaptionTrainConfig, build_ensemble, model_settings, predict_caption_probs
+from pipeline.branches.caption import build_ensemble, model_settings, predict_caption_probs
+from pipeline.train.caption_config import CaptionTrainConfig
 from pipeline.metrics import binarize, samples_f1
 from tests.conftest import WORDS, make_tiny_dataset
 

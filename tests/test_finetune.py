@@ -24,9 +24,9 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, mean_across_ranks, wrap_model
 from pipeline.engine.loop import ModelEma, TrainStep, parameter_groups, scaled_lr
 from pipeline.features import cached_stage_maps
-from pipeline.branches.image import build_image_model, joint_loss
-from pipeline.data.labelled import RandomViewSampler
-from pipeline.branches.image import ImageTrainConfig
+from pipeline.train.image_fit import build_image_model, joint_loss
+from pipeline.train.image_inputs import RandomViewSampler
+from pipeline.train.image_config import ImageTrainConfig
 from pipeline.models.backbones import BackboneSplitError, create_backbone, split_backbone
 from pipeline.models.decoder import LabelOrder
 from tests.conftest import TINY_IMAGE_ARGS, count_extracted_rows, make_tiny_dataset
@@ -216,6 +216,14 @@ def test_fine_tuning_changes_the_trained_stages_and_only_those(fine_tuned):
     assert unchanged == sorted(name for name in saved if _stage(name) in frozen)
 
 
+def test_every_mode_writes_the_same_summary_keys(fine_tuned, tiny_dataset, tmp_path):
+    mode_args, _, weights, summary, _ = fine_tuned
+    frozen = _train(tiny_dataset, tmp_path / "frozen")
+    assert frozen["mode"] == "frozen" and summary["mode"] == mode_args[1]
+    assert sorted(summary) == sorted(frozen)
+    assert sorted(json.loads((weights / "image_summary.json").read_text())) == sorted(frozen)
+
+
 def test_fine_tuned_checkpoints_run_in_inference(fine_tuned, tmp_path):
     mode_args, dataset, weights, summary, _ = fine_tuned
     record = load_checkpoint(weights / "image.pt", branch="image")["backbone"]
@@ -254,7 +262,7 @@ def test_auto_mode_is_partial_on_cpu_and_frozen_for_a_backbone_without_stages(ti
 
 
 def test_loss_option_is_honoured_when_fine_tuning(tiny_dataset, tmp_path, monkeypatch):
-    import pipeline.branches.image as image_branch
+    import pipeline.train.image_fit as image_branch
 
     asked = []
     original = image_branch.get_loss

@@ -29,6 +29,17 @@ def _module_name(path: Path) -> str:
 
 MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
+# The package's floors: a package imports only packages on lower floors, never one beside or above it.
+FLOORS = {
+    "io": 0, "labels": 0,                                                   # files, label names
+    "data": 1, "models": 1, "shards": 1, "checkpoint": 1, "metrics": 1,    # datasets, networks, stores
+    "engine": 2, "fusion": 2,                                               # device, loop; combining branches
+    "config": 3, "features": 3, "report": 3,                                # settings, cached features, pages
+    "branches": 4,                                                          # what training and inference share
+    "train": 5, "inference": 5,
+    "tools": 6,
+}
+
 
 def _within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
@@ -168,10 +179,40 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_only_training_modules_import_training_modules():
-    offenders = [f"{module} imports {name}" for module in MODULES if not _within(module, "pipeline.train")
+def test_only_training_modules_and_tools_import_training_modules():
+    """The bench times the training step, so tools may; inference and the shared floors may not."""
+    offenders = [f"{module} imports {name}" for module in MODULES
+                 if not (_within(module, "pipeline.train") or _within(module, "pipeline.tools"))
                  for name in sorted(imports(module)) if _within(name, "pipeline.train")]
     assert offenders == []
+
+
+def package_of(module: str) -> str:
+    """The top-level unit of ``module``: its subpackage (``data``) or its own name (``fusion``)."""
+    return module.split(".")[1] if module != "pipeline" else ""
+
+
+def upward_imports(floors: dict[str, int]) -> list[str]:
+    """Each import from one package into another that is not on a strictly lower floor."""
+    return [f"{module} (floor {floors[package_of(module)]}) imports {name} (floor {floors[package_of(name)]})"
+            for module in MODULES if package_of(module)
+            for name in sorted(imports(module))
+            if package_of(name) and package_of(name) != package_of(module)
+            and floors[package_of(name)] >= floors[package_of(module)]]
+
+
+def test_every_package_has_a_floor():
+    assert sorted({package_of(module) for module in MODULES} - {""} - set(FLOORS)) == []
+
+
+def test_the_package_graph_has_no_upward_arrow():
+    assert upward_imports(FLOORS) == []
+
+
+def test_the_floor_check_sees_an_upward_arrow():
+    """Guards the check above: with data put above features, features' imports of data point up."""
+    offenders = upward_imports({**FLOORS, "data": FLOORS["features"]})
+    assert "pipeline.features (floor 3) imports pipeline.data.dataset (floor 3)" in offenders
 
 
 def test_inference_loads_no_training_module():

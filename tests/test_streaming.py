@@ -71,7 +71,7 @@ def test_streamed_standardisation_matches_the_whole_set_at_once():
     import numpy as np
     import torch
 
-    from pipeline.data.labelled import FeatureRows
+    from pipeline.train.image_inputs import FeatureRows
     from pipeline.models.heads import FeatureNorm
 
     features = (torch.randn(1000, 24) * torch.linspace(0.1, 30, 24) + 5).half()

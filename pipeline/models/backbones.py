@@ -62,6 +62,12 @@ class Backbone:
     weights: str  # "bundled", a file path, "hub" or "random"
     weights_digest: str  # identifies the weights in the feature-cache key
 
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled features the heads see: average and max pooling concatenated
+        (``image_model.pool_features``), two values per channel."""
+        return 2 * self.feature_dim
+
 
 class _EfficientNetPytorchFeatures(nn.Module):
     """efficientnet-pytorch's model seen as a feature-map extractor.

@@ -43,11 +43,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.branches.image import ImageTrainConfig, build_image_model, build_optimizer, joint_loss
 from pipeline.config import CommonConfig, build_parser, config_from_args, option, output_option, workers_option
 from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, DatasetPaths, LabelSet, read_csv
 from pipeline.data.images import ImageDataset
-from pipeline.data.labelled import image_inputs
 from pipeline.data.transforms import build_transform
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
@@ -68,6 +66,9 @@ from pipeline.io import write_json
 from pipeline.models.backbones import create_backbone, fuse_for_inference
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
+from pipeline.train.image_config import ImageTrainConfig
+from pipeline.train.image_fit import build_image_model, build_optimizer, joint_loss
+from pipeline.train.image_inputs import image_inputs
 
 COMPARED_BACKBONE = "efficientnet-b0"
 

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from pipeline.branches.caption import (
     BRANCH,
-    CaptionTrainConfig,
     build_ensemble,
     build_model,
     caption_batches,
@@ -51,6 +50,7 @@ from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, fin
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.io import file_digest
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
+from pipeline.train.caption_config import CaptionTrainConfig
 
 
 def _bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator,

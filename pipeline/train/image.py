@@ -1,13 +1,23 @@
-"""Training the image branch: the image head and the CNN-RNN label decoder.
+"""Training the image branch: the image head and the CNN-RNN label decoder, in one of three
+modes, told once from splits to saved files.
 
-``train_image_branch`` picks the mode. ``frozen`` is here: pooled backbone features are
-computed once and cached, and both heads train on the cache in seconds. ``partial`` (the
-default on CPU) and ``finetune`` (on GPU) train the backbone too (``pipeline.train.finetune``).
+Each mode contributes its input and how the heads learn on it; everything else is shared:
+
+| mode | input (``pipeline.train.image_inputs``) | training (``pipeline.train.image_fit``) |
+|---|---|---|
+| ``frozen`` | pooled features of the frozen backbone, cached | head, then decoder |
+| ``partial`` (CPU default) | the first stages' output maps, cached with their mirror images | last stages + heads, jointly |
+| ``finetune`` (GPU default) | whole images, augmented | whole backbone + heads, jointly |
+
+Every mode writes the same files (``image.pt``, ``decoder.pt``, their validation
+probabilities, ``image_config.json``, ``image_summary.json`` with one set of keys); the
+validation probabilities for fusion are computed the way inference computes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import resource
 import time
@@ -15,23 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from tqdm.auto import tqdm
 
-from pipeline.branches.image import (
-    ImageHeads,
-    ImageTrainConfig,
-    backbone_record,
-    image_splits,
-    resolve_mode,
-    save_image_branch,
-    training_image_ids,
-    usable_rows,
-    write_summary,
-)
+from pipeline.branches.image import ImageHeads, training_image_ids
+from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
+from pipeline.config import save_config
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
-from pipeline.data.labelled import FeatureRows
-from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
-from pipeline.engine.loop import EpochScore, TrainStep, epoch_loader, fit, predict_probs, train_one_epoch, warmup_cosine
+from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import (
     configure_backends,
@@ -41,101 +42,23 @@ from pipeline.engine.runtime import (
     resolve_precision,
     reuse_freed_memory,
     seed_everything,
+    training_precision,
 )
-from pipeline.features import VIEWS, cached_features
-from pipeline.io import file_digest
-from pipeline.metrics import samples_f1, tune_global_threshold
-from pipeline.models.backbones import BackboneSplitError, create_backbone
-from pipeline.models.decoder import LabelDecoder, LabelOrder
-from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
-from pipeline.train.finetune import finetune_image_branch
+from pipeline.features import VIEWS, cached_features, cached_stage_maps
+from pipeline.io import file_digest, write_json
+from pipeline.metrics import tune_global_threshold
+from pipeline.models.backbones import Backbone, BackboneSplitError, create_backbone, num_stages, split_backbone
+from pipeline.models.heads import FeatureNorm
+from pipeline.train.image_config import FINETUNE_RESOLUTION, ImageTrainConfig, resolve_mode
+from pipeline.train.image_fit import FittedHeads, decoded_samples_f1, fit_frozen_heads, fit_jointly
+from pipeline.train.image_inputs import FeatureRows, decodable, image_inputs, image_splits, map_inputs, usable_rows
 
 log = logging.getLogger(__name__)
 
 
-def _fit_on_features(config: ImageTrainConfig, name: str, module: torch.nn.Module, step_loss, train: FeatureRows,
-                     epochs: int, score, device: torch.device, context: DistContext,
-                     state: ResumeState | None) -> dict:
-    """Train ``module`` on cached features with AdamW and warmup + cosine for ``epochs``,
-    keeping the epoch ``score`` rates best (the image head's and the decoder's recipe)."""
-    step = wrap_model(TrainStep(module, step_loss), context)
-    loader = epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
-                          option="--head-batch-size")
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = warmup_cosine(optimizer, epochs * len(loader), len(loader))
-
-    def train_epoch(epoch: int) -> float:
-        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False,
-                               context=context)
-
-    return fit(name, epochs, train_epoch, score, module, state or ResumeState.off(),
-               {"model": module, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
-
-
-def fit_image_head(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
-                   device: torch.device,
-                   context: DistContext = DistContext(),
-                   state: ResumeState | None = None) -> tuple[ImageHead, dict]:
-    """Train the head on cached features; keep the epoch with the best validation samples-F1.
-
-    Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
-    Returns (head, {"epoch", "score", "threshold"}).
-    """
-    head = ImageHead(train.dim, y_val.shape[1], config.head_hidden, config.head_dropout).to(device)
-    loss_fn = get_loss(config.loss)
-    val_loader = DataLoader(val, batch_size=1024)
-
-    def score(epoch: int) -> EpochScore:
-        probs = predict_probs(head, val_loader, device)
-        threshold, f1 = tune_global_threshold(y_val, probs)
-        return EpochScore(f1, {"threshold": threshold},
-                          f"val samples-F1 {f1:.4f} (threshold {threshold:.2f})")
-
-    best = _fit_on_features(config, "image head", head, lambda m, b: loss_fn(m(b[0]), b[1]), train, config.epochs,
-                            score, device, context, state)
-    return head, best
-
-
-def fit_decoder(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
-                device: torch.device,
-                context: DistContext = DistContext(),
-                state: ResumeState | None = None) -> tuple[LabelDecoder, LabelOrder, dict]:
-    """Train the CNN-RNN decoder on cached features with teacher forcing; score it by beam search."""
-    order = LabelOrder.from_train(train.targets.numpy(), config.label_order)
-    decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
-                           config.decoder_dropout).to(device)
-    rank = order.rank.to(device)
-
-    def score(epoch: int) -> EpochScore:
-        # Greedy decoding is cheap enough to score every epoch; the decoder overfits the
-        # label sequences after a few epochs, so the best epoch is kept.
-        f1 = decoded_samples_f1(decoder, val, y_val, beam_width=1, device=device)
-        return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
-
-    best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank), train,
-                            config.decoder_epochs, score, device, context, state)
-    summary = {"best_epoch": best["epoch"]}
-    for width in sorted({1, config.beam_width}):
-        summary[f"val_samples_f1_beam{width}"] = decoded_samples_f1(decoder, val, y_val, width, device)
-    log.info("decoder val samples-F1: %s", summary)
-    return decoder, order, summary
-
-
-def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndarray, beam_width: int,
-                       device: torch.device) -> float:
-    """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time."""
-    decoded = np.zeros_like(y_true)
-    done = 0
-    for features, _ in rows.chunks():
-        sets, _ = decoder.beam_search(features.to(device), beam_width=beam_width)
-        for i, labels in enumerate(sets):
-            decoded[done + i, labels] = 1
-        done += len(sets)
-    return samples_f1(y_true, decoded)
-
-
 def train_image_branch(config: ImageTrainConfig) -> dict:
-    """Train the image head and the label decoder; write their checkpoints and validation probabilities.
+    """Train the image head and the label decoder; write their checkpoints and validation
+    probabilities. Returns the summary (``image_summary.json``).
 
     Under ``torchrun`` every process runs this; rank 0 alone writes files.
     """
@@ -146,80 +69,171 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
         logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
         configure_backends(device)
         mode = resolve_mode(config.mode, device)
-        if mode in ("partial", "finetune"):
-            try:
-                return finetune_image_branch(config, mode, device, context)
-            except BackboneSplitError as err:
-                if config.mode != "auto":
-                    raise
-                log.warning("%s; training in frozen mode instead", err)
-        return _train_frozen(config, device, context)
+        try:
+            return _train(config, mode, device, context)
+        except BackboneSplitError as err:
+            if config.mode != "auto":
+                raise
+            log.warning("%s; training in frozen mode instead", err)
+            return _train(config, "frozen", device, context)
 
 
-def _train_frozen(config: ImageTrainConfig, device: torch.device, context: DistContext) -> dict:
+def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: DistContext) -> dict:
     started = time.perf_counter()
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
+    cache_dir = weights_dir / "cache"
     backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
-    views = VIEWS if config.flip_views else VIEWS[:1]
+    if mode != "frozen" and config.resolution is None:
+        resolution = max(backbone.preprocessing["resolution"], FINETUNE_RESOLUTION)
+        backbone.preprocessing = {**backbone.preprocessing, "resolution": resolution}
+    # Frozen forward passes (features, stage maps, inference) and training may compute differently.
     precision = resolve_precision(config.precision, device)
-
-    extract_start = time.perf_counter()
+    train_precision = precision if mode == "frozen" else training_precision(config.precision, device)
+    views = VIEWS if config.flip_views else VIEWS[:1]
+    stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
     all_ids = training_image_ids(train, val)
-    features, readable = cached_features(backbone, paths, all_ids, weights_dir / "cache", device,
-                                         config.batch_size, config.workers, views, description="train.csv features",
-                                         context=context, precision=precision)
-    extract_seconds = time.perf_counter() - extract_start
-    train_ok, val_ok = usable_rows(config, paths, all_ids, readable.numpy(), len(train), context)
-    train = train[train_ok].reset_index(drop=True)
-    # Features stay float16 as cached; the heads see them standardised a batch at a time.
-    train_rows, val_rows = np.flatnonzero(train_ok), len(train_ok) + np.flatnonzero(val_ok)
-    # Small chunks: glibc keeps the freed heap (reuse_freed_memory), so the largest temporary
-    # (a float64 chunk and its square) stays in the process for the rest of the run.
-    norm = FeatureNorm(features.shape[1]).fit_chunks(features[train_rows[i:i + 1024]]
-                                                     for i in range(0, len(train_rows), 1024))
-    y_train = torch.from_numpy(labels.encode(train[LABELS_COLUMN]))
-    y_val = labels.encode(val[LABELS_COLUMN][val_ok])
-    x_train = FeatureRows(features, train_rows, y_train, norm)
-    x_val = FeatureRows(features, val_rows, torch.from_numpy(y_val), norm)
 
-    seed_everything(config.seed)  # as in fine-tuning: the same model whether the cache was hit or not
+    # The mode's input, and which images could be read.
+    extract_start = time.perf_counter()
+    if mode == "frozen":
+        features, readable = cached_features(backbone, paths, all_ids, cache_dir, device, config.batch_size,
+                                             config.workers, views, "train.csv features", context, precision)
+        readable = readable.numpy()
+    elif stage:
+        front, trunk = split_backbone(backbone, stage)
+        maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device, config.batch_size,
+                                 config.workers, VIEWS, "train.csv stage maps", context, precision)
+        readable = maps.readable
+    else:
+        readable = decodable(paths, all_ids, config.workers, context)
+    extract_seconds = time.perf_counter() - extract_start
+    train_ok, val_ok = usable_rows(config, paths, all_ids, readable, len(train), context)
+    train_rows, val_rows = np.flatnonzero(train_ok), len(train) + np.flatnonzero(val_ok)
+    y_train = labels.encode(train[LABELS_COLUMN][train_ok])
+    y_val = labels.encode(val[LABELS_COLUMN][val_ok])
+
+    # Training starts from the seed, not from whatever the extraction drew (each loader it
+    # starts takes a seed), so a cache hit and a cache miss train the same model.
+    seed_everything(config.seed)
     resume_dir = start_run(weights_dir, "image", config.resume, context)
-    digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv),
-                         features=features.digest)
-    heads_start = time.perf_counter()
-    with cpu_threads(config.head_threads if device.type == "cpu" else 0):
-        head, head_summary = fit_image_head(
-            config, x_train, x_val, y_val, device, context,
-            ResumeState(resume_dir, "image_head", digest, config.resume, context))
-        decoder, order, decoder_summary = fit_decoder(
-            config, x_train, x_val, y_val, device, context,
-            ResumeState(resume_dir, "decoder", digest, config.resume, context))
-    heads_seconds = time.perf_counter() - heads_start
-    # Validation probabilities for fusion, as inference computes them (NaN rows for unreadable images).
-    val_probs = ImageHeads(head, norm, decoder, norm, config.beam_width).probabilities(
-        features, torch.from_numpy(val_ok), device, rows=len(train_ok) + np.arange(len(val_ok)))
+    inputs_digest = {"features": features.digest} if mode == "frozen" else {}
+    digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv), **inputs_digest)
+    training_start, training_start_unix = time.perf_counter(), time.time()
+    if mode == "frozen":
+        # Features stay float16 as cached; the heads see them standardised a batch at a time.
+        # Small chunks: glibc keeps the freed heap (reuse_freed_memory), so the largest
+        # temporary (a float64 chunk and its square) stays in the process for the rest of the run.
+        norm = FeatureNorm(features.shape[1]).fit_chunks(features[train_rows[i:i + 1024]]
+                                                         for i in range(0, len(train_rows), 1024))
+        with cpu_threads(config.head_threads if device.type == "cpu" else 0):
+            fitted = fit_frozen_heads(config, FeatureRows(features, train_rows, torch.from_numpy(y_train), norm),
+                                      FeatureRows(features, val_rows, torch.from_numpy(y_val), norm), y_val,
+                                      device, context, resume_dir, digest)
+    else:
+        inputs = (map_inputs(maps, trunk, train_rows, val_rows, y_train, y_val, context, device, config.batch_size,
+                             config.seed, config.workers) if stage else
+                  image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
+                               val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers))
+        fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
+                             context, ResumeState(resume_dir, mode, digest, config.resume, context))
+    training_seconds = time.perf_counter() - training_start
+
+    # Validation probabilities for fusion, computed exactly as inference computes them
+    # (NaN rows for unreadable images): a fine-tuned backbone's features are extracted anew.
+    val_ids = val[ID_COLUMN].tolist()
+    if mode == "frozen":
+        val_features, val_readable, rows = features, torch.from_numpy(val_ok), len(train) + np.arange(len(val))
+        record = backbone_record(backbone, views, precision)
+    else:
+        backbone.module = backbone.module.cpu().eval()
+        backbone.weights, backbone.weights_digest = "finetuned", _state_digest(backbone.module)
+        record = backbone_record(backbone, views, precision, backbone.module.state_dict(), stage)
+        val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
+                                                     config.workers, views, "validation features", context, precision)
+        rows = np.arange(len(val))
+    heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width)
+    val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
+    readable_val = rows[val_readable.numpy()]
+    decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm)
 
     summary = {
-        "mode": "frozen",
+        "mode": mode,
+        "trained_from_stage": stage,
         "processes": context.world_size,
-        "train_images": len(train),
-        "skipped_unreadable_images": int((~readable).sum()),
+        "precision": precision,
+        "training_precision": train_precision,
+        "lr": fitted.lr,
+        "train_images": len(train_rows),
+        "skipped_unreadable_images": int((~np.asarray(readable)).sum()),
         "val_images": len(val),
-        "image_val_samples_f1": head_summary["score"],
-        "image_best_epoch": head_summary["epoch"],
-        **{f"decoder_{k}": v for k, v in decoder_summary.items()},
-        "feature_seconds": extract_seconds,
-        "head_training_seconds": heads_seconds,
+        "image_val_samples_f1": tune_global_threshold(y_val, val_probs["image"][val_readable.numpy()])[1],
+        "image_val_samples_f1_in_training": fitted.image_score_in_training,
+        "image_best_epoch": fitted.image_best_epoch,
+        "decoder_best_epoch": fitted.decoder_best_epoch,
+        "beam_width": config.beam_width,
+        "decoder_val_samples_f1_greedy": decoded_samples_f1(fitted.decoder, decoder_rows, y_val, 1, device),
+        "decoder_val_samples_f1_beam": decoded_samples_f1(fitted.decoder, decoder_rows, y_val, config.beam_width,
+                                                          device),
+        "extract_seconds": extract_seconds,
+        "training_seconds": training_seconds,
+        "training_window_unix": [training_start_unix, training_start_unix + training_seconds],
+        "train_img_s": fitted.images_seen / fitted.epoch_seconds if fitted.epoch_seconds else None,
         "total_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
     if context.is_main:
-        save_image_branch(config, labels.ids, val[ID_COLUMN].tolist(), backbone_record(backbone, views, precision),
-                          backbone.preprocessing, norm, head, decoder, order, val_probs["image"], val_probs["decoder"])
-    write_summary(config, summary, context)
+        save_image_branch(config, labels.ids, val_ids, record, backbone.preprocessing, fitted,
+                          val_probs["image"], val_probs["decoder"])
+        write_json(weights_dir / "image_summary.json", summary)
+        tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     barrier(context)  # the other ranks return once the files exist
     finish_run(resume_dir, context)
     return summary
 
 
+def _state_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return "finetuned-" + digest.hexdigest()[:16]
+
+
+def backbone_record(backbone: Backbone, views, precision: str, state_dict: dict | None = None,
+                    trained_from_stage: int | None = None) -> dict:
+    """What inference needs to rebuild the backbone, run it as training did and check it is
+    the same one. A fine-tuned backbone's record carries its weights (``state_dict``)."""
+    record = {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
+              "feature_dim": backbone.feature_dim, "views": list(views), "pooling": "avg+max",
+              "precision": precision}
+    if state_dict is not None:
+        record.update(state_dict=state_dict, trained_from_stage=trained_from_stage)
+    return record
+
+
+def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_ids: list[str], backbone: dict,
+                      preprocessing: dict, fitted: FittedHeads, head_probs: np.ndarray,
+                      decoder_probs: np.ndarray) -> None:
+    """Write image.pt, decoder.pt, their validation probabilities and image_config.json.
+
+    Each checkpoint carries what is needed to rebuild its head: settings, label ids, the
+    backbone record, preprocessing and the feature standardisation.
+    """
+    weights_dir = Path(config.weights_dir)
+    common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
+              "preprocessing": preprocessing, "feature_norm": fitted.norm.state_dict()}
+    feature_dim = fitted.norm.mean.shape[0]
+    save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=fitted.head.state_dict(),
+                    head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout},
+                    **common)
+    save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=fitted.decoder.state_dict(),
+                    label_order=fitted.order.to_list(),
+                    decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
+                             "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
+                             "beam_width": config.beam_width},
+                    **common)
+    save_probabilities(probabilities_path(weights_dir, "image"), val_ids, label_ids, head_probs)
+    save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, label_ids, decoder_probs)
+    save_config(config, weights_dir / "image_config.json")

@@ -1,29 +1,75 @@
-"""Labelled training inputs of the image model: augmented images, or cached stage maps.
+"""What the image branch trains on: the train/validation images of a run, which of them can
+be read, and the labelled inputs of each mode.
 
-Fine-tuning (``--mode finetune``) trains on whole images decoded by loader workers;
-partial mode trains the later stages on the cached output maps of the earlier ones,
-each image seen plain or mirrored at random (:class:`RandomViewSampler`).
-:class:`TrainingInputs` bundles either kind with how a batch becomes the trunk's input.
+- ``frozen``: rows of cached pooled features (:class:`FeatureRows`);
+- ``partial``: the cached output maps of the backbone's first stages, each image seen plain
+  or mirrored at random (:class:`LabelledMaps`, :class:`RandomViewSampler`);
+- ``finetune``: whole images, augmented and decoded by loader workers (:class:`LabelledImages`).
+
+:class:`TrainingInputs` bundles the last two with how a batch becomes the trunk's input.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from pipeline.data.dataset import DatasetPaths
+from pipeline.data.dataset import DatasetPaths, LabelSet, group_by_image, load_train_val
 from pipeline.data.images import ImageDataset, ImageReadError
 from pipeline.data.transforms import build_transform, normalize_batch
 from pipeline.engine.distributed import DistContext, gather_shards, workers_per_process
 from pipeline.engine.runtime import training_memory_format
 from pipeline.features import StageMaps
+from pipeline.io import atomic_write_text
 from pipeline.models.backbones import Backbone
 from pipeline.models.heads import FeatureNorm
+from pipeline.train.image_config import ImageTrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def image_splits(config: ImageTrainConfig) -> tuple[DatasetPaths, LabelSet, pd.DataFrame, pd.DataFrame]:
+    """(paths, labels, train images, validation images) of a training run, one row per image:
+    rows that differ only by caption would repeat an image."""
+    paths = DatasetPaths.resolve(config.data, config.images)
+    labels, train, val = load_train_val(paths, config.val_fraction)
+    train, val = group_by_image(train).images, group_by_image(val).images
+    if val.empty:
+        raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
+    return paths, labels, train, val
+
+
+def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[str], readable: np.ndarray,
+                num_train: int, context: DistContext) -> tuple[np.ndarray, np.ndarray]:
+    """(train mask, validation mask) of the rows of ``image_ids`` (train then validation)
+    whose image could be read.
+
+    Unreadable images stop training with their list, unless ``--skip-bad-images``: then
+    they are left out of training and scoring, listed in WEIGHTS/skipped_images.txt, and
+    their count is reported.
+    """
+    ok = np.asarray(readable, dtype=bool)
+    if ok.all():
+        return ok[:num_train], ok[num_train:]
+    bad = [paths.image_path(image_ids[i]) for i in np.flatnonzero(~ok)]
+    if not config.skip_bad_images:
+        raise ImageReadError.listing(bad, "\nfix or remove these rows of train.csv, or pass --skip-bad-images")
+    listing = Path(config.weights_dir) / "skipped_images.txt"
+    if context.is_main:
+        atomic_write_text(listing, "".join(f"{path}\n" for path in bad))
+    log.warning("--skip-bad-images: left out %d of %d rows whose image is missing or unreadable (listed in %s)",
+                len(bad), len(ok), listing)
+    if not ok[:num_train].any() or not ok[num_train:].any():
+        raise ImageReadError.listing(bad, "\nno readable image is left in the training or validation split")
+    return ok[:num_train], ok[num_train:]
 
 
 class LabelledImages(Dataset):
@@ -157,8 +203,6 @@ def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_ro
         return maps_batch.float().contiguous(memory_format=layout)
 
     return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers)
-
-
 
 
 class FeatureRows(Dataset):

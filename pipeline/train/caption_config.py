@@ -1,0 +1,61 @@
+"""Settings of the caption branch's training (``train_caption_rnn.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import TrainingConfig, option
+from pipeline.models.caption import RNN_TYPES
+
+
+@dataclass
+class CaptionTrainConfig(TrainingConfig):
+    """Settings of ``train_caption_rnn.py``."""
+
+    batch_size: int = option(32, "captions per training batch", group="training")
+    rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_TYPES), group="model")
+    embed_dim: int = option(64, "word embedding size (must match --word-vectors when given)", group="model")
+    hidden_size: int = option(64, "hidden units per direction of the recurrent layer", group="model")
+    layers: int = option(1, "stacked recurrent layers", group="model")
+    dropout: float = option(0.3, "dropout on the pooled features (and between stacked layers)", group="model")
+    embed_dropout: float = option(0.1, "probability of dropping a whole word's embedding while training", group="training")
+    bidirectional: bool = option(True, "read captions both ways", group="model")
+    label_attention: bool = option(
+        True, "give each label its own attention over the words, added to the max+mean pooled head", group="model")
+    stem: bool = option(True, "reduce words to their Porter stems (nltk, no downloads), so 'dogs' and 'dog' "
+                        "share an id", group="model")
+    min_freq: int = option(2, "a word must appear this often in the training split to get its own id", group="model")
+    max_len: int = option(40, "caption tokens kept (longer captions are cut)", group="model")
+    epochs: int = option(12, "maximum training epochs (the learning-rate schedule spans all of them)", group="training")
+    lr: float = option(3e-3, "AdamW peak learning rate (one-cycle schedule)", group="training")
+    weight_decay: float = option(1e-4, "AdamW weight decay", group="training")
+    patience: int = option(4, "stop after this many epochs without a better validation samples-F1", group="training")
+    tune_threshold: bool = option(
+        True, "score epochs by validation samples-F1 at the best global threshold (else at 0.5)", group="training")
+    ensemble: int = option(5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged", group="model")
+    threads: int = option(1, "CPU threads for torch; 1 is fastest for this small model and stays fast "
+                          "when other processes load the cores; 0 keeps torch's default", group="run")
+    word_vectors: str | None = option(
+        None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)", group="model")
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the option."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.patience >= 1, f"--patience must be >= 1, got {self.patience}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.embed_dim >= 1 and self.hidden_size >= 1 and self.layers >= 1,
+             "--embed-dim, --hidden-size and --layers must be >= 1"),
+            (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (0.0 <= self.embed_dropout < 1.0, f"--embed-dropout must be in [0, 1), got {self.embed_dropout}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.max_len >= 1, f"--max-len must be >= 1, got {self.max_len}"),
+            (self.min_freq >= 1, f"--min-freq must be >= 1, got {self.min_freq}"),
+            (self.ensemble >= 1, f"--ensemble must be >= 1, got {self.ensemble}"),
+            (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.rnn not in RNN_TYPES:
+            raise ValueError(f"--rnn {self.rnn!r}: valid: {', '.join(RNN_TYPES)}")

@@ -1,0 +1,119 @@
+"""Settings of the image branch's training (``train_efficientnet.py``) and the mode they resolve to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import TrainingConfig, option, workers_option
+from pipeline.engine.runtime import PRECISIONS
+from pipeline.models.backbones import DEFAULT_BACKBONE
+from pipeline.models.heads import LOSSES
+
+MODES = ("auto", "frozen", "partial", "finetune")
+# Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
+# traffic lights); frozen ImageNet features gain nothing from it (README, "Fine-tuning").
+FINETUNE_RESOLUTION = 320
+
+
+@dataclass
+class ImageTrainConfig(TrainingConfig):
+    """Settings of ``train_efficientnet.py``."""
+
+    backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model")
+    backbone_weights: str | None = option(
+        None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
+        "tf_efficientnet_lite0, random initialisation (with a warning) for other names", group="model")
+    pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
+    resolution: int | None = option(
+        None, f"input size in pixels (default: the backbone's own, 224 for Lite0, in frozen mode; at least "
+        f"{FINETUNE_RESOLUTION} when fine-tuning (README, \"Fine-tuning\"))", group="model")
+    mode: str = option(
+        "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
+        "backbone's first --train-from-stage stages run once and are cached, the later stages train with the "
+        "heads; finetune: the whole backbone trains with the heads on augmented images; auto: finetune on "
+        "GPU, partial on CPU (frozen for backbones without stages to split)", choices=list(MODES), group="model")
+    skip_bad_images: bool = option(False, "leave out training rows whose image is missing or unreadable "
+                                   "(their count is reported) instead of stopping with their list", group="data")
+    precision: str = option(
+        "auto", "arithmetic of the backbone, in training and in feature extraction here and in inference: auto = "
+        "bf16 where the hardware computes it natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp16 "
+        "with a gradient scaler on a GPU and fp32 on a CPU", choices=list(PRECISIONS), group="run")
+    flip_views: bool = option(False, "also extract mirrored images and average the two views' features, in "
+                              "training and inference (frozen and partial modes; doubles inference time)", group="model")
+    head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)", group="model")
+    head_dropout: float = option(0.5, "dropout of the image head", group="model")
+    loss: str = option("bce", "image head loss: binary cross-entropy or the asymmetric loss (ASL)",
+                       choices=list(LOSSES), group="training")
+    epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)", group="frozen")
+    lr: float = option(1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)", group="frozen")
+    weight_decay: float = option(1e-4, "AdamW weight decay (never on norms and biases when fine-tuning)", group="training")
+    decoder_embed: int = option(128, "label embedding size of the CNN-RNN decoder", group="decoder")
+    decoder_hidden: int = option(256, "LSTM hidden size of the CNN-RNN decoder", group="decoder")
+    decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder", group="decoder")
+    decoder_epochs: int = option(8, "epochs of decoder training on cached features (the best epoch is kept)", group="decoder")
+    label_order: str = option("frequent", "order of the label sequences the decoder learns",
+                              choices=["frequent", "rare"], group="decoder")
+    head_threads: int = option(1, "CPU threads while training the heads on cached features (0: torch's "
+                               "default); one is robust when other processes share the cores", group="frozen")
+    beam_width: int = option(3, "beam width of the decoder's beam search", group="decoder")
+    train_from_stage: int | None = option(
+        None, "partial mode: the first stage that trains; the stages before it run once and their output maps "
+        "are cached (default: the last stage, 6 of Lite0's 0..6)", group="finetune")
+    finetune_epochs: int = option(10, "epochs of partial or end-to-end fine-tuning (the best epoch is kept)", group="finetune")
+    finetune_lr: float = option(4e-4, "peak learning rate of the backbone when fine-tuning, for a global batch of "
+                                "256; scaled by sqrt(--batch-size / 256)", group="finetune")
+    head_lr_scale: float = option(5.0, "the new head and decoder learn this many times faster than the "
+                                  "pretrained backbone when fine-tuning", group="finetune")
+    decoder_loss_weight: float = option(0.1, "weight of the decoder's loss (summed over its label steps) "
+                                        "against the head's when fine-tuning: both reach the backbone", group="finetune")
+    warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
+    ema_decay: float = option(0.9998, "decay of the weights' exponential moving average when fine-tuning "
+                              "(with warm-up: min(decay, (1 + step) / (10 + step)))", group="finetune")
+    grad_clip: float = option(1.0, "gradient norm clipping when fine-tuning (0: off)", group="finetune")
+    sync_bn: bool = option(False, "under torchrun, batch norm uses the statistics of the whole global batch "
+                           "(fine-tune modes)", group="finetune")
+    batch_size: int = option(64, "images per batch for feature extraction and fine-tuning (the global batch: "
+                             "under torchrun each of N processes takes 1/N)", group="run")
+    workers: int = workers_option()
+    head_batch_size: int = option(256, "feature rows per batch when training the heads on cached features "
+                                  "(the global batch)", group="frozen")
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the option."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.decoder_epochs >= 1, f"--decoder-epochs must be >= 1, got {self.decoder_epochs}"),
+            (self.finetune_epochs >= 1, f"--finetune-epochs must be >= 1, got {self.finetune_epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.head_batch_size >= 1, f"--head-batch-size must be >= 1, got {self.head_batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.finetune_lr > 0, f"--finetune-lr must be > 0, got {self.finetune_lr}"),
+            (self.head_lr_scale > 0, f"--head-lr-scale must be > 0, got {self.head_lr_scale}"),
+            (self.decoder_loss_weight >= 0, f"--decoder-loss-weight must be >= 0, got {self.decoder_loss_weight}"),
+            (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
+            (self.beam_width >= 1, f"--beam-width must be >= 1, got {self.beam_width}"),
+            (self.head_hidden >= 0, f"--head-hidden must be >= 0, got {self.head_hidden}"),
+            (0.0 <= self.head_dropout < 1.0, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
+            (0.0 <= self.decoder_dropout < 1.0, f"--decoder-dropout must be in [0, 1), got {self.decoder_dropout}"),
+            (self.resolution is None or self.resolution >= 8, f"--resolution must be >= 8, got {self.resolution}"),
+            (self.train_from_stage is None or self.train_from_stage >= 1,
+             f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """``auto`` -> ``finetune`` on a GPU, ``partial`` on a CPU; other modes as given.
+
+    A backbone that cannot be split into stages is found only when it is built: the trainer
+    then falls back from an ``auto`` partial run to ``frozen``."""
+    if mode == "auto":
+        return "finetune" if device.type == "cuda" else "partial"
+    return mode

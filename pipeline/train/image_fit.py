@@ -1,0 +1,259 @@
+"""How the image head and the CNN-RNN label decoder learn, in each mode.
+
+- :func:`fit_frozen_heads` (``frozen``): the head, then the decoder, each on the cached
+  pooled features of the frozen backbone, standardised with the training rows' statistics.
+- :func:`fit_jointly` (``partial`` and ``finetune``): the backbone from a stage onward, the
+  head and the decoder, trained together as in the CNN-RNN paper. AdamW with no decay on
+  norms and biases and a higher learning rate for the new head and decoder, square-root
+  scaling with the global batch, warmup + cosine, EMA of the weights with warm-up (the EMA
+  is what is scored and kept), the decoder's loss weighted against the head's, gradient
+  clipping, autocast in the training precision (fp16 with a gradient scaler), channels_last.
+
+Both return a :class:`FittedHeads`; ``pipeline.train.image`` does the rest of the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.branches.image import ImageHeads
+from pipeline.engine.distributed import DistContext, broadcast_state, gather_shards, wrap_model
+from pipeline.engine.loop import (
+    EpochScore,
+    ModelEma,
+    TrainStep,
+    epoch_loader,
+    fit,
+    parameter_groups,
+    predict_probs,
+    scaled_lr,
+    train_one_epoch,
+    warmup_cosine,
+)
+from pipeline.engine.resume import ResumeState
+from pipeline.engine.runtime import autocast_context, grad_scaler, training_memory_format
+from pipeline.metrics import samples_f1, tune_global_threshold
+from pipeline.models.decoder import LabelDecoder, LabelOrder
+from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
+from pipeline.models.image_model import ImageModel
+from pipeline.train.image_config import ImageTrainConfig
+from pipeline.train.image_inputs import FeatureRows, TrainingInputs
+
+
+@dataclass
+class FittedHeads:
+    """What a mode's training leaves: the head and decoder at their best epoch, the feature
+    standardisation they expect, and how the training went."""
+
+    head: ImageHead
+    decoder: LabelDecoder
+    order: LabelOrder
+    norm: FeatureNorm
+    image_best_epoch: int
+    image_score_in_training: float | None
+    decoder_best_epoch: int
+    lr: float
+    images_seen: int = 0
+    epoch_seconds: float = 0.0
+    model: ImageModel | None = field(default=None, repr=False)  # jointly trained: the trunk lives here
+
+
+class _EpochClock:
+    """Wraps a ``train_epoch`` to count the images it trains on and the seconds it takes,
+    validation and saving left out."""
+
+    def __init__(self, train_epoch: Callable[[int], float], images_per_epoch: int) -> None:
+        self.train_epoch, self.images_per_epoch = train_epoch, images_per_epoch
+        self.images, self.seconds = 0, 0.0
+
+    def __call__(self, epoch: int) -> float:
+        started = time.perf_counter()
+        loss = self.train_epoch(epoch)
+        self.seconds += time.perf_counter() - started
+        self.images += self.images_per_epoch
+        return loss
+
+
+def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndarray, beam_width: int,
+                       device: torch.device) -> float:
+    """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time."""
+    decoder = decoder.to(device).eval()
+    decoded = np.zeros_like(y_true)
+    done = 0
+    for features, _ in rows.chunks():
+        sets, _ = decoder.beam_search(features.to(device), beam_width=beam_width)
+        for i, labels in enumerate(sets):
+            decoded[done + i, labels] = 1
+        done += len(sets)
+    return samples_f1(y_true, decoded)
+
+
+# ---------------------------------------------------------------- frozen: heads on cached features
+
+def _fit_on_features(config: ImageTrainConfig, name: str, module: nn.Module, step_loss, train: FeatureRows,
+                     epochs: int, score: Callable[[int], EpochScore], device: torch.device, context: DistContext,
+                     state: ResumeState, clock: list[_EpochClock]) -> dict:
+    """Train ``module`` on cached features with AdamW and warmup + cosine for ``epochs``,
+    keeping the epoch ``score`` rates best (the image head's and the decoder's recipe)."""
+    step = wrap_model(TrainStep(module, step_loss), context)
+    loader = epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
+                          option="--head-batch-size")
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, epochs * len(loader), len(loader))
+    train_epoch = _EpochClock(lambda epoch: train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
+                                                            progress=False, context=context), len(train))
+    clock.append(train_epoch)
+    return fit(name, epochs, train_epoch, score, module, state,
+               {"model": module, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
+
+
+def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
+                     device: torch.device, context: DistContext, resume_dir: Path | None, digest: str) -> FittedHeads:
+    """The image head, then the label decoder, on cached features; each keeps its best epoch.
+
+    Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
+    """
+    clocks: list[_EpochClock] = []
+    head = ImageHead(train.dim, y_val.shape[1], config.head_hidden, config.head_dropout).to(device)
+    loss_fn = get_loss(config.loss)
+    val_loader = DataLoader(val, batch_size=1024)
+
+    def score_head(epoch: int) -> EpochScore:
+        threshold, f1 = tune_global_threshold(y_val, predict_probs(head, val_loader, device))
+        return EpochScore(f1, {"threshold": threshold}, f"val samples-F1 {f1:.4f} (threshold {threshold:.2f})")
+
+    head_best = _fit_on_features(config, "image head", head, lambda m, b: loss_fn(m(b[0]), b[1]), train,
+                                 config.epochs, score_head, device, context,
+                                 ResumeState(resume_dir, "image_head", digest, config.resume, context), clocks)
+
+    order = LabelOrder.from_train(train.targets.numpy(), config.label_order)
+    decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
+                           config.decoder_dropout).to(device)
+    rank = order.rank.to(device)
+
+    def score_decoder(epoch: int) -> EpochScore:
+        # Greedy decoding is cheap enough to score every epoch; the decoder overfits the
+        # label sequences after a few epochs, so the best epoch is kept.
+        f1 = decoded_samples_f1(decoder, val, y_val, beam_width=1, device=device)
+        return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
+
+    decoder_best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank), train,
+                                    config.decoder_epochs, score_decoder, device, context,
+                                    ResumeState(resume_dir, "decoder", digest, config.resume, context), clocks)
+    return FittedHeads(head, decoder, order, train.norm, head_best["epoch"],
+                       head_best["score"], decoder_best["epoch"], config.lr,
+                       sum(c.images for c in clocks), sum(c.seconds for c in clocks))
+
+
+# ---------------------------------------------------------------- partial and finetune: jointly
+
+def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,
+                      device: torch.device) -> ImageModel:
+    """The trunk with a new image head and label decoder, on ``device``, in the training layout."""
+    return ImageModel(
+        trunk,
+        ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
+        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout),
+    ).to(device).to(memory_format=training_memory_format(device))
+
+
+def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder,
+               device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The training loss of a batch (inputs, targets): the head's ``--loss`` plus the decoder's
+    sequence loss times ``--decoder-loss-weight``."""
+    head_loss = get_loss(config.loss)
+    rank = order.rank.to(device)
+
+    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        raw, targets = batch
+        features = m.features(prepare(raw))  # (B, 2C), under autocast
+        # Head and decoder in fp32: they cost little, and the decoder's LSTM would otherwise
+        # run in reduced precision without a gradient scaler.
+        with torch.autocast(device.type, enabled=False):
+            features = features.float()
+            return (head_loss(m.head(features), targets)
+                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank))
+
+    return step_loss
+
+
+def build_optimizer(config: ImageTrainConfig, model: ImageModel) -> tuple[torch.optim.Optimizer, float]:
+    """(AdamW over the trainable parameters, the backbone's learning rate for this global batch)."""
+    lr = scaled_lr(config.finetune_lr, config.batch_size)
+    groups = parameter_groups(model, lr, config.weight_decay, ("head", "decoder"), config.head_lr_scale)
+    return torch.optim.AdamW(groups), lr
+
+
+@torch.inference_mode()
+def _head_probabilities(model: ImageModel, loader: DataLoader, prepare: Callable[[torch.Tensor], torch.Tensor],
+                        device: torch.device, precision: str) -> np.ndarray:
+    """Head probabilities (N, L) of the loader's inputs: what each epoch is scored by."""
+    model.eval()
+    heads = ImageHeads(head=model.head)
+    parts = []
+    for raw, _ in loader:
+        with autocast_context(device, precision):
+            features = model.features(prepare(raw.to(device, non_blocking=True)))  # (B, 2C)
+        parts.append(heads.head_probabilities(features).cpu())
+    return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.num_labels), np.float32)
+
+
+def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, feature_dim: int, y_train: np.ndarray,
+                y_val: np.ndarray, device: torch.device, train_precision: str, context: DistContext,
+                state: ResumeState) -> FittedHeads:
+    """Train the trunk, head and decoder together; keep the EMA weights of the best epoch.
+
+    Under torchrun the model is wrapped in DistributedDataParallel (``--sync-bn`` for global
+    batch-norm statistics). Each rank trains on its share of every global batch and scores
+    its share of the validation split; the shares' probabilities are gathered so every rank
+    keeps the same best epoch, and rank 0's final weights are given to every rank.
+    """
+    model = build_image_model(config, inputs.trunk, feature_dim, y_val.shape[1], device)
+    order = LabelOrder.from_train(y_train, config.label_order)
+    step_loss = joint_loss(config, inputs.prepare, order, device)
+
+    pin = device.type == "cuda"
+    loader = epoch_loader(inputs.train, config.batch_size, context, shuffle=True, seed=config.seed,
+                          workers=inputs.workers, pin_memory=pin, drop_last=len(inputs.train) > config.batch_size,
+                          sampler=inputs.sampler)
+    val_shard = torch.utils.data.Subset(inputs.val, context.shard(len(inputs.val)).tolist())
+    val_loader = DataLoader(val_shard, batch_size=context.local_batch_size(config.batch_size),
+                            num_workers=inputs.workers, pin_memory=pin, persistent_workers=inputs.workers > 0)
+    optimizer, lr = build_optimizer(config, model)
+    scheduler = warmup_cosine(optimizer, config.finetune_epochs * len(loader), int(config.warmup_epochs * len(loader)))
+    ema = ModelEma(model, config.ema_decay)
+    scaler = grad_scaler(device, train_precision)
+    step = wrap_model(TrainStep(model, step_loss), context, config.sync_bn)
+
+    autocast = functools.partial(autocast_context, device, train_precision)
+    train_epoch = _EpochClock(
+        lambda epoch: train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, autocast=autocast,
+                                      grad_clip=config.grad_clip, ema=ema, scaler=scaler, context=context, name=mode),
+        len(loader) * config.batch_size)
+
+    def score(epoch: int) -> EpochScore:
+        probs = _head_probabilities(ema.module, val_loader, inputs.prepare, device, train_precision)
+        probs = gather_shards(torch.from_numpy(probs), context, len(inputs.val)).numpy()
+        threshold, f1 = tune_global_threshold(y_val, probs)
+        return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
+                                      f"EMA decay {ema.current_decay():.4f})")
+
+    best = fit(mode, config.finetune_epochs, train_epoch, score, ema.module, state,
+               {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
+               context=context)
+    # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
+    model.load_state_dict(ema.module.state_dict())
+    broadcast_state(model, context)  # the ranks' batch-norm statistics differ; rank 0's are saved
+    model.cpu().eval()
+    identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
+    return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
+                       train_epoch.images, train_epoch.seconds, model)
