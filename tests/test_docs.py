@@ -1,4 +1,4 @@
-"""The README's package tree lists exactly the modules the package has."""
+"""The package tree in docs/design.md lists exactly the modules the package has."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_tree() -> set[str]:
-    """Module paths (``pipeline/data/images.py``) of the README's ``pipeline/`` tree block."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def package_tree() -> set[str]:
+    """Module paths (``pipeline/data/images.py``) of docs/design.md's ``pipeline/`` tree block."""
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
     block = re.search(r"```\npipeline/\n(.*?)```", text, re.S)
-    assert block, "README.md has no package tree starting with 'pipeline/'"
+    assert block, "docs/design.md has no package tree starting with 'pipeline/'"
     modules, folder = set(), "pipeline/"
     for line in block.group(1).splitlines():
         match = re.match(r"^( *)(\S+)", line)
@@ -28,8 +28,8 @@ def readme_tree() -> set[str]:
     return modules
 
 
-def test_the_readme_tree_lists_every_module_and_no_other():
+def test_the_package_tree_lists_every_module_and_no_other():
     actual = {str(p.relative_to(ROOT)) for p in (ROOT / "pipeline").rglob("*.py") if p.name != "__init__.py"}
-    listed = readme_tree()
-    assert sorted(actual - listed) == [], "modules missing from the README tree"
-    assert sorted(listed - actual) == [], "README tree lists modules that do not exist"
+    listed = package_tree()
+    assert sorted(actual - listed) == [], "modules missing from the package tree in docs/design.md"
+    assert sorted(listed - actual) == [], "the package tree in docs/design.md lists modules that do not exist"
