@@ -1,8 +1,8 @@
-"""Bad input, faults and unsafe files: each row of the README's "Bad input and faults" table.
+"""Bad input, faults and unsafe files: each row of the tables in docs/robustness.md.
 
 Every case either raises a clear error (naming the file and line, or the option at fault)
 or has a documented recovery whose output keeps exactly one row per input row. Rows already
-covered elsewhere are named in the README table; the rest are here.
+covered elsewhere are named in those tables; the rest are here.
 """
 
 from __future__ import annotations
