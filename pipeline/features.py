@@ -81,7 +81,7 @@ def _store_dir(cache_dir: Path, kind: str, key: dict) -> Path:
 
 # Images per forward pass (and per hand-over to the main process) when extracting on CPU:
 # larger chunks run no faster once started but delay every worker's first result, and
-# below about 8 the per-chunk overhead shows (README, "What makes the CPU extraction fast").
+# below about 8 the per-chunk overhead shows (docs/speed.md, "What makes the CPU forward passes fast").
 CPU_BATCH = 16
 # Rows per shard: at most this many (an interrupted extraction loses at most one shard's
 # work), and fewer for large rows, so a shard being written stays small in memory.

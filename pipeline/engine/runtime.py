@@ -56,8 +56,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def training_precision(name: str, device: torch.device) -> str:
     """The precision training computes in: ``resolve_precision``, except that ``auto`` trains
-    in fp32 on a CPU, where bf16 backward passes are slower than fp32 ones (README,
-    "Fine-tuning"); the frozen forward passes there still use bf16."""
+    in fp32 on a CPU, where bf16 backward passes are slower than fp32 ones (docs/recipe.md,
+    "The default recipe on CPU, and why"); the frozen forward passes there still use bf16."""
     if name == "auto" and device.type == "cpu":
         return "fp32"
     return resolve_precision(name, device)
@@ -135,7 +135,7 @@ def reuse_freed_memory() -> bool:
     glibc serves large allocations with mmap and unmaps them when freed, so every forward
     pass of a CNN page-faults its activation buffers back in from zero pages. Raising the
     mmap and trim thresholds lets freed buffers be reused, which speeds the CPU forward pass
-    up markedly (README, "What makes the CPU extraction fast"). The price is that the
+    up markedly (docs/speed.md, "What makes the CPU forward passes fast"). The price is that the
     process keeps its peak memory. Returns False where there is no glibc (nothing changes).
     """
     try:

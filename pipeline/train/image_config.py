@@ -13,7 +13,7 @@ from pipeline.models.heads import LOSSES
 
 MODES = ("auto", "frozen", "partial", "finetune")
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
-# traffic lights); frozen ImageNet features gain nothing from it (README, "Fine-tuning").
+# traffic lights); frozen ImageNet features gain nothing from it (docs/recipe.md, "Fine-tuning").
 FINETUNE_RESOLUTION = 320
 
 
@@ -28,7 +28,7 @@ class ImageTrainConfig(TrainingConfig):
     pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
     resolution: int | None = option(
         None, f"input size in pixels (default: the backbone's own, 224 for Lite0, in frozen mode; at least "
-        f"{FINETUNE_RESOLUTION} when fine-tuning (README, \"Fine-tuning\"))", group="model")
+        f"{FINETUNE_RESOLUTION} when fine-tuning (docs/recipe.md, \"Fine-tuning\"))", group="model")
     mode: str = option(
         "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
         "backbone's first --train-from-stage stages run once and are cached, the later stages train with the "
