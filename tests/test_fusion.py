@@ -117,3 +117,18 @@ def test_missing_branch_is_refused():
     settings = FusionSettings(branches=["image", "caption"], label_ids=[1], weights={"image": 1, "caption": 1})
     with pytest.raises(FusionError, match="caption"):
         settings.predict({"image": np.zeros((1, 1))})
+
+
+def test_the_stacker_falls_back_to_the_weights_for_images_missing_a_branch():
+    # Label 0 reads the image branch's log-odds alone, label 1 the caption's: with intercepts 0
+    # the stacker returns those probabilities themselves.
+    stacker = {"coef": [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], "intercept": [0.0, 0.0], "C": 1.0}
+    settings = FusionSettings(branches=["image", "caption"], label_ids=[1, 2], method="stacker",
+                              weights={"image": 0.25, "caption": 0.75}, stacker=stacker)
+    image = np.array([[0.2, 0.9], [np.nan, np.nan], [0.6, 0.3]])
+    caption = np.array([[0.7, 0.4], [0.1, 0.8], [0.5, 0.5]])
+    fused = settings.probabilities({"image": image, "caption": caption})
+    # Images 0 and 2 are stacked: [p_image label 0, p_caption label 1] (the weights would give
+    # 0.575 and 0.525 for image 0). Image 1 has no image input: the weighted average over the
+    # branches it has: the caption's probabilities (0.75 * p / 0.75, exact up to float rounding).
+    np.testing.assert_allclose(fused, [[0.2, 0.4], [0.1, 0.8], [0.6, 0.5]], rtol=1e-12, atol=0)
