@@ -42,6 +42,14 @@ def test_every_script_has_the_shared_options_and_defaults(script):
     assert script.get_args_parser().parse_args(["--weights", "w"]).weights_dir == "w"  # the short spelling
 
 
+@pytest.mark.parametrize("script, default", [(train_efficientnet, 64), (train_caption_rnn, 32), (inference, 64)],
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_each_script_declares_its_own_batch_size(script, default):
+    """Images and captions batch differently, so --batch-size is each script's, not a shared option."""
+    assert script.get_args_parser().parse_args([]).batch_size == default
+    assert "--batch-size" in script.get_args_parser().format_help()
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
 def test_help_is_grouped_and_shows_only_acting_options(script):
     parser = script.get_args_parser()
