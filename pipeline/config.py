@@ -68,7 +68,6 @@ class CommonConfig:
                               aliases=("--weights",))
     device: str = option("auto", "where to compute: auto picks cuda when available", choices=["auto", "cpu", "cuda"])
     seed: int = option(0, "random seed for the split-independent randomness (initialisation, shuffling)")
-    batch_size: int = option(64, "images or captions per batch")
 
 
 @dataclass

@@ -108,23 +108,35 @@ def simplex_grid(branches: list[str], step: float = 0.05) -> list[dict[str, floa
 
 
 def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], step: float = 0.05) -> tuple[dict[str, float], float, float]:
-    """Simplex weights and global threshold maximising samples-F1: (weights, threshold, F1)."""
+    """Simplex weights and global threshold maximising samples-F1: (weights, threshold, F1).
+
+    The F1 is never below that of any branch alone (a corner of the simplex) at its own tuned
+    threshold.
+    """
+    branches = list(probs_by_branch)
     coarse = THRESHOLD_GRID[::3]  # the weight search needs the threshold only roughly
-    best = (-1.0, {}, 0.5)
-    for weights in simplex_grid(list(probs_by_branch), step):
-        fused = weighted_average(probs_by_branch, weights)
-        threshold, f1 = tune_global_threshold(y_true, fused, coarse)
+    best = (-1.0, {})
+    for weights in simplex_grid(branches, step):
+        _, f1 = tune_global_threshold(y_true, weighted_average(probs_by_branch, weights), coarse)
         if f1 > best[0] + 1e-12:
-            best = (f1, weights, threshold)
-    weights = best[1]
-    threshold, f1 = tune_global_threshold(y_true, weighted_average(probs_by_branch, weights))
-    return weights, threshold, f1
+            best = (f1, weights)
+    # On the coarse grid a blend can beat a branch alone that the full grid puts first, so the
+    # final choice, on the full grid, is between the blend found and every branch alone (the
+    # blend first, so it wins ties).
+    alone = [{b: float(b == branch) for b in branches} for branch in branches]
+    results = [(weights, *tune_global_threshold(y_true, weighted_average(probs_by_branch, weights)))
+               for weights in [best[1], *(w for w in alone if w != best[1])]]
+    return max(results, key=lambda result: result[2])
 
 
 def tune_per_label_thresholds(y_true: np.ndarray, probs: np.ndarray, global_threshold: float,
                               rounds: int = 2) -> np.ndarray:
-    """Per-label thresholds by coordinate ascent on samples-F1 itself, shrunk toward the global one."""
+    """Per-label thresholds by coordinate ascent on samples-F1 itself, shrunk toward the global one.
+
+    Samples-F1 is never below that of the global threshold on ``y_true``.
+    """
     thresholds = np.full(probs.shape[1], global_threshold)
+    current = samples_f1(y_true, binarize(probs, thresholds))
     positives = y_true.sum(axis=0)
     for _ in range(rounds):
         for j in range(probs.shape[1]):
@@ -135,7 +147,13 @@ def tune_per_label_thresholds(y_true: np.ndarray, probs: np.ndarray, global_thre
                 scores.append(samples_f1(y_true, binarize(probs, thresholds_j)))
             best_t = THRESHOLD_GRID[int(np.argmax(scores))]
             weight = positives[j] / (positives[j] + SHRINK_POSITIVES)
-            thresholds[j] = round(float(global_threshold + weight * (best_t - global_threshold)), 3)
+            candidate = thresholds.copy()
+            candidate[j] = round(float(global_threshold + weight * (best_t - global_threshold)), 3)
+            # Samples-F1 is not monotone between a label's threshold and its optimum, so the
+            # shrunk threshold can score below the one it replaces: then the label keeps its own.
+            f1 = samples_f1(y_true, binarize(probs, candidate))
+            if f1 >= current:
+                thresholds, current = candidate, f1
     return thresholds
 
 

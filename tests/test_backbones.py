@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pipeline.data.dataset import DatasetPaths
-from pipeline.data.transforms import normalize_batch
+from pipeline.data.transforms import build_transform, normalize_batch
 from pipeline.features import cache_key, cached_features, extract_features, pool_features
 from pipeline.models.backbones import (
     BackboneWeightsError,
@@ -22,6 +22,7 @@ from pipeline.models.backbones import (
     create_backbone,
     fuse_for_inference,
     load_by_position,
+    pixel_affine,
 )
 from tests.conftest import count_extracted_rows, make_tiny_dataset
 
@@ -155,6 +156,19 @@ def test_folded_model_takes_raw_pixels_and_gives_the_original_output(name, size,
             expected = backbone.module.eval()(normalize_batch(pixels, backbone.preprocessing))
             got = fused(pixels.float())
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_the_pixel_affine_is_the_normalisation_of_the_per_image_transform():
+    """The folded stem, its unfused fallback and normalize_batch all use pixel_affine; the per-image
+    transform normalises with torchvision's own (x / 255 - mean) / std, a reference they all must meet."""
+    preprocessing = {"resolution": 8, "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4]}
+    scale, shift = pixel_affine(preprocessing)
+    # 0 -> -mean / std, 255 -> (1 - mean) / std
+    torch.testing.assert_close(shift.flatten(), torch.tensor([-2.0, -5 / 3, -1.5]))
+    torch.testing.assert_close((255 * scale + shift).flatten(), torch.tensor([3.0, 5 / 3, 1.0]))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    raw = build_transform(preprocessing, normalize=False)(image)
+    torch.testing.assert_close(normalize_batch(raw.unsqueeze(0), preprocessing)[0], build_transform(preprocessing)(image))
 
 
 def test_a_fold_that_changes_the_output_falls_back_to_the_original_behind_a_normalisation():

@@ -35,7 +35,7 @@ from pipeline.data.images import ImageDataset
 from pipeline.features import cached_features
 from pipeline.fusion import FusionError, FusionSettings, save_fusion, weighted_average
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
-from pipeline.inference import write_submission
+from pipeline.inference import predict_in_chunks
 from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -622,6 +622,26 @@ def _interrupted_write(*args: object, **kwargs: object) -> None:
     raise KeyboardInterrupt
 
 
+class _FixedProbabilities:
+    """Stands in for the branches: the given image-branch probabilities, every image readable."""
+
+    unreadable: list[str] = []
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs
+
+    def probabilities(self, frame: pd.DataFrame, description: str = "") -> dict[str, np.ndarray]:
+        return {"image": self.probs}
+
+
+def _submission(path: Path, k: int) -> None:
+    """submission.csv as inference writes it; versions 1 and 2 swap the labels of the two images."""
+    frame = pd.DataFrame({"ImageID": ["0.jpg", "1.jpg"], "Caption": ["", ""]})
+    settings = FusionSettings(branches=["image"], label_ids=[1, 3], weights={"image": 1.0})
+    predict_in_chunks(_FixedProbabilities(np.eye(2)[:, :: (-1) ** k]), frame, settings, LabelSet((1, 3)), path,
+                      chunk_size=2, description="test")
+
+
 def _fusion(path: Path, threshold: float) -> None:
     save_fusion(FusionSettings(branches=["image"], label_ids=[1, 3], weights={"image": 1.0}, threshold=threshold),
                 path)
@@ -632,8 +652,7 @@ ATOMIC_WRITERS: list[tuple[str, Callable[[Path, int], None], tuple[object, str]]
     ("image.pt", lambda p, k: _good_checkpoint(p, config={"run": k}), (torch, "save")),
     ("features-x.pt", lambda p, k: atomic_torch_save({"features": torch.full((4, 2), float(k))}, p), (torch, "save")),
     ("fusion.json", lambda p, k: _fusion(p, 0.1 * k), (Path, "write_text")),
-    ("submission.csv", lambda p, k: write_submission(p, ["0.jpg", "1.jpg"], np.eye(2)[:, :: (-1) ** k],
-                                                     LabelSet((1, 3))), (pd.DataFrame, "to_csv")),
+    ("submission.csv", _submission, (pd.DataFrame, "to_csv")),
     ("val_probs_image.csv", lambda p, k: save_probabilities(p, ["0.jpg"], [1, 3], np.full((1, 2), 0.1 * k)),
      (pd.DataFrame, "to_csv")),
 ]

@@ -1,4 +1,4 @@
-"""The command-line contract of the three scripts: grouped --help, only options that act."""
+"""The command-line contract of the three scripts: grouped --help, only options that act, option values parsed exactly."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.engine.runtime import resolve_device
+from pipeline.inference import parse_weights
 
 SCRIPTS = [train_efficientnet, train_caption_rnn, inference]
 SHARED_OPTIONS = ["--data", "--images", "--weights-dir", "--device", "--seed", "--val-fraction"]
@@ -39,6 +40,14 @@ def test_every_script_has_the_shared_options_and_defaults(script):
     defaults = script.get_args_parser().parse_args([])
     assert defaults.data == "data/demo" and defaults.weights_dir == "weights" and defaults.device == "auto"
     assert script.get_args_parser().parse_args(["--weights", "w"]).weights_dir == "w"  # the short spelling
+
+
+@pytest.mark.parametrize("script, default", [(train_efficientnet, 64), (train_caption_rnn, 32), (inference, 64)],
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_each_script_declares_its_own_batch_size(script, default):
+    """Images and captions batch differently, so --batch-size is each script's, not a shared option."""
+    assert script.get_args_parser().parse_args([]).batch_size == default
+    assert "--batch-size" in script.get_args_parser().format_help()
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
@@ -80,6 +89,35 @@ def test_bad_option_values_are_refused_by_name(capsys):
 def test_impossible_image_settings_fail_naming_the_option_before_any_work(argv, option, tmp_path):
     with pytest.raises(ValueError, match=f"^{option} "):
         train_efficientnet.main(["--data", str(tmp_path / "absent"), *argv])
+
+
+@pytest.mark.parametrize("text, weights", [
+    ("image=0.5,caption=0.4", {"image": 0.5, "caption": 0.4}),
+    (" image = 0.5 , decoder=1 ", {"image": 0.5, "decoder": 1.0}),  # spaces around names and values
+    ("caption=1e-1", {"caption": 0.1}),
+    ("image=0,caption=2", {"image": 0.0, "caption": 2.0}),  # not normalised: fusion divides by the sum
+])
+def test_fusion_weights_parse_to_exact_values(text, weights):
+    parsed = parse_weights(text)
+    assert parsed == weights and list(parsed) == list(weights)
+
+
+PAIRS = "expected branch=weight pairs with branches from image, decoder, caption"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("imag=1", f"--fusion-weights 'imag=1': {PAIRS}"),
+    ("image", f"--fusion-weights 'image': {PAIRS}"),
+    ("image=", f"--fusion-weights 'image=': {PAIRS}"),
+    ("=1", f"--fusion-weights '=1': {PAIRS}"),
+    ("image=1,", f"--fusion-weights 'image=1,': {PAIRS}"),
+    ("image=abc", "--fusion-weights 'image=abc': 'abc' is not a number"),
+    ("image= ", "--fusion-weights 'image= ': ' ' is not a number"),
+])
+def test_bad_fusion_weights_are_refused_with_exact_messages(text, message):
+    with pytest.raises(ValueError) as caught:
+        parse_weights(text)
+    assert str(caught.value) == message
 
 
 def test_device_resolution(monkeypatch):

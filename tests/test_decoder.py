@@ -60,32 +60,37 @@ def test_make_sequences_frequent_first():
 
 
 def test_make_sequences_rare_first():
+    # The order as training builds it: LabelOrder.from_train, its rank given to the loss.
     order = LabelOrder.from_train(TRAIN, "rare")
-    inputs, targets, mask = order.make_sequences(torch.tensor(BATCH[:2]))
+    inputs, targets, mask = make_sequences(torch.tensor(BATCH[:2]), order.rank)
     # Row 0 holds {0, 1, 3}: rare order 0, 3, 1.
     assert inputs.tolist() == [[START, 0, 3, 1], [START, 2, PAD, PAD]]
     assert targets.tolist() == [[0, 3, 1, END], [2, END, PAD, PAD]]
     assert mask.tolist() == [[True] * 4, [True, True, False, False]]
 
 
-def test_label_order_round_trip():
-    order = LabelOrder.from_train(TRAIN)
-    assert order.num_labels == 4
-    assert order.labels_in_order == [1, 3, 0, 2]
-    assert LabelOrder.from_list(order.to_list()).rank.tolist() == order.rank.tolist()
+def test_label_order_records_the_rank_as_a_plain_list():
+    # What image checkpoints store as "label_order": rank[j] = position of label j.
+    assert LabelOrder.from_train(TRAIN).to_list() == [2, 0, 3, 1]
+    assert LabelOrder.from_train(TRAIN, "rare").to_list() == [1, 3, 0, 2]
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_forward_shape_loss_and_gradients(tie):
-    model = small_decoder(tie_embeddings=tie)
+    model = small_decoder(tie_embeddings=tie).eval()  # no dropout: the reference sees the same logits
     features = torch.randn(4, 10)
     multi_hot = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 1], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0]])
     rank = label_rank(multi_hot)
-    inputs, _, _ = make_sequences(multi_hot, rank)
-    assert model(features, inputs).shape == (4, 4, 6)  # (B, max labels + 1, L + 1)
+    inputs, targets, mask = make_sequences(multi_hot, rank)
+    logits = model(features, inputs)
+    assert logits.shape == (4, 4, 6)  # (B, max labels + 1, L + 1)
 
-    loss = model.loss(features, multi_hot, rank, label_smoothing=0.1)
-    assert torch.isfinite(loss)
+    # Reference: the log-probability of every target step that is not padding, summed over the
+    # steps of each image, averaged over the 4 images.
+    log_probs = torch.log_softmax(logits, dim=2).gather(2, targets.clamp(max=5).unsqueeze(2)).squeeze(2)
+    expected = -(log_probs * mask).sum() / 4
+    loss = model.loss(features, multi_hot, rank)
+    torch.testing.assert_close(loss, expected)
     loss.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -212,7 +217,7 @@ def test_decoder_learns_synthetic_label_sets():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(100):
         optimizer.zero_grad()
-        model.loss(x_train, y_train, order).backward()
+        model.loss(x_train, y_train, order.rank).backward()
         optimizer.step()
 
     sets, scores = model.beam_search(x_test, beam_width=3)

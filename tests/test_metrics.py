@@ -5,6 +5,7 @@ import pytest
 from sklearn.metrics import f1_score, jaccard_score
 
 from pipeline.metrics import (
+    THRESHOLD_GRID,
     binarize,
     evaluate_probs,
     jaccard,
@@ -15,6 +16,7 @@ from pipeline.metrics import (
     per_label_average_precision,
     per_label_prf,
     samples_f1,
+    tune_global_threshold,
 )
 
 # Hand-worked example, 3 images x 4 labels.
@@ -199,3 +201,29 @@ def test_other_shape_errors():
 def test_non_binary_labels_raise():
     with pytest.raises(ValueError, match="y_pred must contain only 0/1"):
         samples_f1(Y_TRUE, Y_PRED * 2)
+
+
+# Two images, two labels; image 0 holds both labels, image 1 label 0 only. Label 0 scores 0.9 on
+# both, so it is always predicted; what the threshold t decides is label 1:
+#   image 0 (label 1 at p):    predicted when t <= p: F1 1, else 2/3
+#   image 1 (label 1 at 0.62): predicted when t <= 0.62: F1 2/3, else 1
+# so samples-F1 is (1 + 2/3) / 2 for t <= p and for t > 0.62, and 2/3 in between: two tied plateaus.
+TIE_TRUTH = np.array([[1, 1], [1, 0]])
+PLATEAU = (1 + 2 / 3) / 2  # 5/6 as the mean over the two images rounds it
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.41, 0.41),  # plateaus 0.02..0.41 and 0.63..0.95: 0.41 is 0.09 from 0.5, 0.63 is 0.13
+    (0.35, 0.63),  # plateaus 0.02..0.35 and 0.63..0.95: 0.63 is the closer, though above 0.5
+])
+def test_tied_thresholds_go_to_the_one_closest_to_half(p, expected):
+    probs = np.array([[0.9, p], [0.9, 0.62]])
+    assert tune_global_threshold(TIE_TRUTH, probs) == (expected, PLATEAU)
+    # The ties are real: every threshold of both plateaus, and no other, reaches the optimum.
+    tied = [t for t in THRESHOLD_GRID if samples_f1(TIE_TRUTH, binarize(probs, t)) == PLATEAU]
+    assert tied == [t for t in THRESHOLD_GRID if t <= p or t >= 0.63]
+
+
+def test_a_plateau_holding_half_gives_half():
+    # Perfect for every t in (0.2, 0.8]: 0.5 lies inside the optimum, away from both its ends.
+    assert tune_global_threshold(np.array([[1, 0], [0, 1]]), np.array([[0.9, 0.2], [0.1, 0.8]])) == (0.5, 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import pytest
 
 import inference
 from pipeline.data.images import ImageReadError
-from pipeline.fusion import load_fusion
+from pipeline.fusion import FusionSettings, load_fusion, save_fusion
+
+# Every probability of a record is rounded to 4 places: off by up to this much.
+ROUNDING = 5e-5
+# The pinned stacker's intercepts, one per label: it returns sigmoid(logit(p_image) + c).
+STACKER_INTERCEPTS = [-1.0, -0.5, 0.5, 1.0]
 
 
 @pytest.fixture
@@ -32,8 +38,41 @@ def run(trained_branches, tmp_path):
     return data, weights, submission, predict
 
 
-def test_given_files_get_the_labels_batch_inference_gives_them(run, capsys):
-    data, _, submission, predict = run
+def pin_fusion(weights: Path, method: str) -> FusionSettings:
+    """Rewrite the tuned fusion.json to use ``method`` with known settings, as a hand edit would
+    (inference reads fusion.json as it is when it fits the branches, whatever tuning chose).
+
+    weighted: hand weights. stacker: each label reads the image branch's log-odds alone, shifted
+    by its intercept, and the weights (the fallback for images missing a branch) give the caption
+    everything, so a fused probability shows which path made it."""
+    settings = load_fusion(weights / "fusion.json")
+    if method == "weighted":
+        settings.method, settings.stacker = "weighted", None
+        settings.weights = {"image": 0.5, "decoder": 0.2, "caption": 0.3}
+    else:
+        labels, image = len(settings.label_ids), settings.branches.index("image")
+        coef = [[1.0 if k == image * labels + j else 0.0 for k in range(len(settings.branches) * labels)]
+                for j in range(labels)]
+        settings.method, settings.stacker = "stacker", {"coef": coef, "intercept": STACKER_INTERCEPTS, "C": 1.0}
+        settings.weights = {"image": 0.0, "decoder": 0.0, "caption": 1.0}
+    save_fusion(settings, weights / "fusion.json")
+    return settings
+
+
+@pytest.fixture(params=["weighted", "stacker"])
+def pinned(run, request, tmp_path):
+    """``run`` with fusion.json pinned to each method in turn, and the batch submission under it."""
+    data, weights, _, predict = run
+    settings = pin_fusion(weights, request.param)
+    batch = tmp_path / "pinned"
+    inference.main(["--data", str(data), "--weights", str(weights), "--output", str(batch), "--workers", "0",
+                    "--val-fraction", "0.25"])
+    submission = pd.read_csv(batch / "submission.csv", dtype=str, keep_default_na=False)
+    return data, settings, submission, predict
+
+
+def test_given_files_get_the_labels_batch_inference_gives_them(pinned, capsys):
+    data, _, submission, predict = pinned
     test = pd.read_csv(data / "test.csv", dtype=str)
     rows = test.iloc[[0, 3]]
     files = [str(data / "data" / image_id) for image_id in rows["ImageID"]]
@@ -54,17 +93,25 @@ def test_given_files_get_the_labels_batch_inference_gives_them(run, capsys):
     assert json.loads(Path(result["output"]).read_text()) == records
 
 
-def test_fused_probabilities_follow_the_tuned_fusion(run):
-    data, weights, _, predict = run
+def test_fused_probabilities_follow_fusion_json(pinned):
+    data, settings, _, predict = pinned
     image_id, caption = pd.read_csv(data / "test.csv", dtype=str).iloc[1][["ImageID", "Caption"]]
     record = predict("--image", str(data / "data" / image_id), "--caption", caption)["predictions"][0]
-    settings = load_fusion(weights / "fusion.json")
-    if settings.method != "weighted":
-        pytest.skip("the tiny run tuned a stacker; the weighted check below does not apply")
-    total = sum(settings.weights.get(b, 0.0) for b in record["branches"])
-    for label, fused in record["fused"].items():
-        expected = sum(settings.weights.get(b, 0.0) * probs[label] for b, probs in record["branches"].items()) / total
-        assert fused == pytest.approx(expected, abs=2e-4)  # both sides rounded to 4 places
+    assert record["image_readable"] and set(record["branches"]) == set(settings.branches)
+    branches = record["branches"]
+    assert len(record["fused"]) == len(STACKER_INTERCEPTS)
+    for label, c in zip(record["fused"], STACKER_INTERCEPTS):
+        if settings.method == "weighted":
+            total = sum(settings.weights.values())
+            expected = sum(w * branches[b][label] for b, w in settings.weights.items()) / total
+            # A weighted average of inputs each off by ROUNDING is off by ROUNDING too.
+            bound = 2 * ROUNDING
+        else:
+            p = min(max(branches["image"][label], 1e-4), 1 - 1e-4)  # the stacker's clip
+            expected = 1 / (1 + math.exp(-(math.log(p / (1 - p)) + c)))
+            # d expected / d p is at most e^|c|, so the rounded input moves it by up to e^|c| ROUNDING.
+            bound = ROUNDING + math.exp(abs(c)) * ROUNDING
+        assert record["fused"][label] == pytest.approx(expected, abs=bound + 1e-9)
 
 
 def test_a_missing_image_is_predicted_from_its_caption(run, tmp_path):

@@ -26,8 +26,8 @@ def test_stemming_merges_word_forms():
     ids, _ = vocab.encode(["dogs"], max_len=3)
     assert ids[0, 0].item() == vocab.index["dog"]
     # The stemming switch travels beside the plain list and must match for equality.
-    assert Vocabulary.from_list(vocab.to_list(), stem=True) == vocab
-    assert Vocabulary.from_list(vocab.to_list(), stem=False) != vocab
+    assert Vocabulary(vocab.to_list(), stem=True) == vocab
+    assert Vocabulary(vocab.to_list(), stem=False) != vocab
 
 
 def test_vocabulary_min_freq_specials_and_order():
@@ -45,13 +45,13 @@ def test_vocabulary_round_trips_through_a_plain_list():
     vocab = Vocabulary.build(CAPTIONS, min_freq=1)
     tokens = vocab.to_list()
     assert isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)
-    again = Vocabulary.from_list(list(tokens))
+    again = Vocabulary(list(tokens))
     assert again == vocab
     ids, lengths = vocab.encode(CAPTIONS, max_len=20)
     ids2, lengths2 = again.encode(CAPTIONS, max_len=20)
     assert torch.equal(ids, ids2) and torch.equal(lengths, lengths2)
     with pytest.raises(ValueError, match="must start with"):
-        Vocabulary.from_list(["a", "b"])
+        Vocabulary(["a", "b"])
 
 
 def test_encode_pads_truncates_and_keeps_empty_captions():

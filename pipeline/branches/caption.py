@@ -86,7 +86,7 @@ def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.d
     num_labels = len(checkpoint["label_ids"])
     if len(captions) == 0:
         return np.zeros((0, num_labels), dtype=np.float32)
-    vocab = Vocabulary.from_list(checkpoint["vocab"], stem=bool(config["stem"]))
+    vocab = Vocabulary(checkpoint["vocab"], stem=bool(config["stem"]))
     members = build_ensemble(model_settings(config), int(config["ensemble"]), len(vocab), num_labels)
     members.load_state_dict(checkpoint["state_dict"])
     members.to(device)

@@ -78,13 +78,9 @@ class Vocabulary:
         return cls([*SPECIAL_TOKENS, *kept], stem)
 
     def to_list(self) -> list[str]:
-        """The plain list of tokens (id = position) stored in the checkpoint."""
+        """The plain list of tokens (id = position) stored in the checkpoint; ``Vocabulary(tokens,
+        stem)`` rebuilds the vocabulary from it."""
         return list(self.tokens)
-
-    @classmethod
-    def from_list(cls, tokens: Sequence[str], stem: bool = False) -> Vocabulary:
-        """The vocabulary saved by :meth:`to_list` (``stem`` as it was built)."""
-        return cls(tokens, stem)
 
     def __len__(self) -> int:
         return len(self.tokens)

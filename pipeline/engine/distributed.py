@@ -42,10 +42,6 @@ class DistContext:
     distributed: bool = False
 
     @property
-    def enabled(self) -> bool:
-        return self.distributed
-
-    @property
     def is_main(self) -> bool:
         """Rank 0 alone writes checkpoints, caches, logs and summaries."""
         return self.rank == 0
@@ -124,7 +120,7 @@ def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = 
     (``--sync-bn``) makes batch norm use the statistics of the global batch, which helps
     when each process's share of a batch is small.
     """
-    if not context.enabled:
+    if not context.distributed:
         return module
     if sync_batch_norm:
         if context.device.type != "cuda":
@@ -149,7 +145,7 @@ def broadcast_state(module: nn.Module, context: DistContext) -> None:
     rank's last forward updates its own. Rank 0's are the ones saved, so every rank continues
     with those, and computes what the saved model computes.
     """
-    if not context.enabled:
+    if not context.distributed:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         moved = tensor.data.to(context.device)
@@ -159,7 +155,7 @@ def broadcast_state(module: nn.Module, context: DistContext) -> None:
 
 def barrier(context: DistContext) -> None:
     """Wait for every rank (a no-op in one process)."""
-    if context.enabled:
+    if context.distributed:
         dist.barrier(device_ids=[context.device.index] if context.device.type == "cuda" else None)
 
 
@@ -169,7 +165,7 @@ def all_ranks_agree(flag: bool, context: DistContext) -> bool:
     On several machines without a shared file system one rank may see a file another does
     not; deciding together keeps every rank on the same path through the collectives.
     """
-    if not context.enabled:
+    if not context.distributed:
         return flag
     value = torch.tensor([int(flag)], device=context.device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
@@ -183,7 +179,7 @@ def mean_across_ranks(total: float | torch.Tensor, count: int, context: DistCont
     """
     values = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=context.device).reshape(()),
                           torch.tensor(float(count), dtype=torch.float64, device=context.device)])
-    if context.enabled:
+    if context.distributed:
         dist.all_reduce(values)
     return (values[0] / values[1].clamp(min=1)).item()
 
@@ -195,7 +191,7 @@ def gather_shards(local: torch.Tensor, context: DistContext, total: int) -> torc
     ``all_gather`` and cut back. The result has ``total`` rows on every rank, on the device
     ``local`` came from (the collective itself runs on ``context.device``).
     """
-    if not context.enabled:
+    if not context.distributed:
         return local
     sizes = [len(part) for part in np.array_split(np.arange(total), context.world_size)]
     padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=context.device)

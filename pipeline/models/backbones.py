@@ -47,6 +47,14 @@ def make_preprocessing(resolution: int, mean: tuple[float, ...], std: tuple[floa
     }
 
 
+def pixel_affine(preprocessing: dict, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1): ``pixels * scale + shift`` is the normalised image
+    ``(pixels / 255 - mean) / std`` of raw pixel values 0..255, as one multiply-add."""
+    mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
+
+
 class BackboneWeightsError(RuntimeError):
     """Weights that do not fit the backbone; names the file."""
 
@@ -208,14 +216,13 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 class _NormalizeInput(nn.Module):
-    """Raw pixel values (0..255) -> the normalised image a backbone was trained on: the same
-    arithmetic as ``data.transforms.normalize_batch``, which models may not import."""
+    """Raw pixel values (0..255) -> the normalised image a backbone was trained on (``pixel_affine``)."""
 
     def __init__(self, preprocessing: dict) -> None:
         super().__init__()
-        std = torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std))
-        self.register_buffer("shift", -torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) / std)
+        scale, shift = pixel_affine(preprocessing)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, pixels.float(), self.scale)
@@ -224,9 +231,9 @@ class _NormalizeInput(nn.Module):
 class RawPixelStem(nn.Module):
     """A backbone's first convolution, fed raw pixel values (0..255) instead of normalised ones.
 
-    Normalisation is ``(x - 255 mean) * scale`` per channel. The scale folds into the weights
-    and the shift into the bias exactly, except where the convolution reads its zero padding
-    (a normalised zero is a raw ``255 mean``), so the outputs along the border get a fixed
+    Normalisation is ``x * scale + shift`` per channel (``pixel_affine``). The scale folds into
+    the weights and the shift into the bias exactly, except where the convolution reads its zero
+    padding (a normalised zero is a raw ``255 mean``), so the outputs along the border get a fixed
     correction, found once per input size by convolving a constant image. A batch then needs
     no normalisation pass of its own: the uint8 images only change type.
     """
@@ -235,11 +242,12 @@ class RawPixelStem(nn.Module):
         super().__init__()
         self.reference = _NormalizeInput(preprocessing), copy.deepcopy(conv)  # a tuple: not a submodule
         self.conv = copy.deepcopy(conv)
-        scale = 1.0 / (255.0 * torch.tensor(preprocessing["std"]).view(1, 3, 1, 1))
-        shift = 255.0 * torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)  # the raw value that normalises to 0
+        scale, shift = pixel_affine(preprocessing)
         with torch.no_grad():
+            # A convolution W of x * scale + shift is one of weights W * scale on x, plus the bias
+            # sum(W * shift) per output channel (away from the padding).
+            offset = (self.conv.weight * shift).sum(dim=(1, 2, 3))  # (C_out,)
             self.conv.weight.mul_(scale)
-            offset = -(self.conv.weight * shift).sum(dim=(1, 2, 3))  # (C_out,)
             if self.conv.bias is None:
                 self.conv.bias = nn.Parameter(offset)
             else:

@@ -106,7 +106,7 @@ def make_sequences(multi_hot: ArrayLike, rank: Tensor) -> tuple[Tensor, Tensor, 
 
 @dataclass(frozen=True)
 class LabelOrder:
-    """A fixed label emission order; store ``to_list()`` in checkpoints to restore it."""
+    """A fixed label emission order; checkpoints store ``to_list()`` to record it."""
 
     rank: Tensor  # (L,) long; rank[j] = emission position of label j
 
@@ -115,27 +115,8 @@ class LabelOrder:
         """Order labels by their frequency in a (N, L) training matrix (see ``label_rank``)."""
         return cls(label_rank(train_multi_hot, order))
 
-    @classmethod
-    def from_list(cls, rank: list[int]) -> LabelOrder:
-        """Inverse of ``to_list``."""
-        return cls(torch.tensor(rank, dtype=torch.long))
-
     def to_list(self) -> list[int]:
         return self.rank.tolist()
-
-    @property
-    def num_labels(self) -> int:
-        return int(self.rank.shape[0])
-
-    @property
-    def labels_in_order(self) -> list[int]:
-        """Label indices in emission order (the first one is emitted first)."""
-        return torch.argsort(self.rank).tolist()
-
-    def make_sequences(self, multi_hot: ArrayLike) -> tuple[Tensor, Tensor, Tensor]:
-        """``make_sequences(multi_hot, self.rank)`` on the device of ``multi_hot``."""
-        device = multi_hot.device if isinstance(multi_hot, Tensor) else None
-        return make_sequences(multi_hot, self.rank.to(device))
 
 
 class LabelDecoder(nn.Module):
@@ -226,13 +207,7 @@ class LabelDecoder(nn.Module):
         weight, bias = self._output_weight_bias()
         return F.linear(self.dropout(merged), weight, bias)  # (B, T, L+1)
 
-    def loss(
-        self,
-        features: Tensor,
-        multi_hot: ArrayLike,
-        rank: Tensor | LabelOrder,
-        label_smoothing: float = 0.0,
-    ) -> Tensor:
+    def loss(self, features: Tensor, multi_hot: ArrayLike, rank: Tensor) -> Tensor:
         """Cross-entropy of the ordered label sequences: summed over each sequence's steps
         (padding excluded), averaged over the images.
 
@@ -240,15 +215,12 @@ class LabelDecoder(nn.Module):
         DistributedDataParallel processes equal to the loss of the whole batch.
         ``multi_hot`` is the (B, L) 0/1 target; ``rank`` fixes the order (``label_rank``).
         """
-        if isinstance(rank, LabelOrder):
-            rank = rank.rank
         inputs, targets, _ = make_sequences(multi_hot, rank.to(features.device))  # (B, T) x2
         logits = self(features, inputs)  # (B, T, L+1)
         summed = F.cross_entropy(
             logits.reshape(-1, self.num_outputs),
             targets.reshape(-1),
             ignore_index=self.tokens.pad,  # PAD targets are exactly the masked-out steps
-            label_smoothing=label_smoothing,
             reduction="sum",
         )
         return summed / max(len(features), 1)
