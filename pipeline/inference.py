@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -118,10 +119,15 @@ def parse_weights(text: str) -> dict[str, float]:
         name = name.strip()
         if name not in BRANCHES or not value:
             raise ValueError(f"--fusion-weights {text!r}: expected branch=weight pairs with branches from {', '.join(BRANCHES)}")
+        if name in weights:
+            raise ValueError(f"--fusion-weights {text!r}: {name} is given twice")
         try:
-            weights[name] = float(value)
+            weight = float(value)
         except ValueError:
             raise ValueError(f"--fusion-weights {text!r}: {value!r} is not a number") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"--fusion-weights {text!r}: {value!r} must be a finite number >= 0")
+        weights[name] = weight
     return weights
 
 
@@ -304,13 +310,6 @@ def _validation_split(weights_dir: Path, branches: list[str], labels: LabelSet,
         return None, None
     return (labels.encode(val_images[LABELS_COLUMN]),
             validation_probabilities(weights_dir, branches, val_images[ID_COLUMN].tolist(), list(labels.ids)))
-
-
-def write_submission(path: Path, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:
-    """``ImageID,Labels`` with space-separated original label ids, one row per image, atomically."""
-    with atomic_text_writer(path) as handle:
-        handle.write(f"{ID_COLUMN},{LABELS_COLUMN}\n")
-        _write_rows(handle, image_ids, predictions, labels)
 
 
 def _write_rows(handle, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:

@@ -113,6 +113,10 @@ PAIRS = "expected branch=weight pairs with branches from image, decoder, caption
     ("image=1,", f"--fusion-weights 'image=1,': {PAIRS}"),
     ("image=abc", "--fusion-weights 'image=abc': 'abc' is not a number"),
     ("image= ", "--fusion-weights 'image= ': ' ' is not a number"),
+    ("image=1,image=2", "--fusion-weights 'image=1,image=2': image is given twice"),
+    ("image=-0.5", "--fusion-weights 'image=-0.5': '-0.5' must be a finite number >= 0"),
+    ("image=nan", "--fusion-weights 'image=nan': 'nan' must be a finite number >= 0"),
+    ("caption=inf", "--fusion-weights 'caption=inf': 'inf' must be a finite number >= 0"),
 ])
 def test_bad_fusion_weights_are_refused_with_exact_messages(text, message):
     with pytest.raises(ValueError) as caught:
