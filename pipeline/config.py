@@ -96,11 +96,11 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
         help_text, section, aliases = meta.pop("help"), sections[meta.pop("group")], meta.pop("aliases")
         flags = ["--" + f.name.replace("_", "-"), *aliases]
         hint = hints[f.name]
-        if hint is bool:
+        value_type = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        if value_type is bool:  # bool, or bool | None where None means "decided by the run"
             section.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                  help=help_text)
             continue
-        value_type = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         if typing.get_origin(value_type) is list:
             meta.setdefault("nargs", "+")
             value_type = typing.get_args(value_type)[0]

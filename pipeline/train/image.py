@@ -90,7 +90,8 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # Frozen forward passes (features, stage maps, inference) and training may compute differently.
     precision = resolve_precision(config.precision, device)
     train_precision = precision if mode == "frozen" else training_precision(config.precision, device)
-    views = VIEWS if config.flip_views else VIEWS[:1]
+    flip = config.flip_views if config.flip_views is not None else mode != "frozen"
+    views = VIEWS if flip else VIEWS[:1]
     stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
     all_ids = training_image_ids(train, val)
 

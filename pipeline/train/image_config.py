@@ -40,8 +40,11 @@ class ImageTrainConfig(TrainingConfig):
         "auto", "arithmetic of the backbone, in training and in feature extraction here and in inference: auto = "
         "bf16 where the hardware computes it natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp16 "
         "with a gradient scaler on a GPU and fp32 on a CPU", choices=list(PRECISIONS), group="run")
-    flip_views: bool = option(False, "also extract mirrored images and average the two views' features, in "
-                              "training and inference (frozen and partial modes; doubles inference time)", group="model")
+    flip_views: bool | None = option(
+        None, "also extract mirrored images and average the two views' features, for the validation "
+        "probabilities and in inference (test-time flip); in frozen mode the heads also train on the averaged "
+        "features. Default: on when the backbone is fine-tuned (partial, finetune), off in frozen mode, "
+        "where it would double the training extraction", group="model")
     head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)", group="model")
     head_dropout: float = option(0.5, "dropout of the image head", group="model")
     loss: str = option("bce", "image head loss: binary cross-entropy or the asymmetric loss (ASL)",
