@@ -10,7 +10,6 @@ Device and precision are decided by the caller once and passed in; nothing here 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
@@ -33,52 +33,44 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; names the epoch and step."""
 
 
-class ModelEma:
-    """Exponential moving average of a model's weights, evaluated instead of the raw weights.
+class ModelEma(ModelEmaV3):
+    """timm's ModelEmaV3 with this project's warm-up, counting its own updates.
 
-    With ``warmup`` (timm's ModelEmaV3 does the same) the decay at update ``t`` is
-    ``min(decay, (1 + t) / (10 + t))``: the average follows the trained weights closely
-    early on, instead of holding on to the random initial head for thousands of steps
-    (at a fixed 0.999, 82% of the initial weights remain after 200 steps). The update is
-    one fused ``torch._foreach_lerp_`` over every floating tensor.
+    V3's warm-up with ``warmup_gamma=9, warmup_power=1`` gives the ``n``-th update the decay
+    ``1 - (1 + (n - 1) / 9) ** -1 = (n - 1) / (n + 8)``, capped at ``decay``: the first
+    update copies the model, and from there the decay is the ``(1 + t) / (10 + t)`` this
+    loop used before, one update later (0.9174 against 0.9182 at update 100, 0.9823 at 500,
+    0.9955 at 2,000). The average follows the trained weights closely early on instead of
+    holding on to the random initial head (at a fixed 0.999, 82% of the initial weights
+    remain after 200 updates). V3's default warm-up (gamma 1, power 2/3) would be at 0.954
+    already at update 100. Each update is one fused ``torch._foreach_lerp_`` over the float
+    tensors, with no host sync. The update count travels in ``state_dict`` (as extra
+    state), so a resumed run continues the warm-up where it stopped. Without ``warmup``
+    every update uses ``decay``.
     """
 
+    WARMUP_GAMMA, WARMUP_POWER = 9.0, 1.0
+
     def __init__(self, model: nn.Module, decay: float = 0.9998, warmup: bool = True) -> None:
-        self.module = copy.deepcopy(model).eval()
-        self.decay, self.warmup = decay, warmup
+        super().__init__(model, decay=decay, use_warmup=warmup, warmup_gamma=self.WARMUP_GAMMA,
+                         warmup_power=self.WARMUP_POWER, foreach=True)
         self.updates = 0
         for param in self.module.parameters():
             param.requires_grad_(False)
-        self._pairs: tuple[list[torch.Tensor], ...] | None = None
 
     def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    def _tensor_pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
-        """(EMA floats, model floats, EMA others, model others), in state-dict order."""
-        if self._pairs is None:
-            ema_values, values = list(self.module.state_dict().values()), list(model.state_dict().values())
-            floats = [i for i, v in enumerate(ema_values) if v.dtype.is_floating_point]
-            others = [i for i, v in enumerate(ema_values) if not v.dtype.is_floating_point]
-            self._pairs = ([ema_values[i] for i in floats], [values[i].detach() for i in floats],
-                           [ema_values[i] for i in others], [values[i] for i in others])
-        return self._pairs
+        """The decay of the latest update (of the first one, before any)."""
+        return self.get_decay(max(self.updates, 1) if self.use_warmup else None)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_floats, floats, ema_others, others = self._tensor_pairs(model)
-        torch._foreach_lerp_(ema_floats, floats, 1.0 - self.current_decay())
-        for ema_value, value in zip(ema_others, others):
-            ema_value.copy_(value)
         self.updates += 1
+        super().update(model, step=self.updates if self.use_warmup else None)
 
-    def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates}
+    def get_extra_state(self) -> dict:
+        return {"updates": self.updates}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+    def set_extra_state(self, state: dict) -> None:
         self.updates = int(state["updates"])
 
 
