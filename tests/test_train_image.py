@@ -23,7 +23,8 @@ from tests.conftest import TINY_IMAGE_ARGS, count_extracted_rows
 def test_image_head_shapes_and_gradients():
     head = ImageHead(12, 5, hidden=8)
     logits = head(torch.randn(4, 12))
-    assert logits.shape == (4, 5)
+    assert logits.shape == (4, 5) and (head.in_dim, head.num_labels) == (12, 5)
+    assert ImageHead(12, 5, hidden=0).num_labels == 5
     get_loss("bce")(logits, torch.ones(4, 5)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
 
@@ -46,7 +47,7 @@ def test_asymmetric_loss_equals_the_formula_worked_by_hand():
 
 def test_feature_norm_standardises_with_training_statistics():
     x = torch.randn(100, 3) * torch.tensor([1.0, 10.0, 100.0]) + 5
-    z = FeatureNorm(3).fit(x)(x)
+    z = FeatureNorm(3).fit_chunks(x.split(30))(x)
     torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(z.std(0), torch.ones(3), atol=1e-5, rtol=0)
 

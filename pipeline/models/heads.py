@@ -23,15 +23,9 @@ class FeatureNorm(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> FeatureNorm:
-        self.mean.copy_(features.mean(dim=0))
-        self.std.copy_(features.std(dim=0).clamp(min=1e-6))
-        return self
-
-    @torch.no_grad()
     def fit_chunks(self, chunks: Iterable[torch.Tensor]) -> FeatureNorm:
-        """:meth:`fit` over row chunks (B, D) of any precision, summed in float64, so a
-        feature set is standardised without ever being held in float32 at once."""
+        """Fit the mean and (unbiased) std to row chunks (B, D) of any precision, summed in
+        float64, so a feature set is standardised without ever being held in float32 at once."""
         count, total, squares = 0, 0.0, 0.0
         for chunk in chunks:
             values = chunk.double()
@@ -47,10 +41,14 @@ class FeatureNorm(nn.Module):
 
 
 class ImageHead(nn.Module):
-    """Pooled features (B, D) -> one logit per label (B, L); a small MLP, or linear with ``hidden=0``."""
+    """Pooled features (B, D) -> one logit per label (B, L); a small MLP, or linear with ``hidden=0``.
+
+    ``in_dim`` (D) and ``num_labels`` (L) say what it maps.
+    """
 
     def __init__(self, in_dim: int, num_labels: int, hidden: int = 1024, dropout: float = 0.5) -> None:
         super().__init__()
+        self.in_dim, self.num_labels = in_dim, num_labels
         if hidden:
             self.net = nn.Sequential(
                 nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(),

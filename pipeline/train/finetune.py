@@ -219,4 +219,4 @@ def _predict_head(model: ImageModel, loader: DataLoader, prepare: Callable[[torc
         with autocast_context(device, precision):
             features = model.features(prepare(raw.to(device, non_blocking=True)))
         parts.append(torch.sigmoid(model.head(features.float())).float().cpu())
-    return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.net[-1].out_features), np.float32)
+    return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.num_labels), np.float32)
