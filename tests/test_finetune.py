@@ -118,16 +118,19 @@ def test_ema_copies_integer_buffers_and_averages_batch_norm_statistics():
 
 def test_parameter_groups_spare_norms_and_biases_and_speed_up_new_modules():
     model = torch.nn.ModuleDict({"trunk": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
-                                 "head": torch.nn.Linear(4, 2)})
+                                 "head": torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3),
+                                                             torch.nn.Linear(3, 2))})
+    model["trunk"][1].weight.requires_grad_(False)  # frozen: in no group
     groups = parameter_groups(model, lr=1e-3, weight_decay=0.05, new_modules=("head",), new_lr_scale=10.0)
-    by_param = {id(p): g for g in groups for p in g["params"]}
-    assert by_param[id(model["trunk"][0].weight)]["weight_decay"] == 0.05
-    assert by_param[id(model["trunk"][0].weight)]["lr"] == 1e-3
-    for bias_or_norm in (model["trunk"][0].bias, model["trunk"][1].weight, model["trunk"][1].bias):
-        assert by_param[id(bias_or_norm)]["weight_decay"] == 0.0
-    assert by_param[id(model["head"].weight)]["lr"] == pytest.approx(1e-2)
-    assert by_param[id(model["head"].bias)]["weight_decay"] == 0.0
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {(g["lr"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert found == {
+        (1e-3, 0.05): ["trunk.0.weight"],
+        (1e-3, 0.0): ["trunk.0.bias", "trunk.1.bias"],
+        (1e-2, 0.05): ["head.0.weight", "head.2.weight"],
+        (1e-2, 0.0): ["head.0.bias", "head.1.bias", "head.1.weight", "head.2.bias"],
+    }
+    assert len(groups) == 4
     assert scaled_lr(4e-4, 64) == pytest.approx(2e-4) and scaled_lr(4e-4, 1024) == pytest.approx(8e-4)
 
 

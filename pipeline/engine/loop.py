@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
@@ -76,19 +77,19 @@ class ModelEma(ModelEmaV3):
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, new_modules: tuple[str, ...] = (),
                      new_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW parameter groups: no weight decay on norms and biases (one-dimensional tensors,
-    whose decay only fights the normalisation), and ``new_lr_scale`` times the learning rate
-    for the freshly initialised submodules named in ``new_modules`` (the head and decoder
-    learn from scratch while the pretrained backbone only adapts)."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_new = name.split(".", 1)[0] in new_modules
-        groups.setdefault((is_new, param.ndim <= 1), []).append(param)
-    return [{"params": params, "lr": lr * (new_lr_scale if is_new else 1.0),
-             "weight_decay": 0.0 if no_decay else weight_decay}
-            for (is_new, no_decay), params in sorted(groups.items())]
+    """AdamW parameter groups: timm's ``param_groups_weight_decay`` (no weight decay on norms
+    and biases, the one-dimensional tensors, whose decay only fights the normalisation), each
+    split in two: ``new_lr_scale`` times the learning rate for the freshly initialised
+    submodules named in ``new_modules`` (the head and decoder learn from scratch while the
+    pretrained backbone only adapts), ``lr`` for the rest."""
+    new = {id(param) for name, param in model.named_parameters() if name.split(".", 1)[0] in new_modules}
+    groups = []
+    for is_new in (False, True):
+        for group in param_groups_weight_decay(model, weight_decay):
+            params = [param for param in group["params"] if (id(param) in new) == is_new]
+            if params:
+                groups.append({**group, "params": params, "lr": lr * (new_lr_scale if is_new else 1.0)})
+    return groups
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
