@@ -212,15 +212,23 @@ def predict_probs(model: nn.Module, loader: Iterable, device: torch.device) -> n
     return torch.cat(parts).numpy()
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup then cosine decay to zero, stepped once per batch."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay to zero, stepped once per update: the one schedule of
+    every branch, torch's ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``.
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    Update ``i`` (from 0) runs at ``(i + 1) / warmup_steps`` of each group's learning rate
+    during the warm-up, reaching it at update ``warmup_steps - 1``; then at
+    ``(1 + cos(pi * k / (total_steps - warmup_steps))) / 2`` at ``k`` updates after the
+    warm-up: half at half-way, zero after ``total_steps``. ``warmup_steps`` 0 is the
+    cosine alone.
+    """
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    if warmup_steps <= 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0,
+                                               total_iters=max(warmup_steps - 1, 1))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 @dataclass
