@@ -51,3 +51,42 @@ def test_warmup_cosine_resumes_where_it_stopped():
             opt.step()
             sched.step()
         assert resumed_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+
+def one_epoch(scaler, grad_clip=None) -> torch.Tensor:
+    """The weights after one epoch of SGD on a fixed regression, through train_one_epoch."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    batches = [(torch.randn(4, 3) * 5, torch.randn(4, 1)) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    step = TrainStep(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    train_one_epoch(step, batches, optimizer, torch.device("cpu"), 1, grad_clip=grad_clip, scaler=scaler,
+                    progress=False)
+    return torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+
+
+def by_hand(grad_clip=None) -> torch.Tensor:
+    """The same epoch written out: backward, clip, step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    batches = [(torch.randn(4, 3) * 5, torch.randn(4, 1)) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for x, y in batches:
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    return torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_one_scaler_path_disabled_passes_through_and_enabled_unscales_before_clipping(grad_clip):
+    expected = by_hand(grad_clip)
+    assert torch.equal(one_epoch(None, grad_clip), expected)  # no scaler: a disabled one
+    assert torch.equal(one_epoch(torch.amp.GradScaler("cpu", enabled=False), grad_clip), expected)
+    # An enabled scaler multiplies the loss by a power of two and divides the gradients back
+    # before clipping and stepping: the same weights.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    torch.testing.assert_close(one_epoch(scaler, grad_clip), expected, rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == 2.0 ** 10  # no overflow, no skipped step

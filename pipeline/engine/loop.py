@@ -157,10 +157,14 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
     Returns the mean loss over every rank's samples. A non-finite loss stops training
     with an error naming the epoch and step. The loss is summed on the device and read
     back once every ``sync_every`` steps (for the check and the progress bar), so the
-    host never waits for the GPU in between. ``scaler`` scales an fp16 loss. ``name`` labels
+    host never waits for the GPU in between. Every step goes through ``scaler``, a
+    ``torch.amp.GradScaler`` enabled for fp16 (:func:`~pipeline.engine.runtime.grad_scaler`);
+    disabled, or None, it passes the loss and the step through unchanged. ``name`` labels
     the progress bar and the error.
     """
     step.train()
+    if scaler is None:
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
@@ -179,18 +183,12 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
         first_bad.masked_fill_(new_bad, index)
         bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(step.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(step.parameters(), grad_clip)
-            optimizer.step()
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(step.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
