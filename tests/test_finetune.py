@@ -45,23 +45,66 @@ def tiny_backbone(name: str = "test_efficientnet", resolution: int = 32):
         return create_backbone(name, resolution=resolution)
 
 
-def test_ema_warm_up_follows_the_model_early_and_reaches_the_decay_late():
+def v3_decay(update: int, decay: float) -> float:
+    """timm ModelEmaV3's warm-up at the ``update``-th update (1-based), gamma 9, power 1, by hand."""
+    t = update - 1
+    return 0.0 if t <= 0 else min(decay, 1 - (1 + t / 9) ** -1)
+
+
+def test_ema_decay_follows_the_v3_warm_up_and_reaches_the_decay_late():
     model = torch.nn.Linear(3, 2)
     ema = ModelEma(model, decay=0.999)
-    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert isinstance(ema, timm.utils.ModelEmaV3)
+    assert ema.current_decay() == 0.0  # the first update copies the model
+    for update in (1, 2, 101, 501, 2001, 10_000):
+        assert ema.get_decay(update) == pytest.approx(v3_decay(update, 0.999), abs=1e-12)
+    assert ema.get_decay(101) == pytest.approx(100 / 109)  # today's (1 + t) / (10 + t) one update later
+    assert ema.get_decay(2001) == pytest.approx(2000 / 2009)
+    assert ema.get_decay(100_000) == 0.999
     start = ema.module.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
-    # lerp by 1 - 0.1: the average is 90% of the way to the new weights after one step.
-    torch.testing.assert_close(ema.module.weight, start + 0.9)
-    ema.updates = 100_000
-    assert ema.current_decay() == 0.999
+    ema.update(model)  # decay 0: a copy
+    torch.testing.assert_close(ema.module.weight, start + 1.0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # decay 1/10: 90% of the way to the new weights
+    assert ema.updates == 2 and ema.current_decay() == pytest.approx(0.1)
+    torch.testing.assert_close(ema.module.weight, start + 1.9)
     assert ModelEma(model, decay=0.999, warmup=False).current_decay() == 0.999
-    state = ema.state_dict()
-    restored = ModelEma(model)
-    restored.load_state_dict(state)
-    assert restored.updates == 100_000 and torch.equal(restored.module.weight, ema.module.weight)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_update_is_one_fused_lerp(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    ema = ModelEma(model)
+    calls = []
+    lerp = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a, **k: calls.append(len(a[0])) or lerp(*a, **k))
+    ema.update(model)
+    assert calls == [8]  # every float tensor (weights, biases, running statistics) in one call
+
+
+def test_ema_state_round_trips_through_resume(tmp_path):
+    from pipeline.engine.resume import ResumeState
+
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEma(model, decay=0.999)
+    state = ResumeState(tmp_path, "loop", "digest", resume=True)
+    state.begin({"ema": ema}, None, 2)
+    for _ in range(7):
+        with torch.no_grad():
+            model.weight.add_(0.5)
+        ema.update(model)
+    state.end_epoch(1, {"epoch": 1})
+    restored = ModelEma(torch.nn.Linear(3, 2), decay=0.999)
+    epoch, _ = ResumeState(tmp_path, "loop", "digest", resume=True).begin({"ema": restored}, None, 2)
+    assert epoch == 2 and restored.updates == 7 and restored.current_decay() == ema.current_decay()
+    assert torch.equal(restored.module.weight, ema.module.weight)
+    for average in (ema, restored):  # and the next update continues the warm-up identically
+        average.update(model)
+    assert restored.current_decay() == pytest.approx(7 / 16)
+    assert torch.equal(restored.module.weight, ema.module.weight)
 
 
 def test_ema_copies_integer_buffers_and_averages_batch_norm_statistics():
@@ -75,16 +118,19 @@ def test_ema_copies_integer_buffers_and_averages_batch_norm_statistics():
 
 def test_parameter_groups_spare_norms_and_biases_and_speed_up_new_modules():
     model = torch.nn.ModuleDict({"trunk": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
-                                 "head": torch.nn.Linear(4, 2)})
+                                 "head": torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3),
+                                                             torch.nn.Linear(3, 2))})
+    model["trunk"][1].weight.requires_grad_(False)  # frozen: in no group
     groups = parameter_groups(model, lr=1e-3, weight_decay=0.05, new_modules=("head",), new_lr_scale=10.0)
-    by_param = {id(p): g for g in groups for p in g["params"]}
-    assert by_param[id(model["trunk"][0].weight)]["weight_decay"] == 0.05
-    assert by_param[id(model["trunk"][0].weight)]["lr"] == 1e-3
-    for bias_or_norm in (model["trunk"][0].bias, model["trunk"][1].weight, model["trunk"][1].bias):
-        assert by_param[id(bias_or_norm)]["weight_decay"] == 0.0
-    assert by_param[id(model["head"].weight)]["lr"] == pytest.approx(1e-2)
-    assert by_param[id(model["head"].bias)]["weight_decay"] == 0.0
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {(g["lr"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert found == {
+        (1e-3, 0.05): ["trunk.0.weight"],
+        (1e-3, 0.0): ["trunk.0.bias", "trunk.1.bias"],
+        (1e-2, 0.05): ["head.0.weight", "head.2.weight"],
+        (1e-2, 0.0): ["head.0.bias", "head.1.bias", "head.1.weight", "head.2.bias"],
+    }
+    assert len(groups) == 4
     assert scaled_lr(4e-4, 64) == pytest.approx(2e-4) and scaled_lr(4e-4, 1024) == pytest.approx(8e-4)
 
 

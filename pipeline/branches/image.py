@@ -121,7 +121,7 @@ class ImageHeads:
         return torch.sigmoid(self.head(values.to(next(self.head.parameters()).device))).float()
 
     def _num_labels(self) -> int:
-        return (self.head.net[-1].out_features if self.head is not None else self.decoder.num_labels)
+        return (self.head.num_labels if self.head is not None else self.decoder.num_labels)
 
 
 def _feature_norm(checkpoint: dict, feature_dim: int) -> FeatureNorm:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
+from timm.loss import AsymmetricLossMultiLabel
 from torch import nn
-from torch.nn import functional as F
 
 
 class FeatureNorm(nn.Module):
@@ -22,15 +23,9 @@ class FeatureNorm(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> FeatureNorm:
-        self.mean.copy_(features.mean(dim=0))
-        self.std.copy_(features.std(dim=0).clamp(min=1e-6))
-        return self
-
-    @torch.no_grad()
     def fit_chunks(self, chunks: Iterable[torch.Tensor]) -> FeatureNorm:
-        """:meth:`fit` over row chunks (B, D) of any precision, summed in float64, so a
-        feature set is standardised without ever being held in float32 at once."""
+        """Fit the mean and (unbiased) std to row chunks (B, D) of any precision, summed in
+        float64, so a feature set is standardised without ever being held in float32 at once."""
         count, total, squares = 0, 0.0, 0.0
         for chunk in chunks:
             values = chunk.double()
@@ -46,10 +41,14 @@ class FeatureNorm(nn.Module):
 
 
 class ImageHead(nn.Module):
-    """Pooled features (B, D) -> one logit per label (B, L); a small MLP, or linear with ``hidden=0``."""
+    """Pooled features (B, D) -> one logit per label (B, L); a small MLP, or linear with ``hidden=0``.
+
+    ``in_dim`` (D) and ``num_labels`` (L) say what it maps.
+    """
 
     def __init__(self, in_dim: int, num_labels: int, hidden: int = 1024, dropout: float = 0.5) -> None:
         super().__init__()
+        self.in_dim, self.num_labels = in_dim, num_labels
         if hidden:
             self.net = nn.Sequential(
                 nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(),
@@ -62,28 +61,20 @@ class ImageHead(nn.Module):
         return self.net(features)  # (B, L)
 
 
-def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0,
-                    gamma_pos: float = 0.0, clip: float = 0.05) -> torch.Tensor:
-    """Asymmetric loss (Ridnik et al. 2021): easy negatives down-weighted and shifted.
-
-    Multi-label data has many more negatives than positives per image; ASL keeps them from
-    dominating the gradient.
-    """
-    probs = torch.sigmoid(logits)
-    probs_neg = (probs - clip).clamp(min=0) if clip > 0 else probs  # shifted negatives
-    loss_pos = targets * torch.log(probs.clamp(min=1e-8)) * (1 - probs) ** gamma_pos
-    loss_neg = (1 - targets) * torch.log((1 - probs_neg).clamp(min=1e-8)) * probs_neg ** gamma_neg
-    return -(loss_pos + loss_neg).sum(dim=1).mean()
-
-
+# Each name builds its loss: (logits (B, L), targets (B, L)) -> scalar. ASL is the asymmetric
+# loss (Ridnik et al. 2021) of timm: multi-label data has many more negatives than positives
+# per image, and ASL keeps them from dominating the gradient by down-weighting easy negatives
+# (gamma_neg) and shifting their probability down by ``clip``; summed over labels, averaged
+# over the batch ("batchmean"), in float32 whatever the autocast dtype.
 LOSSES = {
-    "bce": lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets),
-    "asl": asymmetric_loss,
+    "bce": nn.BCEWithLogitsLoss,
+    "asl": functools.partial(AsymmetricLossMultiLabel, gamma_neg=4.0, gamma_pos=0.0, clip=0.05,
+                             reduction="batchmean"),
 }
 
 
 def get_loss(name: str):
-    """The multi-label loss by name; an unknown name lists the valid ones."""
+    """A new instance of the multi-label loss ``name``; an unknown name lists the valid ones."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES[name]()

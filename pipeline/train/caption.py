@@ -45,12 +45,15 @@ from pipeline.data.dataset import (
 )
 from pipeline.data.text import Vocabulary, load_word_vectors
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
-from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch
+from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.io import file_digest
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.train.caption_config import CaptionTrainConfig
+
+# Share of the updates spent warming the learning rate up (OneCycleLR's pct_start before).
+WARMUP_SHARE = 0.1
 
 
 def _bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator,
@@ -169,10 +172,10 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     shuffle = torch.Generator().manual_seed(seed)
     loader = _CaptionBatches(train, config.batch_size, shuffle, context)
-    # One-cycle: a short warm-up, then cosine decay over the whole budget of epochs, so
-    # the last epochs fine-tune at a small rate.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=0.1)
+    # The image branch's schedule: a warm-up over the first 10% of the updates, then cosine
+    # decay over the whole budget of epochs, so the last epochs fine-tune at a small rate.
+    total_steps = config.epochs * len(loader)
+    scheduler = warmup_cosine(optimizer, total_steps, round(WARMUP_SHARE * total_steps))
 
     def train_epoch(epoch: int) -> float:
         return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, context=context,
