@@ -31,9 +31,9 @@ MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 # The package's floors: a package imports only packages on lower floors, never one beside or above it.
 FLOORS = {
-    "io": 0, "labels": 0,                                                   # files, label names
-    "data": 1, "models": 1, "shards": 1, "checkpoint": 1, "metrics": 1,    # datasets, networks, stores
-    "engine": 2, "fusion": 2,                                               # device, loop; combining branches
+    "io": 0, "labels": 0,                                          # files, label names
+    "models": 1, "shards": 1, "checkpoint": 1, "metrics": 1,      # networks, stores, scores
+    "data": 2, "engine": 2, "fusion": 2,                           # datasets (their pixels feed models); loop; fusion
     "config": 3, "features": 3, "report": 3,                                # settings, cached features, pages
     "branches": 4,                                                          # what training and inference share
     "train": 5, "inference": 5,
