@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data.dataset import DEMO_DATA
-from pipeline.engine.runtime import default_workers
+from pipeline.engine.runtime import usable_cores
 from pipeline.io import write_json
 
 # ``--help`` sections, in the order shown; an option names its section with ``group=``.
@@ -42,7 +42,7 @@ def option(default, help: str, group: str = "run", aliases: tuple[str, ...] = ()
 
 def workers_option() -> int:
     """``--workers``, for the scripts that decode images."""
-    return option(default_workers(),
+    return option(usable_cores(),
                   "DataLoader worker processes decoding images (default: one per core; under torchrun the "
                   "processes of a machine share them); feature extraction on CPU runs one single-threaded "
                   "decode+forward process per core instead (0: everything in the main process)")

@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
-from pipeline.engine.runtime import autocast_context, compute_dtype
+from pipeline.engine.runtime import autocast_context, compute_dtype, usable_cores
 from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features
@@ -209,7 +208,7 @@ def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[
 def _processes(workers: int) -> int:
     """Single-threaded extraction processes of this rank on CPU: one per core, the cores
     shared among the ranks of this machine (none with ``workers=0``)."""
-    return workers_per_process(len(os.sched_getaffinity(0))) if workers > 0 else 0
+    return workers_per_process(usable_cores()) if workers > 0 else 0
 
 
 def _mean_into(target: np.ndarray, rows: slice, view_number: int, pooled: torch.Tensor) -> None:
@@ -233,10 +232,10 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     CPU, ``processes`` single-threaded workers (default: one per core; with ``workers=0``,
     none) each decode and run their own chunks, and the main process only collects.
     """
-    extractor = _extractor(backbone.module, backbone, (2 * backbone.feature_dim,), precision, device)
+    extractor = _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device)
     if processes is None:
-        processes = len(os.sched_getaffinity(0)) if workers > 0 else 0
-    features = np.zeros((len(image_ids), 2 * backbone.feature_dim), dtype=np.float16)
+        processes = usable_cores() if workers > 0 else 0
+    features = np.zeros((len(image_ids), backbone.pooled_dim), dtype=np.float16)
     readable = np.ones(len(image_ids), dtype=bool)
     units = _units([(0, range(len(image_ids)))], len(views), _unit_size(extractor, batch_size, processes))
     for unit, pooled, ok in _run_units(extractor, paths, image_ids, views, units, workers, processes, description):
@@ -344,7 +343,7 @@ def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[s
 
 def _pooled_fields(backbone: Backbone) -> dict[str, Field]:
     # Float16 halves the bytes; the heads train in fp32 and do not notice the rounding.
-    return {"features": Field((2 * backbone.feature_dim,), "float16"), "readable": Field((), "bool")}
+    return {"features": Field((backbone.pooled_dim,), "float16"), "readable": Field((), "bool")}
 
 
 def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
@@ -356,7 +355,7 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
     the cache when it is complete, else its missing shards extracted first."""
     key = _features_key(backbone, paths, image_ids, views, precision)
     store = _cached_store("features", key, _pooled_fields(backbone),
-                          lambda: _extractor(backbone.module, backbone, (2 * backbone.feature_dim,), precision, device),
+                          lambda: _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device),
                           paths, image_ids, views, cache_dir,
                           batch_size, workers, description, context, shard_rows)
     return CachedFeatures(store), torch.from_numpy(store.read_all("readable"))

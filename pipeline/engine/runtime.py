@@ -100,8 +100,9 @@ def configure_backends(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def default_workers() -> int:
-    """Loader worker processes: one per core this process may use."""
+def usable_cores() -> int:
+    """The cores this process may run on: the default count of loader workers, and of
+    single-threaded extraction processes on a CPU."""
     return len(os.sched_getaffinity(0))
 
 

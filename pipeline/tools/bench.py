@@ -28,7 +28,6 @@ Writes ``--output``/bench.json and prints a table.
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import resource
 import tempfile
@@ -58,6 +57,7 @@ from pipeline.engine.runtime import (
     reuse_freed_memory,
     seed_everything,
     training_precision,
+    usable_cores,
 )
 from pipeline.features import CPU_BATCH
 from pipeline.fusion import FusionSettings, load_fusion
@@ -243,7 +243,7 @@ def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[st
     targets = (np.random.default_rng(0).random((needed, num_labels)) < 0.2).astype(np.float32)
     targets[:, 0] = 1.0  # every image has a label, as in real data
     inputs = image_inputs(backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device, config.workers)
-    model = build_image_model(config, inputs.trunk, 2 * backbone.feature_dim, num_labels, device)
+    model = build_image_model(config, inputs.trunk, backbone.pooled_dim, num_labels, device)
     step = TrainStep(model, joint_loss(config, inputs.prepare, LabelOrder.from_train(targets), device))
     optimizer, _ = build_optimizer(config, model)
     ema, scaler = ModelEma(model), grad_scaler(device, precision)
@@ -324,7 +324,7 @@ def run_benchmark(config: BenchConfig) -> dict:
             predictor.precision = config.precision
         backbone, precision = predictor.backbone, predictor.precision
         resolution = backbone.preprocessing["resolution"]
-        processes = len(os.sched_getaffinity(0)) if device.type == "cpu" and config.workers > 0 else 0
+        processes = usable_cores() if device.type == "cpu" and config.workers > 0 else 0
         batch = min(config.batch_size, CPU_BATCH) if processes else config.batch_size
         results.update(backbone=backbone.name, resolution=resolution, precision=precision,
                        pipeline_batch=batch, pipeline_processes=processes)
@@ -363,7 +363,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         results["decode_resize_ms_per_img"] = min(time_decode(paths, ids[:200], backbone.preprocessing)
                                                   for _ in range(config.repeats))
         results["caption_branch_ms_per_img"] = time_caption(predictor, frame)
-        cores = len(os.sched_getaffinity(0))
+        cores = usable_cores()
         results["cores"] = cores
         for prefix in ("", "effnet_pytorch_"):
             if f"{prefix}pipeline_img_s" not in results:
@@ -380,7 +380,7 @@ def run_benchmark(config: BenchConfig) -> dict:
                                                     config.finetune_batch_size, finetune_batches, config.workers,
                                                     training_precision("auto", device))
     results["train_finetune_batches_timed"] = finetune_batches
-    feature_dim = 2 * backbone.feature_dim
+    feature_dim = backbone.pooled_dim
     results["train_cached_head_img_s"] = time_head_training(_head_step, feature_dim, len(labels),
                                                             config.head_rows, device)
     results["train_cached_decoder_img_s"] = time_head_training(_decoder_step, feature_dim, len(labels),
