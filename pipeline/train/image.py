@@ -225,7 +225,7 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
     weights_dir = Path(config.weights_dir)
     common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
               "preprocessing": preprocessing, "feature_norm": fitted.norm.state_dict()}
-    feature_dim = fitted.norm.mean.shape[0]
+    feature_dim = fitted.head.in_dim
     save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=fitted.head.state_dict(),
                     head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout},
                     **common)

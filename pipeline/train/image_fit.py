@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,6 @@ class FittedHeads:
     lr: float
     images_seen: int = 0
     epoch_seconds: float = 0.0
-    model: ImageModel | None = field(default=None, repr=False)  # jointly trained: the trunk lives here
 
 
 class _EpochClock:
@@ -256,4 +255,4 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     model.cpu().eval()
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
     return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
-                       train_epoch.images, train_epoch.seconds, model)
+                       train_epoch.images, train_epoch.seconds)
