@@ -34,6 +34,7 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
+from pipeline.engine.openvino_runtime import OpenVinoForward
 from pipeline.engine.runtime import autocast_context, compute_dtype, usable_cores
 from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, fuse_for_inference
@@ -47,8 +48,9 @@ VIEWS = ("plain", "flip")
 
 
 def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], precision: str = "fp32",
-              output: str = "avg+max") -> dict:
-    """Everything the features depend on, including each file's size and modification time.
+              output: str = "avg+max", runtime: str = "torch") -> dict:
+    """Everything the features depend on, including each file's size and modification time
+    and the runtime that computes them.
 
     ``output`` is what is kept of the backbone: ``avg+max`` pooled features of the whole
     backbone, or ``stageK`` for the feature maps after its first K stages.
@@ -63,6 +65,7 @@ def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], p
         "weights": backbone.weights_digest,
         "preprocessing": backbone.preprocessing,
         "precision": precision,
+        "runtime": runtime,
         "pooling": output,
         "views": list(views),
         "num_images": len(files),
@@ -97,9 +100,11 @@ def shard_rows_for(fields: dict[str, Field]) -> int:
 
 @dataclass
 class _Extractor:
-    """The inference-ready backbone (or its front) and how to feed it."""
+    """The inference-ready backbone (or its front) and how to feed it: a torch module, or
+    the same graph compiled by OpenVINO."""
 
-    model: torch.nn.Module  # batch norm and normalisation folded (takes raw pixels), channels_last
+    model: torch.nn.Module | None  # batch norm and normalisation folded (takes raw pixels), channels_last
+    compiled: OpenVinoForward | None
     preprocessing: dict
     output_shape: tuple[int, ...]  # per image: (2C,) pooled, or (C, h, w) maps
     precision: str
@@ -126,6 +131,13 @@ class _Extractor:
                 result = self.model(batch)
                 result = pool_features(result) if self.pooled_output else result
             out[ok] = result.to(dtype).cpu()
+        return out
+
+    def finish(self, outputs: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Compiled outputs (B, ...) float32 of a whole batch as :meth:`run` gives them: in the
+        kept dtype, NaN rows for unreadable images (run on their blank stand-ins)."""
+        out = outputs.to(torch.float32 if self.pooled_output else torch.float16)
+        out[~ok] = float("nan")
         return out
 
 
@@ -177,31 +189,45 @@ def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[s
     """(unit, outputs, readable) of every unit, in order.
 
     On CPU with ``processes`` > 0, that many single-threaded workers each decode and run
-    whole units and the main process only collects; otherwise ``workers`` processes decode
-    and the main process (or the GPU) runs the forward.
+    whole units and the main process only collects; otherwise, and always with a compiled
+    model, ``workers`` processes decode and the main process (or the GPU) runs the forward.
     """
     resolution = extractor.preprocessing["resolution"]
     datasets = [ImageDataset(paths, list(image_ids), build_transform(extractor.preprocessing, flip=(view == "flip"),
                                                                      normalize=False),
                              resolution, blank_dtype=torch.uint8) for view in views]
-    in_workers = extractor.device.type == "cpu" and processes > 0
+    in_workers = extractor.compiled is None and extractor.device.type == "cpu" and processes > 0
     count = processes if in_workers else workers
     loader = DataLoader(_UnitImages(datasets, units, extractor if in_workers else None), batch_size=None,
                         num_workers=count, pin_memory=extractor.device.type == "cuda" and not in_workers,
                         prefetch_factor=4 if count else None)
     batches = tqdm(zip(units, loader), total=len(units), desc=description, unit="batch", disable=not show_progress)
+    if extractor.compiled is not None:
+        for (unit, ok), outputs in extractor.compiled.run_many(((unit, ok), images) for unit, (images, ok) in batches):
+            yield unit, extractor.finish(outputs, ok), ok
+        return
     for unit, (outputs, ok) in batches:
         yield unit, (outputs if in_workers else extractor.run(outputs, ok)), ok
 
 
 def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:
-    return min(batch_size, CPU_BATCH) if extractor.device.type == "cpu" and processes > 0 else batch_size
+    on_cpu = extractor.device.type == "cpu" and (processes > 0 or extractor.compiled is not None)
+    return min(batch_size, CPU_BATCH) if on_cpu else batch_size
 
 
 def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[int, ...], precision: str,
-               device: torch.device) -> _Extractor:
+               device: torch.device, runtime: str = "torch", output: str = "avg+max",
+               model_cache: Path | None = None) -> _Extractor:
+    """The extractor of ``module`` (the backbone, or its front giving ``output``) in ``runtime``;
+    OpenVINO keeps its converted models in ``model_cache`` (None: in this process only)."""
+    if runtime == "openvino":
+        key = {"backbone": backbone.name, "weights": backbone.weights_digest, "output": output,
+               "preprocessing": backbone.preprocessing}
+        compiled = OpenVinoForward.cached(module, backbone.preprocessing, len(output_shape) == 1, precision, key,
+                                          model_cache, usable_cores())
+        return _Extractor(None, compiled, backbone.preprocessing, output_shape, precision, device)
     model = fuse_for_inference(module, backbone.preprocessing).to(device)
-    return _Extractor(model.to(memory_format=torch.channels_last), backbone.preprocessing, output_shape,
+    return _Extractor(model.to(memory_format=torch.channels_last), None, backbone.preprocessing, output_shape,
                       precision, device)
 
 
@@ -221,18 +247,22 @@ def _mean_into(target: np.ndarray, rows: slice, view_number: int, pooled: torch.
 def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], device: torch.device,
                      batch_size: int = 64, workers: int = 2, views: Sequence[str] = VIEWS,
                      description: str = "features", precision: str = "fp32",
-                     processes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     processes: int | None = None, runtime: str = "torch",
+                     model_cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, 2C) in float16, averaged over the views (plain and mirrored), and a
     (N,) bool mask of the images that could be read (the others' features are NaN, never
     computed), held in memory: for a chunk of images, not a whole training set (that is
     :func:`cached_features`).
 
     The backbone runs with batch norm folded, channels_last, in inference mode, in
-    ``precision``. On GPU, ``workers`` processes decode and the GPU runs the forward. On
-    CPU, ``processes`` single-threaded workers (default: one per core; with ``workers=0``,
-    none) each decode and run their own chunks, and the main process only collects.
+    ``precision``, in ``runtime``. On GPU, and with OpenVINO, ``workers`` processes decode and
+    the main process runs the forward. With torch on CPU, ``processes`` single-threaded
+    workers (default: one per core; with ``workers=0``, none) each decode and run their own
+    chunks, and the main process only collects. OpenVINO keeps its converted model in
+    ``model_cache``.
     """
-    extractor = _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device)
+    extractor = _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device, runtime,
+                           model_cache=model_cache)
     if processes is None:
         processes = usable_cores() if workers > 0 else 0
     features = np.zeros((len(image_ids), backbone.pooled_dim), dtype=np.float16)
@@ -337,8 +367,9 @@ class CachedFeatures:
 
 
 def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
-                  precision: str) -> dict:
-    return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], views, precision)
+                  precision: str, runtime: str) -> dict:
+    return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], views, precision,
+                     runtime=runtime)
 
 
 def _pooled_fields(backbone: Backbone) -> dict[str, Field]:
@@ -350,21 +381,22 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
                     device: torch.device, batch_size: int = 64, workers: int = 2,
                     views: Sequence[str] = VIEWS, description: str = "features",
                     context: DistContext = DistContext(), precision: str = "fp32",
-                    shard_rows: int | None = None) -> tuple[CachedFeatures, torch.Tensor]:
+                    shard_rows: int | None = None, runtime: str = "torch") -> tuple[CachedFeatures, torch.Tensor]:
     """(features (N, 2C) float16 read from the cache a batch at a time, readable (N,)): from
-    the cache when it is complete, else its missing shards extracted first."""
-    key = _features_key(backbone, paths, image_ids, views, precision)
+    the cache when it is complete, else its missing shards extracted first (in ``runtime``)."""
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime)
     store = _cached_store("features", key, _pooled_fields(backbone),
-                          lambda: _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device),
+                          lambda: _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device,
+                                             runtime, model_cache=cache_dir),
                           paths, image_ids, views, cache_dir,
                           batch_size, workers, description, context, shard_rows)
     return CachedFeatures(store), torch.from_numpy(store.read_all("readable"))
 
 
 def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
-                        views: Sequence[str], precision: str) -> bool:
+                        views: Sequence[str], precision: str, runtime: str = "torch") -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
-    key = _features_key(backbone, paths, image_ids, views, precision)
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime)
     return ShardedStore.open_complete(_store_dir(cache_dir, "features", key), key, len(image_ids)) is not None
 
 
@@ -390,17 +422,20 @@ def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, pa
                       image_ids: Sequence[str], cache_dir: Path, device: torch.device, batch_size: int = 64,
                       workers: int = 2, views: Sequence[str] = VIEWS, description: str = "stage maps",
                       context: DistContext = DistContext(), precision: str = "fp32",
-                      shard_rows: int | None = None) -> StageMaps:
+                      shard_rows: int | None = None, runtime: str = "torch") -> StageMaps:
     """The maps ``front`` (the backbone's first ``stage`` stages) computes for every image and
-    view, from the cache when it is complete, else its missing shards extracted first."""
+    view, from the cache when it is complete, else its missing shards extracted first (in
+    ``runtime``)."""
     files = [paths.image_path(image_id) for image_id in image_ids]
-    key = cache_key(backbone, files, views, precision, output=f"stage{stage}")
+    output = f"stage{stage}"
+    key = cache_key(backbone, files, views, precision, output=output, runtime=runtime)
     resolution = backbone.preprocessing["resolution"]
     with torch.no_grad():
         probe = front.eval()(torch.zeros(1, 3, resolution, resolution))
     map_shape = tuple(probe.shape[1:])
     fields = {**{view: Field(map_shape, "float16") for view in views}, "readable": Field((), "bool")}
-    store = _cached_store("stagemaps", key, fields, lambda: _extractor(front, backbone, map_shape, precision, device),
+    store = _cached_store("stagemaps", key, fields,
+                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, output, cache_dir),
                           paths, image_ids, views, cache_dir, batch_size,
                           workers, description, context, shard_rows)
     return StageMaps(store, tuple(views), store.read_all("readable").astype(bool))

@@ -43,6 +43,7 @@ from pipeline.data.dataset import (
 )
 from pipeline.data.images import ImageReadError
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
+from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
 from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
@@ -76,6 +77,10 @@ class InferenceConfig(CommonConfig):
     format: str = option("table", "how --image predictions are printed: a readable table or JSON for scripts",
                          choices=["table", "json"], group="prediction")
     batch_size: int = option(64, "images per batch for feature extraction", group="run")
+    runtime: str | None = option(
+        None, "who runs the backbone: torch, or OpenVINO compiled for this CPU (auto: OpenVINO on a CPU where "
+        "it is installed); default: the runtime the image branch was trained with, whose features its heads "
+        "learned from", choices=list(RUNTIMES), group="run")
     chunk_size: int = option(
         4096, "test images per chunk: features, probabilities and fusion run one chunk at a time and the "
         "submission is written as they finish, so memory stays flat however many images there are; each "
@@ -184,21 +189,44 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
     return loaded
 
 
+def inference_runtime(trained: str, requested: str | None, device: torch.device, source: str) -> str:
+    """The runtime inference runs the backbone in: the one ``source`` was trained with, unless
+    ``--runtime`` asks for another (said, since the features then differ a little from those the
+    heads learned from) or it cannot run here (said, and torch runs instead)."""
+    if requested is not None:
+        runtime = resolve_runtime(requested, device)
+        if runtime != trained:
+            log.warning("--runtime %s: %s was trained with features from %s; the features differ slightly",
+                        runtime, source, trained)
+        return runtime
+    if trained == "openvino" and (device.type != "cpu" or openvino_version() is None):
+        reason = "the device is a GPU" if device.type != "cpu" else "openvino is not installed"
+        log.warning("%s was trained with features from OpenVINO, but %s: running torch, whose features "
+                    "differ slightly", source, reason)
+        return "torch"
+    return trained
+
+
 class BranchPredictor:
     """Rebuilds the loaded branches and computes their probabilities for any frame of images/captions."""
 
     def __init__(self, checkpoints: dict[str, dict], paths: DatasetPaths, cache_dir: Path | None,
-                 device: torch.device, batch_size: int, workers: int) -> None:
+                 device: torch.device, batch_size: int, workers: int, runtime: str | None = None,
+                 model_cache: Path | None = None) -> None:
         self.checkpoints = checkpoints
         self.paths, self.cache_dir, self.device = paths, cache_dir, device
         self.batch_size, self.workers = batch_size, workers
+        self.model_cache = model_cache if model_cache is not None else cache_dir
         image_branches = [b for b in IMAGE_BRANCHES if b in checkpoints]
         self.backbone = None
         if image_branches:
+            record = checkpoints[image_branches[0]]["backbone"]
             self.backbone = rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
-            self.views = checkpoints[image_branches[0]]["backbone"]["views"]
-            # Features are computed in the precision training computed them in.
-            self.precision = checkpoints[image_branches[0]]["backbone"]["precision"]
+            self.views = record["views"]
+            # Features are computed in the precision and runtime training computed them in.
+            self.precision = record["precision"]
+            self.runtime = inference_runtime(record.get("runtime", "torch"), runtime, device,
+                                             f"{image_branches[0]}.pt")
         self.heads = ImageHeads.from_checkpoints(checkpoints)
         self.unreadable: list[str] = []
 
@@ -207,13 +235,16 @@ class BranchPredictor:
         if self.cache_dir is None:
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
             return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
-                                    self.workers, self.views, description, self.precision)
+                                    self.workers, self.views, description, self.precision, runtime=self.runtime,
+                                    model_cache=self.model_cache)
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
-                               self.batch_size, self.workers, self.views, description, precision=self.precision)
+                               self.batch_size, self.workers, self.views, description, precision=self.precision,
+                               runtime=self.runtime)
 
     def has_cached(self, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache."""
-        return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision)
+        return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision,
+                                   self.runtime)
 
     def probabilities(self, frame: pd.DataFrame,
                       features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,
@@ -423,7 +454,8 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     checkpoints = load_branch_checkpoints(weights_dir, branches)
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
-    predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers)
+    predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers,
+                                config.runtime)
 
     # Every per-image output has one row per image, also when a file has one row per caption.
     train_images, val_images = group_by_image(train).images, group_by_image(val).images
@@ -511,7 +543,9 @@ def predict_images(config: InferenceConfig) -> dict:
     frame = pd.DataFrame({ID_COLUMN: paths.image_ids, CAPTION_COLUMN: captions or [""] * len(files)})
     # A few files decode faster in this process than worker processes start.
     workers = config.workers if len(files) > config.batch_size else 0
-    predictor = BranchPredictor(checkpoints, paths, None, device, config.batch_size, workers)
+    # No feature cache for a few files, but OpenVINO keeps its converted model with the weights.
+    predictor = BranchPredictor(checkpoints, paths, None, device, config.batch_size, workers, config.runtime,
+                                model_cache=weights_dir / "cache")
     probs = predictor.probabilities(frame, description="images")
     unreadable = {int(image_id) for image_id in predictor.unreadable}
     if unreadable and captions is None:

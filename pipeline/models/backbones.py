@@ -12,6 +12,7 @@ With no weights to be had, the backbone is randomly initialised with a loud warn
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return pairs
 
 
-class _NormalizeInput(nn.Module):
+class NormalizeInput(nn.Module):
     """Raw pixel values (0..255) -> the normalised image a backbone was trained on (``pixel_affine``)."""
 
     def __init__(self, preprocessing: dict) -> None:
@@ -240,7 +241,7 @@ class RawPixelStem(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, preprocessing: dict) -> None:
         super().__init__()
-        self.reference = _NormalizeInput(preprocessing), copy.deepcopy(conv)  # a tuple: not a submodule
+        self.reference = NormalizeInput(preprocessing), copy.deepcopy(conv)  # a tuple: not a submodule
         self.conv = copy.deepcopy(conv)
         scale, shift = pixel_affine(preprocessing)
         with torch.no_grad():
@@ -289,6 +290,15 @@ class RawPixelStem(nn.Module):
         return out
 
 
+def state_digest(module: nn.Module) -> str:
+    """A digest of ``module``'s tensors and their names: the same exactly when the weights are."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _run_length(flags: list[bool]) -> int:
     """How many leading ``flags`` are True."""
     return sum(1 for _ in itertools.takewhile(bool, flags))
@@ -327,11 +337,11 @@ def fuse_for_inference(module: nn.Module, preprocessing: dict) -> nn.Module:
     found = _first_rgb_conv(fused)
     stem = None
     if found is None:
-        fused = nn.Sequential(_NormalizeInput(preprocessing), fused)
+        fused = nn.Sequential(NormalizeInput(preprocessing), fused)
     else:
         stem = RawPixelStem(getattr(*found), preprocessing)
         setattr(*found, stem)
-    unfused = nn.Sequential(_NormalizeInput(preprocessing), original)
+    unfused = nn.Sequential(NormalizeInput(preprocessing), original)
     # The pairing does not depend on the image size, so a small probe checks it at a fraction of the cost.
     resolution = preprocessing["resolution"]
     size = min(resolution, 64)

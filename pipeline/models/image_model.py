@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models.backbones import NormalizeInput
 from pipeline.models.decoder import LabelDecoder
 from pipeline.models.heads import ImageHead
 
@@ -35,3 +36,17 @@ class ImageModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(inputs))  # (B, L)
+
+
+class RawPixelGraph(nn.Module):
+    """A frozen forward pass as one graph, for runtimes that compile it and for export: uint8
+    pixels (B, 3, R, R) -> normalised -> ``module`` -> avg+max pooled features (B, 2C), or
+    ``module``'s maps (B, C, h, w) when not ``pooled``."""
+
+    def __init__(self, module: nn.Module, preprocessing: dict, pooled: bool) -> None:
+        super().__init__()
+        self.normalize, self.module, self.pooled = NormalizeInput(preprocessing), module, pooled
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        maps = self.module(self.normalize(pixels))  # (B, C, h, w)
+        return pool_features(maps) if self.pooled else maps

@@ -17,7 +17,6 @@ validation probabilities for fusion are computed the way inference computes them
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import resource
 import time
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.branches.image import ImageHeads, training_image_ids
@@ -44,10 +42,18 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
+from pipeline.engine.openvino_runtime import resolve_runtime
 from pipeline.features import VIEWS, cached_features, cached_stage_maps
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import tune_global_threshold
-from pipeline.models.backbones import Backbone, BackboneSplitError, create_backbone, num_stages, split_backbone
+from pipeline.models.backbones import (
+    Backbone,
+    BackboneSplitError,
+    create_backbone,
+    num_stages,
+    split_backbone,
+    state_digest,
+)
 from pipeline.models.heads import FeatureNorm
 from pipeline.train.image_config import FINETUNE_RESOLUTION, ImageTrainConfig, resolve_mode
 from pipeline.train.image_fit import FittedHeads, decoded_samples_f1, fit_frozen_heads, fit_jointly
@@ -90,6 +96,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # Frozen forward passes (features, stage maps, inference) and training may compute differently.
     precision = resolve_precision(config.precision, device)
     train_precision = precision if mode == "frozen" else training_precision(config.precision, device)
+    runtime = resolve_runtime(config.runtime, device)
     flip = config.flip_views if config.flip_views is not None else mode != "frozen"
     views = VIEWS if flip else VIEWS[:1]
     stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
@@ -99,12 +106,13 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     extract_start = time.perf_counter()
     if mode == "frozen":
         features, readable = cached_features(backbone, paths, all_ids, cache_dir, device, config.batch_size,
-                                             config.workers, views, "train.csv features", context, precision)
+                                             config.workers, views, "train.csv features", context, precision,
+                                             runtime=runtime)
         readable = readable.numpy()
     elif stage:
         front, trunk = split_backbone(backbone, stage)
         maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device, config.batch_size,
-                                 config.workers, VIEWS, "train.csv stage maps", context, precision)
+                                 config.workers, VIEWS, "train.csv stage maps", context, precision, runtime=runtime)
         readable = maps.readable
     else:
         readable = decodable(paths, all_ids, config.workers, context)
@@ -145,13 +153,14 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     val_ids = val[ID_COLUMN].tolist()
     if mode == "frozen":
         val_features, val_readable, rows = features, torch.from_numpy(val_ok), len(train) + np.arange(len(val))
-        record = backbone_record(backbone, views, precision)
+        record = backbone_record(backbone, views, precision, runtime)
     else:
         backbone.module = backbone.module.cpu().eval()
-        backbone.weights, backbone.weights_digest = "finetuned", _state_digest(backbone.module)
-        record = backbone_record(backbone, views, precision, backbone.module.state_dict(), stage)
+        backbone.weights, backbone.weights_digest = "finetuned", "finetuned-" + state_digest(backbone.module)
+        record = backbone_record(backbone, views, precision, runtime, backbone.module.state_dict(), stage)
         val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
-                                                     config.workers, views, "validation features", context, precision)
+                                                     config.workers, views, "validation features", context, precision,
+                                                     runtime=runtime)
         rows = np.arange(len(val))
     heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width)
     val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
@@ -163,6 +172,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "trained_from_stage": stage,
         "processes": context.world_size,
         "precision": precision,
+        "runtime": runtime,
         "training_precision": train_precision,
         "lr": fitted.lr,
         "train_images": len(train_rows),
@@ -194,21 +204,14 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     return summary
 
 
-def _state_digest(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return "finetuned-" + digest.hexdigest()[:16]
-
-
-def backbone_record(backbone: Backbone, views, precision: str, state_dict: dict | None = None,
+def backbone_record(backbone: Backbone, views, precision: str, runtime: str, state_dict: dict | None = None,
                     trained_from_stage: int | None = None) -> dict:
-    """What inference needs to rebuild the backbone, run it as training did and check it is
-    the same one. A fine-tuned backbone's record carries its weights (``state_dict``)."""
+    """What inference needs to rebuild the backbone, run it as training did (views, precision,
+    runtime) and check it is the same one. A fine-tuned backbone's record carries its weights
+    (``state_dict``)."""
     record = {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
               "feature_dim": backbone.feature_dim, "views": list(views), "pooling": "avg+max",
-              "precision": precision}
+              "precision": precision, "runtime": runtime}
     if state_dict is not None:
         record.update(state_dict=state_dict, trained_from_stage=trained_from_stage)
     return record

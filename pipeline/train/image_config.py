@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import TrainingConfig, option, workers_option
+from pipeline.engine.openvino_runtime import RUNTIMES
 from pipeline.engine.runtime import PRECISIONS
 from pipeline.models.backbones import DEFAULT_BACKBONE
 from pipeline.models.heads import LOSSES
@@ -40,6 +41,10 @@ class ImageTrainConfig(TrainingConfig):
         "auto", "arithmetic of the backbone, in training and in feature extraction here and in inference: auto = "
         "bf16 where the hardware computes it natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp16 "
         "with a gradient scaler on a GPU and fp32 on a CPU", choices=list(PRECISIONS), group="run")
+    runtime: str = option(
+        "auto", "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
+        "same by default): torch, or OpenVINO compiled for this CPU; auto = OpenVINO on a CPU where it is "
+        "installed, else torch (docs/speed.md, \"CPU runtimes\")", choices=list(RUNTIMES), group="run")
     flip_views: bool | None = option(
         None, "also extract mirrored images and average the two views' features, for the validation "
         "probabilities and in inference (test-time flip); in frozen mode the heads also train on the averaged "

@@ -1,0 +1,121 @@
+"""The OpenVINO runtime: chosen as documented, computing what torch computes, compiled once,
+kept on disk, part of the cache key and of the checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from pipeline.data.dataset import DatasetPaths
+from pipeline.engine import openvino_runtime
+from pipeline.engine.openvino_runtime import OpenVinoForward, resolve_runtime
+from pipeline.features import cached_features, cached_stage_maps, extract_features
+from pipeline.inference import inference_runtime
+from pipeline.models.backbones import create_backbone, split_backbone
+from tests.conftest import make_tiny_dataset
+
+pytest.importorskip("openvino")
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def backbone():
+    with pytest.warns(UserWarning):
+        return create_backbone("test_efficientnet", resolution=32)
+
+
+@pytest.fixture
+def tiny_images(tmp_path):
+    """The image folder of a 6-image tiny dataset, and its ids."""
+    root = make_tiny_dataset(tmp_path / "tiny", n_train=6, n_test=0)
+    return DatasetPaths.resolve(root), [f"{i}.jpg" for i in range(6)]
+
+
+def test_auto_is_openvino_on_a_cpu_where_installed_and_torch_elsewhere(monkeypatch):
+    assert resolve_runtime("auto", CPU) == "openvino"
+    assert resolve_runtime("auto", CUDA) == "torch"
+    assert resolve_runtime("torch", CPU) == "torch"
+    with pytest.raises(ValueError, match="--runtime openvino runs on a CPU"):
+        resolve_runtime("openvino", CUDA)
+    with pytest.raises(ValueError, match="valid values are auto, torch, openvino"):
+        resolve_runtime("onnx", CPU)
+    monkeypatch.setattr(openvino_runtime, "openvino_version", lambda: None)
+    assert resolve_runtime("auto", CPU) == "torch"
+    with pytest.raises(ImportError, match="openvino package is not installed"):
+        resolve_runtime("openvino", CPU)
+
+
+def test_openvino_features_and_stage_maps_match_torch(backbone, tiny_images, tmp_path):
+    paths, ids = tiny_images
+    by_runtime = {runtime: extract_features(backbone, paths, ids, CPU, batch_size=4, workers=0, runtime=runtime,
+                                            model_cache=tmp_path / runtime)
+                  for runtime in ("torch", "openvino")}
+    (torch_features, torch_ok), (ov_features, ov_ok) = by_runtime.values()
+    assert torch.equal(torch_ok, ov_ok) and ov_ok.all()
+    # Both round to the cache's float16; fp32 arithmetic differs in the last bits before that.
+    assert torch.allclose(ov_features.float(), torch_features.float(), rtol=2e-3, atol=2e-3)
+
+    front, _ = split_backbone(backbone, 2)
+    maps = {runtime: cached_stage_maps(backbone, front, 2, paths, ids, tmp_path / f"maps-{runtime}", CPU,
+                                       batch_size=4, workers=0, runtime=runtime)
+            for runtime in ("torch", "openvino")}
+    plain = {runtime: torch.from_numpy(m.read("plain", list(range(len(ids))))).float() for runtime, m in maps.items()}
+    assert plain["openvino"].shape == plain["torch"].shape
+    assert torch.allclose(plain["openvino"], plain["torch"], rtol=2e-3, atol=2e-3)
+
+
+def test_a_model_compiles_once_per_process_and_converts_once_per_cache(backbone, tmp_path, monkeypatch):
+    key = {"backbone": "test", "weights": backbone.weights_digest}
+    monkeypatch.setattr(openvino_runtime, "_COMPILED", {})
+    first = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", key, tmp_path, 1)
+    assert OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", key, tmp_path, 1) is first
+    (saved,) = (tmp_path / "openvino").glob("*.xml")
+    assert saved.with_suffix(".bin").is_file()
+
+    # A new process (an empty memory) reads the converted model instead of converting again.
+    monkeypatch.setattr(openvino_runtime, "_COMPILED", {})
+    monkeypatch.setattr(openvino_runtime, "convert", lambda *args: pytest.fail("converted again"))
+    again = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", key, tmp_path, 1)
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(again(pixels), first(pixels))
+    assert again(pixels).shape == (3, backbone.pooled_dim)
+
+
+def test_the_runtime_is_part_of_the_feature_cache_key(backbone, tiny_images, tmp_path):
+    paths, ids = tiny_images
+    for runtime in ("torch", "openvino"):
+        cached_features(backbone, paths, ids, tmp_path, CPU, batch_size=4, workers=0, runtime=runtime)
+    assert len(list(tmp_path.glob("features-*"))) == 2
+
+
+def test_inference_runs_the_trained_runtime_and_says_when_it_cannot(monkeypatch, caplog):
+    caplog.set_level(logging.WARNING)
+    assert inference_runtime("openvino", None, CPU, "image.pt") == "openvino"
+    assert inference_runtime("torch", None, CPU, "image.pt") == "torch"
+    assert caplog.records == []
+    assert inference_runtime("openvino", "torch", CPU, "image.pt") == "torch"
+    assert "image.pt was trained with features from openvino" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(openvino_runtime, "openvino_version", lambda: None)
+    monkeypatch.setattr("pipeline.inference.openvino_version", lambda: None)
+    assert inference_runtime("openvino", None, CPU, "decoder.pt") == "torch"
+    assert "openvino is not installed: running torch" in caplog.text
+
+
+def test_training_records_its_runtime_and_inference_follows_it(trained_branches, tmp_path):
+    import inference
+
+    data, trained = trained_branches
+    weights = tmp_path / "weights"
+    shutil.copytree(trained, weights)
+    checkpoint = torch.load(weights / "image.pt", weights_only=True)
+    assert checkpoint["backbone"]["runtime"] == "openvino"
+    inference.main(["--data", str(data), "--weights", str(weights), "--output", str(tmp_path / "out"),
+                    "--device", "cpu", "--workers", "0"])
+    stores = [p.name for p in (weights / "cache").glob("features-*")]
+    keys = [(weights / "cache" / name / "manifest.json").read_text() for name in stores]
+    assert keys and all('"runtime": "openvino"' in key for key in keys)
