@@ -18,7 +18,7 @@ def test_bench_writes_every_figure(trained_branches, tmp_path):
     results = bench.main(["--data", str(data), "--weights", str(weights), "--output", str(out),
                           "--num-images", "12", "--forward-seconds", "0.2", "--repeats", "1", "--workers", "1",
                           "--batch-size", "4", "--finetune-batches", "1", "--finetune-batch-size", "4",
-                          "--head-rows", "64", "--no-compare"])
+                          "--head-rows", "64", "--no-compare", "--also-resolution", "48"])
     written = json.loads((out / "bench.json").read_text())
     for key in ("backbone_forward_img_s", "pipeline_img_s", "train_finetune_img_s", "train_cached_head_img_s",
                 "peak_rss_mb", "threads", "precision"):
@@ -38,6 +38,16 @@ def test_bench_writes_every_figure(trained_branches, tmp_path):
     assert written["bound_img_s"] == pytest.approx(1000 * written["cores"] / per_image_ms, rel=1e-3)
     assert written["bound_img_s"] < written["backbone_forward_img_s"]
     assert written["pipeline_over_bound"] == pytest.approx(written["pipeline_img_s"] / written["bound_img_s"], abs=1e-3)
+    # Every runtime installed here, its best layout, and the pipeline in the chosen runtime and in torch.
+    assert written["runtime"] == "openvino"
+    assert sorted(written["forward_img_s_by_runtime"]) == ["onnxruntime", "openvino", "torch"]
+    assert written["forward_img_s_by_runtime"]["openvino"] == max(
+        v for k, v in written["backbone_forward_layouts_img_s"].items() if k.startswith("openvino_"))
+    assert written["pipeline_speedup_over_torch"] == pytest.approx(
+        written["pipeline_img_s"] / written["pipeline_torch_img_s"], abs=1e-2)
+    at_48 = written["at_48px"]
+    assert at_48["resolution"] == 48 and set(at_48["forward_img_s_by_runtime"]) == {"onnxruntime", "openvino", "torch"}
+    assert at_48["pipeline_over_bound"] == pytest.approx(at_48["pipeline_img_s"] / at_48["bound_img_s"], abs=1e-3)
     # The benchmark works in a scratch folder: the shared weights are left as they were.
     assert sorted(p.relative_to(weights) for p in weights.rglob("*")) == before
 

@@ -3,16 +3,22 @@
 Measures in one run, on real JPEGs of ``--data`` (the first ``--num-images`` rows of its
 train.csv stand in for a test set), with the trained checkpoints in ``--weights``:
 
-- ``backbone_forward_img_s``: the backbone alone on a batch already in memory, exactly as
-  inference runs it (batch norm and input normalisation folded, raw pixels in the compute
-  dtype, channels_last, inference mode): this hardware's limit;
-- ``pipeline_img_s``: ``inference.py``'s prediction (``predict_in_chunks``) per image: JPEG
-  decode and resize in DataLoader workers, backbone, every head, caption tokenisation and
-  the caption ensemble, fusion and the submission file, with an empty feature cache;
-- ``bound_img_s``: what the hardware allows the whole path: on CPU, the cores over the
-  per-image cost of one core (JPEG decode and resize, the backbone forward, the caption
-  branch), since decoding runs on the same cores as the forward; on GPU, the slower of the
-  GPU forward and the cores decoding; ``pipeline_over_bound`` is the pipeline's share of it;
+- ``forward_img_s_by_runtime``: the backbone alone on a batch already in memory, in every
+  runtime installed here (torch eager with batch norm and input normalisation folded,
+  OpenVINO, ONNX Runtime), each in its best layout (``backbone_forward_layouts_img_s``);
+  ``backbone_forward_img_s`` is the fastest: this hardware's limit;
+- ``pipeline_img_s``: ``inference.py``'s prediction (``predict_in_chunks``) per image in the
+  runtime inference chooses (``runtime``): JPEG decode and resize in DataLoader workers,
+  backbone, every head, caption tokenisation and the caption ensemble, fusion and the
+  submission file, with an empty feature cache; ``pipeline_torch_img_s``: the same in torch;
+- ``bound_img_s``: what the hardware allows the whole path: on CPU the cores over the
+  per-image cost of one core (JPEG decode and resize, the fastest runtime's forward, the
+  caption branch), since decoding runs on the same cores as the forward; on GPU, the slower
+  of the GPU forward and the cores decoding; ``pipeline_over_bound`` is the pipeline's share;
+- ``at_<R>px``: the forwards, both pipelines and the bound again at ``--also-resolution``
+  (speed only: the heads take pooled features of any resolution);
+- ``forward_int8_img_s``: OpenVINO's forward after NNCF post-training int8 quantisation,
+  calibrated on training images, where NNCF is installed (speed only);
 - ``effnet_pytorch_pipeline_img_s``: the same path with efficientnet-pytorch's
   ``efficientnet-b0`` as the backbone (random weights: speed does not depend on them);
 - ``train_finetune_img_s``: end-to-end fine-tuning steps (augmentation, forward, backward,
@@ -48,6 +54,7 @@ from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
+from pipeline.engine.openvino_runtime import OpenVinoForward, openvino_version, save_atomically
 from pipeline.engine.runtime import (
     autocast_context,
     compute_dtype,
@@ -66,6 +73,7 @@ from pipeline.io import write_json
 from pipeline.models.backbones import create_backbone, fuse_for_inference
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
+from pipeline.models.image_model import RawPixelGraph
 from pipeline.train.image_config import ImageTrainConfig
 from pipeline.train.image_fit import build_image_model, build_optimizer, joint_loss
 from pipeline.train.image_inputs import image_inputs
@@ -90,6 +98,8 @@ class BenchConfig(CommonConfig):
                                    "was trained with (speed only: the heads expect the trained one)",
                                    choices=["fp32", "bf16"], group="run")
     compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}", group="run")
+    also_resolution: int = option(224, "also time the forwards, the pipelines and the bound at this resolution "
+                                  "(0: not)", group="run")
     batch_size: int = option(64, "images per batch in the inference path and the forward pass", group="run")
     workers: int = workers_option()
     output: str = output_option()
@@ -157,24 +167,155 @@ def time_forward_in_processes(module: torch.nn.Module, batch_size: int, resoluti
     return _rate(batches * batch_size, time.perf_counter() - started)
 
 
-def forward_limits(module: torch.nn.Module, preprocessing: dict, device: torch.device, precision: str,
-                   config: BenchConfig, batch: int, processes: int) -> dict[str, float]:
-    """The backbone's in-memory forward throughput in each layout that could run it here (best
-    of ``--repeats``): this process with torch's threads at the pipeline's batch and at
-    ``--batch-size``, and on CPU one single-threaded process per core. The limit is the best."""
+def _time_batches(run: Callable[[], object], batch_size: int, seconds: float) -> float:
+    """Images per second of calling ``run`` (one batch) for ``seconds``, after a warm-up call."""
+    run()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or count == 0:
+        run()
+        count += batch_size
+    return _rate(count, time.perf_counter() - started)
+
+
+def time_openvino_forward(compiled: OpenVinoForward, batch_size: int, resolution: int, seconds: float) -> float:
+    """Images per second of OpenVINO in this process, one stream per core, a batch queued on each."""
+    batch = _pixel_batch(batch_size, resolution, "fp32", torch.device("cpu")).to(torch.uint8)
+    flight = 2 * compiled.streams
+    return _time_batches(lambda: list(compiled.run_many((None, batch) for _ in range(flight))),
+                         batch_size * flight, seconds)
+
+
+class _OpenVinoInWorker(torch.utils.data.Dataset):
+    """Item ``k``: one forward pass of a fixed batch by a single-threaded OpenVINO model that each
+    DataLoader worker compiles from ``model_file`` at its first item."""
+
+    def __init__(self, model_file: Path, batch: np.ndarray, batches: int) -> None:
+        self.model_file, self.batch, self.batches, self.compiled = model_file, batch, batches, None
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __getitem__(self, k: int) -> float:
+        if self.compiled is None:
+            import openvino as ov
+
+            self.compiled = ov.Core().compile_model(str(self.model_file), "CPU", {
+                "INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+        return float(self.compiled([self.batch])[0].mean())
+
+
+def time_openvino_in_processes(model_file: Path, batch_size: int, resolution: int, processes: int,
+                               images: int) -> float:
+    """Images per second of ``processes`` workers each running its own single-threaded OpenVINO
+    model: the per-core layout torch extraction uses, against OpenVINO's own streams. The
+    clock starts at each worker's first result, after its compile."""
+    batch = np.random.default_rng(0).integers(0, 256, (batch_size, 3, resolution, resolution), dtype=np.uint8)
+    batches = max(4 * processes, images // batch_size)
+    loader = iter(DataLoader(_OpenVinoInWorker(model_file, batch, batches), batch_size=None,
+                             num_workers=processes, prefetch_factor=2))
+    for _ in range(processes):
+        next(loader)
+    started, timed = time.perf_counter(), 0
+    for _ in loader:
+        timed += 1
+    return _rate(timed * batch_size, time.perf_counter() - started)
+
+
+def time_onnxruntime_forward(module: torch.nn.Module, preprocessing: dict, batch_size: int, seconds: float,
+                             scratch: Path) -> float:
+    """Images per second of ONNX Runtime (its own threads, one per core) on the exported graph."""
+    import onnxruntime
+
+    resolution = preprocessing["resolution"]
+    graph = RawPixelGraph(module, preprocessing, pooled=True).eval()
+    path = scratch / f"forward{resolution}.onnx"
+    pixels = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (pixels,), str(path), dynamo=False, input_names=["pixels"],
+                          dynamic_axes={"pixels": {0: "batch"}}, opset_version=17)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = usable_cores()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(0).integers(0, 256, (batch_size, 3, resolution, resolution), dtype=np.uint8)
+    return _time_batches(lambda: session.run(None, {"pixels": batch}), batch_size, seconds)
+
+
+def time_int8_forward(converted, paths, image_ids: list[str], preprocessing: dict, batch_size: int,
+                      seconds: float) -> float | None:
+    """Images per second of OpenVINO on its ``converted`` model quantised to int8 by NNCF,
+    calibrated on ``image_ids``; None where NNCF is not installed."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        return None
+    dataset = ImageDataset(paths, image_ids, build_transform(preprocessing, normalize=False),
+                           preprocessing["resolution"], blank_dtype=torch.uint8)
+    calibration = [dataset[i][0][None].numpy() for i in range(len(dataset))]  # (1, 3, R, R) uint8 each
+    core = ov.Core()
+    quantised = nncf.quantize(converted.clone(), nncf.Dataset(calibration), subset_size=len(calibration))
+    compiled = core.compile_model(quantised, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+    requests = ov.AsyncInferQueue(compiled, 2 * usable_cores())
+    batch = np.random.default_rng(0).integers(0, 256, (batch_size, 3, preprocessing["resolution"],
+                                                        preprocessing["resolution"]), dtype=np.uint8)
+
+    def run() -> None:
+        for _ in range(len(requests)):
+            requests.start_async({0: batch})
+        requests.wait_all()
+
+    return _time_batches(run, batch_size * len(requests), seconds)
+
+
+def forward_limits(backbone, device: torch.device, precision: str, config: BenchConfig, batch: int,
+                   processes: int, scratch: Path) -> dict[str, float]:
+    """The backbone's in-memory forward throughput in each runtime and layout that could run it
+    here (best of ``--repeats``): torch in this process with its threads at the pipeline's batch
+    and at ``--batch-size`` and, on CPU, in one single-threaded process per core; on CPU also
+    OpenVINO with a stream per core and in a process per core, and ONNX Runtime."""
+    module, preprocessing = backbone.module, backbone.preprocessing
     fused = fuse_for_inference(module, preprocessing)
     resolution = preprocessing["resolution"]
+    best = lambda measure: max(measure() for _ in range(config.repeats))  # noqa: E731
     limits = {}
     for size in sorted({batch, config.batch_size}):
-        limits[f"threads_batch{size}"] = max(
-            time_backbone_forward(fused, size, resolution, device, config.forward_seconds, precision)
-            for _ in range(config.repeats))
+        limits[f"torch_threads_batch{size}"] = best(
+            lambda: time_backbone_forward(fused, size, resolution, device, config.forward_seconds, precision))
     if processes:
-        images = int(limits[f"threads_batch{batch}"] * config.forward_seconds)
-        limits[f"processes{processes}_batch{batch}"] = max(
-            time_forward_in_processes(fused, batch, resolution, processes, images, precision)
-            for _ in range(config.repeats))
+        images = int(limits[f"torch_threads_batch{batch}"] * config.forward_seconds)
+        limits[f"torch_processes{processes}_batch{batch}"] = best(
+            lambda: time_forward_in_processes(fused, batch, resolution, processes, images, precision))
+    if device.type != "cpu":
+        return limits
+    if openvino_version() is not None:
+        key = {"backbone": backbone.name, "weights": backbone.weights_digest, "output": "avg+max",
+               "preprocessing": preprocessing}
+        compiled = OpenVinoForward.cached(module, preprocessing, True, precision, key, scratch, usable_cores())
+        limits[f"openvino_streams{compiled.streams}_batch{batch}"] = best(
+            lambda: time_openvino_forward(compiled, batch, resolution, config.forward_seconds))
+        if processes:
+            model_file = scratch / f"forward{resolution}.xml"
+            save_atomically(compiled.converted, model_file)
+            images = int(limits[f"openvino_streams{compiled.streams}_batch{batch}"] * config.forward_seconds)
+            limits[f"openvino_processes{processes}_batch{batch}"] = best(
+                lambda: time_openvino_in_processes(model_file, batch, resolution, processes, images))
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return limits
+    limits[f"onnxruntime_threads_batch{batch}"] = best(
+        lambda: time_onnxruntime_forward(module, preprocessing, batch, config.forward_seconds, scratch))
     return limits
+
+
+def by_runtime(limits: dict[str, float]) -> dict[str, float]:
+    """The best layout's images per second of each runtime in ``limits``."""
+    best: dict[str, float] = {}
+    for layout, rate in limits.items():
+        runtime = layout.split("_")[0]
+        best[runtime] = max(best.get(runtime, 0.0), rate)
+    return best
 
 
 def time_inference_path(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings,
@@ -288,6 +429,39 @@ def _decoder_step(feature_dim: int, num_labels: int) -> torch.nn.Module:
     return TrainStep(LabelDecoder(feature_dim, num_labels, 128, 256, 0.3), lambda m, b: m.loss(b[0], b[1], rank))
 
 
+def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings, labels: LabelSet,
+                  config: BenchConfig, batch: int, processes: int, caption_ms: float | None, scratch: Path) -> dict:
+    """At the predictor's backbone resolution: every runtime's forward, the pipeline in the
+    predictor's runtime and in torch, decoding, and the bound from the fastest forward."""
+    backbone, device = predictor.backbone, predictor.device
+    resolution = backbone.preprocessing["resolution"]
+    print(f"timing {backbone.name} forwards at {resolution} px ({predictor.precision}) on in-memory batches ...",
+          flush=True)
+    limits = forward_limits(backbone, device, predictor.precision, config, batch, processes, scratch)
+    out: dict = {"resolution": resolution, "backbone_forward_layouts_img_s": limits,
+                 "forward_img_s_by_runtime": by_runtime(limits), "backbone_forward_img_s": max(limits.values())}
+    chosen = predictor.runtime
+    for runtime in dict.fromkeys([chosen, "torch"]):
+        predictor.runtime = runtime
+        print(f"timing the inference path in {runtime} at {resolution} px on {len(frame)} images ...", flush=True)
+        path = max((time_inference_path(predictor, frame, settings, labels, scratch / f"{runtime}{i}")
+                    for i in range(config.repeats)), key=lambda run: run["img_s"])
+        prefix = "pipeline" if runtime == chosen else "pipeline_torch"
+        out[f"{prefix}_img_s"], out[f"{prefix}_seconds"] = path["img_s"], path["seconds"]
+        out["pipeline_chunk_size"] = path["chunk_size"]
+    predictor.runtime = chosen
+    out.setdefault("pipeline_torch_img_s", out["pipeline_img_s"])
+    out["pipeline_speedup_over_torch"] = round(out["pipeline_img_s"] / out["pipeline_torch_img_s"], 2)
+    out["pipeline_over_forward"] = round(out["pipeline_img_s"] / out["backbone_forward_img_s"], 3)
+    ids = frame[ID_COLUMN].tolist()
+    out["decode_resize_ms_per_img"] = min(time_decode(predictor.paths, ids[:200], backbone.preprocessing)
+                                          for _ in range(config.repeats))
+    out["bound_img_s"] = physical_bound(out["backbone_forward_img_s"], out["decode_resize_ms_per_img"], caption_ms,
+                                        usable_cores(), device)
+    out["pipeline_over_bound"] = round(out["pipeline_img_s"] / out["bound_img_s"], 3)
+    return out
+
+
 def run_benchmark(config: BenchConfig) -> dict:
     """Run every measurement; write bench.json in ``--output``; return the results."""
     seed_everything(config.seed)
@@ -322,24 +496,34 @@ def run_benchmark(config: BenchConfig) -> dict:
         predictor = BranchPredictor(checkpoints, paths, scratch / "cache", device, config.batch_size, config.workers)
         if config.precision:
             predictor.precision = config.precision
-        backbone, precision = predictor.backbone, predictor.precision
+        backbone, precision, runtime = predictor.backbone, predictor.precision, predictor.runtime
         resolution = backbone.preprocessing["resolution"]
         processes = usable_cores() if device.type == "cpu" and config.workers > 0 else 0
         batch = min(config.batch_size, CPU_BATCH) if processes else config.batch_size
-        results.update(backbone=backbone.name, resolution=resolution, precision=precision,
-                       pipeline_batch=batch, pipeline_processes=processes)
-        print(f"timing {backbone.name} forward ({precision}) on in-memory batches ...", flush=True)
-        limits = forward_limits(backbone.module, backbone.preprocessing, device, precision, config, batch, processes)
-        results["backbone_forward_layouts_img_s"] = limits
-        results["backbone_forward_img_s"] = max(limits.values())
-        print(f"timing the inference path on {len(frame)} images ...", flush=True)
-        path = max((time_inference_path(predictor, frame, settings, labels, scratch / f"run{i}")
-                    for i in range(config.repeats)), key=lambda run: run["img_s"])
-        results["pipeline_img_s"] = path["img_s"]
-        results["pipeline_seconds"] = path["seconds"]
-        results["pipeline_chunk_size"] = path["chunk_size"]
-        results["pipeline_over_forward"] = round(results["pipeline_img_s"] / results["backbone_forward_img_s"], 3)
+        results.update(backbone=backbone.name, resolution=resolution, precision=precision, runtime=runtime,
+                       pipeline_batch=batch, pipeline_processes=processes, cores=usable_cores())
+        ids = frame[ID_COLUMN].tolist()
+        results["caption_branch_ms_per_img"] = time_caption(predictor, frame)
+        trained_preprocessing = backbone.preprocessing
+        for size in [resolution] + ([config.also_resolution] if config.also_resolution not in (0, resolution) else []):
+            # The heads take pooled features of any resolution, so speed can be timed at another one.
+            backbone.preprocessing = {**trained_preprocessing, "resolution": size}
+            measured = time_runtimes(predictor, frame, settings, labels, config, batch, processes,
+                                     results["caption_branch_ms_per_img"], scratch / f"{size}px")
+            if size == resolution:
+                results.update(measured)
+            else:
+                results[f"at_{size}px"] = measured
+        backbone.preprocessing = trained_preprocessing
         results["test_10000_images_minutes"] = round(10000 / results["pipeline_img_s"] / 60, 2)
+        if device.type == "cpu" and openvino_version() is not None:
+            print("timing OpenVINO int8 (where NNCF is installed) ...", flush=True)
+            key = {"backbone": backbone.name, "weights": backbone.weights_digest, "output": "avg+max",
+                   "preprocessing": trained_preprocessing}
+            compiled = OpenVinoForward.cached(backbone.module, trained_preprocessing, True, precision, key,
+                                              scratch, usable_cores())
+            results["forward_int8_img_s"] = time_int8_forward(compiled.converted, paths, ids[:300],
+                                                              trained_preprocessing, batch, config.forward_seconds)
 
         if config.compare:
             with warnings.catch_warnings():
@@ -348,31 +532,23 @@ def run_benchmark(config: BenchConfig) -> dict:
             if compared.feature_dim != backbone.feature_dim:
                 raise SystemExit(f"{COMPARED_BACKBONE} gives {compared.feature_dim} features, the trained heads "
                                  f"expect {backbone.feature_dim}; run with --no-compare")
-            predictor.backbone = compared
+            # Both in torch: the comparison is of the two models' code, not of the runtimes.
+            predictor.backbone, predictor.runtime = compared, "torch"
             print(f"timing the inference path with efficientnet-pytorch {COMPARED_BACKBONE} ...", flush=True)
             results["effnet_pytorch_pipeline_img_s"] = max(
                 time_inference_path(predictor, frame, settings, labels, scratch / f"compared{i}")["img_s"]
                 for i in range(config.repeats))
-            results["effnet_pytorch_forward_img_s"] = max(
-                forward_limits(compared.module, compared.preprocessing, device, precision, config, batch, processes).values())
-            results["speedup_over_effnet_pytorch"] = round(
-                results["pipeline_img_s"] / results["effnet_pytorch_pipeline_img_s"], 2)
-            predictor.backbone = backbone
-
-        ids = frame[ID_COLUMN].tolist()
-        results["decode_resize_ms_per_img"] = min(time_decode(paths, ids[:200], backbone.preprocessing)
-                                                  for _ in range(config.repeats))
-        results["caption_branch_ms_per_img"] = time_caption(predictor, frame)
-        cores = usable_cores()
-        results["cores"] = cores
-        for prefix in ("", "effnet_pytorch_"):
-            if f"{prefix}pipeline_img_s" not in results:
-                continue
-            forward = results["backbone_forward_img_s" if not prefix else "effnet_pytorch_forward_img_s"]
+            forward = max(forward_limits(compared, device, precision, dataclasses.replace(config, repeats=1),
+                                         batch, processes, scratch / "compared").get(k, 0.0)
+                          for k in (f"torch_threads_batch{batch}", f"torch_processes{processes}_batch{batch}"))
+            results["effnet_pytorch_forward_img_s"] = forward
             bound = physical_bound(forward, results["decode_resize_ms_per_img"], results["caption_branch_ms_per_img"],
-                                   cores, device)
-            results[f"{prefix}bound_img_s"] = bound
-            results[f"{prefix}pipeline_over_bound"] = round(results[f"{prefix}pipeline_img_s"] / bound, 3)
+                                   results["cores"], device)
+            results["effnet_pytorch_bound_img_s"] = bound
+            results["effnet_pytorch_pipeline_over_bound"] = round(results["effnet_pytorch_pipeline_img_s"] / bound, 3)
+            results["speedup_over_effnet_pytorch"] = round(
+                results["pipeline_torch_img_s"] / results["effnet_pytorch_pipeline_img_s"], 2)
+            predictor.backbone, predictor.runtime = backbone, runtime
 
     print("timing fine-tuning steps ...", flush=True)
     finetune_batches = config.finetune_batches or (40 if device.type == "cuda" else 4)
@@ -397,24 +573,34 @@ def run_benchmark(config: BenchConfig) -> dict:
 
 def format_table(results: dict) -> str:
     """The headline figures as an aligned two-column table."""
+    def forwards(at: dict) -> str:
+        return ", ".join(f"{runtime} {rate}" for runtime, rate in at["forward_img_s_by_runtime"].items()) + " img/s"
+
+    def pipelines(at: dict) -> str:
+        return (f"{at['pipeline_img_s']} img/s in {results['runtime']} ({at['pipeline_speedup_over_torch']}x "
+                f"torch's {at['pipeline_torch_img_s']}; {at['pipeline_over_bound']:.0%} of the bound "
+                f"{at['bound_img_s']})")
+
     rows = [
         ("backbone", f"{results['backbone']} @ {results['resolution']} px, {results['precision']}, on "
-                     f"{results['device']} ({results['threads']} threads); pipeline batch {results['pipeline_batch']}, "
-                     f"{results['pipeline_processes']} extraction processes"),
-        ("backbone forward (limit)", f"{results['backbone_forward_img_s']} img/s (best of "
-                                     + ", ".join(f"{k} {v}" for k, v in results['backbone_forward_layouts_img_s'].items())
-                                     + ")"),
-        ("physical bound", f"{results['bound_img_s']} img/s (decode + forward + caption per core, over "
+                     f"{results['device']} ({results['threads']} threads); pipeline batch {results['pipeline_batch']}"),
+        ("forward by runtime", forwards(results)),
+        ("physical bound", f"{results['bound_img_s']} img/s (decode + fastest forward + caption per core, over "
                            f"{results['cores']} cores)"),
-        ("inference pipeline", f"{results['pipeline_img_s']} img/s ({results['pipeline_over_bound']:.0%} of the bound, "
-                               f"{results['pipeline_over_forward']:.0%} of the forward alone)"),
+        ("inference pipeline", pipelines(results)),
         ("10,000 test images", f"{results['test_10000_images_minutes']} min"),
     ]
+    for key, at in results.items():
+        if key.startswith("at_"):
+            rows += [(f"forward at {at['resolution']} px", forwards(at)),
+                     (f"pipeline at {at['resolution']} px", pipelines(at))]
+    if results.get("forward_int8_img_s"):
+        rows.append(("OpenVINO int8 forward", f"{results['forward_int8_img_s']} img/s (NNCF, speed only)"))
     if "effnet_pytorch_pipeline_img_s" in results:
         rows.append((f"pipeline with {COMPARED_BACKBONE}",
-                     f"{results['effnet_pytorch_pipeline_img_s']} img/s "
+                     f"{results['effnet_pytorch_pipeline_img_s']} img/s in torch "
                      f"({results['effnet_pytorch_pipeline_over_bound']:.0%} of its bound "
-                     f"{results['effnet_pytorch_bound_img_s']}; ours is {results['speedup_over_effnet_pytorch']}x)"))
+                     f"{results['effnet_pytorch_bound_img_s']}; ours in torch is {results['speedup_over_effnet_pytorch']}x)"))
     rows += [
         ("decode + resize", f"{results['decode_resize_ms_per_img']} ms/img (one process)"),
         ("caption branch", f"{results['caption_branch_ms_per_img']} ms/img"),
