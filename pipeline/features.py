@@ -133,11 +133,13 @@ class _Extractor:
             out[ok] = result.to(dtype).cpu()
         return out
 
-    def finish(self, outputs: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        """Compiled outputs (B, ...) float32 of a whole batch as :meth:`run` gives them: in the
-        kept dtype, NaN rows for unreadable images (run on their blank stand-ins)."""
-        out = outputs.to(torch.float32 if self.pooled_output else torch.float16)
-        out[~ok] = float("nan")
+    def finish(self, outputs: torch.Tensor | None, ok: torch.Tensor) -> torch.Tensor:
+        """The compiled outputs of a batch's readable images (None: there were none) as
+        :meth:`run` gives them: in the kept dtype, NaN rows for the unreadable images."""
+        dtype = torch.float32 if self.pooled_output else torch.float16
+        out = torch.full((len(ok), *self.output_shape), float("nan"), dtype=dtype)
+        if outputs is not None:
+            out[ok] = outputs.to(dtype)
         return out
 
 
@@ -203,7 +205,8 @@ def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[s
                         prefetch_factor=4 if count else None)
     batches = tqdm(zip(units, loader), total=len(units), desc=description, unit="batch", disable=not show_progress)
     if extractor.compiled is not None:
-        for (unit, ok), outputs in extractor.compiled.run_many(((unit, ok), images) for unit, (images, ok) in batches):
+        readable = (((unit, ok), images if ok.all() else images[ok]) for unit, (images, ok) in batches)
+        for (unit, ok), outputs in extractor.compiled.run_many(readable):
             yield unit, extractor.finish(outputs, ok), ok
         return
     for unit, (outputs, ok) in batches:

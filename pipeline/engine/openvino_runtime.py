@@ -136,9 +136,10 @@ class OpenVinoForward:
         """Outputs (B, ...) float32 of one uint8 batch (B, 3, R, R)."""
         return next(self.run_many([(None, pixels)]))[1]
 
-    def run_many(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> Iterator[tuple[Any, torch.Tensor]]:
+    def run_many(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> Iterator[tuple[Any, torch.Tensor | None]]:
         """(tag, outputs) of each (tag, uint8 batch (B, 3, R, R)), in order, with a batch
-        in flight on every stream: the next is submitted while the last ones run."""
+        in flight on every stream: the next is submitted while the last ones run. An empty
+        batch is not run: its outputs are None."""
         import openvino as ov
 
         # Two requests per stream: a stream finds its next batch waiting when one finishes.
@@ -148,9 +149,12 @@ class OpenVinoForward:
             number, torch.from_numpy(request.get_output_tensor(0).data.copy())))
         waiting: collections.deque[tuple[int, Any]] = collections.deque()
         for number, (tag, pixels) in enumerate(batches):
+            waiting.append((number, tag))
+            if len(pixels) == 0:
+                finished[number] = None
+                continue
             # channels_last (B, 3, R, R) is (B, R, R, 3) in memory: the model's NHWC input.
             queue.start_async({0: np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy())}, userdata=number)
-            waiting.append((number, tag))
             while waiting and waiting[0][0] in finished:
                 done, done_tag = waiting.popleft()
                 yield done_tag, finished.pop(done)
