@@ -44,7 +44,7 @@ from pipeline.engine.runtime import seed_everything
 from pipeline.fusion import FusionError, load_fusion, tune_fusion
 from pipeline.inference import load_branch_checkpoints, recorded_label_names, validation_probabilities
 from pipeline.io import CheckpointError, atomic_write, atomic_write_text, file_digest, write_json
-from pipeline.models.backbones import pixel_affine
+from pipeline.models.backbones import NormalizeInput
 from pipeline.models.image_model import pool_features
 
 FORMATS = ("onnx", "openvino")
@@ -106,8 +106,7 @@ class ExportedImageBranch(nn.Module):
     """The image branch as inference computes it, in one module: raw uint8 RGB pixels
     (N, 3, R, R) -> per-label probabilities float32 (N, L).
 
-    Normalisation (``pixel_affine``, computed as the backbones' input normalisation module
-    computes it), the backbone in eval mode (unfused: the runtimes fold batch norm themselves),
+    Normalisation (``NormalizeInput``), the backbone in eval mode (unfused: the runtimes fold batch norm themselves),
     avg+max pooling, the running mean over the views (plain, then mirrored) rounded to float16
     after each view as the feature cache keeps it (``features._mean_into``;
     :func:`float16_rounded`), then the image head's feature standardisation, head and sigmoid
@@ -121,9 +120,7 @@ class ExportedImageBranch(nn.Module):
             raise ExportError(f"image.pt: views {list(views)}; this exporter knows {', '.join(KNOWN_VIEWS)}")
         if heads.head is None:
             raise ExportError("image.pt: no image head to export")
-        scale, shift = pixel_affine(preprocessing)  # each (1, 3, 1, 1)
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
+        self.normalize = NormalizeInput(preprocessing)
         self.backbone = backbone
         self.flips = tuple(view == "flip" for view in views)
         # Registered so their tensors are the model's; ``heads`` runs them as inference does.
@@ -132,8 +129,7 @@ class ExportedImageBranch(nn.Module):
         self.eval()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # (N, 3, R, R) uint8 -> float32 normalised, as the backbones' input normalisation computes it
-        images = torch.addcmul(self.shift, pixels.float(), self.scale)
+        images = self.normalize(pixels)  # (N, 3, R, R) uint8 -> float32 normalised
         views = torch.cat([images.flip(-1) if flip else images for flip in self.flips])  # (V*N, 3, R, R)
         pooled = pool_features(self.backbone(views))  # (V*N, 2C)
         pooled = pooled.reshape(len(self.flips), -1, pooled.shape[-1])  # (V, N, 2C)
