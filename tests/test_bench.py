@@ -32,9 +32,10 @@ def test_bench_writes_every_figure(trained_branches, tmp_path):
                                         "train_cached_head_img_s"))
     assert results["pipeline_over_forward"] == pytest.approx(written["pipeline_img_s"]
                                                              / written["backbone_forward_img_s"], abs=1e-3)
-    # The bound charges each image its decode, forward share and caption on one core.
-    per_image_ms = (written["decode_resize_ms_per_img"] + written["caption_branch_ms_per_img"]
-                    + 1000 * written["cores"] / written["backbone_forward_img_s"])
+    # The bound charges each image its decode and forward share per view, and its caption, on one core.
+    views = len(written["views"])
+    per_image_ms = (views * written["decode_resize_ms_per_img"] + written["caption_branch_ms_per_img"]
+                    + views * 1000 * written["cores"] / written["backbone_forward_img_s"])
     assert written["bound_img_s"] == pytest.approx(1000 * written["cores"] / per_image_ms, rel=1e-3)
     assert written["bound_img_s"] < written["backbone_forward_img_s"]
     assert written["pipeline_over_bound"] == pytest.approx(written["pipeline_img_s"] / written["bound_img_s"], abs=1e-3)
@@ -58,3 +59,6 @@ def test_the_gpu_bound_is_the_slower_of_the_device_and_the_decoding_cores():
     assert bench.physical_bound(500.0, 4.0, 1.0, 4, torch.device("cuda")) == pytest.approx(500.0)
     # On CPU the same cores run the forward: 2 cores, 4 ms forward share + 1 ms = 400 img/s.
     assert bench.physical_bound(500.0, 0.5, 0.5, 2, torch.device("cpu")) == pytest.approx(400.0)
+    # Two views (test-time flip): each image is decoded and run twice: 2 x (0.5 + 4) + 0.5 ms.
+    assert bench.physical_bound(500.0, 0.5, 0.5, 2, torch.device("cpu"), views=2) == pytest.approx(2000 / 9.5, abs=0.01)
+    assert bench.physical_bound(1000.0, 4.0, 1.0, 4, torch.device("cuda"), views=2) == pytest.approx(444.44, abs=0.01)

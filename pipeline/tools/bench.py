@@ -12,8 +12,8 @@ train.csv stand in for a test set), with the trained checkpoints in ``--weights`
   backbone, every head, caption tokenisation and the caption ensemble, fusion and the
   submission file, with an empty feature cache; ``pipeline_torch_img_s``: the same in torch;
 - ``bound_img_s``: what the hardware allows the whole path: on CPU the cores over the
-  per-image cost of one core (JPEG decode and resize, the fastest runtime's forward, the
-  caption branch), since decoding runs on the same cores as the forward; on GPU, the slower
+  per-image cost of one core (JPEG decode and resize and the fastest runtime's forward, once
+  per view, then the caption branch), since decoding runs on the same cores as the forward; on GPU, the slower
   of the GPU forward and the cores decoding; ``pipeline_over_bound`` is the pipeline's share;
 - ``at_<R>px``: the forwards, both pipelines and the bound again at ``--also-resolution``
   (speed only: the heads take pooled features of any resolution);
@@ -355,18 +355,19 @@ def time_caption(predictor: BranchPredictor, frame: pd.DataFrame) -> float | Non
 
 
 def physical_bound(forward_img_s: float, decode_ms: float, caption_ms: float | None, cores: int,
-                   device: torch.device) -> float:
+                   device: torch.device, views: int = 1) -> float:
     """Images per second the whole inference path could reach on this hardware.
 
-    On CPU every image costs one core ``decode_ms`` + its share of the forward
-    (``cores / forward_img_s``, the forward limit using every core) + ``caption_ms``, and the
-    cores run nothing else. On GPU the forward runs on the device while the cores decode and
-    run the caption branch, so the slower of the two bounds.
+    On CPU every image costs one core, per view (plain, and mirrored with test-time flips),
+    ``decode_ms`` + its share of the forward (``cores / forward_img_s``, the forward limit
+    using every core), then ``caption_ms``, and the cores run nothing else. On GPU the
+    forward runs on the device while the cores decode and run the caption branch, so the
+    slower of the two bounds.
     """
-    host_ms = decode_ms + (caption_ms or 0.0)
+    host_ms = views * decode_ms + (caption_ms or 0.0)
     if device.type == "cuda":
-        return round(min(forward_img_s, 1000.0 * cores / host_ms), 2)
-    return round(1000.0 * cores / (host_ms + 1000.0 * cores / forward_img_s), 2)
+        return round(min(forward_img_s / views, 1000.0 * cores / host_ms), 2)
+    return round(1000.0 * cores / (host_ms + views * 1000.0 * cores / forward_img_s), 2)
 
 
 def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[str], num_labels: int,
@@ -457,7 +458,7 @@ def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: Fus
     out["decode_resize_ms_per_img"] = min(time_decode(predictor.paths, ids[:200], backbone.preprocessing)
                                           for _ in range(config.repeats))
     out["bound_img_s"] = physical_bound(out["backbone_forward_img_s"], out["decode_resize_ms_per_img"], caption_ms,
-                                        usable_cores(), device)
+                                        usable_cores(), device, len(predictor.views))
     out["pipeline_over_bound"] = round(out["pipeline_img_s"] / out["bound_img_s"], 3)
     return out
 
@@ -501,6 +502,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         processes = usable_cores() if device.type == "cpu" and config.workers > 0 else 0
         batch = min(config.batch_size, CPU_BATCH) if processes else config.batch_size
         results.update(backbone=backbone.name, resolution=resolution, precision=precision, runtime=runtime,
+                       views=list(predictor.views),
                        pipeline_batch=batch, pipeline_processes=processes, cores=usable_cores())
         ids = frame[ID_COLUMN].tolist()
         results["caption_branch_ms_per_img"] = time_caption(predictor, frame)
@@ -543,7 +545,7 @@ def run_benchmark(config: BenchConfig) -> dict:
                           for k in (f"torch_threads_batch{batch}", f"torch_processes{processes}_batch{batch}"))
             results["effnet_pytorch_forward_img_s"] = forward
             bound = physical_bound(forward, results["decode_resize_ms_per_img"], results["caption_branch_ms_per_img"],
-                                   results["cores"], device)
+                                   results["cores"], device, len(predictor.views))
             results["effnet_pytorch_bound_img_s"] = bound
             results["effnet_pytorch_pipeline_over_bound"] = round(results["effnet_pytorch_pipeline_img_s"] / bound, 3)
             results["speedup_over_effnet_pytorch"] = round(
