@@ -219,14 +219,11 @@ def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:
 
 
 def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[int, ...], precision: str,
-               device: torch.device, runtime: str = "torch", output: str = "avg+max",
-               model_cache: Path | None = None) -> _Extractor:
-    """The extractor of ``module`` (the backbone, or its front giving ``output``) in ``runtime``;
-    OpenVINO keeps its converted models in ``model_cache`` (None: in this process only)."""
+               device: torch.device, runtime: str = "torch", model_cache: Path | None = None) -> _Extractor:
+    """The extractor of ``module`` (the backbone, or its front) in ``runtime``; OpenVINO keeps
+    its converted models in ``model_cache`` (None: in this process only)."""
     if runtime == "openvino":
-        key = {"backbone": backbone.name, "weights": backbone.weights_digest, "output": output,
-               "preprocessing": backbone.preprocessing}
-        compiled = OpenVinoForward.cached(module, backbone.preprocessing, len(output_shape) == 1, precision, key,
+        compiled = OpenVinoForward.cached(module, backbone.preprocessing, len(output_shape) == 1, precision,
                                           model_cache, usable_cores())
         return _Extractor(None, compiled, backbone.preprocessing, output_shape, precision, device)
     model = fuse_for_inference(module, backbone.preprocessing).to(device)
@@ -430,15 +427,14 @@ def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, pa
     view, from the cache when it is complete, else its missing shards extracted first (in
     ``runtime``)."""
     files = [paths.image_path(image_id) for image_id in image_ids]
-    output = f"stage{stage}"
-    key = cache_key(backbone, files, views, precision, output=output, runtime=runtime)
+    key = cache_key(backbone, files, views, precision, output=f"stage{stage}", runtime=runtime)
     resolution = backbone.preprocessing["resolution"]
     with torch.no_grad():
         probe = front.eval()(torch.zeros(1, 3, resolution, resolution))
     map_shape = tuple(probe.shape[1:])
     fields = {**{view: Field(map_shape, "float16") for view in views}, "readable": Field((), "bool")}
     store = _cached_store("stagemaps", key, fields,
-                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, output, cache_dir),
+                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, cache_dir),
                           paths, image_ids, views, cache_dir, batch_size,
                           workers, description, context, shard_rows)
     return StageMaps(store, tuple(views), store.read_all("readable").astype(bool))

@@ -71,17 +71,16 @@ def test_openvino_features_and_stage_maps_match_torch(backbone, tiny_images, tmp
 
 
 def test_a_model_compiles_once_per_process_and_converts_once_per_cache(backbone, tmp_path, monkeypatch):
-    key = {"backbone": "test", "weights": backbone.weights_digest}
     monkeypatch.setattr(openvino_runtime, "_COMPILED", {})
-    first = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", key, tmp_path, 1)
-    assert OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", key, tmp_path, 1) is first
+    first = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", tmp_path, 1)
+    assert OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", tmp_path, 1) is first
     (saved,) = (tmp_path / "openvino").glob("*.xml")
     assert saved.with_suffix(".bin").is_file()
 
     # A new process (an empty memory) reads the converted model instead of converting again.
     monkeypatch.setattr(openvino_runtime, "_COMPILED", {})
     monkeypatch.setattr(openvino_runtime, "convert", lambda *args: pytest.fail("converted again"))
-    again = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", key, tmp_path, 1)
+    again = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", tmp_path, 1)
     pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     assert torch.equal(again(pixels), first(pixels))
     assert again(pixels).shape == (3, backbone.pooled_dim)

@@ -12,8 +12,8 @@ runs through the runtime ``--runtime`` names:
 
 docs/speed.md, "CPU runtimes", has the measurements behind ``auto``.
 
-A converted model is kept on disk under a key (backbone weights digest, what is kept of
-the backbone, resolution, precision, OpenVINO version) and compiled once per process.
+A converted model is kept on disk under a key (the module's own tensors, the
+preprocessing, pooled or not, precision, OpenVINO version) and compiled once per process.
 """
 
 from __future__ import annotations
@@ -94,13 +94,14 @@ class OpenVinoForward:
         self.compiled, self.streams = compiled, streams
 
     @classmethod
-    def cached(cls, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, key: dict,
+    def cached(cls, module: nn.Module, preprocessing: dict, pooled: bool, precision: str,
                cache_dir: Path | None, cores: int) -> OpenVinoForward:
-        """The compiled model of ``key``: from this process's memory, else converted (or read
-        from ``cache_dir``, where conversions are kept) and compiled."""
-        # The tensors themselves join the key: two random initialisations share a weights name.
-        key = {**key, "state": state_digest(module), "openvino": openvino_version(), "pooled": pooled,
-               "precision": precision}
+        """``module`` compiled: from this process's memory, else converted (or read from
+        ``cache_dir``, where conversions are kept) and compiled."""
+        # Keyed by the tensors themselves: a backbone's front and the whole backbone differ in
+        # them, and two random initialisations share a weights name but not their tensors.
+        key = {"state": state_digest(module), "preprocessing": preprocessing, "pooled": pooled,
+               "precision": precision, "openvino": openvino_version()}
         digest = _digest(key)
         with _COMPILED_LOCK:
             if digest not in _COMPILED:
@@ -144,7 +145,7 @@ class OpenVinoForward:
 
         # Two requests per stream: a stream finds its next batch waiting when one finishes.
         queue = ov.AsyncInferQueue(self.compiled, 2 * self.streams)
-        finished: dict[int, torch.Tensor] = {}
+        finished: dict[int, torch.Tensor | None] = {}
         queue.set_callback(lambda request, number: finished.__setitem__(
             number, torch.from_numpy(request.get_output_tensor(0).data.copy())))
         waiting: collections.deque[tuple[int, Any]] = collections.deque()

@@ -289,9 +289,7 @@ def forward_limits(backbone, device: torch.device, precision: str, config: Bench
     if device.type != "cpu":
         return limits
     if openvino_version() is not None:
-        key = {"backbone": backbone.name, "weights": backbone.weights_digest, "output": "avg+max",
-               "preprocessing": preprocessing}
-        compiled = OpenVinoForward.cached(module, preprocessing, True, precision, key, scratch, usable_cores())
+        compiled = OpenVinoForward.cached(module, preprocessing, True, precision, scratch, usable_cores())
         limits[f"openvino_streams{compiled.streams}_batch{batch}"] = best(
             lambda: time_openvino_forward(compiled, batch, resolution, config.forward_seconds))
         if processes:
@@ -520,10 +518,8 @@ def run_benchmark(config: BenchConfig) -> dict:
         results["test_10000_images_minutes"] = round(10000 / results["pipeline_img_s"] / 60, 2)
         if device.type == "cpu" and openvino_version() is not None:
             print("timing OpenVINO int8 (where NNCF is installed) ...", flush=True)
-            key = {"backbone": backbone.name, "weights": backbone.weights_digest, "output": "avg+max",
-                   "preprocessing": trained_preprocessing}
-            compiled = OpenVinoForward.cached(backbone.module, trained_preprocessing, True, precision, key,
-                                              scratch, usable_cores())
+            compiled = OpenVinoForward.cached(backbone.module, trained_preprocessing, True, precision, scratch,
+                                              usable_cores())
             results["forward_int8_img_s"] = time_int8_forward(compiled.converted, paths, ids[:300],
                                                               trained_preprocessing, batch, config.forward_seconds)
 

@@ -32,6 +32,7 @@ from pipeline.config import save_config
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
+from pipeline.engine.openvino_runtime import resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
     cpu_threads,
@@ -42,7 +43,6 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
-from pipeline.engine.openvino_runtime import resolve_runtime
 from pipeline.features import VIEWS, cached_features, cached_stage_maps
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import tune_global_threshold
