@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="../shared/comp5329", help="real dataset folder")
     parser.add_argument("--work", default="/tmp/real-bench", help="scratch folder for weights and outputs (emptied)")
     parser.add_argument("--output", default="output", help="where real_pipeline.json goes")
+    parser.add_argument("--seed", type=int, default=0, help="--seed for both training scripts (judge a change on two)")
     parser.add_argument("--skip-warm", action="store_true", help="skip the warm-cache rerun of train_efficientnet.py")
     args = parser.parse_args(argv)
 
@@ -44,19 +45,21 @@ def main(argv: list[str] | None = None) -> dict:
     weights, output, logs = work / "weights", work / "output", work / "logs"
     logs.mkdir(parents=True)
     common = ["--data", args.data, "--weights", str(weights)]
+    training = [*common, "--seed", str(args.seed)]
     stages = {}
     started = time.perf_counter()
-    stages["train_efficientnet_cold"] = run_stage("train_efficientnet_cold", ["train_efficientnet.py", *common], logs)
+    stages["train_efficientnet_cold"] = run_stage("train_efficientnet_cold", ["train_efficientnet.py", *training], logs)
     image_summary = json.loads((weights / "image_summary.json").read_text())
-    stages["train_caption_rnn"] = run_stage("train_caption_rnn", ["train_caption_rnn.py", *common], logs)
+    stages["train_caption_rnn"] = run_stage("train_caption_rnn", ["train_caption_rnn.py", *training], logs)
     stages["inference"] = run_stage("inference", ["inference.py", *common, "--output", str(output), "--evaluate"], logs)
     recipe_seconds = time.perf_counter() - started
     if not args.skip_warm:
-        stages["train_efficientnet_warm"] = run_stage("train_efficientnet_warm", ["train_efficientnet.py", *common], logs)
+        stages["train_efficientnet_warm"] = run_stage("train_efficientnet_warm", ["train_efficientnet.py", *training], logs)
 
     metrics = json.loads((output / "metrics.json").read_text())
     result = {
         "data": args.data,
+        "seed": args.seed,
         "recipe_seconds_from_nothing": round(recipe_seconds, 1),
         "stages": stages,
         "image_training": image_summary,
