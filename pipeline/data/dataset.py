@@ -27,8 +27,9 @@ DATASET_INFO = "dataset.json"
 # The default --data: the synthetic demo dataset written by ``python -m pipeline.tools.demo``.
 DEMO_DATA = Path("data/demo")
 
-# A line that opens a record even when the previous record left a quote open: an image
-# file name followed by a comma (the competition's ids are `<digits>.jpg`; any image name works).
+# A line that opens a record even when the previous record left open a quote that is not
+# valid CSV: an image file name followed by a comma (the competition's ids are `<digits>.jpg`;
+# any image name works).
 _RECORD_START = re.compile(r'^[^",\s]+\.(?:jpe?g|png),', re.IGNORECASE)
 
 
@@ -49,25 +50,58 @@ def _decode(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _split_records(lines: list[str]) -> list[tuple[int, str]]:
+def _split_records(lines: list[str], width: int) -> list[tuple[int, str]]:
     """Group physical lines into records: (first line number, record text).
 
-    A record continues onto the next line while it holds an odd number of double
-    quotes (a quoted caption with a newline inside, as in images 1014, 2259 and 6751),
-    unless that next line itself looks like the start of a record.
+    A line with an odd number of double quotes opens a quoted field that goes on over the
+    next lines (a quoted caption with a newline inside, as in images 1014, 2259 and 6751).
+    Where those lines up to the one that closes it form one valid CSV record of ``width``
+    fields, that is the record, whatever its lines look like: valid quoting is honoured.
+    Otherwise the quote is taken for an unescaped one and the record stops early, before
+    the first line that looks like the start of a record (``<name>.jpg,``), so one stray
+    quote cannot swallow the rows after it.
     """
     records: list[tuple[int, str]] = []
-    open_quote = False
-    for number, line in enumerate(lines, start=2):
-        if open_quote and not _RECORD_START.match(line):
-            start, text = records[-1]
-            records[-1] = (start, text + "\n" + line)
-        elif line.strip() == "":
-            continue  # blank lines (a trailing newline) carry no record
-        else:
-            records.append((number, line))
-        open_quote = records[-1][1].count('"') % 2 == 1 if records else False
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.strip() == "":
+            index += 1  # blank lines (a trailing newline) carry no record
+            continue
+        end = index + 1
+        if line.count('"') % 2 == 1:
+            end = _quoted_end(lines, index, width) or _open_end(lines, index)
+        records.append((index + 2, "\n".join(lines[index:end])))
+        index = end
     return records
+
+
+def _quoted_end(lines: list[str], start: int, width: int) -> int | None:
+    """The end (exclusive) of the record opened on ``lines[start]`` when its quoted field is
+    well formed CSV; None when it is not (the competition's unescaped inner quotes)."""
+    end, open_quote = start + 1, True
+    # The field closes on the next line with an odd number of quotes: inner quotes of a
+    # valid field come in pairs (""). Each search stops there, so a file costs one pass.
+    while end < len(lines) and open_quote:
+        open_quote = (lines[end].count('"') % 2 == 1) != open_quote
+        end += 1
+    if open_quote:
+        return None
+    try:
+        rows = list(csv.reader(io.StringIO("\n".join(lines[start:end])), strict=True))
+    except csv.Error:
+        return None
+    return end if len(rows) == 1 and len(rows[0]) == width else None
+
+
+def _open_end(lines: list[str], start: int) -> int:
+    """The end (exclusive) of a record whose quotes are not valid CSV: it goes on while its
+    quotes are unbalanced, up to the next line that looks like the start of a record."""
+    end, open_quote = start + 1, True
+    while end < len(lines) and open_quote and not _RECORD_START.match(lines[end]):
+        open_quote = (lines[end].count('"') % 2 == 1) != open_quote
+        end += 1
+    return end
 
 
 def _parse_record(text: str, header: list[str]) -> list[str] | None:
@@ -162,7 +196,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
             f"{','.join(name for name in KNOWN_COLUMNS if name in header or name in missing)}"
         )
 
-    records = _split_records(lines[1:])
+    records = _split_records(lines[1:], len(header))
     if records:
         start, text = records[-1]
         body = text.rstrip("\n")

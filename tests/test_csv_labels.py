@@ -1,0 +1,64 @@
+"""Valid CSV quoting over the record-start rule, over-long ImageIDs, and the label set of a training file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.data.dataset import DataFormatError, DatasetPaths, load_train_val, read_csv
+
+HEADER = "ImageID,Labels,Caption\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def rows(frame: pd.DataFrame) -> list[tuple]:
+    return [tuple(row) for row in frame.itertuples(index=False)]
+
+
+# --- Valid quoting wins over the record-start rule --------------------------------------------------
+
+# (case, records after the header, expected (ImageID, Labels, Caption) rows, first line of each record)
+QUOTED = [
+    ("a record-start line inside a quoted caption",
+     '0.jpg,1,"first line\n99999.jpg, welcome to town"\n1.jpg,3,"a car"\n',
+     [("0.jpg", [1], "first line\n99999.jpg, welcome to town"), ("1.jpg", [3], "a car")], [2, 4]),
+    ("doubled quotes around it",
+     '0.jpg,1,"a ""sign""\n99999.jpg,3,""welcome"" to town"\n1.jpg,3,"a car"\n',
+     [("0.jpg", [1], 'a "sign"\n99999.jpg,3,"welcome" to town'), ("1.jpg", [3], "a car")], [2, 4]),
+    ("several such lines and a blank one",
+     '0.jpg,1,"a\n\n5.jpg,1,b\n6.jpg,3,c"\n1.jpg,3,"a car"\n',
+     [("0.jpg", [1], "a\n\n5.jpg,1,b\n6.jpg,3,c"), ("1.jpg", [3], "a car")], [2, 6]),
+    # Not valid CSV: the quote after 5 is an inch mark, so the record ends before the next id.
+    ("an unescaped odd quote mid-file",
+     '0.jpg,1,"a 5" screen"\n1.jpg,3,"a car"\n2.jpg,18,"a dog"\n',
+     [("0.jpg", [1], 'a 5" screen'), ("1.jpg", [3], "a car"), ("2.jpg", [18], "a dog")], [2, 3, 4]),
+    ("a caption that never closes its quote, mid-file",
+     '0.jpg,1,"a person\n1.jpg,3,"a car"\n2.jpg,18,"a dog"\n',
+     [("0.jpg", [1], '"a person'), ("1.jpg", [3], "a car"), ("2.jpg", [18], "a dog")], [2, 3, 4]),
+]
+
+
+@pytest.mark.parametrize("case, body, expected, lines", QUOTED, ids=[c[0] for c in QUOTED])
+def test_valid_quoting_is_honoured_and_broken_quotes_still_stop_at_the_next_record(tmp_path, case, body,
+                                                                                  expected, lines):
+    frame = read_csv(write(tmp_path / "train.csv", HEADER + body))
+    assert rows(frame) == expected
+    assert frame.attrs["lines"] == lines
+
+
+def test_captions_written_by_pandas_read_back_exactly(tmp_path):
+    """pandas quotes a caption with a newline and doubles its quotes: whatever follows the newline."""
+    captions = ['first line\n99999.jpg, welcome to town', 'say "cheese"\n7.jpg,1,"x"', "plain"]
+    frame = pd.DataFrame({"ImageID": ["0.jpg", "1.jpg", "2.jpg"], "Labels": ["1", "3 1", "18"],
+                          "Caption": captions})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    assert rows(read_csv(tmp_path / "train.csv")) == [("0.jpg", [1], captions[0]), ("1.jpg", [3, 1], captions[1]),
+                                                      ("2.jpg", [18], captions[2])]
