@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pipeline.data.dataset import DataFormatError, DatasetPaths, load_train_val, read_csv
+from pipeline.data.dataset import DataFormatError, read_csv
 
 HEADER = "ImageID,Labels,Caption\n"
 
@@ -62,3 +61,37 @@ def test_captions_written_by_pandas_read_back_exactly(tmp_path):
     frame.to_csv(tmp_path / "train.csv", index=False)
     assert rows(read_csv(tmp_path / "train.csv")) == [("0.jpg", [1], captions[0]), ("1.jpg", [3, 1], captions[1]),
                                                       ("2.jpg", [18], captions[2])]
+
+
+# --- ImageIDs longer than a file name can be ---------------------------------------------------------
+
+def test_an_image_id_longer_than_a_file_name_is_refused_at_its_line(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = "x" * (limit - 4) + ".jpg"
+    path = write(tmp_path / "train.csv", HEADER + f'{longest},1,"a"\n1.jpg,3,"b"\n')
+    assert read_csv(path)["ImageID"].tolist() == [longest, "1.jpg"]
+    write(path, HEADER + f'0.jpg,1,"a"\nx{longest},3,"b"\n')
+    with pytest.raises(DataFormatError, match=rf"train\.csv:3: ImageID 'x+'\.\.\. is {limit + 1} bytes long; "
+                                              rf"a file name can be at most {limit} bytes here"):
+        read_csv(path)
+    # The limit is in bytes: 'é' takes two of them.
+    wide = "é" * (limit // 2) + ".jpg"
+    write(path, HEADER + f'{wide},1,"a"\n')
+    with pytest.raises(DataFormatError, match=rf"train\.csv:2: ImageID 'é+'\.\.\. is {2 * (limit // 2) + 4} bytes"):
+        read_csv(path)
+
+
+# --- Label ids declared by dataset.json -------------------------------------------------------------
+
+def test_a_label_id_that_dataset_json_does_not_declare_is_refused_at_its_line(tmp_path):
+    write(tmp_path / "dataset.json", '{"train.csv": {"labels": {"1": "person", "3": "car", "18": "dog"}}}')
+    path = write(tmp_path / "train.csv", HEADER + '0.jpg,1 3,"a"\n1.jpg,18,"b"\n')
+    assert read_csv(path)["Labels"].tolist() == [[1, 3], [18]]
+    write(path, HEADER + '0.jpg,1 3,"a"\n1.jpg,18,"b"\n2.jpg,1 12,"c"\n')
+    with pytest.raises(DataFormatError, match=r"train\.csv:4: label id 12 is not one of the label ids dataset\.json "
+                                              r"beside the file declares: \[1, 3, 18\]$"):
+        read_csv(path)
+    write(tmp_path / "dataset.json", '{"train.csv": {"labels": ["person", "car"]}}')
+    with pytest.raises(DataFormatError, match=r"dataset\.json: \"labels\" of 'train\.csv' must map label ids to names"):
+        read_csv(path)
+

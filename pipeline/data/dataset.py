@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,6 +152,29 @@ def _parse_labels(field: str, path: Path, line: int, allow_empty: bool = False) 
     return [int(token) for token in tokens]
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` allows."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no such limit reported
+        limit = -1
+    return limit if limit > 0 else 255  # 255: the limit of every common file system
+
+
+def _declared_label_ids(info: dict, csv_path: Path) -> set[int] | None:
+    """The label ids a CSV file's ``dataset.json`` entry ``info`` declares (the keys of its
+    ``"labels"`` names, as the converters write them), or None where it declares none."""
+    names = info.get("labels")
+    if names is None:
+        return None
+    if not isinstance(names, dict) or not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in names):
+        raise DataFormatError(
+            f"{csv_path.parent / DATASET_INFO}: \"labels\" of {csv_path.name!r} must map label ids to names, "
+            'e.g. {"1": "person", "3": "car"}'
+        )
+    return {int(key) for key in names}
+
+
 def is_plain_file_name(name: str) -> bool:
     """True when ``name`` can only mean a file directly inside the image folder."""
     return bool(name) and not ({"\x00", "/", "\\"} & set(name)) and name not in {".", ".."}
@@ -163,9 +187,10 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
     Reads the original competition files exactly (unescaped inner quotes, captions ending
     in ``/``, captions spanning lines) as well as clean CSV written by pandas, with the
     columns in any order. No record is ever dropped: a record that cannot be read, a column
-    of ``require`` that is missing, an ImageID that is empty or a path, an empty or
-    non-integer Labels field, or an ImageID that repeats an earlier row raises
-    ``DataFormatError`` naming the file and line. Repeated ImageIDs (one row per caption of
+    of ``require`` that is missing, an ImageID that is empty, a path or longer than a file
+    name can be, an empty or non-integer Labels field, a label id other than those
+    ``dataset.json`` beside the file declares, or an ImageID that repeats an earlier row
+    raises ``DataFormatError`` naming the file and line. Repeated ImageIDs (one row per caption of
     an image, see ``group_by_image``) are accepted when ``allow_duplicate_ids`` is True or,
     by default, when ``dataset.json`` beside the file declares them.
     """
@@ -176,6 +201,10 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
     if allow_duplicate_ids is None:
         allow_duplicate_ids = bool(info.get("repeated_ids", False))
     allow_empty_labels = info.get("empty_images") == "kept"
+    declared = _declared_label_ids(info, path)
+    # The images sit beside the CSV file (DIR/data) or in --images, on the same file system
+    # as a rule; an ImageID over its limit could never be opened.
+    name_max = _name_max(path.parent)
     lines = _decode(path).split("\n")
     header = next(csv.reader([lines[0]])) if lines and lines[0].strip() else []
     header = [name.strip() for name in header]
@@ -224,6 +253,12 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
             raise DataFormatError(
                 f"{path}:{line}: ImageID {image_id!r} is not a plain file name inside the image folder"
             )
+        size = len(os.fsencode(image_id))
+        if size > name_max:
+            raise DataFormatError(
+                f"{path}:{line}: ImageID {image_id[:40]!r}... is {size} bytes long; a file name can be at most "
+                f"{name_max} bytes here"
+            )
         if image_id in first_line and not allow_duplicate_ids:
             raise DataFormatError(
                 f"{path}:{line}: ImageID {image_id!r} repeats line {first_line[image_id]}; each image needs "
@@ -233,6 +268,12 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
         first_line.setdefault(image_id, line)
         if LABELS_COLUMN in row:
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line, allow_empty_labels)
+            unknown = [label for label in row[LABELS_COLUMN] if declared is not None and label not in declared]
+            if unknown:
+                raise DataFormatError(
+                    f"{path}:{line}: label id {unknown[0]} is not one of the label ids {DATASET_INFO} beside the "
+                    f"file declares: {sorted(declared)}"
+                )
         row["_line"] = line
         rows.append(row)
 
