@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pipeline.data.dataset import DataFormatError, read_csv
+from pipeline.data.dataset import DataFormatError, DatasetPaths, load_train_val, read_csv
 
 HEADER = "ImageID,Labels,Caption\n"
 
@@ -95,3 +96,47 @@ def test_a_label_id_that_dataset_json_does_not_declare_is_refused_at_its_line(tm
     with pytest.raises(DataFormatError, match=r"dataset\.json: \"labels\" of 'train\.csv' must map label ids to names"):
         read_csv(path)
 
+
+# --- The label set of the training split ------------------------------------------------------------
+
+def labelled(n: int, labels: str = "1") -> str:
+    return "".join(f'{i}.jpg,{labels},"caption {i}"\n' for i in range(n))
+
+
+def test_a_training_split_with_one_label_is_refused_naming_the_file(tmp_path):
+    write(tmp_path / "train.csv", HEADER + labelled(60))
+    with pytest.raises(DataFormatError, match=r"train\.csv: the training split holds only label 1; a multi-label "
+                                              r"model needs at least two distinct label ids among its training images"):
+        load_train_val(DatasetPaths.resolve(tmp_path), 0.15)
+
+
+def test_a_second_label_only_in_the_validation_split_is_named(tmp_path):
+    # Of 0.jpg .. 59.jpg, the split (a hash of the ImageID) puts 26, 34, 36 and 38 in validation at 0.15.
+    write(tmp_path / "train.csv", HEADER + '0.jpg,1,"a"\n26.jpg,3,"b"\n2.jpg,1,"c"\n')
+    with pytest.raises(DataFormatError, match=r"train\.csv: the training split holds only label 1 \(3 only in the "
+                                              r"validation split\)"):
+        load_train_val(DatasetPaths.resolve(tmp_path), 0.15)
+
+
+def test_rare_labels_are_warned_about_with_their_lines(tmp_path, caplog):
+    """A mistyped id in one row of a 60-row file (``1 12``, ``99 1``) is a class with one example."""
+    rows = [f'{i}.jpg,{1 + i % 2},"caption {i}"' for i in range(60)]
+    rows[9] = '9.jpg,1 12,"caption 9"'
+    rows[40] = '40.jpg,99 1,"caption 40"'
+    for i in (3, 5, 7):
+        rows[i] = f'{i}.jpg,2 5,"caption {i}"'
+    rows[26] = '26.jpg,1 7,"caption 26"'  # in the validation split
+    write(tmp_path / "train.csv", HEADER + "\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.dataset"):
+        labels, train, val = load_train_val(DatasetPaths.resolve(tmp_path), 0.15)
+    assert labels.ids == (1, 2, 5, 7, 12, 99)
+    path = tmp_path / "train.csv"
+    assert caplog.messages == [
+        f"{path}: label 5 has only 3 training images (lines 5, 7, 9); a label this rare is barely learned: check "
+        "the id is not a mistake",
+        f"{path}: label 7 is only in the validation split (line 28): the model cannot learn it",
+        f"{path}: label 12 has only 1 training image (line 11); a label this rare is barely learned: check the id "
+        "is not a mistake",
+        f"{path}: label 99 has only 1 training image (line 42); a label this rare is barely learned: check the id "
+        "is not a mistake",
+    ]

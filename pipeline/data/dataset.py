@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -27,6 +28,10 @@ KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
 DATASET_INFO = "dataset.json"
 # The default --data: the synthetic demo dataset written by ``python -m pipeline.tools.demo``.
 DEMO_DATA = Path("data/demo")
+# A label with fewer training images than this is warned about (see ``_check_training_labels``).
+RARE_LABEL_IMAGES = 5
+
+log = logging.getLogger(__name__)
 
 # A line that opens a record even when the previous record left open a quote that is not
 # valid CSV: an image file name followed by a comma (the competition's ids are `<digits>.jpg`;
@@ -346,7 +351,7 @@ class LabelSet:
         """The sorted set of label ids seen in a training frame."""
         ids = sorted({label for labels in frame[LABELS_COLUMN] for label in labels})
         if not ids:
-            raise ValueError(f"{frame.attrs.get('source', 'training data')}: no labels found")
+            raise DataFormatError(f"{frame.attrs.get('source', 'training data')}: no labels found")
         return cls(tuple(ids))
 
     def __len__(self) -> int:
@@ -384,9 +389,18 @@ def validation_mask(image_ids: pd.Series | list[str], val_fraction: float = 0.15
 
 
 def split_train_val(frame: pd.DataFrame, val_fraction: float = 0.15) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The shared (train, validation) split of a labelled frame."""
+    """The shared (train, validation) split of a labelled frame; each side keeps the file
+    lines of its own rows (``attrs["lines"]``) where the frame has them."""
     is_val = validation_mask(frame[ID_COLUMN], val_fraction)
-    return frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True)
+    sides = []
+    for mask in (~is_val, is_val):
+        side = frame[mask].reset_index(drop=True)
+        # pandas hands every subset the whole frame's attrs; a side's lines are its own rows'.
+        side.attrs = {**frame.attrs}
+        if "lines" in frame.attrs:
+            side.attrs["lines"] = [line for line, keep in zip(frame.attrs["lines"], mask) if keep]
+        sides.append(side)
+    return sides[0], sides[1]
 
 
 @dataclass(frozen=True)
@@ -453,7 +467,50 @@ def load_train_val(paths: DatasetPaths, val_fraction: float, *,
     train, val = split_train_val(frame, val_fraction)
     if train.empty:
         raise DataFormatError(f"{paths.train_csv}: the training split is empty (--val-fraction {val_fraction})")
-    return LabelSet.from_frame(frame), train, val
+    labels = LabelSet.from_frame(frame)
+    _check_training_labels(paths.train_csv, labels, train, val)
+    return labels, train, val
+
+
+def _label_lines(frame: pd.DataFrame) -> dict[int, list[int]]:
+    """The file lines of the images holding each label, one line per image (its first row)."""
+    lines: dict[int, list[int]] = {}
+    seen: set[str] = set()
+    for image_id, row_labels, line in zip(frame[ID_COLUMN], frame[LABELS_COLUMN], frame.attrs["lines"]):
+        if image_id not in seen:  # further rows of an image are its other captions
+            seen.add(image_id)
+            for label in row_labels:
+                lines.setdefault(label, []).append(line)
+    return lines
+
+
+def _some_lines(lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:RARE_LABEL_IMAGES]))
+    return f"line{'s' if len(lines) > 1 else ''} {shown}{', ...' if len(lines) > RARE_LABEL_IMAGES else ''}"
+
+
+def _check_training_labels(path: Path, labels: LabelSet, train: pd.DataFrame, val: pd.DataFrame) -> None:
+    """Refuse a training split with fewer than two distinct labels (a multi-label model and its
+    scores need two), naming the file; warn, with the label's lines, about every label with
+    fewer than ``RARE_LABEL_IMAGES`` training images: often a mistyped id (``1 12``, ``99``)."""
+    in_train, in_val = _label_lines(train), _label_lines(val)
+    if len(in_train) < 2:
+        held = "no label" if not in_train else f"only label {next(iter(in_train))}"
+        elsewhere = sorted(set(in_val) - set(in_train))
+        also = f" ({', '.join(map(str, elsewhere))} only in the validation split)" if elsewhere else ""
+        raise DataFormatError(
+            f"{path}: the training split holds {held}{also}; a multi-label model needs at least two distinct "
+            "label ids among its training images"
+        )
+    for label in labels.ids:
+        count = len(in_train.get(label, []))
+        if count == 0:
+            log.warning("%s: label %d is only in the validation split (%s): the model cannot learn it",
+                        path, label, _some_lines(in_val[label]))
+        elif count < RARE_LABEL_IMAGES:
+            log.warning("%s: label %d has only %d training image%s (%s); a label this rare is barely learned: "
+                        "check the id is not a mistake", path, label, count, "s" if count > 1 else "",
+                        _some_lines(in_train[label]))
 
 
 def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None) -> pd.DataFrame:
