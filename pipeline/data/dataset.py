@@ -273,7 +273,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
         first_line.setdefault(image_id, line)
         if LABELS_COLUMN in row:
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line, allow_empty_labels)
-            unknown = [label for label in row[LABELS_COLUMN] if declared is not None and label not in declared]
+            unknown = [label for label in row[LABELS_COLUMN] if label not in declared] if declared is not None else []
             if unknown:
                 raise DataFormatError(
                     f"{path}:{line}: label id {unknown[0]} is not one of the label ids {DATASET_INFO} beside the "
@@ -459,7 +459,9 @@ def load_train_val(paths: DatasetPaths, val_fraction: float, *,
     The frames hold every row: several rows of one image (one per caption) when
     ``dataset.json`` declares them (or ``allow_duplicate_ids``); the split hashes the
     ImageID, so all rows of an image land on the same side; ``group_by_image`` gives one
-    row per image. The Caption column is optional (an images-only dataset).
+    row per image. The Caption column is optional (an images-only dataset). A training
+    split with fewer than two distinct labels is refused, and a label with fewer than
+    ``RARE_LABEL_IMAGES`` training images is warned about, before any work is done.
     """
     frame = read_csv(paths.train_csv, require=(LABELS_COLUMN,), allow_duplicate_ids=allow_duplicate_ids)
     if frame.empty:
