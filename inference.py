@@ -13,19 +13,19 @@ predicts given files instead, each with its --caption, and prints labels with th
 from __future__ import annotations
 
 import argparse
+import sys
 
-from pipeline.config import build_parser, config_from_args
+from pipeline.config import build_parser, parse_config, run_main
 from pipeline.inference import InferenceConfig, run_inference
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(InferenceConfig, __doc__)
+    return build_parser(InferenceConfig, __doc__, debug=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    return run_inference(config_from_args(InferenceConfig, args))
+    return run_inference(parse_config(InferenceConfig, get_args_parser(), argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, get_args_parser()))

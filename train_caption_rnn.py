@@ -9,20 +9,20 @@ probabilities for fusion tuning) and WEIGHTS_DIR/caption_config.json.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from pipeline.config import build_parser, parse_config, run_main
 from pipeline.train.caption_config import CaptionTrainConfig
-from pipeline.config import build_parser, config_from_args
 from pipeline.train.caption import train_caption_branch
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(CaptionTrainConfig, __doc__)
+    return build_parser(CaptionTrainConfig, __doc__, debug=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    return train_caption_branch(config_from_args(CaptionTrainConfig, args))
+    return train_caption_branch(parse_config(CaptionTrainConfig, get_args_parser(), argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, get_args_parser()))

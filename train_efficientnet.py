@@ -12,20 +12,20 @@ probabilities and WEIGHTS_DIR/image_config.json.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from pipeline.config import build_parser, parse_config, run_main
 from pipeline.train.image_config import ImageTrainConfig
-from pipeline.config import build_parser, config_from_args
 from pipeline.train.image import train_image_branch
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(ImageTrainConfig, __doc__)
+    return build_parser(ImageTrainConfig, __doc__, debug=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    return train_image_branch(config_from_args(ImageTrainConfig, args))
+    return train_image_branch(parse_config(ImageTrainConfig, get_args_parser(), argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, get_args_parser()))

@@ -4,19 +4,33 @@ Every field carries its help text and its ``--help`` group, so ``--help`` docume
 option a script acts on, grouped (data, model, the training modes, decoder, run), and the
 resolved settings saved beside the weights (``*_config.json``) read the same as the
 command line. A script's dataclass holds only the options that script acts on.
+
+``run_main`` runs a script as a program: the project's own errors, whose messages say what
+is wrong and where (file and line, or the option), print as one line, not under a traceback
+that only hides them; ``--debug`` (or ``PIPELINE_DEBUG=1``) shows the traceback anyway, and
+any other exception, a bug, keeps its own. A script's ``main`` itself raises, for the tests
+and other callers.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import typing
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.dataset import DEMO_DATA
+from pipeline.data.dataset import DEMO_DATA, DataFormatError
+from pipeline.data.images import ImageReadError
+from pipeline.engine.loop import NonFiniteLossError
 from pipeline.engine.runtime import usable_cores
-from pipeline.io import write_json
+from pipeline.fusion import FusionError
+from pipeline.io import CheckpointError, write_json
+from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
 
 # ``--help`` sections, in the order shown; an option names its section with ``group=``.
 GROUPS = {
@@ -83,8 +97,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows each option's default and keeps the script docstring's paragraphs as written."""
 
 
-def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--option`` per dataclass field, in ``GROUPS`` sections."""
+def build_parser(config_cls: type, description: str, *, debug: bool = False) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--option`` per dataclass field, in ``GROUPS`` sections; with
+    ``debug``, also ``--debug`` for a program run by ``run_main`` (not a setting:
+    it changes how an error is shown, not what the run does, so it is no field)."""
     parser = argparse.ArgumentParser(usage="%(prog)s [options]", description=description,
                                      formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
@@ -107,6 +123,11 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
         if value_type not in (int, float, str):
             value_type = str
         section.add_argument(*flags, dest=f.name, type=value_type, default=f.default, help=help_text, **meta)
+    if debug:
+        sections.get("run", parser).add_argument(
+            "--debug", action="store_true",
+            help="show the traceback of an error in the input instead of its one-line message (also "
+                 "PIPELINE_DEBUG=1)")
     return parser
 
 
@@ -119,3 +140,61 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
 def save_config(config, path: Path) -> None:
     """Write the resolved settings as JSON, atomically."""
     write_json(path, dataclasses.asdict(config), sort_keys=True)
+
+
+# --- Running a script as a program ----------------------------------------------------------------
+
+DEBUG_ENV = "PIPELINE_DEBUG"
+# Exit status of a run refused for its input, as argparse uses for a bad command line.
+INPUT_ERROR_STATUS = 2
+
+
+class OptionError(ValueError):
+    """An option value that cannot work; the message names the option."""
+
+
+# FileNotFoundError: every file the scripts open by name (--data, --backbone-weights, ...) is
+# one the user gave; its message names it.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
+    ImageReadError, NonFiniteLossError, FileNotFoundError,
+)
+
+
+Config = TypeVar("Config")
+
+
+def parse_config(config_cls: type[Config], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> Config:
+    """The settings of a script from its command line, checked before any work: a value that
+    cannot work (``config.validate()``) is an ``OptionError`` naming the option."""
+    config = config_from_args(config_cls, parser.parse_args(argv))
+    try:
+        config.validate()
+    except ValueError as err:
+        raise OptionError(str(err)) from None
+    return config
+
+
+def debug_requested(parser: argparse.ArgumentParser, argv: Sequence[str]) -> bool:
+    """True when ``--debug`` is on the command line or ``PIPELINE_DEBUG`` is set (to other than 0)."""
+    if os.environ.get(DEBUG_ENV, "0").strip() not in ("", "0"):
+        return True
+    known, _ = parser.parse_known_args(argv)
+    return bool(getattr(known, "debug", False))
+
+
+def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParser,
+             argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main(argv)`` as a program and return its exit status: 0, or 2 after
+    printing ``error: MESSAGE`` on stderr for one of ``USER_ERRORS``. With ``--debug`` those
+    raise like any other exception, traceback and all."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        # main parsed argv already, so parsing it again here cannot fail.
+        if debug_requested(parser, argv):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return INPUT_ERROR_STATUS
+    return 0

@@ -128,7 +128,7 @@ def test_documented_quirks_read_every_row_as_written(tmp_path, case, content, ro
 
 def test_duplicate_image_ids_can_be_allowed_explicitly(tmp_path):
     """One row per caption (e.g. a COCO conversion): every row kept, an image never split across sides."""
-    rows = "".join(f'{i % 30}.jpg,1,"caption {i}"\n' for i in range(60))
+    rows = "".join(f'{i % 30}.jpg,{1 + i % 2},"caption {i}"\n' for i in range(60))
     write(tmp_path / "train.csv", HEADER + rows)
     assert len(read_csv(tmp_path / "train.csv", allow_duplicate_ids=True)) == 60
     _, train, val = load_train_val(DatasetPaths.resolve(tmp_path), 0.3, allow_duplicate_ids=True)

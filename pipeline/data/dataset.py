@@ -10,6 +10,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +28,14 @@ KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
 DATASET_INFO = "dataset.json"
 # The default --data: the synthetic demo dataset written by ``python -m pipeline.tools.demo``.
 DEMO_DATA = Path("data/demo")
+# A label with fewer training images than this is warned about (see ``_check_training_labels``).
+RARE_LABEL_IMAGES = 5
 
-# A line that opens a record even when the previous record left a quote open: an image
-# file name followed by a comma (the competition's ids are `<digits>.jpg`; any image name works).
+log = logging.getLogger(__name__)
+
+# A line that opens a record even when the previous record left open a quote that is not
+# valid CSV: an image file name followed by a comma (the competition's ids are `<digits>.jpg`;
+# any image name works).
 _RECORD_START = re.compile(r'^[^",\s]+\.(?:jpe?g|png),', re.IGNORECASE)
 
 
@@ -49,25 +56,58 @@ def _decode(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _split_records(lines: list[str]) -> list[tuple[int, str]]:
+def _split_records(lines: list[str], width: int) -> list[tuple[int, str]]:
     """Group physical lines into records: (first line number, record text).
 
-    A record continues onto the next line while it holds an odd number of double
-    quotes (a quoted caption with a newline inside, as in images 1014, 2259 and 6751),
-    unless that next line itself looks like the start of a record.
+    A line with an odd number of double quotes opens a quoted field that goes on over the
+    next lines (a quoted caption with a newline inside, as in images 1014, 2259 and 6751).
+    Where those lines up to the one that closes it form one valid CSV record of ``width``
+    fields, that is the record, whatever its lines look like: valid quoting is honoured.
+    Otherwise the quote is taken for an unescaped one and the record stops early, before
+    the first line that looks like the start of a record (``<name>.jpg,``), so one stray
+    quote cannot swallow the rows after it.
     """
     records: list[tuple[int, str]] = []
-    open_quote = False
-    for number, line in enumerate(lines, start=2):
-        if open_quote and not _RECORD_START.match(line):
-            start, text = records[-1]
-            records[-1] = (start, text + "\n" + line)
-        elif line.strip() == "":
-            continue  # blank lines (a trailing newline) carry no record
-        else:
-            records.append((number, line))
-        open_quote = records[-1][1].count('"') % 2 == 1 if records else False
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.strip() == "":
+            index += 1  # blank lines (a trailing newline) carry no record
+            continue
+        end = index + 1
+        if line.count('"') % 2 == 1:
+            end = _quoted_end(lines, index, width) or _open_end(lines, index)
+        records.append((index + 2, "\n".join(lines[index:end])))
+        index = end
     return records
+
+
+def _quoted_end(lines: list[str], start: int, width: int) -> int | None:
+    """The end (exclusive) of the record opened on ``lines[start]`` when its quoted field is
+    well formed CSV; None when it is not (the competition's unescaped inner quotes)."""
+    end, open_quote = start + 1, True
+    # The field closes on the next line with an odd number of quotes: inner quotes of a
+    # valid field come in pairs (""). Each search stops there, so a file costs one pass.
+    while end < len(lines) and open_quote:
+        open_quote = (lines[end].count('"') % 2 == 1) != open_quote
+        end += 1
+    if open_quote:
+        return None
+    try:
+        rows = list(csv.reader(io.StringIO("\n".join(lines[start:end])), strict=True))
+    except csv.Error:
+        return None
+    return end if len(rows) == 1 and len(rows[0]) == width else None
+
+
+def _open_end(lines: list[str], start: int) -> int:
+    """The end (exclusive) of a record whose quotes are not valid CSV: it goes on while its
+    quotes are unbalanced, up to the next line that looks like the start of a record."""
+    end, open_quote = start + 1, True
+    while end < len(lines) and open_quote and not _RECORD_START.match(lines[end]):
+        open_quote = (lines[end].count('"') % 2 == 1) != open_quote
+        end += 1
+    return end
 
 
 def _parse_record(text: str, header: list[str]) -> list[str] | None:
@@ -117,6 +157,29 @@ def _parse_labels(field: str, path: Path, line: int, allow_empty: bool = False) 
     return [int(token) for token in tokens]
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` allows."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no such limit reported
+        limit = -1
+    return limit if limit > 0 else 255  # 255: the limit of every common file system
+
+
+def _declared_label_ids(info: dict, csv_path: Path) -> set[int] | None:
+    """The label ids a CSV file's ``dataset.json`` entry ``info`` declares (the keys of its
+    ``"labels"`` names, as the converters write them), or None where it declares none."""
+    names = info.get("labels")
+    if names is None:
+        return None
+    if not isinstance(names, dict) or not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in names):
+        raise DataFormatError(
+            f"{csv_path.parent / DATASET_INFO}: \"labels\" of {csv_path.name!r} must map label ids to names, "
+            'e.g. {"1": "person", "3": "car"}'
+        )
+    return {int(key) for key in names}
+
+
 def is_plain_file_name(name: str) -> bool:
     """True when ``name`` can only mean a file directly inside the image folder."""
     return bool(name) and not ({"\x00", "/", "\\"} & set(name)) and name not in {".", ".."}
@@ -129,9 +192,10 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
     Reads the original competition files exactly (unescaped inner quotes, captions ending
     in ``/``, captions spanning lines) as well as clean CSV written by pandas, with the
     columns in any order. No record is ever dropped: a record that cannot be read, a column
-    of ``require`` that is missing, an ImageID that is empty or a path, an empty or
-    non-integer Labels field, or an ImageID that repeats an earlier row raises
-    ``DataFormatError`` naming the file and line. Repeated ImageIDs (one row per caption of
+    of ``require`` that is missing, an ImageID that is empty, a path or longer than a file
+    name can be, an empty or non-integer Labels field, a label id other than those
+    ``dataset.json`` beside the file declares, or an ImageID that repeats an earlier row
+    raises ``DataFormatError`` naming the file and line. Repeated ImageIDs (one row per caption of
     an image, see ``group_by_image``) are accepted when ``allow_duplicate_ids`` is True or,
     by default, when ``dataset.json`` beside the file declares them.
     """
@@ -142,6 +206,10 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
     if allow_duplicate_ids is None:
         allow_duplicate_ids = bool(info.get("repeated_ids", False))
     allow_empty_labels = info.get("empty_images") == "kept"
+    declared = _declared_label_ids(info, path)
+    # The images sit beside the CSV file (DIR/data) or in --images, on the same file system
+    # as a rule; an ImageID over its limit could never be opened.
+    name_max = _name_max(path.parent)
     lines = _decode(path).split("\n")
     header = next(csv.reader([lines[0]])) if lines and lines[0].strip() else []
     header = [name.strip() for name in header]
@@ -162,7 +230,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
             f"{','.join(name for name in KNOWN_COLUMNS if name in header or name in missing)}"
         )
 
-    records = _split_records(lines[1:])
+    records = _split_records(lines[1:], len(header))
     if records:
         start, text = records[-1]
         body = text.rstrip("\n")
@@ -190,6 +258,12 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
             raise DataFormatError(
                 f"{path}:{line}: ImageID {image_id!r} is not a plain file name inside the image folder"
             )
+        size = len(os.fsencode(image_id))
+        if size > name_max:
+            raise DataFormatError(
+                f"{path}:{line}: ImageID {image_id[:40]!r}... is {size} bytes long; a file name can be at most "
+                f"{name_max} bytes here"
+            )
         if image_id in first_line and not allow_duplicate_ids:
             raise DataFormatError(
                 f"{path}:{line}: ImageID {image_id!r} repeats line {first_line[image_id]}; each image needs "
@@ -199,6 +273,12 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
         first_line.setdefault(image_id, line)
         if LABELS_COLUMN in row:
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line, allow_empty_labels)
+            unknown = [label for label in row[LABELS_COLUMN] if label not in declared] if declared is not None else []
+            if unknown:
+                raise DataFormatError(
+                    f"{path}:{line}: label id {unknown[0]} is not one of the label ids {DATASET_INFO} beside the "
+                    f"file declares: {sorted(declared)}"
+                )
         row["_line"] = line
         rows.append(row)
 
@@ -271,7 +351,7 @@ class LabelSet:
         """The sorted set of label ids seen in a training frame."""
         ids = sorted({label for labels in frame[LABELS_COLUMN] for label in labels})
         if not ids:
-            raise ValueError(f"{frame.attrs.get('source', 'training data')}: no labels found")
+            raise DataFormatError(f"{frame.attrs.get('source', 'training data')}: no labels found")
         return cls(tuple(ids))
 
     def __len__(self) -> int:
@@ -309,9 +389,18 @@ def validation_mask(image_ids: pd.Series | list[str], val_fraction: float = 0.15
 
 
 def split_train_val(frame: pd.DataFrame, val_fraction: float = 0.15) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The shared (train, validation) split of a labelled frame."""
+    """The shared (train, validation) split of a labelled frame; each side keeps the file
+    lines of its own rows (``attrs["lines"]``) where the frame has them."""
     is_val = validation_mask(frame[ID_COLUMN], val_fraction)
-    return frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True)
+    sides = []
+    for mask in (~is_val, is_val):
+        side = frame[mask].reset_index(drop=True)
+        # pandas hands every subset the whole frame's attrs; a side's lines are its own rows'.
+        side.attrs = {**frame.attrs}
+        if "lines" in frame.attrs:
+            side.attrs["lines"] = [line for line, keep in zip(frame.attrs["lines"], mask) if keep]
+        sides.append(side)
+    return sides[0], sides[1]
 
 
 @dataclass(frozen=True)
@@ -370,7 +459,9 @@ def load_train_val(paths: DatasetPaths, val_fraction: float, *,
     The frames hold every row: several rows of one image (one per caption) when
     ``dataset.json`` declares them (or ``allow_duplicate_ids``); the split hashes the
     ImageID, so all rows of an image land on the same side; ``group_by_image`` gives one
-    row per image. The Caption column is optional (an images-only dataset).
+    row per image. The Caption column is optional (an images-only dataset). A training
+    split with fewer than two distinct labels is refused, and a label with fewer than
+    ``RARE_LABEL_IMAGES`` training images is warned about, before any work is done.
     """
     frame = read_csv(paths.train_csv, require=(LABELS_COLUMN,), allow_duplicate_ids=allow_duplicate_ids)
     if frame.empty:
@@ -378,7 +469,50 @@ def load_train_val(paths: DatasetPaths, val_fraction: float, *,
     train, val = split_train_val(frame, val_fraction)
     if train.empty:
         raise DataFormatError(f"{paths.train_csv}: the training split is empty (--val-fraction {val_fraction})")
-    return LabelSet.from_frame(frame), train, val
+    labels = LabelSet.from_frame(frame)
+    _check_training_labels(paths.train_csv, labels, train, val)
+    return labels, train, val
+
+
+def _label_lines(frame: pd.DataFrame) -> dict[int, list[int]]:
+    """The file lines of the images holding each label, one line per image (its first row)."""
+    lines: dict[int, list[int]] = {}
+    seen: set[str] = set()
+    for image_id, row_labels, line in zip(frame[ID_COLUMN], frame[LABELS_COLUMN], frame.attrs["lines"]):
+        if image_id not in seen:  # further rows of an image are its other captions
+            seen.add(image_id)
+            for label in row_labels:
+                lines.setdefault(label, []).append(line)
+    return lines
+
+
+def _some_lines(lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:RARE_LABEL_IMAGES]))
+    return f"line{'s' if len(lines) > 1 else ''} {shown}{', ...' if len(lines) > RARE_LABEL_IMAGES else ''}"
+
+
+def _check_training_labels(path: Path, labels: LabelSet, train: pd.DataFrame, val: pd.DataFrame) -> None:
+    """Refuse a training split with fewer than two distinct labels (a multi-label model and its
+    scores need two), naming the file; warn, with the label's lines, about every label with
+    fewer than ``RARE_LABEL_IMAGES`` training images: often a mistyped id (``1 12``, ``99``)."""
+    in_train, in_val = _label_lines(train), _label_lines(val)
+    if len(in_train) < 2:
+        held = "no label" if not in_train else f"only label {next(iter(in_train))}"
+        elsewhere = sorted(set(in_val) - set(in_train))
+        also = f" ({', '.join(map(str, elsewhere))} only in the validation split)" if elsewhere else ""
+        raise DataFormatError(
+            f"{path}: the training split holds {held}{also}; a multi-label model needs at least two distinct "
+            "label ids among its training images"
+        )
+    for label in labels.ids:
+        count = len(in_train.get(label, []))
+        if count == 0:
+            log.warning("%s: label %d is only in the validation split (%s): the model cannot learn it",
+                        path, label, _some_lines(in_val[label]))
+        elif count < RARE_LABEL_IMAGES:
+            log.warning("%s: label %d has only %d training image%s (%s); a label this rare is barely learned: "
+                        "check the id is not a mistake", path, label, count, "s" if count > 1 else "",
+                        _some_lines(in_train[label]))
 
 
 def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None) -> pd.DataFrame:
