@@ -311,7 +311,14 @@ def validation_mask(image_ids: pd.Series | list[str], val_fraction: float = 0.15
 def split_train_val(frame: pd.DataFrame, val_fraction: float = 0.15) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The shared (train, validation) split of a labelled frame."""
     is_val = validation_mask(frame[ID_COLUMN], val_fraction)
-    return frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True)
+    sides = frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True)
+    if "lines" in frame.attrs:
+        # A selection carries the attrs unchanged: each side keeps the file lines of its own rows,
+        # so an error in either still names the right line.
+        lines = np.asarray(frame.attrs["lines"])
+        for side, rows in zip(sides, (~is_val, is_val)):
+            side.attrs = {**frame.attrs, "lines": lines[rows].tolist()}
+    return sides
 
 
 @dataclass(frozen=True)
