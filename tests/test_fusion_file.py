@@ -1,12 +1,22 @@
-"""fusion.json as users edit it: every value checked on load."""
+"""fusion.json as users edit it: every value checked on load, the hand overrides checked the same
+way, ablations that leave it alone, and label sets that do not match the weights."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from pipeline.fusion import FusionError, FusionSettings, load_fusion
+import inference
+from pipeline.data.dataset import DataFormatError, validation_mask
+from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion
+
+pytestmark = pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
 
 # A valid file for two branches and the four labels of the tiny dataset.
 VALID = {"branches": ["image", "caption"], "label_ids": [1, 3, 18, 19], "method": "weighted",
@@ -112,3 +122,143 @@ def test_every_valid_field_loads_as_written(tmp_path):
     settings = load_fusion(path)
     assert settings == FusionSettings(**raw)
     assert settings.thresholds().tolist() == [0.4, 0.4, 0.4, 0.75]
+
+
+# --- The hand overrides ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, error", [
+    (["--threshold", "2"], "--threshold must be between 0 and 1 (exclusive), got 2.0"),
+    (["--threshold", "nan"], "--threshold must be between 0 and 1 (exclusive), got nan"),
+    (["--fusion-weights", "image=nan"], "--fusion-weights 'image=nan': 'nan' must be a finite number >= 0"),
+    (["--fusion-weights", "image=-1"], "--fusion-weights 'image=-1': '-1' must be a finite number >= 0"),
+    (["--fusion-weights", "captoin=1"],
+     "--fusion-weights 'captoin=1': expected branch=weight pairs with branches from image, decoder, caption"),
+    (["--fusion-weights", ""],
+     "--fusion-weights '': expected branch=weight pairs with branches from image, decoder, caption"),
+], ids=["threshold 2", "threshold nan", "weight nan", "weight -1", "captoin", "empty weights"])
+def test_bad_overrides_are_refused_before_any_file_is_read(tmp_path, argv, error):
+    with pytest.raises(ValueError) as caught:
+        inference.main(["--data", str(tmp_path / "absent"), "--weights", str(tmp_path / "absent"), *argv])
+    assert str(caught.value) == error
+
+
+def _copy(trained_branches, tmp_path: Path) -> tuple[Path, Path]:
+    data, weights = trained_branches
+    return Path(shutil.copytree(data, tmp_path / "data")), Path(shutil.copytree(weights, tmp_path / "weights"))
+
+
+def _infer(data: Path, weights: Path, output: Path, *extra: str) -> dict:
+    return inference.main(["--data", str(data), "--weights", str(weights), "--output", str(output),
+                           "--workers", "0", "--val-fraction", "0.25", *extra])
+
+
+@pytest.mark.parametrize("weights, error", [
+    ("image=0,caption=0", "--fusion-weights 'image=0,caption=0': every weight is 0; give at least one of the "
+                          "branches ['image', 'caption'] a weight > 0"),
+    ("image=1,decoder=1", "--fusion-weights 'image=1,decoder=1': 'decoder' is not one of the loaded branches "
+                          "['image', 'caption']"),
+], ids=["all zero", "not loaded"])
+def test_override_weights_must_fit_the_loaded_branches(trained_branches, tmp_path, weights, error):
+    data, weights_dir = _copy(trained_branches, tmp_path)
+    with pytest.raises(FusionError) as caught:
+        _infer(data, weights_dir, tmp_path / "out", "--branches", "image,caption", "--fusion-weights", weights)
+    assert str(caught.value) == error
+    assert not list(weights_dir.glob("fusion*.json"))  # refused before tuning
+
+
+# --- Ablations leave fusion.json alone ------------------------------------------------------------
+
+def test_an_ablation_leaves_a_hand_edited_fusion_json_byte_for_byte(trained_branches, tmp_path, caplog):
+    data, weights = _copy(trained_branches, tmp_path)
+    hand = FusionSettings(branches=["image", "decoder", "caption"], label_ids=[1, 3, 18, 19],
+                          weights={"image": 0.2, "decoder": 0.1, "caption": 0.7}, threshold=0.37,
+                          per_label_thresholds={"18": 0.61}, val_samples_f1=0.123)
+    # Laid out as a person might type it, so a rewrite in the code's layout would show.
+    text = json.dumps(asdict(hand), indent=4, sort_keys=True) + "\n\n"
+    (weights / "fusion.json").write_text(text)
+    caplog.set_level(logging.INFO, logger="pipeline.inference")
+
+    summary = _infer(data, weights, tmp_path / "image", "--branches", "image")
+    assert (weights / "fusion.json").read_text() == text
+    own = load_fusion(weights / "fusion-image.json")
+    assert own.branches == ["image"] and own.label_ids == [1, 3, 18, 19]
+    assert summary["fusion_val_samples_f1"] == own.val_samples_f1
+    assert (f"wrote {weights / 'fusion-image.json'} for branches ['image']" in caplog.text
+            and f"{weights / 'fusion.json'} was left as it is (this run does not use every trained branch "
+                "['image', 'decoder', 'caption'])" in caplog.text)
+
+    # The same ablation again reads its own file instead of tuning.
+    own_text = (weights / "fusion-image.json").read_text()
+    caplog.clear()
+    _infer(data, weights, tmp_path / "again", "--branches", "image")
+    assert f"fusion settings from {weights / 'fusion-image.json'}" in caplog.text and "tuning" not in caplog.text
+    assert (weights / "fusion-image.json").read_text() == own_text
+
+    # Two branches get a file named by both, in sorted order; the full run still uses the hand file.
+    _infer(data, weights, tmp_path / "two", "--branches", "image,caption")
+    assert load_fusion(weights / "fusion-caption+image.json").branches == ["image", "caption"]
+    summary = _infer(data, weights, tmp_path / "all")
+    assert summary["fusion_val_samples_f1"] == 0.123
+    assert (weights / "fusion.json").read_text() == text
+
+
+def test_a_full_run_keeps_a_stale_fusion_json_and_tune_replaces_it(trained_branches, tmp_path, caplog):
+    data, weights = _copy(trained_branches, tmp_path)
+    stale = FusionSettings(branches=["image", "decoder", "caption"], label_ids=[1, 2], weights={"image": 1.0})
+    save_fusion(stale, weights / "fusion.json")
+    text = (weights / "fusion.json").read_text()
+    caplog.set_level(logging.INFO, logger="pipeline.inference")
+    _infer(data, weights, tmp_path / "a")
+    assert (weights / "fusion.json").read_text() == text
+    assert load_fusion(weights / "fusion-caption+decoder+image.json").label_ids == [1, 3, 18, 19]
+    assert (f"{weights / 'fusion.json'} was tuned for branches ['image', 'decoder', 'caption'] and labels [1, 2]; "
+            "this run has branches ['image', 'decoder', 'caption'] and labels [1, 3, 18, 19], so it is not used"
+            in caplog.text)
+    _infer(data, weights, tmp_path / "b", "--tune")
+    assert load_fusion(weights / "fusion.json").label_ids == [1, 3, 18, 19]
+
+
+def test_an_ablation_without_fusion_json_does_not_create_it(trained_branches, tmp_path):
+    data, weights = _copy(trained_branches, tmp_path)
+    _infer(data, weights, tmp_path / "a", "--branches", "caption", "--tune")
+    assert not (weights / "fusion.json").exists()
+    assert load_fusion(weights / "fusion-caption.json").branches == ["caption"]
+
+
+# --- Label sets that differ from the trained ones -------------------------------------------------
+
+def _first_validation_row(train: pd.DataFrame) -> int:
+    return int(validation_mask(train["ImageID"], 0.25).nonzero()[0][0])
+
+
+def test_a_validation_label_the_weights_never_saw_names_file_line_and_both_label_sets(trained_branches, tmp_path):
+    data, weights = _copy(trained_branches, tmp_path)
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    row = _first_validation_row(train)
+    train.loc[row, "Labels"] = "1 7"
+    train.to_csv(data / "train.csv", index=False)
+    with pytest.raises(DataFormatError) as caught:
+        _infer(data, weights, tmp_path / "out")  # no fusion.json: tuning needs the validation labels
+    train_csv = data / "train.csv"
+    assert str(caught.value) == (
+        f"{train_csv}:{row + 2}: label id 7 is not one of the labels the model was trained on [1, 3, 18, 19] "
+        f"(the weights in {weights}); {train_csv} has labels [1, 3, 7, 18, 19]: the weights were trained on other "
+        "data; retrain on this dataset, or give --weights-dir the weights trained on it")
+
+
+def test_a_dataset_with_other_labels_is_a_warning_naming_both_lists(trained_branches, tmp_path, caplog):
+    data, weights = _copy(trained_branches, tmp_path)
+    _infer(data, weights, tmp_path / "first")  # tunes fusion.json on the data the weights were trained on
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    train = train[~train["Labels"].str.contains("19")]  # a dataset without label 19
+    train.to_csv(data / "train.csv", index=False)
+    caplog.set_level(logging.WARNING, logger="pipeline.inference")
+    _infer(data, weights, tmp_path / "out")
+    assert (f"{data / 'train.csv'} has labels [1, 3, 18]; the weights in {weights} were trained on labels "
+            "[1, 3, 18, 19] (not trained: []; not in train.csv: [19]), so the predictions use the trained labels"
+            in caplog.text)
+    # Tuned on this dataset, the settings are not the weights' own: they go beside fusion.json.
+    (weights / "fusion.json").unlink()
+    _infer(data, weights, tmp_path / "tuned")
+    assert not (weights / "fusion.json").exists()
+    assert load_fusion(weights / "fusion-caption+decoder+image.json").label_ids == [1, 3, 18, 19]
