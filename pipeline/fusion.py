@@ -331,6 +331,12 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
     return settings
 
 
+def fusion_file(weights_dir: Path, branches: list[str]) -> Path:
+    """Where the fusion settings of a subset of the trained branches are kept: beside fusion.json
+    (the full run's, which users edit), named by the branches, e.g. ``fusion-caption+image.json``."""
+    return weights_dir / f"fusion-{'+'.join(sorted(branches))}.json"
+
+
 def save_fusion(settings: FusionSettings, path: str | Path) -> None:
     """Write fusion.json atomically."""
     write_json(Path(path), asdict(settings))

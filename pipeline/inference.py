@@ -46,7 +46,15 @@ from pipeline.engine.distributed import DistContext, barrier, distributed_sessio
 from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
-from pipeline.fusion import FusionError, FusionSettings, check_weights, load_fusion, save_fusion, tune_fusion
+from pipeline.fusion import (
+    FusionError,
+    FusionSettings,
+    check_weights,
+    fusion_file,
+    load_fusion,
+    save_fusion,
+    tune_fusion,
+)
 from pipeline.io import CheckpointError, atomic_text_writer, atomic_write_text, write_json
 from pipeline.labels import label_name
 
@@ -304,12 +312,6 @@ def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: li
             )
         out[branch] = probs[[index[i] for i in val_ids]]
     return out
-
-
-def fusion_file(weights_dir: Path, branches: list[str]) -> Path:
-    """Where the fusion settings of a run with ``branches`` are kept when they are not
-    fusion.json's: beside it, named by the branches, e.g. ``fusion-caption+image.json``."""
-    return weights_dir / f"fusion-{'+'.join(sorted(branches))}.json"
 
 
 def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSet, weights_dir: Path,
