@@ -321,10 +321,10 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
 
     fusion.json if it fits the branches and labels, else the run's own file (``fusion_file``)
     if it fits, else tuned on ``validation()`` = (the dataset's labels, labels and probabilities
-    by branch of the validation split). fusion.json, the file users edit, is written only when
-    it is missing or by ``--tune``, and then only by a run with every trained branch on the
-    labels they were trained on; any other tune is saved to the run's own file, so an ablation
-    never replaces the settings of the full run.
+    by branch of the validation split). fusion.json, the file users edit, is written only by a
+    run with every trained branch on the labels they were trained on (when it is missing, tuned
+    for other branches or labels, or with ``--tune``); any other tune is saved to the run's own
+    file, so an ablation never replaces the settings of the full run.
     """
     # The hand overrides are checked first, so a slip fails before a slow tune.
     weights = parse_weights(config.fusion_weights) if config.fusion_weights is not None else None
@@ -345,13 +345,14 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
         log.info("tuning fusion weights and thresholds on %d validation images", len(y_val))
         settings = tune_fusion(y_val, val_probs, list(labels.ids), seed=config.seed)
         settings.tuned_on["val_fraction"] = config.val_fraction
-        if every_branch and data_labels == labels and (config.tune or not main.is_file()):
+        if every_branch and data_labels == labels:
+            # Here fusion.json is missing, asked to be re-tuned, or tuned for other branches or
+            # labels than these weights have: settings no run of these weights can use.
             target, kept = main, ""
         else:
             target = own
             why = (f"this run does not use every trained branch {trained}" if not every_branch else
-                   "the dataset's labels are not the trained ones" if data_labels != labels else
-                   "it is tuned for other branches or labels; --tune replaces it")
+                   "the dataset's labels are not the trained ones")
             kept = f"; {main} was left as it is ({why})" if main.is_file() else \
                 f"; {main} is written only by a run with every trained branch on the labels they know ({why})"
         save_fusion(settings, target)
