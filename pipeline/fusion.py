@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 
+from pipeline.checkpoint import BRANCHES
 from pipeline.io import write_json
 from pipeline.metrics import THRESHOLD_GRID, binarize, samples_f1, tune_global_threshold
 
@@ -30,7 +33,39 @@ SHRINK_POSITIVES = 100.0
 
 
 class FusionError(ValueError):
-    """fusion.json that is unreadable or does not fit the loaded branches; names the file."""
+    """fusion.json (or a fusion option) that is unreadable, holds a value fusion cannot use, or does
+    not fit the loaded branches; names the file and key, or the option."""
+
+
+def _shown(value: object) -> str:
+    """A value as the JSON file spells it (NaN, null, true), cut short."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: object) -> bool:
+    # JSON true/false load as bool, which Python counts as an int: a weight of true is a slip.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_weights(weights: object, branches: list[str], where: str, whose: str = "the") -> None:
+    """Fusion weights by branch: an object of finite numbers >= 0, keys among ``branches``, not
+    all 0. ``where`` names the file and key, or the option, and ``whose`` the branches, in the error."""
+    if not isinstance(weights, dict):
+        raise FusionError(f"{where}: must be an object of branch: weight, got {_shown(weights)}")
+    for name, weight in weights.items():
+        if name not in branches:
+            raise FusionError(f"{where}: {name!r} is not one of {whose} branches {branches}")
+        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+            raise FusionError(f"{where}: {name} = {_shown(weight)}; a weight is a finite number >= 0")
+    if not any(weights.get(b, 0) > 0 for b in branches):
+        raise FusionError(f"{where}: every weight is 0; give at least one of the branches {branches} a weight > 0")
+
+
+def check_threshold(threshold: object, where: str) -> None:
+    """A threshold is a number strictly between 0 and 1 (0 would predict every label, 1 none)."""
+    if not _is_number(threshold) or not 0.0 < threshold < 1.0:
+        raise FusionError(f"{where}: {_shown(threshold)}; a threshold is a number between 0 and 1 (exclusive)")
 
 
 @dataclass
@@ -48,6 +83,64 @@ class FusionSettings:
     cv_samples_f1: dict[str, float] = field(default_factory=dict)
     tuned_on: dict = field(default_factory=dict)
     version: int = FUSION_VERSION
+
+    def check(self, source: str) -> None:
+        """Every field has its JSON type and a value fusion can use; else an error naming
+        ``source`` (the file), the key and the values allowed."""
+        def fail(key: str, problem: str) -> FusionError:
+            return FusionError(f"{source}: {key}: {problem}")
+
+        if not isinstance(self.branches, list) or not self.branches or \
+                not all(isinstance(b, str) and b in BRANCHES for b in self.branches):
+            raise fail("branches", f"{_shown(self.branches)}; a non-empty list of branch names from {list(BRANCHES)}")
+        if len(set(self.branches)) != len(self.branches):
+            raise fail("branches", f"{self.branches} names a branch twice")
+        if not isinstance(self.label_ids, list) or not self.label_ids or \
+                not all(isinstance(i, int) and not isinstance(i, bool) for i in self.label_ids):
+            raise fail("label_ids", f"{_shown(self.label_ids)}; a non-empty list of integer label ids")
+        if len(set(self.label_ids)) != len(self.label_ids):
+            raise fail("label_ids", f"{self.label_ids} names a label twice")
+        if self.method not in ("weighted", "stacker"):
+            raise fail("method", f"{_shown(self.method)}; valid: \"weighted\", \"stacker\"")
+        if self.stacker is not None:
+            self._check_stacker(fail)
+        elif self.method == "stacker":
+            raise fail("stacker", "method is \"stacker\" but no stacker coefficients are stored")
+        check_weights(self.weights, self.branches, f"{source}: weights", "the file's")
+        check_threshold(self.threshold, f"{source}: threshold")
+        if not isinstance(self.per_label_thresholds, dict):
+            raise fail("per_label_thresholds", f"{_shown(self.per_label_thresholds)}; an object of label id: threshold")
+        valid = [str(i) for i in self.label_ids]
+        for key, threshold in self.per_label_thresholds.items():
+            if key not in valid:
+                raise fail(f"per_label_thresholds.{key}",
+                           f"{key!r} is not one of the trained labels in label_ids {self.label_ids}")
+            check_threshold(threshold, f"{source}: per_label_thresholds.{key}")
+        if self.val_samples_f1 is not None and not _is_number(self.val_samples_f1):
+            raise fail("val_samples_f1", f"{_shown(self.val_samples_f1)}; a number or null")
+        if not isinstance(self.cv_samples_f1, dict) or not all(_is_number(v) for v in self.cv_samples_f1.values()):
+            raise fail("cv_samples_f1", f"{_shown(self.cv_samples_f1)}; an object of method: number")
+        if not isinstance(self.tuned_on, dict):
+            raise fail("tuned_on", f"{_shown(self.tuned_on)}; an object")
+
+    def _check_stacker(self, fail: Callable[[str, str], FusionError]) -> None:
+        """The stacker's coefficients: one row of B * L numbers and one intercept per label."""
+        stacker, labels, width = self.stacker, len(self.label_ids), len(self.branches) * len(self.label_ids)
+        if not isinstance(stacker, dict) or not {"coef", "intercept"} <= set(stacker) <= {"coef", "intercept", "C"}:
+            raise fail("stacker", f"{_shown(stacker)}; null, or an object with keys coef, intercept and optionally C")
+
+        def finite(value: object) -> bool:
+            return _is_number(value) and math.isfinite(value)
+
+        coef, intercept = stacker["coef"], stacker["intercept"]
+        if not isinstance(coef, list) or len(coef) != labels or \
+                not all(isinstance(row, list) and len(row) == width and all(map(finite, row)) for row in coef):
+            raise fail("stacker.coef", f"{labels} rows (one per label) of {width} finite numbers "
+                       f"({len(self.branches)} branches x {labels} labels)")
+        if not isinstance(intercept, list) or len(intercept) != labels or not all(map(finite, intercept)):
+            raise fail("stacker.intercept", f"{labels} finite numbers, one per label")
+        if "C" in stacker and not finite(stacker["C"]):
+            raise fail("stacker.C", f"{_shown(stacker['C'])}; a finite number (the regularisation it was fitted with)")
 
     def thresholds(self) -> np.ndarray:
         """Per-label thresholds (L,), the global one where no per-label value is set."""
@@ -240,30 +333,48 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
     return settings
 
 
+def fusion_file(weights_dir: Path, branches: list[str]) -> Path:
+    """Where the fusion settings of a subset of the trained branches are kept: beside fusion.json
+    (the full run's, which users edit), named by the branches, e.g. ``fusion-caption+image.json``."""
+    return weights_dir / f"fusion-{'+'.join(sorted(branches))}.json"
+
+
 def save_fusion(settings: FusionSettings, path: str | Path) -> None:
     """Write fusion.json atomically."""
     write_json(Path(path), asdict(settings))
 
 
 def load_fusion(path: str | Path) -> FusionSettings:
-    """Read fusion.json, with clear errors for hand edits that break it."""
+    """Read fusion.json, with clear errors for hand edits that break it: each names the file,
+    the key and the values allowed."""
     path = Path(path)
+
+    def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+        # json keeps the last of repeated keys without a word: a value the reader never sees.
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise FusionError(f"{path}: key(s) {repeated} given twice; give each once")
+        return dict(pairs)
+
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         raise FusionError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    known = set(FusionSettings.__dataclass_fields__)
-    unknown = set(raw) - known
+    except UnicodeDecodeError:
+        raise FusionError(f"{path}: not UTF-8 text; fusion.json is plain JSON") from None
+    known = list(FusionSettings.__dataclass_fields__)
+    if not isinstance(raw, dict):
+        raise FusionError(f"{path}: holds {_shown(raw)}; fusion.json is a JSON object with keys {known}")
+    version = raw.get("version", FUSION_VERSION)
+    if version != FUSION_VERSION or isinstance(version, bool):
+        raise FusionError(f"{path}: version {_shown(version)}, this code reads {FUSION_VERSION}; re-tune with --tune")
+    unknown = set(raw) - set(known)
     if unknown:
         raise FusionError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(known)}")
-    try:
-        settings = FusionSettings(**raw)
-    except TypeError as err:
-        raise FusionError(f"{path}: {err}") from None
-    if settings.version != FUSION_VERSION:
-        raise FusionError(f"{path}: version {settings.version}, this code reads {FUSION_VERSION}; re-tune with --tune")
-    if settings.method not in ("weighted", "stacker"):
-        raise FusionError(f"{path}: method {settings.method!r}; valid: weighted, stacker")
-    if settings.method == "stacker" and not settings.stacker:
-        raise FusionError(f"{path}: method is 'stacker' but no stacker coefficients are stored")
+    missing = [key for key in ("branches", "label_ids") if key not in raw]
+    if missing:
+        raise FusionError(f"{path}: missing key(s) {missing}; valid keys: {sorted(known)}")
+    settings = FusionSettings(**raw)
+    settings.check(str(path))
     return settings

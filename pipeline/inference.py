@@ -46,7 +46,15 @@ from pipeline.engine.distributed import DistContext, barrier, distributed_sessio
 from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
-from pipeline.fusion import FusionError, FusionSettings, load_fusion, save_fusion, tune_fusion
+from pipeline.fusion import (
+    FusionError,
+    FusionSettings,
+    check_weights,
+    fusion_file,
+    load_fusion,
+    save_fusion,
+    tune_fusion,
+)
 from pipeline.io import CheckpointError, atomic_text_writer, atomic_write_text, write_json
 from pipeline.labels import label_name
 
@@ -62,7 +70,8 @@ class InferenceConfig(CommonConfig):
     branches: str | None = option(None, "comma-separated branches to use (image,decoder,caption); "
                                   "default: every branch with a checkpoint in --weights", group="prediction")
     tune: bool = option(False, "re-tune fusion weights and thresholds on the validation split and "
-                        "rewrite weights/fusion.json", group="prediction")
+                        "rewrite weights/fusion.json (with a subset of the trained --branches: their own "
+                        "weights/fusion-BRANCHES.json, leaving fusion.json as it is)", group="prediction")
     fusion_weights: str | None = option(None, "fusion weights by hand, e.g. image=0.5,caption=0.4,decoder=0.1 "
                                         "(overrides fusion.json for this run)", group="prediction")
     threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)", group="prediction")
@@ -95,7 +104,7 @@ class InferenceConfig(CommonConfig):
             (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.threshold is None or 0.0 < self.threshold < 1.0,
-             f"--threshold must be between 0 and 1, got {self.threshold}"),
+             f"--threshold must be between 0 and 1 (exclusive), got {self.threshold}"),
             (self.caption is None or self.image is not None, "--caption needs --image: the files it describes"),
             (self.image is None or not (self.evaluate or self.test_csv or self.eval_csv),
              "--image predicts the given files; it does not combine with --evaluate, --test-csv or --eval-csv"),
@@ -103,6 +112,8 @@ class InferenceConfig(CommonConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.fusion_weights is not None:
+            parse_weights(self.fusion_weights)  # refused before any file is read
 
 
 def parse_branch_list(text: str | None) -> list[str] | None:
@@ -304,43 +315,107 @@ def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: li
 
 
 def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSet, weights_dir: Path,
-                   validation: Callable[[], tuple[np.ndarray | None, dict[str, np.ndarray] | None]]) -> FusionSettings:
-    """fusion.json if it fits the branches, else tuned on ``validation()`` = (labels, probabilities
-    by branch) of the validation split, and saved; then the hand overrides."""
-    path = weights_dir / "fusion.json"
+                   validation: Callable[[], tuple[LabelSet, np.ndarray | None, dict[str, np.ndarray] | None]]
+                   ) -> FusionSettings:
+    """The fusion settings of a run, then the hand overrides.
+
+    fusion.json if it fits the branches and labels, else the run's own file (``fusion_file``)
+    if it fits, else tuned on ``validation()`` = (the dataset's labels, labels and probabilities
+    by branch of the validation split). fusion.json, the file users edit, is written only by a
+    run with every trained branch on the labels they were trained on (when it is missing, tuned
+    for other branches or labels, or with ``--tune``); any other tune is saved to the run's own
+    file, so an ablation never replaces the settings of the full run.
+    """
+    # The hand overrides are checked first, so a slip fails before a slow tune.
+    weights = parse_weights(config.fusion_weights) if config.fusion_weights is not None else None
+    if weights is not None:
+        check_weights(weights, branches, f"--fusion-weights {config.fusion_weights!r}", "the loaded")
+    main, own = weights_dir / "fusion.json", fusion_file(weights_dir, branches)
+    trained = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
+    every_branch = sorted(branches) == sorted(trained)
     settings = None
-    if path.is_file() and not config.tune:
-        settings = load_fusion(path)
-        if sorted(settings.branches) != sorted(branches) or settings.label_ids != list(labels.ids):
-            log.warning("%s was tuned for branches %s and labels %s; re-tuning for %s",
-                        path, settings.branches, settings.label_ids, branches)
-            settings = None
+    if not config.tune:
+        settings = _fitting_fusion(main, branches, labels, every_branch)
+        if settings is None:
+            settings = _fitting_fusion(own, branches, labels, every_branch)
     if settings is None:
-        y_val, val_probs = validation()
+        data_labels, y_val, val_probs = validation()
         if val_probs is None:
-            raise FusionError(f"{path}: missing; the validation split is empty, so fusion cannot be tuned")
+            raise FusionError(f"{main}: missing; the validation split is empty, so fusion cannot be tuned")
         log.info("tuning fusion weights and thresholds on %d validation images", len(y_val))
         settings = tune_fusion(y_val, val_probs, list(labels.ids), seed=config.seed)
         settings.tuned_on["val_fraction"] = config.val_fraction
-        save_fusion(settings, path)
-        log.info("wrote %s (method %s, validation samples-F1 %.4f)", path, settings.method, settings.val_samples_f1)
-    if config.fusion_weights:
-        settings.method, settings.weights, settings.stacker = "weighted", parse_weights(config.fusion_weights), None
-        unknown = set(settings.weights) - set(branches)
-        if unknown:
-            raise FusionError(f"--fusion-weights names branch(es) {sorted(unknown)} that are not loaded ({branches})")
+        if every_branch and data_labels == labels:
+            # Here fusion.json is missing, asked to be re-tuned, or tuned for other branches or
+            # labels than these weights have: settings no run of these weights can use.
+            target, kept = main, ""
+        else:
+            target = own
+            why = (f"this run does not use every trained branch {trained}" if not every_branch else
+                   "the dataset's labels are not the trained ones")
+            kept = f"; {main} was left as it is ({why})" if main.is_file() else \
+                f"; {main} is written only by a run with every trained branch on the labels they know ({why})"
+        save_fusion(settings, target)
+        log.info("wrote %s for branches %s (method %s, validation samples-F1 %.4f)%s", target, branches,
+                 settings.method, settings.val_samples_f1, kept)
+    if weights is not None:
+        settings.method, settings.weights, settings.stacker = "weighted", weights, None
     if config.threshold is not None:
         settings.threshold, settings.per_label_thresholds = config.threshold, {}
     return settings
 
 
-def _validation_split(weights_dir: Path, branches: list[str], labels: LabelSet,
-                      val_images: pd.DataFrame) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
-    """(labels, probabilities by branch) of the validation images, for tuning fusion."""
-    if val_images.empty:
-        return None, None
-    return (labels.encode(val_images[LABELS_COLUMN]),
-            validation_probabilities(weights_dir, branches, val_images[ID_COLUMN].tolist(), list(labels.ids)))
+def _fitting_fusion(path: Path, branches: list[str], labels: LabelSet, every_branch: bool) -> FusionSettings | None:
+    """The settings in ``path`` (checked as they load) when they were tuned for these branches and
+    labels; None when the file is missing or tuned for others (said when that is news)."""
+    if not path.is_file():
+        return None
+    settings = load_fusion(path)
+    if sorted(settings.branches) == sorted(branches) and settings.label_ids == list(labels.ids):
+        log.info("fusion settings from %s (method %s)", path, settings.method)
+        return settings
+    # fusion.json is tuned for every branch, so an ablation expects it not to fit: said quietly.
+    expected = not every_branch and path.name == "fusion.json" and settings.label_ids == list(labels.ids)
+    log.log(logging.INFO if expected else logging.WARNING,
+            "%s was tuned for branches %s and labels %s; this run has branches %s and labels %s, so it is not used",
+            path, settings.branches, settings.label_ids, branches, list(labels.ids))
+    return None
+
+
+def check_dataset_labels(train_csv: Path, data_labels: LabelSet, labels: LabelSet, weights_dir: Path) -> None:
+    """Warn when the dataset's train.csv has other labels than the weights were trained on:
+    predictions use the trained labels, which may not be this dataset's."""
+    if data_labels == labels:
+        return
+    extra = sorted(set(data_labels.ids) - set(labels.ids))
+    absent = sorted(set(labels.ids) - set(data_labels.ids))
+    log.warning("%s has labels %s; the weights in %s were trained on labels %s (not trained: %s; not in %s: %s), "
+                "so the predictions use the trained labels", train_csv, list(data_labels.ids), weights_dir,
+                list(labels.ids), extra, train_csv.name, absent)
+
+
+def split_labels(frame: pd.DataFrame, labels: LabelSet, data_labels: LabelSet, weights_dir: Path) -> np.ndarray:
+    """Multi-hot labels (N_images, L) of a split of train.csv; a label the weights were not trained
+    on is an error naming the file, the line and both label sets."""
+    try:
+        check_known_labels(frame, labels)
+    except DataFormatError as err:
+        raise DataFormatError(
+            f"{err} (the weights in {weights_dir}); {frame.attrs['source']} has labels {list(data_labels.ids)}: "
+            "the weights were trained on other data; retrain on this dataset, or give --weights-dir the weights "
+            "trained on it"
+        ) from None
+    return labels.encode(group_by_image(frame).images[LABELS_COLUMN])
+
+
+def _validation_split(weights_dir: Path, branches: list[str], labels: LabelSet, data_labels: LabelSet,
+                      val: pd.DataFrame) -> tuple[LabelSet, np.ndarray | None, dict[str, np.ndarray] | None]:
+    """(the dataset's labels, labels, probabilities by branch) of the validation images, for tuning fusion."""
+    if val.empty:
+        return data_labels, None, None
+    val_ids = group_by_image(val).images[ID_COLUMN].tolist()
+    return (data_labels, split_labels(val, labels, data_labels, weights_dir),
+            validation_probabilities(weights_dir, branches, val_ids, list(labels.ids)))
 
 
 def _write_rows(handle, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:
@@ -440,7 +515,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     weights_dir, output_dir = Path(config.weights_dir), Path(config.output)
     # Every input file is read before any slow step, so a broken one fails at once; which
     # columns they have decides the branches that can run.
-    _, train, val = load_train_val(paths, config.val_fraction)
+    data_labels, train, val = load_train_val(paths, config.val_fraction)
     test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
     test = read_prediction_csv(test_csv, captions=False)
     frames = {paths.train_csv: train, test_csv: test}
@@ -454,18 +529,20 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     checkpoints = load_branch_checkpoints(weights_dir, branches)
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
+    if context.is_main:
+        check_dataset_labels(paths.train_csv, data_labels, labels, weights_dir)
     predictor = BranchPredictor(checkpoints, paths, weights_dir / "cache", device, config.batch_size, config.workers,
                                 config.runtime)
 
     # Every per-image output has one row per image, also when a file has one row per caption.
     train_images, val_images = group_by_image(train).images, group_by_image(val).images
-    y_val = labels.encode(val_images[LABELS_COLUMN]) if not val.empty else None
-    # Rank 0 tunes (or reads) fusion.json first; the others then read what it wrote.
+    # Rank 0 tunes (or reads) the fusion settings first; the others then read what it wrote.
     settings = None
     for turn in (True, False):
         if context.is_main == turn:
             settings = resolve_fusion(config if turn else dataclasses.replace(config, tune=False), branches, labels,
-                                      weights_dir, lambda: _validation_split(weights_dir, branches, labels, val_images))
+                                      weights_dir, lambda: _validation_split(weights_dir, branches, labels,
+                                                                             data_labels, val))
         barrier(context)
 
     test_images = group_by_image(test).images
@@ -499,7 +576,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                 # usual path below finds.)
                 values, readable = predictor.features(training_ids, "train.csv features")
                 features = (values, readable[len(train_images):], np.arange(len(train_images), len(training_ids)))
-            y_true, source = y_val, "validation split"
+            y_true, source = split_labels(val, labels, data_labels, weights_dir), "validation split"
             probs = predictor.probabilities(val, features=features)
         report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)
         summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
@@ -534,9 +611,11 @@ def predict_images(config: InferenceConfig) -> dict:
     branches = list(checkpoints)
     labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
 
-    def validation() -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
-        _, _, val = load_train_val(DatasetPaths.resolve(config.data, config.images), config.val_fraction)
-        return _validation_split(weights_dir, branches, labels, group_by_image(val).images)
+    def validation() -> tuple[LabelSet, np.ndarray | None, dict[str, np.ndarray] | None]:
+        paths = DatasetPaths.resolve(config.data, config.images)
+        data_labels, _, val = load_train_val(paths, config.val_fraction)
+        check_dataset_labels(paths.train_csv, data_labels, labels, weights_dir)
+        return _validation_split(weights_dir, branches, labels, data_labels, val)
 
     settings = resolve_fusion(config, branches, labels, weights_dir, validation)
     paths = GivenFiles.of(files)

@@ -76,7 +76,7 @@ def trained(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def reference(trained) -> dict:
     """Per views: inference.py --image FILES --branches image --format json (its records, run on a
-    copy of the weights: it writes fusion.json) and the same probabilities unrounded."""
+    copy of the weights: it writes fusion-image.json) and the same probabilities unrounded."""
     out = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
@@ -189,13 +189,13 @@ def test_model_json_describes_the_model(trained, reference, exported):
 
 def test_thresholds_say_where_they_came_from(trained, reference):
     labels = torch.load(Path(trained["weights"]["flip"]) / "image.pt", weights_only=True)["label_ids"]
-    # fusion.json tuned by inference.py for the image branch alone: its thresholds, as they are.
+    # fusion-image.json tuned by inference.py --branches image: its thresholds, as they are.
     copy = reference["flip"]["weights_copy"]
-    fused = json.loads((copy / "fusion.json").read_text())
+    fused = json.loads((copy / "fusion-image.json").read_text())
     assert fused["branches"] == ["image"]
     thresholds, source = image_only_thresholds(ExportConfig(weights_dir=str(copy), data="absent"), labels)
     expected = [fused["per_label_thresholds"].get(str(i), fused["threshold"]) for i in labels]
-    assert thresholds == pytest.approx(expected, abs=1e-4) and "fusion.json" in source
+    assert thresholds == pytest.approx(expected, abs=1e-4) and "fusion-image.json" in source
     # Neither fusion.json nor a dataset: 0.5, and why.
     thresholds, source = image_only_thresholds(
         ExportConfig(weights_dir=str(trained["weights"]["flip"]), data=str(trained["root"] / "absent")), labels)

@@ -57,7 +57,9 @@ def test_branch_subset_retunes_instead_of_mixing(trained_branches, tmp_path):
     run(data, weights, tmp_path / "all")
     summary = run(data, weights, tmp_path / "caption", "--branches", "caption")
     assert summary["branches"] == ["caption"]
-    assert load_fusion(weights / "fusion.json").branches == ["caption"]
+    # The subset's tune goes beside fusion.json, which keeps the full run's settings.
+    assert load_fusion(weights / "fusion-caption.json").branches == ["caption"]
+    assert sorted(load_fusion(weights / "fusion.json").branches) == ["caption", "decoder", "image"]
 
 
 def test_hand_overrides_apply(trained_branches, tmp_path):

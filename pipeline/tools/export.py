@@ -41,7 +41,7 @@ from pipeline.data.dataset import (
     load_train_val,
 )
 from pipeline.engine.runtime import seed_everything
-from pipeline.fusion import FusionError, load_fusion, tune_fusion
+from pipeline.fusion import FusionError, fusion_file, load_fusion, tune_fusion
 from pipeline.inference import load_branch_checkpoints, recorded_label_names, validation_probabilities
 from pipeline.io import CheckpointError, atomic_write, atomic_write_text, file_digest, write_json
 from pipeline.models.backbones import NormalizeInput
@@ -170,16 +170,19 @@ def _load_image_checkpoint(weights_dir: Path) -> dict:
 def image_only_thresholds(config: ExportConfig, label_ids: list[int]) -> tuple[list[float], str]:
     """(per-label thresholds for the image branch's probabilities alone, where they came from).
 
-    fusion.json's when it fuses the image branch alone by weighted average (its thresholds are
-    then the image branch's own); else tuned here on the image branch's validation
-    probabilities (val_probs_image.csv) and the validation split of ``--data``, as inference
-    tunes fusion; else 0.5 for every label. fusion.json tuned for several branches is not
+    fusion-image.json's or fusion.json's when it fuses the image branch alone by weighted
+    average (its thresholds are then the image branch's own); else tuned here on the image
+    branch's validation probabilities (val_probs_image.csv) and the validation split of
+    ``--data``, as inference tunes fusion; else 0.5 for every label. fusion.json tuned for several branches is not
     used: its thresholds fit the fused probabilities, not the image branch's.
     """
     weights_dir = Path(config.weights_dir)
-    fusion_path = weights_dir / "fusion.json"
     reasons = []
-    if fusion_path.is_file():
+    # inference.py --branches image keeps its settings in fusion-image.json; fusion.json fuses the
+    # image branch alone only where that is the one branch trained.
+    for fusion_path in (fusion_file(weights_dir, ["image"]), weights_dir / "fusion.json"):
+        if not fusion_path.is_file():
+            continue
         try:
             settings = load_fusion(fusion_path)
         except FusionError as err:
