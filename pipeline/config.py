@@ -29,7 +29,7 @@ from pipeline.data.images import ImageReadError
 from pipeline.engine.loop import NonFiniteLossError
 from pipeline.engine.runtime import usable_cores
 from pipeline.fusion import FusionError
-from pipeline.io import CheckpointError, write_json
+from pipeline.io import CheckpointError, OptionError, write_json
 from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
 
 # ``--help`` sections, in the order shown; an option names its section with ``group=``.
@@ -147,10 +147,6 @@ def save_config(config, path: Path) -> None:
 DEBUG_ENV = "PIPELINE_DEBUG"
 # Exit status of a run refused for its input, as argparse uses for a bad command line.
 INPUT_ERROR_STATUS = 2
-
-
-class OptionError(ValueError):
-    """An option value that cannot work; the message names the option."""
 
 
 # FileNotFoundError: every file the scripts open by name (--data, --backbone-weights, ...) is

@@ -55,7 +55,7 @@ from pipeline.fusion import (
     save_fusion,
     tune_fusion,
 )
-from pipeline.io import CheckpointError, atomic_text_writer, atomic_write_text, write_json
+from pipeline.io import CheckpointError, OptionError, atomic_text_writer, atomic_write_text, write_json
 from pipeline.labels import label_name
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def parse_branch_list(text: str | None) -> list[str] | None:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in BRANCHES]
     if unknown or not names:
-        raise ValueError(f"--branches {text!r}: valid branch names are {', '.join(BRANCHES)}")
+        raise OptionError(f"--branches {text!r}: valid branch names are {', '.join(BRANCHES)}")
     return names
 
 
@@ -134,15 +134,15 @@ def parse_weights(text: str) -> dict[str, float]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in BRANCHES or not value:
-            raise ValueError(f"--fusion-weights {text!r}: expected branch=weight pairs with branches from {', '.join(BRANCHES)}")
+            raise OptionError(f"--fusion-weights {text!r}: expected branch=weight pairs with branches from {', '.join(BRANCHES)}")
         if name in weights:
-            raise ValueError(f"--fusion-weights {text!r}: {name} is given twice")
+            raise OptionError(f"--fusion-weights {text!r}: {name} is given twice")
         try:
             weight = float(value)
         except ValueError:
-            raise ValueError(f"--fusion-weights {text!r}: {value!r} is not a number") from None
+            raise OptionError(f"--fusion-weights {text!r}: {value!r} is not a number") from None
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"--fusion-weights {text!r}: {value!r} must be a finite number >= 0")
+            raise OptionError(f"--fusion-weights {text!r}: {value!r} must be a finite number >= 0")
         weights[name] = weight
     return weights
 
@@ -165,7 +165,7 @@ def choose_branches(weights_dir: Path, requested: list[str] | None, missing: dic
     if requested is not None:
         for branch in requested:
             if branch in missing:
-                raise ValueError(f"--branches {','.join(requested)}: the {branch} branch cannot run: {missing[branch]}")
+                raise OptionError(f"--branches {','.join(requested)}: the {branch} branch cannot run: {missing[branch]}")
         return requested
     present = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
     for branch in present:
@@ -600,7 +600,7 @@ def predict_images(config: InferenceConfig) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     files, captions = list(config.image), config.caption
     if captions is not None and len(captions) != len(files):
-        raise ValueError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s); "
+        raise OptionError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s); "
                          "give one caption per image, in the same order")
     seed_everything(config.seed)
     device = resolve_device(config.device)

@@ -19,6 +19,10 @@ from typing import TextIO
 import torch
 
 
+class OptionError(ValueError):
+    """An option value that cannot work; the message names the option."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is unreadable, unsafe, or does not fit the run; names the file."""
 

@@ -13,6 +13,7 @@ import inference
 import train_caption_rnn
 import train_efficientnet
 from pipeline.engine.runtime import resolve_device
+from pipeline.io import OptionError
 from pipeline.inference import parse_weights
 
 SCRIPTS = [train_efficientnet, train_caption_rnn, inference]
@@ -127,7 +128,7 @@ def test_bad_fusion_weights_are_refused_with_exact_messages(text, message):
 def test_device_resolution(monkeypatch):
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == "cpu"  # the suite is pinned to the CPU (conftest)
-    with pytest.raises(RuntimeError, match="--device cuda: no CUDA device"):
+    with pytest.raises(OptionError, match="--device cuda: no CUDA device"):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda"

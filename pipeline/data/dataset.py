@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.io import OptionError
+
 ID_COLUMN = "ImageID"
 LABELS_COLUMN = "Labels"
 CAPTION_COLUMN = "Caption"
@@ -380,7 +382,7 @@ def validation_mask(image_ids: pd.Series | list[str], val_fraction: float = 0.15
     run and every machine, and an image's side does not depend on which other rows exist.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise OptionError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     buckets = np.array(
         [int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") for i in image_ids],
         dtype=np.uint64,

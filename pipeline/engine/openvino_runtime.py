@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.io import OptionError
 from pipeline.models.backbones import state_digest
 from pipeline.models.image_model import RawPixelGraph
 
@@ -51,12 +52,12 @@ def resolve_runtime(name: str, device: torch.device) -> str:
     """``torch`` or ``openvino``: ``auto`` is OpenVINO on a CPU where it is installed, else
     torch; asking for OpenVINO on a GPU or without the package is an error."""
     if name not in RUNTIMES:
-        raise ValueError(f"--runtime {name!r}: valid values are {', '.join(RUNTIMES)}")
+        raise OptionError(f"--runtime {name!r}: valid values are {', '.join(RUNTIMES)}")
     if name == "torch":
         return "torch"
     if device.type != "cpu":
         if name == "openvino":
-            raise ValueError(f"--runtime openvino runs on a CPU; this run's device is {device.type} "
+            raise OptionError(f"--runtime openvino runs on a CPU; this run's device is {device.type} "
                              "(use --runtime torch or auto)")
         return "torch"
     if openvino_version() is None:

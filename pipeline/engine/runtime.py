@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.io import OptionError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda when available, else cpu; asking for cuda without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+        raise OptionError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: valid values are auto, cpu, cuda")
+        raise OptionError(f"--device {name!r}: valid values are auto, cpu, cuda")
     return torch.device(name)
 
 
@@ -44,9 +46,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where the device computes it natively, else ``fp16`` on a GPU
     (trained with a gradient scaler) and ``fp32`` on a CPU."""
     if name not in PRECISIONS:
-        raise ValueError(f"--precision {name!r}: valid values are {', '.join(PRECISIONS)}")
+        raise OptionError(f"--precision {name!r}: valid values are {', '.join(PRECISIONS)}")
     if name == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+        raise OptionError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     if name == "auto":
         if native_bf16(device):
             return "bf16"

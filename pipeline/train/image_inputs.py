@@ -28,7 +28,7 @@ from pipeline.data.transforms import build_transform, normalize_batch
 from pipeline.engine.distributed import DistContext, gather_shards, workers_per_process
 from pipeline.engine.runtime import training_memory_format
 from pipeline.features import StageMaps
-from pipeline.io import atomic_write_text
+from pipeline.io import OptionError, atomic_write_text
 from pipeline.models.backbones import Backbone
 from pipeline.models.heads import FeatureNorm
 from pipeline.train.image_config import ImageTrainConfig
@@ -43,7 +43,7 @@ def image_splits(config: ImageTrainConfig) -> tuple[DatasetPaths, LabelSet, pd.D
     labels, train, val = load_train_val(paths, config.val_fraction)
     train, val = group_by_image(train).images, group_by_image(val).images
     if val.empty:
-        raise ValueError(f"--val-fraction {config.val_fraction}: the validation split is empty")
+        raise OptionError(f"--val-fraction {config.val_fraction}: the validation split is empty")
     return paths, labels, train, val
 
 
