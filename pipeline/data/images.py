@@ -6,6 +6,8 @@ and inference all read images through :class:`ImageDataset`.
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,21 @@ import torch
 from PIL import Image
 
 from pipeline.data.dataset import DatasetPaths
+
+
+def image_file_stat(path: Path) -> os.stat_result | None:
+    """The status of ``path`` (a symlink followed) when it is a regular file, else None.
+
+    Only a regular file can be an image: opening a FIFO blocks until something writes to it
+    (a loader worker would wait forever), and a device, socket or directory holds no image.
+    A name the file system refuses (longer than its limit, ENAMETOOLONG) or cannot reach is
+    None as well, like a missing file, so the caller lists it among the unreadable images.
+    """
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
+        return None
+    return status if stat.S_ISREG(status.st_mode) else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -50,12 +67,13 @@ def shrink(image: Image.Image, size: int) -> Image.Image:
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i, readable)``.
 
-    A missing or undecodable file yields a blank tensor with ``readable`` False instead of
-    stopping the loader, so the caller decides: training lists the bad files and stops,
-    inference falls back to the branches that need no image. So does an image over Pillow's
-    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels): decoding it
-    could take gigabytes in every loader worker. Any mode becomes 8-bit RGB (``to_rgb``), and
-    a large image is reduced before the transform (``shrink``), so memory stays bounded.
+    A missing or undecodable file, or one that is not a regular file (``image_file_stat``),
+    yields a blank tensor with ``readable`` False instead of stopping the loader, so the
+    caller decides: training lists the bad files and stops, inference falls back to the
+    branches that need no image. So does an image over Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels): decoding it could take gigabytes in
+    every loader worker. Any mode becomes 8-bit RGB (``to_rgb``), and a large image is
+    reduced before the transform (``shrink``), so memory stays bounded.
     """
 
     def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int,
@@ -70,6 +88,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         path = self.files[index]
+        if image_file_stat(path) is None:
+            return self._unreadable(index)
         try:
             with warnings.catch_warnings():
                 # Pillow only warns between 1x and 2x its limit; refuse those too.
@@ -80,8 +100,11 @@ class ImageDataset(torch.utils.data.Dataset):
                     image.draft("RGB", (self.size, self.size))
                     rgb = shrink(to_rgb(image), self.size)
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return torch.zeros(3, self.size, self.size, dtype=self.blank_dtype), index, False
+            return self._unreadable(index)
         return self.transform(rgb), index, True
+
+    def _unreadable(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        return torch.zeros(3, self.size, self.size, dtype=self.blank_dtype), index, False
 
 
 class ImageReadError(OSError):
