@@ -13,9 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data.dataset import DatasetPaths
+
+# Part of every feature-cache key (pipeline.features.cache_key): raised whenever decoding
+# gives a file other pixels, so that features and stage maps cached from the old pixels are
+# rebuilt rather than read. 2: EXIF orientation applied.
+DECODE_VERSION = 2
 
 
 def image_file_stat(path: Path) -> os.stat_result | None:
@@ -72,8 +77,10 @@ class ImageDataset(torch.utils.data.Dataset):
     caller decides: training lists the bad files and stops, inference falls back to the
     branches that need no image. So does an image over Pillow's decompression-bomb limit
     (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels): decoding it could take gigabytes in
-    every loader worker. Any mode becomes 8-bit RGB (``to_rgb``), and a large image is
-    reduced before the transform (``shrink``), so memory stays bounded.
+    every loader worker. An EXIF orientation is applied, so a phone photo is seen upright, as
+    any viewer shows it, not as its sensor stored it. Any mode becomes 8-bit RGB
+    (``to_rgb``), and a large image is reduced before the transform (``shrink``), so memory
+    stays bounded.
     """
 
     def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int,
@@ -97,7 +104,10 @@ class ImageDataset(torch.utils.data.Dataset):
                 with Image.open(path) as image:
                     # draft() lets libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the
                     # output size: a large photo decodes several times faster, in less memory.
+                    # The request is square, so the scale it picks is the same whichever way
+                    # the photo is turned by the transpose that follows.
                     image.draft("RGB", (self.size, self.size))
+                    ImageOps.exif_transpose(image, in_place=True)
                     rgb = shrink(to_rgb(image), self.size)
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             return self._unreadable(index)
