@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline.data.dataset import DatasetPaths
-from pipeline.data.images import ImageDataset
+from pipeline.data.images import DECODE_VERSION, ImageDataset, image_file_stat
 from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
 from pipeline.engine.openvino_runtime import OpenVinoForward
@@ -57,10 +57,11 @@ def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], p
     """
     listing = hashlib.sha256()
     for path in files:
-        stat = path.stat() if path.exists() else None
+        stat = image_file_stat(path)  # None for what the loader finds unreadable without opening
         listing.update(f"{path.name}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
     return {
         "cache_version": CACHE_VERSION,
+        "decode_version": DECODE_VERSION,
         "backbone": backbone.name,
         "weights": backbone.weights_digest,
         "preprocessing": backbone.preprocessing,

@@ -183,6 +183,8 @@ def test_model_json_describes_the_model(trained, reference, exported):
     assert meta["thresholds"] == pytest.approx(tuned, abs=1e-4)
     readme = (out / "README.md").read_text()
     assert "import onnxruntime" in readme and "model.onnx" in readme and "(N, 3, 32, 32)" in readme
+    # A phone photo upright, as the pipeline decodes it.
+    assert "ImageOps.exif_transpose(Image.open(" in readme and "exif_transpose" in preprocessing["orientation"]
     plain = exported("onnx", "plain")["meta"]["preprocessing"]
     assert plain["views"] == ["plain"] and "flip_averaging" not in plain
 

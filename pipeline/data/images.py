@@ -6,14 +6,36 @@ and inference all read images through :class:`ImageDataset`.
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data.dataset import DatasetPaths
+
+# Part of every feature-cache key (pipeline.features.cache_key): raised whenever decoding
+# gives a file other pixels, so that features and stage maps cached from the old pixels are
+# rebuilt rather than read. 2: EXIF orientation applied.
+DECODE_VERSION = 2
+
+
+def image_file_stat(path: Path) -> os.stat_result | None:
+    """The status of ``path`` (a symlink followed) when it is a regular file, else None.
+
+    Only a regular file can be an image: opening a FIFO blocks until something writes to it
+    (a loader worker would wait forever), and a device, socket or directory holds no image.
+    A name the file system refuses (longer than its limit, ENAMETOOLONG) or cannot reach is
+    None as well, like a missing file, so the caller lists it among the unreadable images.
+    """
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
+        return None
+    return status if stat.S_ISREG(status.st_mode) else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -50,12 +72,15 @@ def shrink(image: Image.Image, size: int) -> Image.Image:
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images of a list of ImageIDs: item ``i`` is ``(tensor, i, readable)``.
 
-    A missing or undecodable file yields a blank tensor with ``readable`` False instead of
-    stopping the loader, so the caller decides: training lists the bad files and stops,
-    inference falls back to the branches that need no image. So does an image over Pillow's
-    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels): decoding it
-    could take gigabytes in every loader worker. Any mode becomes 8-bit RGB (``to_rgb``), and
-    a large image is reduced before the transform (``shrink``), so memory stays bounded.
+    A missing or undecodable file, or one that is not a regular file (``image_file_stat``),
+    yields a blank tensor with ``readable`` False instead of stopping the loader, so the
+    caller decides: training lists the bad files and stops, inference falls back to the
+    branches that need no image. So does an image over Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, 89.5 million pixels): decoding it could take gigabytes in
+    every loader worker. An EXIF orientation is applied, so a phone photo is seen upright, as
+    any viewer shows it, not as its sensor stored it. Any mode becomes 8-bit RGB
+    (``to_rgb``), and a large image is reduced before the transform (``shrink``), so memory
+    stays bounded.
     """
 
     def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int,
@@ -70,6 +95,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         path = self.files[index]
+        if image_file_stat(path) is None:
+            return self._unreadable(index)
         try:
             with warnings.catch_warnings():
                 # Pillow only warns between 1x and 2x its limit; refuse those too.
@@ -77,11 +104,17 @@ class ImageDataset(torch.utils.data.Dataset):
                 with Image.open(path) as image:
                     # draft() lets libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the
                     # output size: a large photo decodes several times faster, in less memory.
+                    # The request is square, so the scale it picks is the same whichever way
+                    # the photo is turned by the transpose that follows.
                     image.draft("RGB", (self.size, self.size))
+                    ImageOps.exif_transpose(image, in_place=True)
                     rgb = shrink(to_rgb(image), self.size)
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return torch.zeros(3, self.size, self.size, dtype=self.blank_dtype), index, False
+            return self._unreadable(index)
         return self.transform(rgb), index, True
+
+    def _unreadable(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        return torch.zeros(3, self.size, self.size, dtype=self.blank_dtype), index, False
 
 
 class ImageReadError(OSError):

@@ -275,6 +275,7 @@ def _preprocessing_record(preprocessing: dict, views: list[str]) -> dict:
                       f"(no crop), {interpolation} with antialiasing (torchvision Resize, as "
                       "pipeline.data.transforms.build_transform(preprocessing, normalize=False))",
         "channel_order": "RGB (an image in another mode is converted to 8-bit RGB first: pipeline.data.images.to_rgb)",
+        "orientation": "upright: a file's EXIF orientation is applied first (PIL.ImageOps.exif_transpose)",
         "views": list(views),
     }
     if "flip" in views:
@@ -295,9 +296,11 @@ def _readme(meta: dict) -> str:
                      'probs = model(pixels)[model.output(0)]'],
     }[fmt]
     example = "\n".join([
-        "import json", "import numpy as np", "from PIL import Image", run[0],
+        "import json", "import numpy as np", "from PIL import Image, ImageOps", run[0],
         'meta = json.load(open("model.json"))',
-        f'image = Image.open("photo.jpg").convert("RGB").resize(({r}, {r}), Image.Resampling.{resample})',
+        "# exif_transpose: a phone photo upright, as the pipeline sees it",
+        f'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB").resize(({r}, {r}), '
+        f'Image.Resampling.{resample})',
         "pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)[None]  # (1, 3, R, R)",
         *run[1:],
         'print([name for name, p, t in zip(meta["label_names"], probs[0], meta["thresholds"]) if p >= t])',
