@@ -6,12 +6,17 @@ A store is a directory::
                            rows per shard, each field's per-row shape and dtype, and the
                            content digest of every complete shard file
     {field}-{k:05d}.npy    shard ``k`` of each field: rows [k * S, min(N, (k + 1) * S))
+    write.lock             held (``flock``) by the one process that may write the store
 
 Each shard is written under a temporary name and renamed once complete, and a shard counts
 as complete only when every field's file is there with its full shape and its digest is in
 the manifest. So an interrupted extraction keeps its complete shards and redoes the rest, and
 a cut-off file is never read. Each file is checked against its digest the first time a
 process reads it, so a file damaged in place after it was written is never used either.
+
+Writers hold the store's lock (:func:`write_lock`); readers of a complete store take none:
+shard files and the manifest only ever appear by an atomic rename, so a reader sees a
+shard's old file or its new one, never a half-written one.
 
 Rows are read with positional reads (``os.pread``), not memory maps: the pages stay in the
 operating system's file cache, not in the reading process's resident memory, so a process
@@ -21,11 +26,14 @@ reading a cache of any size keeps a flat footprint.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +45,7 @@ from pipeline.io import write_json
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LOCK = "write.lock"
 # 2: the manifest holds each shard file's digest. A version-1 store is extracted again rather
 # than its digests taken now: that would vouch for files whose content nothing can check.
 STORE_VERSION = 2
@@ -61,6 +70,45 @@ def _content_digest(fd: int) -> str:
         digest.update(block)
         offset += len(block)
     return digest.hexdigest()
+
+
+def _writer_id() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def write_lock(directory: Path) -> Iterator[None]:
+    """Hold the write lock of the store in ``directory`` (created if need be), waiting, and
+    saying so, while another process holds it.
+
+    ``flock`` is released by the kernel when its holder dies, so a killed writer never
+    leaves the store locked. A file system without ``flock`` is warned about, not refused.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            log.info("%s: %s is writing this cache; waiting for it to finish", directory, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("%s: cannot lock the cache (%s); two runs writing it at once may collide", directory,
+                        err.strerror)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {_writer_id()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            # Unlocked explicitly: loader workers forked meanwhile share this open file, and
+            # closing it here alone would keep the lock until the last of them exits.
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -177,14 +225,24 @@ class ShardedStore:
     def create(cls, directory: Path, key: dict, num_rows: int, shard_rows: int,
                fields: dict[str, Field]) -> ShardedStore:
         """The store for ``key``, reusing the complete shards of one already there with the same
-        layout; anything else in ``directory`` is removed."""
-        wanted = cls(Path(directory), key, num_rows, shard_rows, fields)
+        layout; anything else in ``directory`` is removed, as are the partial files of
+        interrupted writers. Called with the store's :func:`write_lock` held, so no other
+        process is writing there."""
+        directory = Path(directory)
+        wanted = cls(directory, key, num_rows, shard_rows, fields)
         existing = cls.open(directory, key)
         if existing is not None and existing._layout() == wanted._layout():
+            for partial in directory.glob(".*.partial"):
+                partial.unlink(missing_ok=True)
             return existing
-        if Path(directory).exists():
-            shutil.rmtree(directory)
-        Path(directory).mkdir(parents=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        for entry in directory.iterdir():
+            if entry.name == LOCK:
+                continue  # the lock the caller holds
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         wanted._save_manifest()
         return wanted
 
@@ -235,9 +293,11 @@ class ShardedStore:
     def write_shard(self, shard: int) -> Iterator[dict[str, np.ndarray]]:
         """Writable memory maps ``{field: (rows, *shape)}`` of shard ``shard``, zero-filled,
         renamed into place, and their digests recorded, only when the block exits without an
-        error."""
+        error. Partial files carry the writer's pid and host, so no process ever renames
+        another's."""
         rows = len(self.shard_range(shard))
-        partial = {name: self.directory / f".{self.path(name, shard).name}.partial" for name in self.fields}
+        partial = {name: self.directory / f".{self.path(name, shard).name}.{_writer_id()}.partial"
+                   for name in self.fields}
         arrays = {name: np.lib.format.open_memmap(partial[name], mode="w+", dtype=np.dtype(spec.dtype),
                                                   shape=(rows, *spec.shape))
                   for name, spec in self.fields.items()}
