@@ -12,11 +12,14 @@ per (backbone, weights, preprocessing, precision, output, views, image list) and
 Both are read a batch of rows at a time, so no process ever holds a whole set. The key is
 stored with the data and checked on load; shards are written atomically, so an interrupted
 extraction resumes at its first missing shard and a cut-off or foreign file is rebuilt,
-never read.
+never read, as is a shard whose content no longer matches the digest recorded when it was
+written. One run at a time extracts into a store; another that needs it waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -39,7 +42,7 @@ from pipeline.engine.runtime import autocast_context, compute_dtype, usable_core
 from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features
-from pipeline.shards import Field, ShardedStore
+from pipeline.shards import Field, ShardedStore, write_lock
 
 log = logging.getLogger(__name__)
 
@@ -306,34 +309,54 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
                   paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str], cache_dir: Path,
                   batch_size: int, workers: int, description: str, context: DistContext,
                   shard_rows: int | None) -> ShardedStore:
-    """The complete store of ``key``: read when it is there, else its missing shards extracted.
+    """The complete store of ``key``: read when it is there and every file matches its digest,
+    else its missing and damaged shards extracted.
 
-    Under torchrun rank 0 creates the store, the ranks take the missing shards in turn, and
-    every rank then reads the whole store: the ranks must share a file system.
+    One run at a time writes a store: its rank 0 holds the store's :func:`write_lock`, and
+    another run that needs the store meanwhile waits, then reads what the first wrote. Under
+    torchrun rank 0 creates the store, the ranks take the shards to extract in turn, and every
+    rank then reads the whole store: the ranks must share a file system.
     """
     directory = _store_dir(cache_dir, kind, key)
     store = ShardedStore.open_complete(directory, key, len(image_ids))
     # Decided together (which also makes every rank look before rank 0 may change the store).
-    if all_ranks_agree(store is not None, context):
+    if all_ranks_agree(store is not None and not store.damaged_shards(), context):
         log.info("%s cache hit: %s (%d images)", kind, directory, len(image_ids))
         return store
-    if context.is_main:
-        ShardedStore.create(directory, key, len(image_ids), shard_rows or shard_rows_for(fields), fields)
-    barrier(context)
-    store = ShardedStore.open(directory, key)
-    if store is None:
-        raise CheckpointError(f"{directory}: the cache rank 0 created cannot be read; under torchrun on several "
-                              "machines --weights-dir must be on a shared file system")
-    missing = store.missing_shards()
-    if len(missing) < store.num_shards:
-        log.info("%s cache: resuming, %d of %d shards to extract", kind, len(missing), store.num_shards)
-    barrier(context)  # every rank has listed the same missing shards before any is written
-    extract_into_store(make_extractor(), paths, image_ids, views, store, missing[context.rank::context.world_size],
-                       batch_size, workers, _processes(workers), description, context.is_main)
-    barrier(context)
-    if any(not store.shard_complete(shard) for shard in missing):
-        raise CheckpointError(f"{directory}: shards written by other ranks are missing; under torchrun on several "
-                              "machines --weights-dir must be on a shared file system")
+    with write_lock(directory) if context.is_main else contextlib.nullcontext():
+        if context.is_main:
+            ShardedStore.create(directory, key, len(image_ids), shard_rows or shard_rows_for(fields), fields)
+        barrier(context)
+        store = ShardedStore.open(directory, key)
+        if store is None:
+            raise CheckpointError(f"{directory}: the cache rank 0 created cannot be read; under torchrun on several "
+                                  "machines --weights-dir must be on a shared file system")
+        store = dataclasses.replace(store, keeps_manifest=context.is_main)
+        missing = store.missing_shards()
+        damaged = store.damaged_shards([k for k in range(store.num_shards) if k not in missing])
+        if context.is_main:
+            for problem in itertools.chain.from_iterable(damaged.values()):
+                log.warning("%s cache: %s; extracting its shard again", kind, problem)
+        todo = sorted([*missing, *damaged])
+        if all_ranks_agree(not todo, context):
+            log.info("%s cache hit: %s (%d images, written by another run meanwhile)", kind, directory,
+                     len(image_ids))
+            return store
+        if len(todo) < store.num_shards:
+            log.info("%s cache: resuming, %d of %d shards to extract", kind, len(todo), store.num_shards)
+        barrier(context)  # every rank has listed the same shards before any is written
+        extract_into_store(make_extractor(), paths, image_ids, views, store, todo[context.rank::context.world_size],
+                           batch_size, workers, _processes(workers), description, context.is_main)
+        barrier(context)
+        if context.distributed:
+            if context.is_main:
+                store.adopt([k for i, k in enumerate(todo) if i % context.world_size])
+            barrier(context)
+            if not context.is_main:  # the digests rank 0 recorded
+                store = ShardedStore.open(directory, key) or store
+        if any(not store.shard_complete(shard) for shard in todo):
+            raise CheckpointError(f"{directory}: shards written by other ranks are missing; under torchrun on "
+                                  "several machines --weights-dir must be on a shared file system")
     log.info("%s cache written: %s (%.1f MB)", kind, directory, store.disk_bytes() / 1e6)
     return store
 

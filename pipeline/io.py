@@ -1,7 +1,8 @@
 """File I/O every stage shares: atomic writes, JSON, safe torch loads and file digests.
 
 Every file this project writes goes through :func:`atomic_write`, so a run killed
-mid-write leaves the previous file intact instead of a truncated one.
+mid-write leaves the previous file intact instead of a truncated one. The temporary file
+such a run leaves behind is removed by the next successful write of the same file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,13 +30,41 @@ class CheckpointError(ValueError):
     """A checkpoint that is unreadable, unsafe, or does not fit the run; names the file."""
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine exists (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` (``.NAME.PID@HOST.XXXX.tmp``) whose writer ran
+    on this machine and is no longer running: a killed run's leftovers. A live writer's
+    file is kept, and so is one from another machine, whose processes this one cannot see."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)@(.+)\.[^.]+\.tmp")
+    host = socket.gethostname()
+    for candidate in path.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match and match[2] == host and not _pid_alive(int(match[1])):
+            candidate.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def _replacing(path: str | Path) -> Iterator[Path]:
+def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed over it when the block completes and
-    removed when it fails: the rename is atomic, so ``path`` is never half-written."""
+    removed when it fails: the rename is atomic, so ``path`` is never half-written.
+
+    The temporary name holds the writer's pid and host, so once the rename is done the
+    leftovers of earlier writers of ``path`` that were killed can be told from those still
+    being written (``clean``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{socket.gethostname()}.",
+                                    suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -41,16 +72,20 @@ def _replacing(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if clean:
+        _remove_stale_temporaries(path)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> None:
     """Run ``write`` on a temporary file beside ``path``, then rename it over ``path``.
 
     ``durable`` also flushes the file to disk before the rename, so a power cut cannot
-    leave an empty file under the final name; bulk writers of files that are cheap to
-    regenerate (the demo images) skip it.
+    leave an empty file under the final name, and then removes the temporary files an
+    earlier, killed writer of ``path`` left. Bulk writers of files that are cheap to
+    regenerate (the demo images) skip both: listing a folder of thousands of files after
+    each one would cost more than writing it, and they clear their own folder.
     """
-    with _replacing(path) as tmp:
+    with _replacing(path, clean=durable) as tmp:
         write(tmp)
         if durable:
             with open(tmp, "rb") as handle:
