@@ -28,28 +28,32 @@ from pipeline.models.backbones import (
 from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 
-def test_bundled_lite0_names_real_photos():
-    """china.jpg -> 698 'palace', flower.jpg -> 985 'daisy' with mean/std 0.5 inputs.
+@pytest.mark.parametrize("name, tensors, classes", [
+    ("tf_efficientnet_lite0", 296, [698, 985]),  # palace, daisy
+    ("tf_efficientnet_lite2", 386, [698, 599]),  # palace, honeycomb (the flower's disc florets, close up)
+])
+def test_bundled_weights_name_real_photos(name, tensors, classes):
+    """sklearn's china.jpg and flower.jpg, with mean/std 0.5 inputs.
 
-    Uses timm's own evaluation transform for this model (resize 256, centre crop 224): the
+    Uses timm's own evaluation transform for each model (resize, centre crop at its own size): the
     check is of the weights, as the original model would be run.
     """
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    state = torch.load(bundled_weights_path(), map_location="cpu", weights_only=True)
-    assert len(state) == 296
+    model = timm.create_model(name, pretrained=False).eval()
+    state = torch.load(bundled_weights_path(name), map_location="cpu", weights_only=True)
+    assert len(state) == tensors
     load_by_position(model, state, "bundled")
     config = timm.data.resolve_data_config({}, model=model)
     assert config["mean"] == (0.5, 0.5, 0.5) and config["std"] == (0.5, 0.5, 0.5)
     transform = timm.data.create_transform(**config)
     images = torch.stack([transform(Image.fromarray(a)) for a in load_sample_images().images])
     with torch.inference_mode():
-        assert model(images).argmax(dim=1).tolist() == [698, 985]
+        assert model(images).argmax(dim=1).tolist() == classes
 
 
 def test_default_backbone_uses_bundled_weights_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        backbone = create_backbone()
+        backbone = create_backbone()  # Lite2, the default
     assert backbone.weights == "bundled" and backbone.feature_dim == 1280
     assert backbone.preprocessing["mean"] == [0.5, 0.5, 0.5]
     with torch.inference_mode():

