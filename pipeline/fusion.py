@@ -27,9 +27,7 @@ log = logging.getLogger(__name__)
 FUSION_VERSION = 1
 # Per-label thresholds move from the global one toward their own optimum in proportion to
 # n_pos / (n_pos + SHRINK_POSITIVES): a label with few validation positives stays near global.
-# A label's own optimum on one split overfits it, so even a label with 100 positives moves only
-# half way (chosen by cross-validation on two training seeds: docs/recipe.md).
-SHRINK_POSITIVES = 100.0
+SHRINK_POSITIVES = 30.0
 
 
 class FusionError(ValueError):
