@@ -30,6 +30,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is unreadable, unsafe, or does not fit the run; names the file."""
 
 
+def writer_id() -> str:
+    """``PID@HOST``: names a temporary file for the process writing it, so leftovers of a
+    killed writer can be told from files still being written."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this machine exists (signal 0 checks without sending)."""
     try:
@@ -63,7 +69,7 @@ def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     being written (``clean``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{socket.gethostname()}.",
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_id()}.",
                                     suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)

@@ -33,14 +33,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import write_json
+from pipeline.io import write_json, writer_id
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +71,6 @@ def _content_digest(fd: int) -> str:
     return digest.hexdigest()
 
 
-def _writer_id() -> str:
-    return f"{os.getpid()}@{socket.gethostname()}"
-
-
 @contextlib.contextmanager
 def write_lock(directory: Path) -> Iterator[None]:
     """Hold the write lock of the store in ``directory`` (created if need be), waiting, and
@@ -101,7 +96,7 @@ def write_lock(directory: Path) -> Iterator[None]:
                         err.strerror)
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {_writer_id()}\n")
+        handle.write(f"pid {writer_id()}\n")
         handle.flush()
         try:
             yield
@@ -296,7 +291,7 @@ class ShardedStore:
         error. Partial files carry the writer's pid and host, so no process ever renames
         another's."""
         rows = len(self.shard_range(shard))
-        partial = {name: self.directory / f".{self.path(name, shard).name}.{_writer_id()}.partial"
+        partial = {name: self.directory / f".{self.path(name, shard).name}.{writer_id()}.partial"
                    for name in self.fields}
         arrays = {name: np.lib.format.open_memmap(partial[name], mode="w+", dtype=np.dtype(spec.dtype),
                                                   shape=(rows, *spec.shape))

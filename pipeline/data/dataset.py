@@ -87,12 +87,7 @@ def _split_records(lines: list[str], width: int) -> list[tuple[int, str]]:
 def _quoted_end(lines: list[str], start: int, width: int) -> int | None:
     """The end (exclusive) of the record opened on ``lines[start]`` when its quoted field is
     well formed CSV; None when it is not (the competition's unescaped inner quotes)."""
-    end, open_quote = start + 1, True
-    # The field closes on the next line with an odd number of quotes: inner quotes of a
-    # valid field come in pairs (""). Each search stops there, so a file costs one pass.
-    while end < len(lines) and open_quote:
-        open_quote = (lines[end].count('"') % 2 == 1) != open_quote
-        end += 1
+    end, open_quote = _close_quote(lines, start, stop_at_record_start=False)
     if open_quote:
         return None
     try:
@@ -105,11 +100,18 @@ def _quoted_end(lines: list[str], start: int, width: int) -> int | None:
 def _open_end(lines: list[str], start: int) -> int:
     """The end (exclusive) of a record whose quotes are not valid CSV: it goes on while its
     quotes are unbalanced, up to the next line that looks like the start of a record."""
+    return _close_quote(lines, start, stop_at_record_start=True)[0]
+
+
+def _close_quote(lines: list[str], start: int, stop_at_record_start: bool) -> tuple[int, bool]:
+    """(end, still open) of the quote opened on ``lines[start]``: it closes on the next line with
+    an odd number of quotes, since inner quotes of a valid field come in pairs (""). Each
+    search stops there, so a file costs one pass."""
     end, open_quote = start + 1, True
-    while end < len(lines) and open_quote and not _RECORD_START.match(lines[end]):
+    while end < len(lines) and open_quote and not (stop_at_record_start and _RECORD_START.match(lines[end])):
         open_quote = (lines[end].count('"') % 2 == 1) != open_quote
         end += 1
-    return end
+    return end, open_quote
 
 
 def _parse_record(text: str, header: list[str]) -> list[str] | None:
