@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from pipeline.engine.distributed import DistContext, mean_across_ranks, unwrap
+from pipeline.engine.history import EpochHistory
 from pipeline.engine.resume import ResumeState
 
 # A step's loss from (model, batch); batches are tuples of tensors already on the device.
@@ -244,7 +246,8 @@ class EpochScore:
 
 def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Callable[[int], EpochScore],
         scored: nn.Module, resume: ResumeState, resumable: dict[str, Any], patience: int | None = None,
-        context: DistContext = DistContext(), epoch_bar: bool = False) -> dict[str, Any]:
+        context: DistContext = DistContext(), epoch_bar: bool = False,
+        history: EpochHistory | None = None) -> dict[str, Any]:
     """Train for ``epochs`` epochs and keep the best: the one shared epoch loop of every branch.
 
     Each epoch runs ``train_epoch(epoch) -> mean loss``, then ``score(epoch)``; the weights
@@ -252,17 +255,26 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
     ``scored`` at the end. ``patience`` stops after that many epochs without a better
     score. After every epoch the ``resumable`` states (model, optimizer, scheduler, ...)
     and the best so far are saved through ``resume``, so ``--resume`` continues an
-    interrupted run with the result of an uninterrupted one.
+    interrupted run with the result of an uninterrupted one. ``history`` gets a row per
+    epoch: the loss, the score, the learning rate of ``resumable["optimizer"]``'s first
+    parameter group at the epoch's first update, and the epoch's seconds.
 
     Returns ``{"epoch": best epoch, "score": its value, **its kept values}``. Every rank
     must compute the same scores, so all keep the same epoch.
     """
     first, best = resume.begin(resumable, None, epochs)
+    if history is not None:
+        history.begin(first)
+    optimizer = resumable.get("optimizer")
     say = tqdm.write if context.is_main else (lambda _: None)
     epoch_range = range(first, epochs + 1)
     for epoch in tqdm(epoch_range, desc=name, unit="epoch", disable=not (epoch_bar and context.is_main)):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
         loss = train_epoch(epoch)
         result = score(epoch)
+        if history is not None:
+            history.record(epoch, loss, result.value, lr, time.perf_counter() - started)
         improved = best is None or result.value is None or result.value > best["score"]
         if improved:
             best = {"epoch": epoch, "score": result.value, **result.kept,

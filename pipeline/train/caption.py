@@ -45,6 +45,7 @@ from pipeline.data.dataset import (
 )
 from pipeline.data.text import Vocabulary, load_word_vectors
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
+from pipeline.engine.history import EpochHistory, history_path, plot_histories, start_history
 from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
@@ -158,7 +159,8 @@ class _CaptionBatches:
 
 def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded, val: _Encoded,
                 vocab_size: int, embeddings: torch.Tensor | None, device: torch.device,
-                context: DistContext = DistContext(), state: ResumeState | None = None) -> dict:
+                context: DistContext = DistContext(), state: ResumeState | None = None,
+                history: EpochHistory | None = None) -> dict:
     """Train one model from ``seed``; keep its epoch with the best validation score.
 
     Under torchrun DistributedDataParallel averages the ranks' gradients; every rank scores
@@ -190,7 +192,7 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
 
     best = fit(tag, config.epochs, train_epoch, score, model, state or ResumeState.off(),
                {"model": model, "optimizer": optimizer, "scheduler": scheduler, "shuffle": GeneratorState(shuffle)},
-               patience=config.patience, context=context)
+               patience=config.patience, context=context, history=history)
     best["state"] = model.state_dict()
     return best
 
@@ -226,12 +228,13 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
 
     resume_dir = start_run(config.weights_dir, "caption", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv))
+    history = start_history(history_path(config.weights_dir, BRANCH), config.resume, context)
     members = []
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
         state = ResumeState(resume_dir, f"member{i}", digest, config.resume, context)
         members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, device,
-                                   context, state))
+                                   context, state, history.for_stage(BRANCH, i)))
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set))
     for model, member in zip(ensemble, members):
@@ -255,6 +258,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         )
         save_probabilities(probs_file, val.groups.images[ID_COLUMN].tolist(), label_set.ids, val_probs)
         save_config(config, config_file)
+        plot_histories(weights_dir)
     barrier(context)
     finish_run(resume_dir, context)
     return {

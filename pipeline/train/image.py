@@ -31,6 +31,7 @@ from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkp
 from pipeline.config import save_config
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
+from pipeline.engine.history import history_path, plot_histories, start_history
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.openvino_runtime import resolve_runtime
 from pipeline.engine.runtime import (
@@ -126,6 +127,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # starts takes a seed), so a cache hit and a cache miss train the same model.
     seed_everything(config.seed)
     resume_dir = start_run(weights_dir, "image", config.resume, context)
+    history = start_history(history_path(weights_dir, "image"), config.resume, context)
     inputs_digest = {"features": features.digest} if mode == "frozen" else {}
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv), **inputs_digest)
     training_start, training_start_unix = time.perf_counter(), time.time()
@@ -138,14 +140,14 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         with cpu_threads(config.head_threads if device.type == "cpu" else 0):
             fitted = fit_frozen_heads(config, FeatureRows(features, train_rows, torch.from_numpy(y_train), norm),
                                       FeatureRows(features, val_rows, torch.from_numpy(y_val), norm), y_val,
-                                      device, context, resume_dir, digest)
+                                      device, context, resume_dir, digest, history)
     else:
         inputs = (map_inputs(maps, trunk, train_rows, val_rows, y_train, y_val, context, device, config.batch_size,
                              config.seed, config.workers) if stage else
                   image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
                                val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers))
         fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
-                             context, ResumeState(resume_dir, mode, digest, config.resume, context))
+                             context, ResumeState(resume_dir, mode, digest, config.resume, context), history)
     training_seconds = time.perf_counter() - training_start
 
     # Validation probabilities for fusion, computed exactly as inference computes them
@@ -198,6 +200,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         save_image_branch(config, labels.ids, val_ids, record, backbone.preprocessing, fitted,
                           val_probs["image"], val_probs["decoder"])
         write_json(weights_dir / "image_summary.json", summary)
+        plot_histories(weights_dir)
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     barrier(context)  # the other ranks return once the files exist
     finish_run(resume_dir, context)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.branches.image import ImageHeads
 from pipeline.engine.distributed import DistContext, broadcast_state, gather_shards, wrap_model
+from pipeline.engine.history import EpochHistory
 from pipeline.engine.loop import (
     EpochScore,
     ModelEma,
@@ -100,7 +101,7 @@ def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndar
 
 def _fit_on_features(config: ImageTrainConfig, name: str, module: nn.Module, step_loss, train: FeatureRows,
                      epochs: int, score: Callable[[int], EpochScore], device: torch.device, context: DistContext,
-                     state: ResumeState, clock: list[_EpochClock]) -> dict:
+                     state: ResumeState, clock: list[_EpochClock], history: EpochHistory) -> dict:
     """Train ``module`` on cached features with AdamW and warmup + cosine for ``epochs``,
     keeping the epoch ``score`` rates best (the image head's and the decoder's recipe)."""
     step = wrap_model(TrainStep(module, step_loss), context)
@@ -112,12 +113,15 @@ def _fit_on_features(config: ImageTrainConfig, name: str, module: nn.Module, ste
                                                             progress=False, context=context), len(train))
     clock.append(train_epoch)
     return fit(name, epochs, train_epoch, score, module, state,
-               {"model": module, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True)
+               {"model": module, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True,
+               history=history)
 
 
 def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
-                     device: torch.device, context: DistContext, resume_dir: Path | None, digest: str) -> FittedHeads:
-    """The image head, then the label decoder, on cached features; each keeps its best epoch.
+                     device: torch.device, context: DistContext, resume_dir: Path | None, digest: str,
+                     history: EpochHistory) -> FittedHeads:
+    """The image head, then the label decoder, on cached features; each keeps its best epoch
+    (``history`` gets their rows as stages ``head`` and ``decoder``).
 
     Every rank scores the whole (small) validation split, so all ranks pick the same epoch.
     """
@@ -132,7 +136,8 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
 
     head_best = _fit_on_features(config, "image head", head, lambda m, b: loss_fn(m(b[0]), b[1]), train,
                                  config.epochs, score_head, device, context,
-                                 ResumeState(resume_dir, "image_head", digest, config.resume, context), clocks)
+                                 ResumeState(resume_dir, "image_head", digest, config.resume, context), clocks,
+                                 history.for_stage("head"))
 
     order = LabelOrder.from_train(train.targets.numpy(), config.label_order)
     decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
@@ -147,7 +152,8 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
 
     decoder_best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank), train,
                                     config.decoder_epochs, score_decoder, device, context,
-                                    ResumeState(resume_dir, "decoder", digest, config.resume, context), clocks)
+                                    ResumeState(resume_dir, "decoder", digest, config.resume, context), clocks,
+                                    history.for_stage("decoder"))
     return FittedHeads(head, decoder, order, train.norm, head_best["epoch"],
                        head_best["score"], decoder_best["epoch"], config.lr,
                        sum(c.images for c in clocks), sum(c.seconds for c in clocks))
@@ -208,8 +214,9 @@ def _head_probabilities(model: ImageModel, loader: DataLoader, prepare: Callable
 
 def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, feature_dim: int, y_train: np.ndarray,
                 y_val: np.ndarray, device: torch.device, train_precision: str, context: DistContext,
-                state: ResumeState) -> FittedHeads:
-    """Train the trunk, head and decoder together; keep the EMA weights of the best epoch.
+                state: ResumeState, history: EpochHistory) -> FittedHeads:
+    """Train the trunk, head and decoder together; keep the EMA weights of the best epoch
+    (``history`` gets its rows as stage ``joint``).
 
     Under torchrun the model is wrapped in DistributedDataParallel (``--sync-bn`` for global
     batch-norm statistics). Each rank trains on its share of every global batch and scores
@@ -249,7 +256,7 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
 
     best = fit(mode, epochs, train_epoch, score, ema.module, state,
                {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
-               context=context)
+               context=context, history=history.for_stage("joint"))
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
     broadcast_state(model, context)  # the ranks' batch-norm statistics differ; rank 0's are saved

@@ -1,0 +1,165 @@
+"""Training history: ``WEIGHTS/history_<branch>.csv``, a row per epoch, and the curves drawn from it.
+
+Columns ``stage,member,epoch,train_loss,val_score,lr,seconds``: ``stage`` is the loop
+(``head``, ``decoder`` or ``joint`` for the image branch, ``caption`` for the caption
+models), ``member`` the caption ensemble member (empty where there is none), ``val_score``
+the score the loop keeps its best epoch by (empty without a validation split), ``lr`` the
+first parameter group's learning rate at the epoch's first update (the backbone's, in joint
+training) and ``seconds`` the epoch's training and scoring time.
+
+Each row is appended and flushed to disk as its epoch ends, so a killed run leaves every
+epoch it completed. ``--resume`` keeps the file; each loop first drops its own rows from the
+epoch it restarts at (an epoch recorded but not saved for resuming runs again), so the file
+ends with one row per epoch, as an uninterrupted run's does. Rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.engine.distributed import DistContext
+from pipeline.io import atomic_write_bytes, atomic_write_text
+
+COLUMNS = ("stage", "member", "epoch", "train_loss", "val_score", "lr", "seconds")
+CURVES_FILE = "training_curves.png"
+
+
+def history_path(weights_dir: str | Path, branch: str) -> Path:
+    """Where ``branch``'s history goes: ``WEIGHTS/history_<branch>.csv``."""
+    return Path(weights_dir) / f"history_{branch}.csv"
+
+
+def _csv_text(rows: list[list[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    """The data rows of a history file, after checking its header."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or tuple(rows[0]) != COLUMNS:
+        found = ",".join(rows[0]) if rows else "an empty file"
+        raise ValueError(f"{path}:1: not a training history (header {found!r}, expected {','.join(COLUMNS)!r}); "
+                         "move it away or train without --resume")
+    return rows[1:]
+
+
+@dataclass(frozen=True)
+class EpochHistory:
+    """The writer of one history file; :meth:`for_stage` gives the writer of one loop's rows."""
+
+    path: Path
+    context: DistContext = DistContext()
+    stage: str = ""
+    member: int | None = None
+
+    def for_stage(self, stage: str, member: int | None = None) -> EpochHistory:
+        """The same file, writing ``stage``'s rows (of ensemble ``member``)."""
+        return replace(self, stage=stage, member=member)
+
+    def _key(self) -> tuple[str, str]:
+        return self.stage, "" if self.member is None else str(self.member)
+
+    def begin(self, first_epoch: int) -> None:
+        """Drop this loop's rows from ``first_epoch`` on: a resumed loop records them again."""
+        if not self.context.is_main:
+            return
+        rows = _read_rows(self.path)
+        kept = [row for row in rows if not ((row[0], row[1]) == self._key() and int(row[2]) >= first_epoch)]
+        if len(kept) != len(rows):
+            atomic_write_text(self.path, _csv_text([list(COLUMNS), *kept]))
+
+    def record(self, epoch: int, train_loss: float, val_score: float | None, lr: float | None,
+               seconds: float) -> None:
+        """Append one epoch's row and flush it to disk."""
+        if not self.context.is_main:
+            return
+        row = [*self._key(), str(epoch), repr(float(train_loss)),
+               "" if val_score is None else repr(float(val_score)), "" if lr is None else repr(float(lr)),
+               f"{seconds:.3f}"]
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            handle.write(_csv_text([row]))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def start_history(path: str | Path, resume: bool, context: DistContext = DistContext()) -> EpochHistory:
+    """The history writer of a training run: a fresh run starts the file over; ``resume``
+    keeps the rows an interrupted run left (checking the file is a history)."""
+    path = Path(path)
+    if context.is_main:
+        if resume and path.is_file():
+            _read_rows(path)
+        else:
+            atomic_write_text(path, _csv_text([list(COLUMNS)]))
+    return EpochHistory(path, context)
+
+
+def read_history(path: str | Path) -> pd.DataFrame:
+    """A history file as a frame: ``member`` nullable integers, empty scores NaN."""
+    path = Path(path)
+    rows = _read_rows(path)
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    frame["member"] = pd.array([int(v) if v else None for v in frame["member"]], dtype="Int64")
+    frame["epoch"] = frame["epoch"].astype(int)
+    for column in ("train_loss", "val_score", "lr", "seconds"):
+        frame[column] = pd.to_numeric(frame[column].replace("", np.nan), errors="raise").astype(float)
+    return frame
+
+
+def plot_histories(weights_dir: str | Path) -> Path | None:
+    """Draw every ``history_<branch>.csv`` in ``weights_dir`` into ``training_curves.png``:
+    one panel per branch and stage, train loss (solid, left axis) and validation score
+    (dashed, right axis) against the epoch, a line per ensemble member. None when there
+    is no history."""
+    weights_dir = Path(weights_dir)
+    panels = []
+    for path in sorted(weights_dir.glob("history_*.csv")):
+        frame = read_history(path)
+        branch = path.stem.removeprefix("history_")
+        panels.extend((f"{branch}: {stage}", part) for stage, part in frame.groupby("stage", sort=False))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
+    for ax, (title, part) in zip(axes.flat, panels):
+        score_ax = ax.twinx()
+        members = part.groupby("member", sort=True, dropna=False)
+        for color, (member, lines) in enumerate(members):
+            lines = lines.sort_values("epoch")
+            ax.plot(lines["epoch"], lines["train_loss"], "-o", color=f"C{color}", ms=3,
+                    label=None if pd.isna(member) else f"member {member}")
+            score_ax.plot(lines["epoch"], lines["val_score"], "--s", color=f"C{color}", ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train loss (solid)")
+        score_ax.set_ylabel("val score (dashed)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(members) > 1:
+            ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    plt.close(fig)
+    out = weights_dir / CURVES_FILE
+    atomic_write_bytes(out, image.getvalue())
+    return out
