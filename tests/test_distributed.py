@@ -18,6 +18,7 @@ import train_efficientnet
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data.dataset import DatasetPaths, load_train_val
 from pipeline.engine.distributed import DistContext, gather_shards
+from pipeline.engine.history import read_history
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,8 @@ def test_partial_fine_tuning_under_two_gloo_processes_writes_a_usable_branch(eve
                                         "--train-from-stage", "3", "--finetune-epochs", "2"])
     summary = json.loads((weights / "image_summary.json").read_text())
     assert summary["processes"] == 2 and summary["mode"] == "partial"
+    history = read_history(weights / "history_image.csv")  # rank 0 alone writes: one row per epoch
+    assert list(zip(history["stage"], history["epoch"])) == [("joint", 1), ("joint", 2)]
     maps = list((weights / "cache").glob("stagemaps-*"))
     assert len(maps) == 1 and (maps[0] / "manifest.json").is_file() and not list(maps[0].glob(".*partial"))
     result = inference.main(["--data", str(even_dataset), "--weights", str(weights), "--output", str(tmp_path / "o"),

@@ -13,6 +13,7 @@ import train_efficientnet
 from pipeline.checkpoint import load_checkpoint, load_probabilities
 from pipeline.data.dataset import validation_mask
 from pipeline.data.images import ImageReadError
+from pipeline.engine.history import read_history
 from pipeline.engine.loop import NonFiniteLossError, TrainStep, train_one_epoch
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import create_backbone
@@ -137,6 +138,12 @@ def test_finetune_mode_trains_end_to_end_and_saves_the_backbone(tiny_dataset, tm
     assert "conv_stem.weight" in "".join(image["backbone"]["state_dict"])
     probs = load_probabilities(weights / "val_probs_decoder.csv")[2]
     assert np.isfinite(probs).all()
+    history = read_history(weights / "history_image.csv")  # one stage: trunk, head and decoder together
+    assert history["stage"].tolist() == ["joint", "joint"] and history["epoch"].tolist() == [1, 2]
+    assert history["val_score"].iloc[-1] == pytest.approx(summary["image_val_samples_f1_in_training"])
+    # The backbone's rate at each epoch's first update (2 updates an epoch, a one-update warm-up):
+    # the peak, then the cosine one third of the way through its 3 updates.
+    assert history["lr"].tolist() == pytest.approx([summary["lr"], 0.75 * summary["lr"]])
 
 
 def test_out_of_memory_during_training_suggests_a_smaller_batch(tiny_dataset, tmp_path, monkeypatch):
