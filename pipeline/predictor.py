@@ -111,8 +111,12 @@ class Predictor:
 
             settings = resolve_fusion(config, list(branches), labels, self.weights_dir, validation)
             # Which files and cache a call reads are set per call; the models are built here, once.
-            predictor = BranchPredictor(checkpoints, GivenFiles.of([]), None, self.device, config.batch_size, 0,
-                                        config.runtime, model_cache=self.weights_dir / "cache")
+            # A backbone without stored or pretrained weights starts from the seed, as in the
+            # scripts, so every set of branches sees the same one; the caller's state is kept.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                predictor = BranchPredictor(checkpoints, GivenFiles.of([]), None, self.device, config.batch_size,
+                                            0, config.runtime, model_cache=self.weights_dir / "cache")
             self._prepared[branches] = (predictor, settings, labels)
         return self._prepared[branches]
 
