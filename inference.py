@@ -17,6 +17,7 @@ import sys
 
 from pipeline.config import build_parser, parse_config, run_main
 from pipeline.inference import InferenceConfig, run_inference
+from pipeline.predictor import predict_files
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_inference(parse_config(InferenceConfig, get_args_parser(), argv))
+    config = parse_config(InferenceConfig, get_args_parser(), argv)
+    return predict_files(config) if config.image is not None else run_inference(config)
 
 
 if __name__ == "__main__":

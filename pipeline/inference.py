@@ -1,5 +1,5 @@
-"""Inference: every branch's probabilities, their fusion, the submission, the evaluation report,
-and predictions for image files named on the command line."""
+"""Inference: every branch's probabilities, their fusion, the submission and the evaluation report
+(``--image`` files are predicted by ``pipeline.predictor``, built on these pieces)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from pipeline.data.dataset import (
     LABELS_COLUMN,
     DataFormatError,
     DatasetPaths,
-    GivenFiles,
     LabelSet,
     check_known_labels,
     dataset_info,
@@ -41,7 +40,6 @@ from pipeline.data.dataset import (
     load_train_val,
     read_prediction_csv,
 )
-from pipeline.data.images import ImageReadError
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
 from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
@@ -56,7 +54,6 @@ from pipeline.fusion import (
     tune_fusion,
 )
 from pipeline.io import CheckpointError, OptionError, atomic_text_writer, atomic_write_text, write_json
-from pipeline.labels import label_name
 
 log = logging.getLogger(__name__)
 
@@ -494,13 +491,11 @@ def _list_unreadable(image_ids: list[str], output_dir: Path) -> None:
 
 
 def run_inference(config: InferenceConfig) -> dict:
-    """Predict test.csv (or the ``--image`` files) with the fused branches; optionally evaluate.
-    Returns a summary."""
+    """Predict test.csv (or ``--test-csv``) with the fused branches; optionally evaluate.
+    Returns a summary. (``--image`` runs ``pipeline.predictor.predict_files`` instead.)"""
     config.validate()
     reuse_freed_memory()
     with oom_hint(config.batch_size):
-        if config.image is not None:
-            return predict_images(config)
         with distributed_session(resolve_device(config.device)) as (context, device):
             return _run_inference(config, device, context)
 
@@ -589,87 +584,3 @@ def recorded_label_names(data: str | Path) -> dict[str, str]:
     """The label names ``dataset.json`` records for the dataset's train.csv ({} without one)."""
     train_csv = Path(data) / "train.csv"
     return dict(dataset_info(train_csv).get("labels", {})) if train_csv.is_file() else {}
-
-
-def predict_images(config: InferenceConfig) -> dict:
-    """Labels of the ``--image`` files (with their ``--caption``), from the trained branches and
-    the tuned fusion; printed as a table or JSON and written to OUTPUT/predictions.json.
-
-    A missing or unreadable image is predicted from its caption alone, as in batch inference.
-    """
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    files, captions = list(config.image), config.caption
-    if captions is not None and len(captions) != len(files):
-        raise OptionError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s); "
-                         "give one caption per image, in the same order")
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    weights_dir = Path(config.weights_dir)
-    missing = {} if captions is not None else {"caption": "no --caption given"}
-    branches = choose_branches(weights_dir, parse_branch_list(config.branches), missing)
-    checkpoints = load_branch_checkpoints(weights_dir, branches)
-    branches = list(checkpoints)
-    labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
-
-    def validation() -> tuple[LabelSet, np.ndarray | None, dict[str, np.ndarray] | None]:
-        paths = DatasetPaths.resolve(config.data, config.images)
-        data_labels, _, val = load_train_val(paths, config.val_fraction)
-        check_dataset_labels(paths.train_csv, data_labels, labels, weights_dir)
-        return _validation_split(weights_dir, branches, labels, data_labels, val)
-
-    settings = resolve_fusion(config, branches, labels, weights_dir, validation)
-    paths = GivenFiles.of(files)
-    frame = pd.DataFrame({ID_COLUMN: paths.image_ids, CAPTION_COLUMN: captions or [""] * len(files)})
-    # A few files decode faster in this process than worker processes start.
-    workers = config.workers if len(files) > config.batch_size else 0
-    # No feature cache for a few files, but OpenVINO keeps its converted model with the weights.
-    predictor = BranchPredictor(checkpoints, paths, None, device, config.batch_size, workers, config.runtime,
-                                model_cache=weights_dir / "cache")
-    probs = predictor.probabilities(frame, description="images")
-    unreadable = {int(image_id) for image_id in predictor.unreadable}
-    if unreadable and captions is None:
-        raise ImageReadError.listing([paths.files[k] for k in sorted(unreadable)],
-                                     "\ngive a --caption per image to predict them from their captions")
-    fused = settings.probabilities(probs)
-    predicted = settings.predict(probs)
-    names = recorded_label_names(config.data)
-    records = []
-    for k, file in enumerate(files):
-        records.append({
-            "image": str(file),
-            "caption": captions[k] if captions is not None else None,
-            "image_readable": k not in unreadable,
-            "labels": [{"id": i, "name": label_name(i, names)} for i in labels.decode(predicted[k:k + 1])[0]],
-            "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[k])},
-            "branches": {b: {str(i): None if np.isnan(p) else round(float(p), 4) for i, p in zip(labels.ids, probs[b][k])}
-                         for b in branches},
-            "thresholds": {str(i): round(float(th), 4) for i, th in zip(labels.ids, settings.thresholds())},
-        })
-    output = Path(config.output) / "predictions.json"
-    write_json(output, records)
-    print(json.dumps(records, indent=2) if config.format == "json" else format_predictions(records, labels, names))
-    return {"predictions": records, "output": str(output), "branches": branches}
-
-
-def format_predictions(records: list[dict], labels: LabelSet, names: dict[str, str]) -> str:
-    """A readable table per image: every label's probability from each branch and fused, the
-    predicted labels starred."""
-    blocks = []
-    for record in records:
-        branches = list(record["branches"])
-        chosen = {label["id"] for label in record["labels"]}
-        title = record["image"] + ("" if record["image_readable"] else "  (missing or unreadable: predicted from the caption)")
-        lines = [title]
-        if record["caption"] is not None:
-            lines.append(f"  caption: {record['caption']!r}")
-        lines.append("  labels:  " + ", ".join(f"{label['id']} {label['name']}" for label in record["labels"]))
-        width = max(len(label_name(i, names)) for i in labels.ids)
-        lines.append(f"  {'id':>3}  {'label':<{width}}  " + "  ".join(f"{b:>7}" for b in [*branches, "fused"])
-                     + "  threshold")
-        for i in labels.ids:
-            cells = [record["branches"][b][str(i)] for b in branches] + [record["fused"][str(i)]]
-            row = "  ".join("      -" if p is None else f"{p:7.3f}" for p in cells)
-            star = "  *" if i in chosen else ""
-            lines.append(f"  {i:>3}  {label_name(i, names):<{width}}  {row}  {record['thresholds'][str(i)]:9.2f}{star}")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)

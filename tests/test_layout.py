@@ -37,7 +37,8 @@ FLOORS = {
     "config": 3, "features": 3, "report": 3,                                # settings, cached features, pages
     "branches": 4,                                                          # what training and inference share
     "train": 5, "inference": 5,
-    "tools": 6,
+    "predictor": 6,                                                         # the Python API, on inference
+    "tools": 7,
 }
 
 

@@ -1,0 +1,246 @@
+"""The Python API: trained weights loaded once, then labels for images (paths or PIL images) with
+their captions, or for a CSV of images; ``inference.py --image`` is built on it, so the two
+give the same records.
+
+    from pipeline import Predictor
+
+    predictor = Predictor.from_weights("weights", device="cpu")
+    records = predictor.predict(["photo.jpg"], captions=["a man riding a horse"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline.data.dataset import (
+    CAPTION_COLUMN,
+    ID_COLUMN,
+    DatasetPaths,
+    GivenFiles,
+    LabelSet,
+    load_train_val,
+    read_prediction_csv,
+)
+from pipeline.data.images import ImageReadError
+from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.fusion import FusionSettings
+from pipeline.inference import (
+    BranchPredictor,
+    InferenceConfig,
+    _validation_split,
+    check_dataset_labels,
+    choose_branches,
+    load_branch_checkpoints,
+    missing_inputs,
+    parse_branch_list,
+    predict_in_chunks,
+    recorded_label_names,
+    resolve_fusion,
+)
+from pipeline.io import OptionError, write_json
+from pipeline.labels import label_name
+
+log = logging.getLogger(__name__)
+
+# InferenceConfig fields that only the command line acts on: which files to predict, how to print
+# them, where to write reports. The Predictor takes those as arguments of its methods.
+COMMAND_LINE_ONLY = ("image", "caption", "format", "evaluate", "eval_csv", "test_csv", "output")
+
+ImageInput = str | Path | Image.Image
+
+
+class Predictor:
+    """The trained branches of a weights folder and their tuned fusion, ready to predict.
+
+    The checkpoints are read once; each set of branches (with captions: every trained branch;
+    without: the image branches) rebuilds its models and resolves its fusion settings once,
+    on first use, exactly as ``inference.py`` does.
+    """
+
+    def __init__(self, config: InferenceConfig, device: torch.device) -> None:
+        config.validate()
+        self.config, self.device = config, device
+        self.weights_dir = Path(config.weights_dir)
+        self.requested = parse_branch_list(config.branches)
+        self.names = recorded_label_names(config.data)
+        self._prepared: dict[tuple[str, ...], tuple[BranchPredictor, FusionSettings, LabelSet]] = {}
+
+    @classmethod
+    def from_weights(cls, weights_dir: str | Path = "weights", device: str = "auto",
+                     **options) -> Predictor:
+        """A predictor over ``weights_dir`` on ``device`` (auto, cpu or cuda). ``options`` are
+        ``inference.py``'s, by field name (``data``, ``branches``, ``fusion_weights``,
+        ``threshold``, ``runtime``, ``batch_size``, ...); ``data`` is the dataset whose
+        ``dataset.json`` names the labels and, when fusion.json is missing, whose validation
+        split tunes it."""
+        given = sorted(set(options) & set(COMMAND_LINE_ONLY))
+        if given:
+            raise TypeError(f"Predictor.from_weights: {', '.join(given)} are inference.py options; "
+                            "pass the images to predict() or predict_csv() instead")
+        config = InferenceConfig(weights_dir=str(weights_dir), device=device, **options)
+        return cls(config, resolve_device(device))
+
+    def _branches(self, missing: dict[str, str]) -> tuple[str, ...]:
+        """The branches of a call: as ``inference.py`` chooses them for inputs lacking ``missing``."""
+        branches = choose_branches(self.weights_dir, self.requested, missing)
+        # None: no checkpoint at all, which loading says with the scripts to run.
+        return tuple(branches or load_branch_checkpoints(self.weights_dir, None))
+
+    def _prepare(self, branches: tuple[str, ...]) -> tuple[BranchPredictor, FusionSettings, LabelSet]:
+        """The branch models, fusion settings and labels of ``branches``, built on first use."""
+        if branches not in self._prepared:
+            config = self.config
+            checkpoints = load_branch_checkpoints(self.weights_dir, list(branches))
+            labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
+
+            def validation() -> tuple[LabelSet, np.ndarray | None, dict[str, np.ndarray] | None]:
+                paths = DatasetPaths.resolve(config.data, config.images)
+                data_labels, _, val = load_train_val(paths, config.val_fraction)
+                check_dataset_labels(paths.train_csv, data_labels, labels, self.weights_dir)
+                return _validation_split(self.weights_dir, list(branches), labels, data_labels, val)
+
+            settings = resolve_fusion(config, list(branches), labels, self.weights_dir, validation)
+            # Which files and cache a call reads are set per call; the models are built here, once.
+            # A backbone without stored or pretrained weights starts from the seed, as in the
+            # scripts, so every set of branches sees the same one; the caller's state is kept.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                predictor = BranchPredictor(checkpoints, GivenFiles.of([]), None, self.device, config.batch_size,
+                                            0, config.runtime, model_cache=self.weights_dir / "cache")
+            self._prepared[branches] = (predictor, settings, labels)
+        return self._prepared[branches]
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], captions: Sequence[str] | None = None) -> list[dict]:
+        """One record per image, in order: its predicted labels with names, every branch's and
+        the fused probability of each label, and the thresholds (the records ``inference.py
+        --image --format json`` prints). ``captions``: one per image, or None to predict from
+        the image branches alone. A missing or unreadable file is predicted from its caption.
+
+        A PIL image is predicted from its pixels as they are; a file is decoded as batch
+        inference decodes it (a large JPEG at reduced scale), so the two can differ slightly.
+        """
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        images = list(images)
+        if captions is not None and (isinstance(captions, str) or len(captions) != len(images)):
+            count = 1 if isinstance(captions, str) else len(captions)
+            raise OptionError(f"captions: {count} caption(s) for {len(images)} image(s); give a list with "
+                              "one caption per image, in the same order")
+        captions = list(captions) if captions is not None else None
+        branches = self._branches({} if captions is not None else {"caption": "no captions given"})
+        predictor, settings, labels = self._prepare(branches)
+        with tempfile.TemporaryDirectory(prefix="predictor-") as folder:
+            # An image in memory goes through the same decoding as a file: saved losslessly first.
+            files = []
+            for k, image in enumerate(images):
+                if isinstance(image, Image.Image):
+                    files.append(Path(folder) / f"{k}.png")
+                    image.save(files[-1], format="PNG")
+                else:
+                    files.append(Path(image))
+            paths = GivenFiles.of(files)
+            frame = pd.DataFrame({ID_COLUMN: paths.image_ids, CAPTION_COLUMN: captions or [""] * len(files)})
+            predictor.paths, predictor.cache_dir = paths, None
+            # A few files decode faster in this process than worker processes start.
+            predictor.workers = self.config.workers if len(files) > self.config.batch_size else 0
+            probs = predictor.probabilities(frame, description="images")
+        unreadable = {int(image_id) for image_id in predictor.unreadable}
+        if unreadable and captions is None:
+            raise ImageReadError.listing([files[k] for k in sorted(unreadable)],
+                                         "\ngive a caption per image to predict them from their captions")
+        fused = settings.probabilities(probs)
+        predicted = settings.predict(probs)
+        thresholds = {str(i): round(float(th), 4) for i, th in zip(labels.ids, settings.thresholds())}
+        records = []
+        for k, image in enumerate(images):
+            records.append({
+                "image": None if isinstance(image, Image.Image) else str(image),
+                "caption": captions[k] if captions is not None else None,
+                "image_readable": k not in unreadable,
+                "labels": [{"id": i, "name": label_name(i, self.names)} for i in labels.decode(predicted[k:k + 1])[0]],
+                "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[k])},
+                "branches": {b: {str(i): None if np.isnan(p) else round(float(p), 4)
+                                 for i, p in zip(labels.ids, probs[b][k])} for b in branches},
+                "thresholds": dict(thresholds),
+            })
+        return records
+
+    def predict_csv(self, csv: str | Path, images_dir: str | Path, submission: str | Path | None = None) -> pd.DataFrame:
+        """The submission (ImageID, Labels: one row per image, in the CSV's order) for the images
+        of ``csv`` (ImageID and, for the caption branch, Caption) in ``images_dir``, predicted a
+        chunk at a time as ``inference.py`` predicts test.csv, through the feature cache in the
+        weights folder. Also written to ``submission`` when given."""
+        csv = Path(csv)
+        frame = read_prediction_csv(csv, captions=False)
+        paths = DatasetPaths(root=csv.parent, images=Path(images_dir))
+        branches = self._branches(missing_inputs(paths, {csv: frame}))
+        predictor, settings, labels = self._prepare(branches)
+        predictor.paths, predictor.cache_dir = paths, self.weights_dir / "cache"
+        predictor.workers = self.config.workers
+        with tempfile.TemporaryDirectory(prefix="predictor-") as folder:
+            target = Path(submission) if submission is not None else Path(folder) / "submission.csv"
+            unreadable = predict_in_chunks(predictor, frame, settings, labels, target, self.config.chunk_size,
+                                           f"{csv.name} features")
+            result = pd.read_csv(target, dtype=str, keep_default_na=False)
+        if unreadable:
+            log.warning("%d images of %s could not be read; their rows use the caption branch alone (e.g. %s)",
+                        len(unreadable), csv, unreadable[0])
+        return result
+
+
+def predict_files(config: InferenceConfig) -> dict:
+    """``inference.py --image``: labels of the files (with their ``--caption``) from the trained
+    branches and the tuned fusion; printed as a table or JSON and written to OUTPUT/predictions.json.
+
+    A missing or unreadable image is predicted from its caption alone, as in batch inference.
+    """
+    config.validate()
+    reuse_freed_memory()
+    with oom_hint(config.batch_size):
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        files, captions = list(config.image), config.caption
+        if captions is not None and len(captions) != len(files):
+            raise OptionError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s); "
+                              "give one caption per image, in the same order")
+        seed_everything(config.seed)
+        predictor = Predictor(config, resolve_device(config.device))
+        records = predictor.predict(files, captions)
+    output = Path(config.output) / "predictions.json"
+    write_json(output, records)
+    print(json.dumps(records, indent=2) if config.format == "json" else format_predictions(records, predictor.names))
+    return {"predictions": records, "output": str(output), "branches": list(records[0]["branches"])}
+
+
+def format_predictions(records: list[dict], names: dict[str, str]) -> str:
+    """A readable table per image: every label's probability from each branch and fused, the
+    predicted labels starred."""
+    blocks = []
+    for k, record in enumerate(records):
+        branches, label_ids = list(record["branches"]), [int(i) for i in record["fused"]]
+        chosen = {label["id"] for label in record["labels"]}
+        image = record["image"] if record["image"] is not None else f"image {k + 1}"
+        title = image + ("" if record["image_readable"] else "  (missing or unreadable: predicted from the caption)")
+        lines = [title]
+        if record["caption"] is not None:
+            lines.append(f"  caption: {record['caption']!r}")
+        lines.append("  labels:  " + ", ".join(f"{label['id']} {label['name']}" for label in record["labels"]))
+        width = max(len(label_name(i, names)) for i in label_ids)
+        lines.append(f"  {'id':>3}  {'label':<{width}}  " + "  ".join(f"{b:>7}" for b in [*branches, "fused"])
+                     + "  threshold")
+        for i in label_ids:
+            cells = [record["branches"][b][str(i)] for b in branches] + [record["fused"][str(i)]]
+            row = "  ".join("      -" if p is None else f"{p:7.3f}" for p in cells)
+            star = "  *" if i in chosen else ""
+            lines.append(f"  {i:>3}  {label_name(i, names):<{width}}  {row}  {record['thresholds'][str(i)]:9.2f}{star}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
