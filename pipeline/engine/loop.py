@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from pipeline.engine.distributed import DistContext, mean_across_ranks, unwrap
+from pipeline.engine.distributed import DistContext, broadcast_flags, mean_across_ranks, unwrap
 from pipeline.engine.resume import ResumeState
 
 # A step's loss from (model, batch); batches are tuples of tensors already on the device.
@@ -254,8 +254,9 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
     and the best so far are saved through ``resume``, so ``--resume`` continues an
     interrupted run with the result of an uninterrupted one.
 
-    Returns ``{"epoch": best epoch, "score": its value, **its kept values}``. Every rank
-    must compute the same scores, so all keep the same epoch.
+    Returns ``{"epoch": best epoch, "score": its value, **its kept values}``. Whether an
+    epoch is the best and whether to stop are rank 0's decisions, broadcast to every rank, so
+    all keep the same epoch and stop together.
     """
     first, best = resume.begin(resumable, None, epochs)
     say = tqdm.write if context.is_main else (lambda _: None)
@@ -264,12 +265,14 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
         loss = train_epoch(epoch)
         result = score(epoch)
         improved = best is None or result.value is None or result.value > best["score"]
+        stop = patience is not None and not improved and epoch - best["epoch"] >= patience
+        # Rank 0 decides: scores that differ in the last bit between ranks must not split them.
+        improved, stop = broadcast_flags([improved, stop], context)
         if improved:
             best = {"epoch": epoch, "score": result.value, **result.kept,
                     "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
         say(f"{name} epoch {epoch}/{epochs}: loss {loss:.4f}" + (f", {result.message}" if result.message else "")
             + (" (best)" if improved and result.value is not None else ""))
-        stop = patience is not None and epoch - best["epoch"] >= patience
         resume.end_epoch(epoch, best, finished=stop)
         if stop:
             say(f"{name}: no better validation score for {patience} epochs; stopping")
