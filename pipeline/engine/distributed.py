@@ -131,14 +131,14 @@ def unused_parameters(module: nn.Module, probe: Probe, steps: int = 2) -> tuple[
     The steps run on a copy with the random generators forked, so neither the module (batch-norm
     statistics, gradients) nor the random draws of the training that follows change.
     """
-    copy_ = copy.deepcopy(module).train()
-    trainable = [(name, param) for name, param in copy_.named_parameters() if param.requires_grad]
+    probed = copy.deepcopy(module).train()
+    trainable = [(name, param) for name, param in probed.named_parameters() if param.requires_grad]
     missed = {name: 0 for name, _ in trainable}
     devices = sorted({p.device.index or 0 for _, p in trainable if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         for _ in range(steps):
-            copy_.zero_grad(set_to_none=True)
-            probe(copy_).float().sum().backward()
+            probed.zero_grad(set_to_none=True)
+            probe(probed).float().sum().backward()
             for name, param in trainable:
                 missed[name] += param.grad is None
     never = [name for name, count in missed.items() if count == steps]
