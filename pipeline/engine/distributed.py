@@ -17,9 +17,10 @@ built its tensor on the CPU would work under gloo and crash under NCCL.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,17 +112,63 @@ def workers_per_process(workers: int) -> int:
     return max(1, workers // local_world_size()) if workers > 0 else 0
 
 
-def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = False) -> nn.Module:
+# A probe step's loss from a module: one forward and backward on a probe batch.
+Probe = Callable[[nn.Module], torch.Tensor]
+
+
+def resolve_sync_bn(option: bool | None, device: torch.device, global_batch: int, world_size: int) -> bool:
+    """``--sync-bn`` as given, or for None (auto): on when several processes train on GPUs and each
+    one's share of the batch is under 32 images, where per-process batch-norm statistics get noisy."""
+    if option is not None:
+        return option
+    return device.type == "cuda" and world_size > 1 and global_batch // world_size < 32
+
+
+def unused_parameters(module: nn.Module, probe: Probe, steps: int = 2) -> tuple[list[str], list[str]]:
+    """(never, sometimes): names of the trainable parameters of ``module`` that got no gradient in
+    any of ``steps`` probe steps, and in some but not all of them.
+
+    The steps run on a copy with the random generators forked, so neither the module (batch-norm
+    statistics, gradients) nor the random draws of the training that follows change.
+    """
+    probed = copy.deepcopy(module).train()
+    trainable = [(name, param) for name, param in probed.named_parameters() if param.requires_grad]
+    missed = {name: 0 for name, _ in trainable}
+    devices = sorted({p.device.index or 0 for _, p in trainable if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        for _ in range(steps):
+            probed.zero_grad(set_to_none=True)
+            probe(probed).float().sum().backward()
+            for name, param in trainable:
+                missed[name] += param.grad is None
+    never = [name for name, count in missed.items() if count == steps]
+    sometimes = [name for name, count in missed.items() if 0 < count < steps]
+    return never, sometimes
+
+
+def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = False,
+               probe: Probe | None = None) -> nn.Module:
     """``module`` in DistributedDataParallel when several processes train, else unchanged.
 
-    ``find_unused_parameters`` stays off: it costs a traversal of the autograd graph every
-    step, and no model here has parameters outside the loss (backbones drop their unused
-    classifiers; a test checks that every parameter gets a gradient). ``sync_batch_norm``
-    (``--sync-bn``) makes batch norm use the statistics of the global batch, which helps
-    when each process's share of a batch is small.
+    DDP expects a gradient for every trainable parameter in every step and fails at the second
+    iteration when one gets none. With ``probe`` (a step's loss from the module) the parameters
+    that no probe step reaches are frozen first: the head modules timm keeps in a
+    ``num_classes=0`` backbone that ``forward_features`` never runs (MobileNetV3's
+    ``conv_head``, ConvNeXt's ``head.norm``). ``find_unused_parameters``, which costs a traversal
+    of the autograd graph every step, is turned on only when some parameter is reached in some
+    probe steps and not others. ``sync_batch_norm`` (``--sync-bn``, see :func:`resolve_sync_bn`)
+    makes batch norm use the statistics of the global batch; :func:`revert_sync_batchnorm`
+    undoes it before the model is saved.
     """
     if not context.distributed:
         return module
+    find_unused = False
+    if probe is not None:
+        never, sometimes = unused_parameters(module, probe)
+        parameters = dict(module.named_parameters())
+        for name in never:
+            parameters[name].requires_grad_(False)
+        find_unused = bool(sometimes)
     if sync_batch_norm:
         if context.device.type != "cuda":
             raise ValueError("--sync-bn: synchronised batch norm runs on GPUs only; leave it off on CPU")
@@ -129,7 +176,43 @@ def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = 
 
         module = convert_sync_batchnorm(module)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every SyncBatchNorm replaced, in place, by the plain batch norm it was
+    converted from (timm's SyncBatchNormAct by BatchNormAct2d), sharing its affine parameters
+    and running statistics.
+
+    Conversion replaces the layers inside the model that was wrapped, so without this the saved
+    backbone would carry SyncBatchNorm, which inference neither folds into the convolutions nor
+    runs outside a process group. Returns the module itself (or the replacement, when ``module``
+    is a SyncBatchNorm).
+    """
+    from timm.layers import BatchNormAct2d
+    from timm.layers.norm_act import SyncBatchNormAct
+
+    if isinstance(module, nn.SyncBatchNorm):
+        if isinstance(module, SyncBatchNormAct):
+            plain = BatchNormAct2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+            plain.act, plain.drop = module.act, module.drop
+        else:
+            plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+        if module.affine:
+            plain.weight, plain.bias = module.weight, module.bias
+        if module.track_running_stats:
+            plain.running_mean, plain.running_var = module.running_mean, module.running_var
+            plain.num_batches_tracked = module.num_batches_tracked
+        if hasattr(module, "qconfig"):
+            plain.qconfig = module.qconfig
+        return plain.train(module.training)
+    for name, child in module.named_children():
+        reverted = revert_sync_batchnorm(child)
+        if reverted is not child:
+            setattr(module, name, reverted)
+    return module
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -170,6 +253,29 @@ def all_ranks_agree(flag: bool, context: DistContext) -> bool:
     value = torch.tensor([int(flag)], device=context.device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def broadcast_flags(flags: Sequence[bool], context: DistContext) -> list[bool]:
+    """Rank 0's ``flags`` on every rank (e.g. "this epoch is the best", "stop now").
+
+    Decisions taken from floats each rank computed (validation scores gathered in another
+    order, reduced in another order) can differ in the last bit; a rank that stopped alone
+    would leave the others waiting in the next collective. Rank 0 decides, every rank follows.
+    """
+    if not context.distributed:
+        return [bool(flag) for flag in flags]
+    values = torch.tensor([int(flag) for flag in flags], dtype=torch.uint8, device=context.device)
+    dist.broadcast(values, src=0)
+    return [bool(value) for value in values.tolist()]
+
+
+def gather_to_main(value: object, context: DistContext) -> list[object] | None:
+    """Every rank's ``value`` (a picklable object), in rank order, on rank 0; None on the others."""
+    if not context.distributed:
+        return [value]
+    gathered = [None] * context.world_size if context.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def mean_across_ranks(total: float | torch.Tensor, count: int, context: DistContext) -> float:

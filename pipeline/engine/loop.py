@@ -24,7 +24,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from pipeline.engine.distributed import DistContext, mean_across_ranks, unwrap
+from pipeline.engine.distributed import DistContext, broadcast_flags, mean_across_ranks, unwrap
 from pipeline.engine.history import EpochHistory
 from pipeline.engine.resume import ResumeState
 
@@ -259,8 +259,9 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
     epoch: the loss, the score, the learning rate of ``resumable["optimizer"]``'s first
     parameter group at the epoch's first update, and the epoch's seconds.
 
-    Returns ``{"epoch": best epoch, "score": its value, **its kept values}``. Every rank
-    must compute the same scores, so all keep the same epoch.
+    Returns ``{"epoch": best epoch, "score": its value, **its kept values}``. Whether an
+    epoch is the best and whether to stop are rank 0's decisions, broadcast to every rank, so
+    all keep the same epoch and stop together.
     """
     first, best = resume.begin(resumable, None, epochs)
     if history is not None:
@@ -276,12 +277,14 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
         if history is not None:
             history.record(epoch, loss, result.value, lr, time.perf_counter() - started)
         improved = best is None or result.value is None or result.value > best["score"]
+        stop = patience is not None and not improved and epoch - best["epoch"] >= patience
+        # Rank 0 decides: scores that differ in the last bit between ranks must not split them.
+        improved, stop = broadcast_flags([improved, stop], context)
         if improved:
             best = {"epoch": epoch, "score": result.value, **result.kept,
                     "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
         say(f"{name} epoch {epoch}/{epochs}: loss {loss:.4f}" + (f", {result.message}" if result.message else "")
             + (" (best)" if improved and result.value is not None else ""))
-        stop = patience is not None and epoch - best["epoch"] >= patience
         resume.end_epoch(epoch, best, finished=stop)
         if stop:
             say(f"{name}: no better validation score for {patience} epochs; stopping")

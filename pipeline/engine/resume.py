@@ -5,7 +5,9 @@ depends on: model, optimizer, scheduler (and EMA) states, the random number gene
 the best epoch so far. ``--resume`` restores the last saved epoch and runs the remaining
 ones, which gives the same result as a run that was never interrupted: the shuffling
 is a function of (seed, epoch) or a saved generator, and dropout draws come from the
-restored global generator.
+restored global generators. Under torchrun each rank draws its own dropout masks and
+augmentations, so the file holds every rank's torch, CUDA, NumPy and Python generators and
+each rank restores its own; it is refused by a run with another number of processes.
 
 States live in ``weights/resume/<script>/<loop>.pt`` and carry a fingerprint of the
 settings and data; a state saved by a different run is refused rather than mixed in.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.engine.distributed import DistContext
+from pipeline.engine.distributed import DistContext, gather_to_main
 from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
@@ -59,8 +62,33 @@ def from_saved(value: Any) -> Any:
     return value
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's global random generators: torch's CPU one, ``device``'s when it is a
+    GPU, NumPy's and Python's, in a form weights-only loading accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore the generators :func:`rng_state` recorded."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+
+
 class ResumeState:
-    """One training loop's per-epoch state: rank 0 writes it after each epoch, ``--resume`` reads it.
+    """One training loop's per-epoch state: rank 0 writes it after each epoch (with every rank's
+    random generators), ``--resume`` reads it on every rank.
 
     Usage::
 
@@ -99,25 +127,37 @@ class ResumeState:
         state = self._load()
         if state is None:
             return 1, best
+        saved_world = state.get("world_size")
+        if saved_world is None:
+            raise CheckpointError(f"{self.path}: saved by an older version without per-process random generators; "
+                                  "rerun without --resume to start over")
+        if saved_world != self.context.world_size:
+            raise CheckpointError(
+                f"{self.path}: saved by a run of {saved_world} processes, this one has {self.context.world_size}; "
+                f"each process restores its own random generators, so resume with {saved_world} processes, "
+                f"or rerun without --resume to start over"
+            )
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        set_rng_state(state["rng"][self.context.rank], self.context.device)
         epoch = total_epochs + 1 if state["finished"] else int(state["epoch"]) + 1
         return epoch, from_saved(state["best"])
 
     def end_epoch(self, epoch: int, best: Any, finished: bool = False) -> None:
         """Record a completed epoch (``finished``: the loop stops here, e.g. early stopping)."""
-        if self.path is None or not self.context.is_main:
+        if self.path is None:
+            return
+        # Every rank takes part: rank 0 writes the generators of all of them.
+        generators = gather_to_main(rng_state(self.context.device), self.context)
+        if not self.context.is_main:
             return
         state = {
             "fingerprint": self.digest,
             "epoch": epoch,
             "finished": finished,
             "modules": {name: module.state_dict() for name, module in self.modules.items()},
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "world_size": self.context.world_size,
+            "rng": generators,
             "best": to_saveable(best),
         }
         atomic_torch_save(state, self.path)

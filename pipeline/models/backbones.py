@@ -130,14 +130,27 @@ class _EfficientNetPytorchStages(nn.Module):
 
 
 class _TimmFeatures(nn.Module):
-    """A timm model seen as a feature-map extractor (classifier and pooling unused)."""
+    """A timm model seen as a feature-map extractor (classifier and pooling unused).
+
+    Every output becomes (B, C, h, w), the layout ``pool_features`` pools: a channels-last
+    map (``output_fmt`` NHWC: Swin, MambaOut) is permuted, and the tokens (B, N, C) of a
+    vision transformer become (B, C, N', 1) without the class and register tokens, so the
+    pooling averages and maxes over the patch tokens.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(images)  # (B, C, h, w)
+        features = self.model.forward_features(images)
+        if features.ndim == 3:  # tokens (B, N, C)
+            return features[:, self.prefix_tokens:].transpose(1, 2).unsqueeze(-1)  # (B, C, N', 1)
+        if self.channels_last:  # (B, h, w, C)
+            return features.permute(0, 3, 1, 2)
+        return features  # (B, C, h, w)
 
 
 class _TimmStages(nn.Module):

@@ -85,8 +85,9 @@ class ImageTrainConfig(TrainingConfig):
     ema_decay: float = option(0.9998, "decay of the weights' exponential moving average when fine-tuning "
                               "(with warm-up: min(decay, (1 + step) / (10 + step)))", group="finetune")
     grad_clip: float = option(1.0, "gradient norm clipping when fine-tuning (0: off)", group="finetune")
-    sync_bn: bool = option(False, "under torchrun, batch norm uses the statistics of the whole global batch "
-                           "(fine-tune modes)", group="finetune")
+    sync_bn: bool | None = option(None, "under torchrun, batch norm uses the statistics of the whole global batch "
+                                  "(fine-tune modes, GPUs; default: on when each process's share of --batch-size "
+                                  "is under 32)", group="finetune")
     batch_size: int = option(64, "images per batch for feature extraction and fine-tuning (the global batch: "
                              "under torchrun each of N processes takes 1/N)", group="run")
     workers: int = workers_option()

@@ -26,7 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.branches.image import ImageHeads
-from pipeline.engine.distributed import DistContext, broadcast_state, gather_shards, wrap_model
+from pipeline.engine.distributed import (
+    DistContext,
+    broadcast_state,
+    gather_shards,
+    resolve_sync_bn,
+    revert_sync_batchnorm,
+    wrap_model,
+)
 from pipeline.engine.history import EpochHistory
 from pipeline.engine.loop import (
     EpochScore,
@@ -212,14 +219,24 @@ def _head_probabilities(model: ImageModel, loader: DataLoader, prepare: Callable
     return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.num_labels), np.float32)
 
 
+def _probe(train: torch.utils.data.Dataset, device: torch.device) -> Callable[[nn.Module], torch.Tensor]:
+    """A probe step for :func:`wrap_model`: the training step's loss on the first two training rows."""
+    def probe(step: nn.Module) -> torch.Tensor:
+        batch = torch.utils.data.default_collate([train[i] for i in range(min(2, len(train)))])
+        return step(*(t.to(device) for t in batch))
+
+    return probe
+
+
 def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, feature_dim: int, y_train: np.ndarray,
                 y_val: np.ndarray, device: torch.device, train_precision: str, context: DistContext,
                 state: ResumeState, history: EpochHistory) -> FittedHeads:
     """Train the trunk, head and decoder together; keep the EMA weights of the best epoch
     (``history`` gets its rows as stage ``joint``).
 
-    Under torchrun the model is wrapped in DistributedDataParallel (``--sync-bn`` for global
-    batch-norm statistics). Each rank trains on its share of every global batch and scores
+    Under torchrun the model is wrapped in DistributedDataParallel after a probe step that
+    freezes what the loss never reaches (``--sync-bn``, auto by default, for global batch-norm
+    statistics, reverted to plain batch norm before the model is kept). Each rank trains on its share of every global batch and scores
     its share of the validation split; the shares' probabilities are gathered so every rank
     keeps the same best epoch, and rank 0's final weights are given to every rank.
     """
@@ -239,7 +256,8 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     scheduler = warmup_cosine(optimizer, epochs * len(loader), int(config.warmup_epochs * len(loader)))
     ema = ModelEma(model, config.ema_decay)
     scaler = grad_scaler(device, train_precision)
-    step = wrap_model(TrainStep(model, step_loss), context, config.sync_bn)
+    sync_bn = resolve_sync_bn(config.sync_bn, device, config.batch_size, context.world_size)
+    step = wrap_model(TrainStep(model, step_loss), context, sync_bn, probe=_probe(inputs.train, device))
 
     autocast = functools.partial(autocast_context, device, train_precision)
     train_epoch = _EpochClock(
@@ -259,6 +277,7 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
                context=context, history=history.for_stage("joint"))
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
+    revert_sync_batchnorm(model)  # the trunk is the backbone that is saved and extracts features
     broadcast_state(model, context)  # the ranks' batch-norm statistics differ; rank 0's are saved
     model.cpu().eval()
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
