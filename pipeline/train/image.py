@@ -191,6 +191,9 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "extract_seconds": extract_seconds,
         "training_seconds": training_seconds,
         "training_window_unix": [training_start_unix, training_start_unix + training_seconds],
+        # The training epochs' steps alone: validation, saving and extraction are outside them.
+        "train_step_seconds": fitted.epoch_seconds,
+        "train_epoch_windows_unix": [list(window) for window in fitted.epoch_windows],
         "train_img_s": fitted.images_seen / fitted.epoch_seconds if fitted.epoch_seconds else None,
         "total_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -72,20 +72,25 @@ class FittedHeads:
     lr: float
     images_seen: int = 0
     epoch_seconds: float = 0.0
+    epoch_windows: tuple[tuple[float, float], ...] = ()
 
 
 class _EpochClock:
     """Wraps a ``train_epoch`` to count the images it trains on and the seconds it takes,
-    validation and saving left out."""
+    validation and saving left out; ``windows`` holds each epoch's (start, end) in unix time,
+    so a GPU sampler outside the process can tell the training steps from the rest."""
 
     def __init__(self, train_epoch: Callable[[int], float], images_per_epoch: int) -> None:
         self.train_epoch, self.images_per_epoch = train_epoch, images_per_epoch
         self.images, self.seconds = 0, 0.0
+        self.windows: list[tuple[float, float]] = []
 
     def __call__(self, epoch: int) -> float:
-        started = time.perf_counter()
+        started, started_unix = time.perf_counter(), time.time()
         loss = self.train_epoch(epoch)
-        self.seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        self.windows.append((started_unix, started_unix + seconds))
         self.images += self.images_per_epoch
         return loss
 
@@ -163,7 +168,8 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
                                     history.for_stage("decoder"))
     return FittedHeads(head, decoder, order, train.norm, head_best["epoch"],
                        head_best["score"], decoder_best["epoch"], config.lr,
-                       sum(c.images for c in clocks), sum(c.seconds for c in clocks))
+                       sum(c.images for c in clocks), sum(c.seconds for c in clocks),
+                       tuple(window for c in clocks for window in c.windows))
 
 
 # ---------------------------------------------------------------- partial and finetune: jointly
@@ -282,4 +288,4 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     model.cpu().eval()
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
     return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
-                       train_epoch.images, train_epoch.seconds)
+                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows))
