@@ -201,7 +201,7 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
         ok, expected = isinstance(value, str), "a string"
     if not ok:
         expected += " or null" if optional else ""
-        raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {_json_kind(value)} {json.dumps(value)}; "
+        raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(value)}; "
                           f"it takes {expected}")
     choices = f.metadata.get("choices")
     if choices is not None:
