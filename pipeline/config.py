@@ -192,7 +192,7 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
     elif kind is bool:
         ok, expected = isinstance(value, bool), "true or false"
     elif kind is float:
-        # JSON writes 1.0 as 1 when edited by hand; a bool is no number here as on the command line.
+        # A hand-written 1 means 1.0; true is no number, here as on the command line.
         ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         value = float(value) if ok else value
     elif kind is int:
