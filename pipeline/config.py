@@ -9,13 +9,15 @@ command line. A script's dataclass holds only the options that script acts on.
 is wrong and where (file and line, or the option), print as one line, not under a traceback
 that only hides them; ``--debug`` (or ``PIPELINE_DEBUG=1``) shows the traceback anyway, and
 any other exception, a bug, keeps its own. A script's ``main`` itself raises, for the tests
-and other callers.
+and other callers. ``--config FILE`` reads the settings from such a JSON file (a saved
+``*_config.json`` or one written by hand); options on the command line override it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -99,8 +101,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def build_parser(config_cls: type, description: str, *, debug: bool = False) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per dataclass field, in ``GROUPS`` sections; with
-    ``debug``, also ``--debug`` for a program run by ``run_main`` (not a setting:
-    it changes how an error is shown, not what the run does, so it is no field)."""
+    ``debug``, for a script run by ``run_main`` and parsed by ``parse_config``, also ``--debug``
+    and ``--config`` (neither is a setting: one changes how an error is shown, the other where
+    the settings come from, so neither is a field or saved)."""
     parser = argparse.ArgumentParser(usage="%(prog)s [options]", description=description,
                                      formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
@@ -128,6 +131,10 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
             "--debug", action="store_true",
             help="show the traceback of an error in the input instead of its one-line message (also "
                  "PIPELINE_DEBUG=1)")
+        sections.get("run", parser).add_argument(
+            "--config", metavar="FILE", default=None,
+            help="read the settings from this JSON object of option names (with _ for -) and values, such "
+                 "as a saved WEIGHTS_DIR/*_config.json; options given on the command line override it")
     return parser
 
 
@@ -160,10 +167,100 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 Config = TypeVar("Config")
 
 
+def _json_kind(value: object) -> str:
+    """A JSON value's type as the file spells it, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path) -> object:
+    """``value`` of key ``f.name`` if it is one the option takes, else an ``OptionError`` naming
+    the file, the key and the type expected."""
+    flag = "--" + f.name.replace("_", "-")
+    optional = type(None) in typing.get_args(hint)
+    kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+    if value is None and optional:
+        return None
+    if item is not None:
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, item) for v in value)
+        expected = f"a non-empty list of {item.__name__}"
+    elif kind is bool:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif kind is float:
+        # A hand-written 1 means 1.0; true is no number, here as on the command line.
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif kind is int:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    else:
+        ok, expected = isinstance(value, str), "a string"
+    if not ok:
+        expected += " or null" if optional else ""
+        raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(value)}; "
+                          f"it takes {expected}")
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        bad = [v for v in (value if item is not None else [value]) if v not in choices]
+        if bad:
+            raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(bad[0])}; "
+                              f"valid: {', '.join(map(str, choices))}")
+    return value
+
+
+def read_config_file(config_cls: type, path: str | Path) -> dict[str, object]:
+    """The settings in a ``--config`` file, by field name, each checked as the command line
+    checks its option: a JSON object whose keys are ``config_cls``'s fields (everything
+    ``save_config`` writes), values of the option's type and among its choices.
+
+    A key that is no option of the script is refused, not skipped: a typo left unread would
+    run with the default the file meant to change."""
+    path = Path(path)
+
+    def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+        # json keeps the last of repeated keys without a word: a value the reader never sees.
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise OptionError(f"--config {path}: key(s) {repeated} given twice; give each once")
+        return dict(pairs)
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except FileNotFoundError:
+        raise OptionError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise OptionError(f"--config {path}: is a directory, not a JSON file") from None
+    except json.JSONDecodeError as err:
+        raise OptionError(f"--config {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise OptionError(f"--config {path}: not UTF-8 text; a config file is plain JSON") from None
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if not isinstance(raw, dict):
+        raise OptionError(f"--config {path}: holds {_json_kind(raw)}, not a JSON object of settings "
+                          f"(keys: {', '.join(sorted(fields))})")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise OptionError(f"--config {path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(config_cls)
+    return {name: _checked_value(fields[name], hints[name], value, path) for name, value in raw.items()}
+
+
 def parse_config(config_cls: type[Config], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> Config:
     """The settings of a script from its command line, checked before any work: a value that
-    cannot work (``config.validate()``) is an ``OptionError`` naming the option."""
-    config = config_from_args(config_cls, parser.parse_args(argv))
+    cannot work (``config.validate()``) is an ``OptionError`` naming the option.
+
+    With ``--config FILE`` the file's settings replace the defaults and the command line is
+    parsed again, so an option given there wins over the file."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        parser.set_defaults(**read_config_file(config_cls, args.config))
+        args = parser.parse_args(argv)
+    config = config_from_args(config_cls, args)
     try:
         config.validate()
     except ValueError as err:
