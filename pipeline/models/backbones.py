@@ -553,10 +553,10 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, pr
 
     ``weights``: None (the bundled weights for the default backbone, else random unless
     ``pretrained``), ``"bundled"``, or a local state_dict file. ``resolution`` overrides the
-    model's default input size. ``drop_path``: the stochastic depth rate of the deepest block
-    (timm's ``drop_path_rate``, efficientnet-pytorch's ``drop_connect_rate``), for training; 0
-    leaves the model's own (none for timm models). It acts in training mode only, so inference
-    rebuilds the backbone without it.
+    model's default input size. ``drop_path``: the stochastic depth rate, block i of n dropping
+    its path with ``drop_path * i / n`` (timm's ``drop_path_rate``, efficientnet-pytorch's
+    ``drop_connect_rate``), for training; 0 leaves the model's own (none for timm models). It
+    acts in training mode only, so inference rebuilds the backbone without it.
     """
     if name in EFFICIENTNET_PYTORCH_NAMES:
         backbone = _create_efficientnet_pytorch(name, weights, pretrained, drop_path)

@@ -102,7 +102,8 @@ class ImageTrainConfig(TrainingConfig):
         f"above it (1: one rate; default {MODE_DEFAULTS['partial']['layer_decay']:g} partial, "
         f"{MODE_DEFAULTS['finetune']['layer_decay']:g} end to end)", group="finetune")
     drop_path: float | None = option(
-        None, f"stochastic depth rate of the backbone's deepest block, timm's drop_path_rate (default "
+        None, f"stochastic depth rate of the backbone, timm's drop_path_rate: block i of n drops its path with "
+        f"rate * i / n (default "
         f"{MODE_DEFAULTS['partial']['drop_path']:g} partial, {MODE_DEFAULTS['finetune']['drop_path']:g} end to end)",
         group="finetune")
     augment: str = option(
