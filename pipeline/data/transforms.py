@@ -21,28 +21,21 @@ _INTERPOLATIONS = {
 }
 
 
-def build_transform(preprocessing: dict, train: bool = False, flip: bool = False,
+def build_transform(preprocessing: dict, flip: bool = False,
                     normalize: bool = True) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> normalised float tensor (3, R, R), or with ``normalize=False`` the resized
     uint8 tensor, to be normalised a batch at a time by :func:`normalize_batch`.
 
-    ``train`` adds the fine-tuning augmentation, chosen to keep every object in the picture
-    (a multi-label target describes the whole image, and a crop can cut a labelled object
-    out): the whole image squashed as in evaluation, a random mirror, light colour jitter,
-    and cutout (one random rectangle of up to a fifth of the image blanked, half the time,
-    as in ASL's recipe). ``flip`` mirrors every image (the second view of flip test-time
-    augmentation).
+    The whole image is squashed to the square, for training as for evaluation: a multi-label
+    target describes the whole image, and a crop can cut a labelled object out. Training's
+    random augmentation runs on the device, a batch at a time
+    (:class:`pipeline.data.augment.BatchAugment`), so loader workers only decode and resize.
+    ``flip`` mirrors every image (the second view of flip test-time augmentation).
     """
     size = preprocessing["resolution"]
     interpolation = _INTERPOLATIONS[preprocessing["interpolation"]]
     steps: list = [T.ToImage(), T.Resize((size, size), interpolation=interpolation, antialias=True)]
-    if train:
-        steps += [
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            T.RandomErasing(p=0.5, scale=(0.02, 0.2), value=0),
-        ]
-    elif flip:
+    if flip:
         steps.append(T.RandomHorizontalFlip(p=1.0))
     if normalize:
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(preprocessing["mean"], preprocessing["std"])]

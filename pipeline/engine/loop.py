@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,20 +78,29 @@ class ModelEma(ModelEmaV3):
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, new_modules: tuple[str, ...] = (),
-                     new_lr_scale: float = 1.0) -> list[dict]:
+                     new_lr_scale: float = 1.0,
+                     lr_scales: Sequence[tuple[Sequence[nn.Parameter], float]] = ()) -> list[dict]:
     """AdamW parameter groups: timm's ``param_groups_weight_decay`` (no weight decay on norms
     and biases, the one-dimensional tensors, whose decay only fights the normalisation), each
-    split in two: ``new_lr_scale`` times the learning rate for the freshly initialised
+    split by learning rate: ``new_lr_scale`` times ``lr`` for the freshly initialised
     submodules named in ``new_modules`` (the head and decoder learn from scratch while the
-    pretrained backbone only adapts), ``lr`` for the rest."""
+    pretrained backbone only adapts); for the rest, ``scale`` times ``lr`` for the parameters
+    of each ``(parameters, scale)`` of ``lr_scales`` (layer-wise decay: a backbone stage's
+    scale), ``lr`` for any other. Groups come in order of first appearance."""
     new = {id(param) for name, param in model.named_parameters() if name.split(".", 1)[0] in new_modules}
-    groups = []
+    scale_of = {id(param): scale for params, scale in lr_scales for param in params}
+    groups: dict[tuple[float, float], dict] = {}
     for is_new in (False, True):
         for group in param_groups_weight_decay(model, weight_decay):
-            params = [param for param in group["params"] if (id(param) in new) == is_new]
-            if params:
-                groups.append({**group, "params": params, "lr": lr * (new_lr_scale if is_new else 1.0)})
-    return groups
+            for param in group["params"]:
+                if (id(param) in new) != is_new:
+                    continue
+                scale = new_lr_scale if is_new else scale_of.get(id(param), 1.0)
+                key = (scale, group["weight_decay"])
+                if key not in groups:
+                    groups[key] = {**group, "params": [], "lr": lr * scale}
+                groups[key]["params"].append(param)
+    return list(groups.values())
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,52 @@ def split_backbone(backbone: Backbone, stage: int) -> tuple[nn.Module, nn.Module
         raise BackboneSplitError(f"--mode partial: {backbone.name} does not run as stem, stages and head in order; "
                                  "use --mode frozen or finetune")
     return front, tail
+
+
+def _efficientnet_pytorch_matcher(blocks: nn.ModuleList, stem: tuple[str, ...], block_prefix: str,
+                                  head: tuple[str, ...]):
+    """A timm-style group matcher for efficientnet-pytorch parameter names: the stem, a group per
+    stage (blocks from one channel change to the next, as ``_stage_starts`` splits them), and
+    the head convolution with the last stage (as timm groups its EfficientNets)."""
+    stage_of, stage = [], -1
+    for i, block in enumerate(blocks):
+        stage += i == 0 or block._block_args.input_filters != block._block_args.output_filters
+        stage_of.append(stage)
+    pattern = re.compile(re.escape(block_prefix) + r"(\d+)\.")
+
+    def match(name: str) -> tuple[int, ...]:
+        if name.startswith(stem):
+            return (0,)
+        found = pattern.match(name)
+        if found:
+            return (1 + stage_of[int(found.group(1))],)
+        return (1 + stage_of[-1], 99999) if name.startswith(head) and stage_of else (float("inf"),)
+
+    return match
+
+
+def parameter_stages(module: nn.Module) -> list[list[nn.Parameter]]:
+    """The parameters of a backbone's module (or of ``split_backbone``'s tail) in stages, the
+    input side first: the stem, each stage of blocks, the head convolution with the last stage.
+    timm's own coarse grouping (``group_matcher``, as its layer-decay optimisers use) where the
+    model has one; one stage holding everything for a model without stages."""
+    from timm.models import group_parameters
+
+    if isinstance(module, _TimmFeatures) and hasattr(module.model, "group_matcher"):
+        target, matcher = module.model, module.model.group_matcher(coarse=True)
+    elif isinstance(module, _TimmStages):
+        target, matcher = module, {"stem": r"^stem\.", "blocks": [(r"^blocks\.(\d+)", None), (r"^head\.", (99999,))]}
+    elif isinstance(module, _EfficientNetPytorchFeatures):
+        target, matcher = module, _efficientnet_pytorch_matcher(
+            module.model._blocks, ("model._conv_stem.", "model._bn0."), "model._blocks.",
+            ("model._conv_head.", "model._bn1."))
+    elif isinstance(module, _EfficientNetPytorchStages):
+        target, matcher = module, _efficientnet_pytorch_matcher(module.blocks, ("stem.",), "blocks.", ("head.",))
+    else:
+        return [list(module.parameters())]
+    params = dict(target.named_parameters())
+    groups = group_parameters(target, matcher)
+    return [[params[name] for name in groups[key]] for key in sorted(groups)]
 
 
 def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
@@ -439,7 +486,7 @@ def _warn_random(name: str) -> None:
     )
 
 
-def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
+def _create_timm(name: str, weights: str | None, pretrained: bool, drop_path: float) -> Backbone:
     import timm
 
     if name not in timm.list_models():
@@ -449,11 +496,13 @@ def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
         )
     if weights is None and name in BUNDLED_PACKAGES and not pretrained:
         weights = BUNDLED
-    model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0)
+    # Only models that take a stochastic depth rate are given one.
+    extra = {"drop_path_rate": drop_path} if drop_path else {}
+    model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0, **extra)
     cfg = model.pretrained_cfg
     if weights == BUNDLED:
         path = bundled_weights_path(name)
-        full = timm.create_model(name, pretrained=False)  # with classifier: as many tensors as the file
+        full = timm.create_model(name, pretrained=False, **extra)  # with classifier: as many tensors as the file
         load_by_position(full, _read_state_dict(path), str(path))
         full.reset_classifier(0)
         model, source, digest = full, BUNDLED, "bundled-" + file_digest(path)
@@ -481,14 +530,16 @@ def _create_timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
     return Backbone(name, _TimmFeatures(model), model.num_features, preprocessing, source, digest)
 
 
-def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: bool) -> Backbone:
+def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: bool, drop_path: float) -> Backbone:
     from efficientnet_pytorch import EfficientNet
 
+    # efficientnet-pytorch calls stochastic depth drop connect; None keeps the model's own rate.
+    extra = {"drop_connect_rate": drop_path} if drop_path else {}
     if pretrained and weights is None:
-        model = EfficientNet.from_pretrained(name)
+        model = EfficientNet.from_pretrained(name, **extra)
         source, digest = "hub", f"hub-{name}"
     else:
-        model = EfficientNet.from_name(name)
+        model = EfficientNet.from_name(name, **extra)
         if weights is not None:
             path = Path(weights)
             if not path.is_file():
@@ -510,17 +561,20 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, pretrained: bool = False,
-                    resolution: int | None = None) -> Backbone:
+                    resolution: int | None = None, drop_path: float = 0.0) -> Backbone:
     """Build a backbone by name.
 
     ``weights``: None (the bundled weights for the default backbone, else random unless
     ``pretrained``), ``"bundled"``, or a local state_dict file. ``resolution`` overrides the
-    model's default input size.
+    model's default input size. ``drop_path``: the stochastic depth rate, block i of n dropping
+    its path with ``drop_path * i / n`` (timm's ``drop_path_rate``, efficientnet-pytorch's
+    ``drop_connect_rate``), for training; 0 leaves the model's own (none for timm models). It
+    acts in training mode only, so inference rebuilds the backbone without it.
     """
     if name in EFFICIENTNET_PYTORCH_NAMES:
-        backbone = _create_efficientnet_pytorch(name, weights, pretrained)
+        backbone = _create_efficientnet_pytorch(name, weights, pretrained, drop_path)
     else:
-        backbone = _create_timm(name, weights, pretrained)
+        backbone = _create_timm(name, weights, pretrained, drop_path)
     if resolution is not None:
         backbone.preprocessing = {**backbone.preprocessing, "resolution": int(resolution)}
     return backbone

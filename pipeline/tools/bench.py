@@ -21,7 +21,7 @@ train.csv stand in for a test set), with the trained checkpoints in ``--weights`
   calibrated on training images, where NNCF is installed (speed only);
 - ``effnet_pytorch_pipeline_img_s``: the same path with efficientnet-pytorch's
   ``efficientnet-b0`` as the backbone (random weights: speed does not depend on them);
-- ``train_finetune_img_s``: end-to-end fine-tuning steps (augmentation, forward, backward,
+- ``train_finetune_img_s``: end-to-end fine-tuning steps (augmentation on the device, forward, backward,
   AdamW, EMA) on real images;
 - ``train_cached_head_img_s`` (and ``train_cached_decoder_img_s``): training the image head
   (the label decoder) on cached features;
@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config import CommonConfig, build_parser, config_from_args, option, output_option, workers_option
+from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, DatasetPaths, LabelSet, read_csv
 from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform
@@ -74,7 +75,7 @@ from pipeline.models.backbones import create_backbone, fuse_for_inference
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
 from pipeline.models.image_model import RawPixelGraph
-from pipeline.train.image_config import ImageTrainConfig
+from pipeline.train.image_config import ImageTrainConfig, resolve_recipe
 from pipeline.train.image_fit import build_image_model, build_optimizer, joint_loss
 from pipeline.train.image_inputs import image_inputs
 
@@ -371,7 +372,7 @@ def physical_bound(forward_img_s: float, decode_ms: float, caption_ms: float | N
 def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[str], num_labels: int,
                   device: torch.device, batch_size: int, batches: int, workers: int, precision: str) -> float:
     """Images per second of end-to-end fine-tuning steps, as ``--mode finetune`` runs them
-    (augmentation in loader workers, forward, backward, AdamW, EMA; random targets: speed
+    (decoding in loader workers, augmentation on the device, forward, backward, AdamW, EMA; random targets: speed
     only). A few untimed steps first let the loader fill and cuDNN choose its kernels."""
     warmup_batches = 3
     with warnings.catch_warnings():
@@ -382,10 +383,13 @@ def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[st
     ids = [image_ids[i % len(image_ids)] for i in range(needed)]
     targets = (np.random.default_rng(0).random((needed, num_labels)) < 0.2).astype(np.float32)
     targets[:, 0] = 1.0  # every image has a label, as in real data
-    inputs = image_inputs(backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device, config.workers)
+    recipe = resolve_recipe(config, "finetune")
+    inputs = image_inputs(backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device, config.workers,
+                          BatchAugment(recipe.augment, device, recipe.scale_jitter))
     model = build_image_model(config, inputs.trunk, backbone.pooled_dim, num_labels, device)
-    step = TrainStep(model, joint_loss(config, inputs.prepare, LabelOrder.from_train(targets), device))
-    optimizer, _ = build_optimizer(config, model)
+    step = TrainStep(model, joint_loss(config, lambda raw: inputs.prepare(inputs.augment(raw)),
+                                       LabelOrder.from_train(targets), device))
+    optimizer, _ = build_optimizer(config, model, device, recipe)
     ema, scaler = ModelEma(model), grad_scaler(device, precision)
     loader = DataLoader(inputs.train, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)

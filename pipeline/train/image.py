@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from pipeline.branches.image import ImageHeads, training_image_ids
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import save_config
+from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.history import history_path, plot_histories, start_history
@@ -56,7 +57,7 @@ from pipeline.models.backbones import (
     state_digest,
 )
 from pipeline.models.heads import FeatureNorm
-from pipeline.train.image_config import FINETUNE_RESOLUTION, ImageTrainConfig, resolve_mode
+from pipeline.train.image_config import FINETUNE_RESOLUTION, ImageTrainConfig, resolve_mode, resolve_recipe
 from pipeline.train.image_fit import FittedHeads, decoded_samples_f1, fit_frozen_heads, fit_jointly
 from pipeline.train.image_inputs import FeatureRows, decodable, image_inputs, image_splits, map_inputs, usable_rows
 
@@ -90,7 +91,9 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
-    backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution)
+    recipe = resolve_recipe(config, mode)
+    backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution,
+                               recipe.drop_path)
     if mode != "frozen" and config.resolution is None:
         resolution = max(backbone.preprocessing["resolution"], FINETUNE_RESOLUTION)
         backbone.preprocessing = {**backbone.preprocessing, "resolution": resolution}
@@ -145,7 +148,10 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         inputs = (map_inputs(maps, trunk, train_rows, val_rows, y_train, y_val, context, device, config.batch_size,
                              config.seed, config.workers) if stage else
                   image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
-                               val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers))
+                               val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers,
+                               # Each rank draws its own images' augmentation.
+                               BatchAugment(recipe.augment, device, recipe.scale_jitter,
+                                            seed=config.seed * 1009 + context.rank)))
         fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
                              context, ResumeState(resume_dir, mode, digest, config.resume, context), history)
     training_seconds = time.perf_counter() - training_start
@@ -177,6 +183,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "runtime": runtime,
         "training_precision": train_precision,
         "lr": fitted.lr,
+        "recipe": {**dataclasses.asdict(recipe), "ema_decay": fitted.ema_decay},
         "train_images": len(train_rows),
         "skipped_unreadable_images": int((~np.asarray(readable)).sum()),
         "val_images": len(val),

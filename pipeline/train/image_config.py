@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import TrainingConfig, option, workers_option
+from pipeline.data.augment import AUGMENTS
 from pipeline.engine.openvino_runtime import RUNTIMES
 from pipeline.engine.runtime import PRECISIONS
 from pipeline.models.backbones import DEFAULT_BACKBONE
@@ -16,9 +17,26 @@ MODES = ("auto", "frozen", "partial", "finetune")
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
 # traffic lights); frozen ImageNet features gain nothing from it (docs/recipe.md, "Fine-tuning").
 FINETUNE_RESOLUTION = 320
-# Partial mode's stage-6 training peaks by its 7th or 8th epoch, and its epochs are what the CPU
-# recipe's time goes on; end-to-end fine-tuning has the whole backbone to adapt.
-FINETUNE_EPOCHS = {"partial": 8, "finetune": 10}
+# What None means for --finetune-epochs, --weight-decay, --layer-decay and --drop-path, by mode
+# (docs/recipe.md, "The GPU recipe"). Partial mode's stage-6 training peaks by its 7th or 8th
+# epoch, and its epochs are what the CPU recipe's time goes on; end-to-end fine-tuning has the
+# whole backbone to adapt, and 20-30 epochs with drop path 0.1-0.2 is the usual ImageNet-backbone
+# transfer recipe. AdamW's decoupled decay of 1e-4 barely moves a weight in a run (the step is
+# lr * decay); 0.05 is the AdamW decay of the DeiT, BEiT and ConvNeXt recipes. Layer decay 0.8
+# over a Lite backbone's 8 stage groups (timm's: the stem, 7 block stages, the head convolution
+# with the last) lets the stem adapt at 0.21 of the top's rate: the early stages' generic edges
+# and textures need the least change. Partial mode trains one or two top
+# stages only, where decaying between them would only slow the stage that adapts most.
+MODE_DEFAULTS: dict[str, dict[str, float]] = {
+    "frozen": {"weight_decay": 1e-4},
+    "partial": {"epochs": 8, "weight_decay": 0.05, "drop_path": 0.0, "layer_decay": 1.0},
+    "finetune": {"epochs": 25, "weight_decay": 0.05, "drop_path": 0.1, "layer_decay": 0.8},
+}
+# The EMA's decay, unless --ema-decay is given: 1 - EMA_HORIZON / (the run's updates), so the average
+# spans about the last tenth of the run whatever its length (a fixed 0.9998 would need 5,000
+# updates to matter, more than a CPU run makes).
+EMA_HORIZON = 10.0
+EMA_MAX_DECAY = 0.9999
 
 
 @dataclass
@@ -59,7 +77,10 @@ class ImageTrainConfig(TrainingConfig):
                        choices=list(LOSSES), group="training")
     epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)", group="frozen")
     lr: float = option(1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)", group="frozen")
-    weight_decay: float = option(1e-4, "AdamW weight decay (never on norms and biases when fine-tuning)", group="training")
+    weight_decay: float | None = option(
+        None, f"AdamW weight decay (never on norms and biases when fine-tuning; default: "
+        f"{MODE_DEFAULTS['frozen']['weight_decay']:g} frozen, {MODE_DEFAULTS['partial']['weight_decay']:g} partial, "
+        f"{MODE_DEFAULTS['finetune']['weight_decay']:g} end to end)", group="training")
     decoder_embed: int = option(128, "label embedding size of the CNN-RNN decoder", group="decoder")
     decoder_hidden: int = option(256, "LSTM hidden size of the CNN-RNN decoder", group="decoder")
     decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder", group="decoder")
@@ -74,7 +95,23 @@ class ImageTrainConfig(TrainingConfig):
         "are cached (default: the last stage, 6 of Lite0's 0..6)", group="finetune")
     finetune_epochs: int | None = option(
         None, f"epochs of partial or end-to-end fine-tuning (the best epoch is kept; default: "
-        f"{FINETUNE_EPOCHS['partial']} partial, {FINETUNE_EPOCHS['finetune']} end to end)", group="finetune")
+        f"{MODE_DEFAULTS['partial']['epochs']:g} partial, {MODE_DEFAULTS['finetune']['epochs']:g} end to end)",
+        group="finetune")
+    layer_decay: float | None = option(
+        None, f"layer-wise learning-rate decay: each backbone stage learns this many times slower than the one "
+        f"above it (1: one rate; default {MODE_DEFAULTS['partial']['layer_decay']:g} partial, "
+        f"{MODE_DEFAULTS['finetune']['layer_decay']:g} end to end)", group="finetune")
+    drop_path: float | None = option(
+        None, f"stochastic depth rate of the backbone, timm's drop_path_rate: block i of n drops its path with "
+        f"rate * i / n (default "
+        f"{MODE_DEFAULTS['partial']['drop_path']:g} partial, {MODE_DEFAULTS['finetune']['drop_path']:g} end to end)",
+        group="finetune")
+    augment: str = option(
+        "trivial", "finetune mode's augmentation, on the device after the uint8 transfer: trivial = random mirror, "
+        "scale jitter and one TrivialAugment operation per image; light = mirror and scale jitter; none",
+        choices=list(AUGMENTS), group="finetune")
+    scale_jitter: float = option(0.7, "smallest share of the image's area a scale-jitter window keeps "
+                                 "(a square window, resized back to the full image; 1: off)", group="finetune")
     finetune_lr: float = option(4e-4, "peak learning rate of the backbone when fine-tuning, for a global batch of "
                                 "256; scaled by sqrt(--batch-size / 256)", group="finetune")
     head_lr_scale: float = option(5.0, "the new head and decoder learn this many times faster than the "
@@ -82,8 +119,10 @@ class ImageTrainConfig(TrainingConfig):
     decoder_loss_weight: float = option(0.1, "weight of the decoder's loss (summed over its label steps) "
                                         "against the head's when fine-tuning: both reach the backbone", group="finetune")
     warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
-    ema_decay: float = option(0.9998, "decay of the weights' exponential moving average when fine-tuning "
-                              "(with warm-up: min(decay, (1 + step) / (10 + step)))", group="finetune")
+    ema_decay: float | None = option(
+        None, f"decay of the weights' exponential moving average when fine-tuning (with warm-up: "
+        f"min(decay, (n - 1) / (n + 8)) at update n; default: 1 - {EMA_HORIZON:g} / the run's updates, at most "
+        f"{EMA_MAX_DECAY})", group="finetune")
     grad_clip: float = option(1.0, "gradient norm clipping when fine-tuning (0: off)", group="finetune")
     sync_bn: bool | None = option(None, "under torchrun, batch norm uses the statistics of the whole global batch "
                                   "(fine-tune modes, GPUs; default: on when each process's share of --batch-size "
@@ -107,7 +146,13 @@ class ImageTrainConfig(TrainingConfig):
             (self.finetune_lr > 0, f"--finetune-lr must be > 0, got {self.finetune_lr}"),
             (self.head_lr_scale > 0, f"--head-lr-scale must be > 0, got {self.head_lr_scale}"),
             (self.decoder_loss_weight >= 0, f"--decoder-loss-weight must be >= 0, got {self.decoder_loss_weight}"),
-            (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.layer_decay is None or 0.0 < self.layer_decay <= 1.0,
+             f"--layer-decay must be in (0, 1], got {self.layer_decay}"),
+            (self.drop_path is None or 0.0 <= self.drop_path < 1.0, f"--drop-path must be in [0, 1), got {self.drop_path}"),
+            (self.augment in AUGMENTS, f"--augment {self.augment!r}: valid values are {', '.join(AUGMENTS)}"),
+            (0.0 < self.scale_jitter <= 1.0, f"--scale-jitter must be in (0, 1], got {self.scale_jitter}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
             (self.beam_width >= 1, f"--beam-width must be >= 1, got {self.beam_width}"),
@@ -124,9 +169,51 @@ class ImageTrainConfig(TrainingConfig):
                 raise ValueError(message)
 
 
-def finetune_epochs(config: ImageTrainConfig, mode: str) -> int:
-    """``--finetune-epochs``, or the default of the mode (``partial`` or ``finetune``)."""
-    return config.finetune_epochs or FINETUNE_EPOCHS[mode]
+@dataclass(frozen=True)
+class Recipe:
+    """The training settings a mode resolves to: each option given, else the mode's default
+    (``MODE_DEFAULTS``). Saved in ``image_summary.json`` under ``recipe``."""
+
+    epochs: int
+    weight_decay: float
+    layer_decay: float
+    drop_path: float
+    augment: str
+    scale_jitter: float
+    loss: str
+
+
+def resolve_recipe(config: ImageTrainConfig, mode: str) -> Recipe:
+    """The settings ``mode`` (``frozen``, ``partial`` or ``finetune``) trains with under ``config``.
+
+    Frozen mode trains heads on cached features for ``--epochs``, with nothing of the backbone's
+    to decay or drop; partial mode trains on cached stage maps, whose only augmentation is the
+    cached mirror image.
+    """
+    defaults = MODE_DEFAULTS[mode]
+
+    def given(value: float | None, key: str, fallback: float) -> float:
+        return value if value is not None else defaults.get(key, fallback)
+
+    fine = mode != "frozen"
+    return Recipe(
+        epochs=int(config.finetune_epochs or defaults["epochs"]) if fine else config.epochs,
+        weight_decay=float(given(config.weight_decay, "weight_decay", 0.0)),
+        layer_decay=float(given(config.layer_decay, "layer_decay", 1.0)) if fine else 1.0,
+        drop_path=float(given(config.drop_path, "drop_path", 0.0)) if fine else 0.0,
+        augment=config.augment if mode == "finetune" else "none",
+        scale_jitter=config.scale_jitter if mode == "finetune" else 1.0,
+        loss=config.loss,
+    )
+
+
+def ema_decay(config: ImageTrainConfig, updates: int) -> float:
+    """``--ema-decay``, or for a run of ``updates`` optimiser steps ``1 - EMA_HORIZON / updates``
+    within [0, ``EMA_MAX_DECAY``]: with the warm-up's ``(n - 1) / (n + 8)`` the decay reaches
+    it at nine tenths of the run, where the average then spans the last tenth."""
+    if config.ema_decay is not None:
+        return config.ema_decay
+    return min(max(1.0 - EMA_HORIZON / max(updates, 1), 0.0), EMA_MAX_DECAY)
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:

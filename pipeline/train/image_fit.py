@@ -3,11 +3,13 @@
 - :func:`fit_frozen_heads` (``frozen``): the head, then the decoder, each on the cached
   pooled features of the frozen backbone, standardised with the training rows' statistics.
 - :func:`fit_jointly` (``partial`` and ``finetune``): the backbone from a stage onward, the
-  head and the decoder, trained together as in the CNN-RNN paper. AdamW with no decay on
-  norms and biases and a higher learning rate for the new head and decoder, square-root
-  scaling with the global batch, warmup + cosine, EMA of the weights with warm-up (the EMA
-  is what is scored and kept), the decoder's loss weighted against the head's, gradient
-  clipping, autocast in the training precision (fp16 with a gradient scaler), channels_last.
+  head and the decoder, trained together as in the CNN-RNN paper. AdamW (fused on CUDA) with
+  no decay on norms and biases, layer-wise learning-rate decay over the backbone's stages and
+  a higher learning rate for the new head and decoder, square-root scaling with the global
+  batch, warmup + cosine, EMA of the weights with warm-up and a decay from the run's length
+  (the EMA is what is scored and kept), the batch augmented on the device, the decoder's loss
+  weighted against the head's, gradient clipping, autocast in the training precision (fp16
+  with a gradient scaler), channels_last.
 
 Both return a :class:`FittedHeads`; ``pipeline.train.image`` does the rest of the run.
 """
@@ -50,10 +52,11 @@ from pipeline.engine.loop import (
 from pipeline.engine.resume import ResumeState
 from pipeline.engine.runtime import autocast_context, grad_scaler, training_memory_format
 from pipeline.metrics import samples_f1, tune_global_threshold
+from pipeline.models.backbones import parameter_stages
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
-from pipeline.train.image_config import ImageTrainConfig, finetune_epochs
+from pipeline.train.image_config import ImageTrainConfig, Recipe, ema_decay, resolve_recipe
 from pipeline.train.image_inputs import FeatureRows, TrainingInputs
 
 
@@ -73,6 +76,7 @@ class FittedHeads:
     images_seen: int = 0
     epoch_seconds: float = 0.0
     epoch_windows: tuple[tuple[float, float], ...] = ()
+    ema_decay: float | None = None  # jointly trained modes: the EMA's decay after its warm-up
 
 
 class _EpochClock:
@@ -119,7 +123,9 @@ def _fit_on_features(config: ImageTrainConfig, name: str, module: nn.Module, ste
     step = wrap_model(TrainStep(module, step_loss), context)
     loader = epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
                           option="--head-batch-size")
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr,
+                                  weight_decay=resolve_recipe(config, "frozen").weight_decay,
+                                  fused=fused_adamw(device))
     scheduler = warmup_cosine(optimizer, epochs * len(loader), len(loader))
     train_epoch = _EpochClock(lambda epoch: train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
                                                             progress=False, context=context), len(train))
@@ -204,11 +210,24 @@ def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch
     return step_loss
 
 
-def build_optimizer(config: ImageTrainConfig, model: ImageModel) -> tuple[torch.optim.Optimizer, float]:
-    """(AdamW over the trainable parameters, the backbone's learning rate for this global batch)."""
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW runs fused (one kernel for every parameter's update): on CUDA, where the
+    per-tensor launches of the default would cost more than a small model's arithmetic; the
+    CPU's fused AdamW has no such gain."""
+    return device.type == "cuda"
+
+
+def build_optimizer(config: ImageTrainConfig, model: ImageModel, device: torch.device,
+                    recipe: Recipe) -> tuple[torch.optim.Optimizer, float]:
+    """(AdamW over the trainable parameters, the backbone's learning rate for this global batch).
+
+    The trunk's stages learn at ``recipe.layer_decay ** (stages above them)`` of that rate, the
+    top stage at the full rate."""
     lr = scaled_lr(config.finetune_lr, config.batch_size)
-    groups = parameter_groups(model, lr, config.weight_decay, ("head", "decoder"), config.head_lr_scale)
-    return torch.optim.AdamW(groups), lr
+    stages = [stage for stage in parameter_stages(model.trunk) if stage]
+    scales = [(stage, recipe.layer_decay ** (len(stages) - 1 - depth)) for depth, stage in enumerate(stages)]
+    groups = parameter_groups(model, lr, recipe.weight_decay, ("head", "decoder"), config.head_lr_scale, scales)
+    return torch.optim.AdamW(groups, fused=fused_adamw(device)), lr
 
 
 @torch.inference_mode()
@@ -246,9 +265,15 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     its share of the validation split; the shares' probabilities are gathered so every rank
     keeps the same best epoch, and rank 0's final weights are given to every rank.
     """
+    recipe = resolve_recipe(config, mode)
     model = build_image_model(config, inputs.trunk, feature_dim, y_val.shape[1], device)
     order = LabelOrder.from_train(y_train, config.label_order)
-    step_loss = joint_loss(config, inputs.prepare, order, device)
+    augment = inputs.augment
+
+    def prepare_train(raw: torch.Tensor) -> torch.Tensor:
+        return inputs.prepare(augment(raw) if augment is not None else raw)
+
+    step_loss = joint_loss(config, prepare_train, order, device)
 
     pin = device.type == "cuda"
     loader = epoch_loader(inputs.train, config.batch_size, context, shuffle=True, seed=config.seed,
@@ -257,10 +282,10 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     val_shard = torch.utils.data.Subset(inputs.val, context.shard(len(inputs.val)).tolist())
     val_loader = DataLoader(val_shard, batch_size=context.local_batch_size(config.batch_size),
                             num_workers=inputs.workers, pin_memory=pin, persistent_workers=inputs.workers > 0)
-    optimizer, lr = build_optimizer(config, model)
-    epochs = finetune_epochs(config, mode)
+    optimizer, lr = build_optimizer(config, model, device, recipe)
+    epochs = recipe.epochs
     scheduler = warmup_cosine(optimizer, epochs * len(loader), int(config.warmup_epochs * len(loader)))
-    ema = ModelEma(model, config.ema_decay)
+    ema = ModelEma(model, ema_decay(config, epochs * len(loader)))
     scaler = grad_scaler(device, train_precision)
     sync_bn = resolve_sync_bn(config.sync_bn, device, config.batch_size, context.world_size)
     step = wrap_model(TrainStep(model, step_loss), context, sync_bn, probe=_probe(inputs.train, device))
@@ -278,8 +303,10 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
         return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
                                       f"EMA decay {ema.current_decay():.4f})")
 
-    best = fit(mode, epochs, train_epoch, score, ema.module, state,
-               {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
+    resumable = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler}
+    if augment is not None:
+        resumable["augment"] = augment  # its generator, so a resumed run draws the same augmentation
+    best = fit(mode, epochs, train_epoch, score, ema.module, state, resumable,
                context=context, history=history.for_stage("joint"))
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
@@ -288,4 +315,4 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     model.cpu().eval()
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
     return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
-                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows))
+                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows), ema.decay)

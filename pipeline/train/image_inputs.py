@@ -4,7 +4,8 @@ be read, and the labelled inputs of each mode.
 - ``frozen``: rows of cached pooled features (:class:`FeatureRows`);
 - ``partial``: the cached output maps of the backbone's first stages, each image seen plain
   or mirrored at random (:class:`LabelledMaps`, :class:`RandomViewSampler`);
-- ``finetune``: whole images, augmented and decoded by loader workers (:class:`LabelledImages`).
+- ``finetune``: whole images, decoded by loader workers (:class:`LabelledImages`) and augmented
+  a batch at a time on the device (:class:`~pipeline.data.augment.BatchAugment`).
 
 :class:`TrainingInputs` bundles the last two with how a batch becomes the trunk's input.
 """
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import DatasetPaths, LabelSet, group_by_image, load_train_val
 from pipeline.data.images import ImageDataset, ImageReadError
 from pipeline.data.transforms import build_transform, normalize_batch
@@ -155,7 +157,8 @@ def decodable(paths: DatasetPaths, image_ids: list[str], workers: int, context: 
 
 @dataclasses.dataclass
 class TrainingInputs:
-    """What the trunk trains on: datasets, how a batch becomes the trunk's input, the trunk."""
+    """What the trunk trains on: datasets, how a batch becomes the trunk's input, the trunk, and
+    the random augmentation a training batch gets on the device before ``prepare`` (None: none)."""
 
     train: Dataset
     val: Dataset
@@ -163,15 +166,17 @@ class TrainingInputs:
     prepare: Callable[[torch.Tensor], torch.Tensor]
     trunk: nn.Module
     workers: int
+    augment: BatchAugment | None = None
 
 
 def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], val_ids: list[str],
-                 y_train: np.ndarray, y_val: np.ndarray, device: torch.device, workers: int) -> TrainingInputs:
-    """Augmented training images and plain validation images at the backbone's resolution,
-    handed over as uint8 and normalised on the device (``prepare``)."""
+                 y_train: np.ndarray, y_val: np.ndarray, device: torch.device, workers: int,
+                 augment: BatchAugment | None = None) -> TrainingInputs:
+    """Training and validation images at the backbone's resolution, handed over as uint8 and
+    normalised on the device (``prepare``); training batches are first given ``augment``."""
     preprocessing, size = backbone.preprocessing, backbone.preprocessing["resolution"]
-    train_set = LabelledImages(ImageDataset(paths, train_ids, build_transform(preprocessing, train=True,
-                                                                              normalize=False), size), y_train)
+    train_set = LabelledImages(ImageDataset(paths, train_ids, build_transform(preprocessing, normalize=False), size),
+                               y_train)
     val_set = LabelledImages(ImageDataset(paths, val_ids, build_transform(preprocessing, normalize=False), size),
                              y_val)
 
@@ -180,7 +185,7 @@ def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], 
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
 
-    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers))
+    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers), augment)
 
 
 def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_rows: np.ndarray,
