@@ -4,8 +4,8 @@ Columns ``stage,member,epoch,train_loss,val_score,lr,seconds``: ``stage`` is the
 (``head``, ``decoder`` or ``joint`` for the image branch, ``caption`` for the caption
 models), ``member`` the caption ensemble member (empty where there is none), ``val_score``
 the score the loop keeps its best epoch by (empty without a validation split), ``lr`` the
-first parameter group's learning rate at the epoch's first update (the backbone's, in joint
-training) and ``seconds`` the epoch's training and scoring time.
+schedule's base learning rate at the epoch's first update (before the layer-wise and head
+scales) and ``seconds`` the epoch's training and scoring time.
 
 Each row is appended and flushed to disk as its epoch ends, so a killed run leaves every
 epoch it completed. ``--resume`` keeps the file; each loop first drops its own rows from the

@@ -86,7 +86,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, new_modul
     submodules named in ``new_modules`` (the head and decoder learn from scratch while the
     pretrained backbone only adapts); for the rest, ``scale`` times ``lr`` for the parameters
     of each ``(parameters, scale)`` of ``lr_scales`` (layer-wise decay: a backbone stage's
-    scale), ``lr`` for any other. Groups come in order of first appearance."""
+    scale), ``lr`` for any other. Each group records its ``lr_scale`` (timm's key), so the
+    schedule's base rate can be read back from any group. Groups come in order of first appearance."""
     new = {id(param) for name, param in model.named_parameters() if name.split(".", 1)[0] in new_modules}
     scale_of = {id(param): scale for params, scale in lr_scales for param in params}
     groups: dict[tuple[float, float], dict] = {}
@@ -98,7 +99,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, new_modul
                 scale = new_lr_scale if is_new else scale_of.get(id(param), 1.0)
                 key = (scale, group["weight_decay"])
                 if key not in groups:
-                    groups[key] = {**group, "params": [], "lr": lr * scale}
+                    groups[key] = {**group, "params": [], "lr": lr * scale, "lr_scale": scale}
                 groups[key]["params"].append(param)
     return list(groups.values())
 
@@ -265,8 +266,8 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
     score. After every epoch the ``resumable`` states (model, optimizer, scheduler, ...)
     and the best so far are saved through ``resume``, so ``--resume`` continues an
     interrupted run with the result of an uninterrupted one. ``history`` gets a row per
-    epoch: the loss, the score, the learning rate of ``resumable["optimizer"]``'s first
-    parameter group at the epoch's first update, and the epoch's seconds.
+    epoch: the loss, the score, the schedule's base learning rate at the epoch's first update
+    (a group's rate over its ``lr_scale``), and the epoch's seconds.
 
     Returns ``{"epoch": best epoch, "score": its value, **its kept values}``. Whether an
     epoch is the best and whether to stop are rank 0's decisions, broadcast to every rank, so
@@ -280,7 +281,8 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
     epoch_range = range(first, epochs + 1)
     for epoch in tqdm(epoch_range, desc=name, unit="epoch", disable=not (epoch_bar and context.is_main)):
         started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+        group = optimizer.param_groups[0] if optimizer is not None else None
+        lr = group["lr"] / group.get("lr_scale", 1.0) if group is not None else None  # the base rate
         loss = train_epoch(epoch)
         result = score(epoch)
         if history is not None:
