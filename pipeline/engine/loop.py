@@ -142,6 +142,16 @@ def epoch_loader(dataset: Dataset, global_batch: int, context: DistContext, shuf
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
+def validation_workers(train_workers: int) -> int:
+    """Loader workers for a validation pass, not persistent: the training loader's count, at most 2.
+
+    A validation pass runs once an epoch over a small split; a few workers keep its batches
+    ready, while as many workers as training, kept alive between passes, would hold their
+    memory and dataset copies through every training step in between.
+    """
+    return max(0, min(train_workers, 2))
+
+
 def _check_finite(first_bad: torch.Tensor, epoch: int, bad_loss: torch.Tensor, name: str) -> None:
     """Raise if a step's loss was NaN or infinite (one host sync, done every few steps)."""
     step = int(first_bad.item())
