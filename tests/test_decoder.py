@@ -69,6 +69,15 @@ def test_make_sequences_rare_first():
     assert mask.tolist() == [[True] * 4, [True, True, False, False]]
 
 
+def test_make_sequences_fixed_length_only_adds_padding():
+    # length L + 1 (what the training loss uses, read without a host sync): the trimmed
+    # sequences of test_make_sequences_frequent_first plus one PAD step, masked out.
+    inputs, targets, mask = make_sequences(BATCH, label_rank(TRAIN), length=5)
+    assert inputs.tolist() == [[START, 1, 3, 0, PAD], [START, 2, PAD, PAD, PAD], [START, PAD, PAD, PAD, PAD]]
+    assert targets.tolist() == [[1, 3, 0, END, PAD], [2, END, PAD, PAD, PAD], [END, PAD, PAD, PAD, PAD]]
+    assert mask.tolist() == [[True] * 4 + [False], [True, True, False, False, False], [True] + [False] * 4]
+
+
 def test_label_order_records_the_rank_as_a_plain_list():
     # What image checkpoints store as "label_order": rank[j] = position of label j.
     assert LabelOrder.from_train(TRAIN).to_list() == [2, 0, 3, 1]

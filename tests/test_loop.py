@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.engine.loop import TrainStep, train_one_epoch, warmup_cosine
+from pipeline.engine.loop import TrainStep, train_one_epoch, validation_workers, warmup_cosine
 
 
 def learning_rates(total: int, warmup: int, lrs=(0.1, 1.0)) -> list[list[float]]:
@@ -90,3 +90,7 @@ def test_one_scaler_path_disabled_passes_through_and_enabled_unscales_before_cli
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
     torch.testing.assert_close(one_epoch(scaler, grad_clip), expected, rtol=1e-6, atol=1e-7)
     assert scaler.get_scale() == 2.0 ** 10  # no overflow, no skipped step
+
+
+def test_validation_workers_are_the_training_count_at_most_two():
+    assert [validation_workers(n) for n in (0, 1, 2, 3, 8)] == [0, 1, 2, 2, 2]

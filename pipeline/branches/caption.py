@@ -65,7 +65,7 @@ def predict_captions(model: CaptionClassifier, ids: torch.Tensor, lengths: torch
     order = torch.argsort(lengths, descending=True, stable=True)
     probs = torch.empty(len(lengths), model.head.out_features)  # (N, L)
     for rows, batch_ids, batch_lengths in caption_batches(ids, lengths, list(order.split(batch_size))):
-        probs[rows] = torch.sigmoid(model(batch_ids.to(device), batch_lengths.to(device))).float().cpu()
+        probs[rows] = torch.sigmoid(model(batch_ids.to(device), batch_lengths)).float().cpu()
     return probs.numpy()
 
 

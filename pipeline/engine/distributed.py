@@ -175,8 +175,10 @@ def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = 
         from timm.layers import convert_sync_batchnorm
 
         module = convert_sync_batchnorm(module)
-    device_ids = [context.device.index] if context.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
+    # No device_ids: with them DDP would copy every input to the GPU, the lengths that
+    # train_one_epoch leaves on the CPU included; the loop already moves the batch, and a
+    # single-device module trains the same without them.
+    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=find_unused)
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:

@@ -110,8 +110,9 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> 
     return base_lr * math.sqrt(global_batch / reference_batch)
 
 
-def _to_device(batch: Iterable[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+def _to_device(batch: Iterable[torch.Tensor], device: torch.device,
+               host_inputs: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+    return tuple(t if i in host_inputs else t.to(device, non_blocking=True) for i, t in enumerate(batch))
 
 
 class TrainStep(nn.Module):
@@ -120,12 +121,15 @@ class TrainStep(nn.Module):
     DistributedDataParallel synchronises gradients of what runs inside its ``forward``; a
     loss that calls a model method other than ``forward`` (the decoder's teacher-forced
     ``loss``) is only synchronised when the whole step runs inside this wrapper.
+    ``host_inputs`` are the batch positions :func:`train_one_epoch` leaves on the CPU (a
+    caption batch's lengths, which ``pack_padded_sequence`` reads there).
     """
 
-    def __init__(self, model: nn.Module, step_loss: StepLoss) -> None:
+    def __init__(self, model: nn.Module, step_loss: StepLoss, host_inputs: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.model = model
         self.step_loss = step_loss
+        self.host_inputs = host_inputs
 
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
         return self.step_loss(self.model, batch)
@@ -148,6 +152,16 @@ def epoch_loader(dataset: Dataset, global_batch: int, context: DistContext, shuf
     return DataLoader(dataset, batch_size=context.local_batch_size(global_batch, option), sampler=sampler,
                       num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def validation_workers(train_workers: int) -> int:
+    """Loader workers for a validation pass, not persistent: the training loader's count, at most 2.
+
+    A validation pass runs once an epoch over a small split; a few workers keep its batches
+    ready, while as many workers as training, kept alive between passes, would hold their
+    memory and dataset copies through every training step in between.
+    """
+    return max(0, min(train_workers, 2))
 
 
 def _check_finite(first_bad: torch.Tensor, epoch: int, bad_loss: torch.Tensor, name: str) -> None:
@@ -186,9 +200,10 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
     # Index of the first non-finite step (-1: none yet) and that loss, kept on the device.
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     bad_loss = torch.zeros((), device=device)
+    host_inputs = getattr(unwrap(step), "host_inputs", ())
     bar = tqdm(loader, desc=f"{name} epoch {epoch}".strip(), leave=False, disable=not (progress and context.is_main))
     for index, batch in enumerate(bar):
-        batch = _to_device(batch, device)
+        batch = _to_device(batch, device, host_inputs)
         with autocast():
             loss = step(*batch)
         new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())

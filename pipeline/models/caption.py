@@ -94,14 +94,17 @@ class CaptionClassifier(nn.Module):
         return embedded * mask
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L) for padded token ids (B, T) and lengths (B,), all lengths >= 1."""
+        """Logits (B, L) for padded token ids (B, T) and lengths (B,), all lengths >= 1.
+
+        ``lengths`` stay on the CPU whatever the model's device: pack_padded_sequence reads
+        them there, and copying them back from an accelerator would wait for it.
+        """
         width = ids.shape[1]
         embedded = self._drop_words(self.embedding(ids))  # (B, T, E)
-        # pack_padded_sequence wants the lengths on the CPU whatever the model's device.
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
         outputs, _ = self.rnn(packed)
         states, _ = pad_packed_sequence(outputs, batch_first=True, total_length=width)  # (B, T, H)
-        mask = (torch.arange(width, device=ids.device)[None, :] < lengths.to(ids.device)[:, None])  # (B, T)
+        mask = (torch.arange(width, device=ids.device)[None, :] < lengths.to(ids.device, non_blocking=True)[:, None])  # (B, T)
         mask = mask.unsqueeze(-1)  # (B, T, 1)
         max_pool = states.masked_fill(~mask, float("-inf")).amax(dim=1)  # (B, H)
         mean_pool = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B, H)

@@ -66,17 +66,19 @@ def label_rank(train_multi_hot: ArrayLike, order: Order = "frequent") -> Tensor:
     return rank
 
 
-def make_sequences(multi_hot: ArrayLike, rank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def make_sequences(multi_hot: ArrayLike, rank: Tensor, length: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Teacher-forcing sequences for a (B, L) 0/1 matrix, labels ordered by ``rank``.
 
-    With ``k`` labels in a row and ``T = max k + 1`` over the batch:
+    With ``k`` labels in a row and ``T = max k + 1`` over the batch (or ``T = length``,
+    which must be at least that; ``L + 1`` always is):
 
     * ``targets[b] = [l_1, ..., l_k, END, PAD, ...]`` (the labels in rank order),
     * ``inputs[b]  = [START, l_1, ..., l_k, PAD, ...]`` (targets shifted right),
     * ``mask[b]    = [True] * (k + 1) + [False] * (T - k - 1)``.
 
     Returns ``(inputs, targets, mask)``, long/long/bool tensors of shape (B, T) on the
-    device of ``rank``. A row without labels yields the single target END.
+    device of ``rank``. A row without labels yields the single target END. Without
+    ``length`` the longest row is read back to the host, which waits for an accelerator.
     """
     rank = torch.as_tensor(rank)
     present = torch.as_tensor(multi_hot, device=rank.device) != 0  # (B, L)
@@ -89,7 +91,8 @@ def make_sequences(multi_hot: ArrayLike, rank: Tensor) -> tuple[Tensor, Tensor, 
     key = rank.unsqueeze(0) + num_labels * (~present).long()  # (B, L)
     sorted_labels = torch.sort(key, dim=1, stable=True).indices  # (B, L)
     counts = present.sum(dim=1, keepdim=True)  # (B, 1)
-    length = int(counts.max()) + 1 if batch else 1
+    if length is None:
+        length = int(counts.max()) + 1 if batch else 1
     pos = torch.arange(length, device=rank.device).unsqueeze(0)  # (1, T)
 
     labels = F.pad(sorted_labels[:, : length - 1], (0, 1), value=tok.pad)  # (B, T)
@@ -214,8 +217,13 @@ class LabelDecoder(nn.Module):
         Averaging per image rather than per step keeps the loss of a batch split across
         DistributedDataParallel processes equal to the loss of the whole batch.
         ``multi_hot`` is the (B, L) 0/1 target; ``rank`` fixes the order (``label_rank``).
+
+        The sequences always take ``L + 1`` steps: the batch's longest label set would have
+        to be read back to the host, a wait for the device in every training step. The
+        steps past a row's END are PAD targets, which the loss ignores, and the LSTM only
+        looks back, so the loss equals that of sequences cut to the longest row.
         """
-        inputs, targets, _ = make_sequences(multi_hot, rank.to(features.device))  # (B, T) x2
+        inputs, targets, _ = make_sequences(multi_hot, rank.to(features.device), self.num_labels + 1)  # (B, L+1)
         logits = self(features, inputs)  # (B, T, L+1)
         summed = F.cross_entropy(
             logits.reshape(-1, self.num_outputs),

@@ -170,7 +170,8 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     seed_everything(seed)
     model = build_model(model_settings(config), vocab_size, train.labels.shape[1], embeddings).to(device)
     loss_fn = nn.BCEWithLogitsLoss()
-    step = wrap_model(TrainStep(model, lambda m, b: loss_fn(m(b[0], b[1]), b[2])), context)  # (B, L) logits
+    # (B, L) logits; the lengths (b[1]) stay on the CPU.
+    step = wrap_model(TrainStep(model, lambda m, b: loss_fn(m(b[0], b[1]), b[2]), host_inputs=(1,)), context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     shuffle = torch.Generator().manual_seed(seed)
     loader = _CaptionBatches(train, config.batch_size, shuffle, context)

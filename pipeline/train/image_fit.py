@@ -47,6 +47,7 @@ from pipeline.engine.loop import (
     predict_probs,
     scaled_lr,
     train_one_epoch,
+    validation_workers,
     warmup_cosine,
 )
 from pipeline.engine.resume import ResumeState
@@ -281,7 +282,7 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
                           sampler=inputs.sampler)
     val_shard = torch.utils.data.Subset(inputs.val, context.shard(len(inputs.val)).tolist())
     val_loader = DataLoader(val_shard, batch_size=context.local_batch_size(config.batch_size),
-                            num_workers=inputs.workers, pin_memory=pin, persistent_workers=inputs.workers > 0)
+                            num_workers=validation_workers(inputs.workers), pin_memory=pin)
     optimizer, lr = build_optimizer(config, model, device, recipe)
     epochs = recipe.epochs
     scheduler = warmup_cosine(optimizer, epochs * len(loader), int(config.warmup_epochs * len(loader)))
