@@ -177,7 +177,8 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
         predicted = ", ".join(names[k] for k in np.flatnonzero(pred[i]))
         rows = "".join(f"<tr><td>{html.escape(b)}</td><td>{'n/a' if np.isnan(p[i, j]) else f'{p[i, j]:.3f}'}</td></tr>"
                        for b, p in used.items())
-        rows += f"<tr class='fused'><td>fused</td><td>{fused[i, j]:.3f} (threshold {thresholds[j]:.3f})</td></tr>"
+        rows += (f"<tr class='fused'><td>fused</td><td>{fused[i, j]:.3f}</td></tr>"
+                 f"<tr><td>threshold</td><td>{thresholds[j]:.3f}</td></tr>")
         picture = (f"<img data-thumb='{i}' alt='{html.escape(ids[i])}'>" if thumbs.get(i) else
                    "<div class='nothumb'>image unreadable</div>")
         return (f"<figure class='card'>{picture}<figcaption><b>{html.escape(ids[i])}</b>"
@@ -198,10 +199,10 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
             f"<small>(id {label_ids[j]}; fused F1 {m.get('f1', float('nan')):.3f}, precision "
             f"{m.get('precision', float('nan')):.3f}, recall {m.get('recall', float('nan')):.3f}, "
             f"{m.get('support', 0)} positives)</small></h3>"
-            f"<h4>missed (true, not predicted; lowest fused score first)</h4>"
-            f"{gallery([(i, j) for i in lists[(j, 'missed')]], 'none missed')}"
-            f"<h4>invented (predicted, not true; highest fused score first)</h4>"
-            f"{gallery([(i, j) for i in lists[(j, 'invented')]], 'none invented')}</section>")
+            f"<div class='kinds'><div><h4>missed (true, not predicted; lowest fused score first)</h4>"
+            f"{gallery([(i, j) for i in lists[(j, 'missed')]], 'none missed')}</div>"
+            f"<div><h4>invented (predicted, not true; highest fused score first)</h4>"
+            f"{gallery([(i, j) for i in lists[(j, 'invented')]], 'none invented')}</div></div></section>")
 
     metric_rows = "".join(
         f"<tr><td>{html.escape(name)}</td>" + "".join(
@@ -270,6 +271,7 @@ table.metrics, table.tuner { border-collapse: collapse; } td, th { padding: 2px 
 table.metrics td, table.metrics th, table.tuner td, table.tuner th { border-bottom: 1px solid #e4e4e4; }
 img.plot { max-width: 100%; margin: 0.5em 1em 0.5em 0; border: 1px solid #ddd; }
 .gallery { display: flex; flex-wrap: wrap; gap: 8px; }
+.kinds { display: flex; flex-wrap: wrap; column-gap: 3em; } /* a label's two short galleries share a row */
 .card { margin: 0; width: 190px; border: 1px solid #ddd; border-radius: 4px; padding: 4px; font-size: 12px; background: #fafafa; }
 .card img, .nothumb { display: block; margin: 0 auto 4px; max-width: 100%; }
 .nothumb { width: 112px; height: 84px; background: #eee; color: #888; text-align: center; line-height: 84px; }
@@ -323,6 +325,7 @@ per-label threshold left blank uses the global one. The URL fragment sets the tu
 <h3>fusion.json for these settings</h3>
 <p>Save it as <code id="target"></code>, then run <code id="command"></code>. Without per-label thresholds the same
 run is <code id="oneoff"></code>.</p>
+<p><a id="download" download="fusion.json" href="#">download this fusion.json</a></p>
 <pre id="fusion-json"></pre>
 
 <h2 id="labels">Each label's worst images</h2>
@@ -534,7 +537,11 @@ function update() {
     val_samples_f1: round(result.samples, 5), cv_samples_f1: {},
     tuned_on: {by: "report.html tuner", n_images: N, source: DATA.source},
   });
-  document.getElementById("fusion-json").textContent = JSON.stringify(fusion, null, 2) + "\n";
+  // Arrays of numbers (the label ids) on one line each, so the file reads at a glance.
+  const text = JSON.stringify(fusion, null, 2).replace(
+    /\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]/g, (_, inner) => "[" + inner.split(/,\s+/).join(", ") + "]") + "\n";
+  document.getElementById("fusion-json").textContent = text;
+  document.getElementById("download").href = "data:application/json;charset=utf-8," + encodeURIComponent(text);
   document.getElementById("command").textContent = DATA.command;
   const weights = B.map((b) => b + "=" + state.weights[b]).join(",");
   document.getElementById("oneoff").textContent =
@@ -545,8 +552,11 @@ function update() {
 }
 
 function fromFragment() {
-  try { parseFragment(); } catch (err) { document.getElementById("tuner-error").textContent = err.message; }
+  let bad = "";
+  try { parseFragment(); } catch (err) { bad = err.message; }
   update();
+  // After update(), which clears the message box: the fragment's error must stay in view.
+  if (bad) document.getElementById("tuner-error").textContent = bad;
 }
 restore();
 fromFragment();

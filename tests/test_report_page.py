@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from io import BytesIO
 from pathlib import Path
@@ -212,7 +213,8 @@ def test_page_renders_in_chromium_and_its_tuner_scores_as_python(evaluated, tmp_
             " images: [...document.images].map(i => [i.alt, i.complete, i.naturalWidth]),"
             " f1: document.getElementById('tuner-f1').dataset.value,"
             " error: document.getElementById('page-error').hidden ? '' : document.getElementById('page-error').textContent,"
-            " fusion: document.getElementById('fusion-json').textContent};")
+            " fusion: document.getElementById('fusion-json').textContent,"
+            " download: document.getElementById('download').href};")
         shot = browser.screenshot()
         for name in WORDS.values():
             assert name in state["text"]
@@ -222,6 +224,8 @@ def test_page_renders_in_chromium_and_its_tuner_scores_as_python(evaluated, tmp_
         # The tuner, at the settings in use, gives --evaluate's fused samples-F1.
         assert float(state["f1"]) == pytest.approx(metrics["branches"]["fused"]["samples_f1"], abs=1e-4)
         shown = json.loads(state["fusion"])
+        # The download link saves exactly the text shown.
+        assert urllib.parse.unquote(state["download"].partition(",")[2]) == state["fusion"]
         saved = load_fusion(weights / "fusion.json")
         assert shown["weights"] == saved.weights and shown["per_label_thresholds"] == saved.per_label_thresholds
 
@@ -243,6 +247,11 @@ def test_page_renders_in_chromium_and_its_tuner_scores_as_python(evaluated, tmp_
                             " r.dispatchEvent(new Event('input'));"
                             " return document.getElementById('tuner-f1').dataset.value;")
         assert float(state) == pytest.approx(python_f1(data, weights_set, 0.8, {"1": 0.6, "19": 0.2}), abs=1e-9)
+        # A fragment naming a branch the page lacks says so, and the score of the rest still shows.
+        browser.open(page.as_uri() + "#w=nosuch:1&t=0.5")
+        state = browser.run("return [document.getElementById('tuner-error').textContent,"
+                            " document.getElementById('tuner-f1').dataset.value];")
+        assert "nosuch is not one of the branches" in state[0] and state[1] != ""
         errors = [entry for entry in browser.console() if entry.get("level") == "SEVERE"]
         assert errors == []
     finally:
