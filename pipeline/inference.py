@@ -73,6 +73,8 @@ class InferenceConfig(CommonConfig):
                                         "(overrides fusion.json for this run)", group="prediction")
     threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)", group="prediction")
     evaluate: bool = option(False, "score every branch alone and fused; write metrics.json and plots", group="prediction")
+    report: bool = option(True, "with --evaluate, also write OUTPUT/report.html: one self-contained page of the "
+                          "metrics, plots, each label's worst images and a fusion tuner", group="prediction")
     eval_csv: str | None = option(None, "labelled CSV to evaluate on instead of the validation split", group="data")
     test_csv: str | None = option(None, "CSV of the images to predict instead of DATA/test.csv", group="data")
     image: list[str] | None = option(
@@ -575,6 +577,16 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
             probs = predictor.probabilities(val, features=features)
         report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)
         summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
+        if config.report:
+            from pipeline.report_page import write_report_page
+
+            rerun = f"python inference.py --data {config.data} --weights-dir {config.weights_dir}" + \
+                (f" --branches {config.branches}" if config.branches else "")
+            write_report_page(output_dir / "report.html", y_true, probs, settings, list(labels.ids), report,
+                              group_by_image(eval_frame if eval_frame is not None else val).images, paths,
+                              source=source, weights_dir=weights_dir, command=rerun,
+                              plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
+                              label_names=recorded_label_names(config.data))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_json(output_dir / "inference_summary.json", summary)
     return summary
