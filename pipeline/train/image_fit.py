@@ -40,7 +40,13 @@ from pipeline.engine.loop import (
     warmup_cosine,
 )
 from pipeline.engine.resume import ResumeState
-from pipeline.engine.runtime import autocast_context, grad_scaler, training_memory_format
+from pipeline.engine.runtime import (
+    autocast_context,
+    compiled_forward,
+    grad_scaler,
+    resolve_compile,
+    training_memory_format,
+)
 from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
@@ -247,9 +253,12 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
         return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
                                       f"EMA decay {ema.current_decay():.4f})")
 
-    best = fit(mode, epochs, train_epoch, score, ema.module, state,
-               {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
-               context=context)
+    # Only the training steps run the trunk compiled: the EMA copy that is scored and saved,
+    # and the checkpoints, hold the plain modules.
+    with compiled_forward(model.trunk, resolve_compile(config.compile, device), f"{mode} trunk"):
+        best = fit(mode, epochs, train_epoch, score, ema.module, state,
+                   {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
+                   context=context)
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
     broadcast_state(model, context)  # the ranks' batch-norm statistics differ; rank 0's are saved
