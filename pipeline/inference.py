@@ -44,7 +44,13 @@ from pipeline.data.dataset import (
 from pipeline.data.images import ImageReadError
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
-from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.engine.runtime import (
+    configure_backends,
+    oom_hint,
+    resolve_device,
+    reuse_freed_memory,
+    seed_everything,
+)
 from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
 from pipeline.fusion import (
     FusionError,
@@ -509,6 +515,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     """Predict the test CSV; under torchrun every process predicts its share of the chunks
     and rank 0 writes the submission and evaluates."""
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
+    configure_backends(device)
     started = time.perf_counter()
     seed_everything(config.seed)
     paths = DatasetPaths.resolve(config.data, config.images)

@@ -1,4 +1,5 @@
-"""--compile: torch.compile of the trained trunk, with its eager fallback."""
+"""--compile (torch.compile of the trained trunk, with its eager fallback) and the backends set up
+for inference."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import inference
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint
 from pipeline.engine.loop import ModelEma, TrainStep
@@ -130,3 +132,17 @@ def _state_names(state: object, prefix: str = "") -> list[str]:
         return []
     return [name for key, value in state.items()
             for name in [f"{prefix}{key}", *_state_names(value, f"{prefix}{key}.")]]
+
+
+def test_inference_sets_up_the_backends_of_its_device(tiny_dataset, tmp_path, monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def configure(device):
+        raise Reached(device)
+
+    monkeypatch.setattr("pipeline.inference.configure_backends", configure)
+    with pytest.raises(Reached) as reached:
+        inference.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), "--output",
+                        str(tmp_path / "out"), "--device", "cpu", "--workers", "0"])
+    assert reached.value.args == (CPU,)
