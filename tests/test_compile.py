@@ -1,5 +1,5 @@
-"""--compile (torch.compile of the trained trunk, with its eager fallback) and the backends set up
-for inference."""
+"""--compile (torch.compile of the trained trunk, with its eager fallback), the backends set up
+for inference, and the precision inference runs the backbone in on its own device."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import inference
 import train_efficientnet
 from pipeline.checkpoint import load_checkpoint
 from pipeline.engine.loop import ModelEma, TrainStep
-from pipeline.engine.runtime import compiled_forward, resolve_compile
+from pipeline.engine.runtime import compiled_forward, inference_precision, resolve_compile
 from pipeline.io import OptionError
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelOrder
@@ -47,6 +47,17 @@ def test_compile_option_resolves_per_device(name, device, expected):
 def test_a_bad_compile_value_names_the_option():
     with pytest.raises(OptionError, match="--compile 'yes': valid values are auto, on, off"):
         resolve_compile("yes", CPU)
+
+
+@pytest.mark.parametrize("device, trained, native, expected", [
+    (CPU, "fp32", True, "fp32"), (CPU, "fp32", False, "fp32"),
+    (CPU, "bf16", True, "bf16"), (CPU, "bf16", False, "fp32"),  # no emulated bf16 autocast
+    (CPU, "fp16", True, "fp32"), (CPU, "fp16", False, "fp32"),  # fp16 never on a CPU
+    (CUDA, "fp32", True, "fp32"), (CUDA, "bf16", True, "bf16"), (CUDA, "bf16", False, "fp32"),
+    (CUDA, "fp16", False, "fp16"), (CUDA, "fp16", True, "fp16"),
+])
+def test_inference_precision_follows_the_inference_device(device, trained, native, expected):
+    assert inference_precision(device, trained, native) == expected
 
 
 def _tiny_step() -> tuple[TrainStep, tuple[torch.Tensor, torch.Tensor]]:
@@ -146,3 +157,18 @@ def test_inference_sets_up_the_backends_of_its_device(tiny_dataset, tmp_path, mo
         inference.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), "--output",
                         str(tmp_path / "out"), "--device", "cpu", "--workers", "0"])
     assert reached.value.args == (CPU,)
+
+
+@pytest.mark.parametrize("trained, native, expected, warned", [
+    ("bf16", False, "fp32", True), ("bf16", True, "bf16", False), ("fp16", True, "fp32", True),
+    ("fp32", True, "fp32", False),
+])
+def test_inference_picks_the_backbone_precision_of_its_own_cpu(monkeypatch, caplog, trained, native, expected,
+                                                                warned):
+    import pipeline.inference as pipeline_inference
+
+    monkeypatch.setattr(pipeline_inference, "native_bf16", lambda device: native)
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference"):
+        assert pipeline_inference.backbone_precision(trained, CPU, "image.pt") == expected
+    message = f"image.pt's features were computed in {trained}, which this CPU does not run natively: running fp32"
+    assert (message in caplog.text) is warned

@@ -70,6 +70,22 @@ def training_precision(name: str, device: torch.device) -> str:
     return resolve_precision(name, device)
 
 
+def inference_precision(device: torch.device, trained: str, native: bool) -> str:
+    """The precision inference runs the backbone in on ``device``, for a checkpoint whose
+    features were computed in ``trained``; ``native`` says whether ``device`` computes bf16 in
+    hardware (:func:`native_bf16`).
+
+    A reduced precision is kept only where this device runs it natively: emulated bf16 autocast
+    is slower than fp32, and fp16 never runs on a CPU (its CPU kernels are few and slow), so
+    those run in fp32, which is closer to either than the other reduced format.
+    """
+    if trained == "fp16":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if trained == "bf16":
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
