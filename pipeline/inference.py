@@ -42,7 +42,15 @@ from pipeline.data.dataset import (
 )
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
-from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.engine.runtime import (
+    configure_backends,
+    inference_precision,
+    native_bf16,
+    oom_hint,
+    resolve_device,
+    reuse_freed_memory,
+    seed_everything,
+)
 from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
 from pipeline.fusion import (
     FusionError,
@@ -217,6 +225,17 @@ def inference_runtime(trained: str, requested: str | None, device: torch.device,
     return trained
 
 
+def backbone_precision(trained: str, device: torch.device, source: str) -> str:
+    """The precision the backbone runs in here: the one ``source``'s features were computed in
+    where ``device`` runs it natively, else fp32 (said, since the features then differ a little
+    from those the heads learned from); see :func:`inference_precision`."""
+    precision = inference_precision(device, trained, native_bf16(device))
+    if precision != trained:
+        log.warning("%s's features were computed in %s, which this %s does not run natively: running %s, "
+                    "whose features differ slightly", source, trained, device.type.upper(), precision)
+    return precision
+
+
 class BranchPredictor:
     """Rebuilds the loaded branches and computes their probabilities for any frame of images/captions."""
 
@@ -233,8 +252,9 @@ class BranchPredictor:
             record = checkpoints[image_branches[0]]["backbone"]
             self.backbone = rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
             self.views = record["views"]
-            # Features are computed in the precision and runtime training computed them in.
-            self.precision = record["precision"]
+            # Features are computed in the precision and runtime training computed them in,
+            # where this device can.
+            self.precision = backbone_precision(record["precision"], device, f"{image_branches[0]}.pt")
             self.runtime = inference_runtime(record.get("runtime", "torch"), runtime, device,
                                              f"{image_branches[0]}.pt")
         self.heads = ImageHeads.from_checkpoints(checkpoints)
@@ -506,6 +526,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     """Predict the test CSV; under torchrun every process predicts its share of the chunks
     and rank 0 writes the submission and evaluates."""
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
+    configure_backends(device)
     started = time.perf_counter()
     seed_everything(config.seed)
     paths = DatasetPaths.resolve(config.data, config.images)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.io import OptionError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -63,6 +68,91 @@ def training_precision(name: str, device: torch.device) -> str:
     if name == "auto" and device.type == "cpu":
         return "fp32"
     return resolve_precision(name, device)
+
+
+def inference_precision(device: torch.device, trained: str, native: bool) -> str:
+    """The precision inference runs the backbone in on ``device``, for a checkpoint whose
+    features were computed in ``trained``; ``native`` says whether ``device`` computes bf16 in
+    hardware (:func:`native_bf16`).
+
+    A reduced precision is kept only where this device runs it natively: emulated bf16 autocast
+    is slower than fp32, and fp16 never runs on a CPU (its CPU kernels are few and slow), so
+    those run in fp32, which is closer to either than the other reduced format.
+    """
+    if trained == "fp16":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if trained == "bf16":
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def resolve_compile(name: str, device: torch.device) -> bool:
+    """``--compile``: ``auto`` -> on on a GPU, where the compiled trunk's fused kernels pay
+    back the compilation within the first epoch, and off on a CPU, where compiling takes
+    minutes of the few cores; ``on`` and ``off`` as said."""
+    if name not in COMPILE_CHOICES:
+        raise OptionError(f"--compile {name!r}: valid values are {', '.join(COMPILE_CHOICES)}")
+    if name == "auto":
+        return device.type == "cuda"
+    return name == "on"
+
+
+class _CompiledOrEager:
+    """``forward`` through ``torch.compile``; if compiling, or the first compiled call, raises,
+    a warning names the error and every call from then on runs ``forward`` eagerly. Errors of
+    later calls are the model's own and are raised."""
+
+    def __init__(self, forward: Callable[..., Any], name: str) -> None:
+        self.forward, self.name, self.proven = forward, name, False
+        self.compiled: Callable[..., Any] | None = None
+        try:
+            self.compiled = torch.compile(forward)
+        except Exception as err:  # noqa: BLE001 - any failure to compile leaves eager, which works
+            self._give_up(err)
+
+    def _give_up(self, err: BaseException) -> None:
+        log.warning("--compile: torch.compile of the %s failed (%s: %s); training continues uncompiled",
+                    self.name, type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+        self.compiled = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None and not self.proven:
+            try:
+                out = self.compiled(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - compilation runs inside the first call
+                self._give_up(err)
+            else:
+                self.proven = True
+                return out
+        if self.compiled is not None:
+            return self.compiled(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def compiled_forward(module: nn.Module, enabled: bool, name: str) -> Iterator[None]:
+    """Inside the block, ``module``'s forward runs compiled (when ``enabled``), falling back to
+    eager as :class:`_CompiledOrEager` says; afterwards it is the plain forward again.
+
+    Only the forward is replaced, not the module: its ``state_dict`` keys, and so checkpoints
+    and the EMA copy, stay those of the uncompiled module (a wrapping ``OptimizedModule``
+    would prefix them with ``_orig_mod.``), and what runs the module after training (feature
+    extraction, export, OpenVINO's conversion) sees a plain module.
+    """
+    if not enabled:
+        yield
+        return
+    previous = vars(module).get("forward")
+    module.forward = _CompiledOrEager(module.forward, name)
+    try:
+        yield
+    finally:
+        del module.forward
+        if previous is not None:
+            module.forward = previous
 
 
 def training_memory_format(device: torch.device) -> torch.memory_format:

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import TrainingConfig, option, workers_option
 from pipeline.data.augment import AUGMENTS
 from pipeline.engine.openvino_runtime import RUNTIMES
-from pipeline.engine.runtime import PRECISIONS
+from pipeline.engine.runtime import COMPILE_CHOICES, PRECISIONS
 from pipeline.models.backbones import DEFAULT_BACKBONE
 from pipeline.models.heads import LOSSES
 
@@ -62,6 +62,11 @@ class ImageTrainConfig(TrainingConfig):
         "auto", "arithmetic of the backbone, in training and in feature extraction here and in inference: auto = "
         "bf16 where the hardware computes it natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp16 "
         "with a gradient scaler on a GPU and fp32 on a CPU", choices=list(PRECISIONS), group="run")
+    compile: str = option(
+        "auto", "torch.compile the trained part of the backbone when fine-tuning (partial, finetune): auto = on "
+        "on a GPU, off on a CPU, where compiling costs minutes; if compiling fails, a warning names the error "
+        "and training runs uncompiled (docs/speed.md, \"Compiling the trunk\")", choices=list(COMPILE_CHOICES),
+        group="run")
     runtime: str = option(
         "auto", "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
         "same by default): torch, or OpenVINO compiled for this CPU; auto = OpenVINO on a CPU where it is "

@@ -51,7 +51,13 @@ from pipeline.engine.loop import (
     warmup_cosine,
 )
 from pipeline.engine.resume import ResumeState
-from pipeline.engine.runtime import autocast_context, grad_scaler, training_memory_format
+from pipeline.engine.runtime import (
+    autocast_context,
+    compiled_forward,
+    grad_scaler,
+    resolve_compile,
+    training_memory_format,
+)
 from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import parameter_stages
 from pipeline.models.decoder import LabelDecoder, LabelOrder
@@ -307,8 +313,11 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     resumable = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler}
     if augment is not None:
         resumable["augment"] = augment  # its generator, so a resumed run draws the same augmentation
-    best = fit(mode, epochs, train_epoch, score, ema.module, state, resumable,
-               context=context, history=history.for_stage("joint"))
+    # Only the training steps run the trunk compiled: the EMA copy that is scored and saved,
+    # and the checkpoints, hold the plain modules.
+    with compiled_forward(model.trunk, resolve_compile(config.compile, device), f"{mode} trunk"):
+        best = fit(mode, epochs, train_epoch, score, ema.module, state, resumable,
+                   context=context, history=history.for_stage("joint"))
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
     revert_sync_batchnorm(model)  # the trunk is the backbone that is saved and extracts features
