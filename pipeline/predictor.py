@@ -32,7 +32,7 @@ from pipeline.data.dataset import (
     read_prediction_csv,
 )
 from pipeline.data.images import ImageReadError
-from pipeline.engine.runtime import oom_hint, resolve_device, reuse_freed_memory, seed_everything
+from pipeline.engine.runtime import configure_backends, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.fusion import FusionSettings
 from pipeline.inference import (
     BranchPredictor,
@@ -69,6 +69,7 @@ class Predictor:
 
     def __init__(self, config: InferenceConfig, device: torch.device) -> None:
         config.validate()
+        configure_backends(device)  # cuDNN autotuning and TF32 on a GPU, as inference.py sets them
         self.config, self.device = config, device
         self.weights_dir = Path(config.weights_dir)
         self.requested = parse_branch_list(config.branches)
