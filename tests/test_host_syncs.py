@@ -164,3 +164,33 @@ def test_train_one_epoch_syncs_only_at_the_epoch_end():
     # tensor), after the steps: the recorder sees them once the steps are over.
     assert sorted(call.rsplit(" in ", 1)[1] for call in whole) == [
         "_check_finite: item", "mean_across_ranks: item", "mean_across_ranks: tensor"]
+
+
+def test_joint_image_step_with_device_augmentation_has_no_host_sync():
+    # fit_jointly's step: TrivialAugment on the uint8 batch, normalisation, the whole backbone,
+    # then head and decoder losses.
+    import warnings
+
+    import train_efficientnet
+    from pipeline.config import parse_config
+    from pipeline.data.augment import BatchAugment
+    from pipeline.models.backbones import create_backbone
+    from pipeline.models.decoder import LabelOrder
+    from pipeline.train.image_config import ImageTrainConfig
+    from pipeline.train.image_fit import build_image_model, joint_loss
+
+    torch.manual_seed(0)
+    config = parse_config(ImageTrainConfig, train_efficientnet.get_args_parser(),
+                          ["--head-hidden", "16", "--decoder-embed", "8", "--decoder-hidden", "16"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        backbone = create_backbone("test_efficientnet", resolution=32)
+    cpu = torch.device("cpu")
+    model = build_image_model(config, backbone.module, backbone.pooled_dim, 5, cpu)
+    augment = BatchAugment("trivial", cpu, seed=0)
+    targets = (torch.rand(4, 5, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    order = LabelOrder.from_train(targets.numpy(), config.label_order)
+    step_loss = joint_loss(config, lambda raw: normalize_batch(augment(raw), PRE), order, cpu)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    in_steps, _ = run_epoch(TrainStep(model, step_loss), [(images, targets)])
+    assert_no_syncs(in_steps)
