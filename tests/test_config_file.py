@@ -33,9 +33,9 @@ def captured_inference_config(monkeypatch, argv: list[str]):
 
 @pytest.mark.parametrize("text, message", [
     ('{"epochs": 3,\n "lr": }', ":2: not valid JSON (Expecting value)"),
-    ("[1, 2]", ": holds a list, not a JSON object of settings (keys: backbone, backbone_weights, "),
+    ("[1, 2]", ": holds a list, not a JSON object of settings (keys: augment, backbone, backbone_weights, "),
     ('{"epochs": 3, "epochs": 4}', ": key(s) ['epochs'] given twice; give each once"),
-    ('{"epoch": 3, "lrr": 1}', ": unknown key(s) ['epoch', 'lrr']; valid keys: backbone, backbone_weights, "),
+    ('{"epoch": 3, "lrr": 1}', ": unknown key(s) ['epoch', 'lrr']; valid keys: augment, backbone, backbone_weights, "),
     ('{"epochs": 1.5}', ": key 'epochs' (--epochs) is 1.5; it takes an integer"),
     ('{"epochs": true}', ": key 'epochs' (--epochs) is true; it takes an integer"),
     ('{"lr": "0.1"}', ": key 'lr' (--lr) is \"0.1\"; it takes a number"),
