@@ -17,7 +17,7 @@ help:
 	@echo "make bench       the throughput benchmark on the demo dataset (after make demo)"
 	@echo "make bench-scale time and memory at 15k, 60k and 120k images linked from $(SHARED) (output/scale.json)"
 	@echo "make gpu-pack    pack wheels, a real-data subset and the check script into .gpu/ (under 60 MB)"
-	@echo "make gpu-check   run .gpu/check.sh on a CUDA machine: every GPU stage, report in .gpu/out/gpu_check.json"
+	@echo "make gpu-check   run .gpu/check.sh on a CUDA machine: every GPU stage within --deadline (480 s), report in .gpu/out/gpu_check.json"
 	@echo "make clean       remove generated data, weights and outputs (keeps .venv)"
 
 $(STAMP): requirements.txt
