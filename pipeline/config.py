@@ -31,7 +31,7 @@ from pipeline.data.images import ImageReadError
 from pipeline.engine.loop import NonFiniteLossError
 from pipeline.engine.runtime import usable_cores
 from pipeline.fusion import FusionError
-from pipeline.io import CheckpointError, OptionError, write_json
+from pipeline.io import CheckpointError, OptionError, unique_keys_hook, write_json
 from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
 
 # ``--help`` sections, in the order shown; an option names its section with ``group=``.
@@ -221,13 +221,8 @@ def read_config_file(config_cls: type, path: str | Path) -> dict[str, object]:
     run with the default the file meant to change."""
     path = Path(path)
 
-    def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-        # json keeps the last of repeated keys without a word: a value the reader never sees.
-        keys = [key for key, _ in pairs]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        if repeated:
-            raise OptionError(f"--config {path}: key(s) {repeated} given twice; give each once")
-        return dict(pairs)
+    unique_keys = unique_keys_hook(
+        lambda keys: OptionError(f"--config {path}: key(s) {keys} given twice; give each once"))
 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)

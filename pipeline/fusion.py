@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 
 from pipeline.checkpoint import BRANCHES
-from pipeline.io import write_json
+from pipeline.io import unique_keys_hook, write_json
 from pipeline.metrics import THRESHOLD_GRID, binarize, samples_f1, tune_global_threshold
 
 log = logging.getLogger(__name__)
@@ -347,13 +347,7 @@ def load_fusion(path: str | Path) -> FusionSettings:
     the key and the values allowed."""
     path = Path(path)
 
-    def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-        # json keeps the last of repeated keys without a word: a value the reader never sees.
-        keys = [key for key, _ in pairs]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        if repeated:
-            raise FusionError(f"{path}: key(s) {repeated} given twice; give each once")
-        return dict(pairs)
+    unique_keys = unique_keys_hook(lambda keys: FusionError(f"{path}: key(s) {keys} given twice; give each once"))
 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)

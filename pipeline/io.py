@@ -137,6 +137,19 @@ def _weights_only_reason(err: pickle.UnpicklingError) -> str:
     return specific[0] if specific else (lines[0] if lines else type(err).__name__)
 
 
+def unique_keys_hook(refuse: Callable[[list[str]], Exception]) -> Callable[[list[tuple[str, object]]], dict]:
+    """A ``json.loads`` ``object_pairs_hook`` that raises ``refuse(repeated keys)`` for a key
+    given twice: json keeps the last one without a word, a value the reader never sees."""
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise refuse(repeated)
+        return dict(pairs)
+
+    return hook
+
+
 def safe_torch_load(path: str | Path) -> object:
     """``torch.load(weights_only=True)`` of any file: plain data, or a ``CheckpointError`` naming the file.
 
