@@ -33,7 +33,7 @@ def test_each_mode_resolves_to_its_defaults():
                                                         augment="trivial", scale_jitter=0.7, loss="bce")
     # Partial mode trains one or two top stages on cached maps: one rate, no drop path, and the
     # cached mirror image its only augmentation.
-    assert resolve_recipe(config, "partial") == Recipe(epochs=8, weight_decay=0.05, layer_decay=1.0, drop_path=0.0,
+    assert resolve_recipe(config, "partial") == Recipe(epochs=8, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
                                                        augment="none", scale_jitter=1.0, loss="bce")
     assert resolve_recipe(config, "frozen") == Recipe(epochs=12, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
                                                       augment="none", scale_jitter=1.0, loss="bce")
