@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.engine.runtime import cpu_threads
 from pipeline.io import OptionError, file_digest
 from pipeline.shards import Field, ShardedStore, write_lock
 
@@ -150,14 +152,18 @@ def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str 
             store = ShardedStore.create(directory, key, len(texts), _SHARD_ROWS, fields)
             todo = store.missing_shards() + sorted(store.damaged_shards())
             bar = tqdm(total=len(texts), desc=f"{encoder_name} token states", unit="caption", disable=not progress)
-            with contextlib.closing(bar):
+            # Every core: the caption trainer runs its small models on one thread, and the
+            # encoder's matrix products are what the cores are for.
+            with contextlib.closing(bar), cpu_threads(len(os.sched_getaffinity(0))):
                 for shard in todo:
                     rows = store.shard_range(shard)
-                    states, lengths = encoder.token_states(texts[rows.start:rows.stop], max_tokens)
                     with store.write_shard(shard) as arrays:
-                        arrays["states"][:] = states
-                        arrays["lengths"][:] = lengths
-                    bar.update(len(rows))
+                        for start in range(rows.start, rows.stop, _BATCH):
+                            stop = min(start + _BATCH, rows.stop)
+                            states, lengths = encoder.token_states(texts[start:stop], max_tokens)
+                            arrays["states"][start - rows.start:stop - rows.start] = states
+                            arrays["lengths"][start - rows.start:stop - rows.start] = lengths
+                            bar.update(stop - start)
         log.info("text cache written: %s (%.1f MB)", directory, store.disk_bytes() / 1e6)
     return TokenStates(store.read_all("states"), store.read_all("lengths"))
 
