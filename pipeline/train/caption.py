@@ -161,7 +161,7 @@ class _CaptionBatches:
 
 
 def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded, val: _Encoded,
-                vocab_size: int, embeddings: torch.Tensor | None, token_dim: int | None, device: torch.device,
+                vocab_size: int, embeddings: torch.Tensor | None, encoder: TextEncoder | None, device: torch.device,
                 context: DistContext = DistContext(), state: ResumeState | None = None,
                 history: EpochHistory | None = None) -> dict:
     """Train one model from ``seed``; keep its epoch with the best validation score.
@@ -171,11 +171,15 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     ``{"epoch", "score", "probs", "state"}``.
     """
     seed_everything(seed)
-    model = build_model(model_settings(config), vocab_size, train.labels.shape[1], embeddings, token_dim).to(device)
+    model = build_model(model_settings(config), vocab_size, train.labels.shape[1], embeddings, encoder).to(device)
     loss_fn = nn.BCEWithLogitsLoss()
     # (B, L) logits; the lengths (b[1]) stay on the CPU.
     step = wrap_model(TrainStep(model, lambda m, b: loss_fn(m(b[0], b[1]), b[2]), host_inputs=(1,)), context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # The pretrained encoder layers only adapt: a rate fit for the new RNN would wreck them.
+    top = [] if model.encoder_top is None else list(model.encoder_top.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in top)]
+    groups = [{"params": rest}] + ([{"params": top, "lr": config.text_encoder_lr}] if top else [])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     shuffle = torch.Generator().manual_seed(seed)
     loader = _CaptionBatches(train, config.batch_size, shuffle, context)
     # The image branch's schedule: a warm-up over the first 10% of the updates, then cosine
@@ -226,7 +230,6 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     if not context.is_main:
         train = _encode(config, vocab, train_df, label_set, encoder)
     val = _encode(config, vocab, val_df, label_set, encoder)
-    token_dim = None if encoder is None else encoder.dim
     has_val = len(val_df) > 0
     if not has_val and context.is_main:
         tqdm.write("caption: the validation split is empty; keeping each model's last epoch")
@@ -246,10 +249,10 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
         state = ResumeState(resume_dir, f"member{i}", digest, config.resume, context)
-        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, token_dim, device,
+        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, encoder, device,
                                    context, state, history.for_stage(BRANCH, i)))
 
-    ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set), token_dim)
+    ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set), encoder)
     for model, member in zip(ensemble, members):
         model.load_state_dict(member["state"])
     if has_val:

@@ -40,6 +40,11 @@ class CaptionTrainConfig(TrainingConfig):
         "words", "what the recurrent layers read: 'words' (the branch's own word embeddings) or a frozen pretrained "
         "encoder's token states ('minilm': all-MiniLM-L6-v2, cached in WEIGHTS_DIR/cache)",
         choices=["words", *TEXT_ENCODERS], group="model")
+    text_encoder_layers: int = option(
+        0, "the text encoder's last layers trained with each caption model (0: the encoder stays frozen and its "
+        "states are cached; each trained layer runs forward and backward every epoch, minutes per layer on a CPU)",
+        group="model")
+    text_encoder_lr: float = option(5e-5, "peak learning rate of the trained text-encoder layers", group="training")
     word_vectors: str | None = option(
         None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)", group="model")
 
@@ -65,5 +70,10 @@ class CaptionTrainConfig(TrainingConfig):
         if self.word_vectors and self.text_encoder != "words":
             raise ValueError(f"--word-vectors initialises word embeddings, and --text-encoder {self.text_encoder} "
                              "reads the encoder's token states instead: give one of them")
+        if self.text_encoder_layers and self.text_encoder == "words":
+            raise ValueError(f"--text-encoder-layers {self.text_encoder_layers} trains a pretrained encoder's "
+                             "layers: give --text-encoder too")
+        if self.text_encoder_layers < 0:
+            raise ValueError(f"--text-encoder-layers must be >= 0, got {self.text_encoder_layers}")
         if self.rnn not in RNN_TYPES:
             raise ValueError(f"--rnn {self.rnn!r}: valid: {', '.join(RNN_TYPES)}")
