@@ -85,7 +85,7 @@ def test_evaluate_writes_one_self_contained_page(evaluated):
     assert not re.search(r"""(src|href)\s*=\s*['"](https?:|//)""", page)
     assert re.findall(r"""<img[^>]*src=['"](?!data:)""", page) == []
     thumbs = embedded(page, "thumbs")
-    referenced = set(re.findall(r"data-thumb='(\d+)'", page))
+    referenced = set(re.findall(r"""data-thumb=['"](\d+)['"]""", page))
     assert referenced and referenced == set(thumbs)
     for encoded in thumbs.values():
         with Image.open(BytesIO(base64.b64decode(encoded))) as image:
@@ -130,7 +130,7 @@ def test_thumbnails_keep_to_the_caps_and_the_page_states_them(tmp_path):
     frame = __import__("pandas").DataFrame({"ImageID": ids, "Caption": [f"caption {i} </script>" for i in range(n)]})
     summary = write_report_page(tmp_path / "report.html", y, probs, settings, [1, 2, 3], metrics, frame,
                                 DatasetPaths(tmp_path, tmp_path / "data"), source="validation split",
-                                weights_dir=tmp_path, command="python inference.py", limits=limits)
+                                weights_dir=tmp_path, command=["python", "inference.py"], limits=limits)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     thumbs = embedded(page, "thumbs")
     # 3 labels x 2 kinds x 2 + 2 entries ask for more images than the cap of 5 allows.
