@@ -125,6 +125,20 @@ def _array_b64(a: np.ndarray) -> tuple[str, str]:
     return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode("ascii"), dtype[1:]
 
 
+def tuner_arrays(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: list[int],
+                 names: list[str]) -> dict:
+    """What the page's script (``tunerModel`` in page.js) decodes: the labels, the branches in
+    fusion order, the truth as bytes and each branch's probabilities as raw floats."""
+    encoded = {b: _array_b64(p) for b, p in probs_by_branch.items()}
+    return {
+        "labels": [{"id": int(i), "name": n} for i, n in zip(label_ids, names)],
+        "branches": list(probs_by_branch),
+        "n": int(len(y_true)),
+        "y": base64.b64encode(np.ascontiguousarray(y_true, dtype=np.uint8).tobytes()).decode("ascii"),
+        "probs": {b: {"data": d, "dtype": t} for b, (d, t) in encoded.items()},
+    }
+
+
 def _galleries(y_true: np.ndarray, pred: np.ndarray, fused: np.ndarray, probs_by_branch: dict[str, np.ndarray],
                limits: PageLimits) -> tuple[dict[tuple[int, str], list[int]], list[tuple[int, int]]]:
     """Per (label, kind): the images it missed (true, not predicted; lowest fused score first) and
@@ -212,13 +226,8 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
 
     thumb_bytes = sum(len(t) * 3 // 4 for t in thumbs.values() if t)
     n_thumbs = sum(t is not None for t in thumbs.values())
-    encoded = {b: _array_b64(p) for b, p in used.items()}
     data = {
-        "labels": [{"id": int(i), "name": n} for i, n in zip(label_ids, names)],
-        "branches": list(settings.branches),
-        "n": int(len(y_true)),
-        "y": base64.b64encode(np.ascontiguousarray(y_true, dtype=np.uint8).tobytes()).decode("ascii"),
-        "probs": {b: {"data": d, "dtype": t} for b, (d, t) in encoded.items()},
+        **tuner_arrays(y_true, used, label_ids, names),
         "fusion": asdict(settings),
         "fused_samples_f1": metrics.get("fused", {}).get("samples_f1"),
         "target": str(fusion_target(Path(weights_dir), list(settings.branches))),

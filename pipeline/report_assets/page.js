@@ -14,8 +14,9 @@ function base64Bytes(b64) {
 // (float32 or float64, little-endian; a row of NaN: the branch had no input for that image).
 function tunerModel(data) {
   const n = data.n, l = data.labels.length, branches = data.branches;
-  const probs = new Map(), avail = new Map();
+  const probs = new Map(), avail = new Map(), float32 = new Map();
   for (const b of branches) {
+    float32.set(b, data.probs[b].dtype === "f4");
     const raw = base64Bytes(data.probs[b].data), view = new DataView(raw.buffer);
     const f4 = data.probs[b].dtype === "f4", values = new Float64Array(n * l), known = new Uint8Array(n);
     for (let k = 0; k < n * l; k++) values[k] = f4 ? view.getFloat32(4 * k, true) : view.getFloat64(8 * k, true);
@@ -27,21 +28,25 @@ function tunerModel(data) {
     avail.set(b, known);
   }
   return {n, l, branches, labels: data.labels.map((label) => ({id: String(label.id), name: label.name})),
-          y: base64Bytes(data.y), probs, avail};
+          y: base64Bytes(data.y), probs, avail, float32};
 }
 
-// pipeline.fusion.weighted_average, in the same order of operations, so the sums are the same doubles.
+// pipeline.fusion.weighted_average, in the same order of operations, so the sums are the same
+// doubles. Its weighted sum is in float64; its plain sum (the fallback for an image whose
+// branches all have weight 0) keeps the probabilities' dtype, float32 until a float64 branch
+// comes, so here each step of it is rounded to float32 while every branch so far was float32.
 function fuse(model, weights) {
-  const {n, l, branches, probs, avail} = model, out = new Float64Array(n * l);
+  const {n, l, branches, probs, avail, float32} = model, out = new Float64Array(n * l);
   for (let i = 0; i < n; i++) {
     let wsum = 0, count = 0;
     for (const b of branches) { if (avail.get(b)[i]) { wsum += weights.get(b) || 0; count += 1; } }
     for (let j = 0; j < l; j++) {
-      let total = 0, plain = 0;
+      let total = 0, plain = 0, single = true;
       for (const b of branches) {
+        single = single && float32.get(b);
         if (!avail.get(b)[i]) continue;
         total += (weights.get(b) || 0) * probs.get(b)[i * l + j];
-        plain += probs.get(b)[i * l + j];
+        plain = single ? Math.fround(plain + probs.get(b)[i * l + j]) : plain + probs.get(b)[i * l + j];
       }
       out[i * l + j] = wsum === 0 ? plain / Math.max(count, 1) : total / wsum;
     }
