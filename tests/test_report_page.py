@@ -369,8 +369,12 @@ class Browser:
     def open(self, url: str) -> None:
         self._call("POST", self.session + "/url", {"url": url})
 
-    def run(self, script: str):
-        return self._call("POST", self.session + "/execute/sync", {"script": script, "args": []})
+    def run(self, script: str, *args):
+        return self._call("POST", self.session + "/execute/sync", {"script": script, "args": list(args)})
+
+    def run_page_function(self, body: str, payload: object):
+        """A JS_* body run on the page's own functions, ``input`` being ``payload``."""
+        return self.run(f"const page = window, input = arguments[0]; {body}", payload)
 
     def screenshot(self) -> bytes:
         return base64.b64decode(self._call("GET", self.session + "/screenshot"))
@@ -439,6 +443,26 @@ def test_page_renders_in_chromium_and_its_tuner_scores_as_python(evaluated, tmp_
         state = browser.run("return [document.getElementById('tuner-error').textContent,"
                             " document.getElementById('tuner-f1').dataset.value];")
         assert "nosuch is not one of the branches" in state[0] and state[1] != ""
+        # Labels the page does not have, and a threshold that is not a number: refused where the
+        # user looks, the settings in use kept (no NaN beside the slider).
+        for fragment, message in [("pl=99:0.3,toString:0.3", 'fragment pl: "99" is not a label id of this page'),
+                                  ("pl=toString:0.3", 'fragment pl: "toString" is not a label id'),
+                                  ("t=abc", 'fragment t: "abc" is not a number')]:
+            browser.open(page.as_uri() + "#" + fragment)
+            state = browser.run("return [document.getElementById('tuner-error').textContent,"
+                                " document.getElementById('tuner-f1').dataset.value,"
+                                " document.getElementById('t-value').textContent];")
+            assert state[0].startswith(message) and state[1] != "" and state[2] == str(saved.threshold)
+        # The one-off command, pasted into bash, runs inference.py on the data folder as named.
+        oneoff = browser.run("return document.getElementById('oneoff').textContent;")
+        shown = subprocess.run(["bash", "-c", "python() { printf '%s\\n' \"$@\"; }\n" + oneoff],
+                               capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+        assert shown[:3] == ["inference.py", "--data", str(weights.parent / HOSTILE_FOLDER)]
+        assert shown[-4:-2] == ["--fusion-weights", ",".join(f"{b}={w}" for b, w in saved.weights.items())]
+        # The page's own fusion, F1, fragment parsing and quoting are Python's (as under node).
+        cases = random_cases(20, seed=1)
+        assert_scored_as_python(cases, browser.run_page_function(JS_FUSION, {"cases": cases}))
+        assert_fragments_handled(browser.run_page_function(JS_FRAGMENTS, fragment_payload()))
         errors = [entry for entry in browser.console() if entry.get("level") == "SEVERE"]
         assert errors == []
     finally:

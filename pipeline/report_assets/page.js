@@ -242,7 +242,7 @@ function startPage() {
   document.getElementById("saved-f1").textContent =
     data.fused_samples_f1 === null ? "n/a" : data.fused_samples_f1.toFixed(4) + " (metrics.json)";
   document.getElementById("target").textContent = data.target;
-  document.getElementById("command").textContent = data.command.map(shellQuote).join(" ");
+  document.getElementById("command").textContent = data.command;  // quoted by Python's shlex.join
 
   function update() {
     for (const b of model.branches) {
@@ -282,8 +282,8 @@ function startPage() {
     document.getElementById("fusion-json").textContent = text;
     document.getElementById("download").href = "data:application/json;charset=utf-8," + encodeURIComponent(text);
     const weights = model.branches.map((b) => b + "=" + state.weights.get(b)).join(",");
-    document.getElementById("oneoff").textContent = [...data.command, "--fusion-weights", weights,
-                                                     "--threshold", String(state.threshold)].map(shellQuote).join(" ");
+    document.getElementById("oneoff").textContent = data.command + " " +
+      ["--fusion-weights", weights, "--threshold", String(state.threshold)].map(shellQuote).join(" ");
     const fragment = "w=" + model.branches.map((b) => b + ":" + state.weights.get(b)).join(",") +
       "&t=" + state.threshold + "&pl=" + [...state.perLabel].map(([id, t]) => id + ":" + t).join(",");
     history.replaceState(null, "", "#" + fragment);
