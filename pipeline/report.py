@@ -55,7 +55,7 @@ PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 def per_label_f1_figure(report: dict[str, dict], label_ids: list[int], label_names: dict[str, str] | None = None):
     """Each label's F1 by branch, bars grouped by label; each label's tick names it and its
-    positives, and the legend sits above the axes, clear of the bars."""
+    positives, and the legend sits right of the axes, clear of the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +76,7 @@ def per_label_f1_figure(report: dict[str, dict], label_ids: list[int], label_nam
         ax.set_ylabel("F1")
         ax.set_ylim(0, 1)
         ax.set_title("Per-label F1 by branch")
-        fig.legend(loc="outside upper center", ncol=len(names), fontsize=8)
+        fig.legend(loc="outside right upper", fontsize=8)
     return fig
 
 
