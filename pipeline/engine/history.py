@@ -2,7 +2,8 @@
 
 Columns ``stage,member,epoch,train_loss,val_score,lr,seconds``: ``stage`` is the loop
 (``head``, ``decoder`` or ``joint`` for the image branch, ``caption`` for the caption
-models), ``member`` the caption ensemble member (empty where there is none), ``val_score``
+models), ``member`` the caption ensemble member from 0 (empty where there is none; the log
+and the plot count them from 1), ``val_score``
 the score the loop keeps its best epoch by (empty without a validation split), ``lr`` the
 schedule's base learning rate at the epoch's first update (before the layer-wise and head
 scales) and ``seconds`` the epoch's training and scoring time.
