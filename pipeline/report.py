@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,6 +12,9 @@ from pipeline.fusion import FusionSettings
 from pipeline.io import write_json
 from pipeline.labels import label_name
 from pipeline.metrics import THRESHOLD_GRID, binarize, evaluate_probs, samples_f1, tune_global_threshold
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,8 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 
-def per_label_f1_figure(report: dict[str, dict], label_ids: list[int], label_names: dict[str, str] | None = None):
+def per_label_f1_figure(report: dict[str, dict], label_ids: list[int],
+                        label_names: dict[str, str] | None = None) -> Figure:
     """Each label's F1 by branch, bars grouped by label; each label's tick names it and its
     positives, and the legend sits right of the axes, clear of the bars."""
     import matplotlib
@@ -80,7 +85,7 @@ def per_label_f1_figure(report: dict[str, dict], label_ids: list[int], label_nam
     return fig
 
 
-def _save_figure(fig, path: Path) -> None:
+def _save_figure(fig: Figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,16 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from pipeline.engine.distributed import DistContext
 from pipeline.io import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = ("stage", "member", "epoch", "train_loss", "val_score", "lr", "seconds")
 CURVES_FILE = "training_curves.png"
@@ -134,7 +138,7 @@ def _panels(weights_dir: Path) -> list[tuple[str, pd.DataFrame]]:
     return panels
 
 
-def training_curves_figure(weights_dir: str | Path):
+def training_curves_figure(weights_dir: str | Path) -> Figure | None:
     """The figure of ``plot_histories`` (a matplotlib Figure), None when there is no history.
     Ensemble members are numbered from 1, as the training log numbers them ("model 2/5"),
     and each panel's legend sits below its axes, clear of the curves."""
