@@ -220,7 +220,7 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
     metric_rows = [
         {"name": name,
          "cells": ["—" if m.get(key) is None else f"{m[key]:.4f}"
-                    for key in ("samples_f1", "micro_f1", "macro_f1", "mAP", "jaccard")],
+                   for key in ("samples_f1", "micro_f1", "macro_f1", "mAP", "jaccard")],
          "threshold": "per label" if name == "fused" else format(m["thresholds"][0], ".2f")}
         for name, m in metrics.items()]
 

@@ -196,6 +196,9 @@ def test_the_page_is_built_from_its_package_files_only():
     for name in ("page.html", "page.css", "page.js"):
         assert asset_text(name).strip()
     assert "{{ script }}" in asset_text("page.html") and "{{ css }}" in asset_text("page.html")
+    # Inlined as they are into <script> and <style>: nothing in them may end those elements early.
+    assert not re.search(r"</script|<!--", asset_text("page.js"), re.I)
+    assert not re.search(r"</style", asset_text("page.css"), re.I)
 
 
 # --- the page's script, run by node (and by Chromium in the browser test) ----------------------
