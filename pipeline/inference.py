@@ -596,18 +596,19 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                 features = (values, readable[len(train_images):], np.arange(len(train_images), len(training_ids)))
             y_true, source = split_labels(val, labels, data_labels, weights_dir), "validation split"
             probs = predictor.probabilities(val, features=features)
-        report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)
+        label_names = recorded_label_names(config.data)
+        report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source, label_names)
         summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
         if config.report:
             from pipeline.report_page import write_report_page
 
-            rerun = f"python inference.py --data {config.data} --weights-dir {config.weights_dir}" + \
-                (f" --branches {config.branches}" if config.branches else "")
+            rerun = ["python", "inference.py", "--data", str(config.data), "--weights-dir", str(config.weights_dir),
+                     *(["--branches", config.branches] if config.branches else [])]
             write_report_page(output_dir / "report.html", y_true, probs, settings, list(labels.ids), report,
                               group_by_image(eval_frame if eval_frame is not None else val).images, paths,
                               source=source, weights_dir=weights_dir, command=rerun,
                               plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
-                              label_names=recorded_label_names(config.data))
+                              label_names=label_names)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_json(output_dir / "inference_summary.json", summary)
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,13 +13,18 @@ from pipeline.io import write_json
 from pipeline.labels import label_name
 from pipeline.metrics import THRESHOLD_GRID, binarize, evaluate_probs, samples_f1, tune_global_threshold
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 log = logging.getLogger(__name__)
 
 
 def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], settings: FusionSettings,
-                      label_ids: list[int], output_dir: Path, source: str) -> dict[str, dict]:
+                      label_ids: list[int], output_dir: Path, source: str,
+                      label_names: dict[str, str] | None = None) -> dict[str, dict]:
     """Score each branch (at its own best global threshold) and the fusion (at its tuned
-    thresholds); write ``metrics.json``, ``per_label_f1.png`` and ``f1_vs_threshold.png``."""
+    thresholds); write ``metrics.json``, ``per_label_f1.png`` and ``f1_vs_threshold.png``
+    (labels named by ``label_names``, the dataset's own, else as ``label_name`` does)."""
     output_dir = Path(output_dir)
     report: dict[str, dict] = {}
     curves: dict[str, np.ndarray] = {}
@@ -33,7 +39,7 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
 
     payload = {"source": source, "n_images": int(len(y_true)), "branches": report}
     write_json(output_dir / "metrics.json", payload)
-    _plot_per_label_f1(report, label_ids, output_dir / "per_label_f1.png")
+    _save_figure(per_label_f1_figure(report, label_ids, label_names), output_dir / "per_label_f1.png")
     _plot_threshold_curves(curves, output_dir / "f1_vs_threshold.png")
 
     width = max(len(name) for name in report)
@@ -47,7 +53,14 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
     return report
 
 
-def _plot_per_label_f1(report: dict[str, dict], label_ids: list[int], path: Path) -> None:
+# Label names are the user's text: a "$" in one must print as "$", never start mathtext.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def per_label_f1_figure(report: dict[str, dict], label_ids: list[int],
+                        label_names: dict[str, str] | None = None) -> Figure:
+    """Each label's F1 by branch, bars grouped by label; each label's tick names it and its
+    positives, and the legend sits right of the axes, clear of the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,18 +69,28 @@ def _plot_per_label_f1(report: dict[str, dict], label_ids: list[int], path: Path
     names = list(report)
     x = np.arange(len(label_ids))
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8, len(label_ids) * 0.6), 4.5))
-    for k, name in enumerate(names):
-        f1 = [report[name]["per_label"][str(i)]["f1"] for i in label_ids]
-        ax.bar(x + (k - (len(names) - 1) / 2) * width, f1, width, label=name)
-    ax.set_xticks(x, [f"{i} {label_name(i)}" for i in label_ids], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("F1")
-    ax.set_ylim(0, 1)
-    ax.set_title("Per-label F1 by branch")
-    ax.legend(ncol=len(names), fontsize=8)
-    fig.tight_layout()
+    support = next(iter(report.values()))["per_label"]  # the truth's positives: the same for every branch
+    with plt.rc_context(PLAIN_TEXT):
+        fig, ax = plt.subplots(figsize=(max(8, len(label_ids) * 0.6), 5), layout="constrained")
+        for k, name in enumerate(names):
+            f1 = [report[name]["per_label"][str(i)]["f1"] for i in label_ids]
+            ax.bar(x + (k - (len(names) - 1) / 2) * width, f1, width, label=name)
+        ax.set_xticks(x, [f"{i} {label_name(i, label_names)} ({support[str(i)]['support']})" for i in label_ids],
+                      rotation=60, ha="right", fontsize=8)
+        ax.set_xlabel("label id, name (positives)")
+        ax.set_ylabel("F1")
+        ax.set_ylim(0, 1)
+        ax.set_title("Per-label F1 by branch")
+        fig.legend(loc="outside right upper", fontsize=8)
+    return fig
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with plt.rc_context(PLAIN_TEXT):
+        fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -2,7 +2,8 @@
 
 Columns ``stage,member,epoch,train_loss,val_score,lr,seconds``: ``stage`` is the loop
 (``head``, ``decoder`` or ``joint`` for the image branch, ``caption`` for the caption
-models), ``member`` the caption ensemble member (empty where there is none), ``val_score``
+models), ``member`` the caption ensemble member from 0 (empty where there is none; the log
+and the plot count them from 1), ``val_score``
 the score the loop keeps its best epoch by (empty without a validation split), ``lr`` the
 schedule's base learning rate at the epoch's first update (before the layer-wise and head
 scales) and ``seconds`` the epoch's training and scoring time.
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,8 +30,15 @@ import pandas as pd
 from pipeline.engine.distributed import DistContext
 from pipeline.io import atomic_write_bytes, atomic_write_text
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 COLUMNS = ("stage", "member", "epoch", "train_loss", "val_score", "lr", "seconds")
 CURVES_FILE = "training_curves.png"
+# Stage and branch names are text: a "$" in one must print as "$", never start mathtext.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+log = logging.getLogger(__name__)
 
 
 def history_path(weights_dir: str | Path, branch: str) -> Path:
@@ -116,17 +126,23 @@ def read_history(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def plot_histories(weights_dir: str | Path) -> Path | None:
-    """Draw every ``history_<branch>.csv`` in ``weights_dir`` into ``training_curves.png``:
-    one panel per branch and stage, train loss (solid, left axis) and validation score
-    (dashed, right axis) against the epoch, a line per ensemble member. None when there
-    is no history."""
-    weights_dir = Path(weights_dir)
+def _panels(weights_dir: Path) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) of each branch and stage with a history; a stage named as its branch (the
+    caption models' one loop) is titled by the branch alone."""
     panels = []
     for path in sorted(weights_dir.glob("history_*.csv")):
         frame = read_history(path)
         branch = path.stem.removeprefix("history_")
-        panels.extend((f"{branch}: {stage}", part) for stage, part in frame.groupby("stage", sort=False))
+        panels.extend((branch if stage == branch else f"{branch}: {stage}", part)
+                      for stage, part in frame.groupby("stage", sort=False))
+    return panels
+
+
+def training_curves_figure(weights_dir: str | Path) -> Figure | None:
+    """The figure of ``plot_histories`` (a matplotlib Figure), None when there is no history.
+    Ensemble members are numbered from 1, as the training log numbers them ("model 2/5"),
+    and each panel's legend sits below its axes, clear of the curves."""
+    panels = _panels(Path(weights_dir))
     if not panels:
         return None
     import matplotlib
@@ -137,28 +153,50 @@ def plot_histories(weights_dir: str | Path) -> Path | None:
 
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
-    for ax, (title, part) in zip(axes.flat, panels):
-        score_ax = ax.twinx()
-        members = part.groupby("member", sort=True, dropna=False)
-        for color, (member, lines) in enumerate(members):
-            lines = lines.sort_values("epoch")
-            ax.plot(lines["epoch"], lines["train_loss"], "-o", color=f"C{color}", ms=3,
-                    label=None if pd.isna(member) else f"member {member}")
-            score_ax.plot(lines["epoch"], lines["val_score"], "--s", color=f"C{color}", ms=3)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("train loss (solid)")
-        score_ax.set_ylabel("val score (dashed)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if len(members) > 1:
-            ax.legend(fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
+    with plt.rc_context(PLAIN_TEXT):
+        fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False,
+                                 layout="constrained")
+        for ax, (title, part) in zip(axes.flat, panels):
+            score_ax = ax.twinx()
+            members = part.groupby("member", sort=True, dropna=False)
+            for color, (member, lines) in enumerate(members):
+                lines = lines.sort_values("epoch")
+                ax.plot(lines["epoch"], lines["train_loss"], "-o", color=f"C{color}", ms=3,
+                        label=None if pd.isna(member) else f"model {member + 1}/{len(members)}")
+                score_ax.plot(lines["epoch"], lines["val_score"], "--s", color=f"C{color}", ms=3)
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("train loss (solid)")
+            score_ax.set_ylabel("val score (dashed)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if len(members) > 1:
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(members), 5))
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+    return fig
+
+
+def plot_histories(weights_dir: str | Path) -> Path | None:
+    """Draw every ``history_<branch>.csv`` in ``weights_dir`` into ``training_curves.png``:
+    one panel per branch and stage, train loss (solid, left axis) and validation score
+    (dashed, right axis) against the epoch, a line per ensemble member. None when there
+    is no history, or when matplotlib is not installed (the plot is optional: training
+    still ends normally, and the log says the plot was skipped)."""
+    weights_dir = Path(weights_dir)
+    try:
+        fig = training_curves_figure(weights_dir)
+    except ImportError as err:
+        log.warning("%s not drawn: matplotlib cannot be imported (%s); the histories are in %s",
+                    CURVES_FILE, err, weights_dir)
+        return None
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
+    with plt.rc_context(PLAIN_TEXT):
+        fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
     out = weights_dir / CURVES_FILE
     atomic_write_bytes(out, image.getvalue())
