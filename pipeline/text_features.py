@@ -160,8 +160,9 @@ def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str 
     if cache_dir is None:
         return TokenStates(*encoder.token_states(texts, max_tokens, trained_layers))
     key = {"kind": "text", "encoder": encoder_name, "weights": encoder.digest, "max_tokens": max_tokens,
-           "layer": encoder.num_layers - trained_layers,
            "texts": _texts_digest(texts), "rows": len(texts)}
+    if trained_layers:  # states below the last layer; the last layer's states are the encoder's own
+        key["layer"] = encoder.num_layers - trained_layers
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = Path(cache_dir) / f"text-{encoder_name}-{name}"
     fields = {"states": Field((max_tokens, encoder.dim), "float16"), "lengths": Field((), "int32")}
