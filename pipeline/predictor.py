@@ -300,7 +300,9 @@ def format_predictions(records: list[dict], names: dict[str, str]) -> str:
         lines = [title]
         if record["caption"] is not None:
             lines.append(f"  caption: {record['caption']!r}")
-        lines.append("  labels:  " + ", ".join(f"{label['id']} {label['name']}" for label in record["labels"]))
+        lines.append("  labels:  " + ", ".join(
+            f"{label['id']} {label['name']}" if label["name"] != str(label["id"]) else label["name"]
+            for label in record["labels"]))
         width = max(len(label_name(i, names)) for i in label_ids)
         lines.append(f"  {'id':>3}  {'label':<{width}}  " + "  ".join(f"{b:>7}" for b in [*branches, "fused"])
                      + "  threshold")
