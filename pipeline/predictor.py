@@ -14,6 +14,8 @@ import dataclasses
 import glob
 import json
 import logging
+import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -234,13 +236,17 @@ def image_files(arguments: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for argument in arguments:
         path = Path(argument)
-        if path.is_dir():
+        try:
+            status = os.stat(path)
+        except (OSError, ValueError):  # missing, a name too long, a NUL byte: read (and reported) as a file
+            status = None
+        if status is not None and stat.S_ISDIR(status.st_mode):
             found = sorted(f for f in path.iterdir() if f.suffix.lower() in openable and f.is_file())
             if not found:
                 raise OptionError(f"--image {argument}: the folder holds no image file "
                                   f"({', '.join(sorted(openable & {'.jpg', '.jpeg', '.png', '.webp'}))}, ...)")
             files += found
-        elif not path.exists() and glob.has_magic(argument):
+        elif status is None and glob.has_magic(argument):
             found = sorted(Path(f) for f in glob.glob(argument) if Path(f).is_file())
             if not found:
                 raise OptionError(f"--image {argument!r}: no file matches this pattern")

@@ -68,6 +68,9 @@ def evaluated(trained_branches, tmp_path_factory):
     data, weights = trained_branches
     root = tmp_path_factory.mktemp("report")
     shutil.copytree(weights, root / "weights")
+    # The page names labels as dataset.json does (without one, these ids would be their own names).
+    data = Path(shutil.copytree(data, root / "data"))
+    (data / "dataset.json").write_text(json.dumps({"train.csv": {"labels": {str(i): w for i, w in WORDS.items()}}}))
     with pytest.MonkeyPatch.context() as patch:
         import torch
 
