@@ -588,7 +588,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
         submission = output_dir / "submission.csv"
         unreadable = predict_in_chunks(predictor, test, settings, labels, submission, config.chunk_size,
                                        f"{test_csv.name} features", context,
-                                       label_text=submission_label_text(recorded, separator))
+                                       label_text=submission_label_text(names, separator))
         summary.update(submission=str(submission), rows=len(group_by_image(test).images),
                        unreadable_images=len(unreadable))
     if not context.is_main:
@@ -645,12 +645,13 @@ def recorded_label_names(data: str | Path) -> dict[str, str]:
     return recorded_labels(data)[0]
 
 
-def submission_label_text(recorded: dict[str, str], separator: str | None) -> Callable[[list[int]], str]:
+def submission_label_text(names: dict[str, str], separator: str | None) -> Callable[[list[int]], str]:
     """How a submission row writes its labels: as train.csv wrote them, so a dataset of names
-    gets names (joined by its separator) and the competition's ids stay ids."""
+    gets its ``names`` (``pipeline.labels.label_names``) joined by its separator, and the
+    competition's ids stay ids."""
     if separator is None:
         return lambda ids: " ".join(str(i) for i in ids)
-    return lambda ids: separator.join(recorded[str(i)] for i in ids)
+    return lambda ids: separator.join(names[str(i)] for i in ids)
 
 
 def write_submission_info(output_dir: Path, names: dict[str, str], separator: str | None) -> None:

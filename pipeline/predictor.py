@@ -218,7 +218,7 @@ class Predictor:
             target = Path(submission) if submission is not None else Path(folder) / "submission.csv"
             unreadable = predict_in_chunks(predictor, frame, settings, labels, target, self.config.chunk_size,
                                            f"{csv.name} features",
-                                           label_text=submission_label_text(self.recorded, self.separator))
+                                           label_text=submission_label_text(self.label_names(labels), self.separator))
             result = pd.read_csv(target, dtype=str, keep_default_na=False)
         if unreadable:
             log.warning("%d images of %s could not be read; their rows use the caption branch alone (e.g. %s)",

@@ -18,6 +18,7 @@ import torch
 import inference
 import train_caption_rnn
 import train_efficientnet
+from pipeline import Predictor
 from pipeline.config import run_main
 from pipeline.data.dataset import DataFormatError, DatasetPaths, load_train_val, read_csv, read_prediction_csv
 from pipeline.labels import COCO_NAMES, COMP5329_LABEL_IDS, label_names
@@ -148,6 +149,9 @@ def test_a_dataset_of_names_trains_and_predicts_with_its_own_names(tmp_path, uma
     assert json.loads((output / "dataset.json").read_text()) == {"submission.csv": recorded}
     # The submission reads back through its dataset.json, names to the training ids.
     assert read_csv(output / "submission.csv")["Labels"].map(len).min() >= 1
+    # The Python API writes the same names.
+    predictor = Predictor.from_weights(weights, device="cpu", data=str(data), val_fraction=0.25, workers=0)
+    assert predictor.predict_csv(data / "test.csv", data / "data").equals(submission)
     page = (output / "report.html").read_text()
     assert all(name in page for name in OWN_NAMES.values())
 
