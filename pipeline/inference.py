@@ -556,7 +556,8 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     frames = {paths.train_csv: train, **({test_csv: test} if test is not None else {})}
     eval_frame = None
     if config.evaluate and config.eval_csv:
-        eval_frame = read_prediction_csv(config.eval_csv, captions=False, label_names=recorded)
+        eval_frame = read_prediction_csv(config.eval_csv, captions=False, label_names=recorded,
+                                         label_separator=separator)
         if LABELS_COLUMN not in eval_frame:
             raise DataFormatError(f"--eval-csv {config.eval_csv}:1: needs a {LABELS_COLUMN} column")
         frames[Path(config.eval_csv)] = eval_frame

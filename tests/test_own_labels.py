@@ -61,6 +61,18 @@ def test_the_competitions_ids_read_exactly_as_before(tmp_path):
     assert "label_names" not in frame.attrs and "label_separator" not in frame.attrs
 
 
+def test_a_recorded_separator_reads_names_with_spaces_in_a_file_without_any_bar(tmp_path):
+    write(tmp_path / "dataset.json", '{"train.csv": {"label_separator": "|"}}')
+    frame = read_csv(write(tmp_path / "train.csv", "ImageID,Labels\n0.jpg,No Finding\n1.jpg,Effusion\n"))
+    assert frame.attrs["label_names"] == {"1": "Effusion", "2": "No Finding"}
+    assert frame["Labels"].tolist() == [[2], [1]]
+    # An evaluation file is split on the training data's separator.
+    evaluation = write(tmp_path / "eval.csv", "ImageID,Labels\n0.jpg,No Finding\n")
+    frame = read_prediction_csv(evaluation, captions=False, label_names={"1": "Effusion", "2": "No Finding"},
+                                label_separator="|")
+    assert frame["Labels"].tolist() == [[2]]
+
+
 def test_names_take_the_ids_dataset_json_declares(tmp_path):
     write(tmp_path / "dataset.json", '{"train.csv": {"labels": {"7": "cat", "2": "dog"}}}')
     frame = read_csv(write(tmp_path / "train.csv", "ImageID,Labels\n0.jpg,cat dog\n1.jpg,dog\n"))
@@ -74,10 +86,12 @@ def test_names_take_the_ids_dataset_json_declares(tmp_path):
     ("ImageID,Labels\n0.jpg,cat|\n", None, r"train\.csv:2: Labels 'cat\|' has an empty name"),
     ("ImageID,Labels\n0.jpg,cat\n1.jpg,\n", None, r"train\.csv:3: empty Labels field"),
     ("ImageID,Labels\n0.jpg,cat\n", {"1": "cat", "2": "cat"}, r"dataset\.json: the name 'cat' is given to label ids 1 and 2"),
+    ("ImageID,Labels\n0.jpg,cat\n", ";", r"dataset\.json: \"label_separator\" of 'train.csv' must be \" \" or \"\|\""),
 ])
 def test_bad_names_are_errors_naming_file_and_line(tmp_path, content, declared, message):
     if declared is not None:
-        write(tmp_path / "dataset.json", json.dumps({"train.csv": {"labels": declared}}))
+        entry = {"label_separator": declared} if isinstance(declared, str) else {"labels": declared}
+        write(tmp_path / "dataset.json", json.dumps({"train.csv": entry}))
     with pytest.raises(DataFormatError, match=message):
         read_csv(write(tmp_path / "train.csv", content))
 

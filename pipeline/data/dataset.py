@@ -188,17 +188,19 @@ class _LabelForm:
     ids_by_name: dict[str, int]
 
 
-def _label_form(fields: list[tuple[int, str]], path: Path, info: dict,
-                names: dict[str, str] | None) -> _LabelForm:
+def _label_form(fields: list[tuple[int, str]], path: Path, info: dict, names: dict[str, str] | None,
+                separator: str | None) -> _LabelForm:
     """Ids or names, decided by the file's first non-empty Labels field, so a file of the
-    competition's ids reads exactly as before. A file of names is split on ``|`` when any of
-    its fields holds one, else on whitespace; each name's id is the one ``names`` (the training
-    data's, for an evaluation file) or ``dataset.json`` beside the file gives it, else the
-    names sorted and numbered from 1."""
+    competition's ids reads exactly as before. Names are split on the ``"label_separator"`` of
+    ``dataset.json`` beside the file, else on ``separator`` (the training data's, for an
+    evaluation file), else on ``|`` when any field holds one and on whitespace when none does.
+    Each name's id is the one ``names`` (the training data's) or ``dataset.json`` beside the
+    file gives it, else the names sorted and numbered from 1."""
     first = next((field for _, field in fields if field.strip()), "")
     if not first or all(_is_label_id(token) for token in first.split()):
         return _LabelForm(None, {})
-    separator = NAME_SEPARATOR_BAR if any(NAME_SEPARATOR_BAR in field for _, field in fields) else " "
+    separator = _declared_separator(info, path) or separator or (
+        NAME_SEPARATOR_BAR if any(NAME_SEPARATOR_BAR in field for _, field in fields) else " ")
     declared = names if names else info.get("labels")
     if declared:
         ids_by_name: dict[str, int] = {}
@@ -211,6 +213,16 @@ def _label_form(fields: list[tuple[int, str]], path: Path, info: dict,
     found = {name for _, field in fields for name in _split_names(field, separator)
              if name and not _is_label_id(name)}
     return _LabelForm(separator, {name: k for k, name in enumerate(sorted(found), start=1)})
+
+
+def _declared_separator(info: dict, csv_path: Path) -> str | None:
+    """The ``"label_separator"`` of a CSV file's ``dataset.json`` entry: ``" "`` or ``"|"`` when its
+    Labels are names, None when it records none."""
+    separator = info.get("label_separator")
+    if separator not in (None, " ", NAME_SEPARATOR_BAR):
+        raise DataFormatError(f"{csv_path.parent / DATASET_INFO}: \"label_separator\" of {csv_path.name!r} must be "
+                              f"\" \" or \"{NAME_SEPARATOR_BAR}\", got {separator!r}")
+    return separator
 
 
 def _parse_names(field: str, form: _LabelForm, path: Path, line: int, allow_empty: bool) -> list[int]:
@@ -265,13 +277,14 @@ def is_plain_file_name(name: str) -> bool:
 
 
 def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_ids: bool | None = None,
-             label_names: dict[str, str] | None = None) -> pd.DataFrame:
+             label_names: dict[str, str] | None = None, label_separator: str | None = None) -> pd.DataFrame:
     """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
 
     Labels are label ids (``1 3 19``) or label names (``cat dog``, or ``traffic light|dog``):
-    names become ids through ``label_names`` ({id: name}, the training data's), else the
-    ``"labels"`` of ``dataset.json`` beside the file, else the names sorted and numbered from 1;
-    ``attrs["label_names"]`` and ``attrs["label_separator"]`` then say how (see ``_label_form``).
+    names become ids through ``label_names`` ({id: name}, the training data's, split on its
+    ``label_separator``), else the ``"labels"`` of ``dataset.json`` beside the file, else the
+    names sorted and numbered from 1; ``attrs["label_names"]`` and ``attrs["label_separator"]``
+    then say how (see ``_label_form``).
 
     Reads the original competition files exactly (unescaped inner quotes, captions ending
     in ``/``, captions spanning lines) as well as clean CSV written by pandas, with the
@@ -361,7 +374,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
     form = _LabelForm(None, {})
     if LABELS_COLUMN in header:
         fields = [(row["_line"], row[LABELS_COLUMN]) for row in rows]
-        form = _label_form(fields, path, info, label_names)
+        form = _label_form(fields, path, info, label_names, label_separator)
         for row in rows:
             line = row["_line"]
             if form.separator is not None:
@@ -417,13 +430,9 @@ def recorded_labels(data: str | Path) -> tuple[dict[str, str], str | None]:
     if not train_csv.is_file():
         return {}, None
     entry = dataset_info(train_csv)
-    names = entry.get("labels", {})
     _declared_label_ids(entry, train_csv)  # a malformed "labels" is an error naming the file
-    separator = entry.get("label_separator")
-    if separator not in (None, " ", NAME_SEPARATOR_BAR):
-        raise DataFormatError(f"{train_csv.parent / DATASET_INFO}: \"label_separator\" of 'train.csv' must be "
-                              f"\" \" or \"{NAME_SEPARATOR_BAR}\", got {separator!r}")
-    return {str(k): str(v) for k, v in names.items()}, separator
+    names = entry.get("labels", {})
+    return {str(k): str(v) for k, v in names.items()}, _declared_separator(entry, train_csv)
 
 
 def dataset_info(csv_path: str | Path) -> dict:
@@ -655,18 +664,18 @@ def _check_training_labels(path: Path, labels: LabelSet, train: pd.DataFrame, va
 
 
 def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None,
-                        label_names: dict[str, str] | None = None) -> pd.DataFrame:
+                        label_names: dict[str, str] | None = None, label_separator: str | None = None) -> pd.DataFrame:
     """A CSV of images to predict: ``test.csv``, or a labelled evaluation CSV when ``labels`` is given.
 
     Beyond ``read_csv``'s checks: at least one row (an empty submission is of no use), one row
     per ImageID (a submission has one row per image), a Caption column when the caption
     branch is used, and with ``labels`` a Labels column whose every id is one the model was
     trained on (another id is an error naming it, the file and the line). Labels given by name
-    take the ids of ``label_names`` (the training data's, see ``read_csv``).
+    take the ids of ``label_names``, split on ``label_separator`` (the training data's, see ``read_csv``).
     """
     path = Path(path)
     require = ((CAPTION_COLUMN,) if captions else ()) + ((LABELS_COLUMN,) if labels is not None else ())
-    frame = read_csv(path, require=require, label_names=label_names)
+    frame = read_csv(path, require=require, label_names=label_names, label_separator=label_separator)
     if frame.empty:
         raise DataFormatError(f"{path}: no rows after the header; nothing to predict")
     if labels is not None:
