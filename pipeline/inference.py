@@ -29,16 +29,17 @@ from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load
 from pipeline.config import CommonConfig, option, output_option, workers_option
 from pipeline.data.dataset import (
     CAPTION_COLUMN,
+    DATASET_INFO,
     ID_COLUMN,
     LABELS_COLUMN,
     DataFormatError,
     DatasetPaths,
     LabelSet,
     check_known_labels,
-    dataset_info,
     group_by_image,
     load_train_val,
     read_prediction_csv,
+    recorded_labels,
 )
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
@@ -62,6 +63,7 @@ from pipeline.fusion import (
     tune_fusion,
 )
 from pipeline.io import CheckpointError, OptionError, atomic_text_writer, atomic_write_text, write_json
+from pipeline.labels import label_names
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +88,16 @@ class InferenceConfig(CommonConfig):
     eval_csv: str | None = option(None, "labelled CSV to evaluate on instead of the validation split", group="data")
     test_csv: str | None = option(None, "CSV of the images to predict instead of DATA/test.csv", group="data")
     image: list[str] | None = option(
-        None, "predict these image files instead of a test CSV (with --caption: one caption per image, in "
-        "order); prints each image's labels with names and every branch's probabilities", group="prediction")
+        None, "predict these image files instead of a test CSV: files, folders (their image files) or quoted glob "
+        "patterns ('photos/*.jpg'), each folder's and pattern's files in sorted order (with --caption: one caption "
+        "per file, in that order); prints each image's labels with names and every branch's probabilities",
+        group="prediction")
     caption: list[str] | None = option(None, "the captions of the --image files, one per image (omit to use "
                                        "the image branches alone)", group="prediction")
+    skip_bad_images: bool = option(
+        False, "with --image: predict the other files when one is missing or not a readable image (it is "
+        "predicted from its --caption, or left out without one, and named in a warning); default: an error",
+        group="prediction")
     format: str = option("table", "how --image predictions are printed: a readable table or JSON for scripts",
                          choices=["table", "json"], group="prediction")
     batch_size: int = option(64, "images per batch for feature extraction", group="run")
@@ -113,6 +121,9 @@ class InferenceConfig(CommonConfig):
             (self.threshold is None or 0.0 < self.threshold < 1.0,
              f"--threshold must be between 0 and 1 (exclusive), got {self.threshold}"),
             (self.caption is None or self.image is not None, "--caption needs --image: the files it describes"),
+            (not self.skip_bad_images or self.image is not None,
+             "--skip-bad-images acts on --image files only (an unreadable test.csv image is always predicted "
+             "from its caption and listed in OUTPUT/unreadable_images.txt)"),
             (self.image is None or not (self.evaluate or self.test_csv or self.eval_csv),
              "--image predicts the given files; it does not combine with --evaluate, --test-csv or --eval-csv"),
         ]
@@ -437,16 +448,19 @@ def _validation_split(weights_dir: Path, branches: list[str], labels: LabelSet, 
             validation_probabilities(weights_dir, branches, val_ids, list(labels.ids)))
 
 
-def _write_rows(handle, image_ids: list[str], predictions: np.ndarray, labels: LabelSet) -> None:
-    rows = [" ".join(str(label) for label in row) for row in labels.decode(predictions)]
+def _write_rows(handle, image_ids: list[str], predictions: np.ndarray, labels: LabelSet,
+                label_text: Callable[[list[int]], str]) -> None:
+    rows = [label_text(row) for row in labels.decode(predictions)]
     pd.DataFrame({ID_COLUMN: image_ids, LABELS_COLUMN: rows}).to_csv(handle, index=False, header=False)
 
 
 def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings, labels: LabelSet,
                       submission: Path, chunk_size: int, description: str,
-                      context: DistContext = DistContext()) -> list[str]:
+                      context: DistContext = DistContext(),
+                      label_text: Callable[[list[int]], str] = lambda ids: " ".join(map(str, ids))) -> list[str]:
     """Fused predictions of ``frame``'s images, ``chunk_size`` images at a time, streamed into
-    ``submission`` in the frame's image order (the file appears when every chunk is done).
+    ``submission`` in the frame's image order (the file appears when every chunk is done), each
+    row's labels written by ``label_text`` (ids by default; see ``submission_label_text``).
     Returns the ImageIDs that could not be read (their rows use the caption alone).
 
     Each chunk's features are cached under their own key, so a rerun after an interruption
@@ -479,7 +493,7 @@ def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings:
             for number in range(len(starts)):
                 chunk_ids, predictions, missing = predict(number)
                 unreadable += missing
-                _write_rows(handle, chunk_ids, predictions, labels)
+                _write_rows(handle, chunk_ids, predictions, labels, label_text)
         return unreadable
 
     parts = submission.parent / f".{submission.name}.parts"
@@ -490,7 +504,7 @@ def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings:
     for number in range(context.rank, len(starts), context.world_size):
         chunk_ids, predictions, missing = predict(number)
         with atomic_text_writer(parts / f"{number:06d}.csv") as handle:
-            _write_rows(handle, chunk_ids, predictions, labels)
+            _write_rows(handle, chunk_ids, predictions, labels, label_text)
         write_json(parts / f"{number:06d}.unreadable.json", missing)
     barrier(context)
     unreadable = []
@@ -534,12 +548,16 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     # Every input file is read before any slow step, so a broken one fails at once; which
     # columns they have decides the branches that can run.
     data_labels, train, val = load_train_val(paths, config.val_fraction)
+    recorded, separator = recorded_labels(config.data)
     test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
-    test = read_prediction_csv(test_csv, captions=False)
-    frames = {paths.train_csv: train, test_csv: test}
+    # --evaluate needs no test set: without DATA/test.csv it scores the validation split alone.
+    test = None if config.evaluate and not config.test_csv and not test_csv.is_file() else \
+        read_prediction_csv(test_csv, captions=False)
+    frames = {paths.train_csv: train, **({test_csv: test} if test is not None else {})}
     eval_frame = None
     if config.evaluate and config.eval_csv:
-        eval_frame = read_prediction_csv(config.eval_csv, captions=False)
+        eval_frame = read_prediction_csv(config.eval_csv, captions=False, label_names=recorded,
+                                         label_separator=separator)
         if LABELS_COLUMN not in eval_frame:
             raise DataFormatError(f"--eval-csv {config.eval_csv}:1: needs a {LABELS_COLUMN} column")
         frames[Path(config.eval_csv)] = eval_frame
@@ -563,19 +581,28 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                                                                              data_labels, val))
         barrier(context)
 
-    test_images = group_by_image(test).images
-    submission = output_dir / "submission.csv"
-    unreadable = predict_in_chunks(predictor, test, settings, labels, submission, config.chunk_size,
-                                   f"{test_csv.name} features", context)
+    names = label_names(labels.ids, recorded)
+    summary = {"branches": branches, "fusion_method": settings.method, "submission": None, "rows": 0,
+               "fusion_val_samples_f1": settings.val_samples_f1, "unreadable_images": 0}
+    unreadable: list[str] = []
+    if test is not None:
+        submission = output_dir / "submission.csv"
+        unreadable = predict_in_chunks(predictor, test, settings, labels, submission, config.chunk_size,
+                                       f"{test_csv.name} features", context,
+                                       label_text=submission_label_text(names, separator))
+        summary.update(submission=str(submission), rows=len(group_by_image(test).images),
+                       unreadable_images=len(unreadable))
     if not context.is_main:
-        return {"rank": context.rank, "rows": len(test_images)}
-    if unreadable:
-        _list_unreadable(unreadable, output_dir)
-    summary = {"branches": branches, "fusion_method": settings.method, "submission": str(submission),
-               "rows": len(test_images), "fusion_val_samples_f1": settings.val_samples_f1,
-               "unreadable_images": len(unreadable)}
-    log.info("wrote %s: %d rows for the %d images (%d rows) of %s",
-             submission, len(test_images), len(test_images), len(test), test_csv)
+        return {"rank": context.rank, "rows": summary["rows"]}
+    if test is None:
+        log.info("no %s: evaluating only (validation metrics and the report page), no submission", test_csv)
+    else:
+        if unreadable:
+            _list_unreadable(unreadable, output_dir)
+        if recorded:
+            write_submission_info(output_dir, names, separator)
+        log.info("wrote %s: %d rows for the %d images (%d rows) of %s",
+                 submission, summary["rows"], summary["rows"], len(test), test_csv)
 
     if config.evaluate:
         from pipeline.report import evaluation_report
@@ -596,8 +623,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                 features = (values, readable[len(train_images):], np.arange(len(train_images), len(training_ids)))
             y_true, source = split_labels(val, labels, data_labels, weights_dir), "validation split"
             probs = predictor.probabilities(val, features=features)
-        label_names = recorded_label_names(config.data)
-        report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source, label_names)
+        report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source, names)
         summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
         if config.report:
             from pipeline.report_page import write_report_page
@@ -608,13 +634,30 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                               group_by_image(eval_frame if eval_frame is not None else val).images, paths,
                               source=source, weights_dir=weights_dir, command=rerun,
                               plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
-                              label_names=label_names)
+                              label_names=names)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_json(output_dir / "inference_summary.json", summary)
     return summary
 
 
 def recorded_label_names(data: str | Path) -> dict[str, str]:
-    """The label names ``dataset.json`` records for the dataset's train.csv ({} without one)."""
-    train_csv = Path(data) / "train.csv"
-    return dict(dataset_info(train_csv).get("labels", {})) if train_csv.is_file() else {}
+    """The label names ``dataset.json`` records for the dataset's train.csv ({} without one);
+    ``pipeline.labels.label_names`` names the labels it lacks."""
+    return recorded_labels(data)[0]
+
+
+def submission_label_text(names: dict[str, str], separator: str | None) -> Callable[[list[int]], str]:
+    """How a submission row writes its labels: as train.csv wrote them, so a dataset of names
+    gets its ``names`` (``pipeline.labels.label_names``) joined by its separator, and the
+    competition's ids stay ids."""
+    if separator is None:
+        return lambda ids: " ".join(str(i) for i in ids)
+    return lambda ids: separator.join(names[str(i)] for i in ids)
+
+
+def write_submission_info(output_dir: Path, names: dict[str, str], separator: str | None) -> None:
+    """OUTPUT/dataset.json: the names of the submission's labels by id (and the separator when
+    its Labels are names), so submission.csv reads back, and is read by a person, with the
+    names of the training data."""
+    entry = {"labels": names, **({"label_separator": separator} if separator is not None else {})}
+    write_json(output_dir / DATASET_INFO, {"submission.csv": entry})

@@ -13,8 +13,8 @@ import json
 import os
 import pickle
 import re
+import secrets
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -59,6 +59,22 @@ def _remove_stale_temporaries(path: Path) -> None:
             candidate.unlink(missing_ok=True)
 
 
+def _create_temporary(path: Path) -> Path:
+    """An empty new file ``.NAME.PID@HOST.RANDOM.tmp`` beside ``path``, created with mode 0666
+    less the umask, as ``open`` creates any file: ``tempfile.mkstemp`` would make it 0600, and
+    the rename would leave every output (submission, report, checkpoints) unreadable to the
+    group and to others whatever the user's umask. The kernel applies the umask, so no
+    process-wide ``os.umask`` call (racy with other threads) is needed."""
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{writer_id()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
 @contextlib.contextmanager
 def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed over it when the block completes and
@@ -69,10 +85,7 @@ def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     being written (``clean``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_id()}.",
-                                    suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temporary(path)
     try:
         yield tmp
         os.replace(tmp, path)

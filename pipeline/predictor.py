@@ -11,8 +11,11 @@ give the same records.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
+import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +33,7 @@ from pipeline.data.dataset import (
     LabelSet,
     load_train_val,
     read_prediction_csv,
+    recorded_labels,
 )
 from pipeline.data.images import ImageReadError
 from pipeline.engine.runtime import configure_backends, oom_hint, resolve_device, reuse_freed_memory, seed_everything
@@ -44,17 +48,17 @@ from pipeline.inference import (
     missing_inputs,
     parse_branch_list,
     predict_in_chunks,
-    recorded_label_names,
     resolve_fusion,
+    submission_label_text,
 )
 from pipeline.io import OptionError, write_json
-from pipeline.labels import label_name
+from pipeline.labels import label_name, label_names
 
 log = logging.getLogger(__name__)
 
 # InferenceConfig fields that only the command line acts on: which files to predict, how to print
 # them, where to write reports. The Predictor takes those as arguments of its methods.
-COMMAND_LINE_ONLY = ("image", "caption", "format", "evaluate", "eval_csv", "test_csv", "output")
+COMMAND_LINE_ONLY = ("image", "caption", "format", "evaluate", "eval_csv", "test_csv", "output", "skip_bad_images")
 
 ImageInput = str | Path | Image.Image
 
@@ -73,7 +77,9 @@ class Predictor:
         self.config, self.device = config, device
         self.weights_dir = Path(config.weights_dir)
         self.requested = parse_branch_list(config.branches)
-        self.names = recorded_label_names(config.data)
+        # dataset.json's names of the labels (completed per label set by ``label_names``) and how
+        # its train.csv writes labels, which a submission repeats.
+        self.recorded, self.separator = recorded_labels(config.data)
         self._prepared: dict[tuple[str, ...], tuple[BranchPredictor, FusionSettings, LabelSet]] = {}
 
     @classmethod
@@ -125,13 +131,24 @@ class Predictor:
         """One record per image, in order: its predicted labels with names, every branch's and
         the fused probability of each label, and the thresholds (the records ``inference.py
         --image --format json`` prints). ``captions``: one per image, or None to predict from
-        the image branches alone. A missing or unreadable file is predicted from its caption.
+        the image branches alone. A missing or unreadable file is predicted from its caption
+        (without captions it is an error listing the files).
 
         A PIL image is predicted from its pixels as they are; a file is decoded as batch
         inference decodes it (a large JPEG at reduced scale), so the two can differ slightly.
         """
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
+        images = list(images)
+        records, unreadable = self.predict_readable(images, captions)
+        if unreadable and captions is None:
+            raise ImageReadError.listing(unreadable, "\ngive a caption per image to predict them from their captions")
+        return records
+
+    def predict_readable(self, images: Sequence[ImageInput],
+                         captions: Sequence[str] | None = None) -> tuple[list[dict], list[Path]]:
+        """(records, the files that are missing or unreadable): as :meth:`predict`, except that
+        an unreadable file without a caption gets no record instead of failing the call."""
         images = list(images)
         if captions is not None and (isinstance(captions, str) or len(captions) != len(images)):
             count = 1 if isinstance(captions, str) else len(captions)
@@ -154,27 +171,36 @@ class Predictor:
             predictor.paths, predictor.cache_dir = paths, None
             # A few files decode faster in this process than worker processes start.
             predictor.workers = self.config.workers if len(files) > self.config.batch_size else 0
-            probs = predictor.probabilities(frame, description="images")
-        unreadable = {int(image_id) for image_id in predictor.unreadable}
-        if unreadable and captions is None:
-            raise ImageReadError.listing([files[k] for k in sorted(unreadable)],
-                                         "\ngive a caption per image to predict them from their captions")
+            probs = predictor.probabilities(frame, description="images") if files else {}
+        unreadable = {int(image_id) for image_id in predictor.unreadable} if files else set()
+        # Without a caption an unreadable image has nothing to be predicted from.
+        kept = [k for k in range(len(images)) if captions is not None or k not in unreadable]
+        if not kept:
+            return [], [files[k] for k in sorted(unreadable)]
+        probs = {b: p[kept] for b, p in probs.items()}
         fused = settings.probabilities(probs)
         predicted = settings.predict(probs)
         thresholds = {str(i): round(float(th), 4) for i, th in zip(labels.ids, settings.thresholds())}
+        names = self.label_names(labels)
         records = []
-        for k, image in enumerate(images):
+        for row, k in enumerate(kept):
+            image = images[k]
             records.append({
                 "image": None if isinstance(image, Image.Image) else str(image),
                 "caption": captions[k] if captions is not None else None,
                 "image_readable": k not in unreadable,
-                "labels": [{"id": i, "name": label_name(i, self.names)} for i in labels.decode(predicted[k:k + 1])[0]],
-                "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[k])},
+                "labels": [{"id": i, "name": label_name(i, names)} for i in labels.decode(predicted[row:row + 1])[0]],
+                "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[row])},
                 "branches": {b: {str(i): None if np.isnan(p) else round(float(p), 4)
-                                 for i, p in zip(labels.ids, probs[b][k])} for b in branches},
+                                 for i, p in zip(labels.ids, probs[b][row])} for b in branches},
                 "thresholds": dict(thresholds),
             })
-        return records
+        return records, [files[k] for k in sorted(unreadable)]
+
+    def label_names(self, labels: LabelSet) -> dict[str, str]:
+        """The name of each of ``labels`` (``pipeline.labels.label_names``): what the dataset's
+        ``dataset.json`` records, else the competition's COCO names or the ids."""
+        return label_names(labels.ids, self.recorded)
 
     def predict_csv(self, csv: str | Path, images_dir: str | Path, submission: str | Path | None = None) -> pd.DataFrame:
         """The submission (ImageID, Labels: one row per image, in the CSV's order) for the images
@@ -191,7 +217,8 @@ class Predictor:
         with tempfile.TemporaryDirectory(prefix="predictor-") as folder:
             target = Path(submission) if submission is not None else Path(folder) / "submission.csv"
             unreadable = predict_in_chunks(predictor, frame, settings, labels, target, self.config.chunk_size,
-                                           f"{csv.name} features")
+                                           f"{csv.name} features",
+                                           label_text=submission_label_text(self.label_names(labels), self.separator))
             result = pd.read_csv(target, dtype=str, keep_default_na=False)
         if unreadable:
             log.warning("%d images of %s could not be read; their rows use the caption branch alone (e.g. %s)",
@@ -199,27 +226,72 @@ class Predictor:
         return result
 
 
-def predict_files(config: InferenceConfig) -> dict:
-    """``inference.py --image``: labels of the files (with their ``--caption``) from the trained
-    branches and the tuned fusion; printed as a table or JSON and written to OUTPUT/predictions.json.
+def image_files(arguments: Sequence[str]) -> list[Path]:
+    """The files ``--image`` names, in order: a file as given (a missing one is reported when it
+    is read), a folder as the image files in it (by the extensions Pillow opens), a glob pattern
+    (``photos/*.jpg``) as the files it matches; a folder's and a pattern's files in sorted order.
+    A folder without image files or a pattern matching no file is an error naming it."""
+    Image.init()  # registers every format Pillow opens, with its extensions
+    openable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        try:
+            status = os.stat(path)
+        except (OSError, ValueError):  # missing, a name too long, a NUL byte: read (and reported) as a file
+            status = None
+        if status is not None and stat.S_ISDIR(status.st_mode):
+            found = sorted(f for f in path.iterdir() if f.suffix.lower() in openable and f.is_file())
+            if not found:
+                raise OptionError(f"--image {argument}: the folder holds no image file "
+                                  f"({', '.join(sorted(openable & {'.jpg', '.jpeg', '.png', '.webp'}))}, ...)")
+            files += found
+        elif status is None and glob.has_magic(argument):
+            found = sorted(Path(f) for f in glob.glob(argument) if Path(f).is_file())
+            if not found:
+                raise OptionError(f"--image {argument!r}: no file matches this pattern")
+            files += found
+        else:
+            files.append(path)
+    return files
 
-    A missing or unreadable image is predicted from its caption alone, as in batch inference.
+
+def predict_files(config: InferenceConfig) -> dict:
+    """``inference.py --image``: labels of the files (folders and glob patterns expanded, see
+    ``image_files``) with their ``--caption``, from the trained branches and the tuned fusion;
+    printed as a table or JSON and written to OUTPUT/predictions.json.
+
+    A file that is missing or cannot be read as an image is an error naming it, unless
+    ``--skip-bad-images``: then it is predicted from its caption, or without one left out,
+    and named in a warning.
     """
     config.validate()
     reuse_freed_memory()
     with oom_hint(config.batch_size):
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        files, captions = list(config.image), config.caption
+        files, captions = image_files(config.image), config.caption
         if captions is not None and len(captions) != len(files):
-            raise OptionError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s); "
+            expanded = "" if len(files) == len(config.image) else f" (--image {' '.join(config.image)} is {len(files)} files)"
+            raise OptionError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s){expanded}; "
                               "give one caption per image, in the same order")
         seed_everything(config.seed)
         predictor = Predictor(config, resolve_device(config.device))
-        records = predictor.predict(files, captions)
+        records, unreadable = predictor.predict_readable(files, captions)
+    if unreadable and not config.skip_bad_images:
+        shown = ", ".join(str(f) for f in unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise ImageReadError(f"--image: {shown}: missing or not a readable image; --skip-bad-images predicts the "
+                             "other files (an image with a --caption from its caption)")
+    if unreadable:
+        fate = "predicted from the caption alone" if captions is not None else "left out (no caption to predict from)"
+        log.warning("%d --image file(s) missing or unreadable, %s: %s", len(unreadable), fate,
+                    ", ".join(str(f) for f in unreadable))
     output = Path(config.output) / "predictions.json"
     write_json(output, records)
-    print(json.dumps(records, indent=2) if config.format == "json" else format_predictions(records, predictor.names))
-    return {"predictions": records, "output": str(output), "branches": list(records[0]["branches"])}
+    names = label_names([int(i) for i in records[0]["fused"]], predictor.recorded) if records else {}
+    print(json.dumps(records, indent=2) if config.format == "json" else format_predictions(records, names))
+    branches = list(records[0]["branches"]) if records else []
+    return {"predictions": records, "output": str(output), "branches": branches,
+            "unreadable_images": [str(f) for f in unreadable]}
 
 
 def format_predictions(records: list[dict], names: dict[str, str]) -> str:
@@ -234,7 +306,9 @@ def format_predictions(records: list[dict], names: dict[str, str]) -> str:
         lines = [title]
         if record["caption"] is not None:
             lines.append(f"  caption: {record['caption']!r}")
-        lines.append("  labels:  " + ", ".join(f"{label['id']} {label['name']}" for label in record["labels"]))
+        lines.append("  labels:  " + ", ".join(
+            f"{label['id']} {label['name']}" if label["name"] != str(label["id"]) else label["name"]
+            for label in record["labels"]))
         width = max(len(label_name(i, names)) for i in label_ids)
         lines.append(f"  {'id':>3}  {'label':<{width}}  " + "  ".join(f"{b:>7}" for b in [*branches, "fused"])
                      + "  threshold")

@@ -47,7 +47,8 @@ def test_predict_gives_the_records_of_inference_image(tuned, tmp_path):
     predictor = inference_predictor(data, weights)
     records = predictor.predict(files, captions=captions)
     assert records == cli
-    assert {label["name"] for r in records for label in r["labels"]} <= {"person", "car", "dog", "horse"}
+    # No dataset.json, and ids that are not the competition's 18: the names are the ids.
+    assert {label["name"] for r in records for label in r["labels"]} <= {"1", "3", "18", "19"}
     # A PIL image gets its file's probabilities: 32 px images decode at full scale either way.
     in_memory = predictor.predict([Image.open(files[1])], captions=[captions[1]])[0]
     assert in_memory["image"] is None

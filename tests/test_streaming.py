@@ -40,11 +40,11 @@ def test_an_interrupted_run_leaves_no_submission_and_resumes_at_its_chunk(run, t
     extracted = count_extracted_rows(monkeypatch)
     original_rows, written = inference_module._write_rows, []
 
-    def interrupted(handle, image_ids, predictions, labels):
+    def interrupted(handle, image_ids, *rest):
         if len(written) == 2:
             raise KeyboardInterrupt  # while writing the third chunk
         written.append(len(image_ids))
-        original_rows(handle, image_ids, predictions, labels)
+        original_rows(handle, image_ids, *rest)
 
     output = tmp_path / "cut"
     with monkeypatch.context() as patch:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import OptionError
+from pipeline.io import OptionError, write_json
 
 ID_COLUMN = "ImageID"
 LABELS_COLUMN = "Labels"
@@ -30,6 +30,9 @@ KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
 DATASET_INFO = "dataset.json"
 # The default --data: the synthetic demo dataset written by ``python -m pipeline.tools.demo``.
 DEMO_DATA = Path("data/demo")
+# A Labels field of names is split on this when any field of the file holds it (names may then
+# contain spaces, as in NIH ChestX-ray's "Effusion|No Finding"), else on whitespace.
+NAME_SEPARATOR_BAR = "|"
 # A label with fewer training images than this is warned about (see ``_check_training_labels``).
 RARE_LABEL_IMAGES = 5
 
@@ -144,21 +147,105 @@ def _parse_labels(field: str, path: Path, line: int, allow_empty: bool = False) 
     if not tokens and allow_empty:
         return []
     if not tokens:
-        # Every image of this task has at least one label (a submission row needs one too),
-        # so an empty field is a mistake in the file, not "no labels" -- unless the converter
-        # recorded that it kept label-less images on purpose (--keep-empty).
-        raise DataFormatError(
-            f"{path}:{line}: empty Labels field; every image needs at least one label id "
-            f"(unless {DATASET_INFO} beside the file records \"empty_images\": \"kept\")"
-        )
+        raise _empty_labels(path, line)
     # isdigit() alone accepts non-ASCII digits such as '٣', which int() would quietly read.
-    bad = [token for token in tokens if not (token.isascii() and token.isdigit())]
+    bad = [token for token in tokens if not _is_label_id(token)]
     if bad:
         raise DataFormatError(
             f"{path}:{line}: Labels {field!r} must be non-negative integer label ids separated by "
-            f"spaces, e.g. '1 3 19' ({bad[0]!r} is not)"
+            f"spaces, e.g. '1 3 19', as the file's first rows hold ({bad[0]!r} is not)"
         )
     return [int(token) for token in tokens]
+
+
+def _empty_labels(path: Path, line: int) -> DataFormatError:
+    # Every image of this task has at least one label (a submission row needs one too),
+    # so an empty field is a mistake in the file, not "no labels" -- unless the converter
+    # recorded that it kept label-less images on purpose (--keep-empty).
+    return DataFormatError(
+        f"{path}:{line}: empty Labels field; every image needs at least one label "
+        f"(unless {DATASET_INFO} beside the file records \"empty_images\": \"kept\")"
+    )
+
+
+def _is_label_id(token: str) -> bool:
+    return token.isascii() and token.isdigit()
+
+
+def _split_names(field: str, separator: str) -> list[str]:
+    """The label names of a Labels field: split on ``|`` (names keep their inner spaces), or on
+    whitespace; an empty field has none."""
+    if separator == NAME_SEPARATOR_BAR:
+        return [] if not field.strip() else [name.strip() for name in field.split(NAME_SEPARATOR_BAR)]
+    return field.split()
+
+
+@dataclass(frozen=True)
+class _LabelForm:
+    """How a file writes its labels: ids, or names with the separator and the id of each name."""
+
+    separator: str | None  # None: label ids
+    ids_by_name: dict[str, int]
+
+
+def _label_form(fields: list[tuple[int, str]], path: Path, info: dict, names: dict[str, str] | None,
+                separator: str | None) -> _LabelForm:
+    """Ids or names, decided by the file's first non-empty Labels field, so a file of the
+    competition's ids reads exactly as before. Names are split on the ``"label_separator"`` of
+    ``dataset.json`` beside the file, else on ``separator`` (the training data's, for an
+    evaluation file), else on ``|`` when any field holds one and on whitespace when none does.
+    Each name's id is the one ``names`` (the training data's) or ``dataset.json`` beside the
+    file gives it, else the names sorted and numbered from 1."""
+    first = next((field for _, field in fields if field.strip()), "")
+    if not first or all(_is_label_id(token) for token in first.split()):
+        return _LabelForm(None, {})
+    separator = _declared_separator(info, path) or separator or (
+        NAME_SEPARATOR_BAR if any(NAME_SEPARATOR_BAR in field for _, field in fields) else " ")
+    declared = names if names else info.get("labels")
+    if declared:
+        ids_by_name: dict[str, int] = {}
+        for label_id, name in sorted(declared.items(), key=lambda item: int(item[0])):
+            if name in ids_by_name:
+                raise DataFormatError(f"{path.parent / DATASET_INFO}: the name {name!r} is given to label ids "
+                                      f"{ids_by_name[name]} and {label_id}; each label needs its own name")
+            ids_by_name[name] = int(label_id)
+        return _LabelForm(separator, ids_by_name)
+    found = {name for _, field in fields for name in _split_names(field, separator)
+             if name and not _is_label_id(name)}
+    return _LabelForm(separator, {name: k for k, name in enumerate(sorted(found), start=1)})
+
+
+def _declared_separator(info: dict, csv_path: Path) -> str | None:
+    """The ``"label_separator"`` of a CSV file's ``dataset.json`` entry: ``" "`` or ``"|"`` when its
+    Labels are names, None when it records none."""
+    separator = info.get("label_separator")
+    if separator not in (None, " ", NAME_SEPARATOR_BAR):
+        raise DataFormatError(f"{csv_path.parent / DATASET_INFO}: \"label_separator\" of {csv_path.name!r} must be "
+                              f"\" \" or \"{NAME_SEPARATOR_BAR}\", got {separator!r}")
+    return separator
+
+
+def _parse_names(field: str, form: _LabelForm, path: Path, line: int, allow_empty: bool) -> list[int]:
+    """The label ids of a Labels field of names; an empty name, a label id among names or a
+    name the mapping does not know is an error naming the line."""
+    names = _split_names(field, form.separator)
+    if not names and allow_empty:
+        return []
+    if not names:
+        raise _empty_labels(path, line)
+    for name in names:
+        if not name:
+            raise DataFormatError(f"{path}:{line}: Labels {field!r} has an empty name between two "
+                                  f"{NAME_SEPARATOR_BAR!r}")
+        if _is_label_id(name):
+            raise DataFormatError(
+                f"{path}:{line}: Labels {field!r} mixes a label id ({name!r}) into a file of label names; "
+                "a file holds either ids or names (a name cannot be a number)")
+        if name not in form.ids_by_name:
+            raise DataFormatError(
+                f"{path}:{line}: label {name!r} is not one of the names {DATASET_INFO} declares: "
+                f"{sorted(form.ids_by_name)}")
+    return [form.ids_by_name[name] for name in names]
 
 
 def _name_max(folder: Path) -> int:
@@ -189,9 +276,15 @@ def is_plain_file_name(name: str) -> bool:
     return bool(name) and not ({"\x00", "/", "\\"} & set(name)) and name not in {".", ".."}
 
 
-def read_csv(path: str | Path, *, require: Sequence[str] = (),
-             allow_duplicate_ids: bool | None = None) -> pd.DataFrame:
+def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_ids: bool | None = None,
+             label_names: dict[str, str] | None = None, label_separator: str | None = None) -> pd.DataFrame:
     """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
+
+    Labels are label ids (``1 3 19``) or label names (``cat dog``, or ``traffic light|dog``):
+    names become ids through ``label_names`` ({id: name}, the training data's, split on its
+    ``label_separator``), else the ``"labels"`` of ``dataset.json`` beside the file, else the
+    names sorted and numbered from 1; ``attrs["label_names"]`` and ``attrs["label_separator"]``
+    then say how (see ``_label_form``).
 
     Reads the original competition files exactly (unescaped inner quotes, captions ending
     in ``/``, captions spanning lines) as well as clean CSV written by pandas, with the
@@ -275,7 +368,18 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
                 "as python -m pipeline.tools.convert coco --caption all writes)"
             )
         first_line.setdefault(image_id, line)
-        if LABELS_COLUMN in row:
+        row["_line"] = line
+        rows.append(row)
+
+    form = _LabelForm(None, {})
+    if LABELS_COLUMN in header:
+        fields = [(row["_line"], row[LABELS_COLUMN]) for row in rows]
+        form = _label_form(fields, path, info, label_names, label_separator)
+        for row in rows:
+            line = row["_line"]
+            if form.separator is not None:
+                row[LABELS_COLUMN] = _parse_names(row[LABELS_COLUMN], form, path, line, allow_empty_labels)
+                continue
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line, allow_empty_labels)
             unknown = [label for label in row[LABELS_COLUMN] if label not in declared] if declared is not None else []
             if unknown:
@@ -283,14 +387,52 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (),
                     f"{path}:{line}: label id {unknown[0]} is not one of the label ids {DATASET_INFO} beside the "
                     f"file declares: {sorted(declared)}"
                 )
-        row["_line"] = line
-        rows.append(row)
 
     columns = [name for name in KNOWN_COLUMNS if name in header]
     frame = pd.DataFrame(rows, columns=columns + ["_line"])
     frame.attrs["source"] = str(path)
+    if form.separator is not None:
+        frame.attrs["label_names"] = {str(i): name for name, i in sorted(form.ids_by_name.items(), key=lambda x: x[1])}
+        frame.attrs["label_separator"] = form.separator
     frame.attrs["lines"] = frame.pop("_line").tolist()
     return frame.reset_index(drop=True)
+
+
+def record_label_names(csv_path: Path, frame: pd.DataFrame) -> None:
+    """Write the label names of a CSV file of names, with their ids and separator, into the
+    ``dataset.json`` beside it (its other entries and keys kept) unless it records them already:
+    inference, the report and the export name the labels from there, and an evaluation file
+    of names maps them to the same ids. A folder that cannot be written is warned about: this
+    run still reads the names, the later ones show the ids."""
+    if "label_names" not in frame.attrs:
+        return
+    info_path = csv_path.parent / DATASET_INFO
+    entry = dataset_info(csv_path)
+    wanted = {"labels": frame.attrs["label_names"], "label_separator": frame.attrs["label_separator"]}
+    if all(entry.get(key) == value for key, value in wanted.items()):
+        return
+    whole = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    whole[csv_path.name] = {**entry, **wanted}
+    try:
+        write_json(info_path, whole)
+    except OSError as err:
+        log.warning("%s: cannot record the label names of %s (%s); later runs will show label ids",
+                    info_path, csv_path.name, err.strerror or err)
+        return
+    log.info("%s: recorded the %d label names of %s and their ids", info_path, len(wanted["labels"]),
+             csv_path.name)
+
+
+def recorded_labels(data: str | Path) -> tuple[dict[str, str], str | None]:
+    """(label names by id, the separator of names or None for ids) that ``dataset.json`` records
+    for the dataset's train.csv (({}, None) without one)."""
+    train_csv = Path(data) / "train.csv"
+    if not train_csv.is_file():
+        return {}, None
+    entry = dataset_info(train_csv)
+    _declared_label_ids(entry, train_csv)  # a malformed "labels" is an error naming the file
+    names = entry.get("labels", {})
+    return {str(k): str(v) for k, v in names.items()}, _declared_separator(entry, train_csv)
 
 
 def dataset_info(csv_path: str | Path) -> dict:
@@ -463,13 +605,15 @@ def load_train_val(paths: DatasetPaths, val_fraction: float, *,
     The frames hold every row: several rows of one image (one per caption) when
     ``dataset.json`` declares them (or ``allow_duplicate_ids``); the split hashes the
     ImageID, so all rows of an image land on the same side; ``group_by_image`` gives one
-    row per image. The Caption column is optional (an images-only dataset). A training
+    row per image. The Caption column is optional (an images-only dataset). Labels given by
+    name are recorded in ``dataset.json`` (``record_label_names``). A training
     split with fewer than two distinct labels is refused, and a label with fewer than
     ``RARE_LABEL_IMAGES`` training images is warned about, before any work is done.
     """
     frame = read_csv(paths.train_csv, require=(LABELS_COLUMN,), allow_duplicate_ids=allow_duplicate_ids)
     if frame.empty:
         raise DataFormatError(f"{paths.train_csv}: no training rows")
+    record_label_names(paths.train_csv, frame)
     train, val = split_train_val(frame, val_fraction)
     if train.empty:
         raise DataFormatError(f"{paths.train_csv}: the training split is empty (--val-fraction {val_fraction})")
@@ -519,17 +663,19 @@ def _check_training_labels(path: Path, labels: LabelSet, train: pd.DataFrame, va
                         _some_lines(in_train[label]))
 
 
-def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None) -> pd.DataFrame:
+def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None,
+                        label_names: dict[str, str] | None = None, label_separator: str | None = None) -> pd.DataFrame:
     """A CSV of images to predict: ``test.csv``, or a labelled evaluation CSV when ``labels`` is given.
 
     Beyond ``read_csv``'s checks: at least one row (an empty submission is of no use), one row
     per ImageID (a submission has one row per image), a Caption column when the caption
     branch is used, and with ``labels`` a Labels column whose every id is one the model was
-    trained on (another id is an error naming it, the file and the line).
+    trained on (another id is an error naming it, the file and the line). Labels given by name
+    take the ids of ``label_names``, split on ``label_separator`` (the training data's, see ``read_csv``).
     """
     path = Path(path)
     require = ((CAPTION_COLUMN,) if captions else ()) + ((LABELS_COLUMN,) if labels is not None else ())
-    frame = read_csv(path, require=require)
+    frame = read_csv(path, require=require, label_names=label_names, label_separator=label_separator)
     if frame.empty:
         raise DataFormatError(f"{path}: no rows after the header; nothing to predict")
     if labels is not None:

@@ -44,6 +44,7 @@ from pipeline.engine.runtime import seed_everything
 from pipeline.fusion import FusionError, fusion_file, load_fusion, tune_fusion
 from pipeline.inference import load_branch_checkpoints, recorded_label_names, validation_probabilities
 from pipeline.io import CheckpointError, atomic_write, atomic_write_text, file_digest, write_json
+from pipeline.labels import label_names
 from pipeline.models.backbones import NormalizeInput
 from pipeline.models.image_model import pool_features
 
@@ -357,7 +358,8 @@ def export_image_branch(config: ExportConfig) -> dict:
     check = {"runtime": None, "note": "runtime not installed; not run"} if got is None else {
         "runtime": "onnxruntime" if config.format == "onnx" else "openvino CPU f32",
         "max_abs_difference_vs_torch": float(np.abs(got - expected).max()), "images": len(example)}
-    names = recorded_label_names(config.data) if Path(config.data).is_dir() else {}
+    recorded = recorded_label_names(config.data) if Path(config.data).is_dir() else {}
+    names = label_names(label_ids, recorded)  # the names inference.py and the report give them
     thresholds, source = image_only_thresholds(config, label_ids)
     precision = checkpoint["backbone"].get("precision", "fp32")
     meta = {
@@ -369,8 +371,10 @@ def export_image_branch(config: ExportConfig) -> dict:
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(label_ids)],
                    "meaning": "per-label probabilities (sigmoid), column j for label_ids[j]"},
         "label_ids": label_ids,
-        "label_names": [names.get(str(i), str(i)) for i in label_ids],
-        "label_names_source": f"{config.data}/dataset.json" if names else "none recorded: the label ids",
+        "label_names": [names[str(i)] for i in label_ids],
+        "label_names_source": f"{config.data}/dataset.json" if recorded else
+        "none recorded: " + ("the competition's COCO names" if names != {str(i): str(i) for i in label_ids}
+                             else "the label ids"),
         "preprocessing": _preprocessing_record(preprocessing, views),
         "thresholds": thresholds,
         "thresholds_source": source,
