@@ -8,6 +8,7 @@ such a run leaves behind is removed by the next successful write of the same fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -59,6 +60,10 @@ def _remove_stale_temporaries(path: Path) -> None:
             candidate.unlink(missing_ok=True)
 
 
+# What a write itself can fail with (no space, over quota, too large, an I/O error, read-only).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
 @contextlib.contextmanager
 def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed over it when the block completes and
@@ -76,6 +81,11 @@ def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        # A failed write() or flush() names no file; the error is about the file being written.
+        if err.filename is None and err.errno in WRITE_ERRNOS:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     if clean:
@@ -126,7 +136,13 @@ def write_json(path: str | Path, value: object, sort_keys: bool = False) -> None
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     """``torch.save`` atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        # Through a Python file, so a failed write (a full disk) is an OSError saying so, not
+        # torch's "unexpected pos" RuntimeError.
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+
+    atomic_write(path, save)
 
 
 def _weights_only_reason(err: pickle.UnpicklingError) -> str:

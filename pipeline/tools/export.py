@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.branches.image import ImageHeads, rebuild_backbone
 from pipeline.checkpoint import checkpoint_path, probabilities_path
-from pipeline.config import build_parser, config_from_args, option
+from pipeline.config import build_parser, config_from_args, option, seed_option
 from pipeline.data.dataset import (
     DEMO_DATA,
     ID_COLUMN,
@@ -75,7 +75,7 @@ class ExportConfig:
     val_fraction: float = option(
         0.15, "the --val-fraction the weights were trained with (the validation split the thresholds are tuned on)",
         "data")
-    seed: int = option(0, "random seed, as inference.py's: a backbone trained from random initialisation "
+    seed: int = seed_option("random seed, as inference.py's: a backbone trained from random initialisation "
                        "(no pretrained weights) is rebuilt from it")
 
     def validate(self) -> None:
