@@ -117,5 +117,4 @@ def load_probabilities(path: str | Path, label_ids: Sequence[int] | None = None)
         row, column = (int(k) for k in np.argwhere(bad)[0])
         raise CheckpointError(f"{path}:{row + 2}: label {header[column + 1]} is {cells.iat[row, column]!r}, not a "
                               "probability (a number 0..1, or empty where the branch could not score the image)")
-    values[unscored.to_numpy()] = np.nan
-    return frame["ImageID"].tolist(), file_labels, values
+    return frame["ImageID"].tolist(), file_labels, np.where(unscored.to_numpy(), np.nan, values)

@@ -137,10 +137,17 @@ def write_json(path: str | Path, value: object, sort_keys: bool = False) -> None
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     """``torch.save`` atomically."""
     def save(tmp: Path) -> None:
-        # Through a Python file, so a failed write (a full disk) is an OSError saying so, not
-        # torch's "unexpected pos" RuntimeError.
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            # torch says a failed write (a full disk) as "unexpected pos ..." or "file write failed".
+            if "unexpected pos" not in str(err) and "write failed" not in str(err):
+                raise
+            stats = os.statvfs(tmp.parent)
+            if stats.f_bavail == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise OSError(errno.EIO, f"torch.save could not write it ({str(err).splitlines()[0]})",
+                          str(path)) from err
 
     atomic_write(path, save)
 
