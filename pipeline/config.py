@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -311,14 +312,14 @@ def debug_requested(parser: argparse.ArgumentParser, argv: Sequence[str]) -> boo
 
 
 def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None = None) -> int:
+             argv: Sequence[str] | None = None, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a script's ``main(argv)`` as a program and return its exit status: 0, or 2 after
-    printing ``error: MESSAGE`` on stderr for one of ``USER_ERRORS``. With ``--debug`` those
-    raise like any other exception, traceback and all."""
+    printing ``error: MESSAGE`` on stderr for one of ``USER_ERRORS`` or the script's own
+    ``errors``. With ``--debug`` those raise like any other exception, traceback and all."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, *errors) as err:
         # main parsed argv already, so parsing it again here cannot fail.
         if debug_requested(parser, argv):
             raise
@@ -332,7 +333,10 @@ def error_message(err: BaseException) -> str:
     by the system (which carries the path) ``PATH: reason`` without the errno prefix."""
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         target = f" -> {err.filename2}" if err.filename2 is not None else ""
-        return f"{err.filename}{target}: {err.strerror}"
+        reason = err.strerror
+        if err.errno == errno.ENOTDIR or (err.errno == errno.EEXIST and Path(err.filename).is_file()):
+            reason += " (a file stands where a folder belongs)"
+        return f"{err.filename}{target}: {reason}"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err)

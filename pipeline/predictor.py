@@ -31,7 +31,7 @@ from pipeline.data.dataset import (
     load_train_val,
     read_prediction_csv,
 )
-from pipeline.data.images import ImageReadError
+from pipeline.data.images import ImageReadError, to_rgb
 from pipeline.engine.runtime import configure_backends, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.fusion import FusionSettings
 from pipeline.inference import (
@@ -146,7 +146,9 @@ class Predictor:
             for k, image in enumerate(images):
                 if isinstance(image, Image.Image):
                     files.append(Path(folder) / f"{k}.png")
-                    image.save(files[-1], format="PNG")
+                    # In 8-bit RGB first, as a file of its mode is decoded (CMYK, float and 32-bit
+                    # greyscale have no PNG form); RGB passes through unchanged.
+                    to_rgb(image).save(files[-1], format="PNG")
                 else:
                     files.append(Path(image))
             paths = GivenFiles.of(files)
