@@ -6,7 +6,8 @@ resolved settings saved beside the weights (``*_config.json``) read the same as 
 command line. A script's dataclass holds only the options that script acts on.
 
 ``run_main`` runs a script as a program: the project's own errors, whose messages say what
-is wrong and where (file and line, or the option), print as one line, not under a traceback
+is wrong and where (file and line, or the option), and OS errors (``PATH: reason``: no
+permission, a full disk, a file where a folder belongs) print as one line, not under a traceback
 that only hides them; ``--debug`` (or ``PIPELINE_DEBUG=1``) shows the traceback anyway, and
 any other exception, a bug, keeps its own. A script's ``main`` itself raises, for the tests
 and other callers. ``--config FILE`` reads the settings from such a JSON file (a saved

@@ -127,8 +127,10 @@ class Predictor:
         --image --format json`` prints). ``captions``: one per image, or None to predict from
         the image branches alone. A missing or unreadable file is predicted from its caption.
 
-        A PIL image is predicted from its pixels as they are; a file is decoded as batch
-        inference decodes it (a large JPEG at reduced scale), so the two can differ slightly.
+        A PIL image is predicted from its pixels, converted to 8-bit RGB as a file of its mode
+        is (``pipeline.data.images.to_rgb``: CMYK, 16- and 32-bit integer, float, transparency);
+        a file is decoded as batch inference decodes it (a large JPEG at reduced scale), so the
+        two can differ slightly.
         """
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
