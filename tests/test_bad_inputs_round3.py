@@ -264,6 +264,13 @@ def test_a_seed_outside_32_bits_is_refused_as_it_is_parsed(script, seed, capsys)
     assert script.get_args_parser().parse_args(["--seed", "4294967295"]).seed == 4294967295
 
 
+def test_the_highest_seed_trains_the_caption_ensemble(tiny_dataset, tmp_path):
+    # Its members take seeds --seed + 1, ..., past NumPy's 32 bits: they wrap around there.
+    summary = train_caption_rnn.main(["--data", str(tiny_dataset), "--weights", str(tmp_path / "w"), "--device", "cpu",
+                                      *TINY_CAPTION_ARGS, "--seed", "4294967295"])
+    assert (tmp_path / "w" / "caption.pt").is_file() and summary
+
+
 def test_a_seed_outside_32_bits_in_a_config_file_names_the_key(tmp_path):
     (tmp_path / "c.json").write_text('{"seed": -1}')
     with pytest.raises(OptionError, match=r"key 'seed' \(--seed\) is -1; it takes an integer in 0\.\.4294967295"):
