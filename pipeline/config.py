@@ -335,7 +335,7 @@ def error_message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         target = f" -> {err.filename2}" if err.filename2 is not None else ""
         reason = err.strerror
-        if err.errno == errno.ENOTDIR or (err.errno == errno.EEXIST and Path(err.filename).is_file()):
+        if err.errno == errno.ENOTDIR or (err.errno == errno.EEXIST and os.path.isfile(err.filename)):
             reason += " (a file stands where a folder belongs)"
         return f"{err.filename}{target}: {reason}"
     if isinstance(err, OSError) and err.strerror:
