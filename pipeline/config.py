@@ -60,7 +60,7 @@ def option(default, help: str, group: str = "run", aliases: tuple[str, ...] = ()
                                             **argparse_kwargs})
 
 
-# numpy's and Python's generators take seeds of 32 bits: a seed outside them fails in seed_everything.
+# NumPy's generator (np.random.seed) takes seeds of 32 bits: one outside them failed in seed_everything.
 SEED_BOUNDS = (0, 2**32 - 1)
 
 
