@@ -84,12 +84,37 @@ def save_probabilities(path: str | Path, image_ids: Sequence[str], label_ids: Se
 
 
 def load_probabilities(path: str | Path, label_ids: Sequence[int] | None = None) -> tuple[list[str], list[int], np.ndarray]:
-    """Read a probabilities file: (image ids, label ids, probabilities (N, L))."""
+    """Read a probabilities file: (image ids, label ids, probabilities (N, L)).
+
+    An empty cell (or ``nan``) is NaN: no probability, as ``save_probabilities`` writes the row
+    of an image the branch could not score (``--skip-bad-images``); the reader decides what to
+    do with such rows. Anything else that is not a probability in 0..1 (text, inf, 1.5), a
+    header that is not ImageID and label ids, or a file that is not CSV is a ``CheckpointError``
+    naming the file and line.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such probabilities file; train the branch first")
-    frame = pd.read_csv(path, dtype={"ImageID": str})
-    file_labels = [int(c) for c in frame.columns[1:]]
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not a probabilities file written by training "
+                              f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+                              ) from None
+    header = list(frame.columns)
+    if not header or header[0] != "ImageID" or len(header) < 2 or \
+            not all(c.isascii() and c.isdigit() for c in header[1:]):
+        raise CheckpointError(f"{path}:1: header {','.join(header)!r}; a probabilities file has ImageID, then "
+                              "one column per label id")
+    file_labels = [int(c) for c in header[1:]]
     if label_ids is not None and file_labels != [int(i) for i in label_ids]:
         raise CheckpointError(f"{path}: probabilities for labels {file_labels}, expected {list(label_ids)}")
-    return frame["ImageID"].tolist(), file_labels, frame.iloc[:, 1:].to_numpy(dtype=np.float64)
+    cells = frame.iloc[:, 1:]
+    unscored = cells.apply(lambda column: column.str.strip().str.lower().isin(["", "nan"]))
+    values = cells.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~unscored.to_numpy() & ~((values >= 0) & (values <= 1))  # text, inf or outside 0..1
+    if bad.any():
+        row, column = (int(k) for k in np.argwhere(bad)[0])
+        raise CheckpointError(f"{path}:{row + 2}: label {header[column + 1]} is {cells.iat[row, column]!r}, not a "
+                              "probability (a number 0..1, or empty where the branch could not score the image)")
+    return frame["ImageID"].tolist(), file_labels, np.where(unscored.to_numpy(), np.nan, values)

@@ -6,7 +6,8 @@ resolved settings saved beside the weights (``*_config.json``) read the same as 
 command line. A script's dataclass holds only the options that script acts on.
 
 ``run_main`` runs a script as a program: the project's own errors, whose messages say what
-is wrong and where (file and line, or the option), print as one line, not under a traceback
+is wrong and where (file and line, or the option), and OS errors (``PATH: reason``: no
+permission, a full disk, a file where a folder belongs) print as one line, not under a traceback
 that only hides them; ``--debug`` (or ``PIPELINE_DEBUG=1``) shows the traceback anyway, and
 any other exception, a bug, keeps its own. A script's ``main`` itself raises, for the tests
 and other callers. ``--config FILE`` reads the settings from such a JSON file (a saved
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -48,12 +50,37 @@ GROUPS = {
 
 
 def option(default, help: str, group: str = "run", aliases: tuple[str, ...] = (),  # noqa: A002 - argparse's name
-           **argparse_kwargs):
+           bounds: tuple[int, int] | None = None, **argparse_kwargs):
     """A dataclass field that is also a command-line option, shown under ``--help`` section ``group``
-    and also accepted under the older spellings ``aliases``."""
+    and also accepted under the older spellings ``aliases``. ``bounds`` (lowest, highest), for an
+    integer option, are checked as the command line or a ``--config`` file is parsed."""
     if group not in GROUPS:
         raise ValueError(f"option group {group!r}: valid groups are {', '.join(GROUPS)}")
-    return field(default=default, metadata={"help": help, "group": group, "aliases": aliases, **argparse_kwargs})
+    return field(default=default, metadata={"help": help, "group": group, "aliases": aliases, "bounds": bounds,
+                                            **argparse_kwargs})
+
+
+# NumPy's generator (np.random.seed) takes seeds of 32 bits: one outside them failed in seed_everything.
+SEED_BOUNDS = (0, 2**32 - 1)
+
+
+def seed_option(help: str) -> int:  # noqa: A002 - as option's
+    """``--seed``: an integer in ``SEED_BOUNDS``, refused as it is parsed."""
+    return option(0, help, bounds=SEED_BOUNDS)
+
+
+def _bounded(value_type: type, flag: str, bounds: tuple[int, int]) -> Callable[[str], object]:
+    """An argparse ``type`` that converts like ``value_type`` and refuses a value outside ``bounds``."""
+    low, high = bounds
+
+    def convert(text: str) -> object:
+        value = value_type(text)  # a ValueError here is argparse's own "invalid int value"
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; {flag} takes {low}..{high}")
+        return value
+
+    convert.__name__ = value_type.__name__  # argparse names the type in its "invalid ... value" message
+    return convert
 
 
 def workers_option() -> int:
@@ -83,7 +110,7 @@ class CommonConfig:
     weights_dir: str = option("weights", "folder of the checkpoints, validation probabilities and fusion.json",
                               aliases=("--weights",))
     device: str = option("auto", "where to compute: auto picks cuda when available", choices=["auto", "cpu", "cuda"])
-    seed: int = option(0, "random seed for the split-independent randomness (initialisation, shuffling)")
+    seed: int = seed_option("random seed for the split-independent randomness (initialisation, shuffling)")
 
 
 @dataclass
@@ -113,6 +140,7 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
     for f in fields:
         meta = dict(f.metadata)
         help_text, section, aliases = meta.pop("help"), sections[meta.pop("group")], meta.pop("aliases")
+        bounds = meta.pop("bounds")
         flags = ["--" + f.name.replace("_", "-"), *aliases]
         hint = hints[f.name]
         value_type = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
@@ -125,6 +153,8 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
             value_type = typing.get_args(value_type)[0]
         if value_type not in (int, float, str):
             value_type = str
+        if bounds is not None:
+            value_type = _bounded(value_type, flags[0], bounds)
         section.add_argument(*flags, dest=f.name, type=value_type, default=f.default, help=help_text, **meta)
     if debug:
         sections.get("run", parser).add_argument(
@@ -156,11 +186,14 @@ DEBUG_ENV = "PIPELINE_DEBUG"
 INPUT_ERROR_STATUS = 2
 
 
-# FileNotFoundError: every file the scripts open by name (--data, --backbone-weights, ...) is
-# one the user gave; its message names it.
+# OSError: every file the scripts open by name (--data, --backbone-weights, ...) is one the user
+# gave, and every folder they write into (--weights-dir, --output) one the user chose, so an
+# OS error (no such file, permission denied, a read-only file system, disk full, a file where a
+# folder belongs, a name too long) is about the user's paths: said with the path and the reason.
+# Every write is atomic, so what such an error interrupts leaves the previous files intact.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
-    ImageReadError, NonFiniteLossError, FileNotFoundError,
+    ImageReadError, NonFiniteLossError, OSError,
 )
 
 
@@ -199,6 +232,9 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
         ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
     else:
         ok, expected = isinstance(value, str), "a string"
+    bounds = f.metadata.get("bounds")
+    if ok and bounds is not None and not bounds[0] <= value <= bounds[1]:
+        ok, expected = False, f"{expected} in {bounds[0]}..{bounds[1]}"
     if not ok:
         expected += " or null" if optional else ""
         raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(value)}; "
@@ -234,6 +270,11 @@ def read_config_file(config_cls: type, path: str | Path) -> dict[str, object]:
         raise OptionError(f"--config {path}:{err.lineno}: not valid JSON ({err.msg})") from None
     except UnicodeDecodeError:
         raise OptionError(f"--config {path}: not UTF-8 text; a config file is plain JSON") from None
+    except RecursionError:
+        raise OptionError(f"--config {path}: JSON nested too deeply to read; a config file is one flat "
+                          "object of settings") from None
+    except OSError as err:  # a symlink loop, no permission, a name too long...
+        raise OptionError(f"--config {path}: {err.strerror or err}") from None
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     if not isinstance(raw, dict):
         raise OptionError(f"--config {path}: holds {_json_kind(raw)}, not a JSON object of settings "
@@ -272,17 +313,31 @@ def debug_requested(parser: argparse.ArgumentParser, argv: Sequence[str]) -> boo
 
 
 def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None = None) -> int:
+             argv: Sequence[str] | None = None, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a script's ``main(argv)`` as a program and return its exit status: 0, or 2 after
-    printing ``error: MESSAGE`` on stderr for one of ``USER_ERRORS``. With ``--debug`` those
-    raise like any other exception, traceback and all."""
+    printing ``error: MESSAGE`` on stderr for one of ``USER_ERRORS`` or the script's own
+    ``errors``. With ``--debug`` those raise like any other exception, traceback and all."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, *errors) as err:
         # main parsed argv already, so parsing it again here cannot fail.
         if debug_requested(parser, argv):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return INPUT_ERROR_STATUS
     return 0
+
+
+def error_message(err: BaseException) -> str:
+    """The one line ``run_main`` prints for a user error: its message, or for an OS error raised
+    by the system (which carries the path) ``PATH: reason`` without the errno prefix."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        target = f" -> {err.filename2}" if err.filename2 is not None else ""
+        reason = err.strerror
+        if err.errno == errno.ENOTDIR or (err.errno == errno.EEXIST and os.path.isfile(err.filename)):
+            reason += " (a file stands where a folder belongs)"
+        return f"{err.filename}{target}: {reason}"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)

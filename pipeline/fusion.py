@@ -302,8 +302,21 @@ def _cross_validated(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
 
 def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: list[int],
                 folds: int = 5, seed: int = 0, compare_stacker: bool = True) -> FusionSettings:
-    """Tune weights and thresholds (and a stacker) on validation probabilities; keep the better method."""
+    """Tune weights and thresholds (and a stacker) on validation probabilities; keep the better method.
+
+    Images some branch has no probabilities for (NaN rows: an image it could not read) are left
+    out: tuning compares the branches on the images every branch scored. Their count is kept in
+    ``tuned_on["unscored_images"]``."""
     branches = list(probs_by_branch)
+    scored = ~np.any([np.isnan(p).any(axis=1) for p in probs_by_branch.values()], axis=0)  # (N,)
+    unscored = int((~scored).sum())
+    if not scored.any():
+        raise FusionError(f"fusion cannot be tuned: none of the {len(y_true)} validation images has probabilities "
+                          f"from every branch {branches}")
+    if unscored:
+        log.info("tuning fusion on the %d of %d validation images every branch scored", int(scored.sum()),
+                 len(y_true))
+        y_true, probs_by_branch = y_true[scored], {b: p[scored] for b, p in probs_by_branch.items()}
     weights, threshold, f1_global = tune_weights(y_true, probs_by_branch)
     fused = weighted_average(probs_by_branch, weights)
     per_label = tune_per_label_thresholds(y_true, fused, threshold)
@@ -315,6 +328,8 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
         val_samples_f1=round(f1_weighted, 5),
         tuned_on={"n_images": int(len(y_true)), "global_threshold_samples_f1": round(f1_global, 5)},
     )
+    if unscored:
+        settings.tuned_on["unscored_images"] = unscored
     if compare_stacker and len(y_true) >= 5 * folds:
         cv = {m: round(_cross_validated(y_true, probs_by_branch, m, folds, seed), 5) for m in ("weighted", "stacker")}
         settings.cv_samples_f1 = cv
@@ -355,6 +370,9 @@ def load_fusion(path: str | Path) -> FusionSettings:
         raise FusionError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     except UnicodeDecodeError:
         raise FusionError(f"{path}: not UTF-8 text; fusion.json is plain JSON") from None
+    except RecursionError:
+        raise FusionError(f"{path}: JSON nested too deeply to read; fusion.json is an object nesting "
+                          "a few levels") from None
     known = list(FusionSettings.__dataclass_fields__)
     if not isinstance(raw, dict):
         raise FusionError(f"{path}: holds {_shown(raw)}; fusion.json is a JSON object with keys {known}")

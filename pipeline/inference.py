@@ -329,10 +329,18 @@ class BranchPredictor:
 
 def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],
                              label_ids: list[int]) -> dict[str, np.ndarray]:
-    """The validation-split probabilities each training script saved, aligned on ``val_ids``."""
+    """The validation-split probabilities each training script saved, aligned on ``val_ids``.
+    Rows the branch could not score (NaN, as ``--skip-bad-images`` leaves them) are kept, and
+    said with their file: fusion tuning leaves them out."""
     out = {}
     for branch in branches:
         ids, _, probs = load_probabilities(probabilities_path(weights_dir, branch), label_ids)
+        unscored = np.flatnonzero(np.isnan(probs).any(axis=1))
+        if len(unscored):
+            lines = ", ".join(str(k + 2) for k in unscored[:10]) + (", ..." if len(unscored) > 10 else "")
+            log.warning("%s: %d of %d rows hold no probabilities (line(s) %s): images the %s branch could not "
+                        "score, such as those --skip-bad-images left out; fusion is tuned without them",
+                        probabilities_path(weights_dir, branch), len(unscored), len(ids), lines, branch)
         index = {image_id: i for i, image_id in enumerate(ids)}
         missing = [i for i in val_ids if i not in index]
         if missing:

@@ -8,6 +8,7 @@ such a run leaves behind is removed by the next successful write of the same fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -75,6 +76,10 @@ def _create_temporary(path: Path) -> Path:
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
+# What a write itself can fail with (no space, over quota, too large, an I/O error, read-only).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
 @contextlib.contextmanager
 def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed over it when the block completes and
@@ -89,6 +94,11 @@ def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        # A failed write() or flush() names no file; the error is about the file being written.
+        if err.filename is None and err.errno in WRITE_ERRNOS:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     if clean:
@@ -139,7 +149,20 @@ def write_json(path: str | Path, value: object, sort_keys: bool = False) -> None
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     """``torch.save`` atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            # torch says a failed write (a full disk) as "unexpected pos ..." or "file write failed".
+            if "unexpected pos" not in str(err) and "write failed" not in str(err):
+                raise
+            stats = os.statvfs(tmp.parent)
+            if stats.f_bavail == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise OSError(errno.EIO, f"torch.save could not write it ({str(err).splitlines()[0]})",
+                          str(path)) from err
+
+    atomic_write(path, save)
 
 
 def _weights_only_reason(err: pickle.UnpicklingError) -> str:

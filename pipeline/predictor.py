@@ -35,7 +35,7 @@ from pipeline.data.dataset import (
     read_prediction_csv,
     recorded_labels,
 )
-from pipeline.data.images import ImageReadError
+from pipeline.data.images import ImageReadError, to_rgb
 from pipeline.engine.runtime import configure_backends, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.fusion import FusionSettings
 from pipeline.inference import (
@@ -134,8 +134,10 @@ class Predictor:
         the image branches alone. A missing or unreadable file is predicted from its caption
         (without captions it is an error listing the files).
 
-        A PIL image is predicted from its pixels as they are; a file is decoded as batch
-        inference decodes it (a large JPEG at reduced scale), so the two can differ slightly.
+        A PIL image is predicted from its pixels, converted to 8-bit RGB as a file of its mode
+        is (``pipeline.data.images.to_rgb``: CMYK, 16- and 32-bit integer, float, transparency);
+        a file is decoded as batch inference decodes it (a large JPEG at reduced scale), so the
+        two can differ slightly.
         """
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
@@ -163,7 +165,9 @@ class Predictor:
             for k, image in enumerate(images):
                 if isinstance(image, Image.Image):
                     files.append(Path(folder) / f"{k}.png")
-                    image.save(files[-1], format="PNG")
+                    # In 8-bit RGB first, as a file of its mode is decoded (CMYK, float and 32-bit
+                    # greyscale have no PNG form); RGB passes through unchanged.
+                    to_rgb(image).save(files[-1], format="PNG")
                 else:
                     files.append(Path(image))
             paths = GivenFiles.of(files)

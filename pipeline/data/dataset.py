@@ -268,6 +268,10 @@ def _declared_label_ids(info: dict, csv_path: Path) -> set[int] | None:
             f"{csv_path.parent / DATASET_INFO}: \"labels\" of {csv_path.name!r} must map label ids to names, "
             'e.g. {"1": "person", "3": "car"}'
         )
+    for key, name in names.items():
+        if not isinstance(name, str):
+            raise DataFormatError(f"{csv_path.parent / DATASET_INFO}: \"labels\" of {csv_path.name!r}: label "
+                                  f"{key} is named {json.dumps(name)}; a label name is a string")
     return {int(key) for key in names}
 
 
@@ -443,11 +447,12 @@ def dataset_info(csv_path: str | Path) -> dict:
         return {}
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DataFormatError(f"{info_path}: not valid JSON ({err})") from None
     entry = info.get(csv_path.name, {}) if isinstance(info, dict) else None
     if not isinstance(entry, dict):
         raise DataFormatError(f"{info_path}: the entry of {csv_path.name!r} must be a JSON object")
+    _declared_label_ids(entry, csv_path)  # its "labels" checked for every reader, names included
     return entry
 
 
@@ -559,7 +564,11 @@ class DatasetPaths:
     @classmethod
     def resolve(cls, data: str | Path, images: str | Path | None = None) -> DatasetPaths:
         root = Path(data)
-        if not root.is_dir():
+        try:
+            is_dir = root.is_dir()
+        except OSError as err:  # a name longer than the file system allows (ENAMETOOLONG), no permission
+            raise OSError(f"--data {root}: {err.strerror}") from None
+        if not is_dir:
             hint = " (generate the demo dataset with: make demo-data)" if root == DEMO_DATA else ""
             raise FileNotFoundError(f"--data {root}: no such directory{hint}")
         return cls(root=root, images=Path(images) if images else root / "data")

@@ -240,9 +240,12 @@ def reuse_freed_memory() -> bool:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so the same command gives the same result."""
+    """Seed Python, NumPy and torch so the same command gives the same result.
+
+    NumPy takes 32 bits: a seed derived from ``--seed`` 4294967295 (the caption ensemble's
+    ``seed + member``) wraps around there, as a valid ``--seed`` never does."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from torch import nn
 
 from pipeline.branches.image import ImageHeads, rebuild_backbone
 from pipeline.checkpoint import checkpoint_path, probabilities_path
-from pipeline.config import build_parser, config_from_args, option
+from pipeline.config import build_parser, option, parse_config, run_main, seed_option
 from pipeline.data.dataset import (
     DEMO_DATA,
     ID_COLUMN,
@@ -43,7 +44,7 @@ from pipeline.data.dataset import (
 from pipeline.engine.runtime import seed_everything
 from pipeline.fusion import FusionError, fusion_file, load_fusion, tune_fusion
 from pipeline.inference import load_branch_checkpoints, recorded_label_names, validation_probabilities
-from pipeline.io import CheckpointError, atomic_write, atomic_write_text, file_digest, write_json
+from pipeline.io import CheckpointError, OptionError, atomic_write, atomic_write_text, file_digest, write_json
 from pipeline.labels import label_names
 from pipeline.models.backbones import NormalizeInput
 from pipeline.models.image_model import pool_features
@@ -68,23 +69,78 @@ class ExportConfig:
                               "(and fusion.json / val_probs_image.csv give its thresholds)", aliases=("--weights",))
     format: str = option("onnx", "what to write: onnx (OUT/model.onnx) or openvino (OUT/model.xml + model.bin)",
                          choices=list(FORMATS))
-    out: str = option("export", "folder to write the model, model.json and README.md into")
-    opset: int = option(DEFAULT_OPSET, "ONNX opset version (--format onnx; at least 17)")
+    out: str = option("export", "folder to write the model, model.json and README.md into; files there that an "
+                      "export did not write are never replaced without --force")
+    force: bool = option(False, "replace files in --out that no export wrote (a README.md of your own, say)")
+    opset: int = option(DEFAULT_OPSET, "ONNX opset version (--format onnx; 17 up to the highest torch's "
+                        "exporter writes)")
     data: str = option(
         str(DEMO_DATA), "dataset folder the weights were trained on: its dataset.json gives the label names, "
         "its validation split the image-only thresholds (both optional: without it, the label ids and 0.5)", "data")
     val_fraction: float = option(
         0.15, "the --val-fraction the weights were trained with (the validation split the thresholds are tuned on)",
         "data")
-    seed: int = option(0, "random seed, as inference.py's: a backbone trained from random initialisation "
+    seed: int = seed_option("random seed, as inference.py's: a backbone trained from random initialisation "
                        "(no pretrained weights) is rebuilt from it")
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the option."""
         if self.format not in FORMATS:
             raise ValueError(f"--format {self.format!r}: valid formats are {', '.join(FORMATS)}")
-        if self.opset < 17:
-            raise ValueError(f"--opset must be >= 17, got {self.opset}")
+        if not self.out.strip():
+            raise ValueError("--out is empty (an unset shell variable?); name the folder to write the model into")
+        if not DEFAULT_OPSET <= self.opset <= max_opset():
+            raise ValueError(f"--opset {self.opset}: valid opsets are {DEFAULT_OPSET}..{max_opset()} (the "
+                             "model needs 17; torch's ONNX exporter writes up to the highest)")
+
+
+def max_opset() -> int:
+    """The highest ONNX opset torch's TorchScript exporter (the one used: dynamo=False) writes."""
+    from torch.onnx import _constants
+
+    return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
+# The files an export writes into --out, by format; model.json lists the model's own.
+MODEL_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
+README_TITLE = "# The image branch, exported"
+
+
+def _export_metadata(path: Path) -> dict | None:
+    """The model.json an export wrote at ``path``, or None when it is not one."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    is_ours = isinstance(meta, dict) and meta.get("format") in FORMATS and isinstance(meta.get("files"), list) \
+        and isinstance(meta.get("input"), dict) and meta["input"].get("name") == INPUT_NAME
+    return meta if is_ours else None
+
+
+def _written_by_export(path: Path, meta: dict | None) -> bool:
+    """Whether the existing ``path`` in --out is a file an export wrote: model.json by its keys,
+    README.md by its title, a model file by the model.json beside it listing it."""
+    if not path.is_file():
+        return False
+    if path.name == "model.json":
+        return meta is not None
+    if path.name == "README.md":
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.readline().startswith(README_TITLE)
+    return meta is not None and path.name in meta["files"]
+
+
+def check_out_folder(out: Path, fmt: str, force: bool) -> None:
+    """Refuse (before any work) to replace a file in ``out`` that no export wrote, unless ``force``:
+    ``--out .`` would otherwise overwrite the project's own README.md."""
+    if force or not out.is_dir():
+        return
+    meta = _export_metadata(out / "model.json")
+    foreign = [name for name in (*MODEL_FILES[fmt], "model.json", "README.md")
+               if (out / name).exists() and not _written_by_export(out / name, meta)]
+    if foreign:
+        raise OptionError(f"--out {out}: would replace {', '.join(foreign)}, which no export wrote; choose an "
+                          "empty or new folder, or give --force to replace them")
 
 
 def float16_rounded(values: torch.Tensor) -> torch.Tensor:
@@ -308,7 +364,7 @@ def _readme(meta: dict) -> str:
     ])
     flip = ("\nThe model averages the features of the image and of its horizontal mirror itself: pass the "
             "image unmirrored.\n" if "flip" in meta["preprocessing"]["views"] else "")
-    return f"""# The image branch, exported ({fmt})
+    return f"""{README_TITLE} ({fmt})
 
 `{'`, `'.join(meta['files'])}`: the trained image branch of `{meta['source']['checkpoint']}` as one model.
 
@@ -338,6 +394,7 @@ def export_image_branch(config: ExportConfig) -> dict:
     config.validate()
     _require_packages(config.format)
     weights_dir, out = Path(config.weights_dir), Path(config.out)
+    check_out_folder(out, config.format, config.force)
     checkpoint = _load_image_checkpoint(weights_dir)
     seed_everything(config.seed)  # as inference seeds before it rebuilds the backbone
     module = build_exported_branch(checkpoint)
@@ -401,12 +458,11 @@ def export_image_branch(config: ExportConfig) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(ExportConfig, __doc__)
+    return build_parser(ExportConfig, __doc__, debug=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    result = export_image_branch(config_from_args(ExportConfig, args))
+    result = export_image_branch(parse_config(ExportConfig, get_args_parser(), argv))
     print(f"wrote {', '.join(result['model'])}, {result['metadata']}, {result['readme']}")
     check = result["check"]
     if check["runtime"]:
@@ -415,7 +471,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ExportError, CheckpointError, OSError) as err:  # said in one line, as the converters do
-        sys.exit(f"error: {err}")
+    sys.exit(run_main(main, get_args_parser(), errors=(ExportError,)))

@@ -69,8 +69,15 @@ def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[s
         atomic_write_text(listing, "".join(f"{path}\n" for path in bad))
     log.warning("--skip-bad-images: left out %d of %d rows whose image is missing or unreadable (listed in %s)",
                 len(bad), len(ok), listing)
-    if not ok[:num_train].any() or not ok[num_train:].any():
-        raise ImageReadError.listing(bad, "\nno readable image is left in the training or validation split")
+    if not ok.any():
+        raise ImageReadError(f"--skip-bad-images: all {len(ok)} images of {paths.train_csv.name} in {paths.images} "
+                             f"are missing or unreadable (listed in {listing}); nothing to train on")
+    for split, readable_in_split, purpose in (("training", ok[:num_train], "train on"),
+                                              ("validation", ok[num_train:], "score the model or tune fusion on")):
+        if not readable_in_split.any():
+            raise ImageReadError(f"--skip-bad-images: all {len(readable_in_split)} {split}-split images in "
+                                 f"{paths.images} are missing or unreadable (listed in {listing}); nothing to "
+                                 f"{purpose}")
     return ok[:num_train], ok[num_train:]
 
 
