@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -26,13 +27,10 @@ from typing import TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.dataset import DEMO_DATA, DataFormatError
-from pipeline.data.images import ImageReadError
-from pipeline.engine.loop import NonFiniteLossError
-from pipeline.engine.runtime import usable_cores
-from pipeline.fusion import FusionError
+# Only light imports here: every script builds its parser from this module before anything
+# else, and ``--help`` must answer without waiting seconds for torch and timm to load.
+from pipeline.choices import DEMO_DATA, usable_cores
 from pipeline.io import CheckpointError, OptionError, unique_keys_hook, write_json
-from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
 
 # ``--help`` sections, in the order shown; an option names its section with ``group=``.
 GROUPS = {
@@ -95,8 +93,25 @@ class TrainingConfig(CommonConfig):
         "result of an uninterrupted run); per-epoch states live in WEIGHTS_DIR/resume/ until the run finishes")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the script docstring's paragraphs as written."""
+# A help text that already says its default ("default: 8 partial, 25 end to end").
+_STATES_DEFAULT = re.compile(r"\bdefault[:\s]", re.IGNORECASE)
+
+
+class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once.
+
+    A default of None means "decided by the run": the help text says how, and "(default: None)"
+    would say nothing; a help text that states its default is not given a second one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or _STATES_DEFAULT.search(help_text) or "%(default)" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class HelpFormatter(OneDefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default once, and the script docstring's paragraphs kept as written."""
 
 
 def build_parser(config_cls: type, description: str, *, debug: bool = False) -> argparse.ArgumentParser:
@@ -104,8 +119,9 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
     ``debug``, for a script run by ``run_main`` and parsed by ``parse_config``, also ``--debug``
     and ``--config`` (neither is a setting: one changes how an error is shown, the other where
     the settings come from, so neither is a field or saved)."""
+    # allow_abbrev=False: a prefix (--epoch, --thresh) is refused, not read as the option it starts.
     parser = argparse.ArgumentParser(usage="%(prog)s [options]", description=description,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     sections = {name: parser.add_argument_group(title)
@@ -156,12 +172,20 @@ DEBUG_ENV = "PIPELINE_DEBUG"
 INPUT_ERROR_STATUS = 2
 
 
-# FileNotFoundError: every file the scripts open by name (--data, --backbone-weights, ...) is
-# one the user gave; its message names it.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
-    ImageReadError, NonFiniteLossError, FileNotFoundError,
-)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors whose message says what is wrong with the input: printed as one line.
+
+    Imported here, when a script has parsed its options, not at the top: they live in the
+    modules that load torch. FileNotFoundError: every file the scripts open by name (--data,
+    --backbone-weights, ...) is one the user gave; its message names it."""
+    from pipeline.data.dataset import DataFormatError
+    from pipeline.data.images import ImageReadError
+    from pipeline.engine.loop import NonFiniteLossError
+    from pipeline.fusion import FusionError
+    from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
+
+    return (DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
+            ImageReadError, NonFiniteLossError, FileNotFoundError)
 
 
 Config = TypeVar("Config")
@@ -274,14 +298,15 @@ def debug_requested(parser: argparse.ArgumentParser, argv: Sequence[str]) -> boo
 def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main(argv)`` as a program and return its exit status: 0, or 2 after
-    printing ``error: MESSAGE`` on stderr for one of ``USER_ERRORS``. With ``--debug`` those
+    printing ``error: MESSAGE`` on stderr for one of ``user_errors()``. With ``--debug`` those
     raise like any other exception, traceback and all."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - only user_errors() are caught; the rest re-raise
+        # Not ``except user_errors()``: that would import torch after --help's SystemExit too.
         # main parsed argv already, so parsing it again here cannot fail.
-        if debug_requested(parser, argv):
+        if not isinstance(err, user_errors()) or debug_requested(parser, argv):
             raise
         print(f"error: {err}", file=sys.stderr)
         return INPUT_ERROR_STATUS

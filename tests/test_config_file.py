@@ -26,7 +26,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def captured_inference_config(monkeypatch, argv: list[str]):
     """The settings inference.py would run with, without running it."""
     seen = []
-    monkeypatch.setattr(inference, "run_inference", seen.append)
+    monkeypatch.setattr("pipeline.inference.run_inference", seen.append)
     inference.main(argv)
     return seen[0]
 

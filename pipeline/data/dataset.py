@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import OptionError
+from pipeline.choices import DEMO_DATA
 
 ID_COLUMN = "ImageID"
 LABELS_COLUMN = "Labels"
@@ -29,7 +30,6 @@ KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
 # What pipeline.tools.convert records about the CSV files it writes, keyed by file name.
 DATASET_INFO = "dataset.json"
 # The default --data: the synthetic demo dataset written by ``python -m pipeline.tools.demo``.
-DEMO_DATA = Path("data/demo")
 # A label with fewer training images than this is warned about (see ``_check_training_labels``).
 RARE_LABEL_IMAGES = 5
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.choices import RNN_NAMES
 from pipeline.config import TrainingConfig, option
-from pipeline.models.caption import RNN_TYPES
 
 
 @dataclass
@@ -13,7 +13,7 @@ class CaptionTrainConfig(TrainingConfig):
     """Settings of ``train_caption_rnn.py``."""
 
     batch_size: int = option(32, "captions per training batch", group="training")
-    rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_TYPES), group="model")
+    rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_NAMES), group="model")
     embed_dim: int = option(64, "word embedding size (must match --word-vectors when given)", group="model")
     hidden_size: int = option(64, "hidden units per direction of the recurrent layer", group="model")
     layers: int = option(1, "stacked recurrent layers", group="model")
@@ -34,7 +34,7 @@ class CaptionTrainConfig(TrainingConfig):
         True, "score epochs by validation samples-F1 at the best global threshold (else at 0.5)", group="training")
     ensemble: int = option(5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged", group="model")
     threads: int = option(1, "CPU threads for torch; 1 is fastest for this small model and stays fast "
-                          "when other processes load the cores; 0 keeps torch's default", group="run")
+                          "when other processes load the cores; 0: as many as torch picks", group="run")
     word_vectors: str | None = option(
         None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)", group="model")
 
@@ -57,5 +57,5 @@ class CaptionTrainConfig(TrainingConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.rnn not in RNN_TYPES:
-            raise ValueError(f"--rnn {self.rnn!r}: valid: {', '.join(RNN_TYPES)}")
+        if self.rnn not in RNN_NAMES:
+            raise ValueError(f"--rnn {self.rnn!r}: valid: {', '.join(RNN_NAMES)}")

