@@ -78,3 +78,46 @@ def test_image_help_names_the_current_default_backbone():
     helps = _help_strings(cli.train_image_parser())
     assert f"(default: {DEFAULT_BACKBONE})" in helps["--backbone"]
     assert "Lite0" not in helps["--resolution"] + helps["--train-from-stage"]
+
+
+# --- the installed package -------------------------------------------------------------------
+
+COMMANDS = ("cml-train-image", "cml-train-caption", "cml-infer")
+
+
+def _package_data() -> list[str]:
+    """Every file of the package that is not Python source: what the install must carry too."""
+    return sorted(str(path.relative_to(ROOT)) for path in (ROOT / "pipeline").rglob("*")
+                  if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts)
+
+
+def test_pip_install_gives_the_package_its_data_and_the_console_commands(tmp_path):
+    """``pip install .`` stopped at "Multiple top-level packages discovered in a flat-layout"."""
+    source = tmp_path / "clone"  # a copy, so the build's files never land in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "requirements.txt", "README.md", "LICENSE"):
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    subprocess.run(["cp", "-r", str(ROOT / "pipeline"), str(source / "pipeline")], check=True)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(source)], check=True)
+    assert sorted(path.name for path in target.iterdir() if not path.name.endswith(".dist-info")) == ["bin", "pipeline"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    found = subprocess.run([sys.executable, "-c", "import pipeline, pipeline.cli; print(pipeline.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == str(target / "pipeline" / "__init__.py")
+    for data_file in _package_data():
+        assert (target / data_file).is_file(), f"{data_file} is not installed"
+    for command in COMMANDS:
+        shown = subprocess.run([str(target / "bin" / command), "--help"], cwd=elsewhere, env=env,
+                               capture_output=True, text=True, check=True)
+        assert shown.stdout.startswith(f"usage: {command} [options]"), shown.stdout[:200]
+
+
+def test_the_licence_is_declared_and_shipped():
+    """Apache-2.0, the licence of timm, the bundled Lite weights' packages, nltk and OpenVINO."""
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "[yyyy]" not in text
