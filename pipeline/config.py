@@ -160,9 +160,15 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def save_config(config, path: Path) -> None:
-    """Write the resolved settings as JSON, atomically."""
-    write_json(path, dataclasses.asdict(config), sort_keys=True)
+# The key of a saved ``*_config.json`` that records what the command line asked for where the
+# run resolved it (``"mode": "auto"`` beside the ``"mode": "partial"`` it ran); never read back.
+REQUESTED_KEY = "requested"
+
+
+def save_config(config, path: Path, requested: dict[str, object] | None = None) -> None:
+    """Write the resolved settings as JSON, atomically, with the ``requested`` values beside them."""
+    write_json(path, {**dataclasses.asdict(config), **({REQUESTED_KEY: requested} if requested else {})},
+               sort_keys=True)
 
 
 # --- Running a script as a program ----------------------------------------------------------------
@@ -262,6 +268,8 @@ def read_config_file(config_cls: type, path: str | Path) -> dict[str, object]:
     if not isinstance(raw, dict):
         raise OptionError(f"--config {path}: holds {_json_kind(raw)}, not a JSON object of settings "
                           f"(keys: {', '.join(sorted(fields))})")
+    # What a saved file's run was asked for: a record for the reader, not a setting.
+    raw.pop(REQUESTED_KEY, None)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise OptionError(f"--config {path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(fields))}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -229,3 +230,55 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     if mode == "auto":
         return "finetune" if device.type == "cuda" else "partial"
     return mode
+
+
+# The options that act in some modes only, and those modes. Frozen mode trains the heads, then
+# the decoder, on cached pooled features; partial and finetune train the backbone with both.
+MODE_ONLY_OPTIONS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("epochs", "lr", "decoder_epochs", "head_batch_size", "head_threads"), ("frozen",)),
+    **dict.fromkeys(("finetune_epochs", "finetune_lr", "layer_decay", "drop_path", "head_lr_scale",
+                     "decoder_loss_weight", "warmup_epochs", "ema_decay", "grad_clip", "sync_bn", "compile"),
+                    ("partial", "finetune")),
+    "train_from_stage": ("partial",),
+    **dict.fromkeys(("augment", "scale_jitter"), ("finetune",)),
+}
+# The option that does the same job in the other modes, named in the warning.
+COUNTERPARTS = {"epochs": "finetune_epochs", "lr": "finetune_lr", "finetune_epochs": "epochs",
+                "finetune_lr": "lr", "decoder_epochs": "finetune_epochs", "head_batch_size": "batch_size"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def idle_options(config: ImageTrainConfig, mode: str) -> list[str]:
+    """One message per option set away from its default that does nothing in ``mode``, naming
+    the modes it acts in and what does its job in this one (``train_efficientnet.py --epochs 1``
+    on a CPU trains in partial mode, whose epochs are ``--finetune-epochs``)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ImageTrainConfig)}
+    how = f"--mode {config.mode} resolved to {mode}" if config.mode != mode else f"--mode {mode}"
+    messages = []
+    for name, modes in MODE_ONLY_OPTIONS.items():
+        value = getattr(config, name)
+        if mode in modes or value == defaults[name]:
+            continue
+        instead = COUNTERPARTS.get(name)
+        hint = (f"; in {mode} mode use {_flag(instead)}" if instead and mode in MODE_ONLY_OPTIONS.get(instead, (mode,))
+                else "")
+        messages.append(f"{_flag(name)} {value} has no effect: it acts in {' and '.join(modes)} mode only, and this "
+                        f"run trains in {mode} mode ({how}){hint}")
+    return messages
+
+
+def resolved_settings(config: ImageTrainConfig, mode: str, device: torch.device, precision: str,
+                      train_precision: str, runtime: str) -> tuple[ImageTrainConfig, dict[str, object]]:
+    """The settings as this run resolved them (``image_config.json``: ``--config`` of it repeats the
+    run wherever it runs), and the values requested for the ones that were resolved.
+
+    ``--precision auto`` stays ``auto`` where the run's forward passes and training resolved it
+    differently (bf16 features, fp32 training on a CPU with native bf16): no single value says both."""
+    one_precision = precision == train_precision
+    resolved = dataclasses.replace(config, mode=mode, device=device.type, runtime=runtime,
+                                   precision=precision if one_precision else config.precision)
+    requested = {name: getattr(config, name) for name in ("mode", "device", "precision", "runtime")}
+    return resolved, requested
