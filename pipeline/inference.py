@@ -264,11 +264,13 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
     main, own = weights_dir / "fusion.json", fusion_file(weights_dir, branches)
     trained = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
     every_branch = sorted(branches) == sorted(trained)
-    settings = None
+    settings, source = None, None
     if not config.tune:
-        settings = _fitting_fusion(main, branches, labels, every_branch)
-        if settings is None:
-            settings = _fitting_fusion(own, branches, labels, every_branch)
+        for path in (main, own):
+            settings = _fitting_fusion(path, branches, labels, every_branch)
+            if settings is not None:
+                source = path
+                break
     if settings is None:
         data_labels, y_val, val_probs = validation()
         if val_probs is None:
@@ -287,12 +289,17 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
             kept = f"; {main} was left as it is ({why})" if main.is_file() else \
                 f"; {main} is written only by a run with every trained branch on the labels they know ({why})"
         save_fusion(settings, target)
+        source = f"{target}, tuned now"
         log.info("wrote %s for branches %s (method %s, validation samples-F1 %.4f)%s", target, branches,
                  settings.method, settings.val_samples_f1, kept)
     if weights is not None:
         settings.method, settings.weights, settings.stacker = "weighted", weights, None
     if config.threshold is not None:
         settings.threshold, settings.per_label_thresholds = config.threshold, {}
+    # One line saying where each part came from: --fusion-weights replaces the file's weights.
+    weights_from = f"--fusion-weights {config.fusion_weights}" if weights is not None else f"{source} (method {settings.method})"
+    threshold_from = f"--threshold {config.threshold}" if config.threshold is not None else source
+    log.info("fusion weights from %s; thresholds from %s", weights_from, threshold_from)
     return settings
 
 
@@ -303,7 +310,6 @@ def _fitting_fusion(path: Path, branches: list[str], labels: LabelSet, every_bra
         return None
     settings = load_fusion(path)
     if sorted(settings.branches) == sorted(branches) and settings.label_ids == list(labels.ids):
-        log.info("fusion settings from %s (method %s)", path, settings.method)
         return settings
     # fusion.json is tuned for every branch, so an ablation expects it not to fit: said quietly.
     expected = not every_branch and path.name == "fusion.json" and settings.label_ids == list(labels.ids)
@@ -439,7 +445,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     and rank 0 writes the submission and evaluates."""
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
     configure_backends(device)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     seed_everything(config.seed)
     paths = DatasetPaths.resolve(config.data, config.images)
     weights_dir, output_dir = Path(config.weights_dir), Path(config.output)
@@ -510,6 +516,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
             probs = predictor.probabilities(val, features=features)
         report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source)
         summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
+        summary["evaluated_on"] = source
         if config.report:
             from pipeline.report_page import write_report_page
 
@@ -521,8 +528,30 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                               plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
                               label_names=recorded_label_names(config.data))
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(output_dir / "inference_summary.json", summary)
+    summary_file = output_dir / "inference_summary.json"
+    # The files this run wrote, not those an earlier run left in the folder.
+    summary["files"] = [str(path) for path in sorted(output_dir.iterdir())
+                        if path.is_file() and path.stat().st_mtime >= started_at] + [str(summary_file)]
+    write_json(summary_file, summary)
+    log.info(summary_line(summary, output_dir))
     return summary
+
+
+def summary_line(summary: dict, output_dir: Path) -> str:
+    """What a person reads at the end of a run: the scores, the time, where the files went; the
+    full record is ``inference_summary.json``."""
+    metrics = summary.get("metrics")
+    if metrics:
+        branches = ", ".join(f"{name} {score:.4f}" for name, score in metrics.items() if name != "fused")
+        scores = f"samples-F1 fused {metrics['fused']:.4f} ({branches}) on the {summary['evaluated_on']}"
+    elif summary["fusion_val_samples_f1"] is not None:
+        scores = f"fusion's validation samples-F1 {summary['fusion_val_samples_f1']:.4f}"
+    else:
+        scores = "fusion set by hand (no validation score)"
+    report = output_dir / "report.html"
+    page = f", {report}" if str(report) in summary["files"] else ""
+    return (f"inference: {scores}; {summary['rows']} test rows, {summary['seconds'] / 60:.1f} min; wrote "
+            f"{summary['submission']}{page}; every figure: {output_dir / 'inference_summary.json'}")
 
 
 def recorded_label_names(data: str | Path) -> dict[str, str]:
