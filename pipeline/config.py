@@ -88,9 +88,19 @@ class CommonConfig:
 class TrainingConfig(CommonConfig):
     """The options both training scripts act on."""
 
-    resume: bool = option(
+    resume: bool | str = option(
         False, "continue an interrupted run from its last completed epoch (same options and data give the "
-        "result of an uninterrupted run); per-epoch states live in WEIGHTS_DIR/resume/ until the run finishes")
+        "result of an uninterrupted run); per-epoch states live in WEIGHTS_DIR/resume/ until the run finishes. "
+        "--resume PATH continues from the states of another folder instead: an interrupted run's weights "
+        "folder or its resume/<script> folder (copied here first, PATH is left as it is)", metavar="PATH")
+    log: str = option(
+        "csv", "where each epoch's loss, score and learning rate go: csv = WEIGHTS_DIR/history_<branch>.csv "
+        "(always written); tensorboard = that and TensorBoard event files in WEIGHTS_DIR/tensorboard/<branch>/ "
+        "(tensorboard --logdir WEIGHTS_DIR/tensorboard)", choices=["csv", "tensorboard"])
+    keep_best: int = option(
+        0, "also keep the weights of the K best epochs of each training loop (by validation score) in "
+        "WEIGHTS_DIR/best/, as plain state dicts with their epoch and score; 0: only the best, in the checkpoint",
+        metavar="K")
 
 
 # A help text that already says its default ("default: 8 partial, 25 end to end").
@@ -132,6 +142,10 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
         flags = ["--" + f.name.replace("_", "-"), *aliases]
         hint = hints[f.name]
         value_type = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        if set(typing.get_args(hint)) == {bool, str}:  # --flag alone (True) or --flag VALUE
+            section.add_argument(*flags, dest=f.name, nargs="?", const=True, default=f.default, help=help_text,
+                                 **meta)
+            continue
         if value_type is bool:  # bool, or bool | None where None means "decided by the run"
             section.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                  help=help_text)
@@ -216,7 +230,9 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
     item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
     if value is None and optional:
         return None
-    if item is not None:
+    if set(typing.get_args(hint)) == {bool, str}:
+        ok, expected = isinstance(value, (bool, str)), "true, false or a path"
+    elif item is not None:
         ok = isinstance(value, list) and bool(value) and all(isinstance(v, item) for v in value)
         expected = f"a non-empty list of {item.__name__}"
     elif kind is bool:

@@ -238,7 +238,8 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
 
     resume_dir = start_run(config.weights_dir, "caption", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv))
-    history = start_history(history_path(config.weights_dir, BRANCH), config.resume, context)
+    history = start_history(history_path(config.weights_dir, BRANCH), config.resume, context, config.log,
+                            config.keep_best)
     members = []
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"

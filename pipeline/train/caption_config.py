@@ -53,6 +53,7 @@ class CaptionTrainConfig(TrainingConfig):
             (self.min_freq >= 1, f"--min-freq must be >= 1, got {self.min_freq}"),
             (self.ensemble >= 1, f"--ensemble must be >= 1, got {self.ensemble}"),
             (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
+            (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -141,7 +141,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # starts takes a seed), so a cache hit and a cache miss train the same model.
     seed_everything(config.seed)
     resume_dir = start_run(weights_dir, "image", config.resume, context)
-    history = start_history(history_path(weights_dir, "image"), config.resume, context)
+    history = start_history(history_path(weights_dir, "image"), config.resume, context, config.log, config.keep_best)
     inputs_digest = {"features": features.digest} if mode == "frozen" else {}
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv), **inputs_digest)
     training_start, training_start_unix = time.perf_counter(), time.time()

@@ -169,6 +169,7 @@ class ImageTrainConfig(TrainingConfig):
             (self.train_from_stage is None or self.train_from_stage >= 1,
              f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
         ]
         for ok, message in checks:
             if not ok:
