@@ -121,3 +121,23 @@ def test_the_licence_is_declared_and_shipped():
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "[yyyy]" not in text
+
+
+# --- first contact: the install ------------------------------------------------------------------
+
+def test_the_install_shows_pips_progress():
+    """``make demo`` printed nothing for the 2 minutes of its pip install (--quiet)."""
+    installs = [line for line in (ROOT / "Makefile").read_text(encoding="utf-8").splitlines()
+                if "pip install" in line and not line.lstrip().startswith(("#", "@echo"))]
+    assert installs and all("--progress-bar on" in line and "--quiet" not in line and " -q" not in line
+                            for line in installs)
+
+
+def test_the_readme_cpu_install_pins_the_versions_of_requirements():
+    """The documented CPU-only install names the torch and torchvision that requirements.txt pins."""
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+                if "==" in line and not line.startswith("#"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert (f"pip install torch=={pins['torch']} torchvision=={pins['torchvision']} "
+            "--index-url https://download.pytorch.org/whl/cpu") in readme
+    assert all(command in readme for command in COMMANDS) and "pip install ." in readme
