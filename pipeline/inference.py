@@ -297,7 +297,8 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
     if config.threshold is not None:
         settings.threshold, settings.per_label_thresholds = config.threshold, {}
     # One line saying where each part came from: --fusion-weights replaces the file's weights.
-    weights_from = f"--fusion-weights {config.fusion_weights}" if weights is not None else f"{source} (method {settings.method})"
+    weights_from = (f"--fusion-weights {config.fusion_weights}" if weights is not None
+                    else f"{source} (method {settings.method})")
     threshold_from = f"--threshold {config.threshold}" if config.threshold is not None else source
     log.info("fusion weights from %s; thresholds from %s", weights_from, threshold_from)
     return settings

@@ -33,7 +33,8 @@ def test_inference_ends_with_one_readable_line_and_names_the_fusion_sources(trai
     # --fusion-weights replaces the file's weights: the log said "fusion settings from fusion.json".
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        _infer(data, weights, tmp_path / "hand", "--fusion-weights", "image=1,caption=1,decoder=0", "--threshold", "0.4")
+        _infer(data, weights, tmp_path / "hand", "--fusion-weights", "image=1,caption=1,decoder=0",
+               "--threshold", "0.4")
     assert ("fusion weights from --fusion-weights image=1,caption=1,decoder=0; thresholds from --threshold 0.4"
             in caplog.text)
     assert f"from {weights / 'fusion.json'}" not in caplog.text

@@ -36,7 +36,7 @@ def test_tensorboard_gets_every_epoch_row_of_the_history(tiny_dataset, tmp_path)
 
 def test_tensorboard_missing_is_one_error_naming_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(OptionError, match=r"--log tensorboard needs the tensorboard package: pip install tensorboard=="):
+    with pytest.raises(OptionError, match=r"--log tensorboard needs the tensorboard package: pip install tensorbo"):
         start_history(tmp_path / "history_caption.csv", False, log="tensorboard")
 
 

