@@ -61,6 +61,10 @@ class InferenceConfig(CommonConfig):
             (self.caption is None or self.image is not None, "--caption needs --image: the files it describes"),
             (self.image is None or not (self.evaluate or self.test_csv or self.eval_csv),
              "--image predicts the given files; it does not combine with --evaluate, --test-csv or --eval-csv"),
+            # Options that would otherwise be accepted and do nothing.
+            (self.format == "table" or self.image is not None,
+             f"--format {self.format} sets how --image predictions print; without --image it has no effect"),
+            (self.report or self.evaluate, "--no-report acts with --evaluate only (the page is written with it)"),
         ]
         for ok, message in checks:
             if not ok:

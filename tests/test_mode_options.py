@@ -94,3 +94,15 @@ def test_the_caption_config_saves_the_device_it_ran_on(tmp_path, capsys):
     assert last.endswith(f"every figure: {tmp_path / 'w' / 'caption_summary.json'}")
     recorded = json.loads((tmp_path / "w" / "caption_summary.json").read_text())
     assert recorded["val_samples_f1"] == summary["val_samples_f1"]
+
+
+def test_inference_options_without_their_partner_are_refused():
+    import inference
+    from pipeline.inference_config import InferenceConfig
+    from pipeline.io import OptionError
+
+    for argv, message in ((["--format", "json"], "--format json sets how --image predictions print"),
+                          (["--no-report"], "--no-report acts with --evaluate only")):
+        with pytest.raises(OptionError, match=message):
+            parse_config(InferenceConfig, inference.get_args_parser(), argv)
+    assert parse_config(InferenceConfig, inference.get_args_parser(), ["--evaluate", "--no-report"]).report is False
