@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.engine.distributed import DistContext, gather_to_main
+from pipeline.engine.distributed import DistContext, barrier, gather_to_main
 from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
@@ -189,14 +189,15 @@ def start_run(weights_dir: str | Path, script: str, resume: bool | str, context:
     directory = resume_directory(weights_dir, script)
     if not resume and context.is_main and directory.exists():
         shutil.rmtree(directory)
-    if isinstance(resume, str) and context.is_main:
+    if isinstance(resume, str):
+        # Every rank checks PATH, so a bad one stops them all; rank 0 copies, the others wait.
         source = Path(resume)
         source = resume_directory(source, script) if resume_directory(source, script).is_dir() else source
         states = sorted(source.glob("*.pt")) if source.is_dir() else []
         if not states:
             raise CheckpointError(f"--resume {resume}: no resume states of {script} training there (expected "
                                   f"{resume_directory(resume, script)}/*.pt, or a folder of such .pt files)")
-        if source.resolve() != directory.resolve():
+        if context.is_main and source.resolve() != directory.resolve():
             if directory.exists():
                 shutil.rmtree(directory)
             directory.mkdir(parents=True)
@@ -206,6 +207,7 @@ def start_run(weights_dir: str | Path, script: str, resume: bool | str, context:
             history = Path(resume) / f"history_{script}.csv"
             if history.is_file() and history.resolve() != (Path(weights_dir) / history.name).resolve():
                 shutil.copy2(history, Path(weights_dir) / history.name)
+        barrier(context)
     return directory
 
 
