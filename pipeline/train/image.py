@@ -242,9 +242,12 @@ def written_files(weights_dir: Path) -> list[Path]:
 def summary_line(summary: dict, weights_dir: Path) -> str:
     """What a person reads at the end of a run: the scores, the time, where the files went; the
     full record is ``image_summary.json``."""
+    def score(value: float | None) -> str:  # None or NaN where there was no validation image to score
+        return "n/a" if value is None or value != value else f"{value:.4f}"
+
     epochs = summary["recipe"]["epochs"]
-    line = (f"image branch: validation samples-F1 {summary['image_val_samples_f1']:.4f} (image head), "
-            f"{summary['decoder_val_samples_f1_beam']:.4f} (decoder, beam {summary['beam_width']}); "
+    line = (f"image branch: validation samples-F1 {score(summary['image_val_samples_f1'])} (image head), "
+            f"{score(summary['decoder_val_samples_f1_beam'])} (decoder, beam {summary['beam_width']}); "
             f"{summary['mode']} mode, {epochs} epoch{'s' if epochs != 1 else ''} (best {summary['image_best_epoch']}), "
             f"{summary['total_seconds'] / 60:.1f} min; wrote {weights_dir / 'image.pt'}, {weights_dir / 'decoder.pt'}; "
             f"every figure: {weights_dir / 'image_summary.json'}")
