@@ -106,3 +106,15 @@ def test_inference_options_without_their_partner_are_refused():
         with pytest.raises(OptionError, match=message):
             parse_config(InferenceConfig, inference.get_args_parser(), argv)
     assert parse_config(InferenceConfig, inference.get_args_parser(), ["--evaluate", "--no-report"]).report is False
+
+
+def test_the_image_last_line_reads_without_validation_scores(tmp_path):
+    from pipeline.train.image import summary_line
+
+    summary = {"recipe": {"epochs": 1}, "image_val_samples_f1": None, "decoder_val_samples_f1_beam": float("nan"),
+               "beam_width": 3, "mode": "frozen", "image_best_epoch": 1, "total_seconds": 90.0,
+               "options_without_effect": []}
+    assert summary_line(summary, tmp_path) == (
+        f"image branch: validation samples-F1 n/a (image head), n/a (decoder, beam 3); frozen mode, 1 epoch "
+        f"(best 1), 1.5 min; wrote {tmp_path / 'image.pt'}, {tmp_path / 'decoder.pt'}; every figure: "
+        f"{tmp_path / 'image_summary.json'}")
