@@ -22,7 +22,8 @@ help:
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "installing requirements.txt into $(VENV): about 6.6 GB (PyTorch with its CUDA libraries) and 2-3 minutes; for a CPU-only install see README.md"
+	$(PY) -m pip install --progress-bar on --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,28 +1,15 @@
-"""Train the caption branch: an LSTM/GRU ensemble over each image's caption, one probability per label.
-
-Writes WEIGHTS_DIR/caption.pt, WEIGHTS_DIR/val_probs_caption.csv (validation-split
-probabilities for fusion tuning) and WEIGHTS_DIR/caption_config.json.
+"""Train the caption branch (an LSTM/GRU ensemble over the captions); ``--help`` lists every option.
 
     python train_caption_rnn.py --data path/to/dataset
+
+The program lives in ``pipeline.cli`` (installed as ``cml-train-caption``).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from pipeline.config import build_parser, parse_config, run_main
-from pipeline.train.caption_config import CaptionTrainConfig
-from pipeline.train.caption import train_caption_branch
+from pipeline.cli import train_caption as main, train_caption_command, train_caption_parser as get_args_parser
 
-
-def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(CaptionTrainConfig, __doc__, debug=True)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    return train_caption_branch(parse_config(CaptionTrainConfig, get_args_parser(), argv))
-
+__all__ = ["get_args_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, get_args_parser()))
+    sys.exit(train_caption_command())

@@ -29,7 +29,8 @@ from pipeline.metrics import binarize, samples_f1, tune_global_threshold  # noqa
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data", default=None, help="dataset folder holding train.csv (default: the demo dataset)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation fraction of the shared split")
     parser.add_argument("--C", type=float, default=10.0, help="inverse L2 strength of the logistic regression")

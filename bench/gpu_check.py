@@ -312,7 +312,8 @@ def read_json(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--pack", default=".gpu", help="the folder bench/gpu_pack.py wrote")
     parser.add_argument("--out", default=".gpu/out", help="where gpu_check.json goes")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where every stage runs")

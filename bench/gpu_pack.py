@@ -113,7 +113,8 @@ def folder_mb(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data", default="../shared/comp5329", help="dataset folder to take the subset from")
     parser.add_argument("--out", default=".gpu", help="the pack folder (replaced)")
     parser.add_argument("--train-images", type=int, default=2600, help="training images in the subset")

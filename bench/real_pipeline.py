@@ -32,7 +32,8 @@ def run_stage(name: str, argv: list[str], log_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data", default="../shared/comp5329", help="real dataset folder")
     parser.add_argument("--work", default="/tmp/real-bench", help="scratch folder for weights and outputs (emptied)")
     parser.add_argument("--output", default="output", help="where real_pipeline.json goes")

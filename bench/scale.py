@@ -89,7 +89,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--source", default="../shared/comp5329", help="real dataset whose images are linked")
     parser.add_argument("--sizes", type=int, nargs="+", default=[15000, 60000, 120000], help="training images")
     parser.add_argument("--work", default="/tmp/scale-bench", help="scratch folder (emptied)")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.choices import BRANCHES
 from pipeline.io import CheckpointError, atomic_torch_save, atomic_write, safe_torch_load
 
 FORMAT_VERSION = 1
-BRANCHES = ("image", "decoder", "caption")
 # What every branch's checkpoint holds (save_checkpoint writes them all); the rest is per branch.
 REQUIRED_KEYS = ("branch", "config", "label_ids", "state_dict")
 

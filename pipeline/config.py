@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -28,13 +29,10 @@ from typing import TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.dataset import DEMO_DATA, DataFormatError
-from pipeline.data.images import ImageReadError
-from pipeline.engine.loop import NonFiniteLossError
-from pipeline.engine.runtime import usable_cores
-from pipeline.fusion import FusionError
+# Only light imports here: every script builds its parser from this module before anything
+# else, and ``--help`` must answer without waiting seconds for torch and timm to load.
+from pipeline.choices import DEMO_DATA, usable_cores
 from pipeline.io import CheckpointError, OptionError, unique_keys_hook, write_json
-from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
 
 # ``--help`` sections, in the order shown; an option names its section with ``group=``.
 GROUPS = {
@@ -117,13 +115,40 @@ class CommonConfig:
 class TrainingConfig(CommonConfig):
     """The options both training scripts act on."""
 
-    resume: bool = option(
+    resume: bool | str = option(
         False, "continue an interrupted run from its last completed epoch (same options and data give the "
-        "result of an uninterrupted run); per-epoch states live in WEIGHTS_DIR/resume/ until the run finishes")
+        "result of an uninterrupted run); per-epoch states live in WEIGHTS_DIR/resume/ until the run finishes. "
+        "--resume PATH continues from the states of another folder instead: an interrupted run's weights "
+        "folder or its resume/<script> folder (copied here first, PATH is left as it is)", metavar="PATH")
+    log: str = option(
+        "csv", "where each epoch's loss, score and learning rate go: csv = WEIGHTS_DIR/history_<branch>.csv "
+        "(always written); tensorboard = that and TensorBoard event files in WEIGHTS_DIR/tensorboard/<branch>/ "
+        "(tensorboard --logdir WEIGHTS_DIR/tensorboard)", choices=["csv", "tensorboard"])
+    keep_best: int = option(
+        0, "also keep the weights of the K best epochs of each training loop (by validation score) in "
+        "WEIGHTS_DIR/best/, as plain state dicts with their epoch and score; 0: only the best, in the checkpoint",
+        metavar="K")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the script docstring's paragraphs as written."""
+# A help text that already says its default ("default: 8 partial, 25 end to end").
+_STATES_DEFAULT = re.compile(r"\bdefault[:\s]", re.IGNORECASE)
+
+
+class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once.
+
+    A default of None means "decided by the run": the help text says how, and "(default: None)"
+    would say nothing; a help text that states its default is not given a second one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or _STATES_DEFAULT.search(help_text) or "%(default)" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class HelpFormatter(OneDefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default once, and the script docstring's paragraphs kept as written."""
 
 
 def build_parser(config_cls: type, description: str, *, debug: bool = False) -> argparse.ArgumentParser:
@@ -131,8 +156,9 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
     ``debug``, for a script run by ``run_main`` and parsed by ``parse_config``, also ``--debug``
     and ``--config`` (neither is a setting: one changes how an error is shown, the other where
     the settings come from, so neither is a field or saved)."""
+    # allow_abbrev=False: a prefix (--epoch, --thresh) is refused, not read as the option it starts.
     parser = argparse.ArgumentParser(usage="%(prog)s [options]", description=description,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     sections = {name: parser.add_argument_group(title)
@@ -144,6 +170,10 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
         flags = ["--" + f.name.replace("_", "-"), *aliases]
         hint = hints[f.name]
         value_type = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        if set(typing.get_args(hint)) == {bool, str}:  # --flag alone (True) or --flag VALUE
+            section.add_argument(*flags, dest=f.name, nargs="?", const=True, default=f.default, help=help_text,
+                                 **meta)
+            continue
         if value_type is bool:  # bool, or bool | None where None means "decided by the run"
             section.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                  help=help_text)
@@ -174,9 +204,15 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def save_config(config, path: Path) -> None:
-    """Write the resolved settings as JSON, atomically."""
-    write_json(path, dataclasses.asdict(config), sort_keys=True)
+# The key of a saved ``*_config.json`` that records what the command line asked for where the
+# run resolved it (``"mode": "auto"`` beside the ``"mode": "partial"`` it ran); never read back.
+REQUESTED_KEY = "requested"
+
+
+def save_config(config, path: Path, requested: dict[str, object] | None = None) -> None:
+    """Write the resolved settings as JSON, atomically, with the ``requested`` values beside them."""
+    write_json(path, {**dataclasses.asdict(config), **({REQUESTED_KEY: requested} if requested else {})},
+               sort_keys=True)
 
 
 # --- Running a script as a program ----------------------------------------------------------------
@@ -186,15 +222,24 @@ DEBUG_ENV = "PIPELINE_DEBUG"
 INPUT_ERROR_STATUS = 2
 
 
-# OSError: every file the scripts open by name (--data, --backbone-weights, ...) is one the user
-# gave, and every folder they write into (--weights-dir, --output) one the user chose, so an
-# OS error (no such file, permission denied, a read-only file system, disk full, a file where a
-# folder belongs, a name too long) is about the user's paths: said with the path and the reason.
-# Every write is atomic, so what such an error interrupts leaves the previous files intact.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
-    ImageReadError, NonFiniteLossError, OSError,
-)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors whose message says what is wrong with the input: printed as one line.
+
+    Imported here, when a script has parsed its options, not at the top: they live in the
+    modules that load torch. OSError: every file the scripts open by name (--data,
+    --backbone-weights, ...) is one the user gave, and every folder they write into
+    (--weights-dir, --output) one the user chose, so an OS error (no such file, permission denied,
+    a read-only file system, disk full, a file where a folder belongs, a name too long) is about
+    the user's paths: said with the path and the reason. Every write is atomic, so what such an
+    error interrupts leaves the previous files intact."""
+    from pipeline.data.dataset import DataFormatError
+    from pipeline.data.images import ImageReadError
+    from pipeline.engine.loop import NonFiniteLossError
+    from pipeline.fusion import FusionError
+    from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
+
+    return (DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
+            ImageReadError, NonFiniteLossError, OSError)
 
 
 Config = TypeVar("Config")
@@ -219,7 +264,9 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
     item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
     if value is None and optional:
         return None
-    if item is not None:
+    if set(typing.get_args(hint)) == {bool, str}:
+        ok, expected = isinstance(value, (bool, str)), "true, false or a path"
+    elif item is not None:
         ok = isinstance(value, list) and bool(value) and all(isinstance(v, item) for v in value)
         expected = f"a non-empty list of {item.__name__}"
     elif kind is bool:
@@ -279,6 +326,8 @@ def read_config_file(config_cls: type, path: str | Path) -> dict[str, object]:
     if not isinstance(raw, dict):
         raise OptionError(f"--config {path}: holds {_json_kind(raw)}, not a JSON object of settings "
                           f"(keys: {', '.join(sorted(fields))})")
+    # What a saved file's run was asked for: a record for the reader, not a setting.
+    raw.pop(REQUESTED_KEY, None)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise OptionError(f"--config {path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(fields))}")
@@ -315,14 +364,15 @@ def debug_requested(parser: argparse.ArgumentParser, argv: Sequence[str]) -> boo
 def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a script's ``main(argv)`` as a program and return its exit status: 0, or 2 after
-    printing ``error: MESSAGE`` on stderr for one of ``USER_ERRORS`` or the script's own
+    printing ``error: MESSAGE`` on stderr for one of ``user_errors()`` or the script's own
     ``errors``. With ``--debug`` those raise like any other exception, traceback and all."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
-    except (*USER_ERRORS, *errors) as err:
+    except Exception as err:  # noqa: BLE001 - only user errors are caught; the rest re-raise
+        # Not ``except user_errors()``: that would import torch after --help's SystemExit too.
         # main parsed argv already, so parsing it again here cannot fail.
-        if debug_requested(parser, argv):
+        if not isinstance(err, (*user_errors(), *errors)) or debug_requested(parser, argv):
             raise
         print(f"error: {error_message(err)}", file=sys.stderr)
         return INPUT_ERROR_STATUS

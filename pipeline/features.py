@@ -38,7 +38,8 @@ from pipeline.data.images import DECODE_VERSION, ImageDataset, image_file_stat
 from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
 from pipeline.engine.openvino_runtime import OpenVinoForward
-from pipeline.engine.runtime import autocast_context, compute_dtype, usable_cores
+from pipeline.choices import usable_cores
+from pipeline.engine.runtime import autocast_context, compute_dtype
 from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, fuse_for_inference
 from pipeline.models.image_model import pool_features

@@ -6,12 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from pipeline.branches.image import (
     training_image_ids,
 )
 from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
-from pipeline.config import CommonConfig, option, output_option, workers_option
+from pipeline.inference_config import InferenceConfig, parse_branch_list, parse_weights
 from pipeline.data.dataset import (
     CAPTION_COLUMN,
     DATASET_INFO,
@@ -42,7 +40,7 @@ from pipeline.data.dataset import (
     recorded_labels,
 )
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
-from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
+from pipeline.engine.openvino_runtime import openvino_version, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
     inference_precision,
@@ -68,101 +66,6 @@ from pipeline.labels import label_names
 log = logging.getLogger(__name__)
 
 IMAGE_BRANCHES = ("image", "decoder")
-
-
-@dataclass
-class InferenceConfig(CommonConfig):
-    """Settings of ``inference.py``."""
-
-    branches: str | None = option(None, "comma-separated branches to use (image,decoder,caption); "
-                                  "default: every branch with a checkpoint in --weights", group="prediction")
-    tune: bool = option(False, "re-tune fusion weights and thresholds on the validation split and "
-                        "rewrite weights/fusion.json (with a subset of the trained --branches: their own "
-                        "weights/fusion-BRANCHES.json, leaving fusion.json as it is)", group="prediction")
-    fusion_weights: str | None = option(None, "fusion weights by hand, e.g. image=0.5,caption=0.4,decoder=0.1 "
-                                        "(overrides fusion.json for this run)", group="prediction")
-    threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)", group="prediction")
-    evaluate: bool = option(False, "score every branch alone and fused; write metrics.json and plots", group="prediction")
-    report: bool = option(True, "with --evaluate, also write OUTPUT/report.html: one self-contained page of the "
-                          "metrics, plots, each label's worst images and a fusion tuner", group="prediction")
-    eval_csv: str | None = option(None, "labelled CSV to evaluate on instead of the validation split", group="data")
-    test_csv: str | None = option(None, "CSV of the images to predict instead of DATA/test.csv", group="data")
-    image: list[str] | None = option(
-        None, "predict these image files instead of a test CSV: files, folders (their image files) or quoted glob "
-        "patterns ('photos/*.jpg'), each folder's and pattern's files in sorted order (with --caption: one caption "
-        "per file, in that order); prints each image's labels with names and every branch's probabilities",
-        group="prediction")
-    caption: list[str] | None = option(None, "the captions of the --image files, one per image (omit to use "
-                                       "the image branches alone)", group="prediction")
-    skip_bad_images: bool = option(
-        False, "with --image: predict the other files when one is missing or not a readable image (it is "
-        "predicted from its --caption, or left out without one, and named in a warning); default: an error",
-        group="prediction")
-    format: str = option("table", "how --image predictions are printed: a readable table or JSON for scripts",
-                         choices=["table", "json"], group="prediction")
-    batch_size: int = option(64, "images per batch for feature extraction", group="run")
-    runtime: str | None = option(
-        None, "who runs the backbone: torch, or OpenVINO compiled for this CPU (auto: OpenVINO on a CPU where "
-        "it is installed); default: the runtime the image branch was trained with, whose features its heads "
-        "learned from", choices=list(RUNTIMES), group="run")
-    chunk_size: int = option(
-        4096, "test images per chunk: features, probabilities and fusion run one chunk at a time and the "
-        "submission is written as they finish, so memory stays flat however many images there are; each "
-        "chunk's features are cached, so an interrupted run resumes at the chunk it stopped in", group="run")
-    workers: int = workers_option()
-    output: str = output_option()
-
-    def validate(self) -> None:
-        """Refuse settings that cannot work, naming the option."""
-        checks = [
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
-            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
-            (self.threshold is None or 0.0 < self.threshold < 1.0,
-             f"--threshold must be between 0 and 1 (exclusive), got {self.threshold}"),
-            (self.caption is None or self.image is not None, "--caption needs --image: the files it describes"),
-            (not self.skip_bad_images or self.image is not None,
-             "--skip-bad-images acts on --image files only (an unreadable test.csv image is always predicted "
-             "from its caption and listed in OUTPUT/unreadable_images.txt)"),
-            (self.image is None or not (self.evaluate or self.test_csv or self.eval_csv),
-             "--image predicts the given files; it does not combine with --evaluate, --test-csv or --eval-csv"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.fusion_weights is not None:
-            parse_weights(self.fusion_weights)  # refused before any file is read
-
-
-def parse_branch_list(text: str | None) -> list[str] | None:
-    """``"image,caption"`` -> ``["image", "caption"]``, with unknown names refused."""
-    if text is None:
-        return None
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in BRANCHES]
-    if unknown or not names:
-        raise OptionError(f"--branches {text!r}: valid branch names are {', '.join(BRANCHES)}")
-    return names
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """``"image=0.5,caption=0.4"`` -> ``{"image": 0.5, "caption": 0.4}``."""
-    weights = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in BRANCHES or not value:
-            raise OptionError(f"--fusion-weights {text!r}: expected branch=weight pairs with branches from {', '.join(BRANCHES)}")
-        if name in weights:
-            raise OptionError(f"--fusion-weights {text!r}: {name} is given twice")
-        try:
-            weight = float(value)
-        except ValueError:
-            raise OptionError(f"--fusion-weights {text!r}: {value!r} is not a number") from None
-        if not math.isfinite(weight) or weight < 0:
-            raise OptionError(f"--fusion-weights {text!r}: {value!r} must be a finite number >= 0")
-        weights[name] = weight
-    return weights
 
 
 def missing_inputs(paths: DatasetPaths, frames: dict[Path, pd.DataFrame]) -> dict[str, str]:
@@ -371,11 +274,13 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
     main, own = weights_dir / "fusion.json", fusion_file(weights_dir, branches)
     trained = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
     every_branch = sorted(branches) == sorted(trained)
-    settings = None
+    settings, source = None, None
     if not config.tune:
-        settings = _fitting_fusion(main, branches, labels, every_branch)
-        if settings is None:
-            settings = _fitting_fusion(own, branches, labels, every_branch)
+        for path in (main, own):
+            settings = _fitting_fusion(path, branches, labels, every_branch)
+            if settings is not None:
+                source = path
+                break
     if settings is None:
         data_labels, y_val, val_probs = validation()
         if val_probs is None:
@@ -394,12 +299,18 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
             kept = f"; {main} was left as it is ({why})" if main.is_file() else \
                 f"; {main} is written only by a run with every trained branch on the labels they know ({why})"
         save_fusion(settings, target)
+        source = f"{target}, tuned now"
         log.info("wrote %s for branches %s (method %s, validation samples-F1 %.4f)%s", target, branches,
                  settings.method, settings.val_samples_f1, kept)
     if weights is not None:
         settings.method, settings.weights, settings.stacker = "weighted", weights, None
     if config.threshold is not None:
         settings.threshold, settings.per_label_thresholds = config.threshold, {}
+    # One line saying where each part came from: --fusion-weights replaces the file's weights.
+    weights_from = (f"--fusion-weights {config.fusion_weights}" if weights is not None
+                    else f"{source} (method {settings.method})")
+    threshold_from = f"--threshold {config.threshold}" if config.threshold is not None else source
+    log.info("fusion weights from %s; thresholds from %s", weights_from, threshold_from)
     return settings
 
 
@@ -410,7 +321,6 @@ def _fitting_fusion(path: Path, branches: list[str], labels: LabelSet, every_bra
         return None
     settings = load_fusion(path)
     if sorted(settings.branches) == sorted(branches) and settings.label_ids == list(labels.ids):
-        log.info("fusion settings from %s (method %s)", path, settings.method)
         return settings
     # fusion.json is tuned for every branch, so an ablation expects it not to fit: said quietly.
     expected = not every_branch and path.name == "fusion.json" and settings.label_ids == list(labels.ids)
@@ -549,7 +459,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     and rank 0 writes the submission and evaluates."""
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
     configure_backends(device)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     seed_everything(config.seed)
     paths = DatasetPaths.resolve(config.data, config.images)
     weights_dir, output_dir = Path(config.weights_dir), Path(config.output)
@@ -633,6 +543,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
             probs = predictor.probabilities(val, features=features)
         report = evaluation_report(y_true, probs, settings, list(labels.ids), output_dir, source, names)
         summary["metrics"] = {name: m["samples_f1"] for name, m in report.items()}
+        summary["evaluated_on"] = source
         if config.report:
             from pipeline.report_page import write_report_page
 
@@ -644,8 +555,30 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                               plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
                               label_names=names)
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(output_dir / "inference_summary.json", summary)
+    summary_file = output_dir / "inference_summary.json"
+    # The files this run wrote, not those an earlier run left in the folder.
+    summary["files"] = [str(path) for path in sorted(output_dir.iterdir())
+                        if path.is_file() and path.stat().st_mtime >= started_at] + [str(summary_file)]
+    write_json(summary_file, summary)
+    log.info(summary_line(summary, output_dir))
     return summary
+
+
+def summary_line(summary: dict, output_dir: Path) -> str:
+    """What a person reads at the end of a run: the scores, the time, where the files went; the
+    full record is ``inference_summary.json``."""
+    metrics = summary.get("metrics")
+    if metrics:
+        branches = ", ".join(f"{name} {score:.4f}" for name, score in metrics.items() if name != "fused")
+        scores = f"samples-F1 fused {metrics['fused']:.4f} ({branches}) on the {summary['evaluated_on']}"
+    elif summary["fusion_val_samples_f1"] is not None:
+        scores = f"fusion's validation samples-F1 {summary['fusion_val_samples_f1']:.4f}"
+    else:
+        scores = "fusion set by hand (no validation score)"
+    report = output_dir / "report.html"
+    page = f", {report}" if str(report) in summary["files"] else ""
+    return (f"inference: {scores}; {summary['rows']} test rows, {summary['seconds'] / 60:.1f} min; wrote "
+            f"{summary['submission']}{page}; every figure: {output_dir / 'inference_summary.json'}")
 
 
 def recorded_label_names(data: str | Path) -> dict[str, str]:

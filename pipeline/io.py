@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 
 class OptionError(ValueError):
     """An option value that cannot work; the message names the option."""
@@ -149,6 +147,8 @@ def write_json(path: str | Path, value: object, sort_keys: bool = False) -> None
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     """``torch.save`` atomically."""
+    import torch  # here, not above: the parsers import this module, and --help must not wait for torch
+
     def save(tmp: Path) -> None:
         try:
             torch.save(obj, tmp)
@@ -192,6 +192,8 @@ def safe_torch_load(path: str | Path) -> object:
     weights_only refuses pickles that would build arbitrary objects or call functions, so a
     file crafted to run code on load is refused before any of it runs.
     """
+    import torch  # see atomic_torch_save
+
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -10,7 +10,6 @@ give the same records.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import logging

@@ -74,7 +74,7 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(config):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(inference, "run_inference", broken)
+    monkeypatch.setattr("pipeline.inference.run_inference", broken)
     with pytest.raises(KeyError, match="a bug"):
         run(inference, ["--data", str(tmp_path)])
 

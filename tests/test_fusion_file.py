@@ -191,7 +191,7 @@ def test_an_ablation_leaves_a_hand_edited_fusion_json_byte_for_byte(trained_bran
     own_text = (weights / "fusion-image.json").read_text()
     caplog.clear()
     _infer(data, weights, tmp_path / "again", "--branches", "image")
-    assert f"fusion settings from {weights / 'fusion-image.json'}" in caplog.text and "tuning" not in caplog.text
+    assert f"thresholds from {weights / 'fusion-image.json'}" in caplog.text and "tuning" not in caplog.text
     assert (weights / "fusion-image.json").read_text() == own_text
 
     # Two branches get a file named by both, in sorted order; the full run still uses the hand file.

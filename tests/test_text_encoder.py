@@ -167,3 +167,10 @@ def test_trained_encoder_layers_get_gradients_and_round_trip(tiny_text_encoder, 
 def test_encoder_layers_without_an_encoder_is_refused(tmp_path):
     with pytest.raises(OptionError, match="--text-encoder-layers 2 trains a pretrained encoder's layers"):
         train_caption_rnn.main(["--data", str(tmp_path), "--text-encoder-layers", "2"])
+
+
+def test_the_options_choices_are_the_registry():
+    from pipeline.choices import TEXT_ENCODER_NAMES
+    from pipeline.text_features import TEXT_ENCODERS
+
+    assert tuple(TEXT_ENCODERS) == TEXT_ENCODER_NAMES

@@ -22,7 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("trivial", "light", "none")
+from pipeline.choices import AUGMENTS
+
 # TrivialAugment's operations over RandAugment's space, in draw order. Equalize is left out: its
 # per-image histogram has no batched form without a host-side loop.
 OPERATIONS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",

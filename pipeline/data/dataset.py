@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.choices import DEMO_DATA
 from pipeline.io import OptionError, write_json
 
 ID_COLUMN = "ImageID"
@@ -29,7 +30,6 @@ KNOWN_COLUMNS = (ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN)
 # What pipeline.tools.convert records about the CSV files it writes, keyed by file name.
 DATASET_INFO = "dataset.json"
 # The default --data: the synthetic demo dataset written by ``python -m pipeline.tools.demo``.
-DEMO_DATA = Path("data/demo")
 # A Labels field of names is split on this when any field of the file holds it (names may then
 # contain spaces, as in NIH ChestX-ray's "Effusion|No Finding"), else on whitespace.
 NAME_SEPARATOR_BAR = "|"

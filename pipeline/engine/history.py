@@ -12,6 +12,10 @@ Each row is appended and flushed to disk as its epoch ends, so a killed run leav
 epoch it completed. ``--resume`` keeps the file; each loop first drops its own rows from the
 epoch it restarts at (an epoch recorded but not saved for resuming runs again), so the file
 ends with one row per epoch, as an uninterrupted run's does. Rank 0 alone writes.
+
+With ``--log tensorboard`` the same figures also go to TensorBoard event files in
+``WEIGHTS/tensorboard/<branch>/`` (tags ``<stage>[/member<n>]/<column>``); with ``--keep-best K``
+the weights of each loop's K best epochs are kept in ``WEIGHTS/best/``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.engine.distributed import DistContext
-from pipeline.io import atomic_write_bytes, atomic_write_text
+from pipeline.io import OptionError, atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,6 +43,9 @@ CURVES_FILE = "training_curves.png"
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 log = logging.getLogger(__name__)
+LOGS = ("csv", "tensorboard")
+# A kept epoch's file: WEIGHTS/best/<branch>-<stage>[-member<n>]-epoch<NNN>.pt
+BEST_DIR = "best"
 
 
 def history_path(weights_dir: str | Path, branch: str) -> Path:
@@ -71,6 +78,8 @@ class EpochHistory:
     context: DistContext = DistContext()
     stage: str = ""
     member: int | None = None
+    tensorboard: Any = None  # a torch.utils.tensorboard SummaryWriter, shared by every stage's writer
+    keep_best: int = 0
 
     def for_stage(self, stage: str, member: int | None = None) -> EpochHistory:
         """The same file, writing ``stage``'s rows (of ensemble ``member``)."""
@@ -100,18 +109,68 @@ class EpochHistory:
             handle.write(_csv_text([row]))
             handle.flush()
             os.fsync(handle.fileno())
+        if self.tensorboard is not None:
+            prefix = self.stage + ("" if self.member is None else f"/member{self.member}")
+            for name, value in (("train_loss", train_loss), ("val_score", val_score), ("lr", lr), ("seconds", seconds)):
+                if value is not None:
+                    self.tensorboard.add_scalar(f"{prefix}/{name}", float(value), epoch)
+            self.tensorboard.flush()
+
+    def _best_prefix(self) -> str:
+        branch = self.path.stem.removeprefix("history_")
+        return "-".join([branch, self.stage, *([] if self.member is None else [f"member{self.member}"])]) + "-epoch"
+
+    def keep_if_among_best(self, epoch: int, score: float | None, module: Any) -> None:
+        """With ``keep_best`` K, save ``module``'s weights when ``score`` is among this loop's K best
+        so far, and delete the file that drops out: ``WEIGHTS/best/<branch>-<stage>-epoch<NNN>.pt``,
+        a plain dict of ``state_dict``, ``epoch`` and ``score``."""
+        if not self.keep_best or score is None or not self.context.is_main:
+            return
+        folder = self.path.parent / BEST_DIR
+        prefix = self._best_prefix()
+        kept = [(float(name.split("-score")[-1].removesuffix(".pt")), path)
+                for path in folder.glob(f"{prefix}*.pt") for name in [path.name]]
+        kept = sorted(kept, key=lambda pair: -pair[0])
+        if len(kept) >= self.keep_best and score <= kept[self.keep_best - 1][0]:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+        atomic_torch_save({"state_dict": state, "epoch": epoch, "score": float(score), "stage": self.stage,
+                           "member": self.member}, folder / f"{prefix}{epoch:03d}-score{score:.6f}.pt")
+        for _, path in kept[self.keep_best - 1:]:
+            path.unlink()
 
 
-def start_history(path: str | Path, resume: bool, context: DistContext = DistContext()) -> EpochHistory:
-    """The history writer of a training run: a fresh run starts the file over; ``resume``
-    keeps the rows an interrupted run left (checking the file is a history)."""
+def start_history(path: str | Path, resume: bool, context: DistContext = DistContext(), log: str = "csv",
+                  keep_best: int = 0) -> EpochHistory:
+    """The history writer of a training run: a fresh run starts the file over (and clears the
+    branch's kept best epochs); ``resume`` keeps the rows an interrupted run left (checking the
+    file is a history). ``log`` ``tensorboard`` also writes TensorBoard event files."""
     path = Path(path)
+    if log not in LOGS:
+        raise OptionError(f"--log {log!r}: valid values are {', '.join(LOGS)}")
+    writer = None
     if context.is_main:
         if resume and path.is_file():
             _read_rows(path)
         else:
             atomic_write_text(path, _csv_text([list(COLUMNS)]))
-    return EpochHistory(path, context)
+            branch = path.stem.removeprefix("history_")
+            for kept in (path.parent / BEST_DIR).glob(f"{branch}-*-epoch*.pt"):
+                kept.unlink()
+        if log == "tensorboard":
+            writer = _tensorboard_writer(path.parent / "tensorboard" / path.stem.removeprefix("history_"))
+    return EpochHistory(path, context, tensorboard=writer, keep_best=keep_best)
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    """A SummaryWriter into ``log_dir``, or an OptionError naming the package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise OptionError("--log tensorboard needs the tensorboard package: pip install tensorboard==2.21.0 "
+                          "(pinned in requirements.txt)") from None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def read_history(path: str | Path) -> pd.DataFrame:

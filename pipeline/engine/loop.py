@@ -302,6 +302,7 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
         result = score(epoch)
         if history is not None:
             history.record(epoch, loss, result.value, lr, time.perf_counter() - started)
+            history.keep_if_among_best(epoch, result.value, scored)
         improved = best is None or result.value is None or result.value > best["score"]
         stop = patience is not None and not improved and epoch - best["epoch"] >= patience
         # Rank 0 decides: scores that differ in the last bit between ranks must not split them.

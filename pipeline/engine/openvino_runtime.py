@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from pipeline.io import OptionError
+from pipeline.choices import RUNTIMES
 from pipeline.models.backbones import state_digest
 from pipeline.models.image_model import RawPixelGraph
 
-RUNTIMES = ("auto", "torch", "openvino")
 
 
 def openvino_version() -> str | None:

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.engine.distributed import DistContext, gather_to_main
+from pipeline.engine.distributed import DistContext, barrier, gather_to_main
 from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
 
 # Settings that do not change what is computed, so a resumed run may differ in them.
-NEUTRAL_SETTINGS = ("resume", "workers", "device", "weights_dir")
+NEUTRAL_SETTINGS = ("resume", "workers", "device", "weights_dir", "log", "keep_best")
 
 
 def fingerprint(config: dict, **data: object) -> str:
@@ -180,11 +180,34 @@ def resume_directory(weights_dir: str | Path, script: str) -> Path:
     return Path(weights_dir) / "resume" / script
 
 
-def start_run(weights_dir: str | Path, script: str, resume: bool, context: DistContext = DistContext()) -> Path:
-    """The script's resume folder; a fresh (non-resumed) run first clears what an earlier run left."""
+def start_run(weights_dir: str | Path, script: str, resume: bool | str, context: DistContext = DistContext()) -> Path:
+    """The script's resume folder; a fresh (non-resumed) run first clears what an earlier run left.
+
+    ``resume`` a path (``--resume PATH``): the states of that folder, an interrupted run's
+    weights folder or its ``resume/<script>`` folder, are copied in first (PATH is left as it
+    is; the copies are deleted with the run's own when it finishes)."""
     directory = resume_directory(weights_dir, script)
     if not resume and context.is_main and directory.exists():
         shutil.rmtree(directory)
+    if isinstance(resume, str):
+        # Every rank checks PATH, so a bad one stops them all; rank 0 copies, the others wait.
+        source = Path(resume)
+        source = resume_directory(source, script) if resume_directory(source, script).is_dir() else source
+        states = sorted(source.glob("*.pt")) if source.is_dir() else []
+        if not states:
+            raise CheckpointError(f"--resume {resume}: no resume states of {script} training there (expected "
+                                  f"{resume_directory(resume, script)}/*.pt, or a folder of such .pt files)")
+        if context.is_main and source.resolve() != directory.resolve():
+            if directory.exists():
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+            for state in states:
+                shutil.copy2(state, directory / state.name)
+            # The epochs the interrupted run recorded, so the history reads as one run's.
+            history = Path(resume) / f"history_{script}.csv"
+            if history.is_file() and history.resolve() != (Path(weights_dir) / history.name).resolve():
+                shutil.copy2(history, Path(weights_dir) / history.name)
+        barrier(context)
     return directory
 
 

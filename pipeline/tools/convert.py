@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.data.dataset import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
+from pipeline.config import OneDefaultHelpFormatter
 from pipeline.io import atomic_write_text, write_json
 
 CAPTION_MODES = ("first", "random", "all")
@@ -443,12 +444,13 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``coco`` and ``voc`` subcommands."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = OneDefaultHelpFormatter
     parser = argparse.ArgumentParser(prog="python -m pipeline.tools.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    coco = commands.add_parser("coco", formatter_class=formatter, help="COCO 2014/2017 instances and captions files",
+    coco = commands.add_parser("coco", formatter_class=formatter, allow_abbrev=False,
+                               help="COCO 2014/2017 instances and captions files",
                                description="Convert COCO instances_*.json (labels) and captions_*.json to OUT/train.csv "
                                "(--split train) or OUT/test.csv (--split test).")
     coco.add_argument("--instances", help="instances_*.json (labels: category ids); required for --split train")
@@ -469,7 +471,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="keep images with none of the chosen labels (with an empty label set)")
     coco.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
 
-    voc = commands.add_parser("voc", formatter_class=formatter, help="Pascal VOC (2007, 2012) classification",
+    voc = commands.add_parser("voc", formatter_class=formatter, allow_abbrev=False,
+                              help="Pascal VOC (2007, 2012) classification",
                               description="Convert a Pascal VOC split to OUT/train.csv (OUT/test.csv for --split "
                               "test). Label ids 1..20 follow the standard class order: "
                               + ", ".join(f"{i + 1} {n}" for i, n in enumerate(VOC_CLASSES)) + ".")

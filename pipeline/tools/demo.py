@@ -35,6 +35,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from pipeline.config import OneDefaultHelpFormatter
 from pipeline.io import atomic_write_bytes, write_json
 from pipeline.labels import COCO_NAMES, COMP5329_LABEL_IDS
 
@@ -851,7 +852,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Generate a deterministic synthetic demo dataset (drawn objects for the 18 "
         "COMP5329 labels, one caption per image) in the competition's layout: train.csv, "
         "test.csv, test_labels.csv and data/<ImageID>.jpg.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=OneDefaultHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output dataset folder")
     parser.add_argument("--num-images", type=int, default=2000, help="total images, train and test together")
@@ -860,7 +862,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=160, help="image width and height in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     parser.add_argument("--workers", type=int, default=None,
-                        help="processes drawing images; None means min(2, CPU count); does not change the output")
+                        help="processes drawing images (default: min(2, CPU count)); does not change the output")
     parser.add_argument("--force", action="store_true",
                         help="regenerate even if OUT/.complete says this dataset already exists")
     return parser

