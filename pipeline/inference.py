@@ -266,15 +266,15 @@ class BranchPredictor:
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
             return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
                                     self.workers, self.views, description, self.precision, runtime=self.runtime,
-                                    model_cache=self.model_cache)
+                                    model_cache=self.model_cache, attention=self.heads.attention)
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision,
-                               runtime=self.runtime)
+                               runtime=self.runtime, attention=self.heads.attention)
 
     def has_cached(self, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache."""
         return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision,
-                                   self.runtime)
+                                   self.runtime, self.heads.attention)
 
     def probabilities(self, frame: pd.DataFrame,
                       features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,

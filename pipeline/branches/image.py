@@ -18,7 +18,7 @@ from pipeline.features import CachedFeatures
 from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder
-from pipeline.models.heads import FeatureNorm, ImageHead
+from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead
 
 
 def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
@@ -61,13 +61,19 @@ def rebuild_backbone(checkpoint: dict, branch: str) -> Backbone:
 @dataclass
 class ImageHeads:
     """The trained heads on the pooled features: the image head and the label decoder (either
-    may be absent), with the feature standardisation each was trained with."""
+    may be absent), with the feature standardisation each was trained with.
+
+    With the head's class attention (CSRA, ``attention``), the features extraction gives carry
+    its logits after the pooled values (``pipeline.features.pooled_output``): added to the
+    head's, left out of the decoder's input.
+    """
 
     head: ImageHead | None = None
     head_norm: FeatureNorm | None = None
     decoder: LabelDecoder | None = None
     decoder_norm: FeatureNorm | None = None
     beam_width: int = 1
+    attention: ClassAttention | None = None
 
     @classmethod
     def from_checkpoints(cls, checkpoints: dict[str, dict]) -> ImageHeads:
@@ -78,6 +84,10 @@ class ImageHeads:
             heads.head = ImageHead(spec["in_dim"], len(checkpoint["label_ids"]), spec["hidden"], spec["dropout"])
             heads.head.load_state_dict(checkpoint["state_dict"])
             heads.head_norm = _feature_norm(checkpoint, spec["in_dim"])
+            attention = checkpoint.get("class_attention")
+            if attention is not None:
+                heads.attention = ClassAttention(attention["channels"], len(checkpoint["label_ids"]))
+                heads.attention.load_state_dict(attention["state_dict"])
         if "decoder" in checkpoints:
             checkpoint, spec = checkpoints["decoder"], checkpoints["decoder"]["decoder"]
             heads.decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
@@ -104,8 +114,9 @@ class ImageHeads:
                 parts.setdefault("image", []).append(self.head_probabilities(values).cpu())
             if self.decoder is not None:
                 decoder = self.decoder.to(device).eval()
+                pooled = values[:, :decoder.feature_dim]  # without the class attention's logits
                 parts.setdefault("decoder", []).append(decoder.beam_search(
-                    self.decoder_norm(values).to(device), beam_width=self.beam_width)[1].float().cpu())
+                    self.decoder_norm(pooled).to(device), beam_width=self.beam_width)[1].float().cpu())
         names = [name for name, present in (("image", self.head), ("decoder", self.decoder)) if present is not None]
         out = {name: torch.cat(parts[name]).numpy() if name in parts else np.zeros((0, self._num_labels()), np.float32)
                for name in names}
@@ -114,11 +125,17 @@ class ImageHeads:
         return out
 
     def head_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """The image head's probabilities (B, L), in fp32, of pooled features (B, D) of any precision."""
+        """The image head's probabilities (B, L), in fp32, of pooled features (B, D) of any precision
+        (with a class attention: (B, D + L), its logits last)."""
         values = features.float()
+        pooled, attention_logits = values[:, :self.head.in_dim], values[:, self.head.in_dim:]
         if self.head_norm is not None:
-            values = self.head_norm(values.to(self.head_norm.mean.device))
-        return torch.sigmoid(self.head(values.to(next(self.head.parameters()).device))).float()
+            pooled = self.head_norm(pooled.to(self.head_norm.mean.device))
+        device = next(self.head.parameters()).device
+        logits = self.head(pooled.to(device))
+        if self.attention is not None:
+            logits = logits + attention_logits.to(device)
+        return torch.sigmoid(logits).float()
 
     def _num_labels(self) -> int:
         return (self.head.num_labels if self.head is not None else self.decoder.num_labels)

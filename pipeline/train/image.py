@@ -46,7 +46,7 @@ from pipeline.engine.runtime import (
     training_precision,
 )
 from pipeline.features import VIEWS, cached_features, cached_stage_maps
-from pipeline.io import file_digest, write_json
+from pipeline.io import OptionError, file_digest, write_json
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import (
     Backbone,
@@ -88,6 +88,10 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
 
 def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: DistContext) -> dict:
     started = time.perf_counter()
+    if mode == "frozen" and config.csra_lambda > 0:
+        raise OptionError(f"--csra-lambda {config.csra_lambda:g}: class attention needs the spatial map of a trained "
+                          "backbone, which frozen mode never sees (cached pooled features); use --mode partial or "
+                          "finetune, or --csra-lambda 0")
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
@@ -168,12 +172,13 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         record = backbone_record(backbone, views, precision, runtime, backbone.module.state_dict(), stage)
         val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
                                                      config.workers, views, "validation features", context, precision,
-                                                     runtime=runtime)
+                                                     runtime=runtime, attention=fitted.attention)
         rows = np.arange(len(val))
-    heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width)
+    heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width, fitted.attention)
     val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
     readable_val = rows[val_readable.numpy()]
-    decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm)
+    decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm,
+                               columns=fitted.decoder.feature_dim)
 
     summary = {
         "mode": mode,
@@ -242,9 +247,11 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
     common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
               "preprocessing": preprocessing, "feature_norm": fitted.norm.state_dict()}
     feature_dim = fitted.head.in_dim
+    attention = None if fitted.attention is None else {"channels": fitted.attention.channels,
+                                                        "state_dict": fitted.attention.state_dict()}
     save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=fitted.head.state_dict(),
                     head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout},
-                    **common)
+                    class_attention=attention, **common)
     save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=fitted.decoder.state_dict(),
                     label_order=fitted.order.to_list(),
                     decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,

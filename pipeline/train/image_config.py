@@ -14,6 +14,8 @@ from pipeline.models.backbones import DEFAULT_BACKBONE
 from pipeline.models.heads import LOSSES
 
 MODES = ("auto", "frozen", "partial", "finetune")
+# --decoder-caption: what the label decoder reads of the caption besides the image.
+DECODER_CAPTIONS = ("none", "minilm")
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
 # traffic lights); frozen ImageNet features gain nothing from it (docs/recipe.md, "Fine-tuning").
 FINETUNE_RESOLUTION = 320
@@ -124,6 +126,17 @@ class ImageTrainConfig(TrainingConfig):
                                   "pretrained backbone when fine-tuning", group="finetune")
     decoder_loss_weight: float = option(0.1, "weight of the decoder's loss (summed over its label steps) "
                                         "against the head's when fine-tuning: both reach the backbone", group="finetune")
+    csra_lambda: float = option(
+        0.0, "class-specific residual attention (CSRA) on the fine-tuned backbone's spatial map (partial, finetune): "
+        "per label, the mean of its 1x1-convolution scores over positions plus this weight times their "
+        "softmax-attention average, added to the image head's logit; 0: off (docs/recipe.md, \"Class attention\")",
+        group="finetune")
+    csra_temperature: float = option(1.0, "temperature of the CSRA softmax over positions (higher: closer to "
+                                     "the maximum)", group="finetune")
+    decoder_caption: str = option(
+        "none", "the label decoder also reads each image's caption: its LSTM starts from the image and a sentence "
+        "vector of the caption (minilm: the all-MiniLM-L6-v2 encoder); none: the image alone "
+        "(docs/recipe.md, \"The decoder reads the caption\")", choices=list(DECODER_CAPTIONS), group="decoder")
     warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
     ema_decay: float | None = option(
         None, f"decay of the weights' exponential moving average when fine-tuning (with warm-up: "
@@ -169,6 +182,10 @@ class ImageTrainConfig(TrainingConfig):
             (self.train_from_stage is None or self.train_from_stage >= 1,
              f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.csra_lambda >= 0, f"--csra-lambda must be >= 0, got {self.csra_lambda}"),
+            (self.csra_temperature > 0, f"--csra-temperature must be > 0, got {self.csra_temperature}"),
+            (self.decoder_caption in DECODER_CAPTIONS,
+             f"--decoder-caption {self.decoder_caption!r}: valid values are {', '.join(DECODER_CAPTIONS)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.branches.image import ImageHeads
 from pipeline.engine.distributed import (
     DistContext,
     broadcast_state,
@@ -61,7 +60,7 @@ from pipeline.engine.runtime import (
 from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import parameter_stages
 from pipeline.models.decoder import LabelDecoder, LabelOrder
-from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
+from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
 from pipeline.train.image_config import ImageTrainConfig, Recipe, ema_decay, resolve_recipe
 from pipeline.train.image_inputs import FeatureRows, TrainingInputs
@@ -84,6 +83,7 @@ class FittedHeads:
     epoch_seconds: float = 0.0
     epoch_windows: tuple[tuple[float, float], ...] = ()
     ema_decay: float | None = None  # jointly trained modes: the EMA's decay after its warm-up
+    attention: ClassAttention | None = None  # --csra-lambda: the head's class attention on the map
 
 
 class _EpochClock:
@@ -189,11 +189,15 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
 
 def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,
                       device: torch.device) -> ImageModel:
-    """The trunk with a new image head and label decoder, on ``device``, in the training layout."""
+    """The trunk with a new image head and label decoder (and with ``--csra-lambda`` the head's
+    class attention on the trunk's map), on ``device``, in the training layout."""
+    attention = (ClassAttention(feature_dim // 2, num_labels, config.csra_lambda, config.csra_temperature)
+                 if config.csra_lambda > 0 else None)
     return ImageModel(
         trunk,
         ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
         LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout),
+        attention,
     ).to(device).to(memory_format=training_memory_format(device))
 
 
@@ -206,12 +210,12 @@ def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch
 
     def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         raw, targets = batch
-        features = m.features(prepare(raw))  # (B, 2C), under autocast
+        maps, features = m.encode(prepare(raw))  # (B, C, h, w), (B, 2C), under autocast
         # Head and decoder in fp32: they cost little, and the decoder's LSTM would otherwise
         # run in reduced precision without a gradient scaler.
         with torch.autocast(device.type, enabled=False):
             features = features.float()
-            return (head_loss(m.head(features), targets)
+            return (head_loss(m.head_logits(maps.float(), features), targets)
                     + config.decoder_loss_weight * m.decoder.loss(features, targets, rank))
 
     return step_loss
@@ -233,7 +237,8 @@ def build_optimizer(config: ImageTrainConfig, model: ImageModel, device: torch.d
     lr = scaled_lr(config.finetune_lr, config.batch_size)
     stages = [stage for stage in parameter_stages(model.trunk) if stage]
     scales = [(stage, recipe.layer_decay ** (len(stages) - 1 - depth)) for depth, stage in enumerate(stages)]
-    groups = parameter_groups(model, lr, recipe.weight_decay, ("head", "decoder"), config.head_lr_scale, scales)
+    groups = parameter_groups(model, lr, recipe.weight_decay, ("head", "decoder", "attention"), config.head_lr_scale,
+                              scales)
     return torch.optim.AdamW(groups, fused=fused_adamw(device)), lr
 
 
@@ -242,12 +247,12 @@ def _head_probabilities(model: ImageModel, loader: DataLoader, prepare: Callable
                         device: torch.device, precision: str) -> np.ndarray:
     """Head probabilities (N, L) of the loader's inputs: what each epoch is scored by."""
     model.eval()
-    heads = ImageHeads(head=model.head)
     parts = []
     for raw, _ in loader:
         with autocast_context(device, precision):
-            features = model.features(prepare(raw.to(device, non_blocking=True)))  # (B, 2C)
-        parts.append(heads.head_probabilities(features).cpu())
+            maps, features = model.encode(prepare(raw.to(device, non_blocking=True)))  # (B, C, h, w), (B, 2C)
+        with torch.autocast(device.type, enabled=False):
+            parts.append(torch.sigmoid(model.head_logits(maps.float(), features.float())).cpu())
     return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.num_labels), np.float32)
 
 
@@ -325,4 +330,5 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     model.cpu().eval()
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
     return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
-                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows), ema.decay)
+                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows), ema.decay,
+                       model.attention)

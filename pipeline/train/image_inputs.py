@@ -213,14 +213,17 @@ def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_ro
 class FeatureRows(Dataset):
     """Labelled rows of cached pooled features, standardised a batch at a time: the features
     stay float16, as cached, and no normalised float32 copy of the whole set is ever made.
-    Item ``i``: (features (D,), target (L,)) of row ``rows[i]``."""
+    Item ``i``: (features (D,), target (L,)) of row ``rows[i]``. ``columns``: only the first
+    this many columns of each row (the pooled values before a class attention's logits)."""
 
-    def __init__(self, features: torch.Tensor, rows: np.ndarray, targets: torch.Tensor, norm: FeatureNorm) -> None:
+    def __init__(self, features: torch.Tensor, rows: np.ndarray, targets: torch.Tensor, norm: FeatureNorm,
+                 columns: int | None = None) -> None:
         self.features, self.rows, self.targets, self.norm = features, np.asarray(rows), targets, norm
+        self.columns = columns
 
     @property
     def dim(self) -> int:
-        return self.features.shape[1]
+        return self.columns or self.features.shape[1]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -228,7 +231,7 @@ class FeatureRows(Dataset):
     def batch(self, index: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(standardised features (B, D) float32, targets (B, L)) of items ``index``."""
         index = np.asarray(index)
-        return self.norm(self.features[self.rows[index]].float()), self.targets[index]
+        return self.norm(self.features[self.rows[index]][:, :self.dim].float()), self.targets[index]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch([i])
