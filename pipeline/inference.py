@@ -22,6 +22,7 @@ from pipeline.branches.caption import predict_caption_probs
 from pipeline.branches.image import (
     ImageHeads,
     backbone_identity,
+    image_caption_vectors,
     rebuild_backbone,
     training_image_ids,
 )
@@ -303,7 +304,10 @@ class BranchPredictor:
                     features = (values, readable, np.arange(len(image_ids)))
                 values, readable, rows = features
                 self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
-                out.update(self.heads.probabilities(values, readable, self.device, rows=rows))
+                # A decoder that reads captions gets each image's (blank where there is none).
+                captions = None if self.heads.caption_encoder is None or self.heads.decoder is None else \
+                    image_caption_vectors(frame, self.heads.caption_encoder, self.cache_dir)
+                out.update(self.heads.probabilities(values, readable, self.device, rows=rows, captions=captions))
             if caption is not None:
                 out["caption"] = groups.mean(caption.result())
         return out

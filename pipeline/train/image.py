@@ -59,7 +59,15 @@ from pipeline.models.backbones import (
 from pipeline.models.heads import FeatureNorm
 from pipeline.train.image_config import FINETUNE_RESOLUTION, ImageTrainConfig, resolve_mode, resolve_recipe
 from pipeline.train.image_fit import FittedHeads, decoded_samples_f1, fit_frozen_heads, fit_jointly
-from pipeline.train.image_inputs import FeatureRows, decodable, image_inputs, image_splits, map_inputs, usable_rows
+from pipeline.train.image_inputs import (
+    FeatureRows,
+    decodable,
+    image_inputs,
+    image_splits,
+    map_inputs,
+    split_caption_vectors,
+    usable_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +137,10 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     train_rows, val_rows = np.flatnonzero(train_ok), len(train) + np.flatnonzero(val_ok)
     y_train = labels.encode(train[LABELS_COLUMN][train_ok])
     y_val = labels.encode(val[LABELS_COLUMN][val_ok])
+    # --decoder-caption: each image's caption vector, for the decoder (None: it reads none).
+    train_captions = val_captions = None
+    if config.decoder_caption != "none":
+        train_captions, val_captions = split_caption_vectors(config, paths, cache_dir)
 
     # Training starts from the seed, not from whatever the extraction drew (each loader it
     # starts takes a seed), so a cache hit and a cache miss train the same model.
@@ -145,17 +157,20 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         norm = FeatureNorm(features.shape[1]).fit_chunks(features[train_rows[i:i + 1024]]
                                                          for i in range(0, len(train_rows), 1024))
         with cpu_threads(config.head_threads if device.type == "cpu" else 0):
-            fitted = fit_frozen_heads(config, FeatureRows(features, train_rows, torch.from_numpy(y_train), norm),
-                                      FeatureRows(features, val_rows, torch.from_numpy(y_val), norm), y_val,
+            fitted = fit_frozen_heads(config, FeatureRows(features, train_rows, torch.from_numpy(y_train), norm,
+                                                          captions=_rows_of(train_captions, train_ok)),
+                                      FeatureRows(features, val_rows, torch.from_numpy(y_val), norm,
+                                                  captions=_rows_of(val_captions, val_ok)), y_val,
                                       device, context, resume_dir, digest, history)
     else:
         inputs = (map_inputs(maps, trunk, train_rows, val_rows, y_train, y_val, context, device, config.batch_size,
-                             config.seed, config.workers) if stage else
+                             config.seed, config.workers, _rows_of(train_captions, train_ok)) if stage else
                   image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
                                val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers,
                                # Each rank draws its own images' augmentation.
                                BatchAugment(recipe.augment, device, recipe.scale_jitter,
-                                            seed=config.seed * 1009 + context.rank)))
+                                            seed=config.seed * 1009 + context.rank),
+                               _rows_of(train_captions, train_ok)))
         fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
                              context, ResumeState(resume_dir, mode, digest, config.resume, context), history)
     training_seconds = time.perf_counter() - training_start
@@ -175,10 +190,10 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
                                                      runtime=runtime, attention=fitted.attention)
         rows = np.arange(len(val))
     heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width, fitted.attention)
-    val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
+    val_probs = heads.probabilities(val_features, val_readable, device, rows=rows, captions=val_captions)
     readable_val = rows[val_readable.numpy()]
     decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm,
-                               columns=fitted.decoder.feature_dim)
+                               columns=fitted.decoder.feature_dim, captions=_rows_of(val_captions, val_readable.numpy()))
 
     summary = {
         "mode": mode,
@@ -222,6 +237,11 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     return summary
 
 
+def _rows_of(captions: np.ndarray | None, kept: np.ndarray) -> np.ndarray | None:
+    """The caption vectors of the ``kept`` (bool mask) images, or None without captions."""
+    return None if captions is None else captions[np.asarray(kept, dtype=bool)]
+
+
 def backbone_record(backbone: Backbone, views, precision: str, runtime: str, state_dict: dict | None = None,
                     trained_from_stage: int | None = None) -> dict:
     """What inference needs to rebuild the backbone, run it as training did (views, precision,
@@ -256,7 +276,8 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
                     label_order=fitted.order.to_list(),
                     decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
                              "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
-                             "beam_width": config.beam_width},
+                             "beam_width": config.beam_width, "caption_dim": fitted.decoder.caption_dim,
+                             "caption_encoder": None if config.decoder_caption == "none" else config.decoder_caption},
                     **common)
     save_probabilities(probabilities_path(weights_dir, "image"), val_ids, label_ids, head_probs)
     save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, label_ids, decoder_probs)

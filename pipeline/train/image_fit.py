@@ -108,12 +108,14 @@ class _EpochClock:
 
 def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndarray, beam_width: int,
                        device: torch.device) -> float:
-    """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time."""
+    """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time
+    (with their caption vectors, for a decoder that reads them)."""
     decoder = decoder.to(device).eval()
     decoded = np.zeros_like(y_true)
     done = 0
-    for features, _ in rows.chunks():
-        sets, _ = decoder.beam_search(features.to(device), beam_width=beam_width)
+    for features, _, *captions in rows.chunks():
+        read = captions[0].to(device) if captions else None
+        sets, _ = decoder.beam_search(features.to(device), beam_width=beam_width, captions=read)
         for i, labels in enumerate(sets):
             decoded[done + i, labels] = 1
         done += len(sets)
@@ -166,7 +168,7 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
 
     order = LabelOrder.from_train(train.targets.numpy(), config.label_order)
     decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
-                           config.decoder_dropout).to(device)
+                           config.decoder_dropout, caption_dim=train.caption_dim).to(device)
     rank = order.rank.to(device)
 
     def score_decoder(epoch: int) -> EpochScore:
@@ -175,7 +177,8 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
         f1 = decoded_samples_f1(decoder, val, y_val, beam_width=1, device=device)
         return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
 
-    decoder_best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank), train,
+    decoder_best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank, *b[2:]),
+                                    train,
                                     config.decoder_epochs, score_decoder, device, context,
                                     ResumeState(resume_dir, "decoder", digest, config.resume, context), clocks,
                                     history.for_stage("decoder"))
@@ -188,35 +191,37 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
 # ---------------------------------------------------------------- partial and finetune: jointly
 
 def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,
-                      device: torch.device) -> ImageModel:
+                      device: torch.device, caption_dim: int = 0) -> ImageModel:
     """The trunk with a new image head and label decoder (and with ``--csra-lambda`` the head's
-    class attention on the trunk's map), on ``device``, in the training layout."""
+    class attention on the trunk's map), on ``device``, in the training layout. ``caption_dim``:
+    the size of the caption vectors a decoder that reads captions takes (0: it reads none)."""
     attention = (ClassAttention(feature_dim // 2, num_labels, config.csra_lambda, config.csra_temperature)
                  if config.csra_lambda > 0 else None)
     return ImageModel(
         trunk,
         ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
-        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout),
+        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout,
+                     caption_dim=caption_dim),
         attention,
     ).to(device).to(memory_format=training_memory_format(device))
 
 
 def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder,
                device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """The training loss of a batch (inputs, targets): the head's ``--loss`` plus the decoder's
-    sequence loss times ``--decoder-loss-weight``."""
+    """The training loss of a batch (inputs, targets[, caption vectors]): the head's ``--loss``
+    plus the decoder's sequence loss times ``--decoder-loss-weight``."""
     head_loss = get_loss(config.loss)
     rank = order.rank.to(device)
 
     def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        raw, targets = batch
+        raw, targets, *captions = batch
         maps, features = m.encode(prepare(raw))  # (B, C, h, w), (B, 2C), under autocast
         # Head and decoder in fp32: they cost little, and the decoder's LSTM would otherwise
         # run in reduced precision without a gradient scaler.
         with torch.autocast(device.type, enabled=False):
             features = features.float()
             return (head_loss(m.head_logits(maps.float(), features), targets)
-                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank))
+                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank, *captions))
 
     return step_loss
 
@@ -248,7 +253,7 @@ def _head_probabilities(model: ImageModel, loader: DataLoader, prepare: Callable
     """Head probabilities (N, L) of the loader's inputs: what each epoch is scored by."""
     model.eval()
     parts = []
-    for raw, _ in loader:
+    for raw, *_ in loader:
         with autocast_context(device, precision):
             maps, features = model.encode(prepare(raw.to(device, non_blocking=True)))  # (B, C, h, w), (B, 2C)
         with torch.autocast(device.type, enabled=False):
@@ -278,7 +283,7 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     keeps the same best epoch, and rank 0's final weights are given to every rank.
     """
     recipe = resolve_recipe(config, mode)
-    model = build_image_model(config, inputs.trunk, feature_dim, y_val.shape[1], device)
+    model = build_image_model(config, inputs.trunk, feature_dim, y_val.shape[1], device, inputs.caption_dim)
     order = LabelOrder.from_train(y_train, config.label_order)
     augment = inputs.augment
 
