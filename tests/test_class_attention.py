@@ -190,3 +190,17 @@ def test_an_exported_csra_branch_gives_inferences_probabilities(csra_run):
     with torch.no_grad():
         got = exported(pixels).numpy()
     np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_a_joint_step_with_csra_and_a_caption_reading_decoder_has_no_host_sync():
+    from tests.test_host_syncs import assert_no_syncs, run_epoch
+
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    config = ImageTrainConfig(head_hidden=16, decoder_embed=8, decoder_hidden=16, csra_lambda=0.2)
+    model = build_image_model(config, backbone.module, backbone.pooled_dim, 5, CPU, caption_dim=6)
+    targets = (torch.rand(4, 5, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    step_loss = joint_loss(config, lambda x: x, LabelOrder.from_train(targets.numpy()), CPU)
+    in_steps, _ = run_epoch(TrainStep(model, step_loss), [(torch.randn(4, 3, 32, 32), targets, torch.randn(4, 6))])
+    assert_no_syncs(in_steps)
+    assert model.attention.weight.grad is not None and model.decoder.caption_init.weight.grad is not None
