@@ -129,8 +129,8 @@ class ImageTrainConfig(TrainingConfig):
     csra_lambda: float = option(
         0.0, "class-specific residual attention (CSRA) on the fine-tuned backbone's spatial map (partial, finetune): "
         "per label, the mean of its 1x1-convolution scores over positions plus this weight times their "
-        "softmax-attention average, added to the image head's logit; 0: off (docs/recipe.md, \"Class attention\")",
-        group="finetune")
+        "softmax-attention average, added to the image head's logit; 0: off (docs/recipe.md, \"Class attention "
+        "on the fine-tuned map\")", group="finetune")
     csra_temperature: float = option(1.0, "temperature of the CSRA softmax over positions (higher: closer to "
                                      "the maximum)", group="finetune")
     decoder_caption: str = option(
