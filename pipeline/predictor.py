@@ -125,7 +125,8 @@ class Predictor:
         """One record per image, in order: its predicted labels with names, every branch's and
         the fused probability of each label, and the thresholds (the records ``inference.py
         --image --format json`` prints). ``captions``: one per image, or None to predict from
-        the image branches alone. A missing or unreadable file is predicted from its caption.
+        the image branches alone (a decoder trained with ``--decoder-caption`` then reads each
+        caption as ""). A missing or unreadable file is predicted from its caption.
 
         A PIL image is predicted from its pixels as they are; a file is decoded as batch
         inference decodes it (a large JPEG at reduced scale), so the two can differ slightly.
