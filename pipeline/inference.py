@@ -317,7 +317,7 @@ class BranchPredictor:
         thread starts with the default count, and the count can change the rounding)."""
         torch.set_num_threads(threads)
         captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
-        return predict_caption_probs(self.checkpoints["caption"], captions, self.device)
+        return predict_caption_probs(self.checkpoints["caption"], captions, self.device, cache_dir=self.cache_dir)
 
 
 def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],

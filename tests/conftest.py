@@ -149,3 +149,30 @@ def count_extracted_rows(monkeypatch) -> list[int]:
     monkeypatch.setattr(features_module, "extract_into_store", counting_store)
     monkeypatch.setattr(features_module, "extract_features", counting_memory)
     return extracted
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_folder(tmp_path_factory) -> Path:
+    """A 2-layer, 16-wide BERT with a word-level vocabulary of the tiny captions, saved as
+    ``transformers`` saves a model: a stand-in for MiniLM that loads in well under a second."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    words = sorted({w for name in WORDS.values() for w in [name]} | {"a", "photo", "of", "here", "is", "we", "can",
+                                                                     "see", "and", "."})
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_text_encoder(tiny_encoder_folder, monkeypatch) -> Path:
+    """``--text-encoder minilm`` reads the tiny stand-in encoder in this test."""
+    from pipeline import text_features
+
+    monkeypatch.setitem(text_features.TEXT_ENCODERS, "minilm", lambda: tiny_encoder_folder)
+    return tiny_encoder_folder

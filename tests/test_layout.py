@@ -34,7 +34,7 @@ FLOORS = {
     "io": 0, "labels": 0,                                          # files, label names
     "models": 1, "shards": 1, "checkpoint": 1, "metrics": 1,      # networks, stores, scores
     "data": 2, "engine": 2, "fusion": 2,                           # datasets (their pixels feed models); loop; fusion
-    "config": 3, "features": 3, "report": 3, "report_page": 3,                              # settings, cached features, pages
+    "config": 3, "features": 3, "text_features": 3, "report": 3, "report_page": 3,                              # settings, cached features, pages
     "branches": 4,                                                          # what training and inference share
     "train": 5, "inference": 5,
     "predictor": 6,                                                         # the Python API, on inference

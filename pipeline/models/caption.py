@@ -1,7 +1,8 @@
 """Caption classifier: embedding -> (bi)LSTM/GRU over packed sequences -> masked pooling -> logits.
 
-The module takes token ids and lengths and returns one logit per label; vocabulary,
-files and loaders live elsewhere (``pipeline.data.text``, ``pipeline.train.caption``).
+The module takes token ids (or a pretrained text encoder's token states) and lengths and
+returns one logit per label; vocabulary, encoders, files and loaders live elsewhere
+(``pipeline.data.text``, ``pipeline.text_features``, ``pipeline.train.caption``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class CaptionClassifier(nn.Module):
     With ``label_attention`` each label also gets its own attention over the words (a
     learnt query per label) and a logit from what it attends to, added to the pooled
     head's logit: "bus" can look at "bus" and "station" while "person" looks at "man".
+
+    With ``token_dim`` the model has no embedding of its own: it reads a frozen pretrained
+    encoder's token states (B, T, token_dim) in place of ids, so a word it never saw in
+    training still arrives with its meaning.
     """
 
     def __init__(
@@ -50,21 +55,24 @@ class CaptionClassifier(nn.Module):
         label_attention: bool = True,
         pad_id: int = 0,
         embeddings: torch.Tensor | None = None,
+        token_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if token_dim is not None and embeddings is not None:
+            raise ValueError("a model reading encoder token states (token_dim) has no word embedding to initialise")
         if embeddings is not None and tuple(embeddings.shape) != (vocab_size, embed_dim):
             raise ValueError(
                 f"pretrained embeddings have shape {tuple(embeddings.shape)}, expected ({vocab_size}, {embed_dim})"
             )
         self.pad_id = pad_id
-        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id) if token_dim is None else None
         if embeddings is not None:
             with torch.no_grad():
                 self.embedding.weight.copy_(embeddings)
                 self.embedding.weight[pad_id].zero_()
         self.embed_dropout = embed_dropout
         self.rnn = rnn_class(rnn_type)(
-            embed_dim,
+            embed_dim if token_dim is None else token_dim,
             hidden_size,
             num_layers=layers,
             batch_first=True,
@@ -94,13 +102,15 @@ class CaptionClassifier(nn.Module):
         return embedded * mask
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L) for padded token ids (B, T) and lengths (B,), all lengths >= 1.
+        """Logits (B, L) for padded token ids (B, T), or token states (B, T, token_dim) of any
+        float dtype, and lengths (B,), all lengths >= 1.
 
         ``lengths`` stay on the CPU whatever the model's device: pack_padded_sequence reads
         them there, and copying them back from an accelerator would wait for it.
         """
         width = ids.shape[1]
-        embedded = self._drop_words(self.embedding(ids))  # (B, T, E)
+        tokens = self.embedding(ids) if self.embedding is not None else ids.to(self.head.weight.dtype)
+        embedded = self._drop_words(tokens)  # (B, T, E)
         packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
         outputs, _ = self.rnn(packed)
         states, _ = pad_packed_sequence(outputs, batch_first=True, total_length=width)  # (B, T, H)

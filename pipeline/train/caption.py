@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from pipeline.branches.caption import (
     BRANCH,
+    WORDS,
     build_ensemble,
     build_model,
     caption_batches,
+    encode_captions,
     model_settings,
     predict_captions,
 )
@@ -51,6 +53,7 @@ from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, fin
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.io import file_digest
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
+from pipeline.text_features import TextEncoder
 from pipeline.train.caption_config import CaptionTrainConfig
 
 # Share of the updates spent warming the learning rate up (OneCycleLR's pct_start before).
@@ -158,7 +161,7 @@ class _CaptionBatches:
 
 
 def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded, val: _Encoded,
-                vocab_size: int, embeddings: torch.Tensor | None, device: torch.device,
+                vocab_size: int, embeddings: torch.Tensor | None, token_dim: int | None, device: torch.device,
                 context: DistContext = DistContext(), state: ResumeState | None = None,
                 history: EpochHistory | None = None) -> dict:
     """Train one model from ``seed``; keep its epoch with the best validation score.
@@ -168,7 +171,7 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     ``{"epoch", "score", "probs", "state"}``.
     """
     seed_everything(seed)
-    model = build_model(model_settings(config), vocab_size, train.labels.shape[1], embeddings).to(device)
+    model = build_model(model_settings(config), vocab_size, train.labels.shape[1], embeddings, token_dim).to(device)
     loss_fn = nn.BCEWithLogitsLoss()
     # (B, L) logits; the lengths (b[1]) stay on the CPU.
     step = wrap_model(TrainStep(model, lambda m, b: loss_fn(m(b[0], b[1]), b[2]), host_inputs=(1,)), context)
@@ -198,8 +201,10 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     return best
 
 
-def _encode(vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet, max_len: int) -> _Encoded:
-    ids, lengths = vocab.encode(frame[CAPTION_COLUMN].tolist(), max_len)
+def _encode(config: CaptionTrainConfig, vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet,
+            encoder: TextEncoder | None) -> _Encoded:
+    ids, lengths = encode_captions(model_settings(config), vocab, frame[CAPTION_COLUMN].tolist(), config.max_len,
+                                   Path(config.weights_dir) / "cache", encoder)
     groups = group_by_image(frame)
     return _Encoded(ids=ids, lengths=lengths, labels=label_set.encode(frame[LABELS_COLUMN]), groups=groups,
                     image_labels=label_set.encode(groups.images[LABELS_COLUMN]))
@@ -213,8 +218,15 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
             f"{paths.train_csv}:1: no {CAPTION_COLUMN} column, so there is nothing for the caption branch to "
             "learn from; train the image branches alone with train_efficientnet.py")
     vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
-    train = _encode(vocab, train_df, label_set, config.max_len)
-    val = _encode(vocab, val_df, label_set, config.max_len)
+    encoder = None if config.text_encoder == WORDS else TextEncoder(config.text_encoder)
+    # Only rank 0 encodes into the cache; the other ranks then read it.
+    if context.is_main:
+        train = _encode(config, vocab, train_df, label_set, encoder)
+    barrier(context)
+    if not context.is_main:
+        train = _encode(config, vocab, train_df, label_set, encoder)
+    val = _encode(config, vocab, val_df, label_set, encoder)
+    token_dim = None if encoder is None else encoder.dim
     has_val = len(val_df) > 0
     if not has_val and context.is_main:
         tqdm.write("caption: the validation split is empty; keeping each model's last epoch")
@@ -234,10 +246,10 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
         state = ResumeState(resume_dir, f"member{i}", digest, config.resume, context)
-        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, device,
+        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, token_dim, device,
                                    context, state, history.for_stage(BRANCH, i)))
 
-    ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set))
+    ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set), token_dim)
     for model, member in zip(ensemble, members):
         model.load_state_dict(member["state"])
     if has_val:
@@ -255,7 +267,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         save_checkpoint(
             ckpt, branch=BRANCH, state_dict=ensemble.state_dict(), config=dataclasses.asdict(config),
             label_ids=label_set.ids, vocab=vocab.to_list(), epochs=[m["epoch"] for m in members],
-            threshold=threshold,
+            threshold=threshold, text_encoder_digest=None if encoder is None else encoder.digest,
         )
         save_probabilities(probs_file, val.groups.images[ID_COLUMN].tolist(), label_set.ids, val_probs)
         save_config(config, config_file)

