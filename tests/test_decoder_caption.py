@@ -200,28 +200,3 @@ def test_the_default_decoder_checkpoint_reads_no_caption(trained_branches):
     assert spec["caption_dim"] == 0 and spec["caption_encoder"] is None
     assert ImageHeads.from_checkpoints({"decoder": load_checkpoint(weights / "decoder.pt")}).caption_encoder is None
 
-
-# TEMPORARY until the lead's conftest fixture is merged.
-@pytest.fixture(scope="session")
-def tiny_encoder_folder(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    from tests.conftest import WORDS
-
-    folder = tmp_path_factory.mktemp("tiny-encoder")
-    words = sorted({w for name in WORDS.values() for w in [name]} | {"a", "photo", "of", "here", "is", "we", "can",
-                                                                     "see", "and", "."})
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def tiny_text_encoder(tiny_encoder_folder, monkeypatch) -> Path:
-    from pipeline import text_features
-
-    monkeypatch.setitem(text_features.TEXT_ENCODERS, "minilm", lambda: tiny_encoder_folder)
-    return tiny_encoder_folder

@@ -118,6 +118,13 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
     all_ids = training_image_ids(train, val)
 
+    # --decoder-caption: each image's caption vector, for the decoder (None: it reads none); a
+    # dataset without captions is refused here, before any extraction (and after the
+    # backbone is built: loading the text encoder draws from the random state).
+    train_captions = val_captions = None
+    if config.decoder_caption != "none":
+        train_captions, val_captions = split_caption_vectors(config, paths, cache_dir)
+
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
     if mode == "frozen":
@@ -137,10 +144,6 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     train_rows, val_rows = np.flatnonzero(train_ok), len(train) + np.flatnonzero(val_ok)
     y_train = labels.encode(train[LABELS_COLUMN][train_ok])
     y_val = labels.encode(val[LABELS_COLUMN][val_ok])
-    # --decoder-caption: each image's caption vector, for the decoder (None: it reads none).
-    train_captions = val_captions = None
-    if config.decoder_caption != "none":
-        train_captions, val_captions = split_caption_vectors(config, paths, cache_dir)
 
     # Training starts from the seed, not from whatever the extraction drew (each loader it
     # starts takes a seed), so a cache hit and a cache miss train the same model.

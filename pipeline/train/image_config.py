@@ -12,10 +12,11 @@ from pipeline.engine.openvino_runtime import RUNTIMES
 from pipeline.engine.runtime import COMPILE_CHOICES, PRECISIONS
 from pipeline.models.backbones import DEFAULT_BACKBONE
 from pipeline.models.heads import LOSSES
+from pipeline.text_features import TEXT_ENCODERS
 
 MODES = ("auto", "frozen", "partial", "finetune")
-# --decoder-caption: what the label decoder reads of the caption besides the image.
-DECODER_CAPTIONS = ("none", "minilm")
+# --decoder-caption: none, or the text encoder whose sentence vectors the label decoder reads.
+DECODER_CAPTIONS = ("none", *TEXT_ENCODERS)
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
 # traffic lights); frozen ImageNet features gain nothing from it (docs/recipe.md, "Fine-tuning").
 FINETUNE_RESOLUTION = 320
