@@ -19,7 +19,9 @@ from pipeline.config import run_main
 from pipeline.data.dataset import DatasetPaths, load_train_val
 from pipeline.engine.runtime import seed_everything
 from pipeline.inference import BranchPredictor, load_branch_checkpoints
+from pipeline.io import CheckpointError
 from pipeline.models.decoder import LabelDecoder, LabelOrder
+from pipeline.text_features import TextEncoder
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 from tests.test_decoder import synthetic_problem
 
@@ -146,6 +148,7 @@ def test_every_mode_trains_a_caption_reading_decoder_that_inference_rebuilds(mod
     _train(captioned_dataset, weights, *MODES[mode], "--decoder-caption", "minilm")
     spec = load_checkpoint(weights / "decoder.pt", branch="decoder")["decoder"]
     assert spec["caption_dim"] == 16 and spec["caption_encoder"] == "minilm"  # the stand-in encoder's width
+    assert spec["caption_encoder_digest"] == TextEncoder("minilm").digest
     assert list((weights / "cache").glob("text-minilm-*"))
     checkpoints = load_branch_checkpoints(weights, ["image", "decoder"])
     paths = DatasetPaths.resolve(captioned_dataset)
@@ -183,6 +186,18 @@ def test_the_python_api_gives_the_decoder_each_images_caption(captioned_dataset,
 
 
 @pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
+@pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
+def test_another_text_encoder_than_the_trained_one_is_refused(captioned_dataset, tiny_text_encoder, tmp_path):
+    """The decoder learned from one encoder's sentence vectors; another's would be read as noise."""
+    _train(captioned_dataset, tmp_path / "w", "--decoder-caption", "minilm", "--decoder-epochs", "1")
+    checkpoint = load_checkpoint(tmp_path / "w" / "decoder.pt")
+    checkpoint["decoder"]["caption_encoder_digest"] = "0" * 16
+    with pytest.raises(CheckpointError, match="decoder.pt reads captions through text encoder 'minilm' with weights "
+                                              "0000000000000000, and the installed one has"):
+        ImageHeads.from_checkpoints({"decoder": checkpoint})
+
+
+@pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
 def test_without_captions_the_option_is_refused_naming_it(tmp_path, capsys, tiny_text_encoder):
     dataset = make_tiny_dataset(tmp_path / "tiny", n_train=12, n_test=0)
     frame = pd.read_csv(dataset / "train.csv")
@@ -197,6 +212,6 @@ def test_without_captions_the_option_is_refused_naming_it(tmp_path, capsys, tiny
 def test_the_default_decoder_checkpoint_reads_no_caption(trained_branches):
     _, weights = trained_branches
     spec = load_checkpoint(weights / "decoder.pt", branch="decoder")["decoder"]
-    assert spec["caption_dim"] == 0 and spec["caption_encoder"] is None
+    assert spec["caption_dim"] == 0 and spec["caption_encoder"] is None and spec["caption_encoder_digest"] is None
     assert ImageHeads.from_checkpoints({"decoder": load_checkpoint(weights / "decoder.pt")}).caption_encoder is None
 

@@ -20,7 +20,7 @@ from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder
 from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead
-from pipeline.text_features import sentence_vectors
+from pipeline.text_features import TextEncoder, sentence_vectors
 
 
 def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
@@ -106,6 +106,13 @@ class ImageHeads:
             heads.decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
                                          spec["hidden_dim"], spec["dropout"], caption_dim=spec.get("caption_dim", 0))
             heads.caption_encoder = spec.get("caption_encoder")
+            if heads.caption_encoder is not None:
+                installed = TextEncoder(heads.caption_encoder).digest
+                if installed != spec["caption_encoder_digest"]:
+                    raise CheckpointError(
+                        f"decoder.pt reads captions through text encoder {heads.caption_encoder!r} with weights "
+                        f"{spec['caption_encoder_digest']}, and the installed one has {installed}; install the pinned "
+                        "encoder package or train the image branch again")
             heads.decoder.load_state_dict(checkpoint["state_dict"])
             heads.decoder_norm = _feature_norm(checkpoint, spec["feature_dim"])
             heads.beam_width = int(spec["beam_width"])

@@ -47,6 +47,7 @@ from pipeline.engine.runtime import (
 )
 from pipeline.features import VIEWS, cached_features, cached_stage_maps
 from pipeline.io import OptionError, file_digest, write_json
+from pipeline.text_features import TextEncoder
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import (
     Backbone,
@@ -196,7 +197,8 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     val_probs = heads.probabilities(val_features, val_readable, device, rows=rows, captions=val_captions)
     readable_val = rows[val_readable.numpy()]
     decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm,
-                               columns=fitted.decoder.feature_dim, captions=_rows_of(val_captions, val_readable.numpy()))
+                               columns=fitted.decoder.feature_dim,
+                               captions=_rows_of(val_captions, val_readable.numpy()))
 
     summary = {
         "mode": mode,
@@ -240,6 +242,15 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     return summary
 
 
+def _caption_encoder_record(config: ImageTrainConfig) -> dict:
+    """The text encoder a caption-reading decoder was trained with, by name and weights digest
+    (inference refuses another), or None for both."""
+    if config.decoder_caption == "none":
+        return {"caption_encoder": None, "caption_encoder_digest": None}
+    return {"caption_encoder": config.decoder_caption,
+            "caption_encoder_digest": TextEncoder(config.decoder_caption).digest}
+
+
 def _rows_of(captions: np.ndarray | None, kept: np.ndarray) -> np.ndarray | None:
     """The caption vectors of the ``kept`` (bool mask) images, or None without captions."""
     return None if captions is None else captions[np.asarray(kept, dtype=bool)]
@@ -280,7 +291,7 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
                     decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
                              "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
                              "beam_width": config.beam_width, "caption_dim": fitted.decoder.caption_dim,
-                             "caption_encoder": None if config.decoder_caption == "none" else config.decoder_caption},
+                             **_caption_encoder_record(config)},
                     **common)
     save_probabilities(probabilities_path(weights_dir, "image"), val_ids, label_ids, head_probs)
     save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, label_ids, decoder_probs)
