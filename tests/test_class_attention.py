@@ -168,28 +168,32 @@ def test_csra_in_frozen_mode_is_refused_naming_the_option(tmp_path, capsys):
         ImageTrainConfig(csra_temperature=0).validate()
 
 
-def test_an_exported_csra_branch_gives_inferences_probabilities(csra_run):
-    """The export carries the attention inside the model (``AttentionPooled``)."""
-    from pipeline.tools.export import build_exported_branch
+def test_an_exported_csra_branch_gives_inferences_probabilities(csra_run, tmp_path):
+    """The ONNX export carries the attention inside the model (``AttentionPooled``) and gives
+    the probabilities inference gives (the same tolerance as tests/test_export.py)."""
+    ort = pytest.importorskip("onnxruntime")
+    from pipeline.data.images import ImageDataset
+    from pipeline.data.transforms import build_transform
+    from pipeline.tools.export import ExportConfig, build_exported_branch, export_image_branch
 
     dataset, weights, _ = csra_run
+    weights = Path(shutil.copytree(weights, tmp_path / "w"))
     checkpoint = load_checkpoint(weights / "image.pt", branch="image")
-    exported = build_exported_branch(checkpoint)
-    assert any(name.endswith("attention.weight") for name, _ in exported.named_parameters())
+    assert any(name.endswith("attention.weight") for name, _ in build_exported_branch(checkpoint).named_parameters())
+    result = export_image_branch(ExportConfig(weights_dir=str(weights), format="onnx", out=str(tmp_path / "onnx"),
+                                              data=str(dataset), val_fraction=0.25))
     frame = pd.read_csv(dataset / "test.csv")
     predictor = BranchPredictor({"image": checkpoint}, DatasetPaths.resolve(dataset), None, CPU, 16, 0,
                                 runtime="torch")
+    predictor.precision = "fp32"  # the export computes in fp32
     expected = predictor.probabilities(frame)["image"]
-    from pipeline.data.images import ImageDataset
-    from pipeline.data.transforms import build_transform
-
     preprocessing = checkpoint["preprocessing"]
     images = ImageDataset(DatasetPaths.resolve(dataset), frame["ImageID"].tolist(),
                           build_transform(preprocessing, normalize=False), preprocessing["resolution"])
-    pixels = torch.stack([images[i][0] for i in range(len(frame))])
-    with torch.no_grad():
-        got = exported(pixels).numpy()
-    np.testing.assert_allclose(got, expected, atol=2e-3)
+    pixels = np.ascontiguousarray(torch.stack([images[i][0] for i in range(len(frame))]).numpy())
+    session = ort.InferenceSession(result["model"][0], providers=["CPUExecutionProvider"])
+    probs = session.run(["probabilities"], {"pixels": pixels})[0]
+    assert np.abs(probs - expected).max() <= 1e-4
 
 
 def test_a_joint_step_with_csra_and_a_caption_reading_decoder_has_no_host_sync():
