@@ -41,8 +41,9 @@ from pipeline.engine.openvino_runtime import OpenVinoForward
 from pipeline.choices import usable_cores
 from pipeline.engine.runtime import autocast_context, compute_dtype
 from pipeline.io import CheckpointError
-from pipeline.models.backbones import Backbone, fuse_for_inference
-from pipeline.models.image_model import pool_features
+from pipeline.models.backbones import Backbone, fuse_for_inference, state_digest
+from pipeline.models.heads import ClassAttention
+from pipeline.models.image_model import AttentionPooled, pool_outputs
 from pipeline.shards import Field, ShardedStore, write_lock
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class _Extractor:
                 compute_dtype(self.precision), memory_format=torch.channels_last)
             with torch.inference_mode(), autocast_context(self.device, self.precision):
                 result = self.model(batch)
-                result = pool_features(result) if self.pooled_output else result
+                result = pool_outputs(result) if self.pooled_output else result
             out[ok] = result.to(dtype).cpu()
         return out
 
@@ -253,7 +254,8 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
                      batch_size: int = 64, workers: int = 2, views: Sequence[str] = VIEWS,
                      description: str = "features", precision: str = "fp32",
                      processes: int | None = None, runtime: str = "torch",
-                     model_cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     model_cache: Path | None = None,
+                     attention: ClassAttention | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, 2C) in float16, averaged over the views (plain and mirrored), and a
     (N,) bool mask of the images that could be read (the others' features are NaN, never
     computed), held in memory: for a chunk of images, not a whole training set (that is
@@ -264,13 +266,14 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     the main process runs the forward. With torch on CPU, ``processes`` single-threaded
     workers (default: one per core; with ``workers=0``, none) each decode and run their own
     chunks, and the main process only collects. OpenVINO keeps its converted model in
-    ``model_cache``.
+    ``model_cache``. With ``attention`` each row also holds its logits on the map (see
+    :func:`pooled_output`).
     """
-    extractor = _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device, runtime,
-                           model_cache=model_cache)
+    module, width, _ = pooled_output(backbone, attention)
+    extractor = _extractor(module, backbone, (width,), precision, device, runtime, model_cache=model_cache)
     if processes is None:
         processes = usable_cores() if workers > 0 else 0
-    features = np.zeros((len(image_ids), backbone.pooled_dim), dtype=np.float16)
+    features = np.zeros((len(image_ids), width), dtype=np.float16)
     readable = np.ones(len(image_ids), dtype=bool)
     units = _units([(0, range(len(image_ids)))], len(views), _unit_size(extractor, batch_size, processes))
     for unit, pooled, ok in _run_units(extractor, paths, image_ids, views, units, workers, processes, description):
@@ -391,27 +394,41 @@ class CachedFeatures:
         return torch.from_numpy(self.store.read("features", np.asarray(index)))
 
 
+def pooled_output(backbone: Backbone, attention: ClassAttention | None = None) -> tuple[torch.nn.Module, int, str]:
+    """(the module extraction runs, the width of its rows, the cache key's name for them): the
+    backbone and its avg+max pooled features (2C), or with a class attention (CSRA) the pooled
+    features followed by the attention's logits (2C + L), named with the attention's digest."""
+    if attention is None:
+        return backbone.module, backbone.pooled_dim, "avg+max"
+    attention = attention.cpu().eval()
+    return (AttentionPooled(backbone.module, attention), backbone.pooled_dim + attention.num_labels,
+            f"avg+max+csra-{state_digest(attention)}")
+
+
 def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
-                  precision: str, runtime: str) -> dict:
+                  precision: str, runtime: str, output: str = "avg+max") -> dict:
     return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], views, precision,
-                     runtime=runtime)
+                     output=output, runtime=runtime)
 
 
-def _pooled_fields(backbone: Backbone) -> dict[str, Field]:
+def _pooled_fields(width: int) -> dict[str, Field]:
     # Float16 halves the bytes; the heads train in fp32 and do not notice the rounding.
-    return {"features": Field((backbone.pooled_dim,), "float16"), "readable": Field((), "bool")}
+    return {"features": Field((width,), "float16"), "readable": Field((), "bool")}
 
 
 def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
                     device: torch.device, batch_size: int = 64, workers: int = 2,
                     views: Sequence[str] = VIEWS, description: str = "features",
                     context: DistContext = DistContext(), precision: str = "fp32",
-                    shard_rows: int | None = None, runtime: str = "torch") -> tuple[CachedFeatures, torch.Tensor]:
+                    shard_rows: int | None = None, runtime: str = "torch",
+                    attention: ClassAttention | None = None) -> tuple[CachedFeatures, torch.Tensor]:
     """(features (N, 2C) float16 read from the cache a batch at a time, readable (N,)): from
-    the cache when it is complete, else its missing shards extracted first (in ``runtime``)."""
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime)
-    store = _cached_store("features", key, _pooled_fields(backbone),
-                          lambda: _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device,
+    the cache when it is complete, else its missing shards extracted first (in ``runtime``).
+    With ``attention``, rows of (N, 2C + L): the attention's logits follow (:func:`pooled_output`)."""
+    module, width, output = pooled_output(backbone, attention)
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime, output)
+    store = _cached_store("features", key, _pooled_fields(width),
+                          lambda: _extractor(module, backbone, (width,), precision, device,
                                              runtime, model_cache=cache_dir),
                           paths, image_ids, views, cache_dir,
                           batch_size, workers, description, context, shard_rows)
@@ -419,9 +436,10 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
 
 
 def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
-                        views: Sequence[str], precision: str, runtime: str = "torch") -> bool:
+                        views: Sequence[str], precision: str, runtime: str = "torch",
+                        attention: ClassAttention | None = None) -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime)
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime, pooled_output(backbone, attention)[2])
     return ShardedStore.open_complete(_store_dir(cache_dir, "features", key), key, len(image_ids)) is not None
 
 

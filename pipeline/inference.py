@@ -20,6 +20,7 @@ from pipeline.branches.caption import predict_caption_probs
 from pipeline.branches.image import (
     ImageHeads,
     backbone_identity,
+    image_caption_vectors,
     rebuild_backbone,
     training_image_ids,
 )
@@ -180,15 +181,15 @@ class BranchPredictor:
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
             return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
                                     self.workers, self.views, description, self.precision, runtime=self.runtime,
-                                    model_cache=self.model_cache)
+                                    model_cache=self.model_cache, attention=self.heads.attention)
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision,
-                               runtime=self.runtime)
+                               runtime=self.runtime, attention=self.heads.attention)
 
     def has_cached(self, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache."""
         return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision,
-                                   self.runtime)
+                                   self.runtime, self.heads.attention)
 
     def probabilities(self, frame: pd.DataFrame,
                       features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,
@@ -217,7 +218,10 @@ class BranchPredictor:
                     features = (values, readable, np.arange(len(image_ids)))
                 values, readable, rows = features
                 self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
-                out.update(self.heads.probabilities(values, readable, self.device, rows=rows))
+                # A decoder that reads captions gets each image's (blank where there is none).
+                captions = None if self.heads.caption_encoder is None or self.heads.decoder is None else \
+                    image_caption_vectors(frame, self.heads.caption_encoder, self.cache_dir)
+                out.update(self.heads.probabilities(values, readable, self.device, rows=rows, captions=captions))
             if caption is not None:
                 out["caption"] = groups.mean(caption.result())
         return out

@@ -130,8 +130,9 @@ class Predictor:
         """One record per image, in order: its predicted labels with names, every branch's and
         the fused probability of each label, and the thresholds (the records ``inference.py
         --image --format json`` prints). ``captions``: one per image, or None to predict from
-        the image branches alone. A missing or unreadable file is predicted from its caption
-        (without captions it is an error listing the files).
+        the image branches alone (a decoder trained with ``--decoder-caption`` then reads each
+        caption as ""). A missing or unreadable file is predicted from its caption (without
+        captions it is an error listing the files).
 
         A PIL image is predicted from its pixels, converted to 8-bit RGB as a file of its mode
         is (``pipeline.data.images.to_rgb``: CMYK, 16- and 32-bit integer, float, transparency);

@@ -9,7 +9,6 @@ import sys
 
 import matplotlib
 import numpy as np
-import pytest
 
 import train_caption_rnn
 from pipeline.checkpoint import checkpoint_path

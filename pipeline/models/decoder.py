@@ -15,7 +15,8 @@ Token ids, for ``L`` labels (see ``token_ids``):
 
 The module knows nothing about files or loaders: it maps a float feature tensor
 ``(B, F)`` to logits / label sets, so it trains equally on cached features or jointly
-with a backbone.
+with a backbone. With ``caption_dim`` it also reads a caption vector ``(B, D)`` per image
+(a sentence encoder's), which sets its initial state together with the image.
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ class LabelDecoder(nn.Module):
     Architecture (one step, ``I`` = projected image features):
 
     * ``I = Dropout(ReLU(Linear(LayerNorm(features))))``, computed once per image;
-    * initial state ``h0 = tanh(W_h I)``, ``c0 = W_c I``;
+    * initial state ``h0 = tanh(W_h I)``, ``c0 = W_c I``; with ``caption_dim`` (the
+      caption read too) ``h0 = tanh(W_h I + V_h S)``, ``c0 = W_c I + V_c S`` for the caption
+      vector ``S = Dropout(LayerNorm(caption))``, so the label sequence starts from both
+      modalities and the LSTM carries the caption's evidence through every step;
     * LSTM input at every step: ``[embed(token); I]``, so the image stays visible even
       after the recurrent state has drifted over a long sequence;
     * the paper's projection layer merges the recurrent output and the image,
@@ -149,6 +153,7 @@ class LabelDecoder(nn.Module):
         dropout: float = 0.3,
         image_dim: int | None = None,
         tie_embeddings: bool = True,
+        caption_dim: int = 0,
     ) -> None:
         super().__init__()
         if num_labels < 1:
@@ -159,12 +164,16 @@ class LabelDecoder(nn.Module):
         self.hidden_dim = hidden_dim
         self.image_dim = image_dim or embed_dim
         self.tie_embeddings = tie_embeddings
+        self.caption_dim = caption_dim
         self.tokens = token_ids(num_labels)
 
         self.feature_norm = nn.LayerNorm(feature_dim)
         self.image_proj = nn.Linear(feature_dim, self.image_dim)
         self.init_h = nn.Linear(self.image_dim, hidden_dim)
         self.init_c = nn.Linear(self.image_dim, hidden_dim)
+        if caption_dim:
+            self.caption_norm = nn.LayerNorm(caption_dim)
+            self.caption_init = nn.Linear(caption_dim, 2 * hidden_dim)  # (V_h; V_c)
         self.embed = nn.Embedding(num_labels + 3, embed_dim, padding_idx=self.tokens.pad)
         self.lstm = nn.LSTM(embed_dim + self.image_dim, hidden_dim, batch_first=True)
         self.merge_h = nn.Linear(hidden_dim, embed_dim)
@@ -192,16 +201,33 @@ class LabelDecoder(nn.Module):
         features = features.to(self.image_proj.weight.dtype)
         return self.dropout(F.relu(self.image_proj(self.feature_norm(features))))  # (B, D)
 
+    def _initial_state(self, image: Tensor, captions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(h0, c0), each (B, H), of the projected image (B, D) and, for a decoder that reads
+        captions, the caption vectors (B, caption_dim); a mismatch is an error."""
+        if (captions is not None) != bool(self.caption_dim):
+            raise ValueError(f"this decoder reads caption vectors of size {self.caption_dim}: pass them"
+                             if self.caption_dim else "this decoder reads no captions (caption_dim 0)")
+        h, c = self.init_h(image), self.init_c(image)
+        if captions is not None:
+            if captions.shape != (len(image), self.caption_dim):
+                raise ValueError(f"caption vectors must be ({len(image)}, {self.caption_dim}), got "
+                                 f"{tuple(captions.shape)}")
+            captions = captions.to(device=image.device, dtype=self.caption_init.weight.dtype)
+            from_caption = self.caption_init(self.dropout(self.caption_norm(captions)))  # (B, 2H)
+            h, c = h + from_caption[:, : self.hidden_dim], c + from_caption[:, self.hidden_dim :]
+        return torch.tanh(h), c
+
     def _output_weight_bias(self) -> tuple[Tensor, Tensor]:
         if self.tie_embeddings:
             return self.embed.weight[: self.num_outputs], self.out_bias  # (L+1, E), (L+1,)
         return self.out.weight, self.out.bias
 
-    def forward(self, features: Tensor, inputs: Tensor) -> Tensor:
-        """Teacher-forced logits: features (B, F), inputs (B, T) token ids -> (B, T, L + 1)."""
+    def forward(self, features: Tensor, inputs: Tensor, captions: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits: features (B, F), inputs (B, T) token ids (and caption vectors
+        (B, caption_dim) for a decoder that reads them) -> (B, T, L + 1)."""
         image = self._image(features)  # (B, D)
-        h0 = torch.tanh(self.init_h(image)).unsqueeze(0)  # (1, B, H)
-        c0 = self.init_c(image).unsqueeze(0)  # (1, B, H)
+        h0, c0 = self._initial_state(image, captions)
+        h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)  # (1, B, H) each
         emb = self.dropout(self.embed(inputs))  # (B, T, E)
         steps = inputs.shape[1]
         lstm_in = torch.cat([emb, image.unsqueeze(1).expand(-1, steps, -1)], dim=2)  # (B, T, E+D)
@@ -210,13 +236,14 @@ class LabelDecoder(nn.Module):
         weight, bias = self._output_weight_bias()
         return F.linear(self.dropout(merged), weight, bias)  # (B, T, L+1)
 
-    def loss(self, features: Tensor, multi_hot: ArrayLike, rank: Tensor) -> Tensor:
+    def loss(self, features: Tensor, multi_hot: ArrayLike, rank: Tensor, captions: Tensor | None = None) -> Tensor:
         """Cross-entropy of the ordered label sequences: summed over each sequence's steps
         (padding excluded), averaged over the images.
 
         Averaging per image rather than per step keeps the loss of a batch split across
         DistributedDataParallel processes equal to the loss of the whole batch.
-        ``multi_hot`` is the (B, L) 0/1 target; ``rank`` fixes the order (``label_rank``).
+        ``multi_hot`` is the (B, L) 0/1 target; ``rank`` fixes the order (``label_rank``);
+        ``captions`` the (B, caption_dim) caption vectors of a decoder that reads them.
 
         The sequences always take ``L + 1`` steps: the batch's longest label set would have
         to be read back to the host, a wait for the device in every training step. The
@@ -224,7 +251,7 @@ class LabelDecoder(nn.Module):
         looks back, so the loss equals that of sequences cut to the longest row.
         """
         inputs, targets, _ = make_sequences(multi_hot, rank.to(features.device), self.num_labels + 1)  # (B, L+1)
-        logits = self(features, inputs)  # (B, T, L+1)
+        logits = self(features, inputs, captions)  # (B, T, L+1)
         summed = F.cross_entropy(
             logits.reshape(-1, self.num_outputs),
             targets.reshape(-1),
@@ -240,6 +267,7 @@ class LabelDecoder(nn.Module):
         beam_width: int = 3,
         max_steps: int | None = None,
         marginal_weight: float = 0.5,
+        captions: Tensor | None = None,
     ) -> tuple[list[list[int]], Tensor]:
         """Decode label sets, batched over images and beams (a Python loop only over steps).
 
@@ -269,6 +297,7 @@ class LabelDecoder(nn.Module):
         greedy set score >= 0.5 and other labels < 0.5 (up to rounding), so a 0.5
         threshold reproduces the greedy set. ``marginal_weight = 0`` gives the pure beam
         mass, ``1`` the pure lower-bound marginal. Scores are on the model's device.
+        ``captions``: the (B, caption_dim) caption vectors of a decoder that reads them.
         """
         if beam_width < 1:
             raise ValueError("beam_width must be >= 1")
@@ -281,12 +310,12 @@ class LabelDecoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._beam_search(features, beam_width, max_steps, marginal_weight)
+            return self._beam_search(features, beam_width, max_steps, marginal_weight, captions)
         finally:
             self.train(was_training)
 
     def _beam_search(
-        self, features: Tensor, beam_width: int, max_steps: int, marginal_weight: float
+        self, features: Tensor, beam_width: int, max_steps: int, marginal_weight: float, captions: Tensor | None
     ) -> tuple[list[list[int]], Tensor]:
         num_labels, end, num_out = self.num_labels, self.tokens.end, self.num_outputs
         batch, k = features.shape[0], beam_width
@@ -295,6 +324,8 @@ class LabelDecoder(nn.Module):
         features = features.to(device)
         if batch == 0:
             return [], torch.zeros(0, num_labels, device=device)
+        image = self._image(features)  # (B, D)
+        h0, c0 = self._initial_state(image, captions)  # (B, H) each
 
         # Image-dependent terms are constant over steps: compute them once per image
         # (not per beam) and gather them by image index. The embedding part of the LSTM
@@ -305,7 +336,6 @@ class LabelDecoder(nn.Module):
         hid, vocab = self.hidden_dim, self.embed.num_embeddings
         perm = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid),
                           torch.arange(2 * hid, 3 * hid)]).to(device)  # (4H,)
-        image = self._image(features)  # (B, D)
         w_ih = self.lstm.weight_ih_l0[perm]  # (4H, E+D)
         w_emb, w_img = w_ih[:, : self.embed_dim], w_ih[:, self.embed_dim :]
         bias = (self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0)[perm]  # (4H,)
@@ -320,8 +350,8 @@ class LabelDecoder(nn.Module):
         # no state, and re-pointing replaces copying states when beams are reordered.
         dtype = image.dtype
         store_h = torch.zeros(batch, hid + vocab, dtype=dtype, device=device)  # (S, H+V)
-        store_h[:, :hid] = torch.tanh(self.init_h(image))
-        store_c = self.init_c(image)  # (S, H)
+        store_h[:, :hid] = h0
+        store_c = c0  # (S, H)
         row_image = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
         ptr = row_image.clone()  # (B*K,)
         tokens = torch.full((rows,), self.tokens.start, dtype=torch.long, device=device)

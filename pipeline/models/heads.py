@@ -61,6 +61,32 @@ class ImageHead(nn.Module):
         return self.net(features)  # (B, L)
 
 
+class ClassAttention(nn.Module):
+    """Class-specific residual attention (CSRA; Zhu & Wu, ICCV 2021): a feature map (B, C, h, w)
+    -> one logit per label (B, L).
+
+    Per label ``l``, scores ``s_l = W_l x`` at every position (a 1x1 convolution without bias);
+    the logit is ``mean(s_l) + lam * sum(softmax(temperature * s_l) * s_l)``: the average-pooled
+    logit plus an attention-pooled one that a small object (a traffic light, a bench) dominates
+    at the positions where it shows. The weights start at zero, so the logits start at zero: added
+    to the image head's, training starts from the head alone (``ImageModel``). ``lam`` and
+    ``temperature`` are buffers, so they travel in the state dict and its digest.
+    """
+
+    def __init__(self, channels: int, num_labels: int, lam: float = 0.1, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.channels, self.num_labels = channels, num_labels
+        self.weight = nn.Parameter(torch.zeros(num_labels, channels))  # (L, C)
+        self.register_buffer("lam", torch.tensor(float(lam)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        positions = feature_map.flatten(2).to(self.weight.dtype)  # (B, C, hw)
+        scores = torch.matmul(self.weight, positions)  # (B, L, hw)
+        attention = torch.softmax(self.temperature * scores, dim=2)  # (B, L, hw)
+        return scores.mean(dim=2) + self.lam * (attention * scores).sum(dim=2)  # (B, L)
+
+
 # Each name builds its loss: (logits (B, L), targets (B, L)) -> scalar. ASL is the asymmetric
 # loss (Ridnik et al. 2021) of timm: multi-label data has many more negatives than positives
 # per image, and ASL keeps them from dominating the gradient by down-weighting easy negatives

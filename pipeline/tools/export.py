@@ -47,7 +47,7 @@ from pipeline.inference import load_branch_checkpoints, recorded_label_names, va
 from pipeline.io import CheckpointError, OptionError, atomic_write, atomic_write_text, file_digest, write_json
 from pipeline.labels import label_names
 from pipeline.models.backbones import NormalizeInput
-from pipeline.models.image_model import pool_features
+from pipeline.models.image_model import AttentionPooled, pool_outputs
 
 FORMATS = ("onnx", "openvino")
 # The pip package each format needs, by the module it is imported as.
@@ -188,7 +188,7 @@ class ExportedImageBranch(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         images = self.normalize(pixels)  # (N, 3, R, R) uint8 -> float32 normalised
         views = torch.cat([images.flip(-1) if flip else images for flip in self.flips])  # (V*N, 3, R, R)
-        pooled = pool_features(self.backbone(views))  # (V*N, 2C)
+        pooled = pool_outputs(self.backbone(views))  # (V*N, 2C), or (V*N, 2C + L) with a class attention
         pooled = pooled.reshape(len(self.flips), -1, pooled.shape[-1])  # (V, N, 2C)
         # The running mean over the views, kept in float16 as the cache keeps it (features._mean_into).
         features = float16_rounded(pooled[0])  # (N, 2C)
@@ -201,7 +201,8 @@ def build_exported_branch(checkpoint: dict) -> ExportedImageBranch:
     """The exportable module of a loaded image-branch checkpoint."""
     backbone = rebuild_backbone(checkpoint, "image")
     heads = ImageHeads.from_checkpoints({"image": checkpoint})
-    return ExportedImageBranch(backbone.module.eval(), checkpoint["preprocessing"],
+    module = backbone.module if heads.attention is None else AttentionPooled(backbone.module, heads.attention)
+    return ExportedImageBranch(module.eval(), checkpoint["preprocessing"],
                                checkpoint["backbone"]["views"], heads)
 
 

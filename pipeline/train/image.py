@@ -46,7 +46,8 @@ from pipeline.engine.runtime import (
     training_precision,
 )
 from pipeline.features import VIEWS, cached_features, cached_stage_maps
-from pipeline.io import file_digest, write_json
+from pipeline.io import OptionError, file_digest, write_json
+from pipeline.text_features import TextEncoder
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import (
     Backbone,
@@ -66,7 +67,15 @@ from pipeline.train.image_config import (
     resolved_settings,
 )
 from pipeline.train.image_fit import FittedHeads, decoded_samples_f1, fit_frozen_heads, fit_jointly
-from pipeline.train.image_inputs import FeatureRows, decodable, image_inputs, image_splits, map_inputs, usable_rows
+from pipeline.train.image_inputs import (
+    FeatureRows,
+    decodable,
+    image_inputs,
+    image_splits,
+    map_inputs,
+    split_caption_vectors,
+    usable_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,10 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     if context.is_main:
         for message in idle:
             log.warning("warning: %s", message)
+    if mode == "frozen" and config.csra_lambda > 0:
+        raise OptionError(f"--csra-lambda {config.csra_lambda:g}: class attention needs the spatial map of a trained "
+                          "backbone, which frozen mode never sees (cached pooled features); use --mode partial or "
+                          "finetune, or --csra-lambda 0")
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
@@ -116,6 +129,13 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     views = VIEWS if flip else VIEWS[:1]
     stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
     all_ids = training_image_ids(train, val)
+
+    # --decoder-caption: each image's caption vector, for the decoder (None: it reads none); a
+    # dataset without captions is refused here, before any extraction (and after the
+    # backbone is built: loading the text encoder draws from the random state).
+    train_captions = val_captions = None
+    if config.decoder_caption != "none":
+        train_captions, val_captions = split_caption_vectors(config, paths, cache_dir)
 
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
@@ -152,17 +172,20 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         norm = FeatureNorm(features.shape[1]).fit_chunks(features[train_rows[i:i + 1024]]
                                                          for i in range(0, len(train_rows), 1024))
         with cpu_threads(config.head_threads if device.type == "cpu" else 0):
-            fitted = fit_frozen_heads(config, FeatureRows(features, train_rows, torch.from_numpy(y_train), norm),
-                                      FeatureRows(features, val_rows, torch.from_numpy(y_val), norm), y_val,
+            fitted = fit_frozen_heads(config, FeatureRows(features, train_rows, torch.from_numpy(y_train), norm,
+                                                          captions=_rows_of(train_captions, train_ok)),
+                                      FeatureRows(features, val_rows, torch.from_numpy(y_val), norm,
+                                                  captions=_rows_of(val_captions, val_ok)), y_val,
                                       device, context, resume_dir, digest, history)
     else:
         inputs = (map_inputs(maps, trunk, train_rows, val_rows, y_train, y_val, context, device, config.batch_size,
-                             config.seed, config.workers) if stage else
+                             config.seed, config.workers, _rows_of(train_captions, train_ok)) if stage else
                   image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
                                val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers,
                                # Each rank draws its own images' augmentation.
                                BatchAugment(recipe.augment, device, recipe.scale_jitter,
-                                            seed=config.seed * 1009 + context.rank)))
+                                            seed=config.seed * 1009 + context.rank),
+                               _rows_of(train_captions, train_ok)))
         fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
                              context, ResumeState(resume_dir, mode, digest, config.resume, context), history)
     training_seconds = time.perf_counter() - training_start
@@ -179,12 +202,14 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         record = backbone_record(backbone, views, precision, runtime, backbone.module.state_dict(), stage)
         val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
                                                      config.workers, views, "validation features", context, precision,
-                                                     runtime=runtime)
+                                                     runtime=runtime, attention=fitted.attention)
         rows = np.arange(len(val))
-    heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width)
-    val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
+    heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width, fitted.attention)
+    val_probs = heads.probabilities(val_features, val_readable, device, rows=rows, captions=val_captions)
     readable_val = rows[val_readable.numpy()]
-    decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm)
+    decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm,
+                               columns=fitted.decoder.feature_dim,
+                               captions=_rows_of(val_captions, val_readable.numpy()))
 
     summary = {
         "mode": mode,
@@ -256,6 +281,20 @@ def summary_line(summary: dict, weights_dir: Path) -> str:
     return line
 
 
+def _caption_encoder_record(config: ImageTrainConfig) -> dict:
+    """The text encoder a caption-reading decoder was trained with, by name and weights digest
+    (inference refuses another), or None for both."""
+    if config.decoder_caption == "none":
+        return {"caption_encoder": None, "caption_encoder_digest": None}
+    return {"caption_encoder": config.decoder_caption,
+            "caption_encoder_digest": TextEncoder(config.decoder_caption).digest}
+
+
+def _rows_of(captions: np.ndarray | None, kept: np.ndarray) -> np.ndarray | None:
+    """The caption vectors of the ``kept`` (bool mask) images, or None without captions."""
+    return None if captions is None else captions[np.asarray(kept, dtype=bool)]
+
+
 def backbone_record(backbone: Backbone, views, precision: str, runtime: str, state_dict: dict | None = None,
                     trained_from_stage: int | None = None) -> dict:
     """What inference needs to rebuild the backbone, run it as training did (views, precision,
@@ -281,14 +320,17 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
     common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
               "preprocessing": preprocessing, "feature_norm": fitted.norm.state_dict()}
     feature_dim = fitted.head.in_dim
+    attention = None if fitted.attention is None else {"channels": fitted.attention.channels,
+                                                        "state_dict": fitted.attention.state_dict()}
     save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=fitted.head.state_dict(),
                     head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout},
-                    **common)
+                    class_attention=attention, **common)
     save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=fitted.decoder.state_dict(),
                     label_order=fitted.order.to_list(),
                     decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
                              "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
-                             "beam_width": config.beam_width},
+                             "beam_width": config.beam_width, "caption_dim": fitted.decoder.caption_dim,
+                             **_caption_encoder_record(config)},
                     **common)
     save_probabilities(probabilities_path(weights_dir, "image"), val_ids, label_ids, head_probs)
     save_probabilities(probabilities_path(weights_dir, "decoder"), val_ids, label_ids, decoder_probs)

@@ -6,13 +6,23 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.choices import AUGMENTS, COMPILE_CHOICES, DEFAULT_BACKBONE, LOSS_NAMES, PRECISIONS, RUNTIMES
+from pipeline.choices import (
+    AUGMENTS,
+    COMPILE_CHOICES,
+    DEFAULT_BACKBONE,
+    LOSS_NAMES,
+    PRECISIONS,
+    RUNTIMES,
+    TEXT_ENCODER_NAMES,
+)
 from pipeline.config import TrainingConfig, option, workers_option
 
 if TYPE_CHECKING:  # the parser is built from this module; torch loads only when a run starts
     import torch
 
 MODES = ("auto", "frozen", "partial", "finetune")
+# --decoder-caption: none, or the text encoder whose sentence vectors the label decoder reads.
+DECODER_CAPTIONS = ("none", *TEXT_ENCODER_NAMES)
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
 # traffic lights); frozen ImageNet features gain nothing from it (docs/recipe.md, "Fine-tuning").
 FINETUNE_RESOLUTION = 320
@@ -124,6 +134,17 @@ class ImageTrainConfig(TrainingConfig):
                                   "pretrained backbone when fine-tuning", group="finetune")
     decoder_loss_weight: float = option(0.1, "weight of the decoder's loss (summed over its label steps) "
                                         "against the head's when fine-tuning: both reach the backbone", group="finetune")
+    csra_lambda: float = option(
+        0.0, "class-specific residual attention (CSRA) on the fine-tuned backbone's spatial map (partial, finetune): "
+        "per label, the mean of its 1x1-convolution scores over positions plus this weight times their "
+        "softmax-attention average, added to the image head's logit; 0: off (docs/recipe.md, \"Class attention "
+        "on the fine-tuned map\")", group="finetune")
+    csra_temperature: float = option(1.0, "temperature of the CSRA softmax over positions (higher: closer to "
+                                     "the maximum)", group="finetune")
+    decoder_caption: str = option(
+        "none", "the label decoder also reads each image's caption: its LSTM starts from the image and a sentence "
+        "vector of the caption (minilm: the all-MiniLM-L6-v2 encoder); none: the image alone "
+        "(docs/recipe.md, \"The decoder reads the caption\")", choices=list(DECODER_CAPTIONS), group="decoder")
     warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
     ema_decay: float | None = option(
         None, f"decay of the weights' exponential moving average when fine-tuning (with warm-up: "
@@ -170,6 +191,10 @@ class ImageTrainConfig(TrainingConfig):
              f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
+            (self.csra_lambda >= 0, f"--csra-lambda must be >= 0, got {self.csra_lambda}"),
+            (self.csra_temperature > 0, f"--csra-temperature must be > 0, got {self.csra_temperature}"),
+            (self.decoder_caption in DECODER_CAPTIONS,
+             f"--decoder-caption {self.decoder_caption!r}: valid values are {', '.join(DECODER_CAPTIONS)}"),
         ]
         for ok, message in checks:
             if not ok:

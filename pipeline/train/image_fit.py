@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.branches.image import ImageHeads
 from pipeline.engine.distributed import (
     DistContext,
     broadcast_state,
@@ -61,7 +60,7 @@ from pipeline.engine.runtime import (
 from pipeline.metrics import samples_f1, tune_global_threshold
 from pipeline.models.backbones import parameter_stages
 from pipeline.models.decoder import LabelDecoder, LabelOrder
-from pipeline.models.heads import FeatureNorm, ImageHead, get_loss
+from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
 from pipeline.train.image_config import ImageTrainConfig, Recipe, ema_decay, resolve_recipe
 from pipeline.train.image_inputs import FeatureRows, TrainingInputs
@@ -84,6 +83,7 @@ class FittedHeads:
     epoch_seconds: float = 0.0
     epoch_windows: tuple[tuple[float, float], ...] = ()
     ema_decay: float | None = None  # jointly trained modes: the EMA's decay after its warm-up
+    attention: ClassAttention | None = None  # --csra-lambda: the head's class attention on the map
 
 
 class _EpochClock:
@@ -108,12 +108,14 @@ class _EpochClock:
 
 def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndarray, beam_width: int,
                        device: torch.device) -> float:
-    """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time."""
+    """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time
+    (with their caption vectors, for a decoder that reads them)."""
     decoder = decoder.to(device).eval()
     decoded = np.zeros_like(y_true)
     done = 0
-    for features, _ in rows.chunks():
-        sets, _ = decoder.beam_search(features.to(device), beam_width=beam_width)
+    for features, _, *captions in rows.chunks():
+        read = captions[0].to(device) if captions else None
+        sets, _ = decoder.beam_search(features.to(device), beam_width=beam_width, captions=read)
         for i, labels in enumerate(sets):
             decoded[done + i, labels] = 1
         done += len(sets)
@@ -166,7 +168,7 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
 
     order = LabelOrder.from_train(train.targets.numpy(), config.label_order)
     decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
-                           config.decoder_dropout).to(device)
+                           config.decoder_dropout, caption_dim=train.caption_dim).to(device)
     rank = order.rank.to(device)
 
     def score_decoder(epoch: int) -> EpochScore:
@@ -175,7 +177,8 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
         f1 = decoded_samples_f1(decoder, val, y_val, beam_width=1, device=device)
         return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
 
-    decoder_best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank), train,
+    decoder_best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank, *b[2:]),
+                                    train,
                                     config.decoder_epochs, score_decoder, device, context,
                                     ResumeState(resume_dir, "decoder", digest, config.resume, context), clocks,
                                     history.for_stage("decoder"))
@@ -188,31 +191,37 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
 # ---------------------------------------------------------------- partial and finetune: jointly
 
 def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,
-                      device: torch.device) -> ImageModel:
-    """The trunk with a new image head and label decoder, on ``device``, in the training layout."""
+                      device: torch.device, caption_dim: int = 0) -> ImageModel:
+    """The trunk with a new image head and label decoder (and with ``--csra-lambda`` the head's
+    class attention on the trunk's map), on ``device``, in the training layout. ``caption_dim``:
+    the size of the caption vectors a decoder that reads captions takes (0: it reads none)."""
+    attention = (ClassAttention(feature_dim // 2, num_labels, config.csra_lambda, config.csra_temperature)
+                 if config.csra_lambda > 0 else None)
     return ImageModel(
         trunk,
         ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
-        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout),
+        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout,
+                     caption_dim=caption_dim),
+        attention,
     ).to(device).to(memory_format=training_memory_format(device))
 
 
 def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder,
                device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """The training loss of a batch (inputs, targets): the head's ``--loss`` plus the decoder's
-    sequence loss times ``--decoder-loss-weight``."""
+    """The training loss of a batch (inputs, targets[, caption vectors]): the head's ``--loss``
+    plus the decoder's sequence loss times ``--decoder-loss-weight``."""
     head_loss = get_loss(config.loss)
     rank = order.rank.to(device)
 
     def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        raw, targets = batch
-        features = m.features(prepare(raw))  # (B, 2C), under autocast
+        raw, targets, *captions = batch
+        maps, features = m.encode(prepare(raw))  # (B, C, h, w), (B, 2C), under autocast
         # Head and decoder in fp32: they cost little, and the decoder's LSTM would otherwise
         # run in reduced precision without a gradient scaler.
         with torch.autocast(device.type, enabled=False):
             features = features.float()
-            return (head_loss(m.head(features), targets)
-                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank))
+            return (head_loss(m.head_logits(maps.float(), features), targets)
+                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank, *captions))
 
     return step_loss
 
@@ -233,7 +242,8 @@ def build_optimizer(config: ImageTrainConfig, model: ImageModel, device: torch.d
     lr = scaled_lr(config.finetune_lr, config.batch_size)
     stages = [stage for stage in parameter_stages(model.trunk) if stage]
     scales = [(stage, recipe.layer_decay ** (len(stages) - 1 - depth)) for depth, stage in enumerate(stages)]
-    groups = parameter_groups(model, lr, recipe.weight_decay, ("head", "decoder"), config.head_lr_scale, scales)
+    groups = parameter_groups(model, lr, recipe.weight_decay, ("head", "decoder", "attention"), config.head_lr_scale,
+                              scales)
     return torch.optim.AdamW(groups, fused=fused_adamw(device)), lr
 
 
@@ -242,12 +252,12 @@ def _head_probabilities(model: ImageModel, loader: DataLoader, prepare: Callable
                         device: torch.device, precision: str) -> np.ndarray:
     """Head probabilities (N, L) of the loader's inputs: what each epoch is scored by."""
     model.eval()
-    heads = ImageHeads(head=model.head)
     parts = []
-    for raw, _ in loader:
+    for raw, *_ in loader:
         with autocast_context(device, precision):
-            features = model.features(prepare(raw.to(device, non_blocking=True)))  # (B, 2C)
-        parts.append(heads.head_probabilities(features).cpu())
+            maps, features = model.encode(prepare(raw.to(device, non_blocking=True)))  # (B, C, h, w), (B, 2C)
+        with torch.autocast(device.type, enabled=False):
+            parts.append(torch.sigmoid(model.head_logits(maps.float(), features.float())).cpu())
     return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.num_labels), np.float32)
 
 
@@ -273,7 +283,7 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     keeps the same best epoch, and rank 0's final weights are given to every rank.
     """
     recipe = resolve_recipe(config, mode)
-    model = build_image_model(config, inputs.trunk, feature_dim, y_val.shape[1], device)
+    model = build_image_model(config, inputs.trunk, feature_dim, y_val.shape[1], device, inputs.caption_dim)
     order = LabelOrder.from_train(y_train, config.label_order)
     augment = inputs.augment
 
@@ -325,4 +335,5 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     model.cpu().eval()
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
     return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
-                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows), ema.decay)
+                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows), ema.decay,
+                       model.attention)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from pipeline.branches.image import image_caption_vectors
 from pipeline.data.augment import BatchAugment
-from pipeline.data.dataset import DatasetPaths, LabelSet, group_by_image, load_train_val
+from pipeline.data.dataset import CAPTION_COLUMN, DatasetPaths, LabelSet, group_by_image, load_train_val
 from pipeline.data.images import ImageDataset, ImageReadError
 from pipeline.data.transforms import build_transform, normalize_batch
 from pipeline.engine.distributed import DistContext, gather_shards, workers_per_process
@@ -47,6 +48,18 @@ def image_splits(config: ImageTrainConfig) -> tuple[DatasetPaths, LabelSet, pd.D
     if val.empty:
         raise OptionError(f"--val-fraction {config.val_fraction}: the validation split is empty")
     return paths, labels, train, val
+
+
+def split_caption_vectors(config: ImageTrainConfig, paths: DatasetPaths, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) caption vectors (N_images, D), in the order of :func:`image_splits`'
+    images, for ``--decoder-caption``: each image's captions encoded and averaged (a blank
+    caption as ""). A train.csv without a Caption column is refused, naming the option."""
+    _, train, val = load_train_val(paths, config.val_fraction)
+    if CAPTION_COLUMN not in train:
+        raise OptionError(f"--decoder-caption {config.decoder_caption}: {paths.train_csv} has no {CAPTION_COLUMN} "
+                          "column, so the decoder has no captions to read; use --decoder-caption none")
+    return (image_caption_vectors(train, config.decoder_caption, cache_dir),
+            image_caption_vectors(val, config.decoder_caption, cache_dir))
 
 
 def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[str], readable: np.ndarray,
@@ -81,46 +94,57 @@ def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[s
     return ok[:num_train], ok[num_train:]
 
 
-class LabelledImages(Dataset):
-    """(uint8 image (3, R, R), multi-hot target) pairs; an unreadable image stops training with its name."""
+def _with_captions(captions: np.ndarray | None) -> torch.Tensor | None:
+    return None if captions is None else torch.from_numpy(np.ascontiguousarray(captions, dtype=np.float32))
 
-    def __init__(self, images: ImageDataset, targets: np.ndarray) -> None:
-        self.images, self.targets = images, torch.from_numpy(targets)
+
+class LabelledImages(Dataset):
+    """(uint8 image (3, R, R), multi-hot target) pairs, with the image's caption vector third
+    when ``captions`` (N, D) are given; an unreadable image stops training with its name."""
+
+    def __init__(self, images: ImageDataset, targets: np.ndarray, captions: np.ndarray | None = None) -> None:
+        self.images, self.targets, self.captions = images, torch.from_numpy(targets), _with_captions(captions)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         image, _, readable = self.images[index]
         if not readable:
             raise ImageReadError.listing([self.images.files[index]])
-        return image, self.targets[index]
+        caption = () if self.captions is None else (self.captions[index],)
+        return image, self.targets[index], *caption
 
 
 class LabelledMaps(Dataset):
-    """(float16 stage map (C, h, w), multi-hot target) pairs from the stage-map cache.
+    """(float16 stage map (C, h, w), multi-hot target) pairs from the stage-map cache, with the
+    image's caption vector third when ``captions`` (one per row) are given.
 
     Index ``i + n * v`` is row ``rows[i]`` of view ``v`` (``RandomViewSampler`` picks ``v``),
     so the view choice lives in the sampler, in the main process, and loader workers need
     no per-epoch state. A batch is read from the cache in one call per view.
     """
 
-    def __init__(self, maps: StageMaps, rows: np.ndarray, targets: np.ndarray) -> None:
+    def __init__(self, maps: StageMaps, rows: np.ndarray, targets: np.ndarray,
+                 captions: np.ndarray | None = None) -> None:
         self.maps, self.rows, self.targets = maps, np.asarray(rows), torch.from_numpy(targets)
+        self.captions = _with_captions(captions)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
         views, items = np.divmod(np.asarray(indices), len(self.rows))
         maps = np.empty((len(items), *self.maps.shape[1:]), dtype=np.float16)  # (B, C, h, w)
         for view in np.unique(views):
             chosen = views == view
             maps[chosen] = self.maps.read(self.maps.views[view], self.rows[items[chosen]])
         maps = torch.from_numpy(maps)
+        if self.captions is not None:
+            return [(maps[k], self.targets[i], self.captions[i]) for k, i in enumerate(items)]
         return [(maps[k], self.targets[i]) for k, i in enumerate(items)]
 
 
@@ -165,7 +189,8 @@ def decodable(paths: DatasetPaths, image_ids: list[str], workers: int, context: 
 @dataclasses.dataclass
 class TrainingInputs:
     """What the trunk trains on: datasets, how a batch becomes the trunk's input, the trunk, and
-    the random augmentation a training batch gets on the device before ``prepare`` (None: none)."""
+    the random augmentation a training batch gets on the device before ``prepare`` (None: none).
+    With ``caption_dim``, each training item carries its image's caption vector third."""
 
     train: Dataset
     val: Dataset
@@ -174,16 +199,18 @@ class TrainingInputs:
     trunk: nn.Module
     workers: int
     augment: BatchAugment | None = None
+    caption_dim: int = 0
 
 
 def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], val_ids: list[str],
                  y_train: np.ndarray, y_val: np.ndarray, device: torch.device, workers: int,
-                 augment: BatchAugment | None = None) -> TrainingInputs:
+                 augment: BatchAugment | None = None, train_captions: np.ndarray | None = None) -> TrainingInputs:
     """Training and validation images at the backbone's resolution, handed over as uint8 and
-    normalised on the device (``prepare``); training batches are first given ``augment``."""
+    normalised on the device (``prepare``); training batches are first given ``augment``.
+    ``train_captions``: the training images' caption vectors, for a decoder that reads them."""
     preprocessing, size = backbone.preprocessing, backbone.preprocessing["resolution"]
     train_set = LabelledImages(ImageDataset(paths, train_ids, build_transform(preprocessing, normalize=False), size),
-                               y_train)
+                               y_train, train_captions)
     val_set = LabelledImages(ImageDataset(paths, val_ids, build_transform(preprocessing, normalize=False), size),
                              y_val)
 
@@ -192,15 +219,17 @@ def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], 
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
 
-    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers), augment)
+    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers), augment,
+                          _caption_dim(train_captions))
 
 
 def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_rows: np.ndarray,
                y_train: np.ndarray, y_val: np.ndarray, context: DistContext, device: torch.device,
-               batch_size: int, seed: int, workers: int) -> TrainingInputs:
+               batch_size: int, seed: int, workers: int, train_captions: np.ndarray | None = None) -> TrainingInputs:
     """Rows of the stage-map cache: training rows in a random view per epoch, validation rows
-    plain; ``trunk`` is the backbone's trainable tail."""
-    train_set = LabelledMaps(maps, train_rows, y_train)
+    plain; ``trunk`` is the backbone's trainable tail. ``train_captions``: the training rows'
+    caption vectors, for a decoder that reads them."""
+    train_set = LabelledMaps(maps, train_rows, y_train, train_captions)
     sampler = RandomViewSampler(DistributedSampler(range(len(train_rows)), num_replicas=context.world_size,
                                                    rank=context.rank, shuffle=True, seed=seed,
                                                    drop_last=len(train_rows) > batch_size),
@@ -214,39 +243,51 @@ def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_ro
     def prepare(maps_batch: torch.Tensor) -> torch.Tensor:
         return maps_batch.float().contiguous(memory_format=layout)
 
-    return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers)
+    return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers, caption_dim=_caption_dim(train_captions))
+
+
+def _caption_dim(captions: np.ndarray | None) -> int:
+    return 0 if captions is None else int(captions.shape[1])
 
 
 class FeatureRows(Dataset):
     """Labelled rows of cached pooled features, standardised a batch at a time: the features
     stay float16, as cached, and no normalised float32 copy of the whole set is ever made.
-    Item ``i``: (features (D,), target (L,)) of row ``rows[i]``."""
+    Item ``i``: (features (D,), target (L,)) of row ``rows[i]``, and its caption vector third when
+    ``captions`` (one per item) are given. ``columns``: only the first this many columns of each
+    row (the pooled values before a class attention's logits)."""
 
-    def __init__(self, features: torch.Tensor, rows: np.ndarray, targets: torch.Tensor, norm: FeatureNorm) -> None:
+    def __init__(self, features: torch.Tensor, rows: np.ndarray, targets: torch.Tensor, norm: FeatureNorm,
+                 columns: int | None = None, captions: np.ndarray | None = None) -> None:
         self.features, self.rows, self.targets, self.norm = features, np.asarray(rows), targets, norm
+        self.columns, self.captions = columns, _with_captions(captions)
+
+    @property
+    def caption_dim(self) -> int:
+        return 0 if self.captions is None else self.captions.shape[1]
 
     @property
     def dim(self) -> int:
-        return self.features.shape[1]
+        return self.columns or self.features.shape[1]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, index: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(standardised features (B, D) float32, targets (B, L)) of items ``index``."""
+    def batch(self, index: np.ndarray | list[int]) -> tuple[torch.Tensor, ...]:
+        """(standardised features (B, D) float32, targets (B, L)[, caption vectors (B, D_c)]) of
+        items ``index``."""
         index = np.asarray(index)
-        return self.norm(self.features[self.rows[index]].float()), self.targets[index]
+        batch = self.norm(self.features[self.rows[index]][:, :self.dim].float()), self.targets[index]
+        return batch if self.captions is None else (*batch, self.captions[index])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch([i])
-        return x[0], y[0]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(part[0] for part in self.batch([i]))
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
         """A whole batch in one indexing operation (the DataLoader's batched fetch)."""
-        x, y = self.batch(indices)
-        return list(zip(x, y))
+        return list(zip(*self.batch(indices)))
 
-    def chunks(self, size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Consecutive (features, targets) batches of every item, in order."""
+    def chunks(self, size: int = 1024) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Consecutive (features, targets[, captions]) batches of every item, in order."""
         for start in range(0, len(self), size):
             yield self.batch(np.arange(start, min(start + size, len(self))))
