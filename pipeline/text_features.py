@@ -170,7 +170,8 @@ def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str 
     if store is None or store.damaged_shards():
         with write_lock(directory):
             store = ShardedStore.create(directory, key, len(texts), _SHARD_ROWS, fields)
-            todo = store.missing_shards() + sorted(store.damaged_shards())
+            missing = store.missing_shards()
+            todo = missing + sorted(store.damaged_shards([k for k in range(store.num_shards) if k not in missing]))
             bar = tqdm(total=len(texts), desc=f"{encoder_name} token states", unit="caption", disable=not progress)
             # Every core: the caption trainer runs its small models on one thread, and the
             # encoder's matrix products are what the cores are for.

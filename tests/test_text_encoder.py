@@ -174,3 +174,18 @@ def test_the_options_choices_are_the_registry():
     from pipeline.text_features import TEXT_ENCODERS
 
     assert tuple(TEXT_ENCODERS) == TEXT_ENCODER_NAMES
+
+
+def test_a_new_cache_encodes_each_text_once(tiny_text_encoder, tmp_path, monkeypatch):
+    encoded = []
+    original = TextEncoder.token_states
+
+    def counting(self, texts, max_tokens, trained_layers=0):
+        encoded.extend(texts)
+        return original(self, texts, max_tokens, trained_layers)
+
+    monkeypatch.setattr(TextEncoder, "token_states", counting)
+    cached_token_states("minilm", CAPTIONS * 3, tmp_path, max_tokens=12, progress=False)
+    assert len(encoded) == 12
+    cached_token_states("minilm", CAPTIONS * 3, tmp_path, max_tokens=12, progress=False)
+    assert len(encoded) == 12
