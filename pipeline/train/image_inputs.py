@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import DatasetPaths, LabelSet, group_by_image, load_train_val
 from pipeline.data.images import ImageDataset, ImageReadError
-from pipeline.data.transforms import build_transform, normalize_batch
+from pipeline.data.transforms import build_transform, normalize_batch, stack_pixels
 from pipeline.engine.distributed import DistContext, gather_shards, workers_per_process
 from pipeline.engine.runtime import training_memory_format
 from pipeline.features import StageMaps
@@ -167,6 +167,14 @@ class TrainingInputs:
     trunk: nn.Module
     workers: int
     augment: BatchAugment | None = None
+    collate: Callable[[list], tuple[torch.Tensor, torch.Tensor]] | None = None  # None: torch's default
+
+
+def collate_images(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (B, 3, R, R) channels_last, targets (B, L)) of (image, target) items:
+    :func:`~pipeline.data.transforms.stack_pixels` copies the decoded images as they lie, where
+    torch's default collate would transpose each (22 ms for 64 images at 320 px)."""
+    return stack_pixels([image for image, _ in items]), torch.stack([target for _, target in items])
 
 
 def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], val_ids: list[str],
@@ -185,7 +193,8 @@ def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], 
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
 
-    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers), augment)
+    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers), augment,
+                          collate_images)
 
 
 def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_rows: np.ndarray,
