@@ -208,3 +208,11 @@ def _backward(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor]) -> floa
     loss = step(*batch)
     loss.backward()
     return loss.item()
+
+
+def test_compile_auto_compiles_only_a_run_long_enough_to_pay_it_back():
+    from pipeline.engine.runtime import COMPILE_MIN_STEPS
+
+    assert resolve_compile("auto", CUDA, steps=COMPILE_MIN_STEPS) is True
+    assert resolve_compile("auto", CUDA, steps=COMPILE_MIN_STEPS - 1) is False  # a check on a subset
+    assert resolve_compile("on", CUDA, steps=10) is True and resolve_compile("auto", CPU, steps=10**6) is False

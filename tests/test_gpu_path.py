@@ -139,3 +139,38 @@ def test_the_image_collate_stacks_channels_last_without_a_transpose():
     assert torch.equal(batch, torch.stack(images)) and torch.equal(stacked, torch.stack(targets))
     kept = validation_batches(list(zip(images, targets)), 2, CPU, collate=collate_images)
     assert next(iter(kept))[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_resume_states_are_written_behind_from_a_copy_and_the_block_waits(tmp_path, monkeypatch):
+    """Inside the epoch loop a state is written by a background thread while training goes on:
+    what it writes is the state at the epoch's end, and leaving the loop waits for the file."""
+    import threading
+
+    from pipeline.engine import resume as resume_module
+    from pipeline.engine.resume import ResumeState
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    trained_on, writers = threading.Event(), []
+    real_save = resume_module.atomic_torch_save
+
+    def slow_save(state, path):
+        writers.append(threading.current_thread().name)
+        assert trained_on.wait(10)  # the next epoch changes the weights before this write runs
+        real_save(state, path)
+
+    monkeypatch.setattr(resume_module, "atomic_torch_save", slow_save)
+    state = ResumeState(tmp_path, "loop", "digest", resume=True)
+    state.begin({"model": model}, None, 2)
+    with state.writing_behind():
+        state.end_epoch(1, {"epoch": 1})
+        with torch.no_grad():
+            model.weight.fill_(2.0)  # the next epoch trains
+        trained_on.set()
+    assert writers == ["resume-writer"]
+    saved = torch.load(tmp_path / "loop.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["modules"]["model"]["weight"].tolist() == [[1.0, 1.0]]
+    state.end_epoch(2, {"epoch": 2})  # outside the block: written before end_epoch returns
+    assert writers == ["resume-writer", "MainThread"]
+    assert torch.load(tmp_path / "loop.pt", weights_only=True)["epoch"] == 2

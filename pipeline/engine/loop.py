@@ -433,27 +433,28 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
     optimizer = resumable.get("optimizer")
     say = tqdm.write if context.is_main else (lambda _: None)
     epoch_range = range(first, epochs + 1)
-    for epoch in tqdm(epoch_range, desc=name, unit="epoch", disable=not (epoch_bar and context.is_main)):
-        started = time.perf_counter()
-        group = optimizer.param_groups[0] if optimizer is not None else None
-        lr = group["lr"] / group.get("lr_scale", 1.0) if group is not None else None  # the base rate
-        loss = train_epoch(epoch)
-        result = score(epoch)
-        if history is not None:
-            history.record(epoch, loss, result.value, lr, time.perf_counter() - started)
-        improved = best is None or result.value is None or result.value > best["score"]
-        stop = patience is not None and not improved and epoch - best["epoch"] >= patience
-        # Rank 0 decides: scores that differ in the last bit between ranks must not split them.
-        improved, stop = broadcast_flags([improved, stop], context)
-        if improved:
-            best = {"epoch": epoch, "score": result.value, **result.kept,
-                    "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
-        say(f"{name} epoch {epoch}/{epochs}: loss {loss:.4f}" + (f", {result.message}" if result.message else "")
-            + (" (best)" if improved and result.value is not None else ""))
-        resume.end_epoch(epoch, best, finished=stop)
-        if stop:
-            say(f"{name}: no better validation score for {patience} epochs; stopping")
-            break
+    with resume.writing_behind():  # each epoch's state is written while the next one trains
+        for epoch in tqdm(epoch_range, desc=name, unit="epoch", disable=not (epoch_bar and context.is_main)):
+            started = time.perf_counter()
+            group = optimizer.param_groups[0] if optimizer is not None else None
+            lr = group["lr"] / group.get("lr_scale", 1.0) if group is not None else None  # the base rate
+            loss = train_epoch(epoch)
+            result = score(epoch)
+            if history is not None:
+                history.record(epoch, loss, result.value, lr, time.perf_counter() - started)
+            improved = best is None or result.value is None or result.value > best["score"]
+            stop = patience is not None and not improved and epoch - best["epoch"] >= patience
+            # Rank 0 decides: scores that differ in the last bit between ranks must not split them.
+            improved, stop = broadcast_flags([improved, stop], context)
+            if improved:
+                best = {"epoch": epoch, "score": result.value, **result.kept,
+                        "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
+            say(f"{name} epoch {epoch}/{epochs}: loss {loss:.4f}" + (f", {result.message}" if result.message else "")
+                + (" (best)" if improved and result.value is not None else ""))
+            resume.end_epoch(epoch, best, finished=stop)
+            if stop:
+                say(f"{name}: no better validation score for {patience} epochs; stopping")
+                break
     best = dict(best)
     scored.load_state_dict(best.pop("state"))
     return best
