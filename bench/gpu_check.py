@@ -228,15 +228,15 @@ def install_wheels(pack: Path, report: dict, deadline: Deadline, needed: set[str
         if wanted and version in versions and canonical(name) not in best and canonical(name) not in preflight_names:
             errors.append(f"{name}: no wheel for {PYTHON_TAG} in {wheels}")
     stage = {"ok": not errors, "seconds": round(time.time() - started, 1), "started": started,
-             "installed": installed, "skipped": skipped, "machine_has": sorted(kept)}
+             "installed": installed, "skipped": skipped, "not_needed": sorted(kept)}
     if errors:
         stage["error"] = "; ".join(errors)
         report["errors"].extend(f"wheels: {error}" for error in errors)
         for error in errors:
             print(f"[gpu check] wheels: FAILED: {error}", file=sys.stderr, flush=True)
     report["stages"]["wheels"] = stage
-    print(f"[gpu check] wheels: {len(installed)} installed, {len(skipped)} skipped, {len(kept)} on the machine "
-          f"already, {'ok' if not errors else 'FAILED'} in {stage['seconds']} s", flush=True)
+    print(f"[gpu check] wheels: {len(installed)} installed, {len(skipped)} skipped, {len(kept)} not needed "
+          f"here, {'ok' if not errors else 'FAILED'} in {stage['seconds']} s", flush=True)
     return site if installed else None
 
 
@@ -272,8 +272,11 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
             raise PreflightError("no time left")
         first = gpu_preflight.probe(wanted, device, stage_env(None), timeout)
         machine = first["packages"]
+        # Missing or too old, and needed on this Python (tomli, say, only on 3.10).
+        this_python = f"{sys.version_info[0]}.{sys.version_info[1]}"
         needed = {canonical(name) for name, found in machine.items()
-                  if "version" not in found or gpu_preflight.too_old(found["version"], minimums.get(canonical(name), ""))}
+                  if ("version" not in found or gpu_preflight.too_old(found["version"], minimums.get(canonical(name), "")))
+                  and (canonical(name) in minimums or this_python in manifest.get(name, [this_python]))}
         site = install_wheels(pack, report, deadline, needed)
         env = stage_env(site)
         final = {"packages": machine, "device": first["device"]}

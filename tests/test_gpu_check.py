@@ -67,7 +67,8 @@ def test_wheels_install_one_at_a_time_skip_other_pythons_and_fail_by_name(tmp_pa
     fake_wheel(wheels, "fakepure", "py3-none-any")
     fake_wheel(wheels, "fakebin", f"{OTHER_TAG}-{OTHER_TAG}-manylinux_2_17_x86_64")
     (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip archive")
-    manifest = {"required": {"fakepure": [THIS_PYTHON], "fakebin": ["3.8", "3.9"], "broken": [THIS_PYTHON],
+    fake_wheel(wheels, "fakeold", "py3-none-any")  # needed on older Pythons only: not installed
+    manifest = {"required": {"fakepure": [THIS_PYTHON], "fakeold": ["3.8", "3.9"], "broken": [THIS_PYTHON],
                              "fake-missing": [THIS_PYTHON]}}
     (wheels / "manifest.json").write_text(json.dumps(manifest))
 
@@ -77,6 +78,7 @@ def test_wheels_install_one_at_a_time_skip_other_pythons_and_fail_by_name(tmp_pa
     assert not stage["ok"] and stage["installed"] == ["fakepure-1.0-py3-none-any.whl"]
     assert stage["skipped"] == [f"fakebin-1.0-{OTHER_TAG}-{OTHER_TAG}-manylinux_2_17_x86_64.whl: "
                                 f"not for this Python ({THIS_TAG})"]
+    assert stage["not_needed"] == ["fakeold"] and not (pack / "site" / "fakeold").exists()
     assert (pack / "site" / "fakepure" / "__init__.py").read_text() == "VALUE = 1\n__version__ = '1.0'\n"
     # Each failure is named in the report and on stderr; the wheel for another Python is no error.
     assert len(report["errors"]) == 2
@@ -165,8 +167,12 @@ def test_the_packed_gpu_check_runs_every_stage_and_writes_its_report(tiny_datase
     result, report = run_check(pack, tmp_path, "--tiny", "--backbone", "test_efficientnet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert report["errors"] == [], report["errors"]
-    assert set(report["stages"]) == {"frozen", "finetune", "caption", "inference", "torchrun_nccl_1process", "bench"}
+    # The preflight first; the CUDA tests (before torchrun and the bench) only on a GPU.
+    assert list(report["stages"]) == ["preflight", "frozen", "finetune", "caption", "inference",
+                                      "torchrun_nccl_1process", "bench"]
     assert all(stage["ok"] for stage in report["stages"].values())
+    assert report["stage_seconds"] == {name: stage["seconds"] for name, stage in report["stages"].items()}
+    assert report["finetune"]["warmup_step_seconds"] > 0  # the compile-time slot, on its own
     assert report["deadline"] == {"seconds": 480.0, "reached": False} and report["seconds"] < 480
     assert report["versions"]["torch"] == torch.__version__
     assert report["f1"]["finetune_image_val"] is not None and report["finetune"]["train_img_s"] > 0
@@ -210,7 +216,7 @@ def test_the_preflight_takes_a_packed_wheel_only_for_what_is_missing_or_too_old(
     preflight = report["stages"]["preflight"]
     assert preflight["ok"] and preflight["from_pack"] == ["tqdm"] and preflight["versions"]["tqdm"] == "4.99.0"
     assert report["stages"]["wheels"]["installed"] == ["tqdm-4.99.0-py3-none-any.whl"]
-    assert report["stages"]["wheels"]["machine_has"] == ["nltk"] and not (pack / "site" / "nltk").exists()
+    assert report["stages"]["wheels"]["not_needed"] == ["nltk"] and not (pack / "site" / "nltk").exists()
     # A packed wheel older than the minimum does not pass either.
     (wheels / "tqdm-4.99.0-py3-none-any.whl").unlink()
     fake_wheel(wheels, "tqdm", "py3-none-any", version="4.1")
@@ -237,3 +243,15 @@ def test_a_wheel_is_installed_by_unzipping_it_without_pip(tmp_path, monkeypatch)
     with pytest.raises(zipfile.BadZipFile, match="outside the install folder"):
         gpu_preflight.unpack_wheel(evil, tmp_path / "site")
     assert gpu_preflight.too_old("2.3.1+cu121", "2.4") and not gpu_preflight.too_old("2.4.0+cu121", "2.4")
+
+
+def test_check_sh_names_the_python_option_when_python3_has_no_torch(tmp_path):
+    pack = tmp_path / ".gpu"
+    packed_check_script(pack)
+    env = {**os.environ, "REPO": str(ROOT), "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "HIDDEN_PACKAGES": "torch", "PYTHONPATH": str(HIDER)}
+    result = subprocess.run(["bash", str(pack / "check.sh"), "--device", "cpu"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {sys.executable} (") and "has no torch: run with PYTHON=" in result.stderr
+    assert not (tmp_path / "out" / "gpu_check.json").exists()  # stopped before the check itself

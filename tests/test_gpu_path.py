@@ -4,7 +4,6 @@ ModelEmaV3, validation batches kept on the device, the stack_pixels collate."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
