@@ -196,9 +196,10 @@ def epoch_loader(dataset: Dataset, global_batch: int, context: DistContext, shuf
 
 
 def validation_workers(train_workers: int) -> int:
-    """Loader workers for a validation pass, not persistent: the training loader's count, at most 2.
+    """Loader workers for a validation pass: the training loader's count, at most 2.
 
-    A validation pass runs once an epoch over a small split; a few workers keep its batches
+    A validation pass runs once an epoch over a small split (or once in all, when
+    :func:`validation_batches` keeps it on the device); a few workers keep its batches
     ready, while as many workers as training, kept alive between passes, would hold their
     memory and dataset copies through every training step in between.
     """
