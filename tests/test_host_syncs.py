@@ -194,3 +194,33 @@ def test_joint_image_step_with_device_augmentation_has_no_host_sync():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     in_steps, _ = run_epoch(TrainStep(model, step_loss), [(images, targets)])
     assert_no_syncs(in_steps)
+
+
+def test_validation_pass_over_resident_batches_has_no_host_sync():
+    # fit_jointly's scoring: the EMA model over validation batches kept on the device, the
+    # probabilities left there; the caller reads them back once, after the pass.
+    import warnings
+
+    from pipeline.engine.loop import validation_batches
+    from pipeline.models.backbones import create_backbone
+    from pipeline.train.image_config import ImageTrainConfig
+    from pipeline.train.image_fit import _head_probabilities, build_image_model
+    from pipeline.train.image_inputs import collate_images
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        backbone = create_backbone("test_efficientnet", resolution=32)
+    cpu = torch.device("cpu")
+    config = ImageTrainConfig(head_hidden=16, decoder_embed=8, decoder_hidden=16)
+    model = build_image_model(config, backbone.module, backbone.pooled_dim, 5, cpu)
+    generator = torch.Generator().manual_seed(2)
+    items = [(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator), torch.zeros(5))
+             for _ in range(5)]
+    batches = validation_batches(items, 2, cpu, collate=collate_images)
+    normalize_batch(items[0][0][None], PRE)  # its constants, built once by the training steps before
+    recorder = SyncRecorder()
+    with recorder:
+        probs = _head_probabilities(model, batches, lambda raw: normalize_batch(raw, PRE), cpu, "fp32")
+    assert_no_syncs(recorder.calls)
+    assert probs.shape == (5, 5) and probs.device == cpu

@@ -11,15 +11,21 @@ each rank restores its own; it is refused by a run with another number of proces
 
 States live in ``weights/resume/<script>/<loop>.pt`` and carry a fingerprint of the
 settings and data; a state saved by a different run is refused rather than mixed in.
-They are deleted when the script finishes.
+They are deleted when the script finishes. Inside :meth:`ResumeState.writing_behind` (the
+shared epoch loop) a state is copied to the CPU at the epoch's end and written to disk by a
+background thread while the next epoch trains, so a 115 MB save is off the GPU's critical
+path; the block's end, or the next save, waits for the write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +109,9 @@ class ResumeState:
         self.path = Path(directory) / f"{loop}.pt" if directory is not None else None
         self.digest, self.resume, self.context = digest, resume, context
         self.modules: dict[str, Any] = {}
+        self._behind = False
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
 
     @classmethod
     def off(cls) -> ResumeState:
@@ -160,7 +169,50 @@ class ResumeState:
             "rng": generators,
             "best": to_saveable(best),
         }
-        atomic_torch_save(state, self.path)
+        self.wait()
+        if not self._behind:
+            atomic_torch_save(state, self.path)
+            return
+        # A copy on the CPU now (training goes on changing the live tensors), written meanwhile.
+        self._writer = threading.Thread(target=self._write, args=(_cpu_copy(state),), name="resume-writer")
+        self._writer.start()
+
+    def _write(self, state: dict) -> None:
+        try:
+            atomic_torch_save(state, self.path)
+        except BaseException as err:  # noqa: BLE001 - raised in the training thread by wait()
+            self._write_error = err
+
+    def wait(self) -> None:
+        """Wait for a state being written behind; raise its error, if the write failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise error
+
+    @contextlib.contextmanager
+    def writing_behind(self) -> Iterator[None]:
+        """Inside the block :meth:`end_epoch` writes in a background thread; leaving the block
+        (an exception too) waits until the last state is on disk."""
+        self._behind = True
+        try:
+            yield
+        finally:
+            self._behind = False
+            self.wait()
+
+
+def _cpu_copy(value: Any) -> Any:
+    """``value`` with every tensor (in dicts, lists, tuples) copied to the CPU, detached."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
 
 
 class GeneratorState:

@@ -85,26 +85,34 @@ def inference_precision(device: torch.device, trained: str, native: bool) -> str
     return "fp32"
 
 
+# --compile auto compiles only a run of at least this many training steps: compiling the
+# trunk costs 45-120 s on a GPU and saves a few milliseconds a step, so a shorter run (a check
+# on a subset, a test) finishes sooner uncompiled (docs/speed.md, "Compiling the trunk").
+COMPILE_MIN_STEPS = 3000
 
 
-def resolve_compile(name: str, device: torch.device) -> bool:
-    """``--compile``: ``auto`` -> on on a GPU, where the compiled trunk's fused kernels pay
-    back the compilation within the first epoch, and off on a CPU, where compiling takes
-    minutes of the few cores; ``on`` and ``off`` as said."""
+def resolve_compile(name: str, device: torch.device, steps: int | None = None) -> bool:
+    """``--compile``: ``auto`` -> on on a GPU for a run of at least ``COMPILE_MIN_STEPS``
+    training ``steps`` (``None``: a run long enough), where the compiled trunk's fused kernels
+    pay back the compilation, and off on a CPU, where compiling takes minutes of the few cores;
+    ``on`` and ``off`` as said."""
     if name not in COMPILE_CHOICES:
         raise OptionError(f"--compile {name!r}: valid values are {', '.join(COMPILE_CHOICES)}")
     if name == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" and (steps is None or steps >= COMPILE_MIN_STEPS)
     return name == "on"
 
 
 class _CompiledOrEager:
     """``forward`` through ``torch.compile``; if compiling, or the first compiled call, raises,
-    a warning names the error and every call from then on runs ``forward`` eagerly. Errors of
-    later calls are the model's own and are raised."""
+    a warning names the error and every call from then on runs ``forward`` eagerly.
+
+    AOTAutograd lowers the backward graph only at the first ``backward()``, after the forward
+    has succeeded: :meth:`prove` runs a whole first step (forward and backward) under the same
+    guard. Errors after the first call (or after a proven step) are the model's own and are raised."""
 
     def __init__(self, forward: Callable[..., Any], name: str) -> None:
-        self.forward, self.name, self.proven = forward, name, False
+        self.forward, self.name, self.proven, self.step_proven = forward, name, False, False
         self.compiled: Callable[..., Any] | None = None
         try:
             self.compiled = torch.compile(forward)
@@ -129,11 +137,32 @@ class _CompiledOrEager:
             return self.compiled(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
+    def prove(self, step: Callable[[], Any]) -> Any:
+        """Run ``step`` (a forward and backward through this forward); if it raises while the
+        compiled forward is not yet proven by a whole step, give up compiling and run it again
+        eagerly. ``step`` must be safe to run twice (no optimizer step inside)."""
+        if self.compiled is None or self.step_proven:
+            return step()
+        try:
+            out = step()
+        except Exception as err:  # noqa: BLE001 - the lazily compiled backward fails here
+            if self.compiled is None:
+                raise  # the forward already fell back: the eager step's own error
+            self._give_up(err)
+            return step()
+        self.step_proven = True
+        return out
+
+
+def _run(step: Callable[[], Any]) -> Any:
+    return step()
+
 
 @contextlib.contextmanager
-def compiled_forward(module: nn.Module, enabled: bool, name: str) -> Iterator[None]:
+def compiled_forward(module: nn.Module, enabled: bool, name: str) -> Iterator[Callable[[Callable[[], Any]], Any]]:
     """Inside the block, ``module``'s forward runs compiled (when ``enabled``), falling back to
-    eager as :class:`_CompiledOrEager` says; afterwards it is the plain forward again.
+    eager as :class:`_CompiledOrEager` says; afterwards it is the plain forward again. Yields
+    the guard of a first whole step (:meth:`_CompiledOrEager.prove`; disabled: it just runs it).
 
     Only the forward is replaced, not the module: its ``state_dict`` keys, and so checkpoints
     and the EMA copy, stay those of the uncompiled module (a wrapping ``OptimizedModule``
@@ -141,12 +170,12 @@ def compiled_forward(module: nn.Module, enabled: bool, name: str) -> Iterator[No
     extraction, export, OpenVINO's conversion) sees a plain module.
     """
     if not enabled:
-        yield
+        yield _run
         return
     previous = vars(module).get("forward")
-    module.forward = _CompiledOrEager(module.forward, name)
+    module.forward = guard = _CompiledOrEager(module.forward, name)
     try:
-        yield
+        yield guard.prove
     finally:
         del module.forward
         if previous is not None:

@@ -330,7 +330,11 @@ class RawPixelStem(nn.Module):
         if key not in self._borders:
             normalize, original = (part.to(device) for part in self.reference)
             blank = torch.zeros(1, 3, height, width, device=device)
-            difference = (original(normalize(blank)) - self.conv(blank))[0]  # (C_out, h, w)
+            # In float32 even when first called under autocast: in bf16 the two convolutions'
+            # rounding differs by more than the threshold below, everywhere, and the whole map
+            # would count as border, adding rounding noise to every image.
+            with torch.autocast(device.type, enabled=False):
+                difference = (original(normalize(blank)) - self.conv(blank))[0]  # (C_out, h, w)
             significant = difference.abs().amax(dim=0) > 1e-4 * max(float(difference.abs().max()), 1e-12)
             h, w = significant.shape
             # The border's depth on each side, read along the middle column and row.

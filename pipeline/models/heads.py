@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
-from timm.loss import AsymmetricLossMultiLabel
 from torch import nn
 
 
@@ -92,11 +90,13 @@ class ClassAttention(nn.Module):
 # per image, and ASL keeps them from dominating the gradient by down-weighting easy negatives
 # (gamma_neg) and shifting their probability down by ``clip``; summed over labels, averaged
 # over the batch ("batchmean"), in float32 whatever the autocast dtype.
-LOSSES = {
-    "bce": nn.BCEWithLogitsLoss,
-    "asl": functools.partial(AsymmetricLossMultiLabel, gamma_neg=4.0, gamma_pos=0.0, clip=0.05,
-                             reduction="batchmean"),
-}
+def _asymmetric_loss() -> nn.Module:
+    from timm.loss import AsymmetricLossMultiLabel  # here: importing the heads needs no timm
+
+    return AsymmetricLossMultiLabel(gamma_neg=4.0, gamma_pos=0.0, clip=0.05, reduction="batchmean")
+
+
+LOSSES = {"bce": nn.BCEWithLogitsLoss, "asl": _asymmetric_loss}
 
 
 def get_loss(name: str):

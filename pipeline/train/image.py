@@ -238,6 +238,8 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "train_step_seconds": fitted.epoch_seconds,
         "train_epoch_windows_unix": [list(window) for window in fitted.epoch_windows],
         "train_img_s": fitted.images_seen / fitted.epoch_seconds if fitted.epoch_seconds else None,
+        # Outside the epochs' clock: the first step, compiling the trunk and cuDNN's search.
+        "warmup_step_seconds": fitted.warmup_step_seconds,
         "total_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,

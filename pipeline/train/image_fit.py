@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +41,14 @@ from pipeline.engine.loop import (
     ModelEma,
     TrainStep,
     epoch_loader,
+    first_batch,
     fit,
     parameter_groups,
     predict_probs,
     scaled_lr,
     train_one_epoch,
-    validation_workers,
+    validation_batches,
+    warm_up,
     warmup_cosine,
 )
 from pipeline.engine.resume import ResumeState
@@ -84,6 +86,7 @@ class FittedHeads:
     epoch_windows: tuple[tuple[float, float], ...] = ()
     ema_decay: float | None = None  # jointly trained modes: the EMA's decay after its warm-up
     attention: ClassAttention | None = None  # --csra-lambda: the head's class attention on the map
+    warmup_step_seconds: float = 0.0  # jointly trained modes: the first step, compilation included
 
 
 class _EpochClock:
@@ -248,17 +251,18 @@ def build_optimizer(config: ImageTrainConfig, model: ImageModel, device: torch.d
 
 
 @torch.inference_mode()
-def _head_probabilities(model: ImageModel, loader: DataLoader, prepare: Callable[[torch.Tensor], torch.Tensor],
-                        device: torch.device, precision: str) -> np.ndarray:
-    """Head probabilities (N, L) of the loader's inputs: what each epoch is scored by."""
+def _head_probabilities(model: ImageModel, batches: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor],
+                        device: torch.device, precision: str) -> torch.Tensor:
+    """Head probabilities (N, L), on ``device``, of the batches' inputs: what each epoch is
+    scored by. No host sync: the caller reads them back once."""
     model.eval()
     parts = []
-    for raw, *_ in loader:
+    for raw, *_ in batches:
         with autocast_context(device, precision):
             maps, features = model.encode(prepare(raw.to(device, non_blocking=True)))  # (B, C, h, w), (B, 2C)
         with torch.autocast(device.type, enabled=False):
-            parts.append(torch.sigmoid(model.head_logits(maps.float(), features.float())).cpu())
-    return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.num_labels), np.float32)
+            parts.append(torch.sigmoid(model.head_logits(maps.float(), features.float())))
+    return torch.cat(parts) if parts else torch.zeros((0, model.head.num_labels), device=device)
 
 
 def _probe(train: torch.utils.data.Dataset, device: torch.device) -> Callable[[nn.Module], torch.Tensor]:
@@ -295,10 +299,11 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     pin = device.type == "cuda"
     loader = epoch_loader(inputs.train, config.batch_size, context, shuffle=True, seed=config.seed,
                           workers=inputs.workers, pin_memory=pin, drop_last=len(inputs.train) > config.batch_size,
-                          sampler=inputs.sampler)
+                          sampler=inputs.sampler, collate=inputs.collate)
     val_shard = torch.utils.data.Subset(inputs.val, context.shard(len(inputs.val)).tolist())
-    val_loader = DataLoader(val_shard, batch_size=context.local_batch_size(config.batch_size),
-                            num_workers=validation_workers(inputs.workers), pin_memory=pin)
+    # Decoded once and kept on the device where the split fits (ResidentBatches).
+    val_batches = validation_batches(val_shard, context.local_batch_size(config.batch_size), device, inputs.workers,
+                                     inputs.collate, pin)
     optimizer, lr = build_optimizer(config, model, device, recipe)
     epochs = recipe.epochs
     scheduler = warmup_cosine(optimizer, epochs * len(loader), int(config.warmup_epochs * len(loader)))
@@ -314,8 +319,8 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
         len(loader) * config.batch_size)
 
     def score(epoch: int) -> EpochScore:
-        probs = _head_probabilities(ema.module, val_loader, inputs.prepare, device, train_precision)
-        probs = gather_shards(torch.from_numpy(probs), context, len(inputs.val)).numpy()
+        probs = _head_probabilities(ema.module, val_batches, inputs.prepare, device, train_precision)
+        probs = gather_shards(probs, context, len(inputs.val)).cpu().numpy()
         threshold, f1 = tune_global_threshold(y_val, probs)
         return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
                                       f"EMA decay {ema.current_decay():.4f})")
@@ -324,8 +329,13 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     if augment is not None:
         resumable["augment"] = augment  # its generator, so a resumed run draws the same augmentation
     # Only the training steps run the trunk compiled: the EMA copy that is scored and saved,
-    # and the checkpoints, hold the plain modules.
-    with compiled_forward(model.trunk, resolve_compile(config.compile, device), f"{mode} trunk"):
+    # and the checkpoints, hold the plain modules. The warm-up step compiles (forward and
+    # backward, under the fallback's guard) before the first epoch's clock starts.
+    compile_trunk = resolve_compile(config.compile, device, steps=epochs * len(loader))
+    with compiled_forward(model.trunk, compile_trunk, f"{mode} trunk") as guard:
+        warmup_start = time.perf_counter()
+        warm_up(step, first_batch(loader), device, autocast, guard, keep=[augment] if augment is not None else ())
+        warmup_seconds = time.perf_counter() - warmup_start
         best = fit(mode, epochs, train_epoch, score, ema.module, state, resumable,
                    context=context, history=history.for_stage("joint"))
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
@@ -336,4 +346,4 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
     return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
                        train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows), ema.decay,
-                       model.attention)
+                       model.attention, warmup_seconds)

@@ -27,7 +27,7 @@ from pipeline.branches.image import image_caption_vectors
 from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import CAPTION_COLUMN, DatasetPaths, LabelSet, group_by_image, load_train_val
 from pipeline.data.images import ImageDataset, ImageReadError
-from pipeline.data.transforms import build_transform, normalize_batch
+from pipeline.data.transforms import build_transform, normalize_batch, stack_pixels
 from pipeline.engine.distributed import DistContext, gather_shards, workers_per_process
 from pipeline.engine.runtime import training_memory_format
 from pipeline.features import StageMaps
@@ -200,6 +200,16 @@ class TrainingInputs:
     workers: int
     augment: BatchAugment | None = None
     caption_dim: int = 0
+    collate: Callable[[list], tuple[torch.Tensor, ...]] | None = None  # None: torch's default
+
+
+def collate_images(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """(uint8 images (B, 3, R, R) channels_last, targets (B, L)[, caption vectors (B, D)]) of
+    (image, target[, caption]) items: :func:`~pipeline.data.transforms.stack_pixels` copies the
+    decoded images as they lie, where torch's default collate would transpose each (22 ms for 64
+    images at 320 px)."""
+    images, *rest = zip(*items)
+    return stack_pixels(list(images)), *(torch.stack(column) for column in rest)
 
 
 def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], val_ids: list[str],
@@ -220,7 +230,7 @@ def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], 
         return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
 
     return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers), augment,
-                          _caption_dim(train_captions))
+                          _caption_dim(train_captions), collate_images)
 
 
 def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_rows: np.ndarray,
