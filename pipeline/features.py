@@ -37,11 +37,11 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import DECODE_VERSION, ImageDataset, image_file_stat
 from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
-from pipeline.engine.openvino_runtime import OpenVinoForward
-from pipeline.engine.runtime import autocast_context, compute_dtype, usable_cores
+from pipeline.engine.frozen import Calibration, FrozenForward
+from pipeline.engine.runtime import usable_cores
+from pipeline.engine.runtimes import Probe, build_forward
 from pipeline.io import CheckpointError
-from pipeline.models.backbones import Backbone, fuse_for_inference
-from pipeline.models.image_model import pool_features
+from pipeline.models.backbones import Backbone
 from pipeline.shards import Field, ShardedStore, write_lock
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,12 @@ def shard_rows_for(fields: dict[str, Field]) -> int:
 
 @dataclass
 class _Extractor:
-    """The inference-ready backbone (or its front) and how to feed it: a torch module, or
-    the same graph compiled by OpenVINO."""
+    """The inference-ready backbone (or its front) in its runtime, and the shape and dtype of
+    what is kept of it."""
 
-    model: torch.nn.Module | None  # batch norm and normalisation folded (takes raw pixels), channels_last
-    compiled: OpenVinoForward | None
+    forward: FrozenForward
     preprocessing: dict
     output_shape: tuple[int, ...]  # per image: (2C,) pooled, or (C, h, w) maps
-    precision: str
     device: torch.device
 
     @property
@@ -123,23 +121,11 @@ class _Extractor:
         :func:`stack_pixels` makes it): pooled features (B, 2C) in float32, or maps
         (B, C, h, w) in float16 (half the bytes to keep); NaN rows for unreadable images
         (never run)."""
-        dtype = torch.float32 if self.pooled_output else torch.float16
-        out = torch.full((len(ok), *self.output_shape), float("nan"), dtype=dtype)
-        if ok.any():
-            pixels = images if ok.all() else images[ok]
-            # The model takes raw pixel values, so the batch only changes type: the values
-            # 0..255 are exact in every precision it can run in.
-            batch = pixels.to(self.device, non_blocking=True).to(
-                compute_dtype(self.precision), memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast_context(self.device, self.precision):
-                result = self.model(batch)
-                result = pool_features(result) if self.pooled_output else result
-            out[ok] = result.to(dtype).cpu()
-        return out
+        return self.finish(self.forward(images if ok.all() else images[ok]) if ok.any() else None, ok)
 
     def finish(self, outputs: torch.Tensor | None, ok: torch.Tensor) -> torch.Tensor:
-        """The compiled outputs of a batch's readable images (None: there were none) as
-        :meth:`run` gives them: in the kept dtype, NaN rows for the unreadable images."""
+        """The outputs of a batch's readable images (None: there were none) in the kept
+        dtype, NaN rows for the unreadable images."""
         dtype = torch.float32 if self.pooled_output else torch.float16
         out = torch.full((len(ok), *self.output_shape), float("nan"), dtype=dtype)
         if outputs is not None:
@@ -194,45 +180,43 @@ def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[s
                show_progress: bool = True) -> Iterator[tuple[_Unit, torch.Tensor, torch.Tensor]]:
     """(unit, outputs, readable) of every unit, in order.
 
-    On CPU with ``processes`` > 0, that many single-threaded workers each decode and run
-    whole units and the main process only collects; otherwise, and always with a compiled
-    model, ``workers`` processes decode and the main process (or the GPU) runs the forward.
+    With a runtime that runs in the workers (torch on a CPU) and ``processes`` > 0, that many
+    single-threaded workers each decode and run whole units and the main process only
+    collects; otherwise ``workers`` processes decode and the main process (or the GPU) runs
+    the forward.
     """
     resolution = extractor.preprocessing["resolution"]
     datasets = [ImageDataset(paths, list(image_ids), build_transform(extractor.preprocessing, flip=(view == "flip"),
                                                                      normalize=False),
                              resolution, blank_dtype=torch.uint8) for view in views]
-    in_workers = extractor.compiled is None and extractor.device.type == "cpu" and processes > 0
+    in_workers = extractor.forward.in_workers and processes > 0
     count = processes if in_workers else workers
     loader = DataLoader(_UnitImages(datasets, units, extractor if in_workers else None), batch_size=None,
                         num_workers=count, pin_memory=extractor.device.type == "cuda" and not in_workers,
                         prefetch_factor=4 if count else None)
     batches = tqdm(zip(units, loader), total=len(units), desc=description, unit="batch", disable=not show_progress)
-    if extractor.compiled is not None:
-        readable = (((unit, ok), images if ok.all() else images[ok]) for unit, (images, ok) in batches)
-        for (unit, ok), outputs in extractor.compiled.run_many(readable):
-            yield unit, extractor.finish(outputs, ok), ok
+    if in_workers:
+        for unit, (outputs, ok) in batches:
+            yield unit, outputs, ok
         return
-    for unit, (outputs, ok) in batches:
-        yield unit, (outputs if in_workers else extractor.run(outputs, ok)), ok
+    readable = (((unit, ok), images if ok.all() else images[ok]) for unit, (images, ok) in batches)
+    for (unit, ok), outputs in extractor.forward.run_many(readable):
+        yield unit, extractor.finish(outputs, ok), ok
 
 
 def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:
-    on_cpu = extractor.device.type == "cpu" and (processes > 0 or extractor.compiled is not None)
+    on_cpu = extractor.device.type == "cpu" and (processes > 0 or not extractor.forward.in_workers)
     return min(batch_size, CPU_BATCH) if on_cpu else batch_size
 
 
 def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[int, ...], precision: str,
-               device: torch.device, runtime: str = "torch", model_cache: Path | None = None) -> _Extractor:
-    """The extractor of ``module`` (the backbone, or its front) in ``runtime``; OpenVINO keeps
-    its converted models in ``model_cache`` (None: in this process only)."""
-    if runtime == "openvino":
-        compiled = OpenVinoForward.cached(module, backbone.preprocessing, len(output_shape) == 1, precision,
-                                          model_cache, usable_cores())
-        return _Extractor(None, compiled, backbone.preprocessing, output_shape, precision, device)
-    model = fuse_for_inference(module, backbone.preprocessing).to(device)
-    return _Extractor(model.to(memory_format=torch.channels_last), None, backbone.preprocessing, output_shape,
-                      precision, device)
+               device: torch.device, runtime: str = "torch", model_cache: Path | None = None,
+               calibration: Calibration | None = None) -> _Extractor:
+    """The extractor of ``module`` (the backbone, or its front) in ``runtime``, which keeps its
+    converted models in ``model_cache`` (None: in this process only)."""
+    probe = Probe(module, backbone.preprocessing, len(output_shape) == 1, precision, calibration)
+    return _Extractor(build_forward(runtime, probe, device, model_cache), backbone.preprocessing, output_shape,
+                      device)
 
 
 def _processes(workers: int) -> int:

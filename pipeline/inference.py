@@ -41,7 +41,7 @@ from pipeline.data.dataset import (
     read_prediction_csv,
 )
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
-from pipeline.engine.openvino_runtime import RUNTIMES, openvino_version, resolve_runtime
+from pipeline.engine.runtimes import RUNTIME_CHOICES, Probe, get_runtime, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
     inference_precision,
@@ -94,9 +94,9 @@ class InferenceConfig(CommonConfig):
                          choices=["table", "json"], group="prediction")
     batch_size: int = option(64, "images per batch for feature extraction", group="run")
     runtime: str | None = option(
-        None, "who runs the backbone: torch, or OpenVINO compiled for this CPU (auto: OpenVINO on a CPU where "
-        "it is installed); default: the runtime the image branch was trained with, whose features its heads "
-        "learned from", choices=list(RUNTIMES), group="run")
+        None, "who runs the backbone: torch, OpenVINO or ONNX Runtime (auto: the fastest here, measured once "
+        "per machine and model); default: the runtime the image branch was trained with, whose features its "
+        "heads learned from", choices=list(RUNTIME_CHOICES), group="run")
     chunk_size: int = option(
         4096, "test images per chunk: features, probabilities and fusion run one chunk at a time and the "
         "submission is written as they finish, so memory stays flat however many images there are; each "
@@ -207,22 +207,24 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
     return loaded
 
 
-def inference_runtime(trained: str, requested: str | None, device: torch.device, source: str) -> str:
-    """The runtime inference runs the backbone in: the one ``source`` was trained with, unless
-    ``--runtime`` asks for another (said, since the features then differ a little from those the
-    heads learned from) or it cannot run here (said, and torch runs instead)."""
+def inference_runtime(trained: str, requested: str | None, device: torch.device, source: str,
+                      probe: Probe | None = None, cache_dir: Path | None = None) -> str:
+    """The runtime inference runs the backbone (``probe``) in: the one ``source`` was trained
+    with, unless ``--runtime`` asks for another (said, since the features then differ a little
+    from those the heads learned from) or it cannot run here (said, and ``auto`` chooses)."""
     if requested is not None:
-        runtime = resolve_runtime(requested, device)
+        runtime = resolve_runtime(requested, device, probe, cache_dir)
         if runtime != trained:
             log.warning("--runtime %s: %s was trained with features from %s; the features differ slightly",
                         runtime, source, trained)
         return runtime
-    if trained == "openvino" and (device.type != "cpu" or openvino_version() is None):
-        reason = "the device is a GPU" if device.type != "cpu" else "openvino is not installed"
-        log.warning("%s was trained with features from OpenVINO, but %s: running torch, whose features "
-                    "differ slightly", source, reason)
-        return "torch"
-    return trained
+    reason = get_runtime(trained).unavailable(device)
+    if reason is None:
+        return trained
+    runtime = resolve_runtime("auto", device, probe, cache_dir)
+    log.warning("%s was trained with features from %s, but %s: running %s, whose features differ slightly",
+                source, trained, reason, runtime)
+    return runtime
 
 
 def backbone_precision(trained: str, device: torch.device, source: str) -> str:
@@ -255,8 +257,9 @@ class BranchPredictor:
             # Features are computed in the precision and runtime training computed them in,
             # where this device can.
             self.precision = backbone_precision(record["precision"], device, f"{image_branches[0]}.pt")
+            probe = Probe(self.backbone.module, self.backbone.preprocessing, True, self.precision)
             self.runtime = inference_runtime(record.get("runtime", "torch"), runtime, device,
-                                             f"{image_branches[0]}.pt")
+                                             f"{image_branches[0]}.pt", probe, self.model_cache)
         self.heads = ImageHeads.from_checkpoints(checkpoints)
         self.unreadable: list[str] = []
 

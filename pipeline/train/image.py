@@ -34,7 +34,7 @@ from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.history import history_path, plot_histories, start_history
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
-from pipeline.engine.openvino_runtime import resolve_runtime
+from pipeline.engine.runtimes import Probe, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
     cpu_threads,
@@ -100,11 +100,16 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # Frozen forward passes (features, stage maps, inference) and training may compute differently.
     precision = resolve_precision(config.precision, device)
     train_precision = precision if mode == "frozen" else training_precision(config.precision, device)
-    runtime = resolve_runtime(config.runtime, device)
     flip = config.flip_views if config.flip_views is not None else mode != "frozen"
     views = VIEWS if flip else VIEWS[:1]
     stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
     all_ids = training_image_ids(train, val)
+    if stage:
+        front, trunk = split_backbone(backbone, stage)
+    # The runtime of the frozen forward passes, for what they run: the front's maps or pooled features.
+    frozen = Probe(front, backbone.preprocessing, False, precision) if stage else \
+        Probe(backbone.module, backbone.preprocessing, True, precision)
+    runtime = resolve_runtime(config.runtime, device, frozen, cache_dir)
 
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
@@ -114,7 +119,6 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
                                              runtime=runtime)
         readable = readable.numpy()
     elif stage:
-        front, trunk = split_backbone(backbone, stage)
         maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device, config.batch_size,
                                  config.workers, VIEWS, "train.csv stage maps", context, precision, runtime=runtime)
         readable = maps.readable

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import TrainingConfig, option, workers_option
 from pipeline.data.augment import AUGMENTS
-from pipeline.engine.openvino_runtime import RUNTIMES
+from pipeline.engine.runtimes import RUNTIME_CHOICES
 from pipeline.engine.runtime import COMPILE_CHOICES, PRECISIONS
 from pipeline.models.backbones import DEFAULT_BACKBONE
 from pipeline.models.heads import LOSSES
@@ -70,8 +70,9 @@ class ImageTrainConfig(TrainingConfig):
         group="run")
     runtime: str = option(
         "auto", "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
-        "same by default): torch, or OpenVINO compiled for this CPU; auto = OpenVINO on a CPU where it is "
-        "installed, else torch (docs/speed.md, \"CPU runtimes\")", choices=list(RUNTIMES), group="run")
+        "same by default): torch, OpenVINO or ONNX Runtime; auto = the fastest here for this model, resolution "
+        "and precision, measured once per machine (docs/speed.md, \"CPU runtimes\")",
+        choices=list(RUNTIME_CHOICES), group="run")
     flip_views: bool | None = option(
         None, "also extract mirrored images and average the two views' features, for the validation "
         "probabilities and in inference (test-time flip); in frozen mode the heads also train on the averaged "
