@@ -58,10 +58,6 @@ def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], p
     ``output`` is what is kept of the backbone: ``avg+max`` pooled features of the whole
     backbone, or ``stageK`` for the feature maps after its first K stages.
     """
-    listing = hashlib.sha256()
-    for path in files:
-        stat = image_file_stat(path)  # None for what the loader finds unreadable without opening
-        listing.update(f"{path.name}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
     return {
         "cache_version": CACHE_VERSION,
         "decode_version": DECODE_VERSION,
@@ -73,8 +69,44 @@ def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], p
         "pooling": output,
         "views": list(views),
         "num_images": len(files),
-        "images_digest": listing.hexdigest(),
+        "images_digest": cache_key_images(files),
     }
+
+
+def cache_key_images(files: Sequence[Path]) -> str:
+    """A digest of the image files' names, sizes and modification times."""
+    listing = hashlib.sha256()
+    for path in files:
+        stat = image_file_stat(path)  # None for what the loader finds unreadable without opening
+        listing.update(f"{path.name}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
+    return listing.hexdigest()
+
+
+# Training images int8 quantisation calibrates its activation ranges on.
+CALIBRATION_IMAGES = 300
+
+
+def calibration_images(paths: DatasetPaths, image_ids: Sequence[str], preprocessing: dict,
+                       count: int = CALIBRATION_IMAGES, batch_size: int = 32) -> Calibration:
+    """``count`` of the training images ``image_ids`` for int8 calibration, the same every time
+    (evenly spaced over the ids in name order), decoded as extraction decodes them (plain view,
+    unreadable ones left out); named by their files (name, size, modification time) and the
+    preprocessing, so other images make another quantised model."""
+    ordered = sorted(image_ids)
+    chosen = [ordered[i * len(ordered) // min(count, len(ordered))] for i in range(min(count, len(ordered)))]
+    key = cache_key_images([paths.image_path(image_id) for image_id in chosen])
+    digest = _key_digest({"images": key, "preprocessing": preprocessing, "decode_version": DECODE_VERSION})
+
+    def batches() -> Iterator[torch.Tensor]:
+        dataset = ImageDataset(paths, chosen, build_transform(preprocessing, normalize=False),
+                               preprocessing["resolution"], blank_dtype=torch.uint8)
+        for start in range(0, len(chosen), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(chosen)))]
+            images = [image for image, _, readable in items if readable]
+            if images:
+                yield stack_pixels(images)
+
+    return Calibration(batches, digest)
 
 
 def _key_digest(key: dict) -> str:

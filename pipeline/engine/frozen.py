@@ -102,6 +102,14 @@ class Runtime(ABC):
         converted models kept in ``model_cache`` (None: in this process only)."""
 
 
+class FrontAndTail(nn.Sequential):
+    """A backbone as its frozen front (``self[0]``) then its trained tail (``self[1]``): int8
+    quantises the front alone, the tail stays in float as it was trained."""
+
+    def __init__(self, front: nn.Module, tail: nn.Module) -> None:
+        super().__init__(front, tail)
+
+
 def key_digest(key: dict) -> str:
     """A short name of a key (a JSON-able dict)."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

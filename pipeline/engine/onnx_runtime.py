@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.engine.frozen import Calibration, FrozenForward, ModelFiles, Runtime, key_digest
+from pipeline.engine.frozen import Calibration, FrontAndTail, FrozenForward, ModelFiles, Runtime, key_digest
 from pipeline.models.image_model import RawPixelGraph
 
 OPSET = 17
@@ -133,11 +133,12 @@ class OnnxRuntime(Runtime):
         if precision == "int8" and calibration is None:
             raise ValueError("int8 needs calibration images")
         digest = key_digest(self.model_key(module, preprocessing, pooled, precision, calibration))
+        opened = f"{digest}-{torch.get_num_threads()}"  # a session per thread count
         with _SESSIONS_LOCK:
-            if digest not in _SESSIONS:
-                _SESSIONS[digest] = OnnxForward(self._session(module, preprocessing, pooled, precision, digest,
+            if opened not in _SESSIONS:
+                _SESSIONS[opened] = OnnxForward(self._session(module, preprocessing, pooled, precision, digest,
                                                               model_cache, calibration))
-            return _SESSIONS[digest]
+            return _SESSIONS[opened]
 
     def _session(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, digest: str,
                  model_cache: Path | None, calibration: Calibration | None) -> Any:
@@ -152,7 +153,9 @@ class OnnxRuntime(Runtime):
             with tempfile.TemporaryDirectory(prefix="onnx-float-") as scratch:
                 float_path = Path(scratch) / "float.onnx"
                 export(module, preprocessing, pooled, float_path)
-                quantise(float_path, path, calibration, getattr(module, "float_prefix", None))
+                # The exported names follow the module path: the tail is graph.module's second child.
+                tail = "/graph/module/module.1/" if isinstance(module, FrontAndTail) else None
+                quantise(float_path, path, calibration, tail)
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()

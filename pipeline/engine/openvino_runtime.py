@@ -99,10 +99,11 @@ class OpenVinoRuntime(Runtime):
         """``module`` compiled: from this process's memory, else converted (or read from
         ``model_cache``, where conversions are kept) and compiled."""
         digest = key_digest(self.model_key(module, preprocessing, pooled, precision))
+        compiled = f"{digest}-{cores}"  # compiled for a number of streams
         with _COMPILED_LOCK:
-            if digest not in _COMPILED:
-                _COMPILED[digest] = _compile(module, preprocessing, pooled, precision, digest, model_cache, cores)
-            return _COMPILED[digest]
+            if compiled not in _COMPILED:
+                _COMPILED[compiled] = _compile(module, preprocessing, pooled, precision, digest, model_cache, cores)
+            return _COMPILED[compiled]
 
 
 def model_files(model_cache: Path, digest: str) -> ModelFiles:
