@@ -51,14 +51,16 @@ VIEWS = ("plain", "flip")
 
 
 def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], precision: str = "fp32",
-              output: str = "avg+max", runtime: str = "torch") -> dict:
+              output: str = "avg+max", runtime: str = "torch", calibration: Calibration | None = None) -> dict:
     """Everything the features depend on, including each file's size and modification time
     and the runtime that computes them.
 
     ``output`` is what is kept of the backbone: ``avg+max`` pooled features of the whole
-    backbone, or ``stageK`` for the feature maps after its first K stages.
+    backbone, or ``stageK`` for the feature maps after its first K stages. In int8 the
+    calibration images are part of it too.
     """
-    return {
+    calibrated = {"calibration": calibration.digest} if precision == "int8" and calibration is not None else {}
+    return {**calibrated,
         "cache_version": CACHE_VERSION,
         "decode_version": DECODE_VERSION,
         "backbone": backbone.name,
@@ -268,7 +270,8 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
                      batch_size: int = 64, workers: int = 2, views: Sequence[str] = VIEWS,
                      description: str = "features", precision: str = "fp32",
                      processes: int | None = None, runtime: str = "torch",
-                     model_cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     model_cache: Path | None = None,
+                     calibration: Calibration | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, 2C) in float16, averaged over the views (plain and mirrored), and a
     (N,) bool mask of the images that could be read (the others' features are NaN, never
     computed), held in memory: for a chunk of images, not a whole training set (that is
@@ -282,7 +285,7 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     ``model_cache``.
     """
     extractor = _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device, runtime,
-                           model_cache=model_cache)
+                           model_cache=model_cache, calibration=calibration)
     if processes is None:
         processes = usable_cores() if workers > 0 else 0
     features = np.zeros((len(image_ids), backbone.pooled_dim), dtype=np.float16)
@@ -407,9 +410,9 @@ class CachedFeatures:
 
 
 def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
-                  precision: str, runtime: str) -> dict:
+                  precision: str, runtime: str, calibration: Calibration | None = None) -> dict:
     return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], views, precision,
-                     runtime=runtime)
+                     runtime=runtime, calibration=calibration)
 
 
 def _pooled_fields(backbone: Backbone) -> dict[str, Field]:
@@ -421,22 +424,25 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
                     device: torch.device, batch_size: int = 64, workers: int = 2,
                     views: Sequence[str] = VIEWS, description: str = "features",
                     context: DistContext = DistContext(), precision: str = "fp32",
-                    shard_rows: int | None = None, runtime: str = "torch") -> tuple[CachedFeatures, torch.Tensor]:
+                    shard_rows: int | None = None, runtime: str = "torch",
+                    calibration: Calibration | None = None) -> tuple[CachedFeatures, torch.Tensor]:
     """(features (N, 2C) float16 read from the cache a batch at a time, readable (N,)): from
-    the cache when it is complete, else its missing shards extracted first (in ``runtime``)."""
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime)
+    the cache when it is complete, else its missing shards extracted first (in ``runtime``;
+    ``calibration``: the images int8 calibrates on)."""
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime, calibration)
     store = _cached_store("features", key, _pooled_fields(backbone),
                           lambda: _extractor(backbone.module, backbone, (backbone.pooled_dim,), precision, device,
-                                             runtime, model_cache=cache_dir),
+                                             runtime, model_cache=cache_dir, calibration=calibration),
                           paths, image_ids, views, cache_dir,
                           batch_size, workers, description, context, shard_rows)
     return CachedFeatures(store), torch.from_numpy(store.read_all("readable"))
 
 
 def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
-                        views: Sequence[str], precision: str, runtime: str = "torch") -> bool:
+                        views: Sequence[str], precision: str, runtime: str = "torch",
+                        calibration: Calibration | None = None) -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime)
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime, calibration)
     return ShardedStore.open_complete(_store_dir(cache_dir, "features", key), key, len(image_ids)) is not None
 
 
@@ -462,19 +468,22 @@ def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, pa
                       image_ids: Sequence[str], cache_dir: Path, device: torch.device, batch_size: int = 64,
                       workers: int = 2, views: Sequence[str] = VIEWS, description: str = "stage maps",
                       context: DistContext = DistContext(), precision: str = "fp32",
-                      shard_rows: int | None = None, runtime: str = "torch") -> StageMaps:
+                      shard_rows: int | None = None, runtime: str = "torch",
+                      calibration: Calibration | None = None) -> StageMaps:
     """The maps ``front`` (the backbone's first ``stage`` stages) computes for every image and
     view, from the cache when it is complete, else its missing shards extracted first (in
-    ``runtime``)."""
+    ``runtime``; ``calibration``: the images int8 calibrates on)."""
     files = [paths.image_path(image_id) for image_id in image_ids]
-    key = cache_key(backbone, files, views, precision, output=f"stage{stage}", runtime=runtime)
+    key = cache_key(backbone, files, views, precision, output=f"stage{stage}", runtime=runtime,
+                    calibration=calibration)
     resolution = backbone.preprocessing["resolution"]
     with torch.no_grad():
         probe = front.eval()(torch.zeros(1, 3, resolution, resolution))
     map_shape = tuple(probe.shape[1:])
     fields = {**{view: Field(map_shape, "float16") for view in views}, "readable": Field((), "bool")}
     store = _cached_store("stagemaps", key, fields,
-                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, cache_dir),
+                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, cache_dir,
+                                             calibration),
                           paths, image_ids, views, cache_dir, batch_size,
                           workers, description, context, shard_rows)
     return StageMaps(store, tuple(views), store.read_all("readable").astype(bool))

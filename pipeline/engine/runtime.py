@@ -111,6 +111,8 @@ def inference_precision(device: torch.device, trained: str, native: bool) -> str
     is slower than fp32, and fp16 never runs on a CPU (its CPU kernels are few and slow), so
     those run in fp32, which is closer to either than the other reduced format.
     """
+    if trained == "int8":  # the frozen front quantised: its runtime runs it on any CPU
+        return "int8"
     if trained == "fp16":
         return "fp16" if device.type == "cuda" else "fp32"
     if trained == "bf16":
