@@ -108,7 +108,23 @@ def calibration_images(paths: DatasetPaths, image_ids: Sequence[str], preprocess
             if images:
                 yield stack_pixels(images)
 
-    return Calibration(batches, digest)
+    return Calibration(batches, digest, tuple(chosen))
+
+
+def recorded_calibration(paths: DatasetPaths, record: dict, preprocessing: dict) -> Calibration:
+    """The calibration a checkpoint's int8 features were computed with (``record["calibration"]``:
+    its digest and image ids): named by the recorded digest, so the quantised model training
+    kept is found again; the images are decoded from ``paths`` only if it must be quantised anew."""
+    ids = list(record["image_ids"])
+
+    def batches() -> Iterator[torch.Tensor]:
+        decoded = list(calibration_images(paths, ids, preprocessing, count=len(ids)).batches())
+        if not decoded:
+            raise CheckpointError(f"int8: none of the {len(ids)} calibration images (e.g. {ids[0] if ids else '?'}) "
+                                  f"can be read under {paths.images}; give the training data's folder")
+        yield from decoded
+
+    return Calibration(batches, record["digest"], tuple(ids))
 
 
 def _key_digest(key: dict) -> str:

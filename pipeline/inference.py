@@ -41,6 +41,7 @@ from pipeline.data.dataset import (
     read_prediction_csv,
 )
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
+from pipeline.engine.frozen import FrontAndTail
 from pipeline.engine.runtimes import RUNTIME_CHOICES, Probe, get_runtime, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
@@ -51,7 +52,13 @@ from pipeline.engine.runtime import (
     reuse_freed_memory,
     seed_everything,
 )
-from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
+from pipeline.features import (
+    CachedFeatures,
+    cached_features,
+    extract_features,
+    has_cached_features,
+    recorded_calibration,
+)
 from pipeline.fusion import (
     FusionError,
     FusionSettings,
@@ -62,6 +69,7 @@ from pipeline.fusion import (
     tune_fusion,
 )
 from pipeline.io import CheckpointError, OptionError, atomic_text_writer, atomic_write_text, write_json
+from pipeline.models.backbones import split_backbone
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +257,7 @@ class BranchPredictor:
         self.batch_size, self.workers = batch_size, workers
         self.model_cache = model_cache if model_cache is not None else cache_dir
         image_branches = [b for b in IMAGE_BRANCHES if b in checkpoints]
-        self.backbone = None
+        self.backbone, self.calibration = None, None
         if image_branches:
             record = checkpoints[image_branches[0]]["backbone"]
             self.backbone = rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
@@ -257,7 +265,12 @@ class BranchPredictor:
             # Features are computed in the precision and runtime training computed them in,
             # where this device can.
             self.precision = backbone_precision(record["precision"], device, f"{image_branches[0]}.pt")
-            probe = Probe(self.backbone.module, self.backbone.preprocessing, True, self.precision)
+            # int8: the front quantised as training quantised it, the trained stages in float.
+            self.calibration = recorded_calibration(paths, record["calibration"], self.backbone.preprocessing) \
+                if "calibration" in record else None
+            if self.calibration is not None and record.get("trained_from_stage"):
+                self.backbone.module = FrontAndTail(*split_backbone(self.backbone, record["trained_from_stage"]))
+            probe = Probe(self.backbone.module, self.backbone.preprocessing, True, self.precision, self.calibration)
             self.runtime = inference_runtime(record.get("runtime", "torch"), runtime, device,
                                              f"{image_branches[0]}.pt", probe, self.model_cache)
         self.heads = ImageHeads.from_checkpoints(checkpoints)
@@ -269,15 +282,15 @@ class BranchPredictor:
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
             return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
                                     self.workers, self.views, description, self.precision, runtime=self.runtime,
-                                    model_cache=self.model_cache)
+                                    model_cache=self.model_cache, calibration=self.calibration)
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision,
-                               runtime=self.runtime)
+                               runtime=self.runtime, calibration=self.calibration)
 
     def has_cached(self, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache."""
         return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision,
-                                   self.runtime)
+                                   self.runtime, self.calibration)
 
     def probabilities(self, frame: pd.DataFrame,
                       features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,

@@ -104,3 +104,35 @@ def test_int8_keeps_the_stem_and_the_trained_tail_in_float(backbone, images, tmp
     assert in_tail and in_front
     assert not any(quantised[name] for name in in_tail), "the trained tail stays in float"
     assert all(quantised[name] for name in in_front), "the rest of the front is int8"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the random-weights warning of the test backbone
+def test_partial_mode_trains_on_int8_maps_and_inference_runs_the_same_front(tmp_path):
+    import inference
+    import train_efficientnet
+    from tests.conftest import TINY_IMAGE_ARGS
+
+    data = make_tiny_dataset(tmp_path / "tiny", n_train=24, n_test=4)
+    weights = tmp_path / "weights"
+    summary = train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS,
+                                       "--mode", "partial", "--front-precision", "int8"])
+    assert summary["front_precision"] == "int8" and summary["runtime"] == "onnxruntime"
+    record = torch.load(weights / "image.pt", weights_only=True)["backbone"]
+    assert record["precision"] == "int8" and len(record["calibration"]["image_ids"]) > 0
+    stores = list((weights / "cache").glob("stagemaps-*"))
+    assert stores and all('"precision": "int8"' in (s / "manifest.json").read_text() for s in stores)
+    models = sorted((weights / "cache" / "onnxruntime").glob("*.onnx"))
+    # Inference reads the quantised whole backbone (front int8, trained stages float) training kept.
+    inference.main(["--data", str(data), "--weights", str(weights), "--output", str(tmp_path / "out"),
+                    "--device", "cpu", "--workers", "0", "--val-fraction", "0.25"])
+    assert sorted((weights / "cache" / "onnxruntime").glob("*.onnx")) == models
+    assert (tmp_path / "out" / "submission.csv").is_file()
+
+
+def test_int8_is_refused_where_there_is_no_frozen_front(tmp_path):
+    import train_efficientnet
+
+    from pipeline.io import OptionError
+
+    with pytest.raises(OptionError, match="--front-precision int8 quantises the frozen front; --mode finetune"):
+        train_efficientnet.main(["--data", str(tmp_path), "--mode", "finetune", "--front-precision", "int8"])

@@ -62,6 +62,7 @@ class Calibration:
 
     batches: Callable[[], Iterable[torch.Tensor]]
     digest: str
+    image_ids: tuple[str, ...] = ()  # which images, recorded with the weights
 
 
 class Runtime(ABC):

@@ -34,6 +34,7 @@ from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.history import history_path, plot_histories, start_history
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
+from pipeline.engine.frozen import Calibration, FrontAndTail
 from pipeline.engine.runtimes import Probe, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
@@ -45,7 +46,7 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
-from pipeline.features import VIEWS, cached_features, cached_stage_maps
+from pipeline.features import VIEWS, cached_features, cached_stage_maps, calibration_images
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import (
@@ -100,6 +101,10 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # Frozen forward passes (features, stage maps, inference) and training may compute differently.
     precision = resolve_precision(config.precision, device)
     train_precision = precision if mode == "frozen" else training_precision(config.precision, device)
+    # The frozen passes (features, stage maps, inference) in int8 where asked, calibrated on the training split.
+    frozen_precision = "int8" if config.front_precision == "int8" and mode != "finetune" else precision
+    calibration = calibration_images(paths, train[ID_COLUMN].tolist(), backbone.preprocessing) \
+        if frozen_precision == "int8" else None
     flip = config.flip_views if config.flip_views is not None else mode != "frozen"
     views = VIEWS if flip else VIEWS[:1]
     stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
@@ -107,20 +112,21 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     if stage:
         front, trunk = split_backbone(backbone, stage)
     # The runtime of the frozen forward passes, for what they run: the front's maps or pooled features.
-    frozen = Probe(front, backbone.preprocessing, False, precision) if stage else \
-        Probe(backbone.module, backbone.preprocessing, True, precision)
+    frozen = Probe(front, backbone.preprocessing, False, frozen_precision, calibration) if stage else \
+        Probe(backbone.module, backbone.preprocessing, True, frozen_precision, calibration)
     runtime = resolve_runtime(config.runtime, device, frozen, cache_dir)
 
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
     if mode == "frozen":
         features, readable = cached_features(backbone, paths, all_ids, cache_dir, device, config.batch_size,
-                                             config.workers, views, "train.csv features", context, precision,
-                                             runtime=runtime)
+                                             config.workers, views, "train.csv features", context, frozen_precision,
+                                             runtime=runtime, calibration=calibration)
         readable = readable.numpy()
     elif stage:
         maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device, config.batch_size,
-                                 config.workers, VIEWS, "train.csv stage maps", context, precision, runtime=runtime)
+                                 config.workers, VIEWS, "train.csv stage maps", context, frozen_precision,
+                                 runtime=runtime, calibration=calibration)
         readable = maps.readable
     else:
         readable = decodable(paths, all_ids, config.workers, context)
@@ -165,14 +171,17 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     val_ids = val[ID_COLUMN].tolist()
     if mode == "frozen":
         val_features, val_readable, rows = features, torch.from_numpy(val_ok), len(train) + np.arange(len(val))
-        record = backbone_record(backbone, views, precision, runtime)
+        record = backbone_record(backbone, views, frozen_precision, runtime, calibration=calibration)
     else:
         backbone.module = backbone.module.cpu().eval()
         backbone.weights, backbone.weights_digest = "finetuned", "finetuned-" + state_digest(backbone.module)
-        record = backbone_record(backbone, views, precision, runtime, backbone.module.state_dict(), stage)
+        record = backbone_record(backbone, views, frozen_precision, runtime, backbone.module.state_dict(), stage,
+                                 calibration)
+        if calibration is not None and stage:  # int8 for the front only, the trained stages in float
+            backbone.module = FrontAndTail(*split_backbone(backbone, stage))
         val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
-                                                     config.workers, views, "validation features", context, precision,
-                                                     runtime=runtime)
+                                                     config.workers, views, "validation features", context,
+                                                     frozen_precision, runtime=runtime, calibration=calibration)
         rows = np.arange(len(val))
     heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width)
     val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
@@ -184,6 +193,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "trained_from_stage": stage,
         "processes": context.world_size,
         "precision": precision,
+        "front_precision": frozen_precision,
         "runtime": runtime,
         "training_precision": train_precision,
         "lr": fitted.lr,
@@ -222,15 +232,17 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
 
 
 def backbone_record(backbone: Backbone, views, precision: str, runtime: str, state_dict: dict | None = None,
-                    trained_from_stage: int | None = None) -> dict:
+                    trained_from_stage: int | None = None, calibration: Calibration | None = None) -> dict:
     """What inference needs to rebuild the backbone, run it as training did (views, precision,
     runtime) and check it is the same one. A fine-tuned backbone's record carries its weights
-    (``state_dict``)."""
+    (``state_dict``), an int8 one its calibration images."""
     record = {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
               "feature_dim": backbone.feature_dim, "views": list(views), "pooling": "avg+max",
               "precision": precision, "runtime": runtime}
     if state_dict is not None:
         record.update(state_dict=state_dict, trained_from_stage=trained_from_stage)
+    if calibration is not None:  # int8: which images it was calibrated on, to quantise the same again
+        record["calibration"] = {"digest": calibration.digest, "image_ids": list(calibration.image_ids)}
     return record
 
 

@@ -68,6 +68,11 @@ class ImageTrainConfig(TrainingConfig):
         "on a GPU, off on a CPU, where compiling costs minutes; if compiling fails, a warning names the error "
         "and training runs uncompiled (docs/speed.md, \"Compiling the trunk\")", choices=list(COMPILE_CHOICES),
         group="run")
+    front_precision: str = option(
+        "float", "arithmetic of the frozen front (what partial mode never trains, the whole backbone in frozen mode) "
+        "in the frozen forward passes here and in inference: float (--precision's) or int8 (ONNX Runtime static "
+        "quantisation calibrated on 300 training images, the stem and the trained stages in float; "
+        "docs/speed.md, \"int8\")", choices=["float", "int8"], group="run")
     runtime: str = option(
         "auto", "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
         "same by default): torch, OpenVINO or ONNX Runtime; auto = the fastest here for this model, resolution "
@@ -170,6 +175,9 @@ class ImageTrainConfig(TrainingConfig):
             (self.train_from_stage is None or self.train_from_stage >= 1,
              f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.front_precision != "int8" or self.mode != "finetune",
+             "--front-precision int8 quantises the frozen front; --mode finetune trains the whole backbone and "
+             "has none"),
         ]
         for ok, message in checks:
             if not ok:
