@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import DECODE_VERSION, ImageDataset, image_file_stat
 from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
+from pipeline.engine import timing
 from pipeline.engine.frozen import Calibration, FrozenForward
 from pipeline.engine.runtime import usable_cores
 from pipeline.engine.runtimes import Probe, build_forward
@@ -217,12 +219,16 @@ class _UnitImages(Dataset):
     def __len__(self) -> int:
         return len(self.units)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(outputs or pixels, readable, decode seconds, forward seconds) of unit ``k``."""
         unit = self.units[k]
+        started = time.perf_counter()
         items = [self.views[unit.view][i] for i in range(unit.start, unit.stop)]
         images = stack_pixels([image for image, _, _ in items])  # (B, 3, R, R) uint8, channels_last
         ok = torch.tensor([readable for _, _, readable in items], dtype=torch.bool)
-        return (self.extractor.run(images, ok) if self.extractor else images), ok
+        decoded = time.perf_counter()
+        outputs = self.extractor.run(images, ok) if self.extractor else images
+        return outputs, ok, decoded - started, time.perf_counter() - decoded
 
 
 def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
@@ -246,12 +252,34 @@ def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[s
                         prefetch_factor=4 if count else None)
     batches = tqdm(zip(units, loader), total=len(units), desc=description, unit="batch", disable=not show_progress)
     if in_workers:
-        for unit, (outputs, ok) in batches:
+        for unit, (outputs, ok, decode_seconds, forward_seconds) in batches:
+            timing.add("decode", decode_seconds, len(ok))
+            timing.add("frozen front", forward_seconds, int(ok.sum()))
             yield unit, outputs, ok
         return
-    readable = (((unit, ok), images if ok.all() else images[ok]) for unit, (images, ok) in batches)
-    for (unit, ok), outputs in extractor.forward.run_many(readable):
+    # The main process runs the forward: its seconds are the loop's, less those spent waiting for the
+    # workers or in the caller.
+    waited = [0.0]
+
+    def readable() -> Iterator[tuple[tuple[_Unit, torch.Tensor], torch.Tensor]]:
+        pieces = iter(batches)
+        while True:
+            started = time.perf_counter()
+            piece = next(pieces, None)
+            waited[0] += time.perf_counter() - started
+            if piece is None:
+                return
+            unit, (images, ok, decode_seconds, _) = piece
+            timing.add("decode", decode_seconds, len(ok))
+            yield (unit, ok), images if ok.all() else images[ok]
+
+    started, images_run = time.perf_counter(), 0
+    for (unit, ok), outputs in extractor.forward.run_many(readable()):
+        images_run += int(ok.sum())
+        handed = time.perf_counter()
         yield unit, extractor.finish(outputs, ok), ok
+        waited[0] += time.perf_counter() - handed  # the caller's time, not the forward's
+    timing.add("frozen front", time.perf_counter() - started - waited[0], images_run)
 
 
 def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:

@@ -40,6 +40,7 @@ from pipeline.data.dataset import (
     load_train_val,
     read_prediction_csv,
 )
+from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.frozen import FrontAndTail
 from pipeline.engine.runtimes import RUNTIME_CHOICES, Probe, get_runtime, resolve_runtime
@@ -319,7 +320,8 @@ class BranchPredictor:
                     features = (values, readable, np.arange(len(image_ids)))
                 values, readable, rows = features
                 self.unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
-                out.update(self.heads.probabilities(values, readable, self.device, rows=rows))
+                with timing.timed("heads", len(rows)):
+                    out.update(self.heads.probabilities(values, readable, self.device, rows=rows))
             if caption is not None:
                 out["caption"] = groups.mean(caption.result())
         return out
@@ -329,7 +331,8 @@ class BranchPredictor:
         thread starts with the default count, and the count can change the rounding)."""
         torch.set_num_threads(threads)
         captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
-        return predict_caption_probs(self.checkpoints["caption"], captions, self.device)
+        with timing.timed("caption", len(captions)):
+            return predict_caption_probs(self.checkpoints["caption"], captions, self.device)
 
 
 def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],
@@ -483,7 +486,9 @@ def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings:
         name = description if len(starts) == 1 else f"{description} {number + 1}/{len(starts)}"
         probs = predictor.probabilities(chunk, description=name)
         try:
-            return chunk_ids, settings.predict(probs), predictor.unreadable
+            with timing.timed("fusion", len(chunk_ids)):
+                fused = settings.predict(probs)
+            return chunk_ids, fused, predictor.unreadable
         except FusionError:
             _list_unreadable(predictor.unreadable, submission.parent)
             raise
@@ -544,6 +549,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
     configure_backends(device)
     started = time.perf_counter()
+    timing.reset()
     seed_everything(config.seed)
     paths = DatasetPaths.resolve(config.data, config.images)
     weights_dir, output_dir = Path(config.weights_dir), Path(config.output)
@@ -625,6 +631,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                               plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
                               label_names=recorded_label_names(config.data))
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["timing"] = timing.summary()
     write_json(output_dir / "inference_summary.json", summary)
     return summary
 

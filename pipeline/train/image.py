@@ -31,6 +31,7 @@ from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkp
 from pipeline.config import save_config
 from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
+from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.history import history_path, plot_histories, start_history
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
@@ -89,6 +90,7 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
 
 def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: DistContext) -> dict:
     started = time.perf_counter()
+    timing.reset()
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
@@ -165,6 +167,9 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
                              context, ResumeState(resume_dir, mode, digest, config.resume, context), history)
     training_seconds = time.perf_counter() - training_start
+    # The trained top stage learns jointly with the heads (partial, finetune); frozen mode trains heads alone.
+    timing.add("heads (training)" if mode == "frozen" else "trained top stage + heads (training)",
+               fitted.epoch_seconds, fitted.images_seen)
 
     # Validation probabilities for fusion, computed exactly as inference computes them
     # (NaN rows for unreadable images): a fine-tuned backbone's features are extracted anew.
@@ -184,7 +189,8 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
                                                      frozen_precision, runtime=runtime, calibration=calibration)
         rows = np.arange(len(val))
     heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width)
-    val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
+    with timing.timed("heads", len(rows)):
+        val_probs = heads.probabilities(val_features, val_readable, device, rows=rows)
     readable_val = rows[val_readable.numpy()]
     decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm)
 
@@ -219,6 +225,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "total_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "timing": timing.summary(),
     }
     if context.is_main:
         save_image_branch(config, labels.ids, val_ids, record, backbone.preprocessing, fitted,
