@@ -120,10 +120,14 @@ def recorded_calibration(paths: DatasetPaths, record: dict, preprocessing: dict)
     ids = list(record["image_ids"])
 
     def batches() -> Iterator[torch.Tensor]:
-        decoded = list(calibration_images(paths, ids, preprocessing, count=len(ids)).batches())
+        try:
+            decoded = list(calibration_images(paths, ids, preprocessing, count=len(ids)).batches())
+        except (ValueError, IndexError, KeyError):  # images given one by one (--image), not a dataset folder
+            decoded = []
         if not decoded:
-            raise CheckpointError(f"int8: none of the {len(ids)} calibration images (e.g. {ids[0] if ids else '?'}) "
-                                  f"can be read under {paths.images}; give the training data's folder")
+            raise CheckpointError(f"int8: the quantised model is not in the model cache, and none of its {len(ids)} "
+                                  f"calibration images (e.g. {ids[0] if ids else '?'}) can be read here; run "
+                                  "inference.py once with --data naming the training data to quantise it again")
         yield from decoded
 
     return Calibration(batches, record["digest"], tuple(ids))

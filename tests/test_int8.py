@@ -136,3 +136,16 @@ def test_int8_is_refused_where_there_is_no_frozen_front(tmp_path):
 
     with pytest.raises(OptionError, match="--front-precision int8 quantises the frozen front; --mode finetune"):
         train_efficientnet.main(["--data", str(tmp_path), "--mode", "finetune", "--front-precision", "int8"])
+
+
+def test_without_its_calibration_images_an_int8_model_cannot_be_quantised_again(tmp_path):
+    from pipeline.features import recorded_calibration
+    from pipeline.io import CheckpointError
+
+    paths = DatasetPaths.resolve(make_tiny_dataset(tmp_path / "tiny", n_train=2, n_test=0))
+    calibration = recorded_calibration(paths, {"digest": "d", "image_ids": ["gone.jpg"]},
+                                       {"resolution": 32, "interpolation": "bilinear", "mean": [0.5] * 3,
+                                        "std": [0.5] * 3})
+    assert calibration.digest == "d" and calibration.image_ids == ("gone.jpg",)
+    with pytest.raises(CheckpointError, match="none of its 1 calibration images \\(e.g. gone.jpg\\) can be read"):
+        list(calibration.batches())

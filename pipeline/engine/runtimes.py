@@ -93,11 +93,43 @@ def build_forward(name: str, probe: Probe, device: torch.device, model_cache: Pa
                          cores or usable_cores(), probe.calibration)
 
 
+def probe_pixels(batch_size: int, resolution: int) -> torch.Tensor:
+    """A fixed random uint8 batch (B, 3, R, R), channels_last as the loader workers make them."""
+    return torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
+
+
+class _ForwardPasses(torch.utils.data.Dataset):
+    """Item ``k``: one forward pass of a fixed batch, run in a DataLoader worker (one thread)."""
+
+    def __init__(self, forward: FrozenForward, pixels: torch.Tensor, batches: int) -> None:
+        self.forward, self.pixels, self.batches = forward, pixels, batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __getitem__(self, k: int) -> float:
+        return float(self.forward(self.pixels).float().mean())
+
+
 def time_forward(forward: FrozenForward, resolution: int, batches: int = PROBE_BATCHES,
-                 batch_size: int = PROBE_BATCH_SIZE) -> float:
-    """Images per second of ``forward`` on ``batches`` random uint8 batches (after one untimed)."""
-    pixels = torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
+                 batch_size: int = PROBE_BATCH_SIZE, processes: int = 0) -> float:
+    """Images per second of ``forward`` on fixed random uint8 batches, in the layout it runs
+    in: with ``processes`` > 0 and a forward that runs in the loader workers, that many
+    single-threaded workers each running ``batches`` batches (the clock starts at each one's
+    first result); else this process, ``batches`` batches after one untimed."""
+    pixels = probe_pixels(batch_size, resolution)
+    if forward.in_workers and processes > 0:
+        from torch.utils.data import DataLoader
+
+        loader = iter(DataLoader(_ForwardPasses(forward, pixels, (batches + 1) * processes), batch_size=None,
+                                 num_workers=processes, prefetch_factor=2))
+        for _ in range(processes):
+            next(loader)
+        started, timed = time.perf_counter(), 0
+        for _ in loader:
+            timed += 1
+        return timed * batch_size / (time.perf_counter() - started)
     forward(pixels)
     started = time.perf_counter()
     for _ in forward.run_many((None, pixels) for _ in range(batches)):
@@ -183,5 +215,8 @@ def resolve_runtime(name: str, device: torch.device, probe: Probe | None = None,
 
 
 def measure_runtime(name: str, probe: Probe, device: torch.device, model_cache: Path | None) -> float:
-    """Images per second of ``probe`` in runtime ``name``, over a few batches."""
-    return time_forward(build_forward(name, probe, device, model_cache), probe.preprocessing["resolution"])
+    """Images per second of ``probe`` in runtime ``name``, over a few batches, in the layout
+    extraction runs it in (torch on a CPU: one single-threaded process per core)."""
+    processes = usable_cores() if device.type == "cpu" else 0
+    return time_forward(build_forward(name, probe, device, model_cache), probe.preprocessing["resolution"],
+                        processes=processes)

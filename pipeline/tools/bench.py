@@ -3,29 +3,30 @@
 Measures in one run, on real JPEGs of ``--data`` (the first ``--num-images`` rows of its
 train.csv stand in for a test set), with the trained checkpoints in ``--weights``:
 
-- ``forward_img_s_by_runtime``: the backbone alone on a batch already in memory, in every
-  runtime installed here (torch eager with batch norm and input normalisation folded,
-  OpenVINO, ONNX Runtime), each in its best layout (``backbone_forward_layouts_img_s``);
-  ``backbone_forward_img_s`` is the fastest: this hardware's limit;
+- ``forward``: the backbone alone on in-memory batches at the pipeline's batch, in every
+  runtime that runs here (the registry, :mod:`pipeline.engine.runtimes`) and each precision it
+  runs of fp32, bf16 (where the CPU has it) and int8 (calibrated on training images):
+  images per second with every core, in the layout extraction uses, and milliseconds per image
+  on one core; ``forward_img_s_by_runtime`` at the pipeline's precision, whose fastest is
+  ``backbone_forward_img_s``;
 - ``pipeline_img_s``: ``inference.py``'s prediction (``predict_in_chunks``) per image in the
   runtime inference chooses (``runtime``): JPEG decode and resize in DataLoader workers,
   backbone, every head, caption tokenisation and the caption ensemble, fusion and the
   submission file, with an empty feature cache; ``pipeline_torch_img_s``: the same in torch;
-- ``bound_img_s``: what the hardware allows the whole path: on CPU the cores over the
-  per-image cost of one core (JPEG decode and resize and the fastest runtime's forward, once
-  per view, then the caption branch), since decoding runs on the same cores as the forward; on GPU, the slower
-  of the GPU forward and the cores decoding; ``pipeline_over_bound`` is the pipeline's share;
+- ``bound_img_s``: a rate no pipeline can exceed: on CPU the cores over the serial sum of one
+  image's single-core stage costs (per view decode and resize and the fastest runtime's
+  forward, then the caption branch: :func:`serial_bound`); on GPU the slower of the GPU
+  forward and the cores decoding; ``pipeline_over_bound`` is the pipeline's share;
 - ``at_<R>px``: the forwards, both pipelines and the bound again at ``--also-resolution``
   (speed only: the heads take pooled features of any resolution);
-- ``forward_int8_img_s``: OpenVINO's forward after NNCF post-training int8 quantisation,
-  calibrated on training images, where NNCF is installed (speed only);
 - ``effnet_pytorch_pipeline_img_s``: the same path with efficientnet-pytorch's
   ``efficientnet-b0`` as the backbone (random weights: speed does not depend on them);
 - ``train_finetune_img_s``: end-to-end fine-tuning steps (augmentation on the device, forward, backward,
   AdamW, EMA) on real images;
 - ``train_cached_head_img_s`` (and ``train_cached_decoder_img_s``): training the image head
   (the label decoder) on cached features;
-- a per-image breakdown (decode, backbone, heads, caption) to show where the time goes;
+- ``timing``: where the time goes, stage by stage (decode, frozen front, heads, caption,
+  fusion), with the CPU's instruction set;
 - ``peak_rss_mb``, device, threads, workers, batch size and resolution.
 
 Writes ``--output``/bench.json and prints a table.
@@ -69,7 +70,7 @@ from pipeline.engine.runtime import (
     training_precision,
     usable_cores,
 )
-from pipeline.engine.runtimes import RUNTIMES, Probe, available_runtimes, build_forward
+from pipeline.engine.runtimes import RUNTIMES, Probe, available_runtimes, build_forward, probe_pixels, time_forward
 from pipeline.features import CPU_BATCH, calibration_images
 from pipeline.fusion import FusionSettings, load_fusion
 from pipeline.inference import BranchPredictor, InferenceConfig, load_branch_checkpoints, predict_in_chunks
@@ -118,43 +119,13 @@ def _rate(count: int, seconds: float) -> float:
     return round(count / seconds, 2)
 
 
-def _pixel_batch(batch_size: int, resolution: int) -> torch.Tensor:
-    """A batch as the loader workers hand it to the frozen forward: uint8 (B, 3, R, R), channels_last."""
-    pixels = torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    return pixels.permute(0, 3, 1, 2)
-
-
-class _InMemoryForward(torch.utils.data.Dataset):
-    """Item ``k``: one forward pass of a fixed in-memory batch, run in a DataLoader worker (one
-    thread each)."""
-
-    def __init__(self, forward: FrozenForward, batch: torch.Tensor, batches: int) -> None:
-        self.forward, self.batch, self.batches = forward, batch, batches
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        return self.forward(self.batch).float().mean()
-
-
 def time_forward_in_processes(forward: FrozenForward, batch_size: int, resolution: int, processes: int,
                               seconds: float) -> float:
     """Images per second of ``processes`` single-threaded workers each running ``forward`` on an
-    in-memory batch: the CPU layout torch extraction uses, without any decoding. The clock
-    starts at each worker's first result."""
-    batch = _pixel_batch(batch_size, resolution)
+    in-memory batch for about ``seconds``: the CPU layout torch extraction uses, without any decoding."""
     single = time_forward_here(forward, batch_size, resolution, min(seconds, 1.0))
-    batches = max(4 * processes, int(single * seconds * processes / batch_size))
-    loader = iter(DataLoader(_InMemoryForward(forward, batch, batches), batch_size=None, num_workers=processes,
-                             prefetch_factor=2))
-    for _ in range(processes):
-        next(loader)
-    started, timed = time.perf_counter(), 0
-    for _ in loader:
-        timed += 1
-    return _rate(timed * batch_size, time.perf_counter() - started)
+    batches = max(2, int(single * seconds / batch_size))
+    return round(time_forward(forward, resolution, batches, batch_size, processes), 2)
 
 
 def _time_batches(run: Callable[[], object], batch_size: int, seconds: float) -> float:
@@ -170,7 +141,7 @@ def _time_batches(run: Callable[[], object], batch_size: int, seconds: float) ->
 def time_forward_here(forward: FrozenForward, batch_size: int, resolution: int, seconds: float) -> float:
     """Images per second of ``forward`` in this process on an in-memory batch, four batches in
     flight (a runtime with several streams keeps each busy)."""
-    batch = _pixel_batch(batch_size, resolution)
+    batch = probe_pixels(batch_size, resolution)
     flight = 4
     result = _time_batches(lambda: list(forward.run_many((None, batch) for _ in range(flight))),
                            batch_size * flight, seconds)

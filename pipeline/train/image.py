@@ -116,7 +116,12 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # The runtime of the frozen forward passes, for what they run: the front's maps or pooled features.
     frozen = Probe(front, backbone.preprocessing, False, frozen_precision, calibration) if stage else \
         Probe(backbone.module, backbone.preprocessing, True, frozen_precision, calibration)
-    runtime = resolve_runtime(config.runtime, device, frozen, cache_dir)
+    # Rank 0 resolves first (auto measures and keeps its choice); the other ranks then read that choice.
+    runtime = config.runtime
+    for turn in (True, False):
+        if context.is_main == turn:
+            runtime = resolve_runtime(config.runtime, device, frozen, cache_dir)
+        barrier(context)
 
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
