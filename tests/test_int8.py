@@ -1,4 +1,4 @@
-"""int8 for the frozen front: ONNX Runtime static quantisation (QDQ, per-channel weights, 7-bit
+"""int8 for the frozen front (ONNX Runtime, and OpenVINO reading its quantised model): static quantisation (QDQ, per-channel weights, 7-bit
 range), calibrated on the dataset's own training images, the stem and the trained tail left in
 float; the maps it gives against float's, and the caches keyed by it."""
 
@@ -25,6 +25,7 @@ MIN_COSINE_WHOLE_BACKBONE = 0.98
 
 @pytest.fixture
 def backbone():
+    torch.manual_seed(0)  # the same random weights every run: the tolerance is checked on one model
     with pytest.warns(UserWarning):
         return create_backbone("test_efficientnet", resolution=32)
 
@@ -71,12 +72,13 @@ def test_int8_stage_maps_stay_within_tolerance_of_float_and_are_cached_apart(bac
     assert any('"calibration"' in (store / "manifest.json").read_text() for store in stores)
 
 
-def test_int8_pooled_features_stay_within_tolerance_of_float(backbone, images, tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_int8_pooled_features_stay_within_tolerance_of_float(backbone, images, tmp_path, runtime):
     paths, ids = images
     calibration = calibration_images(paths, ids, backbone.preprocessing)
-    float_features, _ = extract_features(backbone, paths, ids, CPU, batch_size=4, workers=0, runtime="onnxruntime",
-                                         model_cache=tmp_path)
-    int8_features, _ = extract_features(backbone, paths, ids, CPU, batch_size=4, workers=0, runtime="onnxruntime",
+    float_features, _ = extract_features(backbone, paths, ids, CPU, batch_size=4, workers=0, runtime="torch",
+                                         precision="fp32")
+    int8_features, _ = extract_features(backbone, paths, ids, CPU, batch_size=4, workers=0, runtime=runtime,
                                         precision="int8", model_cache=tmp_path, calibration=calibration)
     assert _cosine(int8_features, float_features).min() >= MIN_COSINE_WHOLE_BACKBONE
 

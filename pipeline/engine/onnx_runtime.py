@@ -104,6 +104,26 @@ def quantise(float_path: Path, out: Path, calibration: Calibration, float_prefix
         prepared.unlink(missing_ok=True)
 
 
+def export_model(module: nn.Module, preprocessing: dict, pooled: bool, precision: str,
+                 calibration: Calibration | None, path: Path) -> None:
+    """``module`` as an ONNX model of uint8 pixels (B, R, R, 3) written to ``path``: in float,
+    or with ``precision`` int8 quantised statically on ``calibration``'s images (the stem and,
+    for a :class:`FrontAndTail`, the tail left in float)."""
+    if precision != "int8":
+        export(module, preprocessing, pooled, path)
+        return
+    if calibration is None:
+        raise ValueError("int8 needs calibration images")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="onnx-float-") as scratch:
+        float_path = Path(scratch) / "float.onnx"
+        export(module, preprocessing, pooled, float_path)
+        # The exported names follow the module path: the tail is graph.module's second child.
+        tail = "/graph/module/module.1/" if isinstance(module, FrontAndTail) else None
+        quantise(float_path, path, calibration, tail)
+
+
 # One session per key and process: every chunk of a run uses the first one.
 _SESSIONS: dict[str, OnnxForward] = {}
 _SESSIONS_LOCK = threading.Lock()
@@ -130,8 +150,6 @@ class OnnxRuntime(Runtime):
 
     def build(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, device: torch.device,
               model_cache: Path | None, cores: int, calibration: Calibration | None = None) -> OnnxForward:
-        if precision == "int8" and calibration is None:
-            raise ValueError("int8 needs calibration images")
         digest = key_digest(self.model_key(module, preprocessing, pooled, precision, calibration))
         opened = f"{digest}-{torch.get_num_threads()}"  # a session per thread count
         with _SESSIONS_LOCK:
@@ -147,15 +165,7 @@ class OnnxRuntime(Runtime):
         import onnxruntime
 
         def build(path: Path) -> None:
-            if precision != "int8":
-                export(module, preprocessing, pooled, path)
-                return
-            with tempfile.TemporaryDirectory(prefix="onnx-float-") as scratch:
-                float_path = Path(scratch) / "float.onnx"
-                export(module, preprocessing, pooled, float_path)
-                # The exported names follow the module path: the tail is graph.module's second child.
-                tail = "/graph/module/module.1/" if isinstance(module, FrontAndTail) else None
-                quantise(float_path, path, calibration, tail)
+            export_model(module, preprocessing, pooled, precision, calibration, path)
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()

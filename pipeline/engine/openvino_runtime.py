@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.frozen import Calibration, FrozenForward, ModelFiles, Runtime, key_digest
+from pipeline.engine.onnx_runtime import export_model, onnxruntime_version
 from pipeline.models.image_model import RawPixelGraph
 
 
@@ -89,7 +90,7 @@ class OpenVinoForward(FrozenForward):
 
 class OpenVinoRuntime(Runtime):
     name = "openvino"
-    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "int8")
 
     def version(self) -> str | None:
         return openvino_version()
@@ -98,11 +99,14 @@ class OpenVinoRuntime(Runtime):
               model_cache: Path | None, cores: int, calibration: Calibration | None = None) -> OpenVinoForward:
         """``module`` compiled: from this process's memory, else converted (or read from
         ``model_cache``, where conversions are kept) and compiled."""
-        digest = key_digest(self.model_key(module, preprocessing, pooled, precision))
+        if precision == "int8" and onnxruntime_version() is None:
+            raise ImportError("openvino int8 reads the model ONNX Runtime's quantisation makes: install onnxruntime")
+        digest = key_digest(self.model_key(module, preprocessing, pooled, precision, calibration))
         compiled = f"{digest}-{cores}"  # compiled for a number of streams
         with _COMPILED_LOCK:
             if compiled not in _COMPILED:
-                _COMPILED[compiled] = _compile(module, preprocessing, pooled, precision, digest, model_cache, cores)
+                _COMPILED[compiled] = _compile(module, preprocessing, pooled, precision, digest, model_cache, cores,
+                                               calibration)
             return _COMPILED[compiled]
 
 
@@ -112,21 +116,23 @@ def model_files(model_cache: Path, digest: str) -> ModelFiles:
 
 
 def _compile(module: nn.Module, preprocessing: dict, pooled: bool, precision: str, digest: str,
-             model_cache: Path | None, cores: int) -> OpenVinoForward:
+             model_cache: Path | None, cores: int, calibration: Calibration | None) -> OpenVinoForward:
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
     core = ov.Core()
-    if model_cache is None:
-        model = convert(module, preprocessing, pooled)
+    make = (lambda: convert_quantised(module, preprocessing, pooled, calibration)) if precision == "int8" else \
+        (lambda: convert(module, preprocessing, pooled))
+    model = make() if model_cache is None else model_files(model_cache, digest).load_or_build(
+        core.read_model, make, save_model)
+    if precision == "int8":
+        laid_out = model  # quantised from ONNX Runtime's export, which takes NHWC pixels already
     else:
-        model = model_files(model_cache, digest).load_or_build(
-            core.read_model, lambda: convert(module, preprocessing, pooled), save_model)
-    resolution = preprocessing["resolution"]
-    steps = PrePostProcessor(model.clone())
-    steps.input().tensor().set_layout(ov.Layout("NHWC")).set_shape([-1, resolution, resolution, 3])
-    steps.input().model().set_layout(ov.Layout("NCHW"))
-    laid_out = steps.build()
+        resolution = preprocessing["resolution"]
+        steps = PrePostProcessor(model.clone())
+        steps.input().tensor().set_layout(ov.Layout("NHWC")).set_shape([-1, resolution, resolution, 3])
+        steps.input().model().set_layout(ov.Layout("NCHW"))
+        laid_out = steps.build()
     hint = "bf16" if precision == "bf16" and cpu_has_bf16(core) else "f32"
     compiled = core.compile_model(laid_out, "CPU", {
         "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": cores, "INFERENCE_NUM_THREADS": cores,
@@ -147,6 +153,20 @@ def convert(module: nn.Module, preprocessing: dict, pooled: bool) -> Any:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return ov.convert_model(graph, example_input=example, input=[(-1, 3, resolution, resolution), ov.Type.u8])
+
+
+def convert_quantised(module: nn.Module, preprocessing: dict, pooled: bool, calibration: Calibration | None) -> Any:
+    """``module`` quantised to int8 as the ONNX Runtime runtime quantises it (QDQ, per-channel
+    7-bit weights, the stem and a trained tail in float), read by OpenVINO, which runs the
+    quantise-dequantise pairs as int8 kernels. Input: uint8 pixels (B, R, R, 3)."""
+    import tempfile
+
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="openvino-int8-") as scratch:
+        path = Path(scratch) / "int8.onnx"
+        export_model(module, preprocessing, pooled, "int8", calibration, path)
+        return ov.convert_model(str(path))
 
 
 def save_model(model: Any, path: Path) -> None:
