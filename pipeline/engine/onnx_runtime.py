@@ -31,13 +31,16 @@ CALIBRATION_BATCH = 8
 
 
 def onnxruntime_version() -> str | None:
-    """The installed ONNX Runtime's version, or None where it (or onnx) is not installed."""
+    """The installed ONNX Runtime's version, or None where it (or onnx, which the export needs)
+    is not installed. Read from the package metadata: importing ONNX Runtime starts its thread
+    pools, which a process that only lists the runtimes (and may fork later) should not have."""
+    from importlib import metadata
+
     try:
-        import onnx  # noqa: F401 - the export needs it
-        import onnxruntime
-    except ImportError:
+        metadata.version("onnx")
+        return metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
         return None
-    return onnxruntime.__version__
 
 
 class ChannelsLastPixels(nn.Module):
