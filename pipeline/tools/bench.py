@@ -338,9 +338,10 @@ def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: Fus
     backbone, device, precision = predictor.backbone, predictor.device, predictor.precision
     resolution = backbone.preprocessing["resolution"]
     print(f"timing {backbone.name} forwards at {resolution} px on in-memory batches of {batch} ...", flush=True)
-    table = forward_table(backbone.module, backbone.preprocessing, device,
-                          bench_precisions(device, calibration is not None), batch, processes, config.forward_seconds,
-                          config.repeats, scratch / "models", calibration)
+    # The pipeline's own precision always (fp16 on a GPU), then the table's.
+    precisions = list(dict.fromkeys([precision, *bench_precisions(device, calibration is not None)]))
+    table = forward_table(backbone.module, backbone.preprocessing, device, precisions, batch, processes,
+                          config.forward_seconds, config.repeats, scratch / "models", calibration)
     by_runtime = {name: entry[precision]["img_s"] for name, entry in table.items() if precision in entry}
     out: dict = {"resolution": resolution, "forward": table, "forward_img_s_by_runtime": by_runtime,
                  "backbone_forward_img_s": max(by_runtime.values())}
