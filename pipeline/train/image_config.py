@@ -70,9 +70,9 @@ class ImageTrainConfig(TrainingConfig):
         group="run")
     front_precision: str = option(
         "float", "arithmetic of the frozen front (what partial mode never trains, the whole backbone in frozen mode) "
-        "in the frozen forward passes here and in inference: float (--precision's) or int8 (ONNX Runtime static "
-        "quantisation calibrated on 300 training images, the stem and the trained stages in float; "
-        "docs/speed.md, \"int8\")", choices=["float", "int8"], group="run")
+        "in the frozen forward passes here and in inference: float (--precision's) or int8 (static quantisation, "
+        "run by ONNX Runtime or OpenVINO, calibrated on 300 training images, the stem and the trained stages in "
+        "float; docs/speed.md, \"int8 for the frozen front\")", choices=["float", "int8"], group="run")
     runtime: str = option(
         "auto", "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
         "same by default): torch, OpenVINO or ONNX Runtime; auto = the fastest here for this model, resolution "
