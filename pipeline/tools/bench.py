@@ -346,7 +346,8 @@ def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: Fus
     out: dict = {"resolution": resolution, "forward": table, "forward_img_s_by_runtime": by_runtime,
                  "backbone_forward_img_s": max(by_runtime.values())}
     chosen = predictor.runtime
-    for runtime in dict.fromkeys([chosen, "torch"]):
+    # Against torch where torch runs the pipeline's precision (it runs no int8).
+    for runtime in dict.fromkeys([chosen, *(["torch"] if "torch" in available_runtimes(device, precision) else [])]):
         predictor.runtime = runtime
         print(f"timing the inference path in {runtime} at {resolution} px on {len(frame)} images ...", flush=True)
         path = max((time_inference_path(predictor, frame, settings, labels, scratch / f"{runtime}{i}")
