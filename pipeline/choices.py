@@ -18,8 +18,9 @@ DEMO_DATA = Path("data/demo")
 DEFAULT_BACKBONE = "tf_efficientnet_lite2"
 # --augment: the fine-tuning augmentations of ``pipeline.data.augment``.
 AUGMENTS = ("trivial", "light", "none")
-# --runtime: who runs the frozen forward passes (``pipeline.engine.openvino_runtime``).
-RUNTIMES = ("auto", "torch", "openvino")
+# --runtime: who runs the frozen forward passes: auto, then the keys of
+# ``pipeline.engine.runtimes.RUNTIMES`` (its RUNTIME_CHOICES).
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 # --precision and --compile (``pipeline.engine.runtime``).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "on", "off")

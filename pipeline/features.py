@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,14 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import DECODE_VERSION, ImageDataset, image_file_stat
 from pipeline.data.transforms import build_transform, stack_pixels
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
-from pipeline.engine.openvino_runtime import OpenVinoForward
 from pipeline.choices import usable_cores
-from pipeline.engine.runtime import autocast_context, compute_dtype
+from pipeline.engine import timing
+from pipeline.engine.frozen import Calibration, FrozenForward
+from pipeline.engine.runtimes import Probe, build_forward
 from pipeline.io import CheckpointError
-from pipeline.models.backbones import Backbone, fuse_for_inference, state_digest
+from pipeline.models.backbones import Backbone, state_digest
 from pipeline.models.heads import ClassAttention
-from pipeline.models.image_model import AttentionPooled, pool_outputs
+from pipeline.models.image_model import AttentionPooled
 from pipeline.shards import Field, ShardedStore, write_lock
 
 log = logging.getLogger(__name__)
@@ -53,18 +55,16 @@ VIEWS = ("plain", "flip")
 
 
 def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], precision: str = "fp32",
-              output: str = "avg+max", runtime: str = "torch") -> dict:
+              output: str = "avg+max", runtime: str = "torch", calibration: Calibration | None = None) -> dict:
     """Everything the features depend on, including each file's size and modification time
     and the runtime that computes them.
 
     ``output`` is what is kept of the backbone: ``avg+max`` pooled features of the whole
-    backbone, or ``stageK`` for the feature maps after its first K stages.
+    backbone, or ``stageK`` for the feature maps after its first K stages. In int8 the
+    calibration images are part of it too.
     """
-    listing = hashlib.sha256()
-    for path in files:
-        stat = image_file_stat(path)  # None for what the loader finds unreadable without opening
-        listing.update(f"{path.name}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
-    return {
+    calibrated = {"calibration": calibration.digest} if precision == "int8" and calibration is not None else {}
+    return {**calibrated,
         "cache_version": CACHE_VERSION,
         "decode_version": DECODE_VERSION,
         "backbone": backbone.name,
@@ -75,8 +75,64 @@ def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], p
         "pooling": output,
         "views": list(views),
         "num_images": len(files),
-        "images_digest": listing.hexdigest(),
+        "images_digest": cache_key_images(files),
     }
+
+
+def cache_key_images(files: Sequence[Path]) -> str:
+    """A digest of the image files' names, sizes and modification times."""
+    listing = hashlib.sha256()
+    for path in files:
+        stat = image_file_stat(path)  # None for what the loader finds unreadable without opening
+        listing.update(f"{path.name}\0{stat.st_size if stat else -1}\0{stat.st_mtime_ns if stat else -1}\n".encode())
+    return listing.hexdigest()
+
+
+# Training images int8 quantisation calibrates its activation ranges on.
+CALIBRATION_IMAGES = 300
+
+
+def calibration_images(paths: DatasetPaths, image_ids: Sequence[str], preprocessing: dict,
+                       count: int = CALIBRATION_IMAGES, batch_size: int = 32) -> Calibration:
+    """``count`` of the training images ``image_ids`` for int8 calibration, the same every time
+    (evenly spaced over the ids in name order), decoded as extraction decodes them (plain view,
+    unreadable ones left out); named by their files (name, size, modification time) and the
+    preprocessing, so other images make another quantised model."""
+    ordered = sorted(image_ids)
+    chosen = [ordered[i * len(ordered) // min(count, len(ordered))] for i in range(min(count, len(ordered)))]
+    key = cache_key_images([paths.image_path(image_id) for image_id in chosen])
+    digest = _key_digest({"images": key, "preprocessing": preprocessing, "decode_version": DECODE_VERSION})
+
+    def batches() -> Iterator[torch.Tensor]:
+        dataset = ImageDataset(paths, chosen, build_transform(preprocessing, normalize=False),
+                               preprocessing["resolution"], blank_dtype=torch.uint8)
+        for start in range(0, len(chosen), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(chosen)))]
+            images = [image for image, _, readable in items if readable]
+            if images:
+                yield stack_pixels(images)
+
+    return Calibration(batches, digest, tuple(chosen))
+
+
+def recorded_calibration(paths: DatasetPaths, record: dict, preprocessing: dict) -> Calibration:
+    """The calibration a checkpoint's int8 features were computed with (``record["calibration"]``:
+    its digest and image ids): named by the recorded digest, so the quantised model training
+    kept is found again; the images are decoded from ``paths`` only if it must be quantised anew."""
+    ids = list(record["image_ids"])
+
+    def batches() -> Iterator[torch.Tensor]:
+        try:
+            decoded = list(calibration_images(paths, ids, preprocessing, count=len(ids)).batches())
+        except (ValueError, IndexError, KeyError):  # images given one by one (--image), not a dataset folder
+            decoded = []
+        if not decoded:
+            raise CheckpointError(f"int8: the quantised model is not in the model cache, and none of its {len(ids)} "
+                                  f"calibration images (e.g. {ids[0] if ids else '?'}) can be read here; run "
+                                  "inference.py once with --data naming the training data to quantise it again")
+        yield from decoded
+
+    return Calibration(batches, record["digest"], tuple(ids))
 
 
 def _key_digest(key: dict) -> str:
@@ -106,14 +162,12 @@ def shard_rows_for(fields: dict[str, Field]) -> int:
 
 @dataclass
 class _Extractor:
-    """The inference-ready backbone (or its front) and how to feed it: a torch module, or
-    the same graph compiled by OpenVINO."""
+    """The inference-ready backbone (or its front) in its runtime, and the shape and dtype of
+    what is kept of it."""
 
-    model: torch.nn.Module | None  # batch norm and normalisation folded (takes raw pixels), channels_last
-    compiled: OpenVinoForward | None
+    forward: FrozenForward
     preprocessing: dict
     output_shape: tuple[int, ...]  # per image: (2C,) pooled, or (C, h, w) maps
-    precision: str
     device: torch.device
 
     @property
@@ -125,23 +179,11 @@ class _Extractor:
         :func:`stack_pixels` makes it): pooled features (B, 2C) in float32, or maps
         (B, C, h, w) in float16 (half the bytes to keep); NaN rows for unreadable images
         (never run)."""
-        dtype = torch.float32 if self.pooled_output else torch.float16
-        out = torch.full((len(ok), *self.output_shape), float("nan"), dtype=dtype)
-        if ok.any():
-            pixels = images if ok.all() else images[ok]
-            # The model takes raw pixel values, so the batch only changes type: the values
-            # 0..255 are exact in every precision it can run in.
-            batch = pixels.to(self.device, non_blocking=True).to(
-                compute_dtype(self.precision), memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast_context(self.device, self.precision):
-                result = self.model(batch)
-                result = pool_outputs(result) if self.pooled_output else result
-            out[ok] = result.to(dtype).cpu()
-        return out
+        return self.finish(self.forward(images if ok.all() else images[ok]) if ok.any() else None, ok)
 
     def finish(self, outputs: torch.Tensor | None, ok: torch.Tensor) -> torch.Tensor:
-        """The compiled outputs of a batch's readable images (None: there were none) as
-        :meth:`run` gives them: in the kept dtype, NaN rows for the unreadable images."""
+        """The outputs of a batch's readable images (None: there were none) in the kept
+        dtype, NaN rows for the unreadable images."""
         dtype = torch.float32 if self.pooled_output else torch.float16
         out = torch.full((len(ok), *self.output_shape), float("nan"), dtype=dtype)
         if outputs is not None:
@@ -183,12 +225,16 @@ class _UnitImages(Dataset):
     def __len__(self) -> int:
         return len(self.units)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(outputs or pixels, readable, decode seconds, forward seconds) of unit ``k``."""
         unit = self.units[k]
+        started = time.perf_counter()
         items = [self.views[unit.view][i] for i in range(unit.start, unit.stop)]
         images = stack_pixels([image for image, _, _ in items])  # (B, 3, R, R) uint8, channels_last
         ok = torch.tensor([readable for _, _, readable in items], dtype=torch.bool)
-        return (self.extractor.run(images, ok) if self.extractor else images), ok
+        decoded = time.perf_counter()
+        outputs = self.extractor.run(images, ok) if self.extractor else images
+        return outputs, ok, decoded - started, time.perf_counter() - decoded
 
 
 def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
@@ -196,45 +242,65 @@ def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[s
                show_progress: bool = True) -> Iterator[tuple[_Unit, torch.Tensor, torch.Tensor]]:
     """(unit, outputs, readable) of every unit, in order.
 
-    On CPU with ``processes`` > 0, that many single-threaded workers each decode and run
-    whole units and the main process only collects; otherwise, and always with a compiled
-    model, ``workers`` processes decode and the main process (or the GPU) runs the forward.
+    With a runtime that runs in the workers (torch on a CPU) and ``processes`` > 0, that many
+    single-threaded workers each decode and run whole units and the main process only
+    collects; otherwise ``workers`` processes decode and the main process (or the GPU) runs
+    the forward.
     """
     resolution = extractor.preprocessing["resolution"]
     datasets = [ImageDataset(paths, list(image_ids), build_transform(extractor.preprocessing, flip=(view == "flip"),
                                                                      normalize=False),
                              resolution, blank_dtype=torch.uint8) for view in views]
-    in_workers = extractor.compiled is None and extractor.device.type == "cpu" and processes > 0
+    in_workers = extractor.forward.in_workers and processes > 0
     count = processes if in_workers else workers
     loader = DataLoader(_UnitImages(datasets, units, extractor if in_workers else None), batch_size=None,
                         num_workers=count, pin_memory=extractor.device.type == "cuda" and not in_workers,
                         prefetch_factor=4 if count else None)
     batches = tqdm(zip(units, loader), total=len(units), desc=description, unit="batch", disable=not show_progress)
-    if extractor.compiled is not None:
-        readable = (((unit, ok), images if ok.all() else images[ok]) for unit, (images, ok) in batches)
-        for (unit, ok), outputs in extractor.compiled.run_many(readable):
-            yield unit, extractor.finish(outputs, ok), ok
+    if in_workers:
+        for unit, (outputs, ok, decode_seconds, forward_seconds) in batches:
+            timing.add("decode", decode_seconds, len(ok))
+            timing.add("frozen front", forward_seconds, int(ok.sum()))
+            yield unit, outputs, ok
         return
-    for unit, (outputs, ok) in batches:
-        yield unit, (outputs if in_workers else extractor.run(outputs, ok)), ok
+    # The main process runs the forward: its seconds are the loop's, less those spent waiting for the
+    # workers or in the caller.
+    waited = [0.0]
+
+    def readable() -> Iterator[tuple[tuple[_Unit, torch.Tensor], torch.Tensor]]:
+        pieces = iter(batches)
+        while True:
+            started = time.perf_counter()
+            piece = next(pieces, None)
+            waited[0] += time.perf_counter() - started
+            if piece is None:
+                return
+            unit, (images, ok, decode_seconds, _) = piece
+            timing.add("decode", decode_seconds, len(ok))
+            yield (unit, ok), images if ok.all() else images[ok]
+
+    started, images_run = time.perf_counter(), 0
+    for (unit, ok), outputs in extractor.forward.run_many(readable()):
+        images_run += int(ok.sum())
+        handed = time.perf_counter()
+        yield unit, extractor.finish(outputs, ok), ok
+        waited[0] += time.perf_counter() - handed  # the caller's time, not the forward's
+    timing.add("frozen front", time.perf_counter() - started - waited[0], images_run)
 
 
 def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:
-    on_cpu = extractor.device.type == "cpu" and (processes > 0 or extractor.compiled is not None)
+    on_cpu = extractor.device.type == "cpu" and (processes > 0 or not extractor.forward.in_workers)
     return min(batch_size, CPU_BATCH) if on_cpu else batch_size
 
 
 def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[int, ...], precision: str,
-               device: torch.device, runtime: str = "torch", model_cache: Path | None = None) -> _Extractor:
-    """The extractor of ``module`` (the backbone, or its front) in ``runtime``; OpenVINO keeps
-    its converted models in ``model_cache`` (None: in this process only)."""
-    if runtime == "openvino":
-        compiled = OpenVinoForward.cached(module, backbone.preprocessing, len(output_shape) == 1, precision,
-                                          model_cache, usable_cores())
-        return _Extractor(None, compiled, backbone.preprocessing, output_shape, precision, device)
-    model = fuse_for_inference(module, backbone.preprocessing).to(device)
-    return _Extractor(model.to(memory_format=torch.channels_last), None, backbone.preprocessing, output_shape,
-                      precision, device)
+               device: torch.device, runtime: str = "torch", model_cache: Path | None = None,
+               calibration: Calibration | None = None) -> _Extractor:
+    """The extractor of ``module`` (the backbone, or its front) in ``runtime``, which keeps its
+    converted models in ``model_cache`` (None: in this process only)."""
+    probe = Probe(module, backbone.preprocessing, len(output_shape) == 1, precision, calibration)
+    return _Extractor(build_forward(runtime, probe, device, model_cache), backbone.preprocessing, output_shape,
+                      device)
 
 
 def _processes(workers: int) -> int:
@@ -255,7 +321,8 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
                      description: str = "features", precision: str = "fp32",
                      processes: int | None = None, runtime: str = "torch",
                      model_cache: Path | None = None,
-                     attention: ClassAttention | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     attention: ClassAttention | None = None,
+                     calibration: Calibration | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, 2C) in float16, averaged over the views (plain and mirrored), and a
     (N,) bool mask of the images that could be read (the others' features are NaN, never
     computed), held in memory: for a chunk of images, not a whole training set (that is
@@ -270,7 +337,8 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     :func:`pooled_output`).
     """
     module, width, _ = pooled_output(backbone, attention)
-    extractor = _extractor(module, backbone, (width,), precision, device, runtime, model_cache=model_cache)
+    extractor = _extractor(module, backbone, (width,), precision, device, runtime, model_cache=model_cache,
+                           calibration=calibration)
     if processes is None:
         processes = usable_cores() if workers > 0 else 0
     features = np.zeros((len(image_ids), width), dtype=np.float16)
@@ -406,9 +474,10 @@ def pooled_output(backbone: Backbone, attention: ClassAttention | None = None) -
 
 
 def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
-                  precision: str, runtime: str, output: str = "avg+max") -> dict:
+                  precision: str, runtime: str, output: str = "avg+max",
+                  calibration: Calibration | None = None) -> dict:
     return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], views, precision,
-                     output=output, runtime=runtime)
+                     output=output, runtime=runtime, calibration=calibration)
 
 
 def _pooled_fields(width: int) -> dict[str, Field]:
@@ -421,15 +490,17 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
                     views: Sequence[str] = VIEWS, description: str = "features",
                     context: DistContext = DistContext(), precision: str = "fp32",
                     shard_rows: int | None = None, runtime: str = "torch",
-                    attention: ClassAttention | None = None) -> tuple[CachedFeatures, torch.Tensor]:
+                    attention: ClassAttention | None = None,
+                    calibration: Calibration | None = None) -> tuple[CachedFeatures, torch.Tensor]:
     """(features (N, 2C) float16 read from the cache a batch at a time, readable (N,)): from
-    the cache when it is complete, else its missing shards extracted first (in ``runtime``).
-    With ``attention``, rows of (N, 2C + L): the attention's logits follow (:func:`pooled_output`)."""
+    the cache when it is complete, else its missing shards extracted first (in ``runtime``;
+    ``calibration``: the images int8 calibrates on). With ``attention``, rows of (N, 2C + L):
+    the attention's logits follow (:func:`pooled_output`)."""
     module, width, output = pooled_output(backbone, attention)
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime, output)
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime, output, calibration)
     store = _cached_store("features", key, _pooled_fields(width),
                           lambda: _extractor(module, backbone, (width,), precision, device,
-                                             runtime, model_cache=cache_dir),
+                                             runtime, model_cache=cache_dir, calibration=calibration),
                           paths, image_ids, views, cache_dir,
                           batch_size, workers, description, context, shard_rows)
     return CachedFeatures(store), torch.from_numpy(store.read_all("readable"))
@@ -437,9 +508,11 @@ def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence
 
 def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
                         views: Sequence[str], precision: str, runtime: str = "torch",
-                        attention: ClassAttention | None = None) -> bool:
+                        attention: ClassAttention | None = None,
+                        calibration: Calibration | None = None) -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime, pooled_output(backbone, attention)[2])
+    key = _features_key(backbone, paths, image_ids, views, precision, runtime,
+                        pooled_output(backbone, attention)[2], calibration)
     return ShardedStore.open_complete(_store_dir(cache_dir, "features", key), key, len(image_ids)) is not None
 
 
@@ -465,19 +538,22 @@ def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, pa
                       image_ids: Sequence[str], cache_dir: Path, device: torch.device, batch_size: int = 64,
                       workers: int = 2, views: Sequence[str] = VIEWS, description: str = "stage maps",
                       context: DistContext = DistContext(), precision: str = "fp32",
-                      shard_rows: int | None = None, runtime: str = "torch") -> StageMaps:
+                      shard_rows: int | None = None, runtime: str = "torch",
+                      calibration: Calibration | None = None) -> StageMaps:
     """The maps ``front`` (the backbone's first ``stage`` stages) computes for every image and
     view, from the cache when it is complete, else its missing shards extracted first (in
-    ``runtime``)."""
+    ``runtime``; ``calibration``: the images int8 calibrates on)."""
     files = [paths.image_path(image_id) for image_id in image_ids]
-    key = cache_key(backbone, files, views, precision, output=f"stage{stage}", runtime=runtime)
+    key = cache_key(backbone, files, views, precision, output=f"stage{stage}", runtime=runtime,
+                    calibration=calibration)
     resolution = backbone.preprocessing["resolution"]
     with torch.no_grad():
         probe = front.eval()(torch.zeros(1, 3, resolution, resolution))
     map_shape = tuple(probe.shape[1:])
     fields = {**{view: Field(map_shape, "float16") for view in views}, "readable": Field((), "bool")}
     store = _cached_store("stagemaps", key, fields,
-                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, cache_dir),
+                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, cache_dir,
+                                             calibration),
                           paths, image_ids, views, cache_dir, batch_size,
                           workers, description, context, shard_rows)
     return StageMaps(store, tuple(views), store.read_all("readable").astype(bool))

@@ -40,8 +40,10 @@ from pipeline.data.dataset import (
     read_prediction_csv,
     recorded_labels,
 )
+from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
-from pipeline.engine.openvino_runtime import openvino_version, resolve_runtime
+from pipeline.engine.frozen import FrontAndTail
+from pipeline.engine.runtimes import Probe, get_runtime, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
     inference_precision,
@@ -51,7 +53,13 @@ from pipeline.engine.runtime import (
     reuse_freed_memory,
     seed_everything,
 )
-from pipeline.features import CachedFeatures, cached_features, extract_features, has_cached_features
+from pipeline.features import (
+    CachedFeatures,
+    cached_features,
+    extract_features,
+    has_cached_features,
+    recorded_calibration,
+)
 from pipeline.fusion import (
     FusionError,
     FusionSettings,
@@ -63,6 +71,7 @@ from pipeline.fusion import (
 )
 from pipeline.io import CheckpointError, OptionError, atomic_text_writer, atomic_write_text, write_json
 from pipeline.labels import label_names
+from pipeline.models.backbones import split_backbone
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +131,24 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
     return loaded
 
 
-def inference_runtime(trained: str, requested: str | None, device: torch.device, source: str) -> str:
-    """The runtime inference runs the backbone in: the one ``source`` was trained with, unless
-    ``--runtime`` asks for another (said, since the features then differ a little from those the
-    heads learned from) or it cannot run here (said, and torch runs instead)."""
+def inference_runtime(trained: str, requested: str | None, device: torch.device, source: str,
+                      probe: Probe | None = None, cache_dir: Path | None = None) -> str:
+    """The runtime inference runs the backbone (``probe``) in: the one ``source`` was trained
+    with, unless ``--runtime`` asks for another (said, since the features then differ a little
+    from those the heads learned from) or it cannot run here (said, and ``auto`` chooses)."""
     if requested is not None:
-        runtime = resolve_runtime(requested, device)
+        runtime = resolve_runtime(requested, device, probe, cache_dir)
         if runtime != trained:
             log.warning("--runtime %s: %s was trained with features from %s; the features differ slightly",
                         runtime, source, trained)
         return runtime
-    if trained == "openvino" and (device.type != "cpu" or openvino_version() is None):
-        reason = "the device is a GPU" if device.type != "cpu" else "openvino is not installed"
-        log.warning("%s was trained with features from OpenVINO, but %s: running torch, whose features "
-                    "differ slightly", source, reason)
-        return "torch"
-    return trained
+    reason = get_runtime(trained).unavailable(device)
+    if reason is None:
+        return trained
+    runtime = resolve_runtime("auto", device, probe, cache_dir)
+    log.warning("%s was trained with features from %s, but %s: running %s, whose features differ slightly",
+                source, trained, reason, runtime)
+    return runtime
 
 
 def backbone_precision(trained: str, device: torch.device, source: str) -> str:
@@ -162,7 +173,7 @@ class BranchPredictor:
         self.batch_size, self.workers = batch_size, workers
         self.model_cache = model_cache if model_cache is not None else cache_dir
         image_branches = [b for b in IMAGE_BRANCHES if b in checkpoints]
-        self.backbone = None
+        self.backbone, self.calibration = None, None
         if image_branches:
             record = checkpoints[image_branches[0]]["backbone"]
             self.backbone = rebuild_backbone(checkpoints[image_branches[0]], image_branches[0])
@@ -170,8 +181,14 @@ class BranchPredictor:
             # Features are computed in the precision and runtime training computed them in,
             # where this device can.
             self.precision = backbone_precision(record["precision"], device, f"{image_branches[0]}.pt")
+            # int8: the front quantised as training quantised it, the trained stages in float.
+            self.calibration = recorded_calibration(paths, record["calibration"], self.backbone.preprocessing) \
+                if "calibration" in record else None
+            if self.calibration is not None and record.get("trained_from_stage"):
+                self.backbone.module = FrontAndTail(*split_backbone(self.backbone, record["trained_from_stage"]))
+            probe = Probe(self.backbone.module, self.backbone.preprocessing, True, self.precision, self.calibration)
             self.runtime = inference_runtime(record.get("runtime", "torch"), runtime, device,
-                                             f"{image_branches[0]}.pt")
+                                             f"{image_branches[0]}.pt", probe, self.model_cache)
         self.heads = ImageHeads.from_checkpoints(checkpoints)
         self.unreadable: list[str] = []
 
@@ -181,15 +198,16 @@ class BranchPredictor:
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
             return extract_features(self.backbone, self.paths, image_ids, self.device, self.batch_size,
                                     self.workers, self.views, description, self.precision, runtime=self.runtime,
-                                    model_cache=self.model_cache, attention=self.heads.attention)
+                                    model_cache=self.model_cache, attention=self.heads.attention,
+                                    calibration=self.calibration)
         return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
                                self.batch_size, self.workers, self.views, description, precision=self.precision,
-                               runtime=self.runtime, attention=self.heads.attention)
+                               runtime=self.runtime, attention=self.heads.attention, calibration=self.calibration)
 
     def has_cached(self, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache."""
         return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision,
-                                   self.runtime, self.heads.attention)
+                                   self.runtime, self.heads.attention, self.calibration)
 
     def probabilities(self, frame: pd.DataFrame,
                       features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,
@@ -221,7 +239,8 @@ class BranchPredictor:
                 # A decoder that reads captions gets each image's (blank where there is none).
                 captions = None if self.heads.caption_encoder is None or self.heads.decoder is None else \
                     image_caption_vectors(frame, self.heads.caption_encoder, self.cache_dir)
-                out.update(self.heads.probabilities(values, readable, self.device, rows=rows, captions=captions))
+                with timing.timed("heads", len(rows)):
+                    out.update(self.heads.probabilities(values, readable, self.device, rows=rows, captions=captions))
             if caption is not None:
                 out["caption"] = groups.mean(caption.result())
         return out
@@ -231,7 +250,8 @@ class BranchPredictor:
         thread starts with the default count, and the count can change the rounding)."""
         torch.set_num_threads(threads)
         captions = frame[CAPTION_COLUMN].fillna("").tolist() if CAPTION_COLUMN in frame else [""] * len(frame)
-        return predict_caption_probs(self.checkpoints["caption"], captions, self.device, cache_dir=self.cache_dir)
+        with timing.timed("caption", len(captions)):
+            return predict_caption_probs(self.checkpoints["caption"], captions, self.device, cache_dir=self.cache_dir)
 
 
 def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],
@@ -403,7 +423,9 @@ def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, settings:
         name = description if len(starts) == 1 else f"{description} {number + 1}/{len(starts)}"
         probs = predictor.probabilities(chunk, description=name)
         try:
-            return chunk_ids, settings.predict(probs), predictor.unreadable
+            with timing.timed("fusion", len(chunk_ids)):
+                fused = settings.predict(probs)
+            return chunk_ids, fused, predictor.unreadable
         except FusionError:
             _list_unreadable(predictor.unreadable, submission.parent)
             raise
@@ -464,6 +486,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING, format="%(message)s")
     configure_backends(device)
     started, started_at = time.perf_counter(), time.time()
+    timing.reset()
     seed_everything(config.seed)
     paths = DatasetPaths.resolve(config.data, config.images)
     weights_dir, output_dir = Path(config.weights_dir), Path(config.output)
@@ -559,6 +582,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                               plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
                               label_names=names)
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["timing"] = timing.summary()
     summary_file = output_dir / "inference_summary.json"
     # The files this run wrote, not those an earlier run left in the folder.
     summary["files"] = [str(path) for path in sorted(output_dir.iterdir())

@@ -46,9 +46,9 @@ class InferenceConfig(CommonConfig):
                          choices=["table", "json"], group="prediction")
     batch_size: int = option(64, "images per batch for feature extraction", group="run")
     runtime: str | None = option(
-        None, "who runs the backbone: torch, or OpenVINO compiled for this CPU (auto: OpenVINO on a CPU where "
-        "it is installed); default: the runtime the image branch was trained with, whose features its heads "
-        "learned from", choices=list(RUNTIMES), group="run")
+        None, "who runs the backbone: torch, OpenVINO or ONNX Runtime (auto: the fastest here, measured once "
+        "per machine and model); default: the runtime the image branch was trained with, whose features its "
+        "heads learned from", choices=list(RUNTIMES), group="run")
     chunk_size: int = option(
         4096, "test images per chunk: features, probabilities and fusion run one chunk at a time and the "
         "submission is written as they finish, so memory stays flat however many images there are; each "

@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs only where CUDA is present (and then always runs)")
+    config.addinivalue_line("markers", "timed_runtimes: --runtime auto times the runtimes instead of a fixed table")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,6 +36,26 @@ def cpu_unless_marked_cuda(request, monkeypatch):
     auto`` (every script's default) resolves to the CPU here. Tests marked ``cuda`` see the GPU."""
     if request.node.get_closest_marker("cuda") is None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# What ``--runtime auto`` measures, fixed: timings on a shared test machine are noise, and a
+# choice that changed from run to run would change the reference values. OpenVINO first, the
+# choice before auto measured.
+FIXED_RUNTIME_SPEEDS = {"openvino": 300.0, "onnxruntime": 200.0, "torch": 100.0}
+
+
+def fixed_runtime_speeds(patch: pytest.MonkeyPatch) -> None:
+    """Make ``--runtime auto`` choose by :data:`FIXED_RUNTIME_SPEEDS` instead of timing."""
+    from pipeline.engine import runtimes
+
+    patch.setattr(runtimes, "measure_runtime", lambda name, *args: FIXED_RUNTIME_SPEEDS[name])
+
+
+@pytest.fixture(autouse=True)
+def runtime_speeds_fixed(request, monkeypatch):
+    """Every test's ``--runtime auto`` chooses by the fixed table unless marked ``timed_runtimes``."""
+    if request.node.get_closest_marker("timed_runtimes") is None:
+        fixed_runtime_speeds(monkeypatch)
 
 
 WORDS = {1: "person", 3: "car", 18: "dog", 19: "horse"}
@@ -123,6 +144,7 @@ def trained_branches(tmp_path_factory) -> tuple[Path, Path]:
     # Session fixtures are set up before the per-test CPU pin: pin here as well.
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
         patch.setattr(torch.cuda, "is_available", lambda: False)
+        fixed_runtime_speeds(patch)
         warnings.filterwarnings("ignore", "backbone test_efficientnet", UserWarning)
         train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS])
         train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--device", "cpu",

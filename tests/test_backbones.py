@@ -15,7 +15,6 @@ from sklearn.datasets import load_sample_images
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.transforms import build_transform, normalize_batch
 from pipeline.features import cache_key, cached_features, extract_features
-from pipeline.models.image_model import pool_features
 from pipeline.models.backbones import (
     BUNDLED_PACKAGES,
     BackboneWeightsError,
@@ -26,6 +25,7 @@ from pipeline.models.backbones import (
     load_by_position,
     pixel_affine,
 )
+from pipeline.models.image_model import pool_features
 from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 

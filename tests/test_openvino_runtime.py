@@ -1,5 +1,5 @@
-"""The OpenVINO runtime: chosen as documented, computing what torch computes, compiled once,
-kept on disk, part of the cache key and of the checkpoint."""
+"""The OpenVINO runtime: computing what torch computes, compiled once, kept on disk, part of
+the cache key and of the checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import openvino_runtime
-from pipeline.engine.openvino_runtime import OpenVinoForward, resolve_runtime
+from pipeline.engine.openvino_runtime import OpenVinoRuntime
 from pipeline.features import cached_features, cached_stage_maps, extract_features
 from pipeline.inference import inference_runtime
 from pipeline.models.backbones import create_backbone, split_backbone
@@ -33,20 +33,6 @@ def tiny_images(tmp_path):
     """The image folder of a 6-image tiny dataset, and its ids."""
     root = make_tiny_dataset(tmp_path / "tiny", n_train=6, n_test=0)
     return DatasetPaths.resolve(root), [f"{i}.jpg" for i in range(6)]
-
-
-def test_auto_is_openvino_on_a_cpu_where_installed_and_torch_elsewhere(monkeypatch):
-    assert resolve_runtime("auto", CPU) == "openvino"
-    assert resolve_runtime("auto", CUDA) == "torch"
-    assert resolve_runtime("torch", CPU) == "torch"
-    with pytest.raises(ValueError, match="--runtime openvino runs on a CPU"):
-        resolve_runtime("openvino", CUDA)
-    with pytest.raises(ValueError, match="valid values are auto, torch, openvino"):
-        resolve_runtime("onnx", CPU)
-    monkeypatch.setattr(openvino_runtime, "openvino_version", lambda: None)
-    assert resolve_runtime("auto", CPU) == "torch"
-    with pytest.raises(ImportError, match="openvino package is not installed"):
-        resolve_runtime("openvino", CPU)
 
 
 def test_openvino_features_and_stage_maps_match_torch(backbone, tiny_images, tmp_path):
@@ -72,15 +58,16 @@ def test_openvino_features_and_stage_maps_match_torch(backbone, tiny_images, tmp
 
 def test_a_model_compiles_once_per_process_and_converts_once_per_cache(backbone, tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_runtime, "_COMPILED", {})
-    first = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", tmp_path, 1)
-    assert OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", tmp_path, 1) is first
+    runtime = OpenVinoRuntime()
+    first = runtime.build(backbone.module, backbone.preprocessing, True, "fp32", CPU, tmp_path, 1)
+    assert runtime.build(backbone.module, backbone.preprocessing, True, "fp32", CPU, tmp_path, 1) is first
     (saved,) = (tmp_path / "openvino").glob("*.xml")
     assert saved.with_suffix(".bin").is_file()
 
     # A new process (an empty memory) reads the converted model instead of converting again.
     monkeypatch.setattr(openvino_runtime, "_COMPILED", {})
     monkeypatch.setattr(openvino_runtime, "convert", lambda *args: pytest.fail("converted again"))
-    again = OpenVinoForward.cached(backbone.module, backbone.preprocessing, True, "fp32", tmp_path, 1)
+    again = runtime.build(backbone.module, backbone.preprocessing, True, "fp32", CPU, tmp_path, 1)
     pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     assert torch.equal(again(pixels), first(pixels))
     assert again(pixels).shape == (3, backbone.pooled_dim)
@@ -102,9 +89,8 @@ def test_inference_runs_the_trained_runtime_and_says_when_it_cannot(monkeypatch,
     assert "image.pt was trained with features from openvino" in caplog.text
     caplog.clear()
     monkeypatch.setattr(openvino_runtime, "openvino_version", lambda: None)
-    monkeypatch.setattr("pipeline.inference.openvino_version", lambda: None)
     assert inference_runtime("openvino", None, CPU, "decoder.pt") == "torch"
-    assert "openvino is not installed: running torch" in caplog.text
+    assert "the openvino package is not installed (pip install -r requirements.txt): running torch" in caplog.text
 
 
 def test_training_records_its_runtime_and_inference_follows_it(trained_branches, tmp_path):

@@ -1,42 +1,28 @@
-"""Who runs the frozen forward passes: torch, or OpenVINO compiled for this CPU.
+"""The OpenVINO runtime: the frozen graph converted by ``openvino.convert_model`` and compiled
+for this CPU (it folds batch norm itself and picks kernels for the instruction set it finds),
+run in the main process with one stream per core while loader workers decode.
 
-Every frozen forward pass (the feature cache, the stage maps, inference, ``--image``)
-runs through the runtime ``--runtime`` names:
-
-- ``torch``: PyTorch eager mode, batch norm and the input normalisation folded
-  (:func:`pipeline.models.backbones.fuse_for_inference`), one single-threaded process per core;
-- ``openvino``: the same graph converted by ``openvino.convert_model`` and compiled for this
-  CPU (it folds batch norm itself and picks kernels for the instruction set it finds),
-  run in the main process with one stream per core while loader workers decode;
-- ``auto``: OpenVINO on a CPU where it is installed, else torch; torch on a GPU.
-
-docs/speed.md, "CPU runtimes", has the measurements behind ``auto``.
-
-A converted model is kept on disk under a key (the module's own tensors, the
-preprocessing, pooled or not, precision, OpenVINO version) and compiled once per process.
+A converted model is kept in ``<model_cache>/openvino/<digest>.xml`` (+ ``.bin``), verified by
+the digest written beside it (:class:`pipeline.engine.frozen.ModelFiles`), and compiled once
+per process.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
-import os
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.io import OptionError
-from pipeline.choices import RUNTIMES
-from pipeline.models.backbones import state_digest
+from pipeline.engine.frozen import Calibration, FrozenForward, ModelFiles, Runtime, key_digest
+from pipeline.engine.onnx_runtime import export_model, onnxruntime_version
 from pipeline.models.image_model import RawPixelGraph
-
 
 
 def openvino_version() -> str | None:
@@ -48,33 +34,9 @@ def openvino_version() -> str | None:
     return openvino.get_version()
 
 
-def resolve_runtime(name: str, device: torch.device) -> str:
-    """``torch`` or ``openvino``: ``auto`` is OpenVINO on a CPU where it is installed, else
-    torch; asking for OpenVINO on a GPU or without the package is an error."""
-    if name not in RUNTIMES:
-        raise OptionError(f"--runtime {name!r}: valid values are {', '.join(RUNTIMES)}")
-    if name == "torch":
-        return "torch"
-    if device.type != "cpu":
-        if name == "openvino":
-            raise OptionError(f"--runtime openvino runs on a CPU; this run's device is {device.type} "
-                             "(use --runtime torch or auto)")
-        return "torch"
-    if openvino_version() is None:
-        if name == "openvino":
-            raise ImportError("--runtime openvino: the openvino package is not installed "
-                              "(pip install -r requirements.txt), or use --runtime torch")
-        return "torch"
-    return "openvino"
-
-
 def cpu_has_bf16(core: Any) -> bool:
     """True where OpenVINO computes bf16 in hardware on this CPU."""
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
 # One compiled model per key and process: every chunk of a run uses the first one.
@@ -82,7 +44,7 @@ _COMPILED: dict[str, OpenVinoForward] = {}
 _COMPILED_LOCK = threading.Lock()
 
 
-class OpenVinoForward:
+class OpenVinoForward(FrozenForward):
     """A frozen module compiled by OpenVINO: uint8 pixel batches in, float32 outputs out.
 
     Takes the batches channels_last, as the loader workers make them (the transpose is
@@ -93,46 +55,6 @@ class OpenVinoForward:
     def __init__(self, converted: Any, compiled: Any, streams: int) -> None:
         self.converted = converted  # the model as converted: uint8 NCHW input, any batch size
         self.compiled, self.streams = compiled, streams
-
-    @classmethod
-    def cached(cls, module: nn.Module, preprocessing: dict, pooled: bool, precision: str,
-               cache_dir: Path | None, cores: int) -> OpenVinoForward:
-        """``module`` compiled: from this process's memory, else converted (or read from
-        ``cache_dir``, where conversions are kept) and compiled."""
-        # Keyed by the tensors themselves: a backbone's front and the whole backbone differ in
-        # them, and two random initialisations share a weights name but not their tensors.
-        key = {"state": state_digest(module), "preprocessing": preprocessing, "pooled": pooled,
-               "precision": precision, "openvino": openvino_version()}
-        digest = _digest(key)
-        with _COMPILED_LOCK:
-            if digest not in _COMPILED:
-                _COMPILED[digest] = cls._compile(module, preprocessing, pooled, precision, digest, cache_dir, cores)
-            return _COMPILED[digest]
-
-    @classmethod
-    def _compile(cls, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, digest: str,
-                 cache_dir: Path | None, cores: int) -> OpenVinoForward:
-        import openvino as ov
-        from openvino.preprocess import PrePostProcessor
-
-        core = ov.Core()
-        model_file = Path(cache_dir) / "openvino" / f"{digest}.xml" if cache_dir is not None else None
-        if model_file is not None and model_file.is_file():
-            model = core.read_model(model_file)
-        else:
-            model = convert(module, preprocessing, pooled)
-            if model_file is not None:
-                save_atomically(model, model_file)
-        resolution = preprocessing["resolution"]
-        steps = PrePostProcessor(model.clone())
-        steps.input().tensor().set_layout(ov.Layout("NHWC")).set_shape([-1, resolution, resolution, 3])
-        steps.input().model().set_layout(ov.Layout("NCHW"))
-        laid_out = steps.build()
-        hint = "bf16" if precision == "bf16" and cpu_has_bf16(core) else "f32"
-        compiled = core.compile_model(laid_out, "CPU", {
-            "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": cores, "INFERENCE_NUM_THREADS": cores,
-            "PERFORMANCE_HINT": "THROUGHPUT"})
-        return cls(model, compiled, cores)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """Outputs (B, ...) float32 of one uint8 batch (B, 3, R, R)."""
@@ -166,6 +88,58 @@ class OpenVinoForward:
             yield done_tag, finished.pop(done)
 
 
+class OpenVinoRuntime(Runtime):
+    name = "openvino"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "int8")
+
+    def version(self) -> str | None:
+        return openvino_version()
+
+    def build(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, device: torch.device,
+              model_cache: Path | None, cores: int, calibration: Calibration | None = None) -> OpenVinoForward:
+        """``module`` compiled: from this process's memory, else converted (or read from
+        ``model_cache``, where conversions are kept) and compiled."""
+        if precision == "int8" and onnxruntime_version() is None:
+            raise ImportError("openvino int8 reads the model ONNX Runtime's quantisation makes: install onnxruntime")
+        digest = key_digest(self.model_key(module, preprocessing, pooled, precision, calibration))
+        compiled = f"{digest}-{cores}"  # compiled for a number of streams
+        with _COMPILED_LOCK:
+            if compiled not in _COMPILED:
+                _COMPILED[compiled] = _compile(module, preprocessing, pooled, precision, digest, model_cache, cores,
+                                               calibration)
+            return _COMPILED[compiled]
+
+
+def model_files(model_cache: Path, digest: str) -> ModelFiles:
+    """Where the converted model of ``digest`` is kept: ``.xml`` and ``.bin`` and their digest."""
+    return ModelFiles(Path(model_cache) / "openvino" / f"{digest}.xml", (".bin",))
+
+
+def _compile(module: nn.Module, preprocessing: dict, pooled: bool, precision: str, digest: str,
+             model_cache: Path | None, cores: int, calibration: Calibration | None) -> OpenVinoForward:
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    core = ov.Core()
+    make = (lambda: convert_quantised(module, preprocessing, pooled, calibration)) if precision == "int8" else \
+        (lambda: convert(module, preprocessing, pooled))
+    model = make() if model_cache is None else model_files(model_cache, digest).load_or_build(
+        core.read_model, make, save_model)
+    if precision == "int8":
+        laid_out = model  # quantised from ONNX Runtime's export, which takes NHWC pixels already
+    else:
+        resolution = preprocessing["resolution"]
+        steps = PrePostProcessor(model.clone())
+        steps.input().tensor().set_layout(ov.Layout("NHWC")).set_shape([-1, resolution, resolution, 3])
+        steps.input().model().set_layout(ov.Layout("NCHW"))
+        laid_out = steps.build()
+    hint = "bf16" if precision == "bf16" and cpu_has_bf16(core) else "f32"
+    compiled = core.compile_model(laid_out, "CPU", {
+        "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": cores, "INFERENCE_NUM_THREADS": cores,
+        "PERFORMANCE_HINT": "THROUGHPUT"})
+    return OpenVinoForward(model, compiled, cores)
+
+
 def convert(module: nn.Module, preprocessing: dict, pooled: bool) -> Any:
     """``module`` (eval mode, taking normalised images) as an OpenVINO model of uint8 pixels
     (B, 3, R, R), batch size free: avg+max pooled features (B, 2C) or its maps (B, C, h, w)."""
@@ -181,12 +155,22 @@ def convert(module: nn.Module, preprocessing: dict, pooled: bool) -> Any:
         return ov.convert_model(graph, example_input=example, input=[(-1, 3, resolution, resolution), ov.Type.u8])
 
 
-def save_atomically(model: Any, path: Path) -> None:
-    """``path`` (.xml, beside it .bin) written under temporary names, then renamed into place."""
+def convert_quantised(module: nn.Module, preprocessing: dict, pooled: bool, calibration: Calibration | None) -> Any:
+    """``module`` quantised to int8 as the ONNX Runtime runtime quantises it (QDQ, per-channel
+    7-bit weights, the stem and a trained tail in float), read by OpenVINO, which runs the
+    quantise-dequantise pairs as int8 kernels. Input: uint8 pixels (B, R, R, 3)."""
+    import tempfile
+
     import openvino as ov
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.xml")
-    ov.save_model(model, partial, compress_to_fp16=False)
-    partial.with_suffix(".bin").replace(path.with_suffix(".bin"))
-    partial.replace(path)
+    with tempfile.TemporaryDirectory(prefix="openvino-int8-") as scratch:
+        path = Path(scratch) / "int8.onnx"
+        export_model(module, preprocessing, pooled, "int8", calibration, path)
+        return ov.convert_model(str(path))
+
+
+def save_model(model: Any, path: Path) -> None:
+    """``model`` written as ``path`` (.xml) and the .bin beside it, in float32."""
+    import openvino as ov
+
+    ov.save_model(model, path, compress_to_fp16=False)

@@ -46,6 +46,38 @@ def native_bf16(device: torch.device) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
+def _cpuinfo_field(name: str, text: str | None = None) -> str:
+    """The first ``name : value`` line's value in /proc/cpuinfo ("" where there is none)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    match = re.search(rf"^{name}\s*:\s*(.*)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else ""
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (from /proc/cpuinfo; the machine type where there is none)."""
+    import platform
+
+    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
+
+
+# The instruction sets that decide which kernels are fast, newest first, by their cpuinfo flag.
+INSTRUCTION_SETS = (("amx", "amx_tile"), ("avx512_bf16", "avx512_bf16"), ("avx512_vnni", "avx512_vnni"),
+                    ("avx512", "avx512f"), ("avx2", "avx2"))
+
+
+def instruction_set(cpuinfo: str | None = None) -> str:
+    """The widest vector instruction set this CPU has, by its /proc/cpuinfo flags: ``amx``,
+    ``avx512_bf16``, ``avx512_vnni``, ``avx512``, ``avx2``, else the machine type."""
+    import platform
+
+    flags = set(_cpuinfo_field("flags", cpuinfo).split())
+    return next((name for name, flag in INSTRUCTION_SETS if flag in flags), platform.machine())
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where the device computes it natively, else ``fp16`` on a GPU
     (trained with a gradient scaler) and ``fp32`` on a CPU."""
@@ -78,6 +110,8 @@ def inference_precision(device: torch.device, trained: str, native: bool) -> str
     is slower than fp32, and fp16 never runs on a CPU (its CPU kernels are few and slow), so
     those run in fp32, which is closer to either than the other reduced format.
     """
+    if trained == "int8":  # the frozen front quantised: its runtime runs it on any CPU
+        return "int8"
     if trained == "fp16":
         return "fp16" if device.type == "cuda" else "fp32"
     if trained == "bf16":

@@ -3,29 +3,30 @@
 Measures in one run, on real JPEGs of ``--data`` (the first ``--num-images`` rows of its
 train.csv stand in for a test set), with the trained checkpoints in ``--weights``:
 
-- ``forward_img_s_by_runtime``: the backbone alone on a batch already in memory, in every
-  runtime installed here (torch eager with batch norm and input normalisation folded,
-  OpenVINO, ONNX Runtime), each in its best layout (``backbone_forward_layouts_img_s``);
-  ``backbone_forward_img_s`` is the fastest: this hardware's limit;
+- ``forward``: the backbone alone on in-memory batches at the pipeline's batch, in every
+  runtime that runs here (the registry, :mod:`pipeline.engine.runtimes`) and each precision it
+  runs of fp32, bf16 (where the CPU has it) and int8 (calibrated on training images):
+  images per second with every core, in the layout extraction uses, and milliseconds per image
+  on one core; ``forward_img_s_by_runtime`` at the pipeline's precision, whose fastest is
+  ``backbone_forward_img_s``;
 - ``pipeline_img_s``: ``inference.py``'s prediction (``predict_in_chunks``) per image in the
   runtime inference chooses (``runtime``): JPEG decode and resize in DataLoader workers,
   backbone, every head, caption tokenisation and the caption ensemble, fusion and the
   submission file, with an empty feature cache; ``pipeline_torch_img_s``: the same in torch;
-- ``bound_img_s``: what the hardware allows the whole path: on CPU the cores over the
-  per-image cost of one core (JPEG decode and resize and the fastest runtime's forward, once
-  per view, then the caption branch), since decoding runs on the same cores as the forward; on GPU, the slower
-  of the GPU forward and the cores decoding; ``pipeline_over_bound`` is the pipeline's share;
+- ``bound_img_s``: a rate no pipeline can exceed: on CPU the cores over the serial sum of one
+  image's single-core stage costs (per view decode and resize and the fastest runtime's
+  forward, then the caption branch: :func:`serial_bound`); on GPU the slower of the GPU
+  forward and the cores decoding; ``pipeline_over_bound`` is the pipeline's share;
 - ``at_<R>px``: the forwards, both pipelines and the bound again at ``--also-resolution``
   (speed only: the heads take pooled features of any resolution);
-- ``forward_int8_img_s``: OpenVINO's forward after NNCF post-training int8 quantisation,
-  calibrated on training images, where NNCF is installed (speed only);
 - ``effnet_pytorch_pipeline_img_s``: the same path with efficientnet-pytorch's
   ``efficientnet-b0`` as the backbone (random weights: speed does not depend on them);
 - ``train_finetune_img_s``: end-to-end fine-tuning steps (augmentation on the device, forward, backward,
   AdamW, EMA) on real images;
 - ``train_cached_head_img_s`` (and ``train_cached_decoder_img_s``): training the image head
   (the label decoder) on cached features;
-- a per-image breakdown (decode, backbone, heads, caption) to show where the time goes;
+- ``timing``: where the time goes, stage by stage (decode, frozen front, heads, caption,
+  fusion), with the CPU's instruction set;
 - ``peak_rss_mb``, device, threads, workers, batch size and resolution.
 
 Writes ``--output``/bench.json and prints a table.
@@ -34,7 +35,6 @@ Writes ``--output``/bench.json and prints a table.
 from __future__ import annotations
 
 import dataclasses
-import platform
 import resource
 import tempfile
 import time
@@ -56,25 +56,28 @@ from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform
 from pipeline.engine.distributed import DistContext
 from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
-from pipeline.engine.openvino_runtime import OpenVinoForward, openvino_version, save_atomically
+from pipeline.engine.frozen import Calibration, FrozenForward
 from pipeline.engine.runtime import (
     autocast_context,
-    compute_dtype,
     configure_backends,
+    cpu_model,
+    cpu_threads,
     grad_scaler,
+    instruction_set,
+    native_bf16,
     resolve_device,
     reuse_freed_memory,
     seed_everything,
     training_precision,
 )
-from pipeline.features import CPU_BATCH
+from pipeline.engine.runtimes import RUNTIMES, Probe, available_runtimes, build_forward, probe_pixels, time_forward
+from pipeline.features import CPU_BATCH, calibration_images
 from pipeline.fusion import FusionSettings, load_fusion
 from pipeline.inference import BranchPredictor, InferenceConfig, load_branch_checkpoints, predict_in_chunks
 from pipeline.io import write_json
-from pipeline.models.backbones import create_backbone, fuse_for_inference
+from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
-from pipeline.models.image_model import RawPixelGraph
 from pipeline.train.image_config import ImageTrainConfig, resolve_recipe
 from pipeline.train.image_fit import build_image_model, build_optimizer, joint_loss
 from pipeline.train.image_inputs import image_inputs
@@ -102,6 +105,8 @@ class BenchConfig(CommonConfig):
     also_resolution: int = option(224, "also time the forwards, the pipelines and the bound at this resolution "
                                   "(0: not)", group="run")
     batch_size: int = option(64, "images per batch in the inference path and the forward pass", group="run")
+    calibration_images: int = option(300, "training images int8 calibrates on, for the int8 forwards (0: no int8)",
+                                     group="run")
     workers: int = workers_option()
     output: str = output_option()
 
@@ -114,58 +119,13 @@ def _rate(count: int, seconds: float) -> float:
     return round(count / seconds, 2)
 
 
-def _pixel_batch(batch_size: int, resolution: int, precision: str, device: torch.device) -> torch.Tensor:
-    """A batch as inference hands it to the backbone: raw pixel values in the compute dtype,
-    channels_last."""
-    pixels = torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    return pixels.permute(0, 3, 1, 2).to(device).to(compute_dtype(precision), memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def time_backbone_forward(module: torch.nn.Module, batch_size: int, resolution: int, device: torch.device,
-                          seconds: float, precision: str) -> float:
-    """Images per second of ``module`` in this process (torch's threads) on one in-memory batch."""
-    images = _pixel_batch(batch_size, resolution, precision, device)
-    model = module.to(device).to(memory_format=torch.channels_last)
-    with autocast_context(device, precision):
-        model(images)  # warm-up: first-call allocations and kernel selection
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds or count == 0:
-            model(images)
-            count += batch_size
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return _rate(count, time.perf_counter() - started)
-
-
-class _InMemoryForward(torch.utils.data.Dataset):
-    """Item ``k``: one forward pass of a fixed in-memory batch, run in a DataLoader worker."""
-
-    def __init__(self, module: torch.nn.Module, batch: torch.Tensor, batches: int, precision: str) -> None:
-        self.module, self.batch, self.batches, self.precision = module, batch, batches, precision
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        with torch.inference_mode(), autocast_context(torch.device("cpu"), self.precision):
-            return self.module(self.batch).mean()
-
-
-def time_forward_in_processes(module: torch.nn.Module, batch_size: int, resolution: int, processes: int,
-                              images: int, precision: str) -> float:
-    """Images per second of ``processes`` single-threaded workers each running the forward pass
-    on an in-memory batch: the CPU layout feature extraction uses, without any decoding."""
-    batch = _pixel_batch(batch_size, resolution, precision, torch.device("cpu"))
-    model = module.to(memory_format=torch.channels_last)
-    batches = max(2 * processes, images // batch_size)
-    loader = DataLoader(_InMemoryForward(model, batch, batches, precision), batch_size=None,
-                        num_workers=processes, prefetch_factor=4)
-    started = time.perf_counter()
-    for _ in loader:
-        pass
-    return _rate(batches * batch_size, time.perf_counter() - started)
+def time_forward_in_processes(forward: FrozenForward, batch_size: int, resolution: int, processes: int,
+                              seconds: float) -> float:
+    """Images per second of ``processes`` single-threaded workers each running ``forward`` on an
+    in-memory batch for about ``seconds``: the CPU layout torch extraction uses, without any decoding."""
+    single = time_forward_here(forward, batch_size, resolution, min(seconds, 1.0))
+    batches = max(2, int(single * seconds / batch_size))
+    return round(time_forward(forward, resolution, batches, batch_size, processes), 2)
 
 
 def _time_batches(run: Callable[[], object], batch_size: int, seconds: float) -> float:
@@ -178,143 +138,79 @@ def _time_batches(run: Callable[[], object], batch_size: int, seconds: float) ->
     return _rate(count, time.perf_counter() - started)
 
 
-def time_openvino_forward(compiled: OpenVinoForward, batch_size: int, resolution: int, seconds: float) -> float:
-    """Images per second of OpenVINO in this process, one stream per core, a batch queued on each."""
-    batch = _pixel_batch(batch_size, resolution, "fp32", torch.device("cpu")).to(torch.uint8)
-    flight = 2 * compiled.streams
-    return _time_batches(lambda: list(compiled.run_many((None, batch) for _ in range(flight))),
-                         batch_size * flight, seconds)
+def time_forward_here(forward: FrozenForward, batch_size: int, resolution: int, seconds: float) -> float:
+    """Images per second of ``forward`` in this process on an in-memory batch, four batches in
+    flight (a runtime with several streams keeps each busy)."""
+    batch = probe_pixels(batch_size, resolution)
+    flight = 4
+    result = _time_batches(lambda: list(forward.run_many((None, batch) for _ in range(flight))),
+                           batch_size * flight, seconds)
+    return result
 
 
-class _OpenVinoInWorker(torch.utils.data.Dataset):
-    """Item ``k``: one forward pass of a fixed batch by a single-threaded OpenVINO model that each
-    DataLoader worker compiles from ``model_file`` at its first item."""
-
-    def __init__(self, model_file: Path, batch: np.ndarray, batches: int) -> None:
-        self.model_file, self.batch, self.batches, self.compiled = model_file, batch, batches, None
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __getitem__(self, k: int) -> float:
-        if self.compiled is None:
-            import openvino as ov
-
-            self.compiled = ov.Core().compile_model(str(self.model_file), "CPU", {
-                "INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"})
-        return float(self.compiled([self.batch])[0].mean())
+def bench_precisions(device: torch.device, int8: bool) -> list[str]:
+    """The precisions the forward table shows: fp32; bf16 where the device computes it
+    natively; int8 where there are calibration images."""
+    return ["fp32", *(["bf16"] if native_bf16(device) else []), *(["int8"] if int8 else [])]
 
 
-def time_openvino_in_processes(model_file: Path, batch_size: int, resolution: int, processes: int,
-                               images: int) -> float:
-    """Images per second of ``processes`` workers each running its own single-threaded OpenVINO
-    model: the per-core layout torch extraction uses, against OpenVINO's own streams. The
-    clock starts at each worker's first result, after its compile."""
-    batch = np.random.default_rng(0).integers(0, 256, (batch_size, 3, resolution, resolution), dtype=np.uint8)
-    batches = max(4 * processes, images // batch_size)
-    loader = iter(DataLoader(_OpenVinoInWorker(model_file, batch, batches), batch_size=None,
-                             num_workers=processes, prefetch_factor=2))
-    for _ in range(processes):
-        next(loader)
-    started, timed = time.perf_counter(), 0
-    for _ in loader:
-        timed += 1
-    return _rate(timed * batch_size, time.perf_counter() - started)
-
-
-def time_onnxruntime_forward(module: torch.nn.Module, preprocessing: dict, batch_size: int, seconds: float,
-                             scratch: Path) -> float:
-    """Images per second of ONNX Runtime (its own threads, one per core) on the exported graph."""
-    import onnxruntime
-
+def forward_table(module: torch.nn.Module, preprocessing: dict, device: torch.device, precisions: list[str],
+                  batch: int, processes: int, seconds: float, repeats: int, scratch: Path,
+                  calibration: Calibration | None,
+                  runtimes: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """``{runtime: {precision: {"img_s", "single_core_ms"}}}`` of ``module``'s frozen forward at
+    the pipeline's batch, on in-memory batches, for every runtime that runs here and each of
+    its ``precisions``: ``img_s`` with every core, in the layout extraction runs it in (torch on
+    a CPU: one single-threaded process per core; the others: this process, their own threads);
+    ``single_core_ms``: milliseconds per image on one core (one thread), the cost the bound
+    charges."""
     resolution = preprocessing["resolution"]
-    graph = RawPixelGraph(module, preprocessing, pooled=True).eval()
-    path = scratch / f"forward{resolution}.onnx"
-    pixels = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (pixels,), str(path), dynamo=False, input_names=["pixels"],
-                          dynamic_axes={"pixels": {0: "batch"}}, opset_version=17)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = usable_cores()
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    batch = np.random.default_rng(0).integers(0, 256, (batch_size, 3, resolution, resolution), dtype=np.uint8)
-    return _time_batches(lambda: session.run(None, {"pixels": batch}), batch_size, seconds)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name in runtimes or list(RUNTIMES):
+        for precision in precisions:
+            if name not in available_runtimes(device, precision):
+                continue
+            probe = Probe(module, preprocessing, True, precision, calibration)
+            print(f"  {name} {precision} ...", flush=True)
+            try:
+                forward = build_forward(name, probe, device, scratch, usable_cores())
+                if forward.in_workers and processes:
+                    img_s = max(time_forward_in_processes(forward, batch, resolution, processes, seconds)
+                                for _ in range(repeats))
+                else:
+                    img_s = max(time_forward_here(forward, batch, resolution, seconds) for _ in range(repeats))
+                entry = {"img_s": img_s}
+                if device.type == "cpu":
+                    with cpu_threads(1):
+                        one = build_forward(name, probe, device, scratch, 1)
+                        single = max(time_forward_here(one, batch, resolution, seconds / 2) for _ in range(repeats))
+                    entry["single_core_ms"] = round(1000.0 / single, 3)
+            except Exception as err:  # noqa: BLE001 - a runtime that cannot run this model is shown as such
+                print(f"  {name} {precision}: could not run ({type(err).__name__}: {str(err)[:200]})", flush=True)
+                continue
+            table.setdefault(name, {})[precision] = entry
+    return table
 
 
-def time_int8_forward(converted, paths, image_ids: list[str], preprocessing: dict, batch_size: int,
-                      seconds: float) -> float | None:
-    """Images per second of OpenVINO on its ``converted`` model quantised to int8 by NNCF,
-    calibrated on ``image_ids``; None where NNCF is not installed."""
-    try:
-        import nncf
-        import openvino as ov
-    except ImportError:
-        return None
-    dataset = ImageDataset(paths, image_ids, build_transform(preprocessing, normalize=False),
-                           preprocessing["resolution"], blank_dtype=torch.uint8)
-    calibration = [dataset[i][0][None].numpy() for i in range(len(dataset))]  # (1, 3, R, R) uint8 each
-    core = ov.Core()
-    quantised = nncf.quantize(converted.clone(), nncf.Dataset(calibration), subset_size=len(calibration))
-    compiled = core.compile_model(quantised, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
-    requests = ov.AsyncInferQueue(compiled, 2 * usable_cores())
-    batch = np.random.default_rng(0).integers(0, 256, (batch_size, 3, preprocessing["resolution"],
-                                                        preprocessing["resolution"]), dtype=np.uint8)
+def serial_bound(decode_ms: float, forward_ms: float, caption_ms: float | None, cores: int, views: int = 1) -> float:
+    """Images per second no CPU pipeline can exceed: 1 / the sum of one image's stage times,
+    each stage given the whole machine, one after the other.
 
-    def run() -> None:
-        for _ in range(len(requests)):
-            requests.start_async({0: batch})
-        requests.wait_all()
-
-    return _time_batches(run, batch_size * len(requests), seconds)
+    Each ``*_ms`` is the stage's cost per image on one core (decode and resize; the fastest
+    runtime's forward at the pipeline's batch, per view; the caption branch), measured alone
+    with one thread, the most a core does per second; a stage given every core takes at best
+    that over ``cores``. However a pipeline overlaps its stages, each image needs that much
+    core time, so ``cores`` cores finish at most ``1000 * cores / sum`` images a second.
+    """
+    per_image_ms = views * (decode_ms + forward_ms) + (caption_ms or 0.0)
+    return round(1000.0 * cores / per_image_ms, 2)
 
 
-def forward_limits(backbone, device: torch.device, precision: str, config: BenchConfig, batch: int,
-                   processes: int, scratch: Path) -> dict[str, float]:
-    """The backbone's in-memory forward throughput in each runtime and layout that could run it
-    here (best of ``--repeats``): torch in this process with its threads at the pipeline's batch
-    and at ``--batch-size`` and, on CPU, in one single-threaded process per core; on CPU also
-    OpenVINO with a stream per core and in a process per core, and ONNX Runtime."""
-    module, preprocessing = backbone.module, backbone.preprocessing
-    fused = fuse_for_inference(module, preprocessing)
-    resolution = preprocessing["resolution"]
-    best = lambda measure: max(measure() for _ in range(config.repeats))  # noqa: E731
-    limits = {}
-    for size in sorted({batch, config.batch_size}):
-        limits[f"torch_threads_batch{size}"] = best(
-            lambda: time_backbone_forward(fused, size, resolution, device, config.forward_seconds, precision))
-    if processes:
-        images = int(limits[f"torch_threads_batch{batch}"] * config.forward_seconds)
-        limits[f"torch_processes{processes}_batch{batch}"] = best(
-            lambda: time_forward_in_processes(fused, batch, resolution, processes, images, precision))
-    if device.type != "cpu":
-        return limits
-    if openvino_version() is not None:
-        compiled = OpenVinoForward.cached(module, preprocessing, True, precision, scratch, usable_cores())
-        limits[f"openvino_streams{compiled.streams}_batch{batch}"] = best(
-            lambda: time_openvino_forward(compiled, batch, resolution, config.forward_seconds))
-        if processes:
-            model_file = scratch / f"forward{resolution}.xml"
-            save_atomically(compiled.converted, model_file)
-            images = int(limits[f"openvino_streams{compiled.streams}_batch{batch}"] * config.forward_seconds)
-            limits[f"openvino_processes{processes}_batch{batch}"] = best(
-                lambda: time_openvino_in_processes(model_file, batch, resolution, processes, images))
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return limits
-    limits[f"onnxruntime_threads_batch{batch}"] = best(
-        lambda: time_onnxruntime_forward(module, preprocessing, batch, config.forward_seconds, scratch))
-    return limits
-
-
-def by_runtime(limits: dict[str, float]) -> dict[str, float]:
-    """The best layout's images per second of each runtime in ``limits``."""
-    best: dict[str, float] = {}
-    for layout, rate in limits.items():
-        runtime = layout.split("_")[0]
-        best[runtime] = max(best.get(runtime, 0.0), rate)
-    return best
+def gpu_bound(forward_img_s: float, decode_ms: float, caption_ms: float | None, cores: int, views: int = 1) -> float:
+    """On a GPU the forward runs on the device while the cores decode and run the caption
+    branch: the slower of the two."""
+    host_ms = views * decode_ms + (caption_ms or 0.0)
+    return round(min(forward_img_s / views, 1000.0 * cores / host_ms), 2)
 
 
 def time_inference_path(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings,
@@ -341,32 +237,33 @@ def time_decode(paths, image_ids: list[str], preprocessing: dict) -> float:
     return round(1000 * (time.perf_counter() - started) / max(len(dataset), 1), 3)
 
 
-def time_caption(predictor: BranchPredictor, frame: pd.DataFrame) -> float | None:
-    """Milliseconds per caption of the caption branch alone (tokenise, encode, ensemble)."""
+def time_caption(predictor: BranchPredictor, frame: pd.DataFrame, threads: int = 0) -> float | None:
+    """Milliseconds per caption of the caption branch alone (tokenise, encode, ensemble), with
+    ``threads`` torch threads (0: as set)."""
     if "caption" not in predictor.checkpoints:
         return None
     from pipeline.branches.caption import predict_caption_probs
 
     captions = frame[CAPTION_COLUMN].fillna("").tolist()
+    with cpu_threads(threads):
+        started = time.perf_counter()
+        predict_caption_probs(predictor.checkpoints["caption"], captions, predictor.device)
+        return round(1000 * (time.perf_counter() - started) / len(captions), 3)
+
+
+def time_heads_and_fusion(predictor: BranchPredictor, settings: FusionSettings, rows: int) -> dict[str, float]:
+    """Milliseconds per image of the image heads (head and beam-search decoder) on in-memory
+    pooled features, and of fusion on their probabilities."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(rows, predictor.backbone.pooled_dim, generator=generator)
+    readable = torch.ones(rows, dtype=torch.bool)
     started = time.perf_counter()
-    predict_caption_probs(predictor.checkpoints["caption"], captions, predictor.device)
-    return round(1000 * (time.perf_counter() - started) / len(captions), 3)
-
-
-def physical_bound(forward_img_s: float, decode_ms: float, caption_ms: float | None, cores: int,
-                   device: torch.device, views: int = 1) -> float:
-    """Images per second the whole inference path could reach on this hardware.
-
-    On CPU every image costs one core, per view (plain, and mirrored with test-time flips),
-    ``decode_ms`` + its share of the forward (``cores / forward_img_s``, the forward limit
-    using every core), then ``caption_ms``, and the cores run nothing else. On GPU the
-    forward runs on the device while the cores decode and run the caption branch, so the
-    slower of the two bounds.
-    """
-    host_ms = views * decode_ms + (caption_ms or 0.0)
-    if device.type == "cuda":
-        return round(min(forward_img_s / views, 1000.0 * cores / host_ms), 2)
-    return round(1000.0 * cores / (host_ms + views * 1000.0 * cores / forward_img_s), 2)
+    probs = predictor.heads.probabilities(features, readable, predictor.device)
+    heads_ms = 1000 * (time.perf_counter() - started) / rows
+    probs.update({branch: probs[next(iter(probs))] for branch in settings.branches if branch not in probs})
+    started = time.perf_counter()
+    settings.predict({branch: probs[branch] for branch in settings.branches})
+    return {"heads": round(heads_ms, 4), "fusion": round(1000 * (time.perf_counter() - started) / rows, 4)}
 
 
 def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[str], num_labels: int,
@@ -433,18 +330,24 @@ def _decoder_step(feature_dim: int, num_labels: int) -> torch.nn.Module:
 
 
 def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings, labels: LabelSet,
-                  config: BenchConfig, batch: int, processes: int, caption_ms: float | None, scratch: Path) -> dict:
-    """At the predictor's backbone resolution: every runtime's forward, the pipeline in the
-    predictor's runtime and in torch, decoding, and the bound from the fastest forward."""
-    backbone, device = predictor.backbone, predictor.device
+                  config: BenchConfig, batch: int, processes: int, caption_ms: float | None,
+                  calibration: Calibration | None, scratch: Path) -> dict:
+    """At the predictor's backbone resolution: every runtime's forward in each precision, the
+    pipeline in the predictor's runtime and in torch, decoding, and the bound from the fastest
+    runtime at the pipeline's precision."""
+    backbone, device, precision = predictor.backbone, predictor.device, predictor.precision
     resolution = backbone.preprocessing["resolution"]
-    print(f"timing {backbone.name} forwards at {resolution} px ({predictor.precision}) on in-memory batches ...",
-          flush=True)
-    limits = forward_limits(backbone, device, predictor.precision, config, batch, processes, scratch)
-    out: dict = {"resolution": resolution, "backbone_forward_layouts_img_s": limits,
-                 "forward_img_s_by_runtime": by_runtime(limits), "backbone_forward_img_s": max(limits.values())}
+    print(f"timing {backbone.name} forwards at {resolution} px on in-memory batches of {batch} ...", flush=True)
+    # The pipeline's own precision always (fp16 on a GPU), then the table's.
+    precisions = list(dict.fromkeys([precision, *bench_precisions(device, calibration is not None)]))
+    table = forward_table(backbone.module, backbone.preprocessing, device, precisions, batch, processes,
+                          config.forward_seconds, config.repeats, scratch / "models", calibration)
+    by_runtime = {name: entry[precision]["img_s"] for name, entry in table.items() if precision in entry}
+    out: dict = {"resolution": resolution, "forward": table, "forward_img_s_by_runtime": by_runtime,
+                 "backbone_forward_img_s": max(by_runtime.values())}
     chosen = predictor.runtime
-    for runtime in dict.fromkeys([chosen, "torch"]):
+    # Against torch where torch runs the pipeline's precision (it runs no int8).
+    for runtime in dict.fromkeys([chosen, *(["torch"] if "torch" in available_runtimes(device, precision) else [])]):
         predictor.runtime = runtime
         print(f"timing the inference path in {runtime} at {resolution} px on {len(frame)} images ...", flush=True)
         path = max((time_inference_path(predictor, frame, settings, labels, scratch / f"{runtime}{i}")
@@ -459,10 +362,26 @@ def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: Fus
     ids = frame[ID_COLUMN].tolist()
     out["decode_resize_ms_per_img"] = min(time_decode(predictor.paths, ids[:200], backbone.preprocessing)
                                           for _ in range(config.repeats))
-    out["bound_img_s"] = physical_bound(out["backbone_forward_img_s"], out["decode_resize_ms_per_img"], caption_ms,
-                                        usable_cores(), device, len(predictor.views))
+    views = len(predictor.views)
+    if device.type == "cpu":
+        single = {name: entry[precision]["single_core_ms"] for name, entry in table.items() if precision in entry}
+        out["bound_runtime"] = min(single, key=single.__getitem__)
+        out["bound_forward_ms_per_img"] = single[out["bound_runtime"]]
+        out["bound_img_s"] = serial_bound(out["decode_resize_ms_per_img"], out["bound_forward_ms_per_img"],
+                                          caption_ms, usable_cores(), views)
+    else:
+        out["bound_img_s"] = gpu_bound(out["backbone_forward_img_s"], out["decode_resize_ms_per_img"], caption_ms,
+                                       usable_cores(), views)
     out["pipeline_over_bound"] = round(out["pipeline_img_s"] / out["bound_img_s"], 3)
     return out
+
+
+def stage_timing(results: dict, stage_ms: dict[str, float | None], images: int) -> dict:
+    """The per-stage timing of the bench: each stage's milliseconds per image on this machine
+    as seconds for ``images`` images and images per second, with the CPU and its instruction set."""
+    stages = {stage: {"seconds": round(ms * images / 1000, 3), "images": images, "img_s": round(1000 / ms, 2)}
+              for stage, ms in stage_ms.items() if ms}
+    return {"cpu": cpu_model(), "instruction_set": instruction_set(), "cores": results["cores"], "stages": stages}
 
 
 def run_benchmark(config: BenchConfig) -> dict:
@@ -492,7 +411,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         "data": str(paths.root), "weights": str(config.weights_dir), "images_timed": len(frame),
         "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
         "batch_size": config.batch_size, "branches": branches, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(), "instruction_set": instruction_set(),
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch_name:
         scratch = Path(scratch_name)
@@ -507,25 +426,34 @@ def run_benchmark(config: BenchConfig) -> dict:
                        views=list(predictor.views),
                        pipeline_batch=batch, pipeline_processes=processes, cores=usable_cores())
         ids = frame[ID_COLUMN].tolist()
-        results["caption_branch_ms_per_img"] = time_caption(predictor, frame)
+        # On one core: the bound charges each stage its single-core cost.
+        results["caption_branch_ms_per_img"] = time_caption(predictor, frame, 1 if device.type == "cpu" else 0)
+        # int8 calibrates on the dataset's own training images, as training does.
+        calibration = calibration_images(paths, read_csv(paths.train_csv)[ID_COLUMN].tolist(),
+                                         backbone.preprocessing, config.calibration_images) \
+            if device.type == "cpu" and config.calibration_images else None
         trained_preprocessing = backbone.preprocessing
         for size in [resolution] + ([config.also_resolution] if config.also_resolution not in (0, resolution) else []):
             # The heads take pooled features of any resolution, so speed can be timed at another one.
             backbone.preprocessing = {**trained_preprocessing, "resolution": size}
+            if calibration is not None:
+                calibration = calibration_images(paths, read_csv(paths.train_csv)[ID_COLUMN].tolist(),
+                                                 backbone.preprocessing, config.calibration_images)
             measured = time_runtimes(predictor, frame, settings, labels, config, batch, processes,
-                                     results["caption_branch_ms_per_img"], scratch / f"{size}px")
+                                     results["caption_branch_ms_per_img"], calibration, scratch / f"{size}px")
             if size == resolution:
                 results.update(measured)
             else:
                 results[f"at_{size}px"] = measured
         backbone.preprocessing = trained_preprocessing
         results["test_10000_images_minutes"] = round(10000 / results["pipeline_img_s"] / 60, 2)
-        if device.type == "cpu" and openvino_version() is not None:
-            print("timing OpenVINO int8 (where NNCF is installed) ...", flush=True)
-            compiled = OpenVinoForward.cached(backbone.module, trained_preprocessing, True, precision, scratch,
-                                              usable_cores())
-            results["forward_int8_img_s"] = time_int8_forward(compiled.converted, paths, ids[:300],
-                                                              trained_preprocessing, batch, config.forward_seconds)
+        views = len(predictor.views)
+        per_image = time_heads_and_fusion(predictor, settings, min(len(frame), 2000))
+        forward_ms = 1000.0 / results["forward_img_s_by_runtime"][runtime]
+        results["timing"] = stage_timing(results, {
+            "decode": results["decode_resize_ms_per_img"] * views / max(processes, 1),
+            "frozen front": forward_ms * views, "heads": per_image["heads"],
+            "caption": time_caption(predictor, frame), "fusion": per_image["fusion"]}, len(frame))
 
         if config.compare:
             with warnings.catch_warnings():
@@ -540,15 +468,20 @@ def run_benchmark(config: BenchConfig) -> dict:
             results["effnet_pytorch_pipeline_img_s"] = max(
                 time_inference_path(predictor, frame, settings, labels, scratch / f"compared{i}")["img_s"]
                 for i in range(config.repeats))
-            forward = max(forward_limits(compared, device, precision, dataclasses.replace(config, repeats=1),
-                                         batch, processes, scratch / "compared").get(k, 0.0)
-                          for k in (f"torch_threads_batch{batch}", f"torch_processes{processes}_batch{batch}"))
-            results["effnet_pytorch_forward_img_s"] = forward
-            bound = physical_bound(forward, results["decode_resize_ms_per_img"], results["caption_branch_ms_per_img"],
-                                   results["cores"], device, len(predictor.views))
+            table = forward_table(compared.module, compared.preprocessing, device, [precision], batch, processes,
+                                  config.forward_seconds, 1, scratch / "compared", None, runtimes=["torch"])
+            results["effnet_pytorch_forward_img_s"] = table["torch"][precision]["img_s"]
+            if device.type == "cpu":
+                bound = serial_bound(results["decode_resize_ms_per_img"], table["torch"][precision]["single_core_ms"],
+                                     results["caption_branch_ms_per_img"], results["cores"], views)
+            else:
+                bound = gpu_bound(results["effnet_pytorch_forward_img_s"], results["decode_resize_ms_per_img"],
+                                  results["caption_branch_ms_per_img"], results["cores"], views)
             results["effnet_pytorch_bound_img_s"] = bound
             results["effnet_pytorch_pipeline_over_bound"] = round(results["effnet_pytorch_pipeline_img_s"] / bound, 3)
             results["speedup_over_effnet_pytorch"] = round(
+                results["pipeline_img_s"] / results["effnet_pytorch_pipeline_img_s"], 2)
+            results["torch_speedup_over_effnet_pytorch"] = round(
                 results["pipeline_torch_img_s"] / results["effnet_pytorch_pipeline_img_s"], 2)
             predictor.backbone, predictor.runtime = backbone, runtime
 
@@ -576,19 +509,23 @@ def run_benchmark(config: BenchConfig) -> dict:
 def format_table(results: dict) -> str:
     """The headline figures as an aligned two-column table."""
     def forwards(at: dict) -> str:
-        return ", ".join(f"{runtime} {rate}" for runtime, rate in at["forward_img_s_by_runtime"].items()) + " img/s"
+        return "; ".join(f"{runtime} " + ", ".join(f"{precision} {entry['img_s']}" for precision, entry in by.items())
+                         for runtime, by in at["forward"].items()) + " img/s"
 
     def pipelines(at: dict) -> str:
         return (f"{at['pipeline_img_s']} img/s in {results['runtime']} ({at['pipeline_speedup_over_torch']}x "
                 f"torch's {at['pipeline_torch_img_s']}; {at['pipeline_over_bound']:.0%} of the bound "
                 f"{at['bound_img_s']})")
 
+    bound_by = (f"decode {results['decode_resize_ms_per_img']} + {results['bound_runtime']}'s forward "
+                f"{results['bound_forward_ms_per_img']} ms per view, caption {results['caption_branch_ms_per_img']} "
+                f"ms, on one core; {results['cores']} cores") if "bound_runtime" in results else "GPU forward vs decoding cores"
     rows = [
         ("backbone", f"{results['backbone']} @ {results['resolution']} px, {results['precision']}, on "
                      f"{results['device']} ({results['threads']} threads); pipeline batch {results['pipeline_batch']}"),
+        ("CPU", f"{results['cpu']} ({results['instruction_set']}, {results['cores']} cores)"),
         ("forward by runtime", forwards(results)),
-        ("physical bound", f"{results['bound_img_s']} img/s (decode + fastest forward + caption per core, over "
-                           f"{results['cores']} cores)"),
+        ("bound", f"{results['bound_img_s']} img/s ({bound_by})"),
         ("inference pipeline", pipelines(results)),
         ("10,000 test images", f"{results['test_10000_images_minutes']} min"),
     ]
@@ -596,16 +533,15 @@ def format_table(results: dict) -> str:
         if key.startswith("at_"):
             rows += [(f"forward at {at['resolution']} px", forwards(at)),
                      (f"pipeline at {at['resolution']} px", pipelines(at))]
-    if results.get("forward_int8_img_s"):
-        rows.append(("OpenVINO int8 forward", f"{results['forward_int8_img_s']} img/s (NNCF, speed only)"))
     if "effnet_pytorch_pipeline_img_s" in results:
         rows.append((f"pipeline with {COMPARED_BACKBONE}",
                      f"{results['effnet_pytorch_pipeline_img_s']} img/s in torch "
                      f"({results['effnet_pytorch_pipeline_over_bound']:.0%} of its bound "
-                     f"{results['effnet_pytorch_bound_img_s']}; ours in torch is {results['speedup_over_effnet_pytorch']}x)"))
+                     f"{results['effnet_pytorch_bound_img_s']}; ours is {results['speedup_over_effnet_pytorch']}x, "
+                     f"in torch {results['torch_speedup_over_effnet_pytorch']}x)"))
+    rows += [(f"stage: {stage}", f"{entry['seconds']} s for {entry['images']} images, {entry['img_s']} img/s")
+             for stage, entry in results["timing"]["stages"].items()]
     rows += [
-        ("decode + resize", f"{results['decode_resize_ms_per_img']} ms/img (one process)"),
-        ("caption branch", f"{results['caption_branch_ms_per_img']} ms/img"),
         ("fine-tuning", f"{results['train_finetune_img_s']} img/s"),
         ("head on cached features", f"{results['train_cached_head_img_s']} rows/s"),
         ("decoder on cached features", f"{results['train_cached_decoder_img_s']} rows/s"),

@@ -50,6 +50,7 @@ from pipeline.engine.distributed import DistContext, barrier, distributed_sessio
 from pipeline.engine.history import EpochHistory, history_path, plot_histories, start_history
 from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
+from pipeline.engine import timing
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
@@ -102,8 +103,12 @@ def train_caption_branch(config: CaptionTrainConfig) -> dict:
     start = time.perf_counter()
     with (_deterministic(), cpu_threads(config.threads), oom_hint(config.batch_size),
           distributed_session(resolve_device(config.device)) as (context, device)):
+        timing.reset()
         summary = _train(config, device, context)
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    # The whole ensemble's training, per training caption.
+    timing.add("caption (training)", time.perf_counter() - start, summary["train_captions"])
+    summary["timing"] = timing.summary()
     if context.is_main:
         summary["summary"] = str(Path(config.weights_dir) / f"{BRANCH}_summary.json")
         write_json(summary["summary"], summary)
@@ -289,6 +294,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     barrier(context)
     finish_run(resume_dir, context)
     return {
+        "train_captions": len(train_df),
         "processes": context.world_size,
         "best_epoch": members[0]["epoch"],
         "best_epochs": [m["epoch"] for m in members],

@@ -31,10 +31,12 @@ from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkp
 from pipeline.config import save_config
 from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
+from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.history import history_path, plot_histories, start_history
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
-from pipeline.engine.openvino_runtime import resolve_runtime
+from pipeline.engine.frozen import Calibration, FrontAndTail
+from pipeline.engine.runtimes import Probe, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
     cpu_threads,
@@ -45,7 +47,7 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
-from pipeline.features import VIEWS, cached_features, cached_stage_maps
+from pipeline.features import VIEWS, cached_features, cached_stage_maps, calibration_images
 from pipeline.io import OptionError, file_digest, write_json
 from pipeline.text_features import TextEncoder
 from pipeline.metrics import tune_global_threshold
@@ -112,6 +114,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         raise OptionError(f"--csra-lambda {config.csra_lambda:g}: class attention needs the spatial map of a trained "
                           "backbone, which frozen mode never sees (cached pooled features); use --mode partial or "
                           "finetune, or --csra-lambda 0")
+    timing.reset()
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
@@ -124,11 +127,25 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # Frozen forward passes (features, stage maps, inference) and training may compute differently.
     precision = resolve_precision(config.precision, device)
     train_precision = precision if mode == "frozen" else training_precision(config.precision, device)
-    runtime = resolve_runtime(config.runtime, device)
+    # The frozen passes (features, stage maps, inference) in int8 where asked, calibrated on the training split.
+    frozen_precision = "int8" if config.front_precision == "int8" and mode != "finetune" else precision
+    calibration = calibration_images(paths, train[ID_COLUMN].tolist(), backbone.preprocessing) \
+        if frozen_precision == "int8" else None
     flip = config.flip_views if config.flip_views is not None else mode != "frozen"
     views = VIEWS if flip else VIEWS[:1]
     stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
     all_ids = training_image_ids(train, val)
+    if stage:
+        front, trunk = split_backbone(backbone, stage)
+    # The runtime of the frozen forward passes, for what they run: the front's maps or pooled features.
+    frozen = Probe(front, backbone.preprocessing, False, frozen_precision, calibration) if stage else \
+        Probe(backbone.module, backbone.preprocessing, True, frozen_precision, calibration)
+    # Rank 0 resolves first (auto measures and keeps its choice); the other ranks then read that choice.
+    runtime = config.runtime
+    for turn in (True, False):
+        if context.is_main == turn:
+            runtime = resolve_runtime(config.runtime, device, frozen, cache_dir)
+        barrier(context)
 
     # --decoder-caption: each image's caption vector, for the decoder (None: it reads none); a
     # dataset without captions is refused here, before any extraction (and after the
@@ -141,13 +158,13 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     extract_start = time.perf_counter()
     if mode == "frozen":
         features, readable = cached_features(backbone, paths, all_ids, cache_dir, device, config.batch_size,
-                                             config.workers, views, "train.csv features", context, precision,
-                                             runtime=runtime)
+                                             config.workers, views, "train.csv features", context, frozen_precision,
+                                             runtime=runtime, calibration=calibration)
         readable = readable.numpy()
     elif stage:
-        front, trunk = split_backbone(backbone, stage)
         maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device, config.batch_size,
-                                 config.workers, VIEWS, "train.csv stage maps", context, precision, runtime=runtime)
+                                 config.workers, VIEWS, "train.csv stage maps", context, frozen_precision,
+                                 runtime=runtime, calibration=calibration)
         readable = maps.readable
     else:
         readable = decodable(paths, all_ids, config.workers, context)
@@ -189,23 +206,31 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
                              context, ResumeState(resume_dir, mode, digest, config.resume, context), history)
     training_seconds = time.perf_counter() - training_start
+    # The trained top stage learns jointly with the heads (partial, finetune); frozen mode trains heads alone.
+    timing.add("heads (training)" if mode == "frozen" else "trained top stage + heads (training)",
+               fitted.epoch_seconds, fitted.images_seen)
 
     # Validation probabilities for fusion, computed exactly as inference computes them
     # (NaN rows for unreadable images): a fine-tuned backbone's features are extracted anew.
     val_ids = val[ID_COLUMN].tolist()
     if mode == "frozen":
         val_features, val_readable, rows = features, torch.from_numpy(val_ok), len(train) + np.arange(len(val))
-        record = backbone_record(backbone, views, precision, runtime)
+        record = backbone_record(backbone, views, frozen_precision, runtime, calibration=calibration)
     else:
         backbone.module = backbone.module.cpu().eval()
         backbone.weights, backbone.weights_digest = "finetuned", "finetuned-" + state_digest(backbone.module)
-        record = backbone_record(backbone, views, precision, runtime, backbone.module.state_dict(), stage)
+        record = backbone_record(backbone, views, frozen_precision, runtime, backbone.module.state_dict(), stage,
+                                 calibration)
+        if calibration is not None and stage:  # int8 for the front only, the trained stages in float
+            backbone.module = FrontAndTail(*split_backbone(backbone, stage))
         val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
-                                                     config.workers, views, "validation features", context, precision,
-                                                     runtime=runtime, attention=fitted.attention)
+                                                     config.workers, views, "validation features", context,
+                                                     frozen_precision, runtime=runtime, attention=fitted.attention,
+                                                     calibration=calibration)
         rows = np.arange(len(val))
     heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width, fitted.attention)
-    val_probs = heads.probabilities(val_features, val_readable, device, rows=rows, captions=val_captions)
+    with timing.timed("heads", len(rows)):
+        val_probs = heads.probabilities(val_features, val_readable, device, rows=rows, captions=val_captions)
     readable_val = rows[val_readable.numpy()]
     decoder_rows = FeatureRows(val_features, readable_val, torch.from_numpy(y_val), fitted.norm,
                                columns=fitted.decoder.feature_dim,
@@ -216,6 +241,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "trained_from_stage": stage,
         "processes": context.world_size,
         "precision": precision,
+        "front_precision": frozen_precision,
         "runtime": runtime,
         "training_precision": train_precision,
         "lr": fitted.lr,
@@ -245,6 +271,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "options_without_effect": idle,
         "files": [str(path) for path in written_files(weights_dir)],
+        "timing": timing.summary(),
     }
     if context.is_main:
         save_image_branch(config, labels.ids, val_ids, record, backbone.preprocessing, fitted,
@@ -298,15 +325,17 @@ def _rows_of(captions: np.ndarray | None, kept: np.ndarray) -> np.ndarray | None
 
 
 def backbone_record(backbone: Backbone, views, precision: str, runtime: str, state_dict: dict | None = None,
-                    trained_from_stage: int | None = None) -> dict:
+                    trained_from_stage: int | None = None, calibration: Calibration | None = None) -> dict:
     """What inference needs to rebuild the backbone, run it as training did (views, precision,
     runtime) and check it is the same one. A fine-tuned backbone's record carries its weights
-    (``state_dict``)."""
+    (``state_dict``), an int8 one its calibration images."""
     record = {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
               "feature_dim": backbone.feature_dim, "views": list(views), "pooling": "avg+max",
               "precision": precision, "runtime": runtime}
     if state_dict is not None:
         record.update(state_dict=state_dict, trained_from_stage=trained_from_stage)
+    if calibration is not None:  # int8: which images it was calibrated on, to quantise the same again
+        record["calibration"] = {"digest": calibration.digest, "image_ids": list(calibration.image_ids)}
     return record
 
 

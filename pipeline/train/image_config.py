@@ -78,10 +78,16 @@ class ImageTrainConfig(TrainingConfig):
         "on a GPU, off on a CPU, where compiling costs minutes; if compiling fails, a warning names the error "
         "and training runs uncompiled (docs/speed.md, \"Compiling the trunk\")", choices=list(COMPILE_CHOICES),
         group="run")
+    front_precision: str = option(
+        "float", "arithmetic of the frozen front (what partial mode never trains, the whole backbone in frozen mode) "
+        "in the frozen forward passes here and in inference: float (--precision's) or int8 (static quantisation, "
+        "run by ONNX Runtime or OpenVINO, calibrated on 300 training images, the stem and the trained stages in "
+        "float; docs/speed.md, \"int8 for the frozen front\")", choices=["float", "int8"], group="run")
     runtime: str = option(
         "auto", "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
-        "same by default): torch, or OpenVINO compiled for this CPU; auto = OpenVINO on a CPU where it is "
-        "installed, else torch (docs/speed.md, \"CPU runtimes\")", choices=list(RUNTIMES), group="run")
+        "same by default): torch, OpenVINO or ONNX Runtime; auto = the fastest here for this model, resolution "
+        "and precision, measured once per machine (docs/speed.md, \"CPU runtimes\")",
+        choices=list(RUNTIMES), group="run")
     flip_views: bool | None = option(
         None, "also extract mirrored images and average the two views' features, for the validation "
         "probabilities and in inference (test-time flip); in frozen mode the heads also train on the averaged "
@@ -195,6 +201,9 @@ class ImageTrainConfig(TrainingConfig):
             (self.csra_temperature > 0, f"--csra-temperature must be > 0, got {self.csra_temperature}"),
             (self.decoder_caption in DECODER_CAPTIONS,
              f"--decoder-caption {self.decoder_caption!r}: valid values are {', '.join(DECODER_CAPTIONS)}"),
+            (self.front_precision != "int8" or self.mode != "finetune",
+             "--front-precision int8 quantises the frozen front; --mode finetune trains the whole backbone and "
+             "has none"),
         ]
         for ok, message in checks:
             if not ok:
