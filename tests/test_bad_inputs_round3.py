@@ -318,14 +318,14 @@ def _simulated(error: OSError):
 def test_an_os_error_writing_the_weights_is_one_line_naming_path_and_reason(tiny_dataset, tmp_path, monkeypatch,
                                                                             capsys, error, reason):
     # The first file written into --weights-dir fails as the OS would fail it (tests run as root,
-    # whom chmod does not stop): mkstemp names the folder it could not create the file in.
+    # whom chmod does not stop), naming the folder it could not create the file in.
     import pipeline.io
 
     weights = tmp_path / "w"
     error.filename = str(weights)
-    real_mkstemp = pipeline.io.tempfile.mkstemp
-    monkeypatch.setattr(pipeline.io.tempfile, "mkstemp",
-                        lambda dir, **kw: _simulated(error)() if Path(dir) == weights else real_mkstemp(dir=dir, **kw))
+    real_create = pipeline.io._create_temporary
+    monkeypatch.setattr(pipeline.io, "_create_temporary",
+                        lambda path: _simulated(error)() if path.parent == weights else real_create(path))
     argv = ["--data", str(tiny_dataset), "--weights", str(weights), "--device", "cpu", *TINY_CAPTION_ARGS]
     assert _run(train_caption_rnn, argv, monkeypatch) == 2
     assert _one_line_error(capsys) == f"{weights}: {reason}"
