@@ -39,8 +39,11 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
 
     payload = {"source": source, "n_images": int(len(y_true)), "branches": report}
     write_json(output_dir / "metrics.json", payload)
-    _save_figure(per_label_f1_figure(report, label_ids, label_names), output_dir / "per_label_f1.png")
-    _plot_threshold_curves(curves, output_dir / "f1_vs_threshold.png")
+    try:
+        _save_figure(per_label_f1_figure(report, label_ids, label_names), output_dir / "per_label_f1.png")
+        _plot_threshold_curves(curves, output_dir / "f1_vs_threshold.png")
+    except ImportError as err:  # the plots are optional; the figures are all in metrics.json
+        log.warning("per_label_f1.png and f1_vs_threshold.png not drawn: matplotlib cannot be imported (%s)", err)
 
     width = max(len(name) for name in report)
     lines = [f"Evaluation on {source} ({len(y_true)} images)",

@@ -80,9 +80,13 @@ def _png(path: Path) -> str:
 
 
 def _plot_pr_curves(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], fused: np.ndarray,
-                    names: list[str]) -> str:
-    """Precision-recall curves of every label, one small panel each, as a base64 PNG."""
-    import matplotlib
+                    names: list[str]) -> str | None:
+    """Precision-recall curves of every label, one small panel each, as a base64 PNG; None
+    where matplotlib is not installed (the page is then written without its plots)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -240,7 +244,7 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
         weights=", ".join(f"{b} {settings.weights.get(b, 0):g}" for b in settings.branches),
         threshold=f"{settings.threshold:g}",
         per_label_rows=[{"name": n, "id": i, "threshold": f"{t:.3f}"} for i, n, t in zip(label_ids, names, thresholds)],
-        plots=[{"alt": Path(p).stem, "png": _png(p)} for p in plots],
+        plots=[{"alt": Path(p).stem, "png": _png(p)} for p in plots if Path(p).is_file()],
         pr=_plot_pr_curves(y_true, used, fused, names),
         limits=(f"at most {limits.per_label} per label and kind, {limits.disagreement} in the disagreement "
                 f"gallery, {limits.total} distinct images in all, each at most {limits.size} px (JPEG quality "

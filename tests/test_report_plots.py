@@ -106,3 +106,19 @@ def test_training_ends_normally_without_matplotlib(tiny_dataset, tmp_path, monke
     assert (tmp_path / "history_caption.csv").is_file() and not (tmp_path / CURVES_FILE).exists()
     skipped = [r.getMessage() for r in caplog.records if "not drawn" in r.getMessage()]
     assert len(skipped) == 1 and "matplotlib" in skipped[0]
+
+
+def test_evaluation_without_matplotlib_writes_the_metrics_and_skips_the_plots(tmp_path, monkeypatch, caplog):
+    """A machine without matplotlib (a bare GPU image) still evaluates: metrics.json is written,
+    the two plots are skipped with one warning, and the page goes without its PR panels."""
+    from pipeline.report_page import _plot_pr_curves
+
+    hide_matplotlib(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+        _, report = evaluated_case(tmp_path)
+    assert (tmp_path / "metrics.json").is_file() and set(report) == {"image", "caption", "fused"}
+    assert not (tmp_path / "per_label_f1.png").exists() and not (tmp_path / "f1_vs_threshold.png").exists()
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "per_label_f1.png and f1_vs_threshold.png not drawn"]
+    y = np.array([[1, 0], [0, 1]])
+    assert _plot_pr_curves(y, {"image": y * 0.9}, y * 0.8, ["a", "b"]) is None
