@@ -55,6 +55,14 @@ def evaluate(y_true: np.ndarray, probs: dict[str, np.ndarray], label_ids: list[i
     return result
 
 
+def emit(result: dict, json_path: str | None) -> dict:
+    """Print the result as JSON, and also write it to ``json_path`` when given."""
+    print(json.dumps(result, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the dataset folder the branches were trained on")
@@ -76,11 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     y_true = label_set.encode(images[LABELS_COLUMN])
     branches = [b for b in args.branches.split(",") if b]
     probs = branch_probabilities(Path(args.weights), sources, branches, images[ID_COLUMN].tolist(), label_set.ids)
-    result = evaluate(y_true, probs, label_set.ids, args.fold_seeds)
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return emit(evaluate(y_true, probs, label_set.ids, args.fold_seeds), args.json)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from fusion_cv import branch_probabilities, evaluate  # noqa: E402
+from fusion_cv import branch_probabilities, emit, evaluate  # noqa: E402
 from pipeline.data.dataset import (  # noqa: E402
     CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_by_image, load_train_val)
 from pipeline.shards import ShardedStore  # noqa: E402
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         "with_stacker": evaluate(y_val, {**probs, "stacker": stacked}, label_set.ids, 8),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":
