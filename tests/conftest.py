@@ -198,3 +198,12 @@ def tiny_text_encoder(tiny_encoder_folder, monkeypatch) -> Path:
 
     monkeypatch.setitem(text_features.TEXT_ENCODERS, "minilm", lambda: tiny_encoder_folder)
     return tiny_encoder_folder
+
+
+@pytest.fixture
+def backbone():
+    """A 32 px test EfficientNet with random weights (timm warns that they are random)."""
+    from pipeline.models.backbones import create_backbone
+
+    with pytest.warns(UserWarning):
+        return create_backbone("test_efficientnet", resolution=32)

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pipeline.data.dataset import DatasetPaths, GivenFiles
 from pipeline.data.images import ImageDataset
 from pipeline.engine.distributed import DistContext
 from pipeline.features import cache_key, cached_features, cached_stage_maps
-from pipeline.models.backbones import create_backbone, split_backbone
+from pipeline.models.backbones import split_backbone
 from pipeline.train.image_inputs import decodable
 from tests.conftest import count_extracted_rows
 
@@ -99,13 +98,6 @@ def test_a_large_tagged_jpeg_is_decoded_at_reduced_scale_and_upright(tmp_path):
     left, right = side_means(image)
     np.testing.assert_allclose(left, RED, atol=4)
     np.testing.assert_allclose(right, BLUE, atol=4)
-
-
-@pytest.fixture
-def backbone():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights
-        return create_backbone("test_efficientnet", resolution=32)
 
 
 def test_features_and_stage_maps_see_the_upright_photo_and_their_caches_follow_the_decoder(

@@ -14,18 +14,12 @@ from pipeline.engine import openvino_runtime
 from pipeline.engine.openvino_runtime import OpenVinoRuntime
 from pipeline.features import cached_features, cached_stage_maps, extract_features
 from pipeline.inference import inference_runtime
-from pipeline.models.backbones import create_backbone, split_backbone
+from pipeline.models.backbones import split_backbone
 from tests.conftest import make_tiny_dataset
 
 pytest.importorskip("openvino")
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-
-
-@pytest.fixture
-def backbone():
-    with pytest.warns(UserWarning):
-        return create_backbone("test_efficientnet", resolution=32)
 
 
 @pytest.fixture
