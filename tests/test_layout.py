@@ -33,6 +33,7 @@ MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 FLOORS = {
     "choices": 0, "io": 0, "labels": 0,                            # option choices, files, label names
     "models": 1, "shards": 1, "checkpoint": 1, "metrics": 1,      # networks, stores, scores
+    "stacking": 1,                                                 # the out-of-fold stacker (numpy, scikit-learn)
     "data": 2, "engine": 2, "fusion": 2,                           # datasets (their pixels feed models); loop; fusion
     "config": 3, "features": 3, "text_features": 3, "report": 3, "report_page": 3,    # settings, cached features, pages
     "branches": 4, "inference_config": 4,                                   # what training and inference share
