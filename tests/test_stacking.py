@@ -57,7 +57,7 @@ def test_fit_gives_a_flat_tensor_state_and_predict_its_probabilities():
         "stacker.1.weight": (3, stacking.HIDDEN_UNITS), "stacker.1.bias": (3,),
     }
     assert all(value.dtype == torch.float64 for value in state.values())
-    new_image, new_caption, new_y = problem(rows=20, seed=1)
+    new_image, new_caption, _ = problem(rows=20, seed=1)
     probs = stacking.predict(state, new_image, new_caption)
     assert probs.shape == (20, 3) and ((probs >= 0) & (probs <= 1)).all()
     assert stacking.predict(state, new_image[:0], new_caption[:0]).shape == (0, 3)
