@@ -1,10 +1,17 @@
 """The out-of-fold stacker (``pipeline/stacking.py``): pooling, the cheap models and the MLP
 against scikit-learn's own predictions, that out-of-fold means out of fold, a round trip through
-``torch.load(weights_only=True)``, and seeded determinism. Tiny generated data, seconds."""
+``torch.load(weights_only=True)``, and seeded determinism; and ``train_efficientnet.py
+--stacker-folds`` (``pipeline/train/stacker.py``): its files in partial mode, and the option
+named wherever it cannot act. Tiny generated data, seconds."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.special import expit
@@ -14,7 +21,17 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
+import train_efficientnet
 from pipeline import stacking
+from pipeline.branches.image import image_caption_vectors
+from pipeline.checkpoint import load_checkpoint, load_probabilities, probabilities_path
+from pipeline.config import parse_config, run_main
+from pipeline.data.dataset import DatasetPaths, group_by_image, load_train_val
+from pipeline.metrics import tune_global_threshold
+from pipeline.shards import ShardedStore
+from pipeline.text_features import TextEncoder
+from pipeline.train.image_config import ImageTrainConfig, idle_options
+from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -148,3 +165,87 @@ def test_a_seed_gives_the_same_stacker_and_another_seed_another():
     assert not torch.equal(first["stacker.0.weight"], other["stacker.0.weight"])
     # The refitted cheap models see every row whatever the folds: the seed does not move them.
     assert torch.equal(first["image.coef"], other["image.coef"])
+
+
+# ---------------------------------------------------------------- train_efficientnet.py --stacker-folds
+
+PARTIAL = ["--mode", "partial", "--train-from-stage", "3", "--finetune-epochs", "2", "--warmup-epochs", "0.5"]
+
+
+def _train(dataset: Path, weights: Path, *extra: str) -> dict:
+    return train_efficientnet.main(["--data", str(dataset), "--weights", str(weights), *TINY_IMAGE_ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def stacked_dataset(tmp_path_factory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("stacked") / "tiny")
+
+
+@pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
+def test_partial_mode_writes_a_stacker_whose_state_reproduces_its_validation_probabilities(
+        stacked_dataset, tiny_text_encoder, tmp_path):
+    """stacker.pt loads with weights_only; its state, applied to the validation images' cached
+    front maps and caption vectors, gives val_probs_stacker.csv; the other branches' files are
+    those of the same run without the option."""
+    weights, plain = tmp_path / "w", tmp_path / "plain"
+    summary = _train(stacked_dataset, weights, *PARTIAL, "--stacker-folds", "3")
+    checkpoint = load_checkpoint(weights / "stacker.pt", branch="stacker", label_ids=[1, 3, 18, 19])
+    assert torch.load(weights / "stacker.pt", weights_only=True).keys() == checkpoint.keys()
+    record = checkpoint["stacker"]
+    assert (record["folds"], record["seed"], record["image_view"]) == (3, 0, "plain")
+    assert record["front"]["pooling"] == "stage3" and record["caption_encoder"] == "minilm"
+    assert record["caption_encoder_digest"] == TextEncoder("minilm").digest
+    assert record["image_weights_digest"] == load_checkpoint(weights / "image.pt")["backbone"]["weights_digest"]
+
+    paths = DatasetPaths.resolve(stacked_dataset)
+    labels, train, val = load_train_val(paths, 0.25)
+    train_images, val_images = group_by_image(train).images, group_by_image(val).images
+    cache = next((weights / "cache").glob("stagemaps-*"))
+    store = ShardedStore.open_complete(cache, json.loads((cache / "manifest.json").read_text())["key"],
+                                       len(train_images) + len(val_images))
+    val_rows = len(train_images) + np.arange(len(val_images))
+    expected = stacking.predict(checkpoint["state_dict"], stacking.pool_maps(store.read("plain", val_rows)),
+                                image_caption_vectors(val, "minilm", weights / "cache"))
+    ids, _, saved = load_probabilities(probabilities_path(weights, "stacker"), [1, 3, 18, 19])
+    assert ids == val_images["ImageID"].tolist()
+    np.testing.assert_allclose(saved, expected, rtol=0, atol=5e-7)  # the CSV's six decimals
+    y_val = labels.encode(val_images["Labels"])
+    assert summary["stacker"]["val_samples_f1"] == tune_global_threshold(y_val, expected)[1]
+    assert str(weights / "stacker.pt") in summary["files"] and summary["stacker"]["folds"] == 3
+    assert json.loads((weights / "image_summary.json").read_text())["stacker"]["folds"] == 3
+
+    without = _train(stacked_dataset, plain, *PARTIAL)
+    assert "stacker" not in without and not (plain / "stacker.pt").exists()
+    for branch in ("image", "decoder"):
+        np.testing.assert_array_equal(load_probabilities(probabilities_path(weights, branch))[2],
+                                      load_probabilities(probabilities_path(plain, branch))[2])
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_outside_partial_mode_the_option_is_named_as_having_no_effect(mode):
+    config = parse_config(ImageTrainConfig, train_efficientnet.get_args_parser(),
+                          ["--mode", mode, "--stacker-folds", "5"])
+    assert idle_options(config, mode) == [f"--stacker-folds 5 has no effect: it acts in partial mode only, and this "
+                                          f"run trains in {mode} mode (--mode {mode})"]
+
+
+@pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
+def test_a_frozen_run_with_the_option_warns_and_writes_no_stacker(stacked_dataset, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        summary = _train(stacked_dataset, tmp_path / "w", "--stacker-folds", "3")
+    assert "--stacker-folds 3 has no effect: it acts in partial mode only" in caplog.text
+    assert [message.split()[0] for message in summary["options_without_effect"]] == ["--stacker-folds"]
+    assert "stacker" not in summary and not (tmp_path / "w" / "stacker.pt").exists()
+
+
+def test_without_captions_or_with_one_fold_the_option_is_refused_naming_it(tmp_path, capsys):
+    dataset = make_tiny_dataset(tmp_path / "tiny", n_train=12, n_test=0)
+    pd.read_csv(dataset / "train.csv").drop(columns="Caption").to_csv(dataset / "train.csv", index=False)
+    argv = ["--data", str(dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS, *PARTIAL]
+    parser = train_efficientnet.get_args_parser()
+    assert run_main(train_efficientnet.main, parser, [*argv, "--stacker-folds", "3"]) == 2
+    assert capsys.readouterr().err == (f"error: --stacker-folds 3: {dataset / 'train.csv'} has no Caption column, so "
+                                       "the stacker's caption model has nothing to read; use --stacker-folds 0\n")
+    assert run_main(train_efficientnet.main, parser, [*argv, "--stacker-folds", "1"]) == 2
+    assert capsys.readouterr().err == "error: --stacker-folds must be 0 (off) or >= 2, got 1\n"
+    assert not (tmp_path / "w" / "image.pt").exists()

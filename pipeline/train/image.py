@@ -273,6 +273,12 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         "files": [str(path) for path in written_files(weights_dir)],
         "timing": timing.summary(),
     }
+    if config.stacker_folds and mode == "partial" and context.is_main:
+        from pipeline.train.stacker import train_stacker
+
+        summary["stacker"] = train_stacker(config, maps, paths, labels.ids, (train_ok, y_train), (val_ok, y_val),
+                                           val_ids, record["weights_digest"])
+        summary["files"] += summary["stacker"]["files"]
     if context.is_main:
         save_image_branch(config, labels.ids, val_ids, record, backbone.preprocessing, fitted,
                           val_probs["image"], val_probs["decoder"])

@@ -151,6 +151,11 @@ class ImageTrainConfig(TrainingConfig):
         "none", "the label decoder also reads each image's caption: its LSTM starts from the image and a sentence "
         "vector of the caption (minilm: the all-MiniLM-L6-v2 encoder); none: the image alone "
         "(docs/recipe.md, \"The decoder reads the caption\")", choices=list(DECODER_CAPTIONS), group="decoder")
+    stacker_folds: int = option(
+        0, "partial mode: also fit a stacker on every training row, from K-fold logistic models of the cached front "
+        "maps (avg+max pooled) and of the captions' MiniLM sentence vectors, whose out-of-fold log-odds an MLP "
+        "learns from; writes stacker.pt and val_probs_stacker.csv (inference does not read them yet); 0: off "
+        "(docs/recipe.md, \"A stacker learned out of fold\")", group="finetune")
     warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
     ema_decay: float | None = option(
         None, f"decay of the weights' exponential moving average when fine-tuning (with warm-up: "
@@ -199,6 +204,8 @@ class ImageTrainConfig(TrainingConfig):
             (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
             (self.csra_lambda >= 0, f"--csra-lambda must be >= 0, got {self.csra_lambda}"),
             (self.csra_temperature > 0, f"--csra-temperature must be > 0, got {self.csra_temperature}"),
+            (self.stacker_folds == 0 or self.stacker_folds >= 2,
+             f"--stacker-folds must be 0 (off) or >= 2, got {self.stacker_folds}"),
             (self.decoder_caption in DECODER_CAPTIONS,
              f"--decoder-caption {self.decoder_caption!r}: valid values are {', '.join(DECODER_CAPTIONS)}"),
             (self.front_precision != "int8" or self.mode != "finetune",
@@ -274,7 +281,7 @@ MODE_ONLY_OPTIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("finetune_epochs", "finetune_lr", "layer_decay", "drop_path", "head_lr_scale",
                      "decoder_loss_weight", "warmup_epochs", "ema_decay", "grad_clip", "sync_bn", "compile"),
                     ("partial", "finetune")),
-    "train_from_stage": ("partial",),
+    **dict.fromkeys(("train_from_stage", "stacker_folds"), ("partial",)),
     **dict.fromkeys(("augment", "scale_jitter"), ("finetune",)),
 }
 # The option that does the same job in the other modes, named in the warning.

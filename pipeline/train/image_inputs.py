@@ -35,6 +35,7 @@ from pipeline.io import OptionError, atomic_write_text
 from pipeline.models.backbones import Backbone
 from pipeline.models.heads import FeatureNorm
 from pipeline.train.image_config import ImageTrainConfig
+from pipeline.train.stacker import check_stacker_captions
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def image_splits(config: ImageTrainConfig) -> tuple[DatasetPaths, LabelSet, pd.D
     train, val = group_by_image(train).images, group_by_image(val).images
     if val.empty:
         raise OptionError(f"--val-fraction {config.val_fraction}: the validation split is empty")
+    check_stacker_captions(config, train, paths.train_csv)
     return paths, labels, train, val
 
 
