@@ -27,10 +27,12 @@ from pipeline.branches.image import image_caption_vectors
 from pipeline.checkpoint import load_checkpoint, load_probabilities, probabilities_path
 from pipeline.config import parse_config, run_main
 from pipeline.data.dataset import DatasetPaths, group_by_image, load_train_val
+from pipeline.io import OptionError
 from pipeline.metrics import tune_global_threshold
 from pipeline.shards import ShardedStore
 from pipeline.text_features import TextEncoder
 from pipeline.train.image_config import ImageTrainConfig, idle_options
+from pipeline.train.stacker import train_stacker
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -249,3 +251,8 @@ def test_without_captions_or_with_one_fold_the_option_is_refused_naming_it(tmp_p
     assert run_main(train_efficientnet.main, parser, [*argv, "--stacker-folds", "1"]) == 2
     assert capsys.readouterr().err == "error: --stacker-folds must be 0 (off) or >= 2, got 1\n"
     assert not (tmp_path / "w" / "image.pt").exists()
+    config = parse_config(ImageTrainConfig, parser, ["--stacker-folds", "4", "--weights-dir", str(tmp_path / "w")])
+    readable = np.array([True, False, True, True, False])
+    with pytest.raises(OptionError, match=r"^--stacker-folds 4: only 3 readable training images to split; give at "
+                                          r"most 3, or 0$"):
+        train_stacker(config, None, None, (1, 3), (readable, None), (readable, None), [], "")
