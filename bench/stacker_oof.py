@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.special import expit
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
@@ -76,9 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     branches = ["image", "decoder", "caption"]
     probs = branch_probabilities(weights, sources, branches, val_images[ID_COLUMN].tolist(), label_set.ids)
     result = {
-        "cheap_image_alone": evaluate(y_val, {"cheap_image": expit(cheap["image"])}, label_set.ids, 1)["branches"],
-        "cheap_caption_alone": evaluate(y_val, {"cheap_caption": expit(cheap["caption"])}, label_set.ids, 1
-                                        )["branches"],
+        **{f"cheap_{name}_alone": evaluate(y_val, {f"cheap_{name}": stacking.sigmoid(cheap[name])}, label_set.ids, 1
+                                           )["branches"] for name in stacking.CHEAP_MODELS},
         "three_branches": evaluate(y_val, probs, label_set.ids, 8),
         "with_stacker": evaluate(y_val, {**probs, "stacker": stacked}, label_set.ids, 8),
         "seconds": round(time.perf_counter() - started, 1),

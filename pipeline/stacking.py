@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from sklearn.neural_network import MLPClassifier
@@ -111,10 +110,15 @@ def mlp_state(model: MLPClassifier) -> dict[str, torch.Tensor]:
     return state
 
 
+def sigmoid(log_odds: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow at any log-odds."""
+    return np.exp(-np.logaddexp(0.0, -log_odds))
+
+
 def mlp_probabilities(state: dict[str, torch.Tensor], inputs: np.ndarray) -> np.ndarray:
     """The MLP of :func:`mlp_state` on ``inputs`` (N, in): sigmoid(W1 relu(W0 x + b0) + b1), (N, L)."""
     hidden = np.maximum(inputs @ state["0.weight"].numpy().T + state["0.bias"].numpy(), 0.0)
-    return expit(hidden @ state["1.weight"].numpy().T + state["1.bias"].numpy())
+    return sigmoid(hidden @ state["1.weight"].numpy().T + state["1.bias"].numpy())
 
 
 def _stacker_inputs(log_odds: Sequence[np.ndarray], limit: float) -> np.ndarray:
