@@ -109,7 +109,7 @@ def test_a_new_family_splits_groups_and_folds_with_its_wrapper_alone():
     preprocessing = make_preprocessing(32, IMAGENET_MEAN, IMAGENET_STD)
     backbone = Backbone("made_up", module, 8, preprocessing, "random", "random")
     assert num_stages(backbone) == 2
-    front, tail = split_backbone(backbone, 1)
+    _, tail = split_backbone(backbone, 1)
     assert parameter_stages(tail) == [[module.blocks[1].weight, module.blocks[1].bias]]
     assert [len(stage) for stage in parameter_stages(module)] == [4, 2, 2]
     with pytest.raises(BackboneSplitError, match="--train-from-stage 2: made_up has stages 0..1"):
