@@ -236,7 +236,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.images import ImageReadError
     from pipeline.engine.loop import NonFiniteLossError
     from pipeline.fusion import FusionError
-    from pipeline.models.backbones import BackboneSplitError, BackboneWeightsError
+    from pipeline.models.backbones import BackboneWeightsError
+    from pipeline.models.stages import BackboneSplitError
 
     return (DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
             ImageReadError, NonFiniteLossError, OSError)

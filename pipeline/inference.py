@@ -71,7 +71,7 @@ from pipeline.fusion import (
 )
 from pipeline.io import CheckpointError, OptionError, atomic_text_writer, atomic_write_text, write_json
 from pipeline.labels import label_names
-from pipeline.models.backbones import split_backbone
+from pipeline.models.stages import split_backbone
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,13 @@ from pipeline.features import cache_key, cached_features, extract_features
 from pipeline.models.backbones import (
     BUNDLED_PACKAGES,
     BackboneWeightsError,
-    RawPixelStem,
     bundled_weights_path,
     create_backbone,
-    fuse_for_inference,
     load_by_position,
-    pixel_affine,
 )
+from pipeline.models.folding import RawPixelStem, fuse_for_inference
 from pipeline.models.image_model import pool_features
+from pipeline.preprocessing import pixel_affine
 from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 

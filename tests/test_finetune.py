@@ -27,7 +27,8 @@ from pipeline.features import cached_stage_maps
 from pipeline.train.image_fit import build_image_model, joint_loss
 from pipeline.train.image_inputs import RandomViewSampler
 from pipeline.train.image_config import ImageTrainConfig
-from pipeline.models.backbones import BackboneSplitError, create_backbone, split_backbone
+from pipeline.models.backbones import create_backbone
+from pipeline.models.stages import BackboneSplitError, split_backbone
 from pipeline.models.decoder import LabelOrder
 from tests.conftest import TINY_IMAGE_ARGS, count_extracted_rows, make_tiny_dataset
 from tests.test_resume import SimulatedCrash, assert_same_checkpoints, crash_after

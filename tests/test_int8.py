@@ -12,7 +12,8 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import onnx_runtime
 from pipeline.engine.frozen import FrontAndTail
 from pipeline.features import cached_stage_maps, calibration_images, extract_features
-from pipeline.models.backbones import create_backbone, split_backbone
+from pipeline.models.backbones import create_backbone
+from pipeline.models.stages import split_backbone
 from tests.conftest import make_tiny_dataset
 
 CPU = torch.device("cpu")

@@ -31,10 +31,10 @@ MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 # The package's floors: a package imports only packages on lower floors, never one beside or above it.
 FLOORS = {
-    "choices": 0, "io": 0, "labels": 0,                            # option choices, files, label names
-    "models": 1, "shards": 1, "checkpoint": 1, "metrics": 1,      # networks, stores, scores
+    "choices": 0, "io": 0, "labels": 0, "preprocessing": 0,        # option choices, files, label names, pixels
+    "models": 1, "data": 1, "shards": 1, "checkpoint": 1, "metrics": 1,  # networks, datasets, stores, scores
     "stacking": 1,                                                 # the out-of-fold stacker (numpy, scikit-learn)
-    "data": 2, "engine": 2, "fusion": 2,                           # datasets (their pixels feed models); loop; fusion
+    "engine": 2, "fusion": 2,                                      # the loop and runtimes; fusion
     "config": 3, "features": 3, "text_features": 3, "report": 3, "report_page": 3,    # settings, cached features, pages
     "branches": 4, "inference_config": 4,                                   # what training and inference share
     "train": 5, "inference": 5,
@@ -217,6 +217,16 @@ def test_the_floor_check_sees_an_upward_arrow():
     """Guards the check above: with data put above features, features' imports of data point up."""
     offenders = upward_imports({**FLOORS, "data": FLOORS["features"]})
     assert "pipeline.features (floor 3) imports pipeline.data.dataset (floor 3)" in offenders
+
+
+def test_the_data_floor_imports_only_lower_floors():
+    """Datasets feed the models their pixels but depend on no network: what both read (the
+    preprocessing and its pixel affine) is on the ground floor, so data stands beside models."""
+    assert FLOORS["data"] == FLOORS["models"]
+    offenders = [f"{module} imports {name}" for module in MODULES if _within(module, "pipeline.data")
+                 for name in sorted(imports(module))
+                 if package_of(name) not in ("", "data") and FLOORS[package_of(name)] >= FLOORS["data"]]
+    assert offenders == []
 
 
 def test_inference_loads_no_training_module():

@@ -16,7 +16,7 @@ from pipeline.engine.frozen import ModelFiles
 from pipeline.engine.runtimes import Probe, choose_fastest, get_runtime, resolve_runtime
 from pipeline.features import cached_features, cached_stage_maps, extract_features
 from pipeline.io import OptionError
-from pipeline.models.backbones import split_backbone
+from pipeline.models.stages import split_backbone
 from tests.conftest import make_tiny_dataset
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

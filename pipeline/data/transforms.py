@@ -1,6 +1,6 @@
 """The one image transform factory used by training, feature extraction and inference.
 
-Preprocessing is a plain dict (``pipeline.models.backbones.make_preprocessing``) stored in
+Preprocessing is a plain dict (``pipeline.preprocessing.make_preprocessing``) stored in
 every image checkpoint and in the feature-cache key, so inference resizes and normalises
 exactly as training did.
 """
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from pipeline.models.backbones import pixel_affine
+from pipeline.preprocessing import pixel_affine
 
 _INTERPOLATIONS = {
     "bilinear": T.InterpolationMode.BILINEAR,

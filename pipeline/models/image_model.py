@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.backbones import NormalizeInput
 from pipeline.models.decoder import LabelDecoder
+from pipeline.models.folding import NormalizeInput
 from pipeline.models.heads import ClassAttention, ImageHead
 
 

@@ -46,7 +46,7 @@ from pipeline.fusion import FusionError, fusion_file, load_fusion, tune_fusion
 from pipeline.inference import load_branch_checkpoints, recorded_label_names, validation_probabilities
 from pipeline.io import CheckpointError, OptionError, atomic_write, atomic_write_text, file_digest, write_json
 from pipeline.labels import label_names
-from pipeline.models.backbones import NormalizeInput
+from pipeline.models.folding import NormalizeInput
 from pipeline.models.image_model import AttentionPooled, pool_outputs
 
 FORMATS = ("onnx", "openvino")

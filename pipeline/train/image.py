@@ -51,15 +51,9 @@ from pipeline.features import VIEWS, cached_features, cached_stage_maps, calibra
 from pipeline.io import OptionError, file_digest, write_json
 from pipeline.text_features import TextEncoder
 from pipeline.metrics import tune_global_threshold
-from pipeline.models.backbones import (
-    Backbone,
-    BackboneSplitError,
-    create_backbone,
-    num_stages,
-    split_backbone,
-    state_digest,
-)
+from pipeline.models.backbones import Backbone, create_backbone, state_digest
 from pipeline.models.heads import FeatureNorm
+from pipeline.models.stages import BackboneSplitError, num_stages, split_backbone
 from pipeline.train.image_config import (
     FINETUNE_RESOLUTION,
     ImageTrainConfig,

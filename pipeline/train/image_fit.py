@@ -60,10 +60,10 @@ from pipeline.engine.runtime import (
     training_memory_format,
 )
 from pipeline.metrics import samples_f1, tune_global_threshold
-from pipeline.models.backbones import parameter_stages
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
+from pipeline.models.stages import parameter_stages
 from pipeline.train.image_config import ImageTrainConfig, Recipe, ema_decay, resolve_recipe
 from pipeline.train.image_inputs import FeatureRows, TrainingInputs
 
