@@ -18,8 +18,8 @@ PACKAGE = ROOT / "pipeline"
 SCRIPTS = ["train_efficientnet.py", "train_caption_rnn.py", "inference.py"]
 MAX_SCRIPT_LINES = 40
 # What a model may not depend on: models are built from tensors and settings alone.
-NOT_FOR_MODELS = ("pipeline.data", "pipeline.engine", "pipeline.train", "pipeline.branches", "pipeline.inference",
-                  "pipeline.tools")
+NOT_FOR_MODELS = ("pipeline.data", "pipeline.engine", "pipeline.train", "pipeline.branches", "pipeline.prediction",
+                  "pipeline.inference", "pipeline.tools")
 
 
 def _module_name(path: Path) -> str:
@@ -36,8 +36,8 @@ FLOORS = {
     "data": 2, "engine": 2, "fusion": 2,                           # datasets (their pixels feed models); loop; fusion
     "config": 3, "features": 3, "text_features": 3, "report": 3, "report_page": 3,    # settings, cached features, pages
     "branches": 4, "inference_config": 4,                                   # what training and inference share
-    "train": 5, "inference": 5,
-    "predictor": 6,                                                         # the Python API, on inference
+    "train": 5, "prediction": 5,                                            # training; the prediction core
+    "inference": 6, "predictor": 6,                                         # the CLI's and the Python API's, on the core
     "tools": 7,
     "cli": 8,                                                               # the three programs
 }

@@ -13,7 +13,7 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import openvino_runtime
 from pipeline.engine.openvino_runtime import OpenVinoRuntime
 from pipeline.features import cached_features, cached_stage_maps, extract_features
-from pipeline.inference import inference_runtime
+from pipeline.prediction import inference_runtime
 from pipeline.models.backbones import split_backbone
 from tests.conftest import make_tiny_dataset
 
