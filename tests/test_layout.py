@@ -218,6 +218,39 @@ def test_the_floor_check_sees_an_upward_arrow():
     assert "pipeline.features (floor 3) imports pipeline.data.dataset (floor 3)" in offenders
 
 
+def private_imports(module: str, source: str) -> list[str]:
+    """``origin.name`` for each private name (a leading underscore) that the source of ``module``
+    imports from another project module."""
+    return [f"{origin}.{alias.name}" for node in _import_nodes(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+            for origin in [_resolve(module, node)] if _within(origin, "pipeline") and origin != module
+            for alias in node.names if alias.name.startswith("_")]
+
+
+def test_the_private_import_check_sees_one():
+    """Guards the check below: the forms a private import takes, and what is not one."""
+    source = ("from pipeline.inference import _run_inference, run_inference\n"
+              "from .image_fit import _joint\n"
+              "from pipeline.train.image import _own\n"
+              "from torch.onnx import _constants\n"
+              "def later():\n    from pipeline.fusion import _fitting, load_fusion\n")
+    assert private_imports("pipeline.train.image", source) == [
+        "pipeline.inference._run_inference", "pipeline.train.image_fit._joint", "pipeline.fusion._fitting"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = [name for module in MODULES
+                 for name in private_imports(module, MODULES[module].read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("entry", ["pipeline.predictor", "pipeline.inference"])
+def test_the_python_api_and_the_cli_stand_on_the_prediction_core_not_on_each_other(entry):
+    """``Predictor`` and ``inference.py`` share the core; neither imports the other's module."""
+    other = {"pipeline.predictor": "pipeline.inference", "pipeline.inference": "pipeline.predictor"}[entry]
+    assert "pipeline.prediction" in imports(entry)
+    assert [name for name in imports(entry) if _within(name, other)] == []
+
+
 def test_inference_loads_no_training_module():
     chains = transitive_imports("pipeline.inference")
     assert "pipeline.data.dataset" in chains  # the walk follows imports at all
