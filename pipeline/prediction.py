@@ -364,8 +364,9 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
     """
     if context.is_main:
         settings = _resolve_fusion(config, branches, labels, weights_dir, validation)
-    barrier(context)
-    if not context.is_main:
+        barrier(context)
+    else:
+        barrier(context)  # rank 0 first: what it tunes and writes, the others read
         settings = _resolve_fusion(replace(config, tune=False), branches, labels, weights_dir, validation)
     barrier(context)
     return settings
