@@ -1,6 +1,7 @@
 """The Python API: trained weights loaded once, then labels for images (paths or PIL images) with
 their captions, or for a CSV of images; ``inference.py --image`` is built on it, so the two
-give the same records.
+give the same records. It stands on the prediction core (``pipeline.prediction``), as
+``inference.py`` does.
 
     from pipeline import Predictor
 
@@ -37,21 +38,22 @@ from pipeline.data.dataset import (
 from pipeline.data.images import ImageReadError, to_rgb
 from pipeline.engine.runtime import configure_backends, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.fusion import FusionSettings
-from pipeline.inference import (
+from pipeline.inference_config import InferenceConfig, parse_branch_list
+from pipeline.io import OptionError, write_json
+from pipeline.labels import label_name, label_names
+from pipeline.prediction import (
     BranchPredictor,
-    InferenceConfig,
-    _validation_split,
+    Inputs,
+    ValidationSplit,
     check_dataset_labels,
     choose_branches,
     load_branch_checkpoints,
     missing_inputs,
-    parse_branch_list,
     predict_in_chunks,
     resolve_fusion,
     submission_label_text,
+    validation_split,
 )
-from pipeline.io import OptionError, write_json
-from pipeline.labels import label_name, label_names
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +111,20 @@ class Predictor:
             checkpoints = load_branch_checkpoints(self.weights_dir, list(branches))
             labels = LabelSet(tuple(checkpoints[branches[0]]["label_ids"]))
 
-            def validation() -> tuple[LabelSet, np.ndarray | None, dict[str, np.ndarray] | None]:
+            def validation() -> ValidationSplit:
                 paths = DatasetPaths.resolve(config.data, config.images)
                 data_labels, _, val = load_train_val(paths, config.val_fraction)
                 check_dataset_labels(paths.train_csv, data_labels, labels, self.weights_dir)
-                return _validation_split(self.weights_dir, list(branches), labels, data_labels, val)
+                return validation_split(self.weights_dir, list(branches), labels, data_labels, val)
 
             settings = resolve_fusion(config, list(branches), labels, self.weights_dir, validation)
-            # Which files and cache a call reads are set per call; the models are built here, once.
+            # The models are built here, once; which files and cache a call reads are its arguments.
             # A backbone without stored or pretrained weights starts from the seed, as in the
             # scripts, so every set of branches sees the same one; the caller's state is kept.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
-                predictor = BranchPredictor(checkpoints, GivenFiles.of([]), None, self.device, config.batch_size,
-                                            0, config.runtime, model_cache=self.weights_dir / "cache")
+                predictor = BranchPredictor(checkpoints, GivenFiles.of([]), self.device, config.batch_size,
+                                            config.runtime, model_cache=self.weights_dir / "cache")
             self._prepared[branches] = (predictor, settings, labels)
         return self._prepared[branches]
 
@@ -172,11 +174,10 @@ class Predictor:
                     files.append(Path(image))
             paths = GivenFiles.of(files)
             frame = pd.DataFrame({ID_COLUMN: paths.image_ids, CAPTION_COLUMN: captions or [""] * len(files)})
-            predictor.paths, predictor.cache_dir = paths, None
             # A few files decode faster in this process than worker processes start.
-            predictor.workers = self.config.workers if len(files) > self.config.batch_size else 0
-            probs = predictor.probabilities(frame, description="images") if files else {}
-        unreadable = {int(image_id) for image_id in predictor.unreadable} if files else set()
+            inputs = Inputs(paths, None, self.config.workers if len(files) > self.config.batch_size else 0)
+            probs, unread_ids = predictor.probabilities(frame, inputs, description="images") if files else ({}, [])
+        unreadable = {int(image_id) for image_id in unread_ids}
         # Without a caption an unreadable image has nothing to be predicted from.
         kept = [k for k in range(len(images)) if captions is not None or k not in unreadable]
         if not kept:
@@ -216,11 +217,10 @@ class Predictor:
         paths = DatasetPaths(root=csv.parent, images=Path(images_dir))
         branches = self._branches(missing_inputs(paths, {csv: frame}))
         predictor, settings, labels = self._prepare(branches)
-        predictor.paths, predictor.cache_dir = paths, self.weights_dir / "cache"
-        predictor.workers = self.config.workers
+        inputs = Inputs(paths, self.weights_dir / "cache", self.config.workers)
         with tempfile.TemporaryDirectory(prefix="predictor-") as folder:
             target = Path(submission) if submission is not None else Path(folder) / "submission.csv"
-            unreadable = predict_in_chunks(predictor, frame, settings, labels, target, self.config.chunk_size,
+            unreadable = predict_in_chunks(predictor, frame, inputs, settings, labels, target, self.config.chunk_size,
                                            f"{csv.name} features",
                                            label_text=submission_label_text(self.label_names(labels), self.separator))
             result = pd.read_csv(target, dtype=str, keep_default_na=False)

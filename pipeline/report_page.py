@@ -50,7 +50,7 @@ class PageLimits:
 
 def fusion_target(weights_dir: Path, branches: list[str]) -> Path:
     """The file a run with these branches reads its fusion from: fusion.json with every trained
-    branch, else the ablation's own file (as ``inference.resolve_fusion`` chooses)."""
+    branch, else the ablation's own file (as ``prediction.resolve_fusion`` chooses)."""
     trained = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
     return weights_dir / "fusion.json" if sorted(branches) == sorted(trained) else fusion_file(weights_dir, branches)
 

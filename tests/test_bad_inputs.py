@@ -30,12 +30,20 @@ import inference
 from pipeline.engine import runtime
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_probabilities
 from pipeline.io import CheckpointError, atomic_torch_save, safe_torch_load
-from pipeline.data.dataset import DataFormatError, DatasetPaths, LabelSet, load_train_val, read_csv, read_prediction_csv
+from pipeline.data.dataset import (
+    DataFormatError,
+    DatasetPaths,
+    GivenFiles,
+    LabelSet,
+    load_train_val,
+    read_csv,
+    read_prediction_csv,
+)
 from pipeline.data.images import ImageDataset
 from pipeline.features import cached_features
 from pipeline.fusion import FusionError, FusionSettings, save_fusion, weighted_average
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
-from pipeline.inference import predict_in_chunks
+from pipeline.prediction import BranchProbabilities, Inputs, predict_in_chunks
 from tests.conftest import count_extracted_rows, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -625,21 +633,19 @@ def _interrupted_write(*args: object, **kwargs: object) -> None:
 class _FixedProbabilities:
     """Stands in for the branches: the given image-branch probabilities, every image readable."""
 
-    unreadable: list[str] = []
-
     def __init__(self, probs: np.ndarray) -> None:
         self.probs = probs
 
-    def probabilities(self, frame: pd.DataFrame, description: str = "") -> dict[str, np.ndarray]:
-        return {"image": self.probs}
+    def probabilities(self, frame: pd.DataFrame, inputs: Inputs, description: str = "") -> BranchProbabilities:
+        return BranchProbabilities({"image": self.probs}, [])
 
 
 def _submission(path: Path, k: int) -> None:
     """submission.csv as inference writes it; versions 1 and 2 swap the labels of the two images."""
     frame = pd.DataFrame({"ImageID": ["0.jpg", "1.jpg"], "Caption": ["", ""]})
     settings = FusionSettings(branches=["image"], label_ids=[1, 3], weights={"image": 1.0})
-    predict_in_chunks(_FixedProbabilities(np.eye(2)[:, :: (-1) ** k]), frame, settings, LabelSet((1, 3)), path,
-                      chunk_size=2, description="test")
+    predict_in_chunks(_FixedProbabilities(np.eye(2)[:, :: (-1) ** k]), frame, Inputs(GivenFiles.of([])), settings,
+                      LabelSet((1, 3)), path, chunk_size=2, description="test")
 
 
 def _fusion(path: Path, threshold: float) -> None:

@@ -19,7 +19,7 @@ from pipeline.config import run_main
 from pipeline.data.dataset import DatasetPaths, load_train_val
 from pipeline.engine.loop import TrainStep
 from pipeline.features import cached_features, pooled_output
-from pipeline.inference import BranchPredictor, load_branch_checkpoints
+from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelOrder
 from pipeline.models.heads import ClassAttention
@@ -142,17 +142,18 @@ def test_a_csra_checkpoint_predicts_in_inference_what_training_saved(csra_run, t
     assert "class_attention" not in load_checkpoint(weights / "decoder.pt", branch="decoder")
     weights = Path(shutil.copytree(weights, tmp_path / "w"))
     checkpoints = load_branch_checkpoints(weights, ["image", "decoder"])
-    predictor = BranchPredictor(checkpoints, DatasetPaths.resolve(dataset), weights / "cache", CPU, 16, 0)
+    paths = DatasetPaths.resolve(dataset)
+    predictor = BranchPredictor(checkpoints, paths, CPU, 16, model_cache=weights / "cache")
     assert torch.equal(predictor.heads.attention.weight, saved["weight"])
-    _, _, val = load_train_val(DatasetPaths.resolve(dataset), 0.25)
-    probs = predictor.probabilities(val)
+    _, _, val = load_train_val(paths, 0.25)
+    probs = predictor.probabilities(val, Inputs(paths, weights / "cache")).by_branch
     for branch in ("image", "decoder"):
         ids, _, expected = load_probabilities(probabilities_path(weights, branch))
         assert ids == val.drop_duplicates("ImageID")["ImageID"].tolist()
         np.testing.assert_allclose(probs[branch], expected, atol=1e-6)
     # And through a new extraction, without the cache.
-    predictor.cache_dir = None
-    np.testing.assert_allclose(predictor.probabilities(val)["image"], probs["image"], atol=1e-6)
+    np.testing.assert_allclose(predictor.probabilities(val, Inputs(paths)).by_branch["image"], probs["image"],
+                               atol=1e-6)
 
 
 def test_csra_in_frozen_mode_is_refused_naming_the_option(tmp_path, capsys):
@@ -183,10 +184,9 @@ def test_an_exported_csra_branch_gives_inferences_probabilities(csra_run, tmp_pa
     result = export_image_branch(ExportConfig(weights_dir=str(weights), format="onnx", out=str(tmp_path / "onnx"),
                                               data=str(dataset), val_fraction=0.25))
     frame = pd.read_csv(dataset / "test.csv")
-    predictor = BranchPredictor({"image": checkpoint}, DatasetPaths.resolve(dataset), None, CPU, 16, 0,
-                                runtime="torch")
+    predictor = BranchPredictor({"image": checkpoint}, DatasetPaths.resolve(dataset), CPU, 16, runtime="torch")
     predictor.precision = "fp32"  # the export computes in fp32
-    expected = predictor.probabilities(frame)["image"]
+    expected = predictor.probabilities(frame, Inputs(DatasetPaths.resolve(dataset))).by_branch["image"]
     preprocessing = checkpoint["preprocessing"]
     images = ImageDataset(DatasetPaths.resolve(dataset), frame["ImageID"].tolist(),
                           build_transform(preprocessing, normalize=False), preprocessing["resolution"])

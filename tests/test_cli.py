@@ -14,7 +14,7 @@ import train_caption_rnn
 import train_efficientnet
 from pipeline.engine.runtime import resolve_device
 from pipeline.io import OptionError
-from pipeline.inference import parse_weights
+from pipeline.inference_config import parse_weights
 
 SCRIPTS = [train_efficientnet, train_caption_rnn, inference]
 SHARED_OPTIONS = ["--data", "--images", "--weights-dir", "--device", "--seed", "--val-fraction"]

@@ -165,11 +165,11 @@ def test_inference_sets_up_the_backends_of_its_device(tiny_dataset, tmp_path, mo
 ])
 def test_inference_picks_the_backbone_precision_of_its_own_cpu(monkeypatch, caplog, trained, native, expected,
                                                                 warned):
-    import pipeline.inference as pipeline_inference
+    import pipeline.prediction as prediction
 
-    monkeypatch.setattr(pipeline_inference, "native_bf16", lambda device: native)
-    with caplog.at_level(logging.WARNING, logger="pipeline.inference"):
-        assert pipeline_inference.backbone_precision(trained, CPU, "image.pt") == expected
+    monkeypatch.setattr(prediction, "native_bf16", lambda device: native)
+    with caplog.at_level(logging.WARNING, logger="pipeline.prediction"):
+        assert prediction.backbone_precision(trained, CPU, "image.pt") == expected
     message = f"image.pt's features were computed in {trained}, which this CPU does not run natively: running fp32"
     assert (message in caplog.text) is warned
 

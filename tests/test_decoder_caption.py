@@ -18,7 +18,7 @@ from pipeline.checkpoint import load_checkpoint, load_probabilities, probabiliti
 from pipeline.config import run_main
 from pipeline.data.dataset import DatasetPaths, load_train_val
 from pipeline.engine.runtime import seed_everything
-from pipeline.inference import BranchPredictor, load_branch_checkpoints
+from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints
 from pipeline.io import CheckpointError
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.text_features import TextEncoder
@@ -153,19 +153,20 @@ def test_every_mode_trains_a_caption_reading_decoder_that_inference_rebuilds(mod
     checkpoints = load_branch_checkpoints(weights, ["image", "decoder"])
     paths = DatasetPaths.resolve(captioned_dataset)
     seed_everything(0)  # frozen mode's test backbone has random weights, drawn from the seed as inference draws them
-    predictor = BranchPredictor(checkpoints, paths, weights / "cache", CPU, 16, 0)
+    predictor = BranchPredictor(checkpoints, paths, CPU, 16, model_cache=weights / "cache")
+    inputs = Inputs(paths, weights / "cache")
     assert predictor.heads.decoder.caption_dim == 16 and predictor.heads.caption_encoder == "minilm"
     _, _, val = load_train_val(paths, 0.25)
-    probs = predictor.probabilities(val)
+    probs = predictor.probabilities(val, inputs).by_branch
     ids, _, expected = load_probabilities(probabilities_path(weights, "decoder"))
     assert ids == val["ImageID"].tolist()
     np.testing.assert_allclose(probs["decoder"], expected, atol=1e-6)
-    blanked = predictor.probabilities(val.assign(Caption=""))
+    blanked = predictor.probabilities(val.assign(Caption=""), inputs).by_branch
     np.testing.assert_array_equal(blanked["image"], probs["image"])  # the image head reads no caption
     assert np.abs(blanked["decoder"] - probs["decoder"]).max() > 1e-3
     # A frame without a Caption column reads as blank captions.
-    np.testing.assert_allclose(predictor.probabilities(val.drop(columns="Caption"))["decoder"], blanked["decoder"],
-                               atol=1e-6)
+    np.testing.assert_allclose(predictor.probabilities(val.drop(columns="Caption"), inputs).by_branch["decoder"],
+                               blanked["decoder"], atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")

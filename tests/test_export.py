@@ -20,7 +20,7 @@ from pipeline.data.dataset import GivenFiles
 from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform
 from pipeline.engine.runtime import seed_everything
-from pipeline.inference import BranchPredictor, load_branch_checkpoints
+from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints
 from pipeline.io import CheckpointError
 from pipeline.tools import export
 from pipeline.tools.export import ExportConfig, ExportError, export_image_branch, float16_rounded, image_only_thresholds
@@ -88,10 +88,10 @@ def reference(trained) -> dict:
             # What predict_images computes before rounding: seeded, no cache, no worker processes.
             seed_everything(0)
             paths = GivenFiles.of(trained["files"])
-            predictor = BranchPredictor(load_branch_checkpoints(weights, ["image"]), paths, None,
-                                        torch.device("cpu"), 64, 0)
+            predictor = BranchPredictor(load_branch_checkpoints(weights, ["image"]), paths, torch.device("cpu"), 64)
             frame = pd.DataFrame({"ImageID": paths.image_ids, "Caption": [""] * len(paths.files)})
-            out[views] = {"records": result["predictions"], "probs": predictor.probabilities(frame)["image"],
+            out[views] = {"records": result["predictions"],
+                          "probs": predictor.probabilities(frame, Inputs(paths)).by_branch["image"],
                           "weights_copy": copy}
     return out
 

@@ -176,7 +176,7 @@ def test_an_ablation_leaves_a_hand_edited_fusion_json_byte_for_byte(trained_bran
     # Laid out as a person might type it, so a rewrite in the code's layout would show.
     text = json.dumps(asdict(hand), indent=4, sort_keys=True) + "\n\n"
     (weights / "fusion.json").write_text(text)
-    caplog.set_level(logging.INFO, logger="pipeline.inference")
+    caplog.set_level(logging.INFO, logger="pipeline.prediction")
 
     summary = _infer(data, weights, tmp_path / "image", "--branches", "image")
     assert (weights / "fusion.json").read_text() == text
@@ -206,7 +206,7 @@ def test_a_full_run_replaces_a_fusion_json_tuned_for_other_labels(trained_branch
     data, weights = _copy(trained_branches, tmp_path)
     stale = FusionSettings(branches=["image", "decoder", "caption"], label_ids=[1, 2], weights={"image": 1.0})
     save_fusion(stale, weights / "fusion.json")
-    caplog.set_level(logging.INFO, logger="pipeline.inference")
+    caplog.set_level(logging.INFO, logger="pipeline.prediction")
     _infer(data, weights, tmp_path / "a")
     assert load_fusion(weights / "fusion.json").label_ids == [1, 3, 18, 19]
     assert not (weights / "fusion-caption+decoder+image.json").exists()
@@ -249,7 +249,7 @@ def test_a_dataset_with_other_labels_is_a_warning_naming_both_lists(trained_bran
     train = pd.read_csv(data / "train.csv", dtype=str)
     train = train[~train["Labels"].str.contains("19")]  # a dataset without label 19
     train.to_csv(data / "train.csv", index=False)
-    caplog.set_level(logging.WARNING, logger="pipeline.inference")
+    caplog.set_level(logging.WARNING, logger="pipeline.prediction")
     _infer(data, weights, tmp_path / "out")
     assert (f"{data / 'train.csv'} has labels [1, 3, 18]; the weights in {weights} were trained on labels "
             "[1, 3, 18, 19] (not trained: []; not in train.csv: [19]), so the predictions use the trained labels"

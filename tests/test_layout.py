@@ -18,8 +18,8 @@ PACKAGE = ROOT / "pipeline"
 SCRIPTS = ["train_efficientnet.py", "train_caption_rnn.py", "inference.py"]
 MAX_SCRIPT_LINES = 40
 # What a model may not depend on: models are built from tensors and settings alone.
-NOT_FOR_MODELS = ("pipeline.data", "pipeline.engine", "pipeline.train", "pipeline.branches", "pipeline.inference",
-                  "pipeline.tools")
+NOT_FOR_MODELS = ("pipeline.data", "pipeline.engine", "pipeline.train", "pipeline.branches", "pipeline.prediction",
+                  "pipeline.inference", "pipeline.tools")
 
 
 def _module_name(path: Path) -> str:
@@ -37,8 +37,8 @@ FLOORS = {
     "engine": 2, "fusion": 2,                                      # the loop and runtimes; fusion
     "config": 3, "features": 3, "text_features": 3, "report": 3, "report_page": 3,    # settings, cached features, pages
     "branches": 4, "inference_config": 4,                                   # what training and inference share
-    "train": 5, "inference": 5,
-    "predictor": 6,                                                         # the Python API, on inference
+    "train": 5, "prediction": 5,                                            # training; the prediction core
+    "inference": 6, "predictor": 6,                                         # the CLI's and the Python API's, on the core
     "tools": 7,
     "cli": 8,                                                               # the three programs
 }
@@ -227,6 +227,39 @@ def test_the_data_floor_imports_only_lower_floors():
                  for name in sorted(imports(module))
                  if package_of(name) not in ("", "data") and FLOORS[package_of(name)] >= FLOORS["data"]]
     assert offenders == []
+
+
+def private_imports(module: str, source: str) -> list[str]:
+    """``origin.name`` for each private name (a leading underscore) that the source of ``module``
+    imports from another project module."""
+    return [f"{origin}.{alias.name}" for node in _import_nodes(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+            for origin in [_resolve(module, node)] if _within(origin, "pipeline") and origin != module
+            for alias in node.names if alias.name.startswith("_")]
+
+
+def test_the_private_import_check_sees_one():
+    """Guards the check below: the forms a private import takes, and what is not one."""
+    source = ("from pipeline.inference import _run_inference, run_inference\n"
+              "from .image_fit import _joint\n"
+              "from pipeline.train.image import _own\n"
+              "from torch.onnx import _constants\n"
+              "def later():\n    from pipeline.fusion import _fitting, load_fusion\n")
+    assert private_imports("pipeline.train.image", source) == [
+        "pipeline.inference._run_inference", "pipeline.train.image_fit._joint", "pipeline.fusion._fitting"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = [name for module in MODULES
+                 for name in private_imports(module, MODULES[module].read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("entry", ["pipeline.predictor", "pipeline.inference"])
+def test_the_python_api_and_the_cli_stand_on_the_prediction_core_not_on_each_other(entry):
+    """``Predictor`` and ``inference.py`` share the core; neither imports the other's module."""
+    other = {"pipeline.predictor": "pipeline.inference", "pipeline.inference": "pipeline.predictor"}[entry]
+    assert "pipeline.prediction" in imports(entry)
+    assert [name for name in imports(entry) if _within(name, other)] == []
 
 
 def test_inference_loads_no_training_module():

@@ -13,8 +13,8 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import openvino_runtime
 from pipeline.engine.openvino_runtime import OpenVinoRuntime
 from pipeline.features import cached_features, cached_stage_maps, extract_features
-from pipeline.inference import inference_runtime
 from pipeline.models.stages import split_backbone
+from pipeline.prediction import inference_runtime
 from tests.conftest import make_tiny_dataset
 
 pytest.importorskip("openvino")

@@ -166,16 +166,16 @@ def test_the_caption_branch_runs_beside_image_extraction_and_gives_what_it_gives
     import threading
 
     import pipeline.features as features_module
-    import pipeline.inference as inference_module
+    import pipeline.prediction as prediction_module
     from pipeline.branches.caption import predict_caption_probs
-    from pipeline.data.dataset import DatasetPaths, read_csv
-    from pipeline.inference import BranchPredictor, group_by_image, load_branch_checkpoints
+    from pipeline.data.dataset import DatasetPaths, group_by_image, read_csv
+    from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints
 
     data, weights = trained_branches
     paths = DatasetPaths.resolve(str(data), None)
     frame = read_csv(paths.test_csv)
     checkpoints = load_branch_checkpoints(weights, None)
-    predictor = BranchPredictor(checkpoints, paths, tmp_path / "cache", torch.device("cpu"), 8, 0)
+    predictor = BranchPredictor(checkpoints, paths, torch.device("cpu"), 8, model_cache=tmp_path / "cache")
 
     # The extraction waits until the caption branch has started in its own thread: they overlap.
     caption_started, events = threading.Event(), []
@@ -194,12 +194,12 @@ def test_the_caption_branch_runs_beside_image_extraction_and_gives_what_it_gives
         events.append(("extraction", threading.current_thread().name, None))
         return extract(*args, **kwargs)
 
-    monkeypatch.setattr(inference_module, "predict_caption_probs", caption_branch)
+    monkeypatch.setattr(prediction_module, "predict_caption_probs", caption_branch)
     monkeypatch.setattr(features_module, "extract_into_store", extraction)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        probs = predictor.probabilities(frame)
+        probs = predictor.probabilities(frame, Inputs(paths, tmp_path / "cache")).by_branch
     finally:
         torch.set_num_threads(threads)
     names = {event: thread for event, thread, _ in events}

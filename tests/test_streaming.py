@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import inference
-import pipeline.inference as inference_module
+import pipeline.prediction as prediction_module
 from tests.conftest import TRAINED_N_TEST, count_extracted_rows
 
 
@@ -38,7 +38,7 @@ def test_chunked_inference_writes_the_same_submission_as_one_chunk(run, tmp_path
 def test_an_interrupted_run_leaves_no_submission_and_resumes_at_its_chunk(run, tmp_path, monkeypatch):
     _, predict = run
     extracted = count_extracted_rows(monkeypatch)
-    original_rows, written = inference_module._write_rows, []
+    original_rows, written = prediction_module._write_rows, []
 
     def interrupted(handle, image_ids, *rest):
         if len(written) == 2:
@@ -48,7 +48,7 @@ def test_an_interrupted_run_leaves_no_submission_and_resumes_at_its_chunk(run, t
 
     output = tmp_path / "cut"
     with monkeypatch.context() as patch:
-        patch.setattr(inference_module, "_write_rows", interrupted)
+        patch.setattr(prediction_module, "_write_rows", interrupted)
         with pytest.raises(KeyboardInterrupt):
             predict(output, "--chunk-size", "5")
     assert extracted == [5, 5, 5]

@@ -73,11 +73,12 @@ from pipeline.engine.runtime import (
 from pipeline.engine.runtimes import RUNTIMES, Probe, available_runtimes, build_forward, probe_pixels, time_forward
 from pipeline.features import CPU_BATCH, calibration_images
 from pipeline.fusion import FusionSettings, load_fusion
-from pipeline.inference import BranchPredictor, InferenceConfig, load_branch_checkpoints, predict_in_chunks
+from pipeline.inference_config import InferenceConfig
 from pipeline.io import write_json
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
+from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints, predict_in_chunks
 from pipeline.train.image_config import ImageTrainConfig, resolve_recipe
 from pipeline.train.image_fit import build_image_model, build_optimizer, joint_loss
 from pipeline.train.image_inputs import image_inputs
@@ -213,15 +214,15 @@ def gpu_bound(forward_img_s: float, decode_ms: float, caption_ms: float | None, 
     return round(min(forward_img_s / views, 1000.0 * cores / host_ms), 2)
 
 
-def time_inference_path(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings,
+def time_inference_path(predictor: BranchPredictor, frame: pd.DataFrame, inputs: Inputs, settings: FusionSettings,
                         labels: LabelSet, scratch: Path) -> dict:
     """Seconds and images per second of ``inference.py``'s prediction of ``frame``, chunk size
     and all (an empty feature cache in ``scratch``, so every image is decoded and run)."""
-    predictor.cache_dir = scratch / "cache"
     scratch.mkdir(parents=True, exist_ok=True)
     chunk_size = InferenceConfig().chunk_size
     started = time.perf_counter()
-    predict_in_chunks(predictor, frame, settings, labels, scratch / "submission.csv", chunk_size, "bench features")
+    predict_in_chunks(predictor, frame, dataclasses.replace(inputs, cache_dir=scratch / "cache"), settings, labels,
+                      scratch / "submission.csv", chunk_size, "bench features")
     seconds = time.perf_counter() - started
     return {"img_s": _rate(len(frame), seconds), "seconds": round(seconds, 2), "chunk_size": chunk_size}
 
@@ -329,8 +330,8 @@ def _decoder_step(feature_dim: int, num_labels: int) -> torch.nn.Module:
     return TrainStep(LabelDecoder(feature_dim, num_labels, 128, 256, 0.3), lambda m, b: m.loss(b[0], b[1], rank))
 
 
-def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: FusionSettings, labels: LabelSet,
-                  config: BenchConfig, batch: int, processes: int, caption_ms: float | None,
+def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, inputs: Inputs, settings: FusionSettings,
+                  labels: LabelSet, config: BenchConfig, batch: int, processes: int, caption_ms: float | None,
                   calibration: Calibration | None, scratch: Path) -> dict:
     """At the predictor's backbone resolution: every runtime's forward in each precision, the
     pipeline in the predictor's runtime and in torch, decoding, and the bound from the fastest
@@ -350,7 +351,7 @@ def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: Fus
     for runtime in dict.fromkeys([chosen, *(["torch"] if "torch" in available_runtimes(device, precision) else [])]):
         predictor.runtime = runtime
         print(f"timing the inference path in {runtime} at {resolution} px on {len(frame)} images ...", flush=True)
-        path = max((time_inference_path(predictor, frame, settings, labels, scratch / f"{runtime}{i}")
+        path = max((time_inference_path(predictor, frame, inputs, settings, labels, scratch / f"{runtime}{i}")
                     for i in range(config.repeats)), key=lambda run: run["img_s"])
         prefix = "pipeline" if runtime == chosen else "pipeline_torch"
         out[f"{prefix}_img_s"], out[f"{prefix}_seconds"] = path["img_s"], path["seconds"]
@@ -360,7 +361,7 @@ def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, settings: Fus
     out["pipeline_speedup_over_torch"] = round(out["pipeline_img_s"] / out["pipeline_torch_img_s"], 2)
     out["pipeline_over_forward"] = round(out["pipeline_img_s"] / out["backbone_forward_img_s"], 3)
     ids = frame[ID_COLUMN].tolist()
-    out["decode_resize_ms_per_img"] = min(time_decode(predictor.paths, ids[:200], backbone.preprocessing)
+    out["decode_resize_ms_per_img"] = min(time_decode(inputs.paths, ids[:200], backbone.preprocessing)
                                           for _ in range(config.repeats))
     views = len(predictor.views)
     if device.type == "cpu":
@@ -415,7 +416,8 @@ def run_benchmark(config: BenchConfig) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch_name:
         scratch = Path(scratch_name)
-        predictor = BranchPredictor(checkpoints, paths, scratch / "cache", device, config.batch_size, config.workers)
+        predictor = BranchPredictor(checkpoints, paths, device, config.batch_size, model_cache=scratch / "cache")
+        inputs = Inputs(paths, scratch / "cache", config.workers)
         if config.precision:
             predictor.precision = config.precision
         backbone, precision, runtime = predictor.backbone, predictor.precision, predictor.runtime
@@ -439,7 +441,7 @@ def run_benchmark(config: BenchConfig) -> dict:
             if calibration is not None:
                 calibration = calibration_images(paths, read_csv(paths.train_csv)[ID_COLUMN].tolist(),
                                                  backbone.preprocessing, config.calibration_images)
-            measured = time_runtimes(predictor, frame, settings, labels, config, batch, processes,
+            measured = time_runtimes(predictor, frame, inputs, settings, labels, config, batch, processes,
                                      results["caption_branch_ms_per_img"], calibration, scratch / f"{size}px")
             if size == resolution:
                 results.update(measured)
@@ -466,7 +468,7 @@ def run_benchmark(config: BenchConfig) -> dict:
             predictor.backbone, predictor.runtime = compared, "torch"
             print(f"timing the inference path with efficientnet-pytorch {COMPARED_BACKBONE} ...", flush=True)
             results["effnet_pytorch_pipeline_img_s"] = max(
-                time_inference_path(predictor, frame, settings, labels, scratch / f"compared{i}")["img_s"]
+                time_inference_path(predictor, frame, inputs, settings, labels, scratch / f"compared{i}")["img_s"]
                 for i in range(config.repeats))
             table = forward_table(compared.module, compared.preprocessing, device, [precision], batch, processes,
                                   config.forward_seconds, 1, scratch / "compared", None, runtimes=["torch"])

@@ -43,11 +43,12 @@ from pipeline.data.dataset import (
 )
 from pipeline.engine.runtime import seed_everything
 from pipeline.fusion import FusionError, fusion_file, load_fusion, tune_fusion
-from pipeline.inference import load_branch_checkpoints, recorded_label_names, validation_probabilities
+from pipeline.inference import recorded_label_names
 from pipeline.io import CheckpointError, OptionError, atomic_write, atomic_write_text, file_digest, write_json
 from pipeline.labels import label_names
 from pipeline.models.folding import NormalizeInput
 from pipeline.models.image_model import AttentionPooled, pool_outputs
+from pipeline.prediction import load_branch_checkpoints, validation_probabilities
 
 FORMATS = ("onnx", "openvino")
 # The pip package each format needs, by the module it is imported as.
