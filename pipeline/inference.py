@@ -55,6 +55,7 @@ from pipeline.engine.runtime import (
 )
 from pipeline.features import (
     CachedFeatures,
+    ExtractionSettings,
     cached_features,
     extract_features,
     has_cached_features,
@@ -200,14 +201,20 @@ class BranchPredictor:
                                     self.workers, self.views, description, self.precision, runtime=self.runtime,
                                     model_cache=self.model_cache, attention=self.heads.attention,
                                     calibration=self.calibration)
-        return cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.device,
-                               self.batch_size, self.workers, self.views, description, precision=self.precision,
-                               runtime=self.runtime, attention=self.heads.attention, calibration=self.calibration)
+        return cached_features(self.backbone, self.paths, image_ids,
+                               ExtractionSettings(cache_dir=self.cache_dir, device=self.device,
+                                                  batch_size=self.batch_size, workers=self.workers,
+                                                  views=tuple(self.views), precision=self.precision,
+                                                  runtime=self.runtime, calibration=self.calibration),
+                               description=description, attention=self.heads.attention)
 
     def has_cached(self, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache."""
-        return has_cached_features(self.backbone, self.paths, image_ids, self.cache_dir, self.views, self.precision,
-                                   self.runtime, self.heads.attention, self.calibration)
+        return has_cached_features(self.backbone, self.paths, image_ids,
+                                   ExtractionSettings(cache_dir=self.cache_dir, device=self.device,
+                                                      views=tuple(self.views), precision=self.precision,
+                                                      runtime=self.runtime, calibration=self.calibration),
+                                   attention=self.heads.attention)
 
     def probabilities(self, frame: pd.DataFrame,
                       features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,

@@ -12,7 +12,7 @@ import torch
 import pipeline.features as features_module
 import pipeline.shards as shards_module
 from pipeline.data.dataset import DatasetPaths
-from pipeline.features import cached_features, extract_features
+from pipeline.features import ExtractionSettings, cached_features, extract_features
 from pipeline.models.backbones import create_backbone
 from pipeline.shards import Field, ShardedStore
 from tests.conftest import count_extracted_rows, make_tiny_dataset
@@ -103,9 +103,10 @@ def images(tmp_path):
     return backbone, paths, [f"{i}.jpg" for i in range(N_IMAGES)]
 
 
-def _cached(images, cache, **kwargs):
+def _cached(images, cache):
     backbone, paths, ids = images
-    return cached_features(backbone, paths, ids, cache, CPU, batch_size=2, workers=0, shard_rows=SHARD, **kwargs)
+    return cached_features(backbone, paths, ids,
+                           ExtractionSettings(cache_dir=cache, device=CPU, batch_size=2, workers=0, shard_rows=SHARD))
 
 
 def test_features_are_the_same_read_whole_by_shard_or_in_memory(images, tmp_path):

@@ -47,7 +47,7 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
-from pipeline.features import VIEWS, cached_features, cached_stage_maps, calibration_images
+from pipeline.features import VIEWS, ExtractionSettings, cached_features, cached_stage_maps, calibration_images
 from pipeline.io import OptionError, file_digest, write_json
 from pipeline.text_features import TextEncoder
 from pipeline.metrics import tune_global_threshold
@@ -146,6 +146,9 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         if context.is_main == turn:
             runtime = resolve_runtime(config.runtime, device, frozen, cache_dir)
         barrier(context)
+    extraction = ExtractionSettings(cache_dir=cache_dir, device=device, batch_size=config.batch_size,
+                                    workers=config.workers, views=views, precision=frozen_precision, runtime=runtime,
+                                    calibration=calibration)
 
     # --decoder-caption: each image's caption vector, for the decoder (None: it reads none); a
     # dataset without captions is refused here, before any extraction (and after the
@@ -157,14 +160,13 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
     if mode == "frozen":
-        features, readable = cached_features(backbone, paths, all_ids, cache_dir, device, config.batch_size,
-                                             config.workers, views, "train.csv features", context, frozen_precision,
-                                             runtime=runtime, calibration=calibration)
+        features, readable = cached_features(backbone, paths, all_ids, extraction, description="train.csv features",
+                                             context=context)
         readable = readable.numpy()
     elif stage:
-        maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device, config.batch_size,
-                                 config.workers, VIEWS, "train.csv stage maps", context, frozen_precision,
-                                 runtime=runtime, calibration=calibration)
+        # Both views, whatever --flip-views says: the mirror image is the maps' one augmentation.
+        maps = cached_stage_maps(backbone, front, stage, paths, all_ids, dataclasses.replace(extraction, views=VIEWS),
+                                 description="train.csv stage maps", context=context)
         readable = maps.readable
     else:
         readable = decodable(paths, all_ids, config.workers, context)
@@ -223,10 +225,9 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
                                  calibration)
         if calibration is not None and stage:  # int8 for the front only, the trained stages in float
             backbone.module = FrontAndTail(*split_backbone(backbone, stage))
-        val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
-                                                     config.workers, views, "validation features", context,
-                                                     frozen_precision, runtime=runtime, attention=fitted.attention,
-                                                     calibration=calibration)
+        val_features, val_readable = cached_features(backbone, paths, val_ids, extraction,
+                                                     description="validation features", context=context,
+                                                     attention=fitted.attention)
         rows = np.arange(len(val))
     heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width, fitted.attention)
     with timing.timed("heads", len(rows)):
