@@ -3,6 +3,7 @@ extractions resumed at their first missing shard, and the same features however 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import pipeline.features as features_module
 import pipeline.shards as shards_module
 from pipeline.data.dataset import DatasetPaths
-from pipeline.features import ExtractionSettings, cached_features, extract_features
+from pipeline.features import ExtractionSettings, cached_features, extract_features, has_cached_features
 from pipeline.models.backbones import create_backbone
 from pipeline.shards import Field, ShardedStore
 from tests.conftest import count_extracted_rows, make_tiny_dataset
@@ -158,3 +159,18 @@ def test_a_cut_off_shard_alone_is_extracted_again(images, tmp_path, monkeypatch)
     extracted = count_extracted_rows(monkeypatch)
     rebuilt, _ = _cached(images, tmp_path / "cache")
     assert extracted == [SHARD] and torch.equal(rebuilt[:], whole)
+
+
+def test_only_the_keyed_settings_choose_the_store(images, tmp_path, monkeypatch):
+    """Batch size, workers and shard rows say how missing rows are computed: other values of them
+    read the same store. Views, precision and runtime are what the rows are: another value of
+    one of them is another store."""
+    backbone, paths, ids = images
+    _cached(images, tmp_path / "cache")
+    extracted = count_extracted_rows(monkeypatch)
+    other_way = ExtractionSettings(cache_dir=tmp_path / "cache", device=CPU, batch_size=5, workers=1, shard_rows=3)
+    assert has_cached_features(backbone, paths, ids, other_way)
+    cached_features(backbone, paths, ids, other_way)
+    assert extracted == []
+    for other in ({"views": ("plain",)}, {"precision": "bf16"}, {"runtime": "onnxruntime"}):
+        assert not has_cached_features(backbone, paths, ids, dataclasses.replace(other_way, **other)), other
