@@ -14,7 +14,12 @@ from sklearn.datasets import load_sample_images
 
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.transforms import build_transform, normalize_batch
-from pipeline.features import ExtractionSettings, cache_key, cached_features, extract_features
+from pipeline.features import (
+    ExtractionSettings,
+    cache_key,
+    cached_features,
+    extract_features,
+)
 from pipeline.models.backbones import (
     BUNDLED_PACKAGES,
     BackboneWeightsError,

@@ -22,7 +22,12 @@ import pipeline.features as features_module
 from pipeline.data.dataset import DatasetPaths, GivenFiles
 from pipeline.data.images import ImageDataset
 from pipeline.engine.distributed import DistContext
-from pipeline.features import ExtractionSettings, cache_key, cached_features, cached_stage_maps
+from pipeline.features import (
+    ExtractionSettings,
+    cache_key,
+    cached_features,
+    cached_stage_maps,
+)
 from pipeline.models.backbones import split_backbone
 from pipeline.train.image_inputs import decodable
 from tests.conftest import count_extracted_rows

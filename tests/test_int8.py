@@ -11,7 +11,12 @@ import torch
 from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import onnx_runtime
 from pipeline.engine.frozen import FrontAndTail
-from pipeline.features import ExtractionSettings, cached_stage_maps, calibration_images, extract_features
+from pipeline.features import (
+    ExtractionSettings,
+    cached_stage_maps,
+    calibration_images,
+    extract_features,
+)
 from pipeline.models.backbones import create_backbone, split_backbone
 from tests.conftest import make_tiny_dataset
 

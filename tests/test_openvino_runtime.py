@@ -12,7 +12,12 @@ import torch
 from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import openvino_runtime
 from pipeline.engine.openvino_runtime import OpenVinoRuntime
-from pipeline.features import ExtractionSettings, cached_features, cached_stage_maps, extract_features
+from pipeline.features import (
+    ExtractionSettings,
+    cached_features,
+    cached_stage_maps,
+    extract_features,
+)
 from pipeline.inference import inference_runtime
 from pipeline.models.backbones import split_backbone
 from tests.conftest import make_tiny_dataset

@@ -14,7 +14,12 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import onnx_runtime, openvino_runtime, runtimes
 from pipeline.engine.frozen import ModelFiles
 from pipeline.engine.runtimes import Probe, choose_fastest, get_runtime, resolve_runtime
-from pipeline.features import ExtractionSettings, cached_features, cached_stage_maps, extract_features
+from pipeline.features import (
+    ExtractionSettings,
+    cached_features,
+    cached_stage_maps,
+    extract_features,
+)
 from pipeline.io import OptionError
 from pipeline.models.backbones import split_backbone
 from tests.conftest import make_tiny_dataset

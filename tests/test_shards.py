@@ -13,7 +13,12 @@ import torch
 import pipeline.features as features_module
 import pipeline.shards as shards_module
 from pipeline.data.dataset import DatasetPaths
-from pipeline.features import ExtractionSettings, cached_features, extract_features, has_cached_features
+from pipeline.features import (
+    ExtractionSettings,
+    cached_features,
+    extract_features,
+    has_cached_features,
+)
 from pipeline.models.backbones import create_backbone
 from pipeline.shards import Field, ShardedStore
 from tests.conftest import count_extracted_rows, make_tiny_dataset

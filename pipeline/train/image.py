@@ -167,7 +167,7 @@ def _train(config: ImageTrainConfig, mode: Mode, device: torch.device, context: 
         features, readable = cached_features(backbone, paths, all_ids, extraction, description="train.csv features",
                                              context=context)
         readable = readable.numpy()
-    elif mode.trains_on == STAGE_MAPS:
+    elif stage:  # the maps of the stages before the first trained one
         # Both views, whatever --flip-views says: the mirror image is the maps' one augmentation.
         maps = cached_stage_maps(backbone, front, stage, paths, all_ids, dataclasses.replace(extraction, views=VIEWS),
                                  description="train.csv stage maps", context=context)
@@ -202,8 +202,7 @@ def _train(config: ImageTrainConfig, mode: Mode, device: torch.device, context: 
                                       device, context, resume_dir, digest, history)
     else:
         inputs = (map_inputs(maps, trunk, train_rows, val_rows, y_train, y_val, context, device, config.batch_size,
-                             config.seed, config.workers, _rows_of(train_captions, train_ok))
-                  if mode.trains_on == STAGE_MAPS else
+                             config.seed, config.workers, _rows_of(train_captions, train_ok)) if stage else
                   image_inputs(backbone, paths, train[ID_COLUMN][train_ok].tolist(),
                                val[ID_COLUMN][val_ok].tolist(), y_train, y_val, device, config.workers,
                                # Each rank draws its own images' augmentation.
