@@ -54,6 +54,26 @@ CACHE_VERSION = 3
 VIEWS = ("plain", "flip")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExtractionSettings:
+    """How the cached frozen forward passes run and where their stores are kept: what
+    :func:`cached_features`, :func:`has_cached_features` and :func:`cached_stage_maps` share.
+
+    ``views``, ``precision``, ``runtime`` and (in int8) ``calibration`` are part of every cache
+    key; the others say only how missing rows are computed and stored.
+    """
+
+    cache_dir: Path  # the stores, and the runtimes' converted models
+    device: torch.device
+    batch_size: int = 64
+    workers: int = 2
+    views: tuple[str, ...] = VIEWS
+    precision: str = "fp32"
+    runtime: str = "torch"
+    calibration: Calibration | None = None  # int8: the images the quantisation calibrates on
+    shard_rows: int | None = None  # rows per shard of a new store (None: :func:`shard_rows_for`'s)
+
+
 def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], precision: str = "fp32",
               output: str = "avg+max", runtime: str = "torch", calibration: Calibration | None = None) -> dict:
     """Everything the features depend on, including each file's size and modification time
@@ -378,9 +398,8 @@ def extract_into_store(extractor: _Extractor, paths: DatasetPaths, image_ids: Se
 
 
 def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor: Callable[[], _Extractor],
-                  paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str], cache_dir: Path,
-                  batch_size: int, workers: int, description: str, context: DistContext,
-                  shard_rows: int | None) -> ShardedStore:
+                  paths: DatasetPaths, image_ids: Sequence[str], settings: ExtractionSettings, description: str,
+                  context: DistContext) -> ShardedStore:
     """The complete store of ``key``: read when it is there and every file matches its digest,
     else its missing and damaged shards extracted.
 
@@ -389,7 +408,7 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
     torchrun rank 0 creates the store, the ranks take the shards to extract in turn, and every
     rank then reads the whole store: the ranks must share a file system.
     """
-    directory = _store_dir(cache_dir, kind, key)
+    directory = _store_dir(settings.cache_dir, kind, key)
     store = ShardedStore.open_complete(directory, key, len(image_ids))
     # Decided together (which also makes every rank look before rank 0 may change the store).
     if all_ranks_agree(store is not None and not store.damaged_shards(), context):
@@ -397,7 +416,7 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
         return store
     with write_lock(directory) if context.is_main else contextlib.nullcontext():
         if context.is_main:
-            ShardedStore.create(directory, key, len(image_ids), shard_rows or shard_rows_for(fields), fields)
+            ShardedStore.create(directory, key, len(image_ids), settings.shard_rows or shard_rows_for(fields), fields)
         barrier(context)
         store = ShardedStore.open(directory, key)
         if store is None:
@@ -417,8 +436,9 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
         if len(todo) < store.num_shards:
             log.info("%s cache: resuming, %d of %d shards to extract", kind, len(todo), store.num_shards)
         barrier(context)  # every rank has listed the same shards before any is written
-        extract_into_store(make_extractor(), paths, image_ids, views, store, todo[context.rank::context.world_size],
-                           batch_size, workers, _processes(workers), description, context.is_main)
+        extract_into_store(make_extractor(), paths, image_ids, settings.views, store,
+                           todo[context.rank::context.world_size], settings.batch_size, settings.workers,
+                           _processes(settings.workers), description, context.is_main)
         barrier(context)
         if context.distributed:
             if context.is_main:
@@ -473,11 +493,10 @@ def pooled_output(backbone: Backbone, attention: ClassAttention | None = None) -
             f"avg+max+csra-{state_digest(attention)}")
 
 
-def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
-                  precision: str, runtime: str, output: str = "avg+max",
-                  calibration: Calibration | None = None) -> dict:
-    return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], views, precision,
-                     output=output, runtime=runtime, calibration=calibration)
+def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], settings: ExtractionSettings,
+                  output: str) -> dict:
+    return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], settings.views,
+                     settings.precision, output=output, runtime=settings.runtime, calibration=settings.calibration)
 
 
 def _pooled_fields(width: int) -> dict[str, Field]:
@@ -485,35 +504,28 @@ def _pooled_fields(width: int) -> dict[str, Field]:
     return {"features": Field((width,), "float16"), "readable": Field((), "bool")}
 
 
-def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
-                    device: torch.device, batch_size: int = 64, workers: int = 2,
-                    views: Sequence[str] = VIEWS, description: str = "features",
-                    context: DistContext = DistContext(), precision: str = "fp32",
-                    shard_rows: int | None = None, runtime: str = "torch",
-                    attention: ClassAttention | None = None,
-                    calibration: Calibration | None = None) -> tuple[CachedFeatures, torch.Tensor]:
+def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], settings: ExtractionSettings,
+                    *, description: str = "features", context: DistContext = DistContext(),
+                    attention: ClassAttention | None = None) -> tuple[CachedFeatures, torch.Tensor]:
     """(features (N, 2C) float16 read from the cache a batch at a time, readable (N,)): from
-    the cache when it is complete, else its missing shards extracted first (in ``runtime``;
-    ``calibration``: the images int8 calibrates on). With ``attention``, rows of (N, 2C + L):
-    the attention's logits follow (:func:`pooled_output`)."""
+    the cache when it is complete, else its missing shards extracted first, as ``settings``
+    say. With ``attention``, rows of (N, 2C + L): the attention's logits follow
+    (:func:`pooled_output`)."""
     module, width, output = pooled_output(backbone, attention)
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime, output, calibration)
+    key = _features_key(backbone, paths, image_ids, settings, output)
     store = _cached_store("features", key, _pooled_fields(width),
-                          lambda: _extractor(module, backbone, (width,), precision, device,
-                                             runtime, model_cache=cache_dir, calibration=calibration),
-                          paths, image_ids, views, cache_dir,
-                          batch_size, workers, description, context, shard_rows)
+                          lambda: _extractor(module, backbone, (width,), settings.precision, settings.device,
+                                             settings.runtime, settings.cache_dir, settings.calibration),
+                          paths, image_ids, settings, description, context)
     return CachedFeatures(store), torch.from_numpy(store.read_all("readable"))
 
 
-def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], cache_dir: Path,
-                        views: Sequence[str], precision: str, runtime: str = "torch",
-                        attention: ClassAttention | None = None,
-                        calibration: Calibration | None = None) -> bool:
+def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str],
+                        settings: ExtractionSettings, *, attention: ClassAttention | None = None) -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
-    key = _features_key(backbone, paths, image_ids, views, precision, runtime,
-                        pooled_output(backbone, attention)[2], calibration)
-    return ShardedStore.open_complete(_store_dir(cache_dir, "features", key), key, len(image_ids)) is not None
+    key = _features_key(backbone, paths, image_ids, settings, pooled_output(backbone, attention)[2])
+    return ShardedStore.open_complete(_store_dir(settings.cache_dir, "features", key), key,
+                                      len(image_ids)) is not None
 
 
 @dataclass(frozen=True)
@@ -535,25 +547,21 @@ class StageMaps:
 
 
 def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, paths: DatasetPaths,
-                      image_ids: Sequence[str], cache_dir: Path, device: torch.device, batch_size: int = 64,
-                      workers: int = 2, views: Sequence[str] = VIEWS, description: str = "stage maps",
-                      context: DistContext = DistContext(), precision: str = "fp32",
-                      shard_rows: int | None = None, runtime: str = "torch",
-                      calibration: Calibration | None = None) -> StageMaps:
+                      image_ids: Sequence[str], settings: ExtractionSettings, *, description: str = "stage maps",
+                      context: DistContext = DistContext()) -> StageMaps:
     """The maps ``front`` (the backbone's first ``stage`` stages) computes for every image and
-    view, from the cache when it is complete, else its missing shards extracted first (in
-    ``runtime``; ``calibration``: the images int8 calibrates on)."""
+    view, from the cache when it is complete, else its missing shards extracted first, as
+    ``settings`` say."""
     files = [paths.image_path(image_id) for image_id in image_ids]
-    key = cache_key(backbone, files, views, precision, output=f"stage{stage}", runtime=runtime,
-                    calibration=calibration)
+    key = cache_key(backbone, files, settings.views, settings.precision, output=f"stage{stage}",
+                    runtime=settings.runtime, calibration=settings.calibration)
     resolution = backbone.preprocessing["resolution"]
     with torch.no_grad():
         probe = front.eval()(torch.zeros(1, 3, resolution, resolution))
     map_shape = tuple(probe.shape[1:])
-    fields = {**{view: Field(map_shape, "float16") for view in views}, "readable": Field((), "bool")}
+    fields = {**{view: Field(map_shape, "float16") for view in settings.views}, "readable": Field((), "bool")}
     store = _cached_store("stagemaps", key, fields,
-                          lambda: _extractor(front, backbone, map_shape, precision, device, runtime, cache_dir,
-                                             calibration),
-                          paths, image_ids, views, cache_dir, batch_size,
-                          workers, description, context, shard_rows)
-    return StageMaps(store, tuple(views), store.read_all("readable").astype(bool))
+                          lambda: _extractor(front, backbone, map_shape, settings.precision, settings.device,
+                                             settings.runtime, settings.cache_dir, settings.calibration),
+                          paths, image_ids, settings, description, context)
+    return StageMaps(store, tuple(settings.views), store.read_all("readable").astype(bool))

@@ -47,6 +47,7 @@ from pipeline.engine.runtime import inference_precision, native_bf16
 from pipeline.engine.runtimes import Probe, get_runtime, resolve_runtime
 from pipeline.features import (
     CachedFeatures,
+    ExtractionSettings,
     cached_features,
     extract_features,
     has_cached_features,
@@ -217,14 +218,20 @@ class BranchPredictor:
                                     inputs.workers, self.views, description, self.precision, runtime=self.runtime,
                                     model_cache=self.model_cache, attention=self.heads.attention,
                                     calibration=self.calibration)
-        return cached_features(self.backbone, inputs.paths, image_ids, inputs.cache_dir, self.device,
-                               self.batch_size, inputs.workers, self.views, description, precision=self.precision,
-                               runtime=self.runtime, attention=self.heads.attention, calibration=self.calibration)
+        return cached_features(self.backbone, inputs.paths, image_ids,
+                               ExtractionSettings(cache_dir=inputs.cache_dir, device=self.device,
+                                                  batch_size=self.batch_size, workers=inputs.workers,
+                                                  views=tuple(self.views), precision=self.precision,
+                                                  runtime=self.runtime, calibration=self.calibration),
+                               description=description, attention=self.heads.attention)
 
     def has_cached(self, inputs: Inputs, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache."""
-        return has_cached_features(self.backbone, inputs.paths, image_ids, inputs.cache_dir, self.views, self.precision,
-                                   self.runtime, self.heads.attention, self.calibration)
+        return has_cached_features(self.backbone, inputs.paths, image_ids,
+                                   ExtractionSettings(cache_dir=inputs.cache_dir, device=self.device,
+                                                      views=tuple(self.views), precision=self.precision,
+                                                      runtime=self.runtime, calibration=self.calibration),
+                                   attention=self.heads.attention)
 
     def probabilities(self, frame: pd.DataFrame, inputs: Inputs,
                       features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,

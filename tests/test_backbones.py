@@ -14,7 +14,12 @@ from sklearn.datasets import load_sample_images
 
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.transforms import build_transform, normalize_batch
-from pipeline.features import cache_key, cached_features, extract_features
+from pipeline.features import (
+    ExtractionSettings,
+    cache_key,
+    cached_features,
+    extract_features,
+)
 from pipeline.models.backbones import (
     BUNDLED_PACKAGES,
     BackboneWeightsError,
@@ -125,24 +130,25 @@ def test_feature_cache_is_reused_invalidated_and_never_read_when_cut_off(tiny_im
     with pytest.warns(UserWarning):
         backbone = create_backbone("test_efficientnet", resolution=32)
     cache = tmp_path / "cache"
-    first, ok = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    settings = ExtractionSettings(cache_dir=cache, device=torch.device("cpu"), batch_size=4, workers=0)
+    first, ok = cached_features(backbone, paths, ids, settings)
     assert first.shape == (6, 2 * backbone.feature_dim) and ok.all()
     (store,) = cache.glob("features-*")
     whole = first[:]
 
     extracted = count_extracted_rows(monkeypatch)
-    again, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    again, _ = cached_features(backbone, paths, ids, settings)
     assert extracted == [] and torch.equal(again[:], whole)
 
     # A shard cut off half-way is detected and rebuilt, not read.
     shard = store / "features-00000.npy"
     shard.write_bytes(shard.read_bytes()[:200])
-    rebuilt, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    rebuilt, _ = cached_features(backbone, paths, ids, settings)
     assert extracted == [6] and torch.equal(rebuilt[:], whole)
 
     # A changed image is a different key: extracted again.
     Image.new("RGB", (40, 50), "red").save(paths.images / ids[0])
-    changed, _ = cached_features(backbone, paths, ids, cache, torch.device("cpu"), batch_size=4, workers=0)
+    changed, _ = cached_features(backbone, paths, ids, settings)
     assert extracted == [6, 6] and not torch.allclose(changed[0].float(), whole[0].float())
 
 

@@ -40,7 +40,7 @@ from pipeline.data.dataset import (
     read_prediction_csv,
 )
 from pipeline.data.images import ImageDataset
-from pipeline.features import cached_features
+from pipeline.features import ExtractionSettings, cached_features
 from pipeline.fusion import FusionError, FusionSettings, save_fusion, weighted_average
 from pipeline.models.backbones import BackboneWeightsError, create_backbone
 from pipeline.prediction import BranchProbabilities, Inputs, predict_in_chunks
@@ -488,9 +488,9 @@ def test_a_foreign_file_in_the_feature_cache_is_rebuilt(tmp_path, monkeypatch, c
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights
         backbone = create_backbone("test_efficientnet", resolution=32)
-    cpu = torch.device("cpu")
     cache = tmp_path / "cache"
-    fresh, fresh_readable = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
+    settings = ExtractionSettings(cache_dir=cache, device=torch.device("cpu"), batch_size=4, workers=0)
+    fresh, fresh_readable = cached_features(backbone, paths, ids, settings)
     fresh = fresh[:]
     (store,) = cache.glob("features-*")
 
@@ -498,12 +498,12 @@ def test_a_foreign_file_in_the_feature_cache_is_rebuilt(tmp_path, monkeypatch, c
     (store / target).unlink()
     make(store / target, marker)  # under the very name the cache would be read from
     extracted = count_extracted_rows(monkeypatch)
-    rebuilt, readable = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
+    rebuilt, readable = cached_features(backbone, paths, ids, settings)
     assert extracted == [6], "the foreign file was read as part of the cache instead of being rebuilt"
     assert torch.equal(rebuilt[:], fresh) and torch.equal(readable, fresh_readable)
     assert not marker.exists()
     # The foreign file was replaced by a cache the next run reads.
-    again, _ = cached_features(backbone, paths, ids, cache, cpu, batch_size=4, workers=0)
+    again, _ = cached_features(backbone, paths, ids, settings)
     assert extracted == [6] and torch.equal(again[:], fresh)
 
 

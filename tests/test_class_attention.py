@@ -18,7 +18,7 @@ from pipeline.checkpoint import load_checkpoint, load_probabilities, probabiliti
 from pipeline.config import run_main
 from pipeline.data.dataset import DatasetPaths, load_train_val
 from pipeline.engine.loop import TrainStep
-from pipeline.features import cached_features, pooled_output
+from pipeline.features import ExtractionSettings, cached_features, pooled_output
 from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints
 from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelOrder
@@ -103,9 +103,9 @@ def test_extraction_appends_the_attention_logits_to_the_pooled_features(tmp_path
         attention.weight.normal_()
     ids = [f"{i}.jpg" for i in range(6)]
     paths = DatasetPaths.resolve(dataset)
-    plain, _ = cached_features(backbone, paths, ids, tmp_path / "cache", CPU, workers=0, views=("plain",))
-    with_attention, readable = cached_features(backbone, paths, ids, tmp_path / "cache", CPU, workers=0,
-                                               views=("plain",), attention=attention)
+    settings = ExtractionSettings(cache_dir=tmp_path / "cache", device=CPU, workers=0, views=("plain",))
+    plain, _ = cached_features(backbone, paths, ids, settings)
+    with_attention, readable = cached_features(backbone, paths, ids, settings, attention=attention)
     assert readable.all() and with_attention.shape == (6, backbone.pooled_dim + 4)
     assert len(list((tmp_path / "cache").glob("features-*-avgmaxcsra-*"))) == 1
     assert torch.equal(with_attention[np.arange(6)][:, :backbone.pooled_dim], plain[np.arange(6)])

@@ -23,7 +23,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.data.dataset import DatasetPaths
 from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, gather_shards, mean_across_ranks, wrap_model
 from pipeline.engine.loop import ModelEma, TrainStep, parameter_groups, scaled_lr
-from pipeline.features import cached_stage_maps
+from pipeline.features import ExtractionSettings, cached_stage_maps
 from pipeline.train.image_fit import build_image_model, joint_loss
 from pipeline.train.image_inputs import RandomViewSampler
 from pipeline.train.image_config import ImageTrainConfig
@@ -193,8 +193,8 @@ def test_stage_map_cache_is_reused_and_a_cut_off_shard_is_rebuilt(tiny_dataset, 
     ids = [f"{i}.jpg" for i in range(6)]
     backbone = tiny_backbone()
     front, _ = split_backbone(backbone, 3)
-    cpu = torch.device("cpu")
-    maps = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0, shard_rows=4)
+    settings = ExtractionSettings(cache_dir=tmp_path, device=torch.device("cpu"), batch_size=4, workers=0, shard_rows=4)
+    maps = cached_stage_maps(backbone, front, 3, paths, ids, settings)
     assert maps.shape[0] == 6 and maps.views == ("plain", "flip") and maps.readable.all()
     plain, flip = maps.read("plain", range(6)), maps.read("flip", range(6))
     with torch.no_grad():
@@ -203,11 +203,11 @@ def test_stage_map_cache_is_reused_and_a_cut_off_shard_is_rebuilt(tiny_dataset, 
     np.testing.assert_array_equal(maps.read("flip", [5, 0, 4, 3]), flip[[5, 0, 4, 3]])  # across the shard boundary
 
     extracted = count_extracted_rows(monkeypatch)
-    again = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0, shard_rows=4)
+    again = cached_stage_maps(backbone, front, 3, paths, ids, settings)
     assert extracted == [] and np.array_equal(again.read("plain", range(6)), plain)
     flip_file = maps.store.path("flip", 1)
     flip_file.write_bytes(flip_file.read_bytes()[:300])  # cut off mid-write
-    rebuilt = cached_stage_maps(backbone, front, 3, paths, ids, tmp_path, cpu, batch_size=4, workers=0, shard_rows=4)
+    rebuilt = cached_stage_maps(backbone, front, 3, paths, ids, settings)
     assert extracted == [2] and np.array_equal(rebuilt.read("flip", range(6)), flip)  # only the last shard's 2 rows
 
 

@@ -22,7 +22,7 @@ import pipeline.features as features_module
 from pipeline.data.dataset import DatasetPaths, GivenFiles
 from pipeline.data.images import ImageDataset
 from pipeline.engine.distributed import DistContext
-from pipeline.features import cache_key, cached_features, cached_stage_maps
+from pipeline.features import ExtractionSettings, cache_key, cached_features, cached_stage_maps
 from pipeline.models.stages import split_backbone
 from pipeline.train.image_inputs import decodable
 from tests.conftest import count_extracted_rows
@@ -111,14 +111,14 @@ def test_features_and_stage_maps_see_the_upright_photo_and_their_caches_follow_t
     with Image.open(tmp_path / "tag6.jpg") as stored:
         stored.save(tmp_path / "sideways.png")  # the stored pixels, no tag
     ids = ["tag6.jpg", "upright6.png", "tag8.jpg", "upright8.png", "sideways.png"]
-    cpu = torch.device("cpu")
+    settings = ExtractionSettings(cache_dir=tmp_path / "cache", device=torch.device("cpu"), batch_size=8, workers=0)
 
-    features, readable = cached_features(backbone, paths, ids, tmp_path / "cache", cpu, batch_size=8, workers=0)
+    features, readable = cached_features(backbone, paths, ids, settings)
     assert readable.all()
     assert torch.equal(features[0], features[1]) and torch.equal(features[2], features[3])
     assert not torch.equal(features[0], features[4])
     front, _ = split_backbone(backbone, 2)
-    maps = cached_stage_maps(backbone, front, 2, paths, ids, tmp_path / "cache", cpu, batch_size=8, workers=0)
+    maps = cached_stage_maps(backbone, front, 2, paths, ids, settings)
     plain = maps.read("plain", list(range(len(ids))))
     assert np.array_equal(plain[0], plain[1]) and np.array_equal(plain[2], plain[3])
     assert not np.array_equal(plain[0], plain[4])
@@ -127,12 +127,12 @@ def test_features_and_stage_maps_see_the_upright_photo_and_their_caches_follow_t
     key = cache_key(backbone, [tmp_path / i for i in ids], ["plain", "flip"])
     assert key["decode_version"] == features_module.DECODE_VERSION
     extracted = count_extracted_rows(monkeypatch)
-    cached_features(backbone, paths, ids, tmp_path / "cache", cpu, batch_size=8, workers=0)
-    cached_stage_maps(backbone, front, 2, paths, ids, tmp_path / "cache", cpu, batch_size=8, workers=0)
+    cached_features(backbone, paths, ids, settings)
+    cached_stage_maps(backbone, front, 2, paths, ids, settings)
     assert extracted == []
     monkeypatch.setattr(features_module, "DECODE_VERSION", features_module.DECODE_VERSION + 1)
-    cached_features(backbone, paths, ids, tmp_path / "cache", cpu, batch_size=8, workers=0)
-    cached_stage_maps(backbone, front, 2, paths, ids, tmp_path / "cache", cpu, batch_size=8, workers=0)
+    cached_features(backbone, paths, ids, settings)
+    cached_stage_maps(backbone, front, 2, paths, ids, settings)
     assert extracted == [len(ids), len(ids)]
 
 
@@ -204,8 +204,8 @@ def test_a_fifo_or_an_overlong_name_is_an_unreadable_image_in_loader_workers(bac
     ids = ["ok.png", "pipe.jpg", TOO_LONG, "ok.png"]
     with deadline(30):
         assert decodable(paths, ids, workers=1, context=DistContext()).tolist() == [True, False, False, True]
-        features, readable = cached_features(backbone, paths, ids, tmp_path / "cache", torch.device("cpu"),
-                                             batch_size=4, workers=1)
+        features, readable = cached_features(backbone, paths, ids, ExtractionSettings(
+            cache_dir=tmp_path / "cache", device=torch.device("cpu"), batch_size=4, workers=1))
     assert readable.tolist() == [True, False, False, True]
     assert features[1:3].isnan().all() and not features[[0, 3]].isnan().any()
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import onnx_runtime
 from pipeline.engine.frozen import FrontAndTail
-from pipeline.features import cached_stage_maps, calibration_images, extract_features
+from pipeline.features import ExtractionSettings, cached_stage_maps, calibration_images, extract_features
 from pipeline.models.backbones import create_backbone
 from pipeline.models.stages import split_backbone
 from tests.conftest import make_tiny_dataset
@@ -59,9 +59,9 @@ def test_int8_stage_maps_stay_within_tolerance_of_float_and_are_cached_apart(bac
     paths, ids = images
     calibration = calibration_images(paths, ids, backbone.preprocessing)
     front, _ = split_backbone(backbone, 2)
-    maps = {precision: cached_stage_maps(backbone, front, 2, paths, ids, tmp_path, CPU, batch_size=4, workers=0,
-                                         runtime="onnxruntime", precision=precision,
-                                         calibration=calibration if precision == "int8" else None)
+    maps = {precision: cached_stage_maps(backbone, front, 2, paths, ids, ExtractionSettings(
+                cache_dir=tmp_path, device=CPU, batch_size=4, workers=0, runtime="onnxruntime", precision=precision,
+                calibration=calibration if precision == "int8" else None))
             for precision in ("fp32", "int8")}
     plain = {p: torch.from_numpy(m.read("plain", list(range(len(ids))))) for p, m in maps.items()}
     assert plain["int8"].shape == plain["fp32"].shape

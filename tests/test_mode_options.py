@@ -12,7 +12,18 @@ import torch
 import train_caption_rnn
 import train_efficientnet
 from pipeline.config import parse_config, read_config_file
-from pipeline.train.image_config import ImageTrainConfig, MODE_ONLY_OPTIONS, idle_options, resolved_settings
+from pipeline.train.image_config import (
+    FINETUNE,
+    FROZEN,
+    MODE_ONLY_OPTIONS,
+    MODES,
+    PARTIAL,
+    TRAINING_MODES,
+    ImageTrainConfig,
+    idle_options,
+    resolve_mode,
+    resolved_settings,
+)
 from tests.conftest import TINY_CAPTION_ARGS, TINY_IMAGE_ARGS, make_tiny_dataset
 
 
@@ -20,9 +31,23 @@ def _config(*argv: str) -> ImageTrainConfig:
     return parse_config(ImageTrainConfig, train_efficientnet.get_args_parser(), list(argv))
 
 
+def test_each_mode_answers_what_the_trainer_asks():
+    """The table the trainer asks instead of comparing mode names: what each mode trains on,
+    whether the backbone trains, whether there is a frozen front for int8, whether it augments."""
+    answers = {mode.name: (mode.trains_on, mode.trains_backbone, mode.has_frozen_front, mode.augments)
+               for mode in TRAINING_MODES.values()}
+    assert answers == {"frozen": ("pooled features", False, True, False),
+                       "partial": ("stage maps", True, True, False),
+                       "finetune": ("images", True, False, True)}
+    assert MODES == ("auto", "frozen", "partial", "finetune")
+    assert resolve_mode("auto", torch.device("cpu")) is PARTIAL
+    assert resolve_mode("auto", torch.device("cuda")) is FINETUNE
+    assert resolve_mode("frozen", torch.device("cuda")) is FROZEN
+
+
 def test_epochs_in_partial_mode_is_named_with_the_option_that_acts():
     """``train_efficientnet.py --epochs 1`` on a CPU ran 8 partial epochs without a word."""
-    messages = idle_options(_config("--epochs", "1"), "partial")
+    messages = idle_options(_config("--epochs", "1"), PARTIAL)
     assert messages == ["--epochs 1 has no effect: it acts in frozen mode only, and this run trains in partial mode "
                         "(--mode auto resolved to partial); in partial mode use --finetune-epochs"]
 
@@ -36,24 +61,24 @@ def test_epochs_in_partial_mode_is_named_with_the_option_that_acts():
     (["--mode", "finetune", "--train-from-stage", "3"], "finetune", ["--train-from-stage"]),
 ])
 def test_each_mode_only_option_is_named_outside_its_modes(argv, mode, flags):
-    assert [message.split()[0] for message in idle_options(_config(*argv), mode)] == flags
+    assert [message.split()[0] for message in idle_options(_config(*argv), TRAINING_MODES[mode])] == flags
 
 
 def test_options_at_their_defaults_or_in_their_mode_say_nothing():
-    assert idle_options(_config(), "partial") == idle_options(_config(), "frozen") == []
-    assert idle_options(_config("--epochs", "3", "--lr", "0.01"), "frozen") == []
-    assert idle_options(_config("--finetune-epochs", "2", "--train-from-stage", "4"), "partial") == []
+    assert idle_options(_config(), PARTIAL) == idle_options(_config(), FROZEN) == []
+    assert idle_options(_config("--epochs", "3", "--lr", "0.01"), FROZEN) == []
+    assert idle_options(_config("--finetune-epochs", "2", "--train-from-stage", "4"), PARTIAL) == []
     assert set(MODE_ONLY_OPTIONS) <= set(ImageTrainConfig.__dataclass_fields__)
 
 
 def test_resolved_settings_keep_the_request_beside_them():
     config = _config()
-    resolved, requested = resolved_settings(config, "partial", torch.device("cpu"), "fp32", "fp32", "openvino")
+    resolved, requested = resolved_settings(config, PARTIAL, torch.device("cpu"), "fp32", "fp32", "openvino")
     assert (resolved.mode, resolved.device, resolved.precision, resolved.runtime) == (
         "partial", "cpu", "fp32", "openvino")
     assert requested == {"mode": "auto", "device": "auto", "precision": "auto", "runtime": "auto"}
     # bf16 features and fp32 training: no one value of --precision says both, so auto stays.
-    resolved, _ = resolved_settings(config, "partial", torch.device("cpu"), "bf16", "fp32", "openvino")
+    resolved, _ = resolved_settings(config, PARTIAL, torch.device("cpu"), "bf16", "fp32", "openvino")
     assert resolved.precision == "auto"
 
 

@@ -12,7 +12,7 @@ import torch
 from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import openvino_runtime
 from pipeline.engine.openvino_runtime import OpenVinoRuntime
-from pipeline.features import cached_features, cached_stage_maps, extract_features
+from pipeline.features import ExtractionSettings, cached_features, cached_stage_maps, extract_features
 from pipeline.models.stages import split_backbone
 from pipeline.prediction import inference_runtime
 from tests.conftest import make_tiny_dataset
@@ -42,8 +42,8 @@ def test_openvino_features_and_stage_maps_match_torch(backbone, tiny_images, tmp
     assert torch.allclose(ov_features[ov_ok].float(), torch_features[ov_ok].float(), rtol=2e-3, atol=2e-3)
 
     front, _ = split_backbone(backbone, 2)
-    maps = {runtime: cached_stage_maps(backbone, front, 2, paths, ids, tmp_path / f"maps-{runtime}", CPU,
-                                       batch_size=4, workers=0, runtime=runtime)
+    maps = {runtime: cached_stage_maps(backbone, front, 2, paths, ids, ExtractionSettings(
+                cache_dir=tmp_path / f"maps-{runtime}", device=CPU, batch_size=4, workers=0, runtime=runtime))
             for runtime in ("torch", "openvino")}
     plain = {runtime: torch.from_numpy(m.read("plain", list(range(len(ids))))).float() for runtime, m in maps.items()}
     assert plain["openvino"].shape == plain["torch"].shape and plain["openvino"][1].isnan().all()
@@ -70,7 +70,8 @@ def test_a_model_compiles_once_per_process_and_converts_once_per_cache(backbone,
 def test_the_runtime_is_part_of_the_feature_cache_key(backbone, tiny_images, tmp_path):
     paths, ids = tiny_images
     for runtime in ("torch", "openvino"):
-        cached_features(backbone, paths, ids, tmp_path, CPU, batch_size=4, workers=0, runtime=runtime)
+        cached_features(backbone, paths, ids, ExtractionSettings(cache_dir=tmp_path, device=CPU, batch_size=4, workers=0,
+                                                                  runtime=runtime))
     assert len(list(tmp_path.glob("features-*"))) == 2
 
 

@@ -15,7 +15,7 @@ from pipeline.config import parse_config
 from pipeline.io import OptionError
 from pipeline.engine.loop import scaled_lr
 from pipeline.models.backbones import create_backbone
-from pipeline.train.image_config import ImageTrainConfig, Recipe, ema_decay, resolve_recipe
+from pipeline.train.image_config import FINETUNE, FROZEN, PARTIAL, ImageTrainConfig, Recipe, ema_decay, resolve_recipe
 from pipeline.train.image_fit import build_image_model, build_optimizer, fused_adamw
 from tests.conftest import TINY_IMAGE_ARGS
 
@@ -29,29 +29,29 @@ def _config(*argv: str) -> ImageTrainConfig:
 
 def test_each_mode_resolves_to_its_defaults():
     config = _config()
-    assert resolve_recipe(config, "finetune") == Recipe(epochs=25, weight_decay=0.05, layer_decay=0.8, drop_path=0.1,
+    assert resolve_recipe(config, FINETUNE) == Recipe(epochs=25, weight_decay=0.05, layer_decay=0.8, drop_path=0.1,
                                                         augment="trivial", scale_jitter=0.7, loss="bce")
     # Partial mode trains one or two top stages on cached maps: one rate, no drop path, and the
     # cached mirror image its only augmentation.
-    assert resolve_recipe(config, "partial") == Recipe(epochs=8, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
+    assert resolve_recipe(config, PARTIAL) == Recipe(epochs=8, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
                                                        augment="none", scale_jitter=1.0, loss="bce")
-    assert resolve_recipe(config, "frozen") == Recipe(epochs=12, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
+    assert resolve_recipe(config, FROZEN) == Recipe(epochs=12, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
                                                       augment="none", scale_jitter=1.0, loss="bce")
 
 
 def test_explicit_options_override_the_mode_defaults():
     config = _config("--finetune-epochs", "3", "--weight-decay", "0.01", "--layer-decay", "0.5", "--drop-path", "0.2",
                      "--augment", "light", "--scale-jitter", "0.9", "--loss", "asl", "--epochs", "4")
-    assert resolve_recipe(config, "finetune") == Recipe(epochs=3, weight_decay=0.01, layer_decay=0.5, drop_path=0.2,
+    assert resolve_recipe(config, FINETUNE) == Recipe(epochs=3, weight_decay=0.01, layer_decay=0.5, drop_path=0.2,
                                                         augment="light", scale_jitter=0.9, loss="asl")
-    assert resolve_recipe(config, "partial") == Recipe(epochs=3, weight_decay=0.01, layer_decay=0.5, drop_path=0.2,
+    assert resolve_recipe(config, PARTIAL) == Recipe(epochs=3, weight_decay=0.01, layer_decay=0.5, drop_path=0.2,
                                                        augment="none", scale_jitter=1.0, loss="asl")
     # Frozen mode has no backbone to decay or drop: only the weight decay and --epochs apply.
-    assert resolve_recipe(config, "frozen") == Recipe(epochs=4, weight_decay=0.01, layer_decay=1.0, drop_path=0.0,
+    assert resolve_recipe(config, FROZEN) == Recipe(epochs=4, weight_decay=0.01, layer_decay=1.0, drop_path=0.0,
                                                       augment="none", scale_jitter=1.0, loss="asl")
     # An explicit 0 is an option given, not "use the default".
     zero = _config("--weight-decay", "0", "--drop-path", "0")
-    assert resolve_recipe(zero, "finetune").weight_decay == 0.0 and resolve_recipe(zero, "finetune").drop_path == 0.0
+    assert resolve_recipe(zero, FINETUNE).weight_decay == 0.0 and resolve_recipe(zero, FINETUNE).drop_path == 0.0
 
 
 @pytest.mark.parametrize("option, value", [("--layer-decay", "0"), ("--layer-decay", "1.5"), ("--drop-path", "1"),
@@ -89,7 +89,7 @@ def test_layer_decay_gives_each_stage_its_exact_learning_rate():
         backbone = create_backbone("test_efficientnet", resolution=32)
     cpu = torch.device("cpu")
     model = build_image_model(config, backbone.module, backbone.pooled_dim, 4, cpu)
-    optimizer, lr = build_optimizer(config, model, cpu, resolve_recipe(config, "finetune"))
+    optimizer, lr = build_optimizer(config, model, cpu, resolve_recipe(config, FINETUNE))
     assert lr == scaled_lr(4e-4, 64)
     found = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
     named = dict(model.named_parameters())

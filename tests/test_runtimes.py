@@ -14,7 +14,12 @@ from pipeline.data.dataset import DatasetPaths
 from pipeline.engine import onnx_runtime, openvino_runtime, runtimes
 from pipeline.engine.frozen import ModelFiles
 from pipeline.engine.runtimes import Probe, choose_fastest, get_runtime, resolve_runtime
-from pipeline.features import cached_features, cached_stage_maps, extract_features
+from pipeline.features import (
+    ExtractionSettings,
+    cached_features,
+    cached_stage_maps,
+    extract_features,
+)
 from pipeline.io import OptionError
 from pipeline.models.stages import split_backbone
 from tests.conftest import make_tiny_dataset
@@ -125,14 +130,15 @@ def test_onnxruntime_features_and_stage_maps_match_torch(backbone, tmp_path):
     assert len(list((tmp_path / "onnxruntime" / "onnxruntime").glob("*.onnx"))) == 1
 
     front, _ = split_backbone(backbone, 2)
-    maps = {runtime: cached_stage_maps(backbone, front, 2, paths, ids, tmp_path / f"maps-{runtime}", CPU,
-                                       batch_size=4, workers=0, runtime=runtime)
+    maps = {runtime: cached_stage_maps(backbone, front, 2, paths, ids, ExtractionSettings(
+                cache_dir=tmp_path / f"maps-{runtime}", device=CPU, batch_size=4, workers=0, runtime=runtime))
             for runtime in ("torch", "onnxruntime")}
     plain = {runtime: torch.from_numpy(m.read("plain", list(range(len(ids))))).float() for runtime, m in maps.items()}
     assert plain["onnxruntime"].shape == plain["torch"].shape and plain["onnxruntime"][1].isnan().all()
     assert torch.allclose(plain["onnxruntime"][ort_ok], plain["torch"][ort_ok], rtol=2e-3, atol=2e-3)
-    cached_features(backbone, paths, ids, tmp_path / "keys", CPU, batch_size=4, workers=0, runtime="onnxruntime")
-    cached_features(backbone, paths, ids, tmp_path / "keys", CPU, batch_size=4, workers=0, runtime="torch")
+    for runtime in ("onnxruntime", "torch"):
+        cached_features(backbone, paths, ids, ExtractionSettings(cache_dir=tmp_path / "keys", device=CPU, batch_size=4,
+                                                                 workers=0, runtime=runtime))
     assert len(list((tmp_path / "keys").glob("features-*"))) == 2
 
 

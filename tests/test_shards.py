@@ -3,6 +3,7 @@ extractions resumed at their first missing shard, and the same features however 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -12,7 +13,12 @@ import torch
 import pipeline.features as features_module
 import pipeline.shards as shards_module
 from pipeline.data.dataset import DatasetPaths
-from pipeline.features import cached_features, extract_features
+from pipeline.features import (
+    ExtractionSettings,
+    cached_features,
+    extract_features,
+    has_cached_features,
+)
 from pipeline.models.backbones import create_backbone
 from pipeline.shards import Field, ShardedStore
 from tests.conftest import count_extracted_rows, make_tiny_dataset
@@ -103,9 +109,10 @@ def images(tmp_path):
     return backbone, paths, [f"{i}.jpg" for i in range(N_IMAGES)]
 
 
-def _cached(images, cache, **kwargs):
+def _cached(images, cache):
     backbone, paths, ids = images
-    return cached_features(backbone, paths, ids, cache, CPU, batch_size=2, workers=0, shard_rows=SHARD, **kwargs)
+    return cached_features(backbone, paths, ids,
+                           ExtractionSettings(cache_dir=cache, device=CPU, batch_size=2, workers=0, shard_rows=SHARD))
 
 
 def test_features_are_the_same_read_whole_by_shard_or_in_memory(images, tmp_path):
@@ -157,3 +164,18 @@ def test_a_cut_off_shard_alone_is_extracted_again(images, tmp_path, monkeypatch)
     extracted = count_extracted_rows(monkeypatch)
     rebuilt, _ = _cached(images, tmp_path / "cache")
     assert extracted == [SHARD] and torch.equal(rebuilt[:], whole)
+
+
+def test_only_the_keyed_settings_choose_the_store(images, tmp_path, monkeypatch):
+    """Batch size, workers and shard rows say how missing rows are computed: other values of them
+    read the same store. Views, precision and runtime are what the rows are: another value of
+    one of them is another store."""
+    backbone, paths, ids = images
+    _cached(images, tmp_path / "cache")
+    extracted = count_extracted_rows(monkeypatch)
+    other_way = ExtractionSettings(cache_dir=tmp_path / "cache", device=CPU, batch_size=5, workers=1, shard_rows=3)
+    assert has_cached_features(backbone, paths, ids, other_way)
+    cached_features(backbone, paths, ids, other_way)
+    assert extracted == []
+    for other in ({"views": ("plain",)}, {"precision": "bf16"}, {"runtime": "onnxruntime"}):
+        assert not has_cached_features(backbone, paths, ids, dataclasses.replace(other_way, **other)), other

@@ -79,7 +79,7 @@ from pipeline.models.backbones import create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
 from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints, predict_in_chunks
-from pipeline.train.image_config import ImageTrainConfig, resolve_recipe
+from pipeline.train.image_config import FINETUNE, ImageTrainConfig, resolve_recipe
 from pipeline.train.image_fit import build_image_model, build_optimizer, joint_loss
 from pipeline.train.image_inputs import image_inputs
 
@@ -281,7 +281,7 @@ def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[st
     ids = [image_ids[i % len(image_ids)] for i in range(needed)]
     targets = (np.random.default_rng(0).random((needed, num_labels)) < 0.2).astype(np.float32)
     targets[:, 0] = 1.0  # every image has a label, as in real data
-    recipe = resolve_recipe(config, "finetune")
+    recipe = resolve_recipe(config, FINETUNE)
     inputs = image_inputs(backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device, config.workers,
                           BatchAugment(recipe.augment, device, recipe.scale_jitter))
     model = build_image_model(config, inputs.trunk, backbone.pooled_dim, num_labels, device)

@@ -47,7 +47,7 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
-from pipeline.features import VIEWS, cached_features, cached_stage_maps, calibration_images
+from pipeline.features import VIEWS, ExtractionSettings, cached_features, cached_stage_maps, calibration_images
 from pipeline.io import OptionError, file_digest, write_json
 from pipeline.text_features import TextEncoder
 from pipeline.metrics import tune_global_threshold
@@ -56,7 +56,11 @@ from pipeline.models.heads import FeatureNorm
 from pipeline.models.stages import BackboneSplitError, num_stages, split_backbone
 from pipeline.train.image_config import (
     FINETUNE_RESOLUTION,
+    FROZEN,
+    POOLED_FEATURES,
+    STAGE_MAPS,
     ImageTrainConfig,
+    Mode,
     idle_options,
     resolve_mode,
     resolve_recipe,
@@ -95,19 +99,19 @@ def train_image_branch(config: ImageTrainConfig) -> dict:
             if config.mode != "auto":
                 raise
             log.warning("%s; training in frozen mode instead", err)
-            return _train(config, "frozen", device, context)
+            return _train(config, FROZEN, device, context)
 
 
-def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: DistContext) -> dict:
+def _train(config: ImageTrainConfig, mode: Mode, device: torch.device, context: DistContext) -> dict:
     started = time.perf_counter()
     idle = idle_options(config, mode)
     if context.is_main:
         for message in idle:
             log.warning("warning: %s", message)
-    if mode == "frozen" and config.csra_lambda > 0:
+    if not mode.trains_backbone and config.csra_lambda > 0:
         raise OptionError(f"--csra-lambda {config.csra_lambda:g}: class attention needs the spatial map of a trained "
-                          "backbone, which frozen mode never sees (cached pooled features); use --mode partial or "
-                          "finetune, or --csra-lambda 0")
+                          f"backbone, which {mode.name} mode never sees (cached {mode.trains_on}); use --mode "
+                          "partial or finetune, or --csra-lambda 0")
     timing.reset()
     paths, labels, train, val = image_splits(config)
     weights_dir = Path(config.weights_dir)
@@ -115,19 +119,19 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     recipe = resolve_recipe(config, mode)
     backbone = create_backbone(config.backbone, config.backbone_weights, config.pretrained, config.resolution,
                                recipe.drop_path)
-    if mode != "frozen" and config.resolution is None:
+    if mode.trains_backbone and config.resolution is None:
         resolution = max(backbone.preprocessing["resolution"], FINETUNE_RESOLUTION)
         backbone.preprocessing = {**backbone.preprocessing, "resolution": resolution}
     # Frozen forward passes (features, stage maps, inference) and training may compute differently.
     precision = resolve_precision(config.precision, device)
-    train_precision = precision if mode == "frozen" else training_precision(config.precision, device)
+    train_precision = training_precision(config.precision, device) if mode.trains_backbone else precision
     # The frozen passes (features, stage maps, inference) in int8 where asked, calibrated on the training split.
-    frozen_precision = "int8" if config.front_precision == "int8" and mode != "finetune" else precision
+    frozen_precision = "int8" if config.front_precision == "int8" and mode.has_frozen_front else precision
     calibration = calibration_images(paths, train[ID_COLUMN].tolist(), backbone.preprocessing) \
         if frozen_precision == "int8" else None
-    flip = config.flip_views if config.flip_views is not None else mode != "frozen"
+    flip = config.flip_views if config.flip_views is not None else mode.trains_backbone
     views = VIEWS if flip else VIEWS[:1]
-    stage = None if mode == "frozen" else (config.train_from_stage or num_stages(backbone) - 1) if mode == "partial" else 0
+    stage = _first_trained_stage(mode, config, backbone)
     all_ids = training_image_ids(train, val)
     if stage:
         front, trunk = split_backbone(backbone, stage)
@@ -140,6 +144,9 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
         if context.is_main == turn:
             runtime = resolve_runtime(config.runtime, device, frozen, cache_dir)
         barrier(context)
+    extraction = ExtractionSettings(cache_dir=cache_dir, device=device, batch_size=config.batch_size,
+                                    workers=config.workers, views=views, precision=frozen_precision, runtime=runtime,
+                                    calibration=calibration)
 
     # --decoder-caption: each image's caption vector, for the decoder (None: it reads none); a
     # dataset without captions is refused here, before any extraction (and after the
@@ -150,15 +157,14 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
 
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
-    if mode == "frozen":
-        features, readable = cached_features(backbone, paths, all_ids, cache_dir, device, config.batch_size,
-                                             config.workers, views, "train.csv features", context, frozen_precision,
-                                             runtime=runtime, calibration=calibration)
+    if mode.trains_on == POOLED_FEATURES:
+        features, readable = cached_features(backbone, paths, all_ids, extraction, description="train.csv features",
+                                             context=context)
         readable = readable.numpy()
-    elif stage:
-        maps = cached_stage_maps(backbone, front, stage, paths, all_ids, cache_dir, device, config.batch_size,
-                                 config.workers, VIEWS, "train.csv stage maps", context, frozen_precision,
-                                 runtime=runtime, calibration=calibration)
+    elif stage:  # the maps of the stages before the first trained one
+        # Both views, whatever --flip-views says: the mirror image is the maps' one augmentation.
+        maps = cached_stage_maps(backbone, front, stage, paths, all_ids, dataclasses.replace(extraction, views=VIEWS),
+                                 description="train.csv stage maps", context=context)
         readable = maps.readable
     else:
         readable = decodable(paths, all_ids, config.workers, context)
@@ -173,10 +179,10 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     seed_everything(config.seed)
     resume_dir = start_run(weights_dir, "image", config.resume, context)
     history = start_history(history_path(weights_dir, "image"), config.resume, context, config.log, config.keep_best)
-    inputs_digest = {"features": features.digest} if mode == "frozen" else {}
+    inputs_digest = {"features": features.digest} if mode.trains_on == POOLED_FEATURES else {}
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv), **inputs_digest)
     training_start, training_start_unix = time.perf_counter(), time.time()
-    if mode == "frozen":
+    if not mode.trains_backbone:
         # Features stay float16 as cached; the heads see them standardised a batch at a time.
         # Small chunks: glibc keeps the freed heap (reuse_freed_memory), so the largest
         # temporary (a float64 chunk and its square) stays in the process for the rest of the run.
@@ -198,16 +204,16 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
                                             seed=config.seed * 1009 + context.rank),
                                _rows_of(train_captions, train_ok)))
         fitted = fit_jointly(config, mode, inputs, backbone.pooled_dim, y_train, y_val, device, train_precision,
-                             context, ResumeState(resume_dir, mode, digest, config.resume, context), history)
+                             context, ResumeState(resume_dir, mode.name, digest, config.resume, context), history)
     training_seconds = time.perf_counter() - training_start
     # The trained top stage learns jointly with the heads (partial, finetune); frozen mode trains heads alone.
-    timing.add("heads (training)" if mode == "frozen" else "trained top stage + heads (training)",
+    timing.add("trained top stage + heads (training)" if mode.trains_backbone else "heads (training)",
                fitted.epoch_seconds, fitted.images_seen)
 
     # Validation probabilities for fusion, computed exactly as inference computes them
     # (NaN rows for unreadable images): a fine-tuned backbone's features are extracted anew.
     val_ids = val[ID_COLUMN].tolist()
-    if mode == "frozen":
+    if not mode.trains_backbone:
         val_features, val_readable, rows = features, torch.from_numpy(val_ok), len(train) + np.arange(len(val))
         record = backbone_record(backbone, views, frozen_precision, runtime, calibration=calibration)
     else:
@@ -217,10 +223,9 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
                                  calibration)
         if calibration is not None and stage:  # int8 for the front only, the trained stages in float
             backbone.module = FrontAndTail(*split_backbone(backbone, stage))
-        val_features, val_readable = cached_features(backbone, paths, val_ids, cache_dir, device, config.batch_size,
-                                                     config.workers, views, "validation features", context,
-                                                     frozen_precision, runtime=runtime, attention=fitted.attention,
-                                                     calibration=calibration)
+        val_features, val_readable = cached_features(backbone, paths, val_ids, extraction,
+                                                     description="validation features", context=context,
+                                                     attention=fitted.attention)
         rows = np.arange(len(val))
     heads = ImageHeads(fitted.head, fitted.norm, fitted.decoder, fitted.norm, config.beam_width, fitted.attention)
     with timing.timed("heads", len(rows)):
@@ -231,7 +236,7 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
                                captions=_rows_of(val_captions, val_readable.numpy()))
 
     summary = {
-        "mode": mode,
+        "mode": mode.name,
         "trained_from_stage": stage,
         "processes": context.world_size,
         "precision": precision,
@@ -284,6 +289,17 @@ def _train(config: ImageTrainConfig, mode: str, device: torch.device, context: D
     barrier(context)  # the other ranks return once the files exist
     finish_run(resume_dir, context)
     return summary
+
+
+def _first_trained_stage(mode: Mode, config: ImageTrainConfig, backbone: Backbone) -> int | None:
+    """The first stage of the backbone that trains: None where none does, 0 where all of it
+    does, else ``--train-from-stage`` (default: the last stage) for a mode that trains on the
+    cached maps of the stages before it."""
+    if not mode.trains_backbone:
+        return None
+    if mode.trains_on != STAGE_MAPS:
+        return 0
+    return config.train_from_stage or num_stages(backbone) - 1
 
 
 def written_files(weights_dir: Path) -> list[Path]:

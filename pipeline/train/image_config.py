@@ -1,9 +1,11 @@
-"""Settings of the image branch's training (``train_efficientnet.py``) and the mode they resolve to."""
+"""Settings of the image branch's training (``train_efficientnet.py``) and the mode they resolve
+to: one :class:`Mode` per row of :data:`TRAINING_MODES`, which the trainer asks instead of
+comparing mode names."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeline.choices import (
@@ -20,7 +22,6 @@ from pipeline.config import TrainingConfig, option, workers_option
 if TYPE_CHECKING:  # the parser is built from this module; torch loads only when a run starts
     import torch
 
-MODES = ("auto", "frozen", "partial", "finetune")
 # --decoder-caption: none, or the text encoder whose sentence vectors the label decoder reads.
 DECODER_CAPTIONS = ("none", *TEXT_ENCODER_NAMES)
 # Fine-tuned stages learn to use the detail a larger input keeps (small objects: benches,
@@ -42,6 +43,46 @@ MODE_DEFAULTS: dict[str, dict[str, float]] = {
     "partial": {"epochs": 8, "weight_decay": 1e-4, "drop_path": 0.0, "layer_decay": 1.0},
     "finetune": {"epochs": 25, "weight_decay": 0.05, "drop_path": 0.1, "layer_decay": 0.8},
 }
+# What a mode trains on.
+POOLED_FEATURES, STAGE_MAPS, IMAGES = "pooled features", "stage maps", "images"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A training mode, as the trainer asks it: what it trains on, and so what trains and what
+    runs frozen; and what its options default to."""
+
+    name: str
+    # POOLED_FEATURES of the frozen backbone or STAGE_MAPS of its frozen front, both cached
+    # (pipeline.features), or whole IMAGES decoded every epoch.
+    trains_on: str
+    defaults: dict[str, float] = field(hash=False)  # what None means for its options (MODE_DEFAULTS)
+
+    @property
+    def trains_backbone(self) -> bool:
+        """Whether the backbone (from a stage on) trains jointly with the heads
+        (``image_fit.fit_jointly``); else the heads alone learn on the cached pooled features,
+        the head then the decoder (``image_fit.fit_frozen_heads``)."""
+        return self.trains_on != POOLED_FEATURES
+
+    @property
+    def has_frozen_front(self) -> bool:
+        """Whether a part of the backbone (all of it, or the front) never trains and runs once,
+        its outputs cached: what ``--front-precision int8`` quantises."""
+        return self.trains_on != IMAGES
+
+    @property
+    def augments(self) -> bool:
+        """Whether ``--augment`` and ``--scale-jitter`` act: only whole images decoded every epoch
+        can be augmented (cached stage maps come with their mirror image, and nothing else)."""
+        return self.trains_on == IMAGES
+
+
+FROZEN = Mode("frozen", POOLED_FEATURES, MODE_DEFAULTS["frozen"])
+PARTIAL = Mode("partial", STAGE_MAPS, MODE_DEFAULTS["partial"])
+FINETUNE = Mode("finetune", IMAGES, MODE_DEFAULTS["finetune"])
+TRAINING_MODES: dict[str, Mode] = {mode.name: mode for mode in (FROZEN, PARTIAL, FINETUNE)}
+MODES = ("auto", *TRAINING_MODES)  # --mode's choices
 # The EMA's decay, unless --ema-decay is given: 1 - EMA_HORIZON / (the run's updates), so the average
 # spans about the last tenth of the run whatever its length (a fixed 0.9998 would need 5,000
 # updates to matter, more than a CPU run makes).
@@ -208,7 +249,8 @@ class ImageTrainConfig(TrainingConfig):
              f"--stacker-folds must be 0 (off) or >= 2, got {self.stacker_folds}"),
             (self.decoder_caption in DECODER_CAPTIONS,
              f"--decoder-caption {self.decoder_caption!r}: valid values are {', '.join(DECODER_CAPTIONS)}"),
-            (self.front_precision != "int8" or self.mode != "finetune",
+            (self.front_precision != "int8" or self.mode not in TRAINING_MODES
+             or TRAINING_MODES[self.mode].has_frozen_front,
              "--front-precision int8 quantises the frozen front; --mode finetune trains the whole backbone and "
              "has none"),
         ]
@@ -231,26 +273,24 @@ class Recipe:
     loss: str
 
 
-def resolve_recipe(config: ImageTrainConfig, mode: str) -> Recipe:
-    """The settings ``mode`` (``frozen``, ``partial`` or ``finetune``) trains with under ``config``.
+def resolve_recipe(config: ImageTrainConfig, mode: Mode) -> Recipe:
+    """The settings ``mode`` trains with under ``config``.
 
-    Frozen mode trains heads on cached features for ``--epochs``, with nothing of the backbone's
-    to decay or drop; partial mode trains on cached stage maps, whose only augmentation is the
-    cached mirror image.
+    A mode that trains the heads alone trains them for ``--epochs``, with nothing of the
+    backbone's to decay or drop; the others for ``--finetune-epochs``. Only a mode that trains
+    on whole images augments them.
     """
-    defaults = MODE_DEFAULTS[mode]
-
     def given(value: float | None, key: str, fallback: float) -> float:
-        return value if value is not None else defaults.get(key, fallback)
+        return value if value is not None else mode.defaults.get(key, fallback)
 
-    fine = mode != "frozen"
+    fine = mode.trains_backbone
     return Recipe(
-        epochs=int(config.finetune_epochs or defaults["epochs"]) if fine else config.epochs,
+        epochs=int(config.finetune_epochs or mode.defaults["epochs"]) if fine else config.epochs,
         weight_decay=float(given(config.weight_decay, "weight_decay", 0.0)),
         layer_decay=float(given(config.layer_decay, "layer_decay", 1.0)) if fine else 1.0,
         drop_path=float(given(config.drop_path, "drop_path", 0.0)) if fine else 0.0,
-        augment=config.augment if mode == "finetune" else "none",
-        scale_jitter=config.scale_jitter if mode == "finetune" else 1.0,
+        augment=config.augment if mode.augments else "none",
+        scale_jitter=config.scale_jitter if mode.augments else 1.0,
         loss=config.loss,
     )
 
@@ -264,14 +304,14 @@ def ema_decay(config: ImageTrainConfig, updates: int) -> float:
     return min(max(1.0 - EMA_HORIZON / max(updates, 1), 0.0), EMA_MAX_DECAY)
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``finetune`` on a GPU, ``partial`` on a CPU; other modes as given.
+def resolve_mode(requested: str, device: torch.device) -> Mode:
+    """The mode ``--mode`` names; ``auto``: finetune on a GPU, partial on a CPU.
 
     A backbone that cannot be split into stages is found only when it is built: the trainer
-    then falls back from an ``auto`` partial run to ``frozen``."""
-    if mode == "auto":
-        return "finetune" if device.type == "cuda" else "partial"
-    return mode
+    then falls back from an ``auto`` partial run to frozen."""
+    if requested == "auto":
+        return FINETUNE if device.type == "cuda" else PARTIAL
+    return TRAINING_MODES[requested]
 
 
 # The options that act in some modes only, and those modes. Frozen mode trains the heads, then
@@ -293,26 +333,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def idle_options(config: ImageTrainConfig, mode: str) -> list[str]:
+def idle_options(config: ImageTrainConfig, mode: Mode) -> list[str]:
     """One message per option set away from its default that does nothing in ``mode``, naming
     the modes it acts in and what does its job in this one (``train_efficientnet.py --epochs 1``
     on a CPU trains in partial mode, whose epochs are ``--finetune-epochs``)."""
     defaults = {f.name: f.default for f in dataclasses.fields(ImageTrainConfig)}
-    how = f"--mode {config.mode} resolved to {mode}" if config.mode != mode else f"--mode {mode}"
+    this = mode.name
+    how = f"--mode {config.mode} resolved to {this}" if config.mode != this else f"--mode {this}"
     messages = []
     for name, modes in MODE_ONLY_OPTIONS.items():
         value = getattr(config, name)
-        if mode in modes or value == defaults[name]:
+        if this in modes or value == defaults[name]:
             continue
         instead = COUNTERPARTS.get(name)
-        hint = (f"; in {mode} mode use {_flag(instead)}" if instead and mode in MODE_ONLY_OPTIONS.get(instead, (mode,))
+        hint = (f"; in {this} mode use {_flag(instead)}" if instead and this in MODE_ONLY_OPTIONS.get(instead, (this,))
                 else "")
         messages.append(f"{_flag(name)} {value} has no effect: it acts in {' and '.join(modes)} mode only, and this "
-                        f"run trains in {mode} mode ({how}){hint}")
+                        f"run trains in {this} mode ({how}){hint}")
     return messages
 
 
-def resolved_settings(config: ImageTrainConfig, mode: str, device: torch.device, precision: str,
+def resolved_settings(config: ImageTrainConfig, mode: Mode, device: torch.device, precision: str,
                       train_precision: str, runtime: str) -> tuple[ImageTrainConfig, dict[str, object]]:
     """The settings as this run resolved them (``image_config.json``: ``--config`` of it repeats the
     run wherever it runs), and the values requested for the ones that were resolved.
@@ -320,7 +361,7 @@ def resolved_settings(config: ImageTrainConfig, mode: str, device: torch.device,
     ``--precision auto`` stays ``auto`` where the run's forward passes and training resolved it
     differently (bf16 features, fp32 training on a CPU with native bf16): no single value says both."""
     one_precision = precision == train_precision
-    resolved = dataclasses.replace(config, mode=mode, device=device.type, runtime=runtime,
+    resolved = dataclasses.replace(config, mode=mode.name, device=device.type, runtime=runtime,
                                    precision=precision if one_precision else config.precision)
     requested = {name: getattr(config, name) for name in ("mode", "device", "precision", "runtime")}
     return resolved, requested

@@ -64,7 +64,7 @@ from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
 from pipeline.models.stages import parameter_stages
-from pipeline.train.image_config import ImageTrainConfig, Recipe, ema_decay, resolve_recipe
+from pipeline.train.image_config import FROZEN, ImageTrainConfig, Mode, Recipe, ema_decay, resolve_recipe
 from pipeline.train.image_inputs import FeatureRows, TrainingInputs
 
 
@@ -136,7 +136,7 @@ def _fit_on_features(config: ImageTrainConfig, name: str, module: nn.Module, ste
     loader = epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
                           option="--head-batch-size")
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr,
-                                  weight_decay=resolve_recipe(config, "frozen").weight_decay,
+                                  weight_decay=resolve_recipe(config, FROZEN).weight_decay,
                                   fused=fused_adamw(device))
     scheduler = warmup_cosine(optimizer, epochs * len(loader), len(loader))
     train_epoch = _EpochClock(lambda epoch: train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
@@ -274,7 +274,7 @@ def _probe(train: torch.utils.data.Dataset, device: torch.device) -> Callable[[n
     return probe
 
 
-def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, feature_dim: int, y_train: np.ndarray,
+def fit_jointly(config: ImageTrainConfig, mode: Mode, inputs: TrainingInputs, feature_dim: int, y_train: np.ndarray,
                 y_val: np.ndarray, device: torch.device, train_precision: str, context: DistContext,
                 state: ResumeState, history: EpochHistory) -> FittedHeads:
     """Train the trunk, head and decoder together; keep the EMA weights of the best epoch
@@ -315,7 +315,8 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     autocast = functools.partial(autocast_context, device, train_precision)
     train_epoch = _EpochClock(
         lambda epoch: train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, autocast=autocast,
-                                      grad_clip=config.grad_clip, ema=ema, scaler=scaler, context=context, name=mode),
+                                      grad_clip=config.grad_clip, ema=ema, scaler=scaler, context=context,
+                                      name=mode.name),
         len(loader) * config.batch_size)
 
     def score(epoch: int) -> EpochScore:
@@ -332,11 +333,11 @@ def fit_jointly(config: ImageTrainConfig, mode: str, inputs: TrainingInputs, fea
     # and the checkpoints, hold the plain modules. The warm-up step compiles (forward and
     # backward, under the fallback's guard) before the first epoch's clock starts.
     compile_trunk = resolve_compile(config.compile, device, steps=epochs * len(loader))
-    with compiled_forward(model.trunk, compile_trunk, f"{mode} trunk") as guard:
+    with compiled_forward(model.trunk, compile_trunk, f"{mode.name} trunk") as guard:
         warmup_start = time.perf_counter()
         warm_up(step, first_batch(loader), device, autocast, guard, keep=[augment] if augment is not None else ())
         warmup_seconds = time.perf_counter() - warmup_start
-        best = fit(mode, epochs, train_epoch, score, ema.module, state, resumable,
+        best = fit(mode.name, epochs, train_epoch, score, ema.module, state, resumable,
                    context=context, history=history.for_stage("joint"))
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
