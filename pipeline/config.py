@@ -25,9 +25,9 @@ import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 # Only light imports here: every script builds its parser from this module before anything
 # else, and ``--help`` must answer without waiting seconds for torch and timm to load.
@@ -369,7 +369,7 @@ def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParse
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
-    except Exception as err:  # noqa: BLE001 - only user errors are caught; the rest re-raise
+    except Exception as err:
         # Not ``except user_errors()``: that would import torch after --help's SystemExit too.
         # main parsed argv already, so parsing it again here cannot fail.
         if not isinstance(err, (*user_errors(), *errors)) or debug_requested(parser, argv):

@@ -326,7 +326,7 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
         weights={b: round(w, 4) for b, w in weights.items()}, threshold=round(threshold, 3),
         per_label_thresholds={str(i): float(t) for i, t in zip(label_ids, per_label)},
         val_samples_f1=round(f1_weighted, 5),
-        tuned_on={"n_images": int(len(y_true)), "global_threshold_samples_f1": round(f1_global, 5)},
+        tuned_on={"n_images": len(y_true), "global_threshold_samples_f1": round(f1_global, 5)},
     )
     if unscored:
         settings.tuned_on["unscored_images"] = unscored

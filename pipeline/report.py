@@ -37,7 +37,7 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
     report["fused"]["method"] = settings.method
     curves["fused"] = np.array([samples_f1(y_true, binarize(fused, t)) for t in THRESHOLD_GRID])
 
-    payload = {"source": source, "n_images": int(len(y_true)), "branches": report}
+    payload = {"source": source, "n_images": len(y_true), "branches": report}
     write_json(output_dir / "metrics.json", payload)
     try:
         _save_figure(per_label_f1_figure(report, label_ids, label_names), output_dir / "per_label_f1.png")

@@ -137,7 +137,7 @@ def tuner_arrays(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], lab
     return {
         "labels": [{"id": int(i), "name": n} for i, n in zip(label_ids, names)],
         "branches": list(probs_by_branch),
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "y": base64.b64encode(np.ascontiguousarray(y_true, dtype=np.uint8).tobytes()).decode("ascii"),
         "probs": {b: {"data": d, "dtype": t} for b, (d, t) in encoded.items()},
     }

@@ -55,8 +55,8 @@ from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, DatasetPaths, Label
 from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform
 from pipeline.engine.distributed import DistContext
-from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.engine.frozen import Calibration, FrozenForward
+from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.engine.runtime import (
     autocast_context,
     configure_backends,

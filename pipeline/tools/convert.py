@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.data.dataset import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
 from pipeline.config import OneDefaultHelpFormatter
+from pipeline.data.dataset import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
 from pipeline.io import atomic_write_text, write_json
 
 CAPTION_MODES = ("first", "random", "all")

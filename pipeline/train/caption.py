@@ -46,11 +46,11 @@ from pipeline.data.dataset import (
     load_train_val,
 )
 from pipeline.data.text import Vocabulary, load_word_vectors
+from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine.history import EpochHistory, history_path, plot_histories, start_history
 from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
-from pipeline.engine import timing
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
