@@ -196,11 +196,12 @@ def simplex_grid(branches: list[str], step: float = 0.05) -> list[dict[str, floa
     for combo in itertools.product(range(n + 1), repeat=len(branches) - 1):
         if sum(combo) <= n:
             parts = [*combo, n - sum(combo)]
-            grid.append({b: k / n for b, k in zip(branches, parts)})
+            grid.append({b: k / n for b, k in zip(branches, parts, strict=True)})
     return grid
 
 
-def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], step: float = 0.05) -> tuple[dict[str, float], float, float]:
+def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
+                 step: float = 0.05) -> tuple[dict[str, float], float, float]:
     """Simplex weights and global threshold maximising samples-F1: (weights, threshold, F1).
 
     The F1 is never below that of any branch alone (a corner of the simplex) at its own tuned
@@ -324,7 +325,7 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
     settings = FusionSettings(
         branches=branches, label_ids=[int(i) for i in label_ids], method="weighted",
         weights={b: round(w, 4) for b, w in weights.items()}, threshold=round(threshold, 3),
-        per_label_thresholds={str(i): float(t) for i, t in zip(label_ids, per_label)},
+        per_label_thresholds={str(i): float(t) for i, t in zip(label_ids, per_label, strict=True)},
         val_samples_f1=round(f1_weighted, 5),
         tuned_on={"n_images": len(y_true), "global_threshold_samples_f1": round(f1_global, 5)},
     )

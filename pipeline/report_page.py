@@ -135,7 +135,7 @@ def tuner_arrays(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], lab
     fusion order, the truth as bytes and each branch's probabilities as raw floats."""
     encoded = {b: _array_b64(p) for b, p in probs_by_branch.items()}
     return {
-        "labels": [{"id": int(i), "name": n} for i, n in zip(label_ids, names)],
+        "labels": [{"id": int(i), "name": n} for i, n in zip(label_ids, names, strict=True)],
         "branches": list(probs_by_branch),
         "n": len(y_true),
         "y": base64.b64encode(np.ascontiguousarray(y_true, dtype=np.uint8).tobytes()).decode("ascii"),
@@ -243,7 +243,8 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
         metric_rows=metric_rows, method=settings.method, stacker=settings.method == "stacker",
         weights=", ".join(f"{b} {settings.weights.get(b, 0):g}" for b in settings.branches),
         threshold=f"{settings.threshold:g}",
-        per_label_rows=[{"name": n, "id": i, "threshold": f"{t:.3f}"} for i, n, t in zip(label_ids, names, thresholds)],
+        per_label_rows=[{"name": n, "id": i, "threshold": f"{t:.3f}"}
+                        for i, n, t in zip(label_ids, names, thresholds, strict=True)],
         plots=[{"alt": Path(p).stem, "png": _png(p)} for p in plots if Path(p).is_file()],
         pr=_plot_pr_curves(y_true, used, fused, names),
         limits=(f"at most {limits.per_label} per label and kind, {limits.disagreement} in the disagreement "

@@ -338,7 +338,7 @@ class ShardedStore:
         for shard in np.unique(shards):
             path = self.path(field, int(shard))
             try:
-                handle = open(path, "rb")
+                handle = open(path, "rb")  # noqa: SIM115 - entered below; only the open's error is reworded
             except OSError as err:
                 raise OSError(f"{path}: missing or cut off ({err.strerror}); delete {self.directory} to rebuild "
                               "the cache") from err
@@ -349,7 +349,7 @@ class ShardedStore:
                 except ShardDigestError as err:
                     raise ShardDigestError(f"{err}; the next run extracts it again") from None
                 in_shard = (shards[starts] == shard)
-                for start, stop in zip(starts[in_shard], stops[in_shard]):
+                for start, stop in zip(starts[in_shard], stops[in_shard], strict=True):
                     local = int(ordered[start]) - int(shard) * self.shard_rows
                     count = int(stop - start)
                     data = os.pread(fd, count * spec.row_bytes, offset + local * spec.row_bytes)

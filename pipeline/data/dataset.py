@@ -139,7 +139,7 @@ def _parse_record(text: str, header: list[str]) -> list[str] | None:
     caption = parts[-1]
     if len(caption) >= 2 and caption.startswith('"') and caption.endswith('"'):
         caption = caption[1:-1]
-    return parts[:-1] + [caption]
+    return [*parts[:-1], caption]
 
 
 def _parse_labels(field: str, path: Path, line: int, allow_empty: bool = False) -> list[int]:
@@ -352,7 +352,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
             raise DataFormatError(
                 f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}"
             )
-        row = dict(zip(header, fields))
+        row = dict(zip(header, fields, strict=True))
         image_id = row[ID_COLUMN]
         if not is_plain_file_name(image_id):
             # Refused here, before any image is opened, so no file outside the image folder is read.
@@ -393,7 +393,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
                 )
 
     columns = [name for name in KNOWN_COLUMNS if name in header]
-    frame = pd.DataFrame(rows, columns=columns + ["_line"])
+    frame = pd.DataFrame(rows, columns=[*columns, "_line"])
     frame.attrs["source"] = str(path)
     if form.separator is not None:
         frame.attrs["label_names"] = {str(i): name for name, i in sorted(form.ids_by_name.items(), key=lambda x: x[1])}
@@ -482,7 +482,7 @@ def group_by_image(frame: pd.DataFrame) -> ImageGroups:
     images = frame.iloc[first].reset_index(drop=True)
     if LABELS_COLUMN in frame and len(images) < len(frame):
         first_labels = images[LABELS_COLUMN].tolist()
-        for image, labels, image_id in zip(codes, frame[LABELS_COLUMN], frame[ID_COLUMN]):
+        for image, labels, image_id in zip(codes, frame[LABELS_COLUMN], frame[ID_COLUMN], strict=True):
             if sorted(labels) != sorted(first_labels[image]):
                 raise DataFormatError(
                     f"{frame.attrs.get('source', 'dataset')}: the rows of ImageID {image_id!r} disagree on "
@@ -549,7 +549,7 @@ def split_train_val(frame: pd.DataFrame, val_fraction: float = 0.15) -> tuple[pd
         # pandas hands every subset the whole frame's attrs; a side's lines are its own rows'.
         side.attrs = {**frame.attrs}
         if "lines" in frame.attrs:
-            side.attrs["lines"] = [line for line, keep in zip(frame.attrs["lines"], mask) if keep]
+            side.attrs["lines"] = [line for line, keep in zip(frame.attrs["lines"], mask, strict=True) if keep]
         sides.append(side)
     return sides[0], sides[1]
 
@@ -635,7 +635,7 @@ def _label_lines(frame: pd.DataFrame) -> dict[int, list[int]]:
     """The file lines of the images holding each label, one line per image (its first row)."""
     lines: dict[int, list[int]] = {}
     seen: set[str] = set()
-    for image_id, row_labels, line in zip(frame[ID_COLUMN], frame[LABELS_COLUMN], frame.attrs["lines"]):
+    for image_id, row_labels, line in zip(frame[ID_COLUMN], frame[LABELS_COLUMN], frame.attrs["lines"], strict=True):
         if image_id not in seen:  # further rows of an image are its other captions
             seen.add(image_id)
             for label in row_labels:
@@ -695,7 +695,7 @@ def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | 
 def check_known_labels(frame: pd.DataFrame, labels: LabelSet) -> None:
     """Every label id of a labelled frame is one the model knows; else an error naming file and line."""
     known = set(labels.ids)
-    for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN]):
+    for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN], strict=True):
         unknown = [label for label in row_labels if label not in known]
         if unknown:
             raise DataFormatError(

@@ -306,4 +306,4 @@ def gather_shards(local: torch.Tensor, context: DistContext, total: int) -> torc
     padded[: len(local)] = local.to(context.device)
     parts = [torch.empty_like(padded) for _ in range(context.world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).to(local.device)

@@ -215,7 +215,8 @@ def training_curves_figure(weights_dir: str | Path) -> Figure | None:
     with plt.rc_context(PLAIN_TEXT):
         fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False,
                                  layout="constrained")
-        for ax, (title, part) in zip(axes.flat, panels):
+        # The grid's last row may hold spare axes, more than the panels: they are hidden below.
+        for ax, (title, part) in zip(axes.flat, panels, strict=False):
             score_ax = ax.twinx()
             members = part.groupby("member", sort=True, dropna=False)
             for color, (member, lines) in enumerate(members):

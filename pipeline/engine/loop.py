@@ -255,7 +255,7 @@ def validation_batches(dataset: Dataset, batch_size: int, device: torch.device, 
             else torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in first]
     done = 0
     for batch in (first, *batches):
-        for target, part in zip(kept, batch):
+        for target, part in zip(kept, batch, strict=True):
             target[done:done + len(part)].copy_(part, non_blocking=True)
         done += len(batch[0])
     return ResidentBatches(kept, batch_size)

@@ -101,7 +101,8 @@ class BenchConfig(CommonConfig):
     precision: str | None = option(None, "run the backbone in this precision instead of the one the checkpoint "
                                    "was trained with (speed only: the heads expect the trained one)",
                                    choices=["fp32", "bf16"], group="run")
-    compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}", group="run")
+    compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}",
+                           group="run")
     also_resolution: int = option(224, "also time the forwards, the pipelines and the bound at this resolution "
                                   "(0: not)", group="run")
     batch_size: int = option(64, "images per batch in the inference path and the forward pass", group="run")
@@ -519,7 +520,8 @@ def format_table(results: dict) -> str:
 
     bound_by = (f"decode {results['decode_resize_ms_per_img']} + {results['bound_runtime']}'s forward "
                 f"{results['bound_forward_ms_per_img']} ms per view, caption {results['caption_branch_ms_per_img']} "
-                f"ms, on one core; {results['cores']} cores") if "bound_runtime" in results else "GPU forward vs decoding cores"
+                f"ms, on one core; {results['cores']} cores"
+                ) if "bound_runtime" in results else "GPU forward vs decoding cores"
     rows = [
         ("backbone", f"{results['backbone']} @ {results['resolution']} px, {results['precision']}, on "
                      f"{results['device']} ({results['threads']} threads); pipeline batch {results['pipeline_batch']}"),

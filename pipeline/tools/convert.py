@@ -147,7 +147,8 @@ def _load_json(path: Path, what: str) -> dict:
     except UnicodeDecodeError as err:
         raise ConvertError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict):
-        raise ConvertError(f"{path}: expected a JSON object with 'images' and 'annotations', got a {type(data).__name__}")
+        raise ConvertError(f"{path}: expected a JSON object with 'images' and 'annotations', "
+                           f"got a {type(data).__name__}")
     return data
 
 
@@ -236,7 +237,8 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
             for index, ann in enumerate(_entries(inst_data, instances, "annotations",
                                                  {"image_id": int, "category_id": int})):
                 if ann["image_id"] not in label_sets:
-                    raise ConvertError(f"{instances}: annotations[{index}].image_id {ann['image_id']!r} is not in its images")
+                    raise ConvertError(f"{instances}: annotations[{index}].image_id {ann['image_id']!r} "
+                                       "is not in its images")
                 if ann["category_id"] not in categories:
                     raise ConvertError(f"{instances}: annotations[{index}].category_id {ann['category_id']} "
                                        "is not in its categories")
@@ -297,7 +299,8 @@ def _voc_labels(xml_path: Path, difficult: str) -> tuple[str | None, list[int]]:
         if not name:
             raise ConvertError(f"{xml_path}: <object> {index} has no <name>")
         if name not in VOC_CLASSES:
-            raise ConvertError(f"{xml_path}: <object> {index}: unknown class {name!r}; VOC classes: {', '.join(VOC_CLASSES)}")
+            raise ConvertError(f"{xml_path}: <object> {index}: unknown class {name!r}; "
+                               f"VOC classes: {', '.join(VOC_CLASSES)}")
         flag = (obj.findtext("difficult") or "0").strip()
         if flag not in ("0", "1"):
             raise ConvertError(f"{xml_path}: <object> {index} ({name}): <difficult> is {flag!r}, expected 0 or 1")
@@ -402,7 +405,8 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
         labels = " ".join(str(i) for i in record.labels) if record.labels is not None else None
         for text in (record.captions if has_captions else [None]):
             rows.append({ID_COLUMN: record.image_id, LABELS_COLUMN: labels, CAPTION_COLUMN: text})
-    columns = [ID_COLUMN] + ([LABELS_COLUMN] if csv_name == "train.csv" else []) + ([CAPTION_COLUMN] if has_captions else [])
+    columns = [ID_COLUMN, *([LABELS_COLUMN] if csv_name == "train.csv" else []),
+               *([CAPTION_COLUMN] if has_captions else [])]
     frame = pd.DataFrame(rows, columns=[ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN])
     # Read before writing anything: the CSV files are only usable with their dataset.json entries.
     info_path, info_file = out / DATASET_INFO, _read_info(out)
@@ -451,8 +455,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     coco = commands.add_parser("coco", formatter_class=formatter, allow_abbrev=False,
                                help="COCO 2014/2017 instances and captions files",
-                               description="Convert COCO instances_*.json (labels) and captions_*.json to OUT/train.csv "
-                               "(--split train) or OUT/test.csv (--split test).")
+                               description="Convert COCO instances_*.json (labels) and captions_*.json to "
+                               "OUT/train.csv (--split train) or OUT/test.csv (--split test).")
     coco.add_argument("--instances", help="instances_*.json (labels: category ids); required for --split train")
     coco.add_argument("--captions", help="captions_*.json; without it the dataset has no Caption column")
     coco.add_argument("--images", help="the images folder (e.g. train2017/); without it no OUT/data is written "

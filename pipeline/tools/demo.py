@@ -141,7 +141,7 @@ def sample_label_set(rng: np.random.Generator) -> tuple[Scene, dict[int, int]]:
 def _jitter(rng: np.random.Generator, base: Color, amount: float = 18.0) -> Color:
     """A colour near ``base``: overall brightness plus a little per-channel noise."""
     scale = rng.uniform(0.82, 1.15)
-    r, g, b = (int(np.clip(c * scale + n, 0, 255)) for c, n in zip(base, rng.normal(0.0, amount, 3)))
+    r, g, b = (int(np.clip(c * scale + n, 0, 255)) for c, n in zip(base, rng.normal(0.0, amount, 3), strict=True))
     return r, g, b
 
 
@@ -701,7 +701,7 @@ def make_caption(rng: np.random.Generator, scene: Scene, counts: dict[int, int])
                 activity = _pick(rng, ACTIVITIES[first])
                 text = f"{_noun_phrase(rng, first, named[first])} {activity}"
             else:
-                phrases = [_noun_phrase(rng, label, named[label]) for label in [first] + others]
+                phrases = [_noun_phrase(rng, label, named[label]) for label in [first, *others]]
                 others = []
                 lead = _pick(rng, ("there is ", "a photo of ", "a view of ", ""))
                 text = lead + _join(phrases)

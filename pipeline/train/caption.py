@@ -268,7 +268,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
                                    context, state, history.for_stage(BRANCH, i)))
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set), encoder)
-    for model, member in zip(ensemble, members):
+    for model, member in zip(ensemble, members, strict=True):
         model.load_state_dict(member["state"])
     if has_val:
         val_probs = np.mean([member["probs"] for member in members], axis=0)  # (images, L)
