@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -41,7 +42,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     # JSON true/false load as bool, which Python counts as an int: a weight of true is a slip.
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -152,6 +153,8 @@ class FusionSettings:
         used = {b: probs_by_branch[b] for b in self.branches}
         fused = weighted_average(used, self.weights)
         if self.method == "stacker":
+            if self.stacker is None:
+                raise FusionError("fusion method 'stacker' without stacker coefficients (the 'stacker' key)")
             # Images missing a branch's input keep the weighted average; the stacker needs all inputs.
             complete = ~np.any([np.isnan(p).any(axis=1) for p in used.values()], axis=0)
             fused[complete] = _stacker_predict(self.stacker, [p[complete] for p in used.values()])
@@ -209,7 +212,7 @@ def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
     """
     branches = list(probs_by_branch)
     coarse = THRESHOLD_GRID[::3]  # the weight search needs the threshold only roughly
-    best = (-1.0, {})
+    best: tuple[float, dict[str, float]] = (-1.0, {})
     for weights in simplex_grid(branches, step):
         _, f1 = tune_global_threshold(y_true, weighted_average(probs_by_branch, weights), coarse)
         if f1 > best[0] + 1e-12:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import numpy as np
@@ -31,10 +32,13 @@ from pipeline.fusion import FusionSettings, fusion_file
 from pipeline.io import atomic_write_text
 from pipeline.labels import label_name
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 log = logging.getLogger(__name__)
 
 # Label names are the user's text: a "$" in one must print as "$", never start mathtext.
-PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+PLAIN_TEXT: dict[RcKeyType, Any] = {"text.parse_math": False, "text.usetex": False}
 
 
 @dataclass(frozen=True)
@@ -198,8 +202,8 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
         for queue in queues:
             if rank < len(queue) and queue[rank] not in thumbs and \
                     sum(t is not None for t in thumbs.values()) < limits.total:
-                data = thumbnail(paths.image_path(ids[queue[rank]]), limits.size, limits.quality)
-                thumbs[queue[rank]] = None if data is None else base64.b64encode(data).decode("ascii")
+                jpeg = thumbnail(paths.image_path(ids[queue[rank]]), limits.size, limits.quality)
+                thumbs[queue[rank]] = None if jpeg is None else base64.b64encode(jpeg).decode("ascii")
     shown = {i for i in thumbs}
     dropped = sum(1 for queue in queues for i in queue if i not in shown)
 

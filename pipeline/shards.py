@@ -285,7 +285,7 @@ class ShardedStore:
         self._save_manifest()
 
     @contextlib.contextmanager
-    def write_shard(self, shard: int) -> Iterator[dict[str, np.ndarray]]:
+    def write_shard(self, shard: int) -> Iterator[dict[str, np.memmap]]:
         """Writable memory maps ``{field: (rows, *shape)}`` of shard ``shard``, zero-filled,
         renamed into place, and their digests recorded, only when the block exits without an
         error. Partial files carry the writer's pid and host, so no process ever renames
@@ -293,9 +293,10 @@ class ShardedStore:
         rows = len(self.shard_range(shard))
         partial = {name: self.directory / f".{self.path(name, shard).name}.{writer_id()}.partial"
                    for name in self.fields}
-        arrays = {name: np.lib.format.open_memmap(partial[name], mode="w+", dtype=np.dtype(spec.dtype),
-                                                  shape=(rows, *spec.shape))
-                  for name, spec in self.fields.items()}
+        arrays: dict[str, np.memmap] = {
+            name: np.lib.format.open_memmap(partial[name], mode="w+", dtype=np.dtype(spec.dtype),
+                                            shape=(rows, *spec.shape))
+            for name, spec in self.fields.items()}
         try:
             yield arrays
             for array in arrays.values():

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +238,8 @@ def validation_batches(dataset: Dataset, batch_size: int, device: torch.device, 
     """Batches of ``dataset`` for a validation pass every epoch: :class:`ResidentBatches`
     when the whole split fits in ``max_bytes`` (judged by its first batch), filled by one pass
     of a loader with ``workers``; else a loader whose workers persist between passes."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"validation batches need a dataset with a length; {type(dataset).__name__} has none")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=validation_workers(workers),
                         collate_fn=collate, pin_memory=pin_memory)
     batches = iter(loader)
@@ -271,7 +273,7 @@ def warm_up(step: nn.Module, batch: Sequence[torch.Tensor], device: torch.device
     Training then goes on as if it had not run: no optimizer step, the gradients cleared, the
     model's buffers (batch-norm statistics), the random generators and the ``state_dict`` of
     each of ``keep`` (the augmentation's generator) restored."""
-    model = unwrap(step).model
+    model = unwrap(step).get_submodule("model")
     buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
     kept = [(stateful, copy.deepcopy(stateful.state_dict())) for stateful in keep]
     autocast = autocast or contextlib.nullcontext
@@ -299,6 +301,8 @@ def first_batch(loader: DataLoader) -> tuple[torch.Tensor, ...]:
     """The first ``loader.batch_size`` items of its dataset (all, if fewer), as the loader's
     collate makes a batch: the shape every training batch has (drop_last keeps them full)."""
     dataset = loader.dataset
+    if loader.batch_size is None or not isinstance(dataset, Sized):
+        raise TypeError("first_batch needs a loader with a batch_size over a dataset with a length")
     indices = list(range(min(loader.batch_size, len(dataset))))
     items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
     return tuple(loader.collate_fn(items))
@@ -331,9 +335,9 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
     step.train()
     if scaler is None:
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if set_epoch is not None:  # a sampler that shuffles anew each epoch (DistributedSampler)
+        set_epoch(epoch)
     autocast = autocast or contextlib.nullcontext
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
@@ -359,7 +363,7 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update(unwrap(step).model)
+            ema.update(unwrap(step).get_submodule("model"))
         total += loss.detach().double() * len(batch[0])
         count += len(batch[0])
         if (index + 1) % sync_every == 0:
