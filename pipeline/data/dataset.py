@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -228,6 +229,8 @@ def _declared_separator(info: dict, csv_path: Path) -> str | None:
 def _parse_names(field: str, form: _LabelForm, path: Path, line: int, allow_empty: bool) -> list[int]:
     """The label ids of a Labels field of names; an empty name, a label id among names or a
     name the mapping does not know is an error naming the line."""
+    if form.separator is None:
+        raise ValueError(f"{path}:{line}: a file of label ids has no label names to parse (a bug: ids read as names)")
     names = _split_names(field, form.separator)
     if not names and allow_empty:
         return []
@@ -344,7 +347,8 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
             )
         records[-1] = (start, body)
 
-    rows: list[dict] = []
+    # A record's fields by column; _line and Labels (list[int]) are added below.
+    rows: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}
     for line, text in records:
         fields = _parse_record(text, header)
@@ -352,7 +356,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
             raise DataFormatError(
                 f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}"
             )
-        row = dict(zip(header, fields, strict=True))
+        row: dict[str, Any] = dict(zip(header, fields, strict=True))
         image_id = row[ID_COLUMN]
         if not is_plain_file_name(image_id):
             # Refused here, before any image is opened, so no file outside the image folder is read.
@@ -377,15 +381,17 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
 
     form = _LabelForm(None, {})
     if LABELS_COLUMN in header:
-        fields = [(row["_line"], row[LABELS_COLUMN]) for row in rows]
-        form = _label_form(fields, path, info, label_names, label_separator)
+        label_fields = [(row["_line"], row[LABELS_COLUMN]) for row in rows]
+        form = _label_form(label_fields, path, info, label_names, label_separator)
         for row in rows:
             line = row["_line"]
             if form.separator is not None:
                 row[LABELS_COLUMN] = _parse_names(row[LABELS_COLUMN], form, path, line, allow_empty_labels)
                 continue
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line, allow_empty_labels)
-            unknown = [label for label in row[LABELS_COLUMN] if label not in declared] if declared is not None else []
+            if declared is None:
+                continue
+            unknown = [label for label in row[LABELS_COLUMN] if label not in declared]
             if unknown:
                 raise DataFormatError(
                     f"{path}:{line}: label id {unknown[0]} is not one of the label ids {DATASET_INFO} beside the "
