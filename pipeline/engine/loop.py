@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ from pipeline.engine.distributed import DistContext, broadcast_flags, mean_acros
 from pipeline.engine.history import EpochHistory
 from pipeline.engine.resume import ResumeState
 
-# A step's loss from (model, batch); batches are tuples of tensors already on the device.
-StepLoss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+ModelT = TypeVar("ModelT", bound=nn.Module)
+# A step's loss from (model, batch): the step's own model class; batches are tuples of tensors
+# already on the device, each loss reading its own layout (inputs, targets[, captions]).
+StepLoss = Callable[[ModelT, Any], torch.Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -154,7 +156,7 @@ def _to_device(batch: Iterable[torch.Tensor], device: torch.device,
     return tuple(t if i in host_inputs else t.to(device, non_blocking=True) for i, t in enumerate(batch))
 
 
-class TrainStep(nn.Module):
+class TrainStep(nn.Module, Generic[ModelT]):
     """A model and its loss in one ``forward(*batch) -> loss``.
 
     DistributedDataParallel synchronises gradients of what runs inside its ``forward``; a
@@ -164,7 +166,7 @@ class TrainStep(nn.Module):
     caption batch's lengths, which ``pack_padded_sequence`` reads there).
     """
 
-    def __init__(self, model: nn.Module, step_loss: StepLoss, host_inputs: tuple[int, ...] = ()) -> None:
+    def __init__(self, model: ModelT, step_loss: StepLoss[ModelT], host_inputs: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.model = model
         self.step_loss = step_loss
