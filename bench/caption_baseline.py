@@ -23,9 +23,9 @@ from sklearn.multiclass import OneVsRestClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.dataset import CAPTION_COLUMN, LABELS_COLUMN, DatasetPaths, load_train_val  # noqa: E402
-from pipeline.data.text import tokenize  # noqa: E402
-from pipeline.metrics import binarize, samples_f1, tune_global_threshold  # noqa: E402
+from pipeline.data.dataset import CAPTION_COLUMN, LABELS_COLUMN, DatasetPaths, load_train_val
+from pipeline.data.text import tokenize
+from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 
 
 def main(argv: list[str] | None = None) -> dict:

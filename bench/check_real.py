@@ -49,7 +49,7 @@ def test_naive_pandas_loses_rows_that_read_csv_keeps(shared):
 
 def test_split_is_about_15_percent_and_stable(shared):
     frame = read_csv(shared / "train.csv")
-    train, val = split_train_val(frame, 0.15)
+    _, val = split_train_val(frame, 0.15)
     assert 0.14 < len(val) / len(frame) < 0.16
-    again_train, again_val = split_train_val(frame.sample(frac=1.0, random_state=1), 0.15)
+    _, again_val = split_train_val(frame.sample(frac=1.0, random_state=1), 0.15)
     assert set(val["ImageID"]) == set(again_val["ImageID"])

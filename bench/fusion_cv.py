@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoint import load_probabilities, probabilities_path  # noqa: E402
-from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_by_image, load_train_val  # noqa: E402
-from pipeline.fusion import _cross_validated, tune_fusion  # noqa: E402
-from pipeline.metrics import binarize, samples_f1, tune_global_threshold  # noqa: E402
+from pipeline.checkpoint import load_probabilities, probabilities_path
+from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_by_image, load_train_val
+from pipeline.fusion import _cross_validated, tune_fusion
+from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 
 
 def branch_probabilities(weights: Path, sources: dict[str, Path], branches: list[str], val_ids: list[str],

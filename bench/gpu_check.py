@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -212,7 +211,7 @@ def install_wheels(pack: Path, report: dict, deadline: Deadline, needed: set[str
         else:
             skipped.append(f"{file.name}: {best[name][1].name} fits this Python better")
     installed = []
-    for name, (_, file) in sorted(best.items()):
+    for _name, (_, file) in sorted(best.items()):
         if deadline.cap(60) is None:
             errors.append(f"{file.name}: not installed: deadline")
             continue
@@ -275,7 +274,8 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
         # Missing or too old, and needed on this Python (tomli, say, only on 3.10).
         this_python = f"{sys.version_info[0]}.{sys.version_info[1]}"
         needed = {canonical(name) for name, found in machine.items()
-                  if ("version" not in found or gpu_preflight.too_old(found["version"], minimums.get(canonical(name), "")))
+                  if ("version" not in found
+                      or gpu_preflight.too_old(found["version"], minimums.get(canonical(name), "")))
                   and (canonical(name) in minimums or this_python in manifest.get(name, [this_python]))}
         site = install_wheels(pack, report, deadline, needed)
         env = stage_env(site)
@@ -304,7 +304,8 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
                   versions={name: found.get("version") for name, found in final["packages"].items()},
                   warnings=warnings)
     report["versions"] = {**{key: None for key in VERSION_KEYS}, **final["device"],
-                          **{name: final["packages"].get(name, {}).get("version") for name in ("torch", "timm", "torchvision")}}
+                          **{name: final["packages"].get(name, {}).get("version")
+                             for name in ("torch", "timm", "torchvision")}}
     shm = record["shm"]
     if shm.get("total_mb", 1024) < 1024:
         warnings.append(f"/dev/shm is {shm['total_mb']} MB: loader workers may fail with a bus error "
@@ -312,14 +313,15 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
     for warning in warnings:
         print(f"[gpu check] preflight: warning: {warning}", file=sys.stderr, flush=True)
     if failures:
+        pronoun = "it" if len(failures) == 1 else "them"
         record["error"] = (f"{sys.executable} lacks {', '.join(failures)}, and the pack has no usable wheel for "
-                           f"{'it' if len(failures) == 1 else 'them'}: install {'it' if len(failures) == 1 else 'them'} "
-                           "there, or run with PYTHON=<an interpreter that has them>; no stage was run")
+                           f"{pronoun}: install {pronoun} there, or run with PYTHON=<an interpreter that has them>; "
+                           "no stage was run")
         report["errors"].append(f"preflight: {record['error']}")
         print(f"[gpu check] preflight: FAILED: {record['error']}", file=sys.stderr, flush=True)
         return None
-    print(f"[gpu check] preflight: ok in {record['seconds']} s (from the pack: {', '.join(record['from_pack']) or 'nothing'})",
-          flush=True)
+    from_pack = ", ".join(record["from_pack"]) or "nothing"
+    print(f"[gpu check] preflight: ok in {record['seconds']} s (from the pack: {from_pack})", flush=True)
     return env
 
 

@@ -202,4 +202,5 @@ def shm_size() -> dict:
         stats = os.statvfs("/dev/shm")
     except OSError as error:
         return {"error": str(error)}
-    return {"total_mb": round(stats.f_blocks * stats.f_frsize / 2**20), "free_mb": round(stats.f_bavail * stats.f_frsize / 2**20)}
+    return {"total_mb": round(stats.f_blocks * stats.f_frsize / 2**20),
+            "free_mb": round(stats.f_bavail * stats.f_frsize / 2**20)}

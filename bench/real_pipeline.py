@@ -55,9 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     stages["inference"] = run_stage("inference", ["inference.py", *common, "--output", str(output), "--evaluate"], logs)
     recipe_seconds = time.perf_counter() - started
     if not args.skip_warm:
-        stages["train_efficientnet_warm"] = run_stage("train_efficientnet_warm", ["train_efficientnet.py", *training], logs)
+        stages["train_efficientnet_warm"] = run_stage("train_efficientnet_warm", ["train_efficientnet.py", *training],
+                                                      logs)
 
     metrics = json.loads((output / "metrics.json").read_text())
+    with open(output / "submission.csv") as submission:
+        submission_rows = sum(1 for _ in submission) - 1
     result = {
         "data": args.data,
         "seed": args.seed,
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": stages,
         "image_training": image_summary,
         "validation_samples_f1": {name: round(m["samples_f1"], 4) for name, m in metrics["branches"].items()},
-        "submission_rows": sum(1 for _ in open(output / "submission.csv")) - 1,
+        "submission_rows": submission_rows,
     }
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from fusion_cv import branch_probabilities, emit, evaluate  # noqa: E402
 from pipeline import stacking  # noqa: E402
-from pipeline.data.dataset import (  # noqa: E402
-    CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_by_image, load_train_val)
+from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN, DatasetPaths, group_by_image, load_train_val  # noqa: E402
 from pipeline.shards import ShardedStore  # noqa: E402
 from pipeline.text_features import sentence_vectors  # noqa: E402
 

@@ -83,7 +83,8 @@ def save_probabilities(path: str | Path, image_ids: Sequence[str], label_ids: Se
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
 
 
-def load_probabilities(path: str | Path, label_ids: Sequence[int] | None = None) -> tuple[list[str], list[int], np.ndarray]:
+def load_probabilities(path: str | Path,
+                       label_ids: Sequence[int] | None = None) -> tuple[list[str], list[int], np.ndarray]:
     """Read a probabilities file: (image ids, label ids, probabilities (N, L)).
 
     An empty cell (or ``nan``) is NaN: no probability, as ``save_probabilities`` writes the row

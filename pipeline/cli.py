@@ -27,7 +27,8 @@ probabilities, WEIGHTS_DIR/image_config.json and WEIGHTS_DIR/image_summary.json.
     python train_efficientnet.py --data path/to/dataset      (installed: cml-train-image)
 """
 
-TRAIN_CAPTION_DOC = """Train the caption branch: an LSTM/GRU ensemble over each image's caption, a probability per label.
+TRAIN_CAPTION_DOC = """Train the caption branch: an LSTM/GRU ensemble over each image's caption, \
+a probability per label.
 
 Writes WEIGHTS_DIR/caption.pt, WEIGHTS_DIR/val_probs_caption.csv (validation-split
 probabilities for fusion tuning), WEIGHTS_DIR/caption_config.json and

@@ -25,9 +25,9 @@ import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 # Only light imports here: every script builds its parser from this module before anything
 # else, and ``--help`` must answer without waiting seconds for torch and timm to load.
@@ -140,7 +140,7 @@ class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     A default of None means "decided by the run": the help text says how, and "(default: None)"
     would say nothing; a help text that states its default is not given a second one."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
         if action.default is None or _STATES_DEFAULT.search(help_text) or "%(default)" in help_text:
             return help_text
@@ -274,8 +274,9 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
         ok, expected = isinstance(value, bool), "true or false"
     elif kind is float:
         # A hand-written 1 means 1.0; true is no number, here as on the command line.
-        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        value = float(value) if ok else value
+        ok, expected = False, "a number"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok, value = True, float(value)
     elif kind is int:
         ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
     else:
@@ -289,7 +290,8 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
                           f"it takes {expected}")
     choices = f.metadata.get("choices")
     if choices is not None:
-        bad = [v for v in (value if item is not None else [value]) if v not in choices]
+        # A list here is a list option's (a scalar option's value passed the checks above as no list).
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v not in choices]
         if bad:
             raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(bad[0])}; "
                               f"valid: {', '.join(map(str, choices))}")
@@ -370,7 +372,7 @@ def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParse
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
-    except Exception as err:  # noqa: BLE001 - only user errors are caught; the rest re-raise
+    except Exception as err:
         # Not ``except user_errors()``: that would import torch after --help's SystemExit too.
         # main parsed argv already, so parsing it again here cannot fail.
         if not isinstance(err, (*user_errors(), *errors)) or debug_requested(parser, argv):

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -41,7 +42,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     # JSON true/false load as bool, which Python counts as an int: a weight of true is a slip.
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -152,6 +153,8 @@ class FusionSettings:
         used = {b: probs_by_branch[b] for b in self.branches}
         fused = weighted_average(used, self.weights)
         if self.method == "stacker":
+            if self.stacker is None:
+                raise FusionError("fusion method 'stacker' without stacker coefficients (the 'stacker' key)")
             # Images missing a branch's input keep the weighted average; the stacker needs all inputs.
             complete = ~np.any([np.isnan(p).any(axis=1) for p in used.values()], axis=0)
             fused[complete] = _stacker_predict(self.stacker, [p[complete] for p in used.values()])
@@ -196,11 +199,12 @@ def simplex_grid(branches: list[str], step: float = 0.05) -> list[dict[str, floa
     for combo in itertools.product(range(n + 1), repeat=len(branches) - 1):
         if sum(combo) <= n:
             parts = [*combo, n - sum(combo)]
-            grid.append({b: k / n for b, k in zip(branches, parts)})
+            grid.append({b: k / n for b, k in zip(branches, parts, strict=True)})
     return grid
 
 
-def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], step: float = 0.05) -> tuple[dict[str, float], float, float]:
+def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
+                 step: float = 0.05) -> tuple[dict[str, float], float, float]:
     """Simplex weights and global threshold maximising samples-F1: (weights, threshold, F1).
 
     The F1 is never below that of any branch alone (a corner of the simplex) at its own tuned
@@ -208,7 +212,7 @@ def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], ste
     """
     branches = list(probs_by_branch)
     coarse = THRESHOLD_GRID[::3]  # the weight search needs the threshold only roughly
-    best = (-1.0, {})
+    best: tuple[float, dict[str, float]] = (-1.0, {})
     for weights in simplex_grid(branches, step):
         _, f1 = tune_global_threshold(y_true, weighted_average(probs_by_branch, weights), coarse)
         if f1 > best[0] + 1e-12:
@@ -324,9 +328,9 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
     settings = FusionSettings(
         branches=branches, label_ids=[int(i) for i in label_ids], method="weighted",
         weights={b: round(w, 4) for b, w in weights.items()}, threshold=round(threshold, 3),
-        per_label_thresholds={str(i): float(t) for i, t in zip(label_ids, per_label)},
+        per_label_thresholds={str(i): float(t) for i, t in zip(label_ids, per_label, strict=True)},
         val_samples_f1=round(f1_weighted, 5),
-        tuned_on={"n_images": int(len(y_true)), "global_threshold_samples_f1": round(f1_global, 5)},
+        tuned_on={"n_images": len(y_true), "global_threshold_samples_f1": round(f1_global, 5)},
     )
     if unscored:
         settings.tuned_on["unscored_images"] = unscored

@@ -25,8 +25,10 @@ class InferenceConfig(CommonConfig):
                         "weights/fusion-BRANCHES.json, leaving fusion.json as it is)", group="prediction")
     fusion_weights: str | None = option(None, "fusion weights by hand, e.g. image=0.5,caption=0.4,decoder=0.1 "
                                         "(overrides fusion.json for this run)", group="prediction")
-    threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)", group="prediction")
-    evaluate: bool = option(False, "score every branch alone and fused; write metrics.json and plots", group="prediction")
+    threshold: float | None = option(None, "one global threshold by hand (overrides fusion.json for this run)",
+                                     group="prediction")
+    evaluate: bool = option(False, "score every branch alone and fused; write metrics.json and plots",
+                            group="prediction")
     report: bool = option(True, "with --evaluate, also write OUTPUT/report.html: one self-contained page of the "
                           "metrics, plots, each label's worst images and a fusion tuner", group="prediction")
     eval_csv: str | None = option(None, "labelled CSV to evaluate on instead of the validation split", group="data")
@@ -100,7 +102,8 @@ def parse_weights(text: str) -> dict[str, float]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in BRANCHES or not value:
-            raise OptionError(f"--fusion-weights {text!r}: expected branch=weight pairs with branches from {', '.join(BRANCHES)}")
+            raise OptionError(f"--fusion-weights {text!r}: expected branch=weight pairs with branches from "
+                              f"{', '.join(BRANCHES)}")
         if name in weights:
             raise OptionError(f"--fusion-weights {text!r}: {name} is given twice")
         try:

@@ -103,7 +103,7 @@ def _replacing(path: str | Path, clean: bool = True) -> Iterator[Path]:
         _remove_stale_temporaries(path)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object], durable: bool = True) -> None:
     """Run ``write`` on a temporary file beside ``path``, then rename it over ``path``.
 
     ``durable`` also flushes the file to disk before the rename, so a power cut cannot

@@ -34,15 +34,15 @@ from sklearn.metrics import (
 
 __all__ = [
     "binarize",
-    "per_image_f1",
-    "samples_f1",
-    "micro_f1",
-    "macro_f1",
-    "per_label_prf",
-    "per_label_average_precision",
-    "mean_average_precision",
-    "jaccard",
     "evaluate_probs",
+    "jaccard",
+    "macro_f1",
+    "mean_average_precision",
+    "micro_f1",
+    "per_image_f1",
+    "per_label_average_precision",
+    "per_label_prf",
+    "samples_f1",
 ]
 
 

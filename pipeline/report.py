@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from pipeline.metrics import THRESHOLD_GRID, binarize, evaluate_probs, samples_f
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from matplotlib.typing import RcKeyType
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
     report["fused"]["method"] = settings.method
     curves["fused"] = np.array([samples_f1(y_true, binarize(fused, t)) for t in THRESHOLD_GRID])
 
-    payload = {"source": source, "n_images": int(len(y_true)), "branches": report}
+    payload = {"source": source, "n_images": len(y_true), "branches": report}
     write_json(output_dir / "metrics.json", payload)
     try:
         _save_figure(per_label_f1_figure(report, label_ids, label_names), output_dir / "per_label_f1.png")
@@ -57,7 +58,7 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
 
 
 # Label names are the user's text: a "$" in one must print as "$", never start mathtext.
-PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+PLAIN_TEXT: dict[RcKeyType, Any] = {"text.parse_math": False, "text.usetex": False}
 
 
 def per_label_f1_figure(report: dict[str, dict], label_ids: list[int],

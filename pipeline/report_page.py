@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import numpy as np
@@ -31,10 +32,13 @@ from pipeline.fusion import FusionSettings, fusion_file
 from pipeline.io import atomic_write_text
 from pipeline.labels import label_name
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 log = logging.getLogger(__name__)
 
 # Label names are the user's text: a "$" in one must print as "$", never start mathtext.
-PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+PLAIN_TEXT: dict[RcKeyType, Any] = {"text.parse_math": False, "text.usetex": False}
 
 
 @dataclass(frozen=True)
@@ -135,9 +139,9 @@ def tuner_arrays(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], lab
     fusion order, the truth as bytes and each branch's probabilities as raw floats."""
     encoded = {b: _array_b64(p) for b, p in probs_by_branch.items()}
     return {
-        "labels": [{"id": int(i), "name": n} for i, n in zip(label_ids, names)],
+        "labels": [{"id": int(i), "name": n} for i, n in zip(label_ids, names, strict=True)],
         "branches": list(probs_by_branch),
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "y": base64.b64encode(np.ascontiguousarray(y_true, dtype=np.uint8).tobytes()).decode("ascii"),
         "probs": {b: {"data": d, "dtype": t} for b, (d, t) in encoded.items()},
     }
@@ -198,8 +202,8 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
         for queue in queues:
             if rank < len(queue) and queue[rank] not in thumbs and \
                     sum(t is not None for t in thumbs.values()) < limits.total:
-                data = thumbnail(paths.image_path(ids[queue[rank]]), limits.size, limits.quality)
-                thumbs[queue[rank]] = None if data is None else base64.b64encode(data).decode("ascii")
+                jpeg = thumbnail(paths.image_path(ids[queue[rank]]), limits.size, limits.quality)
+                thumbs[queue[rank]] = None if jpeg is None else base64.b64encode(jpeg).decode("ascii")
     shown = {i for i in thumbs}
     dropped = sum(1 for queue in queues for i in queue if i not in shown)
 
@@ -243,7 +247,8 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
         metric_rows=metric_rows, method=settings.method, stacker=settings.method == "stacker",
         weights=", ".join(f"{b} {settings.weights.get(b, 0):g}" for b in settings.branches),
         threshold=f"{settings.threshold:g}",
-        per_label_rows=[{"name": n, "id": i, "threshold": f"{t:.3f}"} for i, n, t in zip(label_ids, names, thresholds)],
+        per_label_rows=[{"name": n, "id": i, "threshold": f"{t:.3f}"}
+                        for i, n, t in zip(label_ids, names, thresholds, strict=True)],
         plots=[{"alt": Path(p).stem, "png": _png(p)} for p in plots if Path(p).is_file()],
         pr=_plot_pr_curves(y_true, used, fused, names),
         limits=(f"at most {limits.per_label} per label and kind, {limits.disagreement} in the disagreement "

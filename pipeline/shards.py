@@ -285,7 +285,7 @@ class ShardedStore:
         self._save_manifest()
 
     @contextlib.contextmanager
-    def write_shard(self, shard: int) -> Iterator[dict[str, np.ndarray]]:
+    def write_shard(self, shard: int) -> Iterator[dict[str, np.memmap]]:
         """Writable memory maps ``{field: (rows, *shape)}`` of shard ``shard``, zero-filled,
         renamed into place, and their digests recorded, only when the block exits without an
         error. Partial files carry the writer's pid and host, so no process ever renames
@@ -293,9 +293,10 @@ class ShardedStore:
         rows = len(self.shard_range(shard))
         partial = {name: self.directory / f".{self.path(name, shard).name}.{writer_id()}.partial"
                    for name in self.fields}
-        arrays = {name: np.lib.format.open_memmap(partial[name], mode="w+", dtype=np.dtype(spec.dtype),
-                                                  shape=(rows, *spec.shape))
-                  for name, spec in self.fields.items()}
+        arrays: dict[str, np.memmap] = {
+            name: np.lib.format.open_memmap(partial[name], mode="w+", dtype=np.dtype(spec.dtype),
+                                            shape=(rows, *spec.shape))
+            for name, spec in self.fields.items()}
         try:
             yield arrays
             for array in arrays.values():
@@ -338,7 +339,7 @@ class ShardedStore:
         for shard in np.unique(shards):
             path = self.path(field, int(shard))
             try:
-                handle = open(path, "rb")
+                handle = open(path, "rb")  # noqa: SIM115 - entered below; only the open's error is reworded
             except OSError as err:
                 raise OSError(f"{path}: missing or cut off ({err.strerror}); delete {self.directory} to rebuild "
                               "the cache") from err
@@ -349,7 +350,7 @@ class ShardedStore:
                 except ShardDigestError as err:
                     raise ShardDigestError(f"{err}; the next run extracts it again") from None
                 in_shard = (shards[starts] == shard)
-                for start, stop in zip(starts[in_shard], stops[in_shard]):
+                for start, stop in zip(starts[in_shard], stops[in_shard], strict=True):
                     local = int(ordered[start]) - int(shard) * self.shard_rows
                     count = int(stop - start)
                     data = os.pread(fd, count * spec.row_bytes, offset + local * spec.row_bytes)

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,9 +78,11 @@ class TextEncoder:
         self.digest = hashlib.sha256("".join(file_digest(path) for path in weights).encode()).hexdigest()[:16]
         settings = json.loads((self.folder / "config.json").read_text())
         self.dim, self.num_layers = int(settings["hidden_size"]), int(settings["num_hidden_layers"])
-        self._loaded: tuple[object, torch.nn.Module] | None = None
+        # transformers' AutoTokenizer and AutoModel, imported on first use: Any, as the BERT
+        # layers are reached by name (encoder.layer), which the AutoModel types do not declare.
+        self._loaded: tuple[Any, Any] | None = None
 
-    def _load(self) -> tuple[object, torch.nn.Module]:
+    def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
             try:
                 transformers = importlib.import_module("transformers")

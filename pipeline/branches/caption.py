@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ WORDS = "words"
 def model_settings(config: Any) -> dict:
     """The subset of a caption training config (its dataclass, or the dict a checkpoint
     holds) that shapes the model, as a plain dict."""
-    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
+    values = dataclasses.asdict(config) if is_instance else dict(config)
     # Checkpoints from before text encoders read words.
     defaults = {"text_encoder": WORDS, "text_encoder_layers": 0}
     return {name: values.get(name, defaults[name]) if name in defaults else values[name] for name in MODEL_FIELDS}
@@ -128,6 +129,8 @@ def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.d
     ids, lengths = encode_captions(settings, vocab, list(captions), int(config["max_len"]), cache_dir, encoder)
     # The caller's torch thread count here, not the training setting: at inference this runs
     # beside image extraction, and on every core when alone.
-    return np.mean([predict_captions(model, ids, lengths, device, batch_size) for model in members], axis=0)
+    # build_ensemble's list holds CaptionClassifier models (nn.ModuleList types its items nn.Module).
+    return np.mean([predict_captions(cast(CaptionClassifier, model), ids, lengths, device, batch_size)
+                    for model in members], axis=0)
 
 

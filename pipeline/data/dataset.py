@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -139,7 +140,7 @@ def _parse_record(text: str, header: list[str]) -> list[str] | None:
     caption = parts[-1]
     if len(caption) >= 2 and caption.startswith('"') and caption.endswith('"'):
         caption = caption[1:-1]
-    return parts[:-1] + [caption]
+    return [*parts[:-1], caption]
 
 
 def _parse_labels(field: str, path: Path, line: int, allow_empty: bool = False) -> list[int]:
@@ -228,6 +229,8 @@ def _declared_separator(info: dict, csv_path: Path) -> str | None:
 def _parse_names(field: str, form: _LabelForm, path: Path, line: int, allow_empty: bool) -> list[int]:
     """The label ids of a Labels field of names; an empty name, a label id among names or a
     name the mapping does not know is an error naming the line."""
+    if form.separator is None:
+        raise ValueError(f"{path}:{line}: a file of label ids has no label names to parse (a bug: ids read as names)")
     names = _split_names(field, form.separator)
     if not names and allow_empty:
         return []
@@ -344,7 +347,8 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
             )
         records[-1] = (start, body)
 
-    rows: list[dict] = []
+    # A record's fields by column; _line and Labels (list[int]) are added below.
+    rows: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}
     for line, text in records:
         fields = _parse_record(text, header)
@@ -352,7 +356,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
             raise DataFormatError(
                 f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}"
             )
-        row = dict(zip(header, fields))
+        row: dict[str, Any] = dict(zip(header, fields, strict=True))
         image_id = row[ID_COLUMN]
         if not is_plain_file_name(image_id):
             # Refused here, before any image is opened, so no file outside the image folder is read.
@@ -377,15 +381,17 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
 
     form = _LabelForm(None, {})
     if LABELS_COLUMN in header:
-        fields = [(row["_line"], row[LABELS_COLUMN]) for row in rows]
-        form = _label_form(fields, path, info, label_names, label_separator)
+        label_fields = [(row["_line"], row[LABELS_COLUMN]) for row in rows]
+        form = _label_form(label_fields, path, info, label_names, label_separator)
         for row in rows:
             line = row["_line"]
             if form.separator is not None:
                 row[LABELS_COLUMN] = _parse_names(row[LABELS_COLUMN], form, path, line, allow_empty_labels)
                 continue
             row[LABELS_COLUMN] = _parse_labels(row[LABELS_COLUMN], path, line, allow_empty_labels)
-            unknown = [label for label in row[LABELS_COLUMN] if label not in declared] if declared is not None else []
+            if declared is None:
+                continue
+            unknown = [label for label in row[LABELS_COLUMN] if label not in declared]
             if unknown:
                 raise DataFormatError(
                     f"{path}:{line}: label id {unknown[0]} is not one of the label ids {DATASET_INFO} beside the "
@@ -393,7 +399,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
                 )
 
     columns = [name for name in KNOWN_COLUMNS if name in header]
-    frame = pd.DataFrame(rows, columns=columns + ["_line"])
+    frame = pd.DataFrame(rows, columns=[*columns, "_line"])
     frame.attrs["source"] = str(path)
     if form.separator is not None:
         frame.attrs["label_names"] = {str(i): name for name, i in sorted(form.ids_by_name.items(), key=lambda x: x[1])}
@@ -482,7 +488,7 @@ def group_by_image(frame: pd.DataFrame) -> ImageGroups:
     images = frame.iloc[first].reset_index(drop=True)
     if LABELS_COLUMN in frame and len(images) < len(frame):
         first_labels = images[LABELS_COLUMN].tolist()
-        for image, labels, image_id in zip(codes, frame[LABELS_COLUMN], frame[ID_COLUMN]):
+        for image, labels, image_id in zip(codes, frame[LABELS_COLUMN], frame[ID_COLUMN], strict=True):
             if sorted(labels) != sorted(first_labels[image]):
                 raise DataFormatError(
                     f"{frame.attrs.get('source', 'dataset')}: the rows of ImageID {image_id!r} disagree on "
@@ -549,7 +555,7 @@ def split_train_val(frame: pd.DataFrame, val_fraction: float = 0.15) -> tuple[pd
         # pandas hands every subset the whole frame's attrs; a side's lines are its own rows'.
         side.attrs = {**frame.attrs}
         if "lines" in frame.attrs:
-            side.attrs["lines"] = [line for line, keep in zip(frame.attrs["lines"], mask) if keep]
+            side.attrs["lines"] = [line for line, keep in zip(frame.attrs["lines"], mask, strict=True) if keep]
         sides.append(side)
     return sides[0], sides[1]
 
@@ -635,7 +641,7 @@ def _label_lines(frame: pd.DataFrame) -> dict[int, list[int]]:
     """The file lines of the images holding each label, one line per image (its first row)."""
     lines: dict[int, list[int]] = {}
     seen: set[str] = set()
-    for image_id, row_labels, line in zip(frame[ID_COLUMN], frame[LABELS_COLUMN], frame.attrs["lines"]):
+    for image_id, row_labels, line in zip(frame[ID_COLUMN], frame[LABELS_COLUMN], frame.attrs["lines"], strict=True):
         if image_id not in seen:  # further rows of an image are its other captions
             seen.add(image_id)
             for label in row_labels:
@@ -695,7 +701,7 @@ def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | 
 def check_known_labels(frame: pd.DataFrame, labels: LabelSet) -> None:
     """Every label id of a labelled frame is one the model knows; else an error naming file and line."""
     known = set(labels.ids)
-    for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN]):
+    for line, row_labels in zip(frame.attrs["lines"], frame[LABELS_COLUMN], strict=True):
         unknown = [label for label in row_labels if label not in known]
         if unknown:
             raise DataFormatError(

@@ -195,10 +195,14 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     from timm.layers.norm_act import SyncBatchNormAct
 
     if isinstance(module, nn.SyncBatchNorm):
+        plain: nn.BatchNorm2d
         if isinstance(module, SyncBatchNormAct):
-            plain = BatchNormAct2d(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats)
-            plain.act, plain.drop = module.act, module.drop
+            # timm annotates momentum float; the nn.BatchNorm2d it goes to takes None too (a cumulative average).
+            with_act = BatchNormAct2d(module.num_features, module.eps, module.momentum,  # type: ignore[arg-type]
+                                      module.affine, module.track_running_stats)
+            # timm's conversion set act and drop on the SyncBatchNormAct as plain attributes.
+            with_act.act, with_act.drop = module.get_submodule("act"), module.get_submodule("drop")
+            plain = with_act
         else:
             plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                                    module.track_running_stats)
@@ -275,7 +279,7 @@ def gather_to_main(value: object, context: DistContext) -> list[object] | None:
     """Every rank's ``value`` (a picklable object), in rank order, on rank 0; None on the others."""
     if not context.distributed:
         return [value]
-    gathered = [None] * context.world_size if context.is_main else None
+    gathered: list[object] | None = [None] * context.world_size if context.is_main else None
     dist.gather_object(value, gathered, dst=0)
     return gathered
 
@@ -306,4 +310,4 @@ def gather_shards(local: torch.Tensor, context: DistContext, total: int) -> torc
     padded[: len(local)] = local.to(context.device)
     parts = [torch.empty_like(padded) for _ in range(context.world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).to(local.device)

@@ -178,9 +178,9 @@ class ModelFiles:
         save(partial)
         temporary = [partial, *(partial.with_suffix(suffix) for suffix in self.companions)]
         digests = {final.name: {"size": written.stat().st_size, "sha256": _file_sha256(written)}
-                   for written, final in zip(temporary, self.files)}
+                   for written, final in zip(temporary, self.files, strict=True)}
         self.digest_file.unlink(missing_ok=True)
-        for written, final in zip(temporary[1:], self.files[1:]):
+        for written, final in zip(temporary[1:], self.files[1:], strict=True):
             written.replace(final)
         partial.replace(self.main)
         digest_partial = self.digest_file.with_name(f"{self.digest_file.name}.{os.getpid()}.partial")

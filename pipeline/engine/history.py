@@ -36,11 +36,12 @@ from pipeline.io import OptionError, atomic_torch_save, atomic_write_bytes, atom
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from matplotlib.typing import RcKeyType
 
 COLUMNS = ("stage", "member", "epoch", "train_loss", "val_score", "lr", "seconds")
 CURVES_FILE = "training_curves.png"
 # Stage and branch names are text: a "$" in one must print as "$", never start mathtext.
-PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+PLAIN_TEXT: dict[RcKeyType, Any] = {"text.parse_math": False, "text.usetex": False}
 
 log = logging.getLogger(__name__)
 LOGS = ("csv", "tensorboard")
@@ -141,7 +142,7 @@ class EpochHistory:
             path.unlink()
 
 
-def start_history(path: str | Path, resume: bool, context: DistContext = DistContext(), log: str = "csv",
+def start_history(path: str | Path, resume: bool | str, context: DistContext = DistContext(), log: str = "csv",
                   keep_best: int = 0) -> EpochHistory:
     """The history writer of a training run: a fresh run starts the file over (and clears the
     branch's kept best epochs); ``resume`` keeps the rows an interrupted run left (checking the
@@ -188,7 +189,7 @@ def read_history(path: str | Path) -> pd.DataFrame:
 def _panels(weights_dir: Path) -> list[tuple[str, pd.DataFrame]]:
     """(title, rows) of each branch and stage with a history; a stage named as its branch (the
     caption models' one loop) is titled by the branch alone."""
-    panels = []
+    panels: list[tuple[str, pd.DataFrame]] = []
     for path in sorted(weights_dir.glob("history_*.csv")):
         frame = read_history(path)
         branch = path.stem.removeprefix("history_")
@@ -215,13 +216,15 @@ def training_curves_figure(weights_dir: str | Path) -> Figure | None:
     with plt.rc_context(PLAIN_TEXT):
         fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False,
                                  layout="constrained")
-        for ax, (title, part) in zip(axes.flat, panels):
+        # The grid's last row may hold spare axes, more than the panels: they are hidden below.
+        for ax, (title, part) in zip(axes.flat, panels, strict=False):
             score_ax = ax.twinx()
             members = part.groupby("member", sort=True, dropna=False)
             for color, (member, lines) in enumerate(members):
                 lines = lines.sort_values("epoch")
                 ax.plot(lines["epoch"], lines["train_loss"], "-o", color=f"C{color}", ms=3,
-                        label=None if pd.isna(member) else f"model {member + 1}/{len(members)}")
+                        # member: the ensemble member's index, or NA where the stage trained one model
+                        label=f"model {member + 1}/{len(members)}" if isinstance(member, (int, np.integer)) else None)
                 score_ax.plot(lines["epoch"], lines["val_score"], "--s", color=f"C{color}", ms=3)
             ax.set_title(title)
             ax.set_xlabel("epoch")

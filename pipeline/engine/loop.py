@@ -13,9 +13,9 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ from pipeline.engine.distributed import DistContext, broadcast_flags, mean_acros
 from pipeline.engine.history import EpochHistory
 from pipeline.engine.resume import ResumeState
 
-# A step's loss from (model, batch); batches are tuples of tensors already on the device.
-StepLoss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+ModelT = TypeVar("ModelT", bound=nn.Module)
+# A step's loss from (model, batch): the step's own model class; batches are tuples of tensors
+# already on the device, each loss reading its own layout (inputs, targets[, captions]).
+StepLoss = Callable[[ModelT, Any], torch.Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -154,7 +156,7 @@ def _to_device(batch: Iterable[torch.Tensor], device: torch.device,
     return tuple(t if i in host_inputs else t.to(device, non_blocking=True) for i, t in enumerate(batch))
 
 
-class TrainStep(nn.Module):
+class TrainStep(nn.Module, Generic[ModelT]):
     """A model and its loss in one ``forward(*batch) -> loss``.
 
     DistributedDataParallel synchronises gradients of what runs inside its ``forward``; a
@@ -164,7 +166,7 @@ class TrainStep(nn.Module):
     caption batch's lengths, which ``pack_padded_sequence`` reads there).
     """
 
-    def __init__(self, model: nn.Module, step_loss: StepLoss, host_inputs: tuple[int, ...] = ()) -> None:
+    def __init__(self, model: ModelT, step_loss: StepLoss[ModelT], host_inputs: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.model = model
         self.step_loss = step_loss
@@ -238,6 +240,8 @@ def validation_batches(dataset: Dataset, batch_size: int, device: torch.device, 
     """Batches of ``dataset`` for a validation pass every epoch: :class:`ResidentBatches`
     when the whole split fits in ``max_bytes`` (judged by its first batch), filled by one pass
     of a loader with ``workers``; else a loader whose workers persist between passes."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"validation batches need a dataset with a length; {type(dataset).__name__} has none")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=validation_workers(workers),
                         collate_fn=collate, pin_memory=pin_memory)
     batches = iter(loader)
@@ -255,7 +259,7 @@ def validation_batches(dataset: Dataset, batch_size: int, device: torch.device, 
             else torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in first]
     done = 0
     for batch in (first, *batches):
-        for target, part in zip(kept, batch):
+        for target, part in zip(kept, batch, strict=True):
             target[done:done + len(part)].copy_(part, non_blocking=True)
         done += len(batch[0])
     return ResidentBatches(kept, batch_size)
@@ -271,7 +275,7 @@ def warm_up(step: nn.Module, batch: Sequence[torch.Tensor], device: torch.device
     Training then goes on as if it had not run: no optimizer step, the gradients cleared, the
     model's buffers (batch-norm statistics), the random generators and the ``state_dict`` of
     each of ``keep`` (the augmentation's generator) restored."""
-    model = unwrap(step).model
+    model = unwrap(step).get_submodule("model")
     buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
     kept = [(stateful, copy.deepcopy(stateful.state_dict())) for stateful in keep]
     autocast = autocast or contextlib.nullcontext
@@ -299,6 +303,8 @@ def first_batch(loader: DataLoader) -> tuple[torch.Tensor, ...]:
     """The first ``loader.batch_size`` items of its dataset (all, if fewer), as the loader's
     collate makes a batch: the shape every training batch has (drop_last keeps them full)."""
     dataset = loader.dataset
+    if loader.batch_size is None or not isinstance(dataset, Sized):
+        raise TypeError("first_batch needs a loader with a batch_size over a dataset with a length")
     indices = list(range(min(loader.batch_size, len(dataset))))
     items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
     return tuple(loader.collate_fn(items))
@@ -331,9 +337,9 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
     step.train()
     if scaler is None:
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if set_epoch is not None:  # a sampler that shuffles anew each epoch (DistributedSampler)
+        set_epoch(epoch)
     autocast = autocast or contextlib.nullcontext
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
@@ -359,7 +365,7 @@ def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Op
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update(unwrap(step).model)
+            ema.update(unwrap(step).get_submodule("model"))
         total += loss.detach().double() * len(batch[0])
         count += len(batch[0])
         if (index + 1) % sync_every == 0:

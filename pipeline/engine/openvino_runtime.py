@@ -57,8 +57,11 @@ class OpenVinoForward(FrozenForward):
         self.compiled, self.streams = compiled, streams
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Outputs (B, ...) float32 of one uint8 batch (B, 3, R, R)."""
-        return next(self.run_many([(None, pixels)]))[1]
+        """Outputs (B, ...) float32 of one uint8 batch (B, 3, R, R), B >= 1."""
+        outputs = next(self.run_many([(None, pixels)]))[1]
+        if outputs is None:  # run_many runs no empty batch
+            raise ValueError("OpenVINO forward: an empty batch (0 images) has no outputs to compute")
+        return outputs
 
     def run_many(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> Iterator[tuple[Any, torch.Tensor | None]]:
         """(tag, outputs) of each (tag, uint8 batch (B, 3, R, R)), in order, with a batch

@@ -71,7 +71,10 @@ def from_saved(value: Any) -> Any:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's global random generators: torch's CPU one, ``device``'s when it is a
     GPU, NumPy's and Python's, in a form weights-only loading accepts."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state()
+    if not isinstance(state, tuple):  # the legacy global generator is MT19937, whose state is a tuple
+        raise RuntimeError(f"numpy's global random generator is not MT19937: {state.get('bit_generator')}")
+    kind, keys, position, has_gauss, cached = state
     version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -104,7 +107,7 @@ class ResumeState:
             state.end_epoch(epoch, best)
     """
 
-    def __init__(self, directory: Path | None, loop: str = "", digest: str = "", resume: bool = False,
+    def __init__(self, directory: Path | None, loop: str = "", digest: str = "", resume: bool | str = False,
                  context: DistContext = DistContext()) -> None:
         self.path = Path(directory) / f"{loop}.pt" if directory is not None else None
         self.digest, self.resume, self.context = digest, resume, context
@@ -174,12 +177,12 @@ class ResumeState:
             atomic_torch_save(state, self.path)
             return
         # A copy on the CPU now (training goes on changing the live tensors), written meanwhile.
-        self._writer = threading.Thread(target=self._write, args=(_cpu_copy(state),), name="resume-writer")
+        self._writer = threading.Thread(target=self._write, args=(_cpu_copy(state), self.path), name="resume-writer")
         self._writer.start()
 
-    def _write(self, state: dict) -> None:
+    def _write(self, state: dict, path: Path) -> None:
         try:
-            atomic_torch_save(state, self.path)
+            atomic_torch_save(state, path)
         except BaseException as err:  # noqa: BLE001 - raised in the training thread by wait()
             self._write_error = err
 

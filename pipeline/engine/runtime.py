@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.io import OptionError
 from pipeline.choices import COMPILE_CHOICES, PRECISIONS
+from pipeline.io import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class _CompiledOrEager:
             return step()
         try:
             out = step()
-        except Exception as err:  # noqa: BLE001 - the lazily compiled backward fails here
+        except Exception as err:
             if self.compiled is None:
                 raise  # the forward already fell back: the eager step's own error
             self._give_up(err)

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.choices import usable_cores
 from pipeline.engine.frozen import Calibration, FrozenForward, Runtime, key_digest
 from pipeline.engine.onnx_runtime import OnnxRuntime
 from pipeline.engine.openvino_runtime import OpenVinoRuntime
-from pipeline.choices import usable_cores
 from pipeline.engine.runtime import cpu_model, instruction_set
 from pipeline.engine.torch_runtime import TorchRuntime
 from pipeline.io import OptionError

@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 # The recurrent layers a caption model can use (``--rnn``).
-RNN_TYPES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+RNN_TYPES: dict[str, type[nn.LSTM | nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
-def rnn_class(name: str) -> type[nn.RNNBase]:
+def rnn_class(name: str) -> type[nn.LSTM | nn.GRU]:
     """The recurrent layer class registered under ``name``."""
     try:
         return RNN_TYPES[name]
@@ -91,11 +91,12 @@ class CaptionClassifier(nn.Module):
                 f"pretrained embeddings have shape {tuple(embeddings.shape)}, expected ({vocab_size}, {embed_dim})"
             )
         self.pad_id = pad_id
-        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id) if token_dim is None else None
-        if embeddings is not None:
+        embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id) if token_dim is None else None
+        if embedding is not None and embeddings is not None:  # (embeddings come without token_dim: checked above)
             with torch.no_grad():
-                self.embedding.weight.copy_(embeddings)
-                self.embedding.weight[pad_id].zero_()
+                embedding.weight.copy_(embeddings)
+                embedding.weight[pad_id].zero_()
+        self.embedding = embedding
         self.embed_dropout = embed_dropout
         self.rnn = rnn_class(rnn_type)(
             embed_dim if token_dim is None else token_dim,

@@ -190,7 +190,7 @@ class LabelDecoder(nn.Module):
             self.embed.weight[self.tokens.pad].zero_()
             # Forget-gate bias 1 (a common LSTM initialisation): keeps earlier labels in
             # memory from the start of training.
-            self.lstm.bias_ih_l0[hidden_dim : 2 * hidden_dim].fill_(1.0)
+            self.lstm.get_parameter("bias_ih_l0")[hidden_dim : 2 * hidden_dim].fill_(1.0)
 
     @property
     def num_outputs(self) -> int:
@@ -336,12 +336,14 @@ class LabelDecoder(nn.Module):
         hid, vocab = self.hidden_dim, self.embed.num_embeddings
         perm = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid),
                           torch.arange(2 * hid, 3 * hid)]).to(device)  # (4H,)
-        w_ih = self.lstm.weight_ih_l0[perm]  # (4H, E+D)
+        # get_parameter: the LSTM's weights typed as tensors (attribute access gives Tensor | Module).
+        lstm = self.lstm.get_parameter
+        w_ih = lstm("weight_ih_l0")[perm]  # (4H, E+D)
         w_emb, w_img = w_ih[:, : self.embed_dim], w_ih[:, self.embed_dim :]
-        bias = (self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0)[perm]  # (4H,)
+        bias = (lstm("bias_ih_l0") + lstm("bias_hh_l0"))[perm]  # (4H,)
         img_gates = image @ w_img.T + bias  # (B, 4H)
         token_gates = self.embed.weight @ w_emb.T  # (V, 4H)
-        w_rec = torch.cat([self.lstm.weight_hh_l0[perm].T, token_gates])  # (H+V, 4H)
+        w_rec = torch.cat([lstm("weight_hh_l0")[perm].T, token_gates])  # (H+V, 4H)
         img_merge = self.merge_img(image) + self.merge_h.bias  # (B, E)
         out_w, out_b = self._output_weight_bias()  # (L+1, E), (L+1,)
 

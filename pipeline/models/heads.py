@@ -15,6 +15,9 @@ class FeatureNorm(nn.Module):
     learning rate suit both. The statistics are buffers, so they travel in the checkpoint.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -24,10 +27,14 @@ class FeatureNorm(nn.Module):
     def fit_chunks(self, chunks: Iterable[torch.Tensor]) -> FeatureNorm:
         """Fit the mean and (unbiased) std to row chunks (B, D) of any precision, summed in
         float64, so a feature set is standardised without ever being held in float32 at once."""
-        count, total, squares = 0, 0.0, 0.0
+        count = 0
+        total: torch.Tensor | float = 0.0
+        squares: torch.Tensor | float = 0.0
         for chunk in chunks:
             values = chunk.double()
             count, total, squares = count + len(values), total + values.sum(0), squares + values.square().sum(0)
+        if not isinstance(total, torch.Tensor):
+            raise ValueError("FeatureNorm.fit_chunks: no feature chunks to fit the mean and std to")
         mean = total / count
         variance = (squares - count * mean.square()) / max(count - 1, 1)
         self.mean.copy_(mean.float())
@@ -70,6 +77,9 @@ class ClassAttention(nn.Module):
     to the image head's, training starts from the head alone (``ImageModel``). ``lam`` and
     ``temperature`` are buffers, so they travel in the state dict and its digest.
     """
+
+    lam: torch.Tensor
+    temperature: torch.Tensor
 
     def __init__(self, channels: int, num_labels: int, lam: float = 0.1, temperature: float = 1.0) -> None:
         super().__init__()

@@ -55,8 +55,8 @@ from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, DatasetPaths, Label
 from pipeline.data.images import ImageDataset
 from pipeline.data.transforms import build_transform
 from pipeline.engine.distributed import DistContext
-from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.engine.frozen import Calibration, FrozenForward
+from pipeline.engine.loop import ModelEma, TrainStep, epoch_loader, train_one_epoch
 from pipeline.engine.runtime import (
     autocast_context,
     configure_backends,
@@ -75,7 +75,7 @@ from pipeline.features import CPU_BATCH, calibration_images
 from pipeline.fusion import FusionSettings, load_fusion
 from pipeline.inference_config import InferenceConfig
 from pipeline.io import write_json
-from pipeline.models.backbones import create_backbone
+from pipeline.models.backbones import Backbone, create_backbone
 from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ImageHead
 from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints, predict_in_chunks
@@ -102,7 +102,8 @@ class BenchConfig(CommonConfig):
     precision: str | None = option(None, "run the backbone in this precision instead of the one the checkpoint "
                                    "was trained with (speed only: the heads expect the trained one)",
                                    choices=["fp32", "bf16"], group="run")
-    compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}", group="run")
+    compare: bool = option(True, f"also time the inference path with efficientnet-pytorch's {COMPARED_BACKBONE}",
+                           group="run")
     also_resolution: int = option(224, "also time the forwards, the pipelines and the bound at this resolution "
                                   "(0: not)", group="run")
     batch_size: int = option(64, "images per batch in the inference path and the forward pass", group="run")
@@ -252,11 +253,18 @@ def time_caption(predictor: BranchPredictor, frame: pd.DataFrame, threads: int =
         return round(1000 * (time.perf_counter() - started) / len(captions), 3)
 
 
+def _backbone(predictor: BranchPredictor) -> Backbone:
+    """The predictor's image backbone: main() refuses weights without an image branch."""
+    if predictor.backbone is None:
+        raise SystemExit("error: the benchmark times the image branch, and the weights loaded no backbone")
+    return predictor.backbone
+
+
 def time_heads_and_fusion(predictor: BranchPredictor, settings: FusionSettings, rows: int) -> dict[str, float]:
     """Milliseconds per image of the image heads (head and beam-search decoder) on in-memory
     pooled features, and of fusion on their probabilities."""
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(rows, predictor.backbone.pooled_dim, generator=generator)
+    features = torch.randn(rows, _backbone(predictor).pooled_dim, generator=generator)
     readable = torch.ones(rows, dtype=torch.bool)
     started = time.perf_counter()
     probs = predictor.heads.probabilities(features, readable, predictor.device)
@@ -282,10 +290,11 @@ def time_finetune(backbone_name: str, resolution: int, paths, image_ids: list[st
     targets = (np.random.default_rng(0).random((needed, num_labels)) < 0.2).astype(np.float32)
     targets[:, 0] = 1.0  # every image has a label, as in real data
     recipe = resolve_recipe(config, FINETUNE)
+    augment = BatchAugment(recipe.augment, device, recipe.scale_jitter)
     inputs = image_inputs(backbone, paths, ids, ids[:batch_size], targets, targets[:batch_size], device, config.workers,
-                          BatchAugment(recipe.augment, device, recipe.scale_jitter))
+                          augment)
     model = build_image_model(config, inputs.trunk, backbone.pooled_dim, num_labels, device)
-    step = TrainStep(model, joint_loss(config, lambda raw: inputs.prepare(inputs.augment(raw)),
+    step = TrainStep(model, joint_loss(config, lambda raw: inputs.prepare(augment(raw)),
                                        LabelOrder.from_train(targets), device))
     optimizer, _ = build_optimizer(config, model, device, recipe)
     ema, scaler = ModelEma(model), grad_scaler(device, precision)
@@ -336,7 +345,7 @@ def time_runtimes(predictor: BranchPredictor, frame: pd.DataFrame, inputs: Input
     """At the predictor's backbone resolution: every runtime's forward in each precision, the
     pipeline in the predictor's runtime and in torch, decoding, and the bound from the fastest
     runtime at the pipeline's precision."""
-    backbone, device, precision = predictor.backbone, predictor.device, predictor.precision
+    backbone, device, precision = _backbone(predictor), predictor.device, predictor.precision
     resolution = backbone.preprocessing["resolution"]
     print(f"timing {backbone.name} forwards at {resolution} px on in-memory batches of {batch} ...", flush=True)
     # The pipeline's own precision always (fp16 on a GPU), then the table's.
@@ -420,7 +429,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         inputs = Inputs(paths, scratch / "cache", config.workers)
         if config.precision:
             predictor.precision = config.precision
-        backbone, precision, runtime = predictor.backbone, predictor.precision, predictor.runtime
+        backbone, precision, runtime = _backbone(predictor), predictor.precision, predictor.runtime
         resolution = backbone.preprocessing["resolution"]
         processes = usable_cores() if device.type == "cpu" and config.workers > 0 else 0
         batch = min(config.batch_size, CPU_BATCH) if processes else config.batch_size
@@ -521,7 +530,8 @@ def format_table(results: dict) -> str:
 
     bound_by = (f"decode {results['decode_resize_ms_per_img']} + {results['bound_runtime']}'s forward "
                 f"{results['bound_forward_ms_per_img']} ms per view, caption {results['caption_branch_ms_per_img']} "
-                f"ms, on one core; {results['cores']} cores") if "bound_runtime" in results else "GPU forward vs decoding cores"
+                f"ms, on one core; {results['cores']} cores"
+                ) if "bound_runtime" in results else "GPU forward vs decoding cores"
     rows = [
         ("backbone", f"{results['backbone']} @ {results['resolution']} px, {results['precision']}, on "
                      f"{results['device']} ({results['threads']} threads); pipeline batch {results['pipeline_batch']}"),

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.data.dataset import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
 from pipeline.config import OneDefaultHelpFormatter
+from pipeline.data.dataset import CAPTION_COLUMN, DATASET_INFO, ID_COLUMN, LABELS_COLUMN
 from pipeline.io import atomic_write_text, write_json
 
 CAPTION_MODES = ("first", "random", "all")
@@ -147,7 +147,8 @@ def _load_json(path: Path, what: str) -> dict:
     except UnicodeDecodeError as err:
         raise ConvertError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict):
-        raise ConvertError(f"{path}: expected a JSON object with 'images' and 'annotations', got a {type(data).__name__}")
+        raise ConvertError(f"{path}: expected a JSON object with 'images' and 'annotations', "
+                           f"got a {type(data).__name__}")
     return data
 
 
@@ -209,9 +210,14 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
     inst_data = _load_json(instances, "COCO instances file") if instances else None
     cap_data = _load_json(captions, "COCO captions file") if captions else None
 
-    image_source = instances if inst_data is not None else captions
-    image_entries = _entries(inst_data if inst_data is not None else cap_data, image_source, "images",
-                             {"id": int, "file_name": str})
+    # The images are listed by the instances file, else by the captions file.
+    if instances is not None and inst_data is not None:
+        image_data, image_source = inst_data, instances
+    elif captions is not None and cap_data is not None:
+        image_data, image_source = cap_data, captions
+    else:  # both given as empty paths
+        raise ConvertError("give --instances (labels) and/or --captions")
+    image_entries = _entries(image_data, image_source, "images", {"id": int, "file_name": str})
     file_names: dict[int, str] = {}
     seen: dict[str, int] = {}
     for index, entry in enumerate(image_entries):
@@ -227,7 +233,7 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
     categories: dict[int, str] = {}
     chosen: list[int] = []
     # The COCO test files (image_info_test*.json) list images and categories but no annotations.
-    if inst_data is not None and ("annotations" in inst_data or "categories" in inst_data):
+    if instances is not None and inst_data is not None and ("annotations" in inst_data or "categories" in inst_data):
         for entry in _entries(inst_data, instances, "categories", {"id": int, "name": str}):
             categories[entry["id"]] = entry["name"]
         chosen = parse_label_selection(labels, categories, instances)
@@ -236,7 +242,8 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
             for index, ann in enumerate(_entries(inst_data, instances, "annotations",
                                                  {"image_id": int, "category_id": int})):
                 if ann["image_id"] not in label_sets:
-                    raise ConvertError(f"{instances}: annotations[{index}].image_id {ann['image_id']!r} is not in its images")
+                    raise ConvertError(f"{instances}: annotations[{index}].image_id {ann['image_id']!r} "
+                                       "is not in its images")
                 if ann["category_id"] not in categories:
                     raise ConvertError(f"{instances}: annotations[{index}].category_id {ann['category_id']} "
                                        "is not in its categories")
@@ -249,7 +256,7 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
                                                               else "give --instances"))
 
     caption_lists: dict[int, list[tuple[int, str]]] | None = None
-    if cap_data is not None:
+    if captions is not None and cap_data is not None:
         caption_lists = defaultdict(list)
         for index, ann in enumerate(_entries(cap_data, captions, "annotations",
                                              {"image_id": int, "id": int, "caption": str})):
@@ -297,7 +304,8 @@ def _voc_labels(xml_path: Path, difficult: str) -> tuple[str | None, list[int]]:
         if not name:
             raise ConvertError(f"{xml_path}: <object> {index} has no <name>")
         if name not in VOC_CLASSES:
-            raise ConvertError(f"{xml_path}: <object> {index}: unknown class {name!r}; VOC classes: {', '.join(VOC_CLASSES)}")
+            raise ConvertError(f"{xml_path}: <object> {index}: unknown class {name!r}; "
+                               f"VOC classes: {', '.join(VOC_CLASSES)}")
         flag = (obj.findtext("difficult") or "0").strip()
         if flag not in ("0", "1"):
             raise ConvertError(f"{xml_path}: <object> {index} ({name}): <difficult> is {flag!r}, expected 0 or 1")
@@ -389,8 +397,8 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
     labelled = [r for r in records if r.labels is not None]
     empty = [r for r in labelled if not r.labels]
     kept = [r for r in records if keep_empty or r.labels is None or r.labels]
-    with_images = [r for r in kept if r.source is not None]
-    missing = [r.source for r in with_images if not r.source.is_file()]
+    with_images = [(r, r.source) for r in kept if r.source is not None]
+    missing = [source for _, source in with_images if not source.is_file()]
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:10])
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -400,9 +408,12 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
     rows = []
     for record in kept:
         labels = " ".join(str(i) for i in record.labels) if record.labels is not None else None
-        for text in (record.captions if has_captions else [None]):
+        if has_captions and record.captions is None:
+            raise ConvertError(f"{record.image_id}: no captions, while other images of the file have them")
+        for text in ((record.captions or []) if has_captions else [None]):
             rows.append({ID_COLUMN: record.image_id, LABELS_COLUMN: labels, CAPTION_COLUMN: text})
-    columns = [ID_COLUMN] + ([LABELS_COLUMN] if csv_name == "train.csv" else []) + ([CAPTION_COLUMN] if has_captions else [])
+    columns = [ID_COLUMN, *([LABELS_COLUMN] if csv_name == "train.csv" else []),
+               *([CAPTION_COLUMN] if has_captions else [])]
     frame = pd.DataFrame(rows, columns=[ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN])
     # Read before writing anything: the CSV files are only usable with their dataset.json entries.
     info_path, info_file = out / DATASET_INFO, _read_info(out)
@@ -412,8 +423,8 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
     if with_images:
         image_folder = out / "data"
         image_folder.mkdir(exist_ok=True)
-        for record in with_images:
-            _place_image(record.source.resolve(), image_folder / record.image_id, copy)
+        for record, source in with_images:
+            _place_image(source.resolve(), image_folder / record.image_id, copy)
 
     files = {csv_name: columns}
     if csv_name == "test.csv" and labelled:
@@ -427,9 +438,9 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
              "rows": len(rows), "image_count": len(kept)}
     info_file.update({name: entry for name in files})
     write_json(info_path, info_file, sort_keys=True)
-    counts = Counter(label for r in kept if r.labels for label in r.labels)
+    found = Counter(label for r in kept if r.labels for label in r.labels)
     # Zero counts stay in the report: a chosen label without images is worth noticing.
-    counts = {label: counts.get(label, 0) for label in sorted(set(label_names) | set(counts))}
+    counts = {label: found.get(label, 0) for label in sorted(set(label_names) | set(found))}
     return ConvertReport(
         dataset=dataset, csv_path=out / csv_name, rows=len(rows), images=len(kept), image_folder=image_folder,
         image_mode="copied" if copy else "linked", label_names=label_names, label_counts=counts,
@@ -451,8 +462,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     coco = commands.add_parser("coco", formatter_class=formatter, allow_abbrev=False,
                                help="COCO 2014/2017 instances and captions files",
-                               description="Convert COCO instances_*.json (labels) and captions_*.json to OUT/train.csv "
-                               "(--split train) or OUT/test.csv (--split test).")
+                               description="Convert COCO instances_*.json (labels) and captions_*.json to "
+                               "OUT/train.csv (--split train) or OUT/test.csv (--split test).")
     coco.add_argument("--instances", help="instances_*.json (labels: category ids); required for --split train")
     coco.add_argument("--captions", help="captions_*.json; without it the dataset has no Caption column")
     coco.add_argument("--images", help="the images folder (e.g. train2017/); without it no OUT/data is written "

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -129,7 +129,7 @@ def sample_label_set(rng: np.random.Generator) -> tuple[Scene, dict[int, int]]:
         present.append(1)
     if not present:
         # A scene with nothing in it falls back to its most typical object.
-        present.append(max(scene.labels, key=scene.labels.get))
+        present.append(max(scene.labels, key=scene.labels.__getitem__))
     return scene, {label: _sample_count(rng, label) for label in sorted(present)}
 
 
@@ -141,7 +141,7 @@ def sample_label_set(rng: np.random.Generator) -> tuple[Scene, dict[int, int]]:
 def _jitter(rng: np.random.Generator, base: Color, amount: float = 18.0) -> Color:
     """A colour near ``base``: overall brightness plus a little per-channel noise."""
     scale = rng.uniform(0.82, 1.15)
-    r, g, b = (int(np.clip(c * scale + n, 0, 255)) for c, n in zip(base, rng.normal(0.0, amount, 3)))
+    r, g, b = (int(np.clip(c * scale + n, 0, 255)) for c, n in zip(base, rng.normal(0.0, amount, 3), strict=True))
     return r, g, b
 
 
@@ -282,8 +282,8 @@ def _train(p: _Pen, rng: np.random.Generator) -> None:
         for k in range(2):
             wu = u0 + 0.04 + k * width / 2
             p.rect(wu, -0.16, wu + width / 2 - 0.08, -0.05, WINDOW)
-        for k in (0.08, width - 0.08):
-            p.circle(u0 + k, 0.17, 0.035, fill=BLACK)
+        for wheel in (0.08, width - 0.08):
+            p.circle(u0 + wheel, 0.17, 0.035, fill=BLACK)
 
 
 def _truck(p: _Pen, rng: np.random.Generator) -> None:
@@ -518,7 +518,7 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
         # A coarse random colour field, upsampled, gives blotchy textures.
         cells = int(rng.integers(2, 7))
         coarse = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), np.float32)
+        img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR), np.float32)
     else:
         upper, lower = _GROUNDS[kind]
         horizon = int(size * rng.uniform(0.35, 0.7)) if kind != "sky" else size
@@ -701,7 +701,7 @@ def make_caption(rng: np.random.Generator, scene: Scene, counts: dict[int, int])
                 activity = _pick(rng, ACTIVITIES[first])
                 text = f"{_noun_phrase(rng, first, named[first])} {activity}"
             else:
-                phrases = [_noun_phrase(rng, label, named[label]) for label in [first] + others]
+                phrases = [_noun_phrase(rng, label, named[label]) for label in [first, *others]]
                 others = []
                 lead = _pick(rng, ("there is ", "a photo of ", "a view of ", ""))
                 text = lead + _join(phrases)
@@ -813,6 +813,7 @@ def generate_demo(out_dir: Path, num_images: int = 2000, test_fraction: float = 
 
     jobs = [(seed, i, size, str(image_dir)) for i in range(num_images)]
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    results: Iterator[tuple[str, str]]
     with contextlib.ExitStack() as stack:
         # Below a few hundred images starting the pool costs more than it saves.
         if workers > 1 and num_images >= 200:

@@ -46,11 +46,11 @@ from pipeline.data.dataset import (
     load_train_val,
 )
 from pipeline.data.text import Vocabulary, load_word_vectors
+from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session, wrap_model
 from pipeline.engine.history import EpochHistory, history_path, plot_histories, start_history
 from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
-from pipeline.engine import timing
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
@@ -268,7 +268,7 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
                                    context, state, history.for_stage(BRANCH, i)))
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set), encoder)
-    for model, member in zip(ensemble, members):
+    for model, member in zip(ensemble, members, strict=True):
         model.load_state_dict(member["state"])
     if has_val:
         val_probs = np.mean([member["probs"] for member in members], axis=0)  # (images, L)
