@@ -31,7 +31,7 @@ from pipeline.io import OptionError
 from pipeline.metrics import tune_global_threshold
 from pipeline.shards import ShardedStore
 from pipeline.text_features import TextEncoder
-from pipeline.train.image_config import ImageTrainConfig, idle_options
+from pipeline.train.image_config import TRAINING_MODES, ImageTrainConfig, idle_options
 from pipeline.train.stacker import train_stacker
 from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 
@@ -227,7 +227,7 @@ def test_partial_mode_writes_a_stacker_whose_state_reproduces_its_validation_pro
 def test_outside_partial_mode_the_option_is_named_as_having_no_effect(mode):
     config = parse_config(ImageTrainConfig, train_efficientnet.get_args_parser(),
                           ["--mode", mode, "--stacker-folds", "5"])
-    assert idle_options(config, mode) == [f"--stacker-folds 5 has no effect: it acts in partial mode only, and this "
+    assert idle_options(config, TRAINING_MODES[mode]) == [f"--stacker-folds 5 has no effect: it acts in partial mode only, and this "
                                           f"run trains in {mode} mode (--mode {mode})"]
 
 

@@ -272,7 +272,7 @@ def _train(config: ImageTrainConfig, mode: Mode, device: torch.device, context: 
         "files": [str(path) for path in written_files(weights_dir)],
         "timing": timing.summary(),
     }
-    if config.stacker_folds and mode == "partial" and context.is_main:
+    if config.stacker_folds and mode.trains_on == STAGE_MAPS and context.is_main:
         from pipeline.train.stacker import train_stacker
 
         summary["stacker"] = train_stacker(config, maps, paths, labels.ids, (train_ok, y_train), (val_ok, y_val),
