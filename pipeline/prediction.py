@@ -188,7 +188,8 @@ class Inputs:
 
 class BranchProbabilities(NamedTuple):
     """One call's probabilities (N_images, L) by branch, and the ImageIDs that could not be
-    read: the image branches give them NaN, and fusion uses the caption alone for them."""
+    read: the image branches and the stacker give them NaN, and fusion uses the caption alone
+    for them."""
 
     by_branch: dict[str, np.ndarray]
     unreadable: list[str]

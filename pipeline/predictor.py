@@ -134,7 +134,7 @@ class Predictor:
         the fused probability of each label, and the thresholds (the records ``inference.py
         --image --format json`` prints). ``captions``: one per image, or None to predict from
         the image branches alone (a decoder trained with ``--decoder-caption`` then reads each
-        caption as ""). A missing or unreadable file is predicted from its caption (without
+        caption as ""; the stacker, which reads captions too, is left out). A missing or unreadable file is predicted from its caption (without
         captions it is an error listing the files).
 
         A PIL image is predicted from its pixels, converted to 8-bit RGB as a file of its mode
