@@ -215,3 +215,27 @@ def test_a_stacker_without_image_pt_is_refused_naming_both(weights, tmp_path):
         load_branch_checkpoints(weights, ["stacker", "caption"])
     assert load_checkpoint(weights / "stacker.pt", branch="stacker")["label_ids"] == LABELS
 
+
+
+def test_an_int8_front_runs_as_training_quantised_it(tiny_text_encoder, tmp_path):
+    """--front-precision int8: the stacker's front is the quantised model training kept (no
+    model is converted again) and gives val_probs_stacker.csv, also in the Python API, which
+    has no calibration images to quantise it anew."""
+    data, weights = make_tiny_dataset(tmp_path / "tiny", n_train=24, n_test=4), tmp_path / "weights"
+    train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS, *PARTIAL,
+                             "--front-precision", "int8", "--stacker-folds", "3"])
+    front = torch.load(weights / "stacker.pt", weights_only=True)["stacker"]["front"]
+    assert front["precision"] == "int8" and front["runtime"] == "openvino" and front["calibration"]
+    models = sorted((weights / "cache" / "openvino").glob("*.xml"))
+    paths, _, val = _validation(data)
+    _, _, expected = load_probabilities(probabilities_path(weights, "stacker"), LABELS)
+    predictor = BranchPredictor(load_branch_checkpoints(weights, ["stacker"]), paths, CPU, 16,
+                                model_cache=weights / "cache")
+    assert (predictor.stacker.precision, predictor.stacker.runtime) == ("int8", "openvino")
+    probs = predictor.probabilities(val, Inputs(paths, weights / "cache")).by_branch["stacker"]
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
+    api = Predictor.from_weights(weights, device="cpu", data=str(data), branches="stacker", workers=0,
+                                 val_fraction=0.25)
+    record = api.predict([data / "data" / val["ImageID"].iloc[0]], captions=[val["Caption"].iloc[0]])[0]
+    assert [record["branches"]["stacker"][str(i)] for i in LABELS] == pytest.approx(expected[0], abs=5e-5)
+    assert sorted((weights / "cache" / "openvino").glob("*.xml")) == models
