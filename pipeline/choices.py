@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 # The branches a run trains, fuses or names in --branches and --fusion-weights.
-BRANCHES = ("image", "decoder", "caption")
+BRANCHES = ("image", "decoder", "caption", "stacker")
 # The dataset ``make demo-data`` generates: every script's default --data.
 DEMO_DATA = Path("data/demo")
 # The image branch's backbone unless --backbone says otherwise (docs/recipe.md).

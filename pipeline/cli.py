@@ -39,7 +39,7 @@ WEIGHTS_DIR/caption_summary.json.
 
 INFER_DOC = """Predict labels by fusing the trained branches, and evaluate them.
 
-Loads the checkpoints in --weights-dir (image head, label decoder, caption RNN), tunes or
+Loads the checkpoints in --weights-dir (image head, label decoder, caption RNN, stacker), tunes or
 reads WEIGHTS_DIR/fusion.json, and writes OUTPUT/submission.csv with one row per image of
 test.csv. --evaluate scores every branch alone and fused on the validation split (or on a
 labelled CSV given with --eval-csv) and writes OUTPUT/metrics.json and plots. --image

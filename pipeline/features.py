@@ -555,13 +555,37 @@ def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, pa
     files = [paths.image_path(image_id) for image_id in image_ids]
     key = cache_key(backbone, files, settings.views, settings.precision, output=f"stage{stage}",
                     runtime=settings.runtime, calibration=settings.calibration)
-    resolution = backbone.preprocessing["resolution"]
-    with torch.no_grad():
-        probe = front.eval()(torch.zeros(1, 3, resolution, resolution))
-    map_shape = tuple(probe.shape[1:])
+    map_shape = _map_shape(front, backbone)
     fields = {**{view: Field(map_shape, "float16") for view in settings.views}, "readable": Field((), "bool")}
     store = _cached_store("stagemaps", key, fields,
                           lambda: _extractor(front, backbone, map_shape, settings.precision, settings.device,
                                              settings.runtime, settings.cache_dir, settings.calibration),
                           paths, image_ids, settings, description, context)
     return StageMaps(store, tuple(settings.views), store.read_all("readable").astype(bool))
+
+
+def _map_shape(front: torch.nn.Module, backbone: Backbone) -> tuple[int, ...]:
+    """The shape (C, h, w) of the maps ``front`` computes for one image at the backbone's resolution."""
+    resolution = backbone.preprocessing["resolution"]
+    with torch.no_grad():
+        return tuple(front.eval()(torch.zeros(1, 3, resolution, resolution)).shape[1:])
+
+
+def extract_stage_maps(backbone: Backbone, front: torch.nn.Module, paths: DatasetPaths, image_ids: Sequence[str],
+                       device: torch.device, batch_size: int = 64, workers: int = 2, view: str = "plain",
+                       description: str = "stage maps", precision: str = "fp32", runtime: str = "torch",
+                       model_cache: Path | None = None,
+                       calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(maps (N, C, h, w) float16, readable (N,) bool) of ``front`` for the images in one view,
+    computed as :func:`cached_stage_maps` computes them but held in memory: for a few images, not
+    a dataset. An unreadable image's maps are NaN, never computed."""
+    map_shape = _map_shape(front, backbone)
+    extractor = _extractor(front, backbone, map_shape, precision, device, runtime, model_cache, calibration)
+    processes = usable_cores() if workers > 0 else 0
+    maps = np.zeros((len(image_ids), *map_shape), dtype=np.float16)
+    readable = np.ones(len(image_ids), dtype=bool)
+    units = _units([(0, range(len(image_ids)))], 1, _unit_size(extractor, batch_size, processes))
+    for unit, outputs, ok in _run_units(extractor, paths, image_ids, [view], units, workers, processes, description):
+        maps[unit.start:unit.stop] = outputs.numpy()
+        readable[unit.start:unit.stop] = ok.numpy()
+    return maps, readable

@@ -18,7 +18,7 @@ from pipeline.io import OptionError
 class InferenceConfig(CommonConfig):
     """Settings of ``inference.py``."""
 
-    branches: str | None = option(None, "comma-separated branches to use (image,decoder,caption); "
+    branches: str | None = option(None, "comma-separated branches to use (image,decoder,caption,stacker); "
                                   "default: every branch with a checkpoint in --weights", group="prediction")
     tune: bool = option(False, "re-tune fusion weights and thresholds on the validation split and "
                         "rewrite weights/fusion.json (with a subset of the trained --branches: their own "

@@ -29,6 +29,7 @@ from pipeline.branches.image import (
     rebuild_backbone,
     training_image_ids,
 )
+from pipeline.branches.stacker import StackerBranch, checked_stacker, stacker_front
 from pipeline.checkpoint import BRANCHES, checkpoint_path, load_checkpoint, load_probabilities, probabilities_path
 from pipeline.data.dataset import (
     CAPTION_COLUMN,
@@ -68,7 +69,11 @@ from pipeline.models.stages import split_backbone
 
 log = logging.getLogger(__name__)
 
+# The branches on image.pt's and decoder.pt's backbone; the stacker runs the front of image.pt's own.
 IMAGE_BRANCHES = ("image", "decoder")
+# The branches that read each input: the stacker reads both.
+IMAGE_READERS = (*IMAGE_BRANCHES, "stacker")
+CAPTION_READERS = ("caption", "stacker")
 
 
 # --- Which branches run, and their checkpoints -------------------------------------------------
@@ -78,10 +83,9 @@ def missing_inputs(paths: DatasetPaths, frames: dict[Path, pd.DataFrame]) -> dic
     reasons = {}
     without_captions = [str(path) for path, frame in frames.items() if CAPTION_COLUMN not in frame]
     if without_captions:
-        reasons["caption"] = f"no {CAPTION_COLUMN} column in {', '.join(without_captions)}"
+        reasons.update(dict.fromkeys(CAPTION_READERS, f"no {CAPTION_COLUMN} column in {', '.join(without_captions)}"))
     if not paths.images.is_dir():
-        for branch in IMAGE_BRANCHES:
-            reasons[branch] = f"the image folder {paths.images} does not exist"
+        reasons.update(dict.fromkeys(IMAGE_READERS, f"the image folder {paths.images} does not exist"))
     return reasons
 
 
@@ -113,6 +117,8 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
             "run train_efficientnet.py and/or train_caption_rnn.py first"
         )
     loaded = {b: load_checkpoint(checkpoint_path(weights_dir, b), branch=b) for b in wanted}
+    if "stacker" in loaded:
+        loaded["stacker"] = _stacker_with_image(weights_dir, loaded)
     first = wanted[0]
     for name, checkpoint in loaded.items():
         if checkpoint["label_ids"] != loaded[first]["label_ids"]:
@@ -124,6 +130,17 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
             backbone_identity(loaded["image"]["backbone"]) != backbone_identity(loaded["decoder"]["backbone"]):
         raise CheckpointError(f"{weights_dir}: image.pt and decoder.pt were trained on different backbones; retrain")
     return loaded
+
+
+def _stacker_with_image(weights_dir: Path, loaded: dict[str, dict]) -> dict:
+    """stacker.pt's checkpoint checked against image.pt, whose backbone's front it reads
+    (``pipeline.branches.stacker.checked_stacker``), whether the image branch runs or not."""
+    stacker_path, image_path = checkpoint_path(weights_dir, "stacker"), checkpoint_path(weights_dir, "image")
+    if "image" not in loaded and not image_path.is_file():
+        raise CheckpointError(f"{stacker_path}: reads the front of image.pt's backbone, and there is no {image_path}; "
+                              "train the image branch with --stacker-folds K")
+    image = loaded["image"] if "image" in loaded else load_checkpoint(image_path, branch="image")
+    return checked_stacker(loaded["stacker"], image, stacker_path, image_path)
 
 
 # --- The branch models, rebuilt once, predicting per call --------------------------------------
@@ -172,7 +189,8 @@ class Inputs:
 
 class BranchProbabilities(NamedTuple):
     """One call's probabilities (N_images, L) by branch, and the ImageIDs that could not be
-    read: the image branches give them NaN, and fusion uses the caption alone for them."""
+    read: the image branches and the stacker give them NaN, and fusion uses the caption alone
+    for them."""
 
     by_branch: dict[str, np.ndarray]
     unreadable: list[str]
@@ -180,7 +198,8 @@ class BranchProbabilities(NamedTuple):
 
 class BranchPredictor:
     """The loaded branches rebuilt once (the backbone in its precision and runtime, the heads,
-    the caption ensemble), then their probabilities for any frame of images and captions.
+    the caption ensemble, the stacker and its front), then their probabilities for any frame of
+    images and captions.
 
     ``calibration_paths``: the dataset an int8 backbone's calibration images are read from,
     should its quantised model have to be made anew; ``model_cache``: where converted models
@@ -208,6 +227,22 @@ class BranchPredictor:
             self.runtime = inference_runtime(record.get("runtime", "torch"), runtime, device,
                                              f"{image_branches[0]}.pt", probe, self.model_cache)
         self.heads = ImageHeads.from_checkpoints(checkpoints)
+        self.stacker = self._stacker(checkpoints["stacker"], calibration_paths, runtime) \
+            if "stacker" in checkpoints else None
+
+    def _stacker(self, checkpoint: dict, calibration_paths: DatasetPaths, runtime: str | None) -> StackerBranch:
+        """The stacker, its front run in the precision, runtime and int8 calibration its maps
+        were computed in, where this device can (said where it cannot)."""
+        record, front_record = checkpoint["stacker"], checkpoint["stacker"]["front"]
+        backbone, front = stacker_front(checkpoint)
+        precision = backbone_precision(front_record["precision"], self.device, "stacker.pt")
+        calibration = recorded_calibration(calibration_paths, checkpoint["backbone"]["calibration"],
+                                           backbone.preprocessing) if "calibration" in front_record else None
+        probe = Probe(front, backbone.preprocessing, False, precision, calibration)
+        chosen = inference_runtime(front_record["runtime"], runtime, self.device, "stacker.pt", probe,
+                                   self.model_cache)
+        return StackerBranch(checkpoint["state_dict"], backbone, front, checkpoint["backbone"]["trained_from_stage"],
+                             record["image_view"], record["caption_encoder"], precision, chosen, calibration)
 
     def features(self, inputs: Inputs, image_ids: list[str],
                  description: str) -> tuple[torch.Tensor | CachedFeatures, torch.Tensor]:
@@ -264,6 +299,14 @@ class BranchPredictor:
                     image_caption_vectors(frame, self.heads.caption_encoder, inputs.cache_dir)
                 with timing.timed("heads", len(rows)):
                     out.update(self.heads.probabilities(values, readable, self.device, rows=rows, captions=captions))
+            if self.stacker is not None:
+                # The whole branch, its own pass of the front included (which "frozen front" counts too).
+                with timing.timed("stacker", len(image_ids)):
+                    out["stacker"], readable = self.stacker.probabilities(
+                        frame, inputs.paths, inputs.cache_dir, self.device, self.batch_size, inputs.workers,
+                        self.model_cache, description)
+                if self.backbone is None:
+                    unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
             if caption is not None:
                 out["caption"] = groups.mean(caption.result())
         return BranchProbabilities(out, unreadable)

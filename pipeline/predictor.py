@@ -42,6 +42,7 @@ from pipeline.inference_config import InferenceConfig, parse_branch_list
 from pipeline.io import OptionError, write_json
 from pipeline.labels import label_name, label_names
 from pipeline.prediction import (
+    CAPTION_READERS,
     BranchPredictor,
     Inputs,
     ValidationSplit,
@@ -133,7 +134,7 @@ class Predictor:
         the fused probability of each label, and the thresholds (the records ``inference.py
         --image --format json`` prints). ``captions``: one per image, or None to predict from
         the image branches alone (a decoder trained with ``--decoder-caption`` then reads each
-        caption as ""). A missing or unreadable file is predicted from its caption (without
+        caption as ""; the stacker, which reads captions too, is left out). A missing or unreadable file is predicted from its caption (without
         captions it is an error listing the files).
 
         A PIL image is predicted from its pixels, converted to 8-bit RGB as a file of its mode
@@ -159,7 +160,7 @@ class Predictor:
             raise OptionError(f"captions: {count} caption(s) for {len(images)} image(s); give a list with "
                               "one caption per image, in the same order")
         captions = list(captions) if captions is not None else None
-        branches = self._branches({} if captions is not None else {"caption": "no captions given"})
+        branches = self._branches({} if captions is not None else dict.fromkeys(CAPTION_READERS, "no captions given"))
         predictor, settings, labels = self._prepare(branches)
         with tempfile.TemporaryDirectory(prefix="predictor-") as folder:
             # An image in memory goes through the same decoding as a file: saved losslessly first.

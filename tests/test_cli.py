@@ -103,7 +103,7 @@ def test_fusion_weights_parse_to_exact_values(text, weights):
     assert parsed == weights and list(parsed) == list(weights)
 
 
-PAIRS = "expected branch=weight pairs with branches from image, decoder, caption"
+PAIRS = "expected branch=weight pairs with branches from image, decoder, caption, stacker"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -68,9 +68,9 @@ BAD_FILES = [
      "fusion.json is a JSON object with keys ['branches', 'label_ids', 'method', 'weights', 'threshold', "
      "'per_label_thresholds', 'stacker', 'val_samples_f1', 'cv_samples_f1', 'tuned_on', 'version']"),
     ("branches as a string", edited(branches="image,caption"),
-     "branches: \"image,caption\"; a non-empty list of branch names from ['image', 'decoder', 'caption']"),
+     "branches: \"image,caption\"; a non-empty list of branch names from ['image', 'decoder', 'caption', 'stacker']"),
     ("unknown branch", edited(branches=["image", "audio"]),
-     "branches: [\"image\", \"audio\"]; a non-empty list of branch names from ['image', 'decoder', 'caption']"),
+     "branches: [\"image\", \"audio\"]; a non-empty list of branch names from ['image', 'decoder', 'caption', 'stacker']"),
     ("repeated branch", edited(branches=["image", "image"]), "branches: ['image', 'image'] names a branch twice"),
     ("label ids as strings", edited(label_ids=["1", "3"]),
      'label_ids: ["1", "3"]; a non-empty list of integer label ids'),
@@ -132,9 +132,9 @@ def test_every_valid_field_loads_as_written(tmp_path):
     (["--fusion-weights", "image=nan"], "--fusion-weights 'image=nan': 'nan' must be a finite number >= 0"),
     (["--fusion-weights", "image=-1"], "--fusion-weights 'image=-1': '-1' must be a finite number >= 0"),
     (["--fusion-weights", "captoin=1"],
-     "--fusion-weights 'captoin=1': expected branch=weight pairs with branches from image, decoder, caption"),
+     "--fusion-weights 'captoin=1': expected branch=weight pairs with branches from image, decoder, caption, stacker"),
     (["--fusion-weights", ""],
-     "--fusion-weights '': expected branch=weight pairs with branches from image, decoder, caption"),
+     "--fusion-weights '': expected branch=weight pairs with branches from image, decoder, caption, stacker"),
 ], ids=["threshold 2", "threshold nan", "weight nan", "weight -1", "captoin", "empty weights"])
 def test_bad_overrides_are_refused_before_any_file_is_read(tmp_path, argv, error):
     with pytest.raises(ValueError) as caught:

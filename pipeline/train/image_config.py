@@ -195,7 +195,7 @@ class ImageTrainConfig(TrainingConfig):
     stacker_folds: int = option(
         0, "partial mode: also fit a stacker on every training row, from K-fold logistic models of the cached front "
         "maps (avg+max pooled) and of the captions' MiniLM sentence vectors, whose out-of-fold log-odds an MLP "
-        "learns from; writes stacker.pt and val_probs_stacker.csv (inference does not read them yet); 0: off "
+        "learns from; writes stacker.pt and val_probs_stacker.csv, which inference fuses as the stacker branch; 0: off "
         "(docs/recipe.md, \"A stacker learned out of fold\")", group="finetune")
     warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
     ema_decay: float | None = option(

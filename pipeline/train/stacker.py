@@ -2,8 +2,9 @@
 fitted beside the image branch in partial mode, from what that run has cached already: the
 frozen front's stage maps (plain view, avg+max pooled) and the captions' MiniLM sentence
 vectors (the text cache ``--decoder-caption minilm`` reads). It writes ``stacker.pt`` and
-``val_probs_stacker.csv`` the way the other branches write theirs; fusion and inference do not
-read them yet (docs/recipe.md, "A stacker learned out of fold").
+``val_probs_stacker.csv`` the way the other branches write theirs, and inference uses them as
+the ``stacker`` branch (``pipeline.branches.stacker``; docs/recipe.md, "A stacker learned out of
+fold").
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import pandas as pd
 
 from pipeline import stacking
 from pipeline.branches.image import image_caption_vectors
-from pipeline.checkpoint import FORMAT_VERSION, checkpoint_path, probabilities_path, save_probabilities
+from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.data.dataset import CAPTION_COLUMN, DatasetPaths, load_train_val
 from pipeline.features import StageMaps
-from pipeline.io import OptionError, atomic_torch_save
+from pipeline.io import OptionError
 from pipeline.metrics import tune_global_threshold
 from pipeline.text_features import TextEncoder
 from pipeline.train.image_config import ImageTrainConfig
@@ -78,20 +79,14 @@ def train_stacker(config: ImageTrainConfig, maps: StageMaps, paths: DatasetPaths
     score = tune_global_threshold(y_val, probs[val_ok])[1]
 
     front = {key: value for key, value in maps.store.key.items() if key not in _IMAGE_KEYS}
-    checkpoint = {
-        "format_version": FORMAT_VERSION,
-        "branch": "stacker",
-        "config": dataclasses.asdict(config),
-        "label_ids": [int(i) for i in label_ids],
-        "state_dict": state,
-        "stacker": {"folds": config.stacker_folds, "seed": config.seed,
-                    # What the image model reads: this front's maps, pooled as pool_maps pools them.
-                    "image_view": STACKER_VIEW, "image_pooling": "avg+max", "front": front,
-                    "image_weights_digest": image_weights_digest,
-                    "caption_encoder": STACKER_ENCODER, "caption_encoder_digest": TextEncoder(STACKER_ENCODER).digest},
-    }
     files = [checkpoint_path(weights_dir, "stacker"), probabilities_path(weights_dir, "stacker")]
-    atomic_torch_save(checkpoint, files[0])
+    save_checkpoint(files[0], branch="stacker", state_dict=state, config=dataclasses.asdict(config),
+                    label_ids=label_ids,
+                    stacker={"folds": config.stacker_folds, "seed": config.seed,
+                             # What the image model reads: this front's maps, pooled as pool_maps pools them.
+                             "image_view": STACKER_VIEW, "image_pooling": "avg+max", "front": front,
+                             "image_weights_digest": image_weights_digest, "caption_encoder": STACKER_ENCODER,
+                             "caption_encoder_digest": TextEncoder(STACKER_ENCODER).digest})
     save_probabilities(files[1], val_ids, label_ids, probs)
     seconds = time.perf_counter() - started
     log.info("stacker (--stacker-folds %d): validation samples-F1 %.4f, %.1f min; wrote %s, %s",
