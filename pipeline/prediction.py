@@ -65,6 +65,7 @@ from pipeline.fusion import (
 )
 from pipeline.inference_config import InferenceConfig, parse_weights
 from pipeline.io import CheckpointError, OptionError, atomic_text_writer, atomic_write_text, write_json
+from pipeline.models.backbones import Backbone
 from pipeline.models.stages import split_backbone
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def choose_branches(weights_dir: Path, requested: list[str] | None, missing: dic
     if requested is not None:
         for branch in requested:
             if branch in missing:
-                raise OptionError(f"--branches {','.join(requested)}: the {branch} branch cannot run: {missing[branch]}")
+                raise OptionError(f"--branches {','.join(requested)}: the {branch} branch cannot run: "
+                                  f"{missing[branch]}")
         return requested
     present = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
     for branch in present:
@@ -244,16 +246,22 @@ class BranchPredictor:
         return StackerBranch(checkpoint["state_dict"], backbone, front, checkpoint["backbone"]["trained_from_stage"],
                              record["image_view"], record["caption_encoder"], precision, chosen, calibration)
 
+    def _image_backbone(self) -> Backbone:
+        """The image branches' rebuilt backbone (None when only the caption branch is loaded)."""
+        if self.backbone is None:
+            raise RuntimeError("no image branch is loaded: there are no image features to compute")
+        return self.backbone
+
     def features(self, inputs: Inputs, image_ids: list[str],
                  description: str) -> tuple[torch.Tensor | CachedFeatures, torch.Tensor]:
         """(features (N, D), readable (N,)) of the images, through the feature cache when there is one."""
         if inputs.cache_dir is None:
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
-            return extract_features(self.backbone, inputs.paths, image_ids, self.device, self.batch_size,
+            return extract_features(self._image_backbone(), inputs.paths, image_ids, self.device, self.batch_size,
                                     inputs.workers, self.views, description, self.precision, runtime=self.runtime,
                                     model_cache=self.model_cache, attention=self.heads.attention,
                                     calibration=self.calibration)
-        return cached_features(self.backbone, inputs.paths, image_ids,
+        return cached_features(self._image_backbone(), inputs.paths, image_ids,
                                ExtractionSettings(cache_dir=inputs.cache_dir, device=self.device,
                                                   batch_size=self.batch_size, workers=inputs.workers,
                                                   views=tuple(self.views), precision=self.precision,
@@ -261,8 +269,10 @@ class BranchPredictor:
                                description=description, attention=self.heads.attention)
 
     def has_cached(self, inputs: Inputs, image_ids: list[str]) -> bool:
-        """True when the features of these images are in the cache."""
-        return has_cached_features(self.backbone, inputs.paths, image_ids,
+        """True when the features of these images are in the cache (never without one)."""
+        if inputs.cache_dir is None:
+            return False
+        return has_cached_features(self._image_backbone(), inputs.paths, image_ids,
                                    ExtractionSettings(cache_dir=inputs.cache_dir, device=self.device,
                                                       views=tuple(self.views), precision=self.precision,
                                                       runtime=self.runtime, calibration=self.calibration),
@@ -293,7 +303,7 @@ class BranchPredictor:
                     values, readable = self.features(inputs, image_ids, description)
                     features = (values, readable, np.arange(len(image_ids)))
                 values, readable, rows = features
-                unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
+                unreadable = [i for i, ok in zip(image_ids, readable.tolist(), strict=True) if not ok]
                 # A decoder that reads captions gets each image's (blank where there is none).
                 captions = None if self.heads.caption_encoder is None or self.heads.decoder is None else \
                     image_caption_vectors(frame, self.heads.caption_encoder, inputs.cache_dir)
@@ -302,11 +312,11 @@ class BranchPredictor:
             if self.stacker is not None:
                 # The whole branch, its own pass of the front included (which "frozen front" counts too).
                 with timing.timed("stacker", len(image_ids)):
-                    out["stacker"], readable = self.stacker.probabilities(
+                    out["stacker"], stacker_readable = self.stacker.probabilities(
                         frame, inputs.paths, inputs.cache_dir, self.device, self.batch_size, inputs.workers,
                         self.model_cache, description)
                 if self.backbone is None:
-                    unreadable = [i for i, ok in zip(image_ids, readable.tolist()) if not ok]
+                    unreadable = [i for i, ok in zip(image_ids, stacker_readable.tolist(), strict=True) if not ok]
             if caption is not None:
                 out["caption"] = groups.mean(caption.result())
         return BranchProbabilities(out, unreadable)
@@ -432,7 +442,8 @@ def _resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelS
     main, own = weights_dir / "fusion.json", fusion_file(weights_dir, branches)
     trained = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
     every_branch = sorted(branches) == sorted(trained)
-    settings, source = None, None
+    settings: FusionSettings | None = None
+    source: Path | str | None = None
     if not config.tune:
         for path in (main, own):
             settings = _fitting_fusion(path, branches, labels, every_branch)
@@ -441,7 +452,7 @@ def _resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelS
                 break
     if settings is None:
         data_labels, y_val, val_probs = validation()
-        if val_probs is None:
+        if y_val is None or val_probs is None:
             raise FusionError(f"{main}: missing; the validation split is empty, so fusion cannot be tuned")
         log.info("tuning fusion weights and thresholds on %d validation images", len(y_val))
         settings = tune_fusion(y_val, val_probs, list(labels.ids), seed=config.seed)
