@@ -195,8 +195,8 @@ class TrainingInputs:
     the random augmentation a training batch gets on the device before ``prepare`` (None: none).
     With ``caption_dim``, each training item carries its image's caption vector third."""
 
-    train: Dataset
-    val: Dataset
+    train: LabelledImages | LabelledMaps
+    val: LabelledImages | LabelledMaps
     sampler: Sampler | None
     prepare: Callable[[torch.Tensor], torch.Tensor]
     trunk: nn.Module
