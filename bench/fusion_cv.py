@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 
 
 def branch_probabilities(weights: Path, sources: dict[str, Path], branches: list[str], val_ids: list[str],
-                         label_ids: list[int]) -> dict[str, np.ndarray]:
+                         label_ids: Sequence[int]) -> dict[str, np.ndarray]:
     """Each branch's validation probabilities aligned on ``val_ids``."""
     out = {}
     for branch in branches:
@@ -40,7 +41,7 @@ def branch_probabilities(weights: Path, sources: dict[str, Path], branches: list
     return out
 
 
-def evaluate(y_true: np.ndarray, probs: dict[str, np.ndarray], label_ids: list[int], fold_seeds: int) -> dict:
+def evaluate(y_true: np.ndarray, probs: dict[str, np.ndarray], label_ids: Sequence[int], fold_seeds: int) -> dict:
     """Every branch alone (at its best global threshold), fused split-tuned, fused cross-validated."""
     result: dict = {"branches": {}}
     for branch, p in probs.items():

@@ -30,7 +30,9 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import gpu_preflight
 from gpu_preflight import PreflightError, canonical
@@ -61,15 +63,15 @@ class GpuSampler:
 
     def __init__(self, gpu: str) -> None:
         self.samples: list[tuple[float, float, float]] = []
-        self.process = None
+        self.process: subprocess.Popen[str] | None = None
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
                 ["nvidia-smi", "-i", gpu, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
                  "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            threading.Thread(target=self._read, daemon=True).start()
+            threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
+    def _read(self, lines: Iterable[str]) -> None:
+        for line in lines:
             try:
                 busy, memory = (float(x) for x in line.split(",")[:2])
             except ValueError:
@@ -141,7 +143,7 @@ def run_stage(report: dict, name: str, argv: list[str], logs: Path, budget: floa
             if timeout < budget:
                 deadline.reached = True
                 error += " (the deadline)"
-    stage = {"ok": ok, "seconds": round(time.time() - started, 1), "started": started}
+    stage: dict[str, Any] = {"ok": ok, "seconds": round(time.time() - started, 1), "started": started}
     if not ok:
         tail = log.read_text(errors="replace")[-2500:]
         stage["error"] = f"{error}: ...{tail}"
@@ -182,12 +184,11 @@ def install_wheels(pack: Path, report: dict, deadline: Deadline, needed: set[str
     if parse is None:
         parse, ranks = gpu_preflight.wheel_tools(wheels)
     manifest_path = wheels / "manifest.json"
+    manifest_error: str | None = None
     try:
         required = json.loads(manifest_path.read_text())["required"]
     except (OSError, ValueError, KeyError) as error:
         required, manifest_error = {}, f"{manifest_path}: unreadable ({error})"
-    else:
-        manifest_error = None
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     best: dict[str, tuple[int, Path]] = {}
     skipped, kept = [], set()
@@ -231,8 +232,8 @@ def install_wheels(pack: Path, report: dict, deadline: Deadline, needed: set[str
     if errors:
         stage["error"] = "; ".join(errors)
         report["errors"].extend(f"wheels: {error}" for error in errors)
-        for error in errors:
-            print(f"[gpu check] wheels: FAILED: {error}", file=sys.stderr, flush=True)
+        for problem in errors:
+            print(f"[gpu check] wheels: FAILED: {problem}", file=sys.stderr, flush=True)
     report["stages"]["wheels"] = stage
     print(f"[gpu check] wheels: {len(installed)} installed, {len(skipped)} skipped, {len(kept)} not needed "
           f"here, {'ok' if not errors else 'FAILED'} in {stage['seconds']} s", flush=True)
@@ -263,7 +264,8 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
     listed = {canonical(d) for d, _ in wanted}
     wanted += [(name, gpu_preflight.module_of(name)) for name in sorted(packed) if canonical(name) not in listed]
     minimums = {canonical(r.distribution): r.minimum for r in gpu_preflight.REQUIREMENTS}
-    record = {"ok": False, "started": started, "interpreter": sys.executable, "shm": gpu_preflight.shm_size()}
+    record: dict[str, Any] = {"ok": False, "started": started, "interpreter": sys.executable,
+                              "shm": gpu_preflight.shm_size()}
     report["stages"]["preflight"] = record
     try:
         timeout = deadline.cap(180)

@@ -134,7 +134,8 @@ def problems(packages: dict, run_stages: set[str]) -> tuple[list[str], list[str]
     ``name>=minimum (what was found)``; optional ones and those of stages not run warn. A
     requirement that fails to import only because another listed one is missing (torchvision
     and timm import tqdm) is not listed again: the missing one is named."""
-    failures, warnings = [], []
+    failures: list[str] = []
+    warnings: list[str] = []
     absent = {r.module for r in REQUIREMENTS if packages.get(r.distribution, {}).get("missing") == r.module}
     for requirement in REQUIREMENTS:
         found = packages.get(requirement.distribution, {})
@@ -158,8 +159,9 @@ def wheel_tools(wheels: Path):
         from packaging.utils import parse_wheel_filename
     except ImportError:
         try:
-            from pip._vendor.packaging.tags import sys_tags
-            from pip._vendor.packaging.utils import parse_wheel_filename
+            # pip's vendored copy of the same module: the same functions, their types under pip's names.
+            from pip._vendor.packaging.tags import sys_tags  # type: ignore[assignment]
+            from pip._vendor.packaging.utils import parse_wheel_filename  # type: ignore[assignment]
         except ImportError:
             packed = sorted(wheels.glob("packaging-*-py3-none-any.whl"))
             if not packed:

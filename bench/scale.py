@@ -35,7 +35,7 @@ def build_dataset(source: Path, out: Path, size: int) -> Path:
     images = out / "data"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir()
-    rows = {"train": [], "test": []}
+    rows: dict[str, list[dict[str, str]]] = {"train": [], "test": []}  # csv rows by split
     source_images = (source / "data").resolve()
     for split, count, prefix in (("train", size, ""), ("test", max(1, size // 10), "t")):
         for k in range(count):

@@ -34,12 +34,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline.choices import usable_cores
 from pipeline.data.dataset import DatasetPaths
 from pipeline.data.images import DECODE_VERSION, ImageDataset, image_file_stat
 from pipeline.data.transforms import build_transform, stack_pixels
-from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
-from pipeline.choices import usable_cores
 from pipeline.engine import timing
+from pipeline.engine.distributed import DistContext, all_ranks_agree, barrier, workers_per_process
 from pipeline.engine.frozen import Calibration, FrozenForward
 from pipeline.engine.runtimes import Probe, build_forward
 from pipeline.io import CheckpointError
@@ -276,7 +276,9 @@ def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[s
     loader = DataLoader(_UnitImages(datasets, units, extractor if in_workers else None), batch_size=None,
                         num_workers=count, pin_memory=extractor.device.type == "cuda" and not in_workers,
                         prefetch_factor=4 if count else None)
-    batches = tqdm(zip(units, loader), total=len(units), desc=description, unit="batch", disable=not show_progress)
+    # The loader yields one item per unit (batch_size=None over _UnitImages(units)).
+    batches = tqdm(zip(units, loader, strict=True), total=len(units), desc=description, unit="batch",
+                   disable=not show_progress)
     if in_workers:
         for unit, (outputs, ok, decode_seconds, forward_seconds) in batches:
             timing.add("decode", decode_seconds, len(ok))
@@ -410,8 +412,9 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
     """
     directory = _store_dir(settings.cache_dir, kind, key)
     store = ShardedStore.open_complete(directory, key, len(image_ids))
-    # Decided together (which also makes every rank look before rank 0 may change the store).
-    if all_ranks_agree(store is not None and not store.damaged_shards(), context):
+    # Decided together (which also makes every rank look before rank 0 may change the store); a
+    # yes includes this rank's, so its store is there.
+    if all_ranks_agree(store is not None and not store.damaged_shards(), context) and store is not None:
         log.info("%s cache hit: %s (%d images)", kind, directory, len(image_ids))
         return store
     with write_lock(directory) if context.is_main else contextlib.nullcontext():
@@ -465,7 +468,8 @@ class CachedFeatures:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.store.num_rows, *self.store.fields["features"].shape)
+        (width,) = self.store.fields["features"].shape  # one vector (D,) per row
+        return (self.store.num_rows, width)
 
     @property
     def digest(self) -> str:

@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeGuard
@@ -304,7 +304,7 @@ def _cross_validated(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
     return samples_f1(y_true, predictions)
 
 
-def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: list[int],
+def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: Sequence[int],
                 folds: int = 5, seed: int = 0, compare_stacker: bool = True) -> FusionSettings:
     """Tune weights and thresholds (and a stacker) on validation probabilities; keep the better method.
 

@@ -104,7 +104,7 @@ def mlp_state(model: MLPClassifier) -> dict[str, torch.Tensor]:
         raise ValueError("the stacker reads one ReLU hidden layer with sigmoid outputs; got "
                          f"{len(model.coefs_) - 1} layer(s) of {model.activation}, {model.out_activation_} outputs")
     state = {}
-    for layer, (weight, bias) in enumerate(zip(model.coefs_, model.intercepts_)):
+    for layer, (weight, bias) in enumerate(zip(model.coefs_, model.intercepts_, strict=True)):
         state[f"{layer}.weight"] = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))
         state[f"{layer}.bias"] = torch.from_numpy(np.asarray(bias, dtype=np.float64).copy())
     return state
@@ -140,7 +140,7 @@ def fit(image_features: np.ndarray, sentence_vectors: np.ndarray, labels: np.nda
         raise ValueError(f"{folds} folds for {rows} training rows; give 2 to {rows}")
     state: dict[str, torch.Tensor] = {"log_odds_limit": torch.tensor(LOG_ODDS_LIMIT, dtype=torch.float64)}
     inputs = []
-    for name, x in zip(CHEAP_MODELS, (image_features, sentence_vectors)):
+    for name, x in zip(CHEAP_MODELS, (image_features, sentence_vectors), strict=True):
         log_odds, model = out_of_fold_log_odds(x, labels, INVERSE_REGULARISATION[name], folds, seed)
         inputs.append(log_odds)
         state.update({f"{name}.{key}": torch.from_numpy(np.asarray(value, dtype=np.float64))
@@ -157,7 +157,7 @@ def cheap_log_odds(state: dict[str, torch.Tensor], image_features: np.ndarray,
     """Each cheap model's log-odds (N, L), unclipped, by name (``image``, ``caption``): the
     stacker's inputs, and each model alone as a branch of its own."""
     out = {}
-    for name, x in zip(CHEAP_MODELS, (image_features, sentence_vectors)):
+    for name, x in zip(CHEAP_MODELS, (image_features, sentence_vectors), strict=True):
         mean = state[f"{name}.mean"].numpy()
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(mean):

@@ -93,6 +93,11 @@ def test_without_the_option_the_model_and_the_cache_are_todays():
     assert torch.equal(heads.head_probabilities(features), torch.sigmoid(model.head(features)))
 
 
+def test_heads_without_an_image_head_say_so_instead_of_failing_on_none():
+    with pytest.raises(ValueError, match="no image head: only the label decoder predicts"):
+        ImageHeads().head_probabilities(torch.zeros(2, 4))
+
+
 def test_extraction_appends_the_attention_logits_to_the_pooled_features(tmp_path):
     """The cache keeps one row per image: with an attention, the pooled values then its logits,
     under another key than the plain features (its digest), so neither is read for the other."""

@@ -141,9 +141,11 @@ class ImageHeads:
             if self.decoder is not None:
                 decoder = self.decoder.to(device).eval()
                 pooled = values[:, :decoder.feature_dim]  # without the class attention's logits
+                if self.decoder_norm is not None:  # as the head's: none when built without one
+                    pooled = self.decoder_norm(pooled)
                 read = None if captions is None else torch.as_tensor(captions[start:start + chunk]).to(device)
                 parts.setdefault("decoder", []).append(decoder.beam_search(
-                    self.decoder_norm(pooled).to(device), beam_width=self.beam_width, captions=read)[1].float().cpu())
+                    pooled.to(device), beam_width=self.beam_width, captions=read)[1].float().cpu())
         names = [name for name, present in (("image", self.head), ("decoder", self.decoder)) if present is not None]
         out = {name: torch.cat(parts[name]).numpy() if name in parts else np.zeros((0, self._num_labels()), np.float32)
                for name in names}
@@ -154,6 +156,8 @@ class ImageHeads:
     def head_probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """The image head's probabilities (B, L), in fp32, of pooled features (B, D) of any precision
         (with a class attention: (B, D + L), its logits last)."""
+        if self.head is None:
+            raise ValueError("these heads have no image head: only the label decoder predicts")
         values = features.float()
         pooled, attention_logits = values[:, :self.head.in_dim], values[:, self.head.in_dim:]
         if self.head_norm is not None:
@@ -165,7 +169,11 @@ class ImageHeads:
         return torch.sigmoid(logits).float()
 
     def _num_labels(self) -> int:
-        return (self.head.num_labels if self.head is not None else self.decoder.num_labels)
+        if self.head is not None:
+            return self.head.num_labels
+        if self.decoder is not None:
+            return self.decoder.num_labels
+        raise ValueError("these heads have neither an image head nor a label decoder")
 
 
 def _feature_norm(checkpoint: dict, feature_dim: int) -> FeatureNorm:

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -37,7 +37,7 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; names the epoch and step."""
 
 
-class ModelEma(nn.Module):
+class ModelEma(nn.Module, Generic[ModelT]):
     """An exponential moving average of a model's weights (``module``), timm's ModelEmaV3
     with this project's warm-up, updated with one fused op on tensor lists built once.
 
@@ -59,9 +59,9 @@ class ModelEma(nn.Module):
 
     WARMUP_GAMMA, WARMUP_POWER = 9.0, 1.0
 
-    def __init__(self, model: nn.Module, decay: float = 0.9998, warmup: bool = True) -> None:
+    def __init__(self, model: ModelT, decay: float = 0.9998, warmup: bool = True) -> None:
         super().__init__()
-        self.module = copy.deepcopy(model).eval()
+        self.module: ModelT = copy.deepcopy(model).eval()
         self.decay, self.use_warmup = decay, warmup
         self.updates = 0
         for param in self.module.parameters():
@@ -225,7 +225,7 @@ class ResidentBatches:
     def __len__(self) -> int:
         return math.ceil(self.rows / self.batch_size)
 
-    def __iter__(self) -> Iterable[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for start in range(0, self.rows, self.batch_size):
             yield tuple(t[start:start + self.batch_size] for t in self.tensors)
 

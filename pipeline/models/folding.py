@@ -22,7 +22,7 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
     """(parent, conv name, batch-norm name) for every Conv2d registered just before a BatchNorm2d."""
     pairs = []
     children = list(module.named_children())
-    for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+    for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
             pairs.append((module, conv_name, bn_name))
     for _, child in children:
@@ -32,6 +32,9 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 class NormalizeInput(nn.Module):
     """Raw pixel values (0..255) -> the normalised image a backbone was trained on (``pixel_affine``)."""
+
+    scale: torch.Tensor  # buffers (1, 3, 1, 1), registered in __init__
+    shift: torch.Tensor
 
     def __init__(self, preprocessing: dict) -> None:
         super().__init__()

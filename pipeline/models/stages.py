@@ -10,13 +10,21 @@ asks against those answers; :func:`parameter_stages` is what layer decay scales.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    # efficientnet-pytorch has no type information: its classes are Any to the type checker.
+    from efficientnet_pytorch import EfficientNet
+    from efficientnet_pytorch.model import MBConvBlock
+
     from pipeline.models.backbones import Backbone
+
+# A timm group matcher: a parameter name -> its group's sort key, or timm's dict of patterns.
+GroupMatcher = Callable[[str], tuple[float, ...]] | dict[str, Any]
 
 
 class BackboneSplitError(ValueError):
@@ -30,6 +38,24 @@ class StagedModule(nn.Module):
         """The parameters in stages: the stem, each stage of blocks, the head convolution with
         the last stage; one stage holding everything for a model without stages."""
         raise NotImplementedError
+
+
+class TimmModel(Protocol):
+    """What the pipeline calls on a timm model beyond nn.Module's methods: timm's architectures
+    share no base class, and nn.Module types any other attribute ``Tensor | Module``."""
+
+    pretrained_cfg: dict[str, Any]
+    num_features: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+
+
+def as_timm(model: nn.Module) -> TimmModel:
+    """``model`` as a :class:`TimmModel`: a cast, for models ``timm.create_model`` built (every
+    one has these; the type checker cannot know it)."""
+    return cast(TimmModel, model)
 
 
 class FeatureExtractor(StagedModule):
@@ -46,7 +72,7 @@ class FeatureExtractor(StagedModule):
         raise NotImplementedError
 
 
-def _grouped(target: nn.Module, matcher) -> list[list[nn.Parameter]]:
+def _grouped(target: nn.Module, matcher: GroupMatcher) -> list[list[nn.Parameter]]:
     """``target``'s parameters grouped by a timm group matcher, in the groups' order."""
     from timm.models import group_parameters
 
@@ -55,8 +81,8 @@ def _grouped(target: nn.Module, matcher) -> list[list[nn.Parameter]]:
     return [[params[name] for name in groups[key]] for key in sorted(groups)]
 
 
-def _efficientnet_pytorch_matcher(blocks: nn.ModuleList, stem: tuple[str, ...], block_prefix: str,
-                                  head: tuple[str, ...]):
+def _efficientnet_pytorch_matcher(blocks: Iterable[MBConvBlock], stem: tuple[str, ...], block_prefix: str,
+                                  head: tuple[str, ...]) -> Callable[[str], tuple[float, ...]]:
     """A timm-style group matcher for efficientnet-pytorch parameter names: the stem, a group per
     stage (blocks from one channel change to the next, as ``stage_starts`` splits them), and
     the head convolution with the last stage (as timm groups its EfficientNets)."""
@@ -66,7 +92,7 @@ def _efficientnet_pytorch_matcher(blocks: nn.ModuleList, stem: tuple[str, ...], 
         stage_of.append(stage)
     pattern = re.compile(re.escape(block_prefix) + r"(\d+)\.")
 
-    def match(name: str) -> tuple[int, ...]:
+    def match(name: str) -> tuple[float, ...]:
         if name.startswith(stem):
             return (0,)
         found = pattern.match(name)
@@ -85,7 +111,7 @@ class EfficientNetPytorchFeatures(FeatureExtractor):
     every step.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: EfficientNet) -> None:
         super().__init__()
         model._fc = nn.Identity()
         self.model = model
@@ -115,7 +141,7 @@ class _EfficientNetPytorchStages(StagedModule):
     Drop-connect keeps its depth scaling by each block's index in the whole network.
     """
 
-    def __init__(self, model: nn.Module, first: int, stop: int) -> None:
+    def __init__(self, model: EfficientNet, first: int, stop: int) -> None:
         super().__init__()
         count = len(model._blocks)
         self.first, self.count = first, count
@@ -155,7 +181,7 @@ class TimmFeatures(FeatureExtractor):
         self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.forward_features(images)
+        features = as_timm(self.model).forward_features(images)
         if features.ndim == 3:  # tokens (B, N, C)
             return features[:, self.prefix_tokens:].transpose(1, 2).unsqueeze(-1)  # (B, C, N', 1)
         if self.channels_last:  # (B, h, w, C)
@@ -164,18 +190,30 @@ class TimmFeatures(FeatureExtractor):
 
     def stage_starts(self) -> list[int] | None:
         # An EfficientNet-style model (EfficientNet and MobileNet families): each of ``blocks`` is a stage.
-        if all(isinstance(getattr(self.model, name, None), nn.Module) for name in ("conv_stem", "bn1", "blocks")):
-            return list(range(len(self.model.blocks)))
+        # Its stages are sliced, so ``blocks`` is a sequence of them (as in every timm family with a stem).
+        if (all(isinstance(getattr(self.model, name, None), nn.Module) for name in ("conv_stem", "bn1"))
+                and isinstance(getattr(self.model, "blocks", None), nn.Sequential)):
+            return list(range(len(_timm_blocks(self.model))))
         return None
 
     def split_at(self, block: int) -> tuple[StagedModule, StagedModule]:
-        return _TimmStages(self.model, 0, block), _TimmStages(self.model, block, len(self.model.blocks))
+        return _TimmStages(self.model, 0, block), _TimmStages(self.model, block, len(_timm_blocks(self.model)))
 
     def parameter_stages(self) -> list[list[nn.Parameter]]:
         # timm's own coarse grouping (``group_matcher``, as its layer-decay optimisers use).
-        if hasattr(self.model, "group_matcher"):
-            return _grouped(self.model, self.model.group_matcher(coarse=True))
+        group_matcher = getattr(self.model, "group_matcher", None)
+        if group_matcher is not None:
+            return _grouped(self.model, group_matcher(coarse=True))
         return [list(self.parameters())]
+
+
+def _timm_blocks(model: nn.Module) -> nn.Sequential:
+    """A timm EfficientNet-style model's ``blocks``: the sequence of its stages."""
+    blocks = model.get_submodule("blocks")
+    if not isinstance(blocks, nn.Sequential):
+        raise BackboneSplitError(f"{type(model).__name__}.blocks is a {type(blocks).__name__}, "
+                                 "not the sequence of stages it is split at")
+    return blocks
 
 
 class _TimmStages(StagedModule):
@@ -185,11 +223,14 @@ class _TimmStages(StagedModule):
 
     def __init__(self, model: nn.Module, first: int, stop: int) -> None:
         super().__init__()
-        self.stem = nn.Sequential(model.conv_stem, model.bn1) if first == 0 else nn.Identity()
-        self.blocks = model.blocks[first:stop]
+        self.stem = (nn.Sequential(model.get_submodule("conv_stem"), model.get_submodule("bn1")) if first == 0
+                     else nn.Identity())
+        blocks = _timm_blocks(model)
+        self.blocks = blocks[first:stop]
         # EfficientNet's forward_features ends with conv_head + bn2; MobileNetV3's ends at the blocks.
-        last = stop == len(model.blocks) and isinstance(getattr(model, "bn2", None), nn.Module)
-        self.head = nn.Sequential(model.conv_head, model.bn2) if last else nn.Identity()
+        last = stop == len(blocks) and isinstance(getattr(model, "bn2", None), nn.Module)
+        self.head = (nn.Sequential(model.get_submodule("conv_head"), model.get_submodule("bn2")) if last
+                     else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
@@ -198,18 +239,21 @@ class _TimmStages(StagedModule):
         return _grouped(self, {"stem": r"^stem\.", "blocks": [(r"^blocks\.(\d+)", None), (r"^head\.", (99999,))]})
 
 
-def _stage_starts(backbone: Backbone) -> list[int]:
-    starts = backbone.module.stage_starts()
-    if starts is None:
-        raise BackboneSplitError(
-            "--mode partial needs an EfficientNet-style backbone (timm's EfficientNet and MobileNet families, "
-            f"or efficientnet-b0, efficientnet-b1...); {backbone.name} has no stem and stage blocks to split")
-    return starts
+def _stage_starts(backbone: Backbone) -> tuple[FeatureExtractor, list[int]]:
+    """The backbone's module and where its stages start; a module that is no family's wrapper
+    (one split already) has none."""
+    if isinstance(backbone.module, FeatureExtractor):
+        starts = backbone.module.stage_starts()
+        if starts is not None:
+            return backbone.module, starts
+    raise BackboneSplitError(
+        "--mode partial needs an EfficientNet-style backbone (timm's EfficientNet and MobileNet families, "
+        f"or efficientnet-b0, efficientnet-b1...); {backbone.name} has no stem and stage blocks to split")
 
 
 def num_stages(backbone: Backbone) -> int:
     """Stages of the backbone that ``split_backbone`` can split at."""
-    return len(_stage_starts(backbone))
+    return len(_stage_starts(backbone)[1])
 
 
 @torch.no_grad()
@@ -220,17 +264,17 @@ def split_backbone(backbone: Backbone, stage: int) -> tuple[nn.Module, nn.Module
     Both share their tensors with ``backbone.module``, so training the tail trains the
     backbone. The split is checked on a random batch.
     """
-    starts = _stage_starts(backbone)
+    module, starts = _stage_starts(backbone)
     if not 1 <= stage < len(starts):
         raise BackboneSplitError(
             f"--train-from-stage {stage}: {backbone.name} has stages 0..{len(starts) - 1}; choose 1..{len(starts) - 1} "
             "(0 is --mode finetune)")
-    front, tail = backbone.module.split_at(starts[stage])
-    was_training = backbone.module.training
-    backbone.module.eval()
+    front, tail = module.split_at(starts[stage])
+    was_training = module.training
+    module.eval()
     probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    expected, got = backbone.module(probe), tail(front(probe))
-    backbone.module.train(was_training)
+    expected, got = module(probe), tail(front(probe))
+    module.train(was_training)
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
         raise BackboneSplitError(f"--mode partial: {backbone.name} does not run as stem, stages and head in order; "
                                  "use --mode frozen or finetune")

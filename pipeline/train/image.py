@@ -6,7 +6,7 @@ Each mode contributes its input and how the heads learn on it; everything else i
 | mode | input (``pipeline.train.image_inputs``) | training (``pipeline.train.image_fit``) |
 |---|---|---|
 | ``frozen`` | pooled features of the frozen backbone, cached | head, then decoder |
-| ``partial`` (CPU default) | the first stages' output maps, cached with their mirror images | last stages + heads, jointly |
+| ``partial`` (CPU default) | the first stages' output maps, cached with their mirrors | last stages + heads, jointly |
 | ``finetune`` (GPU default) | whole images, augmented | whole backbone + heads, jointly |
 
 Every mode writes the same files (``image.pt``, ``decoder.pt``, their validation
@@ -21,6 +21,7 @@ import logging
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +34,9 @@ from pipeline.data.augment import BatchAugment
 from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
 from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
+from pipeline.engine.frozen import Calibration, FrontAndTail
 from pipeline.engine.history import history_path, plot_histories, start_history
 from pipeline.engine.resume import ResumeState, fingerprint, finish_run, start_run
-from pipeline.engine.frozen import Calibration, FrontAndTail
-from pipeline.engine.runtimes import Probe, resolve_runtime
 from pipeline.engine.runtime import (
     configure_backends,
     cpu_threads,
@@ -47,13 +47,14 @@ from pipeline.engine.runtime import (
     seed_everything,
     training_precision,
 )
+from pipeline.engine.runtimes import Probe, resolve_runtime
 from pipeline.features import VIEWS, ExtractionSettings, cached_features, cached_stage_maps, calibration_images
 from pipeline.io import OptionError, file_digest, write_json
-from pipeline.text_features import TextEncoder
 from pipeline.metrics import tune_global_threshold
 from pipeline.models.backbones import Backbone, create_backbone, state_digest
 from pipeline.models.heads import FeatureNorm
 from pipeline.models.stages import BackboneSplitError, num_stages, split_backbone
+from pipeline.text_features import TextEncoder
 from pipeline.train.image_config import (
     FINETUNE_RESOLUTION,
     FROZEN,
@@ -158,9 +159,9 @@ def _train(config: ImageTrainConfig, mode: Mode, device: torch.device, context: 
     # The mode's input, and which images could be read.
     extract_start = time.perf_counter()
     if mode.trains_on == POOLED_FEATURES:
-        features, readable = cached_features(backbone, paths, all_ids, extraction, description="train.csv features",
-                                             context=context)
-        readable = readable.numpy()
+        features, features_readable = cached_features(backbone, paths, all_ids, extraction,
+                                                      description="train.csv features", context=context)
+        readable = features_readable.numpy()
     elif stage:  # the maps of the stages before the first trained one
         # Both views, whatever --flip-views says: the mirror image is the maps' one augmentation.
         maps = cached_stage_maps(backbone, front, stage, paths, all_ids, dataclasses.replace(extraction, views=VIEWS),
@@ -235,7 +236,7 @@ def _train(config: ImageTrainConfig, mode: Mode, device: torch.device, context: 
                                columns=fitted.decoder.feature_dim,
                                captions=_rows_of(val_captions, val_readable.numpy()))
 
-    summary = {
+    summary: dict[str, Any] = {  # image_summary.json
         "mode": mode.name,
         "trained_from_stage": stage,
         "processes": context.world_size,
@@ -364,16 +365,17 @@ def save_image_branch(config: ImageTrainConfig, label_ids: tuple[int, ...], val_
     backbone record, preprocessing and the feature standardisation.
     """
     weights_dir = Path(config.weights_dir)
-    common = {"config": dataclasses.asdict(config), "label_ids": label_ids, "backbone": backbone,
-              "preprocessing": preprocessing, "feature_norm": fitted.norm.state_dict()}
+    settings = dataclasses.asdict(config)
+    common = {"backbone": backbone, "preprocessing": preprocessing, "feature_norm": fitted.norm.state_dict()}
     feature_dim = fitted.head.in_dim
     attention = None if fitted.attention is None else {"channels": fitted.attention.channels,
                                                         "state_dict": fitted.attention.state_dict()}
     save_checkpoint(checkpoint_path(weights_dir, "image"), branch="image", state_dict=fitted.head.state_dict(),
+                    config=settings, label_ids=label_ids,
                     head={"in_dim": feature_dim, "hidden": config.head_hidden, "dropout": config.head_dropout},
                     class_attention=attention, **common)
     save_checkpoint(checkpoint_path(weights_dir, "decoder"), branch="decoder", state_dict=fitted.decoder.state_dict(),
-                    label_order=fitted.order.to_list(),
+                    config=settings, label_ids=label_ids, label_order=fitted.order.to_list(),
                     decoder={"feature_dim": feature_dim, "embed_dim": config.decoder_embed,
                              "hidden_dim": config.decoder_hidden, "dropout": config.decoder_dropout,
                              "beam_width": config.beam_width, "caption_dim": fitted.decoder.caption_dim,

@@ -65,7 +65,7 @@ from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead, get_lo
 from pipeline.models.image_model import ImageModel
 from pipeline.models.stages import parameter_stages
 from pipeline.train.image_config import FROZEN, ImageTrainConfig, Mode, Recipe, ema_decay, resolve_recipe
-from pipeline.train.image_inputs import FeatureRows, TrainingInputs
+from pipeline.train.image_inputs import FeatureRows, LabelledImages, LabelledMaps, TrainingInputs
 
 
 @dataclass
@@ -169,7 +169,8 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
                                  ResumeState(resume_dir, "image_head", digest, config.resume, context), clocks,
                                  history.for_stage("head"))
 
-    order = LabelOrder.from_train(train.targets.numpy(), config.label_order)
+    # A str of the option's choices (label_rank checks it): typing it Order is image_config.py's.
+    order = LabelOrder.from_train(train.targets.numpy(), config.label_order)  # type: ignore[arg-type]
     decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
                            config.decoder_dropout, caption_dim=train.caption_dim).to(device)
     rank = order.rank.to(device)
@@ -210,13 +211,13 @@ def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: i
 
 
 def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder,
-               device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+               device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, ...]], torch.Tensor]:
     """The training loss of a batch (inputs, targets[, caption vectors]): the head's ``--loss``
     plus the decoder's sequence loss times ``--decoder-loss-weight``."""
     head_loss = get_loss(config.loss)
     rank = order.rank.to(device)
 
-    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def step_loss(m: ImageModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raw, targets, *captions = batch
         maps, features = m.encode(prepare(raw))  # (B, C, h, w), (B, 2C), under autocast
         # Head and decoder in fp32: they cost little, and the decoder's LSTM would otherwise
@@ -265,7 +266,7 @@ def _head_probabilities(model: ImageModel, batches: Iterable, prepare: Callable[
     return torch.cat(parts) if parts else torch.zeros((0, model.head.num_labels), device=device)
 
 
-def _probe(train: torch.utils.data.Dataset, device: torch.device) -> Callable[[nn.Module], torch.Tensor]:
+def _probe(train: LabelledImages | LabelledMaps, device: torch.device) -> Callable[[nn.Module], torch.Tensor]:
     """A probe step for :func:`wrap_model`: the training step's loss on the first two training rows."""
     def probe(step: nn.Module) -> torch.Tensor:
         batch = torch.utils.data.default_collate([train[i] for i in range(min(2, len(train)))])
@@ -282,13 +283,15 @@ def fit_jointly(config: ImageTrainConfig, mode: Mode, inputs: TrainingInputs, fe
 
     Under torchrun the model is wrapped in DistributedDataParallel after a probe step that
     freezes what the loss never reaches (``--sync-bn``, auto by default, for global batch-norm
-    statistics, reverted to plain batch norm before the model is kept). Each rank trains on its share of every global batch and scores
-    its share of the validation split; the shares' probabilities are gathered so every rank
-    keeps the same best epoch, and rank 0's final weights are given to every rank.
+    statistics, reverted to plain batch norm before the model is kept). Each rank trains on its
+    share of every global batch and scores its share of the validation split; the shares'
+    probabilities are gathered so every rank keeps the same best epoch, and rank 0's final
+    weights are given to every rank.
     """
     recipe = resolve_recipe(config, mode)
     model = build_image_model(config, inputs.trunk, feature_dim, y_val.shape[1], device, inputs.caption_dim)
-    order = LabelOrder.from_train(y_train, config.label_order)
+    # A str of the option's choices (label_rank checks it): typing it Order is image_config.py's.
+    order = LabelOrder.from_train(y_train, config.label_order)  # type: ignore[arg-type]
     augment = inputs.augment
 
     def prepare_train(raw: torch.Tensor) -> torch.Tensor:
@@ -320,8 +323,8 @@ def fit_jointly(config: ImageTrainConfig, mode: Mode, inputs: TrainingInputs, fe
         len(loader) * config.batch_size)
 
     def score(epoch: int) -> EpochScore:
-        probs = _head_probabilities(ema.module, val_batches, inputs.prepare, device, train_precision)
-        probs = gather_shards(probs, context, len(inputs.val)).cpu().numpy()
+        shard = _head_probabilities(ema.module, val_batches, inputs.prepare, device, train_precision)
+        probs = gather_shards(shard, context, len(inputs.val)).cpu().numpy()
         threshold, f1 = tune_global_threshold(y_val, probs)
         return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
                                       f"EMA decay {ema.current_decay():.4f})")

@@ -30,7 +30,7 @@ from pipeline.data.images import ImageDataset, ImageReadError
 from pipeline.data.transforms import build_transform, normalize_batch, stack_pixels
 from pipeline.engine.distributed import DistContext, gather_shards, workers_per_process
 from pipeline.engine.runtime import training_memory_format
-from pipeline.features import StageMaps
+from pipeline.features import CachedFeatures, StageMaps
 from pipeline.io import OptionError, atomic_write_text
 from pipeline.models.backbones import Backbone
 from pipeline.models.heads import FeatureNorm
@@ -52,7 +52,8 @@ def image_splits(config: ImageTrainConfig) -> tuple[DatasetPaths, LabelSet, pd.D
     return paths, labels, train, val
 
 
-def split_caption_vectors(config: ImageTrainConfig, paths: DatasetPaths, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def split_caption_vectors(config: ImageTrainConfig, paths: DatasetPaths,
+                          cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) caption vectors (N_images, D), in the order of :func:`image_splits`'
     images, for ``--decoder-caption``: each image's captions encoded and averaged (a blank
     caption as ""). A train.csv without a Caption column is refused, naming the option."""
@@ -140,11 +141,11 @@ class LabelledMaps(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
         views, items = np.divmod(np.asarray(indices), len(self.rows))
-        maps = np.empty((len(items), *self.maps.shape[1:]), dtype=np.float16)  # (B, C, h, w)
+        read = np.empty((len(items), *self.maps.shape[1:]), dtype=np.float16)  # (B, C, h, w)
         for view in np.unique(views):
             chosen = views == view
-            maps[chosen] = self.maps.read(self.maps.views[view], self.rows[items[chosen]])
-        maps = torch.from_numpy(maps)
+            read[chosen] = self.maps.read(self.maps.views[view], self.rows[items[chosen]])
+        maps = torch.from_numpy(read)
         if self.captions is not None:
             return [(maps[k], self.targets[i], self.captions[i]) for k, i in enumerate(items)]
         return [(maps[k], self.targets[i]) for k, i in enumerate(items)]
@@ -194,8 +195,8 @@ class TrainingInputs:
     the random augmentation a training batch gets on the device before ``prepare`` (None: none).
     With ``caption_dim``, each training item carries its image's caption vector third."""
 
-    train: Dataset
-    val: Dataset
+    train: LabelledImages | LabelledMaps
+    val: LabelledImages | LabelledMaps
     sampler: Sampler | None
     prepare: Callable[[torch.Tensor], torch.Tensor]
     trunk: nn.Module
@@ -210,7 +211,7 @@ def collate_images(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor,
     (image, target[, caption]) items: :func:`~pipeline.data.transforms.stack_pixels` copies the
     decoded images as they lie, where torch's default collate would transpose each (22 ms for 64
     images at 320 px)."""
-    images, *rest = zip(*items)
+    images, *rest = zip(*items, strict=True)  # every item has the same parts
     return stack_pixels(list(images)), *(torch.stack(column) for column in rest)
 
 
@@ -242,7 +243,8 @@ def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_ro
     plain; ``trunk`` is the backbone's trainable tail. ``train_captions``: the training rows'
     caption vectors, for a decoder that reads them."""
     train_set = LabelledMaps(maps, train_rows, y_train, train_captions)
-    sampler = RandomViewSampler(DistributedSampler(range(len(train_rows)), num_replicas=context.world_size,
+    # The rows' sampler: it reads only len(train_set), one item per row; the view is drawn after.
+    sampler = RandomViewSampler(DistributedSampler(train_set, num_replicas=context.world_size,
                                                    rank=context.rank, shuffle=True, seed=seed,
                                                    drop_last=len(train_rows) > batch_size),
                                 len(train_rows), len(maps.views), seed)
@@ -255,7 +257,8 @@ def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_ro
     def prepare(maps_batch: torch.Tensor) -> torch.Tensor:
         return maps_batch.float().contiguous(memory_format=layout)
 
-    return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers, caption_dim=_caption_dim(train_captions))
+    return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers,
+                          caption_dim=_caption_dim(train_captions))
 
 
 def _caption_dim(captions: np.ndarray | None) -> int:
@@ -269,8 +272,8 @@ class FeatureRows(Dataset):
     ``captions`` (one per item) are given. ``columns``: only the first this many columns of each
     row (the pooled values before a class attention's logits)."""
 
-    def __init__(self, features: torch.Tensor, rows: np.ndarray, targets: torch.Tensor, norm: FeatureNorm,
-                 columns: int | None = None, captions: np.ndarray | None = None) -> None:
+    def __init__(self, features: torch.Tensor | CachedFeatures, rows: np.ndarray, targets: torch.Tensor,
+                 norm: FeatureNorm, columns: int | None = None, captions: np.ndarray | None = None) -> None:
         self.features, self.rows, self.targets, self.norm = features, np.asarray(rows), targets, norm
         self.columns, self.captions = columns, _with_captions(captions)
 
@@ -297,7 +300,7 @@ class FeatureRows(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
         """A whole batch in one indexing operation (the DataLoader's batched fetch)."""
-        return list(zip(*self.batch(indices)))
+        return list(zip(*self.batch(indices), strict=True))  # each part has a row per index
 
     def chunks(self, size: int = 1024) -> Iterator[tuple[torch.Tensor, ...]]:
         """Consecutive (features, targets[, captions]) batches of every item, in order."""
