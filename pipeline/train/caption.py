@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.text_features import TextEncoder
-from pipeline.train.caption_config import CaptionTrainConfig
+from pipeline.train.caption_config import CaptionTrainConfig, idle_options
 
 # Share of the updates spent warming the learning rate up (OneCycleLR's pct_start before).
 WARMUP_SHARE = 0.1
@@ -229,6 +230,10 @@ def _encode(config: CaptionTrainConfig, vocab: Vocabulary, frame: pd.DataFrame, 
 
 
 def _train(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> dict:
+    idle = idle_options(config)
+    if context.is_main:
+        for message in idle:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
     paths = DatasetPaths.resolve(config.data, config.images)
     label_set, train_df, val_df = load_train_val(paths, config.val_fraction)
     if CAPTION_COLUMN not in train_df:
@@ -306,4 +311,5 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         "checkpoint": str(ckpt),
         "val_probs": str(probs_file),
         "config": str(config_file),
+        "options_without_effect": idle,
     }
