@@ -78,9 +78,10 @@ class CaptionTrainConfig(TrainingConfig):
             if not ok:
                 raise ValueError(message)
         if self.word_vectors and self.text_encoder != WORDS:
+            default = " (the default)" if self.text_encoder == DEFAULT_TEXT_ENCODER else ""
             raise ValueError(f"--word-vectors initialises the branch's own word embeddings, and --text-encoder "
-                             f"{self.text_encoder} (the default is {DEFAULT_TEXT_ENCODER}) reads the encoder's token "
-                             "states instead: add --text-encoder words")
+                             f"{self.text_encoder}{default} reads the encoder's token states instead: add "
+                             "--text-encoder words")
         if self.text_encoder_layers and self.text_encoder == WORDS:
             raise ValueError(f"--text-encoder-layers {self.text_encoder_layers} trains a pretrained encoder's "
                              "layers: give --text-encoder too")
@@ -96,7 +97,15 @@ def idle_options(config: CaptionTrainConfig) -> list[str]:
     if config.text_encoder == WORDS:
         return []
     defaults = {f.name: f.default for f in dataclasses.fields(CaptionTrainConfig)}
-    return [f"--{name.replace('_', '-')} {getattr(config, name)} has no effect: it shapes the branch's own word "
-            f"embeddings, and --text-encoder {config.text_encoder} reads the encoder's token states instead "
-            "(--text-encoder words reads words)"
+    return [f"{_given(name, getattr(config, name))} has no effect: it shapes the branch's own word embeddings, and "
+            f"--text-encoder {config.text_encoder} reads the encoder's token states instead (--text-encoder words "
+            "reads words)"
             for name in WORDS_ONLY_OPTIONS if getattr(config, name) != defaults[name]]
+
+
+def _given(name: str, value: object) -> str:
+    """An option as the command line gives it: ``--min-freq 1``, ``--no-stem``."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
