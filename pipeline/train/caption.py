@@ -242,6 +242,9 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
             "learn from; train the image branches alone with train_efficientnet.py")
     vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
     encoder = None if config.text_encoder == WORDS else TextEncoder(config.text_encoder)
+    # A --weights-dir that cannot be a folder is refused by its own name, before the encoding
+    # writes its cache inside it.
+    Path(config.weights_dir).mkdir(parents=True, exist_ok=True)
     # Only rank 0 encodes into the cache; the other ranks then read it.
     if context.is_main:
         train = _encode(config, vocab, train_df, label_set, encoder)
