@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -212,7 +213,18 @@ def stand_in_text_encoders(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         for name in real:
             patch.setitem(text_features.TEXT_ENCODERS, name, stand_in)
+        stand_in_threads(patch)
         yield real
+
+
+def stand_in_threads(patch: pytest.MonkeyPatch) -> None:
+    """The encoding stays on the test's one thread, where the product takes every core: the
+    stand-in's matrices are too small for a second thread, whose waiting made each encoding
+    several times slower on loaded cores, and a process forked later (tests/test_cache_safety.py)
+    cannot use an OpenMP pool its parent started."""
+    from pipeline import text_features
+
+    patch.setattr(text_features, "cpu_threads", lambda threads: contextlib.nullcontext())
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ The tests' child processes (torchrun) read the same tiny stand-in encoder as the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -20,6 +21,7 @@ from pipeline import text_features  # noqa: E402
 FOLDER = Path(os.environ["STAND_IN_TEXT_ENCODER"])
 for name in text_features.TEXT_ENCODERS:
     text_features.TEXT_ENCODERS[name] = lambda: FOLDER
+text_features.cpu_threads = lambda threads: contextlib.nullcontext()  # as conftest.stand_in_threads
 script = sys.argv.pop(1)
 sys.argv[0] = script
 runpy.run_path(script, run_name="__main__")

@@ -134,18 +134,13 @@ def test_two_inference_runs_at_once_on_a_cold_cache_write_a_lone_runs_submission
 
 PARTIAL = ["--mode", "partial", "--train-from-stage", "3", "--finetune-epochs", "1", "--warmup-epochs", "0.5",
            "--decoder-epochs", "1"]
-# The runs at once are forked from this process, after the lone run: a caption-reading decoder's
-# text encoding there (on every core) starts OpenMP's thread pool, which a forked child cannot
-# use again (its next multi-threaded encoding hangs). These runs share image caches; the decoder
-# reads the image alone.
-IMAGE_ONLY_DECODER = ["--decoder-caption", "none"]
 
 
 def test_two_training_runs_sharing_a_cache_train_a_lone_runs_model(tmp_path, monkeypatch):
     data = make_tiny_dataset(tmp_path / "tiny", n_train=16, n_test=0)
 
     def argv(weights: Path) -> list[str]:
-        return ["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS, *PARTIAL, *TORCH, *IMAGE_ONLY_DECODER]
+        return ["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS, *PARTIAL, *TORCH]
 
     with monkeypatch.context() as patch:
         lone_rows = count_extracted_rows(patch)
