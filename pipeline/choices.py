@@ -28,9 +28,10 @@ COMPILE_CHOICES = ("auto", "on", "off")
 # ``pipeline.models.heads.LOSSES`` and ``pipeline.models.caption.RNN_TYPES``.
 LOSS_NAMES = ("bce", "asl")
 RNN_NAMES = ("lstm", "gru")
-# --text-encoder of the caption branch besides its own words: the keys of
+# --text-encoder of the caption branch besides its own words (WORDS): the keys of
 # ``pipeline.text_features.TEXT_ENCODERS``.
 TEXT_ENCODER_NAMES = ("minilm",)
+WORDS = "words"
 
 
 def usable_cores() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -19,6 +20,8 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs only where CUDA is present (and then always runs)")
     config.addinivalue_line("markers", "timed_runtimes: --runtime auto times the runtimes instead of a fixed table")
+    config.addinivalue_line("markers", "real_text_encoder: reads the installed all-MiniLM-L6-v2, not the tiny "
+                            "stand-in every other test reads")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -173,31 +176,73 @@ def count_extracted_rows(monkeypatch) -> list[int]:
     return extracted
 
 
-@pytest.fixture(scope="session")
-def tiny_encoder_folder(tmp_path_factory) -> Path:
-    """A 2-layer, 16-wide BERT with a word-level vocabulary of the tiny captions, saved as
-    ``transformers`` saves a model: a stand-in for MiniLM that loads in well under a second."""
+def make_tiny_encoder(folder: Path) -> Path:
+    """A 2-layer, 16-wide BERT with a word-level vocabulary of the tiny captions, saved in
+    ``folder`` as ``transformers`` saves a model: a stand-in for MiniLM that loads in well under
+    a second. Its weights come from seed 0 without touching the caller's random state."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-encoder")
     words = sorted({w for name in WORDS.values() for w in [name]} | {"a", "photo", "of", "here", "is", "we", "can",
                                                                      "see", "and", "."})
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
     config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(folder)
     return folder
 
 
-@pytest.fixture
-def tiny_text_encoder(tiny_encoder_folder, monkeypatch) -> Path:
-    """``--text-encoder minilm`` reads the tiny stand-in encoder in this test."""
+@pytest.fixture(scope="session", autouse=True)
+def stand_in_text_encoders(tmp_path_factory) -> dict:
+    """Every registered text encoder (``--text-encoder``, ``--decoder-caption``: MiniLM by default)
+    is the tiny stand-in for the whole session, session fixtures included: the suite's trainings
+    never load the real 22M-parameter MiniLM. The stand-in is built on first use. Returns the
+    real registry, for the tests marked ``real_text_encoder``."""
     from pipeline import text_features
 
-    monkeypatch.setitem(text_features.TEXT_ENCODERS, "minilm", lambda: tiny_encoder_folder)
-    return tiny_encoder_folder
+    real = dict(text_features.TEXT_ENCODERS)
+    built: list[Path] = []
+
+    def stand_in() -> Path:
+        if not built:
+            built.append(make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder")))
+        return built[0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in real:
+            patch.setitem(text_features.TEXT_ENCODERS, name, stand_in)
+        stand_in_threads(patch)
+        yield real
+
+
+def stand_in_threads(patch: pytest.MonkeyPatch) -> None:
+    """The encoding stays on the test's one thread, where the product takes every core: the
+    stand-in's matrices are too small for a second thread, whose waiting made each encoding
+    several times slower on loaded cores, and a process forked later (tests/test_cache_safety.py)
+    cannot use an OpenMP pool its parent started."""
+    from pipeline import text_features
+
+    patch.setattr(text_features, "cpu_threads", lambda threads: contextlib.nullcontext())
+
+
+@pytest.fixture(autouse=True)
+def real_text_encoders_where_marked(request, monkeypatch, stand_in_text_encoders):
+    """A test marked ``real_text_encoder`` reads the installed encoders (offline, from their packages)."""
+    if request.node.get_closest_marker("real_text_encoder") is not None:
+        from pipeline import text_features
+
+        for name, folder in stand_in_text_encoders.items():
+            monkeypatch.setitem(text_features.TEXT_ENCODERS, name, folder)
+
+
+@pytest.fixture
+def tiny_text_encoder() -> Path:
+    """The folder of the stand-in encoder that ``minilm`` reads in every test."""
+    from pipeline import text_features
+
+    return text_features.TEXT_ENCODERS["minilm"]()
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from pipeline.engine.loop import NonFiniteLossError
 from pipeline.models.caption import RNN_TYPES, CaptionClassifier, rnn_class
 from pipeline.data.text import Vocabulary, stem_token
 from pipeline.branches.caption import build_ensemble, model_settings, predict_caption_probs
-from pipeline.train.caption_config import CaptionTrainConfig
+from pipeline.text_features import TextEncoder
+from pipeline.train.caption_config import CaptionTrainConfig, idle_options
 from pipeline.metrics import binarize, samples_f1
 from tests.conftest import WORDS, make_tiny_dataset
 
@@ -87,7 +88,8 @@ def test_pretrained_embeddings_are_loaded_and_shape_checked():
 
 def test_checkpoint_round_trip_gives_identical_probabilities(tmp_path):
     captions = ["a man and a car", "a bicycle", "", "zebra crossing at night with a man"]
-    config = CaptionTrainConfig(embed_dim=8, hidden_size=6, layers=1, max_len=6, rnn="gru", ensemble=2)
+    config = CaptionTrainConfig(embed_dim=8, hidden_size=6, layers=1, max_len=6, rnn="gru", ensemble=2,
+                                text_encoder="words")
     vocab = Vocabulary.build(captions, min_freq=1, stem=config.stem)
     torch.manual_seed(1)
     members = build_ensemble(model_settings(config), 2, len(vocab), NUM_LABELS)
@@ -113,13 +115,15 @@ def test_checkpoint_round_trip_gives_identical_probabilities(tmp_path):
 
 
 def test_script_smoke_run_writes_checkpoint_probabilities_and_config(tmp_path):
+    """The default caption branch: models over MiniLM's token states (the tests' stand-in)."""
     data = make_tiny_dataset(tmp_path / "data", n_train=60, images=False)
     weights = tmp_path / "weights"
     argv = ["--data", str(data), "--weights", str(weights),
-            "--device", "cpu", "--epochs", "3", "--embed-dim", "12", "--hidden-size", "8",
-            "--batch-size", "16", "--val-fraction", "0.3", "--min-freq", "1", "--rnn", "gru",
+            "--device", "cpu", "--epochs", "3", "--hidden-size", "8",
+            "--batch-size", "16", "--val-fraction", "0.3", "--rnn", "gru",
             "--ensemble", "2"]
     summary = train_caption_rnn.main(argv)
+    assert summary["options_without_effect"] == []
     assert 1 <= summary["best_epoch"] <= 3 and len(summary["best_epochs"]) == 2
     assert summary["best_epoch"] == summary["best_epochs"][0]
 
@@ -127,6 +131,9 @@ def test_script_smoke_run_writes_checkpoint_probabilities_and_config(tmp_path):
     assert checkpoint["vocab"][:2] == ["<pad>", "<unk>"] and "hors" in checkpoint["vocab"]  # stemmed
     assert summary["vocab_size"] == len(checkpoint["vocab"])
     assert checkpoint["config"]["rnn"] == "gru" and checkpoint["config"]["hidden_size"] == 8
+    assert checkpoint["config"]["text_encoder"] == "minilm"
+    assert checkpoint["text_encoder_digest"] == TextEncoder("minilm").digest
+    assert "0.embedding.weight" not in checkpoint["state_dict"]  # it reads the encoder's states, no words
     assert {key.split(".")[0] for key in checkpoint["state_dict"]} == {"0", "1"}  # two ensemble members
     image_ids, label_ids, probs = load_probabilities(weights / "val_probs_caption.csv", TINY_LABELS)
     assert label_ids == TINY_LABELS
@@ -170,7 +177,7 @@ def test_training_starts_from_word_vectors_file(tmp_path):
                        + "zebra 9 9 9 9\n", encoding="utf-8")
     # A learning rate too small to move any weight: the checkpoint shows where training started.
     base = ["--data", str(data), "--device", "cpu", "--epochs", "1", "--hidden-size", "4", "--ensemble", "2",
-            "--min-freq", "1", "--lr", "1e-12"]
+            "--min-freq", "1", "--lr", "1e-12", "--text-encoder", "words"]
 
     def start_rows(weights) -> dict[str, list[torch.Tensor]]:
         """Each file word's embedding row in each ensemble member of the checkpoint."""
@@ -192,6 +199,26 @@ def test_training_starts_from_word_vectors_file(tmp_path):
 
     with pytest.raises(ValueError, match="--embed-dim 4"):
         train_caption_rnn.main(base + ["--embed-dim", "5", "--weights", str(tmp_path / "w5"), *with_vectors])
+    # Word vectors need the branch's own words, which the default encoder replaces.
+    with pytest.raises(ValueError, match=r"--word-vectors initialises the branch's own word embeddings, and "
+                                         r"--text-encoder minilm \(the default\) reads .*: add --text-encoder words"):
+        train_caption_rnn.main(["--data", str(data), "--weights", str(tmp_path / "w6"), *with_vectors])
+
+
+def test_word_options_with_the_encoder_are_named_not_ignored(tmp_path, capsys):
+    """--embed-dim, --min-freq and --stem shape the branch's own words: with the encoder's token
+    states (the default) they do nothing, and the run says so by name."""
+    data = make_tiny_dataset(tmp_path / "data", n_train=24, images=False)
+    summary = train_caption_rnn.main(["--data", str(data), "--weights", str(tmp_path / "w"), "--device", "cpu",
+                                      "--epochs", "1", "--ensemble", "1", "--hidden-size", "4", "--embed-dim", "8",
+                                      "--min-freq", "1", "--no-stem"])
+    expected = [f"{flag} has no effect: it shapes the branch's own word embeddings, and --text-encoder minilm "
+                "reads the encoder's token states instead (--text-encoder words reads words)"
+                for flag in ("--embed-dim 8", "--min-freq 1", "--no-stem")]
+    assert summary["options_without_effect"] == expected
+    err = capsys.readouterr().err
+    assert all(f"warning: {message}\n" in err for message in expected)
+    assert idle_options(CaptionTrainConfig(text_encoder="words", embed_dim=8, min_freq=1, stem=False)) == []
 
 
 def test_non_finite_caption_loss_names_model_epoch_and_step(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ gradients, its place beside the image head, and its way through checkpoints and 
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -78,10 +79,20 @@ def test_the_attention_is_a_residual_that_learns_beside_the_head():
     assert missing == []
 
 
-def test_without_the_option_the_model_and_the_cache_are_todays():
+def test_by_default_joint_training_attends_with_lambda_0_2():
+    """The default recipe's λ (None: 0.2 where there is a map): partial and finetune build the
+    attention, at its zero start."""
     backbone = tiny_backbone()
     config = ImageTrainConfig(head_hidden=16, decoder_embed=8, decoder_hidden=16)
-    assert config.csra_lambda == 0
+    assert config.csra_lambda is None
+    model = build_image_model(config, backbone.module, backbone.pooled_dim, 4, CPU).eval()
+    assert float(model.attention.lam) == pytest.approx(0.2) and float(model.attention.temperature) == 1.0
+    assert torch.equal(model.attention.weight, torch.zeros(4, backbone.feature_dim))
+
+
+def test_with_lambda_0_the_model_and_the_cache_are_the_plain_heads():
+    backbone = tiny_backbone()
+    config = ImageTrainConfig(head_hidden=16, decoder_embed=8, decoder_hidden=16, csra_lambda=0)
     model = build_image_model(config, backbone.module, backbone.pooled_dim, 4, CPU).eval()
     assert model.attention is None and not any("attention" in name for name, _ in model.named_parameters())
     images = torch.randn(2, 3, 32, 32)
@@ -159,6 +170,19 @@ def test_a_csra_checkpoint_predicts_in_inference_what_training_saved(csra_run, t
     # And through a new extraction, without the cache.
     np.testing.assert_allclose(predictor.probabilities(val, Inputs(paths)).by_branch["image"], probs["image"],
                                atol=1e-6)
+
+
+def test_by_default_frozen_mode_trains_without_attention_and_without_a_word(tmp_path, capsys, caplog):
+    """Frozen mode has no map: the default λ is off there, neither an error nor a warning, and
+    the summary's recipe says 0."""
+    dataset = make_tiny_dataset(tmp_path / "tiny", n_train=8, n_test=0)
+    argv = ["--data", str(dataset), "--weights", str(tmp_path / "w"), *TINY_IMAGE_ARGS, "--decoder-caption", "none"]
+    assert run_main(train_efficientnet.main, train_efficientnet.get_args_parser(), argv) == 0
+    summary = json.loads((tmp_path / "w" / "image_summary.json").read_text())
+    assert summary["mode"] == "frozen" and summary["recipe"]["csra_lambda"] == 0.0
+    assert summary["options_without_effect"] == []
+    assert "csra" not in capsys.readouterr().err + caplog.text
+    assert load_checkpoint(tmp_path / "w" / "image.pt", branch="image")["class_attention"] is None
 
 
 def test_csra_in_frozen_mode_is_refused_naming_the_option(tmp_path, capsys):

@@ -4,6 +4,7 @@ is what it reads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -210,9 +211,23 @@ def test_without_captions_the_option_is_refused_naming_it(tmp_path, capsys, tiny
                    "has no captions to read; use --decoder-caption none\n")
 
 
-def test_the_default_decoder_checkpoint_reads_no_caption(trained_branches):
+@pytest.mark.filterwarnings("ignore:backbone test_efficientnet:UserWarning")
+def test_the_default_decoder_reads_the_caption_where_train_csv_has_one(trained_branches, tmp_path):
+    """The default recipe's decoder.pt (trained_branches: no --decoder-caption) reads MiniLM's
+    sentence vectors, here the 16-wide stand-in's; on a dataset without captions the default
+    decoder reads the image alone, where an explicit --decoder-caption minilm is refused (below)."""
     _, weights = trained_branches
     spec = load_checkpoint(weights / "decoder.pt", branch="decoder")["decoder"]
+    assert (spec["caption_dim"], spec["caption_encoder"]) == (16, "minilm")
+    assert spec["caption_encoder_digest"] == TextEncoder("minilm").digest
+    assert json.loads((weights / "image_config.json").read_text())["decoder_caption"] == "minilm"
+
+    dataset = make_tiny_dataset(tmp_path / "tiny", n_train=12, n_test=0)
+    frame = pd.read_csv(dataset / "train.csv")
+    frame.drop(columns=["Caption"]).to_csv(dataset / "train.csv", index=False)
+    _train(dataset, tmp_path / "w", "--decoder-epochs", "1")
+    spec = load_checkpoint(tmp_path / "w" / "decoder.pt", branch="decoder")["decoder"]
     assert spec["caption_dim"] == 0 and spec["caption_encoder"] is None and spec["caption_encoder_digest"] is None
-    assert ImageHeads.from_checkpoints({"decoder": load_checkpoint(weights / "decoder.pt")}).caption_encoder is None
+    assert ImageHeads.from_checkpoints({"decoder": load_checkpoint(tmp_path / "w" / "decoder.pt")}).caption_encoder is None
+    assert json.loads((tmp_path / "w" / "image_config.json").read_text())["decoder_caption"] == "none"
 

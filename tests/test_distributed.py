@@ -15,6 +15,7 @@ import torch
 import inference
 import train_caption_rnn
 import train_efficientnet
+from pipeline import text_features
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data.dataset import DatasetPaths, load_train_val
 from pipeline.engine.distributed import DistContext, gather_shards
@@ -24,7 +25,7 @@ from tests.conftest import TINY_IMAGE_ARGS, make_tiny_dataset
 ROOT = Path(__file__).resolve().parents[1]
 # Dropout draws differ between one process and two, so it is off for the comparison.
 NO_DROPOUT_IMAGE = ["--head-dropout", "0", "--decoder-dropout", "0", "--head-batch-size", "16"]
-CAPTION_ARGS = ["--device", "cpu", "--ensemble", "1", "--epochs", "3", "--embed-dim", "8", "--hidden-size", "8", "--dropout", "0",
+CAPTION_ARGS = ["--device", "cpu", "--ensemble", "1", "--epochs", "3", "--hidden-size", "8", "--dropout", "0",
                 "--embed-dropout", "0", "--batch-size", "8", "--val-fraction", "0.25"]
 
 
@@ -41,10 +42,17 @@ def test_global_batch_must_split_evenly_across_processes():
         DistContext(rank=0, world_size=4).local_batch_size(30)
 
 
-def _torchrun(script: str, args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+def _torchrun(script: str, args: list[str], processes: int = 2, stand_in_encoder: bool = True
+              ) -> subprocess.CompletedProcess:
+    """``script`` under torchrun; with ``stand_in_encoder`` its text encoders are the tests' stand-in,
+    as in this process (a run that reads no encoder can leave it: building it needs transformers)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    wrapper = []
+    if stand_in_encoder:
+        env["STAND_IN_TEXT_ENCODER"] = str(text_features.TEXT_ENCODERS["minilm"]())
+        wrapper = [str(ROOT / "tests" / "stand_in_encoder.py")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(ROOT / script), *args]
+               *wrapper, str(ROOT / script), *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

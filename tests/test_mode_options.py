@@ -59,6 +59,7 @@ def test_epochs_in_partial_mode_is_named_with_the_option_that_acts():
      ["--finetune-epochs", "--finetune-lr", "--layer-decay"]),
     (["--mode", "partial", "--augment", "light", "--scale-jitter", "0.9"], "partial", ["--augment", "--scale-jitter"]),
     (["--mode", "finetune", "--train-from-stage", "3"], "finetune", ["--train-from-stage"]),
+    (["--mode", "frozen", "--csra-temperature", "2"], "frozen", ["--csra-temperature"]),  # no map, no attention
 ])
 def test_each_mode_only_option_is_named_outside_its_modes(argv, mode, flags):
     assert [message.split()[0] for message in idle_options(_config(*argv), TRAINING_MODES[mode])] == flags

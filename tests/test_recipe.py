@@ -30,28 +30,31 @@ def _config(*argv: str) -> ImageTrainConfig:
 def test_each_mode_resolves_to_its_defaults():
     config = _config()
     assert resolve_recipe(config, FINETUNE) == Recipe(epochs=25, weight_decay=0.05, layer_decay=0.8, drop_path=0.1,
-                                                        augment="trivial", scale_jitter=0.7, loss="bce")
+                                                        augment="trivial", scale_jitter=0.7, loss="bce", csra_lambda=0.2)
     # Partial mode trains one or two top stages on cached maps: one rate, no drop path, and the
     # cached mirror image its only augmentation.
     assert resolve_recipe(config, PARTIAL) == Recipe(epochs=8, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
-                                                       augment="none", scale_jitter=1.0, loss="bce")
+                                                       augment="none", scale_jitter=1.0, loss="bce", csra_lambda=0.2)
+    # Frozen mode has no spatial map for class attention: its default is off there.
     assert resolve_recipe(config, FROZEN) == Recipe(epochs=12, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
-                                                      augment="none", scale_jitter=1.0, loss="bce")
+                                                      augment="none", scale_jitter=1.0, loss="bce", csra_lambda=0.0)
 
 
 def test_explicit_options_override_the_mode_defaults():
     config = _config("--finetune-epochs", "3", "--weight-decay", "0.01", "--layer-decay", "0.5", "--drop-path", "0.2",
                      "--augment", "light", "--scale-jitter", "0.9", "--loss", "asl", "--epochs", "4")
     assert resolve_recipe(config, FINETUNE) == Recipe(epochs=3, weight_decay=0.01, layer_decay=0.5, drop_path=0.2,
-                                                        augment="light", scale_jitter=0.9, loss="asl")
+                                                        augment="light", scale_jitter=0.9, loss="asl", csra_lambda=0.2)
     assert resolve_recipe(config, PARTIAL) == Recipe(epochs=3, weight_decay=0.01, layer_decay=0.5, drop_path=0.2,
-                                                       augment="none", scale_jitter=1.0, loss="asl")
+                                                       augment="none", scale_jitter=1.0, loss="asl", csra_lambda=0.2)
     # Frozen mode has no backbone to decay or drop: only the weight decay and --epochs apply.
     assert resolve_recipe(config, FROZEN) == Recipe(epochs=4, weight_decay=0.01, layer_decay=1.0, drop_path=0.0,
-                                                      augment="none", scale_jitter=1.0, loss="asl")
+                                                      augment="none", scale_jitter=1.0, loss="asl", csra_lambda=0.0)
     # An explicit 0 is an option given, not "use the default".
-    zero = _config("--weight-decay", "0", "--drop-path", "0")
+    zero = _config("--weight-decay", "0", "--drop-path", "0", "--csra-lambda", "0")
     assert resolve_recipe(zero, FINETUNE).weight_decay == 0.0 and resolve_recipe(zero, FINETUNE).drop_path == 0.0
+    assert resolve_recipe(zero, PARTIAL).csra_lambda == 0.0
+    assert resolve_recipe(_config("--csra-lambda", "0.1"), FINETUNE).csra_lambda == 0.1
 
 
 @pytest.mark.parametrize("option, value", [("--layer-decay", "0"), ("--layer-decay", "1.5"), ("--drop-path", "1"),
@@ -97,7 +100,7 @@ def test_layer_decay_gives_each_stage_its_exact_learning_rate():
     assert len(found) == sum(len(g["params"]) for g in optimizer.param_groups)
     for name, param in named.items():
         decay = 0.0 if param.ndim <= 1 else 0.05
-        if name.startswith(("head.", "decoder.")):
+        if name.startswith(("head.", "decoder.", "attention.")):  # the new modules (class attention by default)
             assert found[id(param)] == (lr * 5.0, decay), name
         else:
             # Six stages (stem, blocks 0-4 with the head convolution): 0.5 ** (5 - stage), exact
@@ -153,4 +156,5 @@ def test_a_tiny_end_to_end_run_records_its_resolved_recipe(tiny_dataset, tmp_pat
     # 36 training images in batches of 16 for 2 epochs: so few updates that the EMA keeps the
     # last weights (1 - 10 / updates < 0).
     assert summary["recipe"] == {"epochs": 2, "weight_decay": 0.05, "layer_decay": 0.8, "drop_path": 0.1,
-                                 "augment": "trivial", "scale_jitter": 0.7, "loss": "bce", "ema_decay": 0.0}
+                                 "augment": "trivial", "scale_jitter": 0.7, "loss": "bce", "csra_lambda": 0.2,
+                                 "ema_decay": 0.0}

@@ -16,8 +16,10 @@ from tests.conftest import TINY_IMAGE_ARGS
 
 # Settings under which the best epochs come late (3 and 3), so a resumed run that drew
 # other random numbers after the interruption would end with other weights.
-CAPTION_ARGS = ["--ensemble", "2", "--epochs", "4", "--embed-dim", "8", "--hidden-size", "8", "--batch-size", "8",
-                "--lr", "0.03", "--min-freq", "1", "--val-fraction", "0.25"]
+CAPTION_ARGS = ["--ensemble", "2", "--epochs", "4", "--hidden-size", "8", "--batch-size", "8",
+                "--lr", "0.03", "--val-fraction", "0.25"]
+# The branch's own words, as small: a model that learns something new every epoch here.
+WORD_CAPTION_ARGS = ["--text-encoder", "words", "--embed-dim", "8", "--min-freq", "1"]
 
 
 class SimulatedCrash(RuntimeError):

@@ -65,6 +65,7 @@ def test_sentence_vectors_are_the_mean_over_real_tokens(tiny_text_encoder):
     np.testing.assert_allclose(vectors[1], expected, rtol=1e-5)
 
 
+@pytest.mark.real_text_encoder
 def test_the_real_minilm_loads_offline_and_reads_meaning():
     """The registered all-MiniLM-L6-v2 of the pinned package: 384-d states, and a caption is
     nearer to its paraphrase than to an unrelated one."""
@@ -166,7 +167,7 @@ def test_trained_encoder_layers_get_gradients_and_round_trip(tiny_text_encoder, 
 
 def test_encoder_layers_without_an_encoder_is_refused(tmp_path):
     with pytest.raises(OptionError, match="--text-encoder-layers 2 trains a pretrained encoder's layers"):
-        train_caption_rnn.main(["--data", str(tmp_path), "--text-encoder-layers", "2"])
+        train_caption_rnn.main(["--data", str(tmp_path), "--text-encoder", "words", "--text-encoder-layers", "2"])
 
 
 def test_the_options_choices_are_the_registry():

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+# WORDS: the models read word ids from the branch's own vocabulary, not a registered encoder's
+# token states (pipeline.text_features.TEXT_ENCODERS).
+from pipeline.choices import WORDS
 from pipeline.data.text import Vocabulary
 from pipeline.io import CheckpointError
 from pipeline.models.caption import CaptionClassifier, EncoderTop
@@ -24,9 +27,6 @@ BRANCH = "caption"
 # The model settings a checkpoint must carry to be rebuilt.
 MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_dropout", "bidirectional",
                 "label_attention", "text_encoder", "text_encoder_layers")
-# What the models read: word ids from the branch's own vocabulary, or a registered encoder's
-# token states (pipeline.text_features.TEXT_ENCODERS).
-WORDS = "words"
 
 
 def model_settings(config: Any) -> dict:

@@ -262,12 +262,17 @@ def _backbone(predictor: BranchPredictor) -> Backbone:
 
 def time_heads_and_fusion(predictor: BranchPredictor, settings: FusionSettings, rows: int) -> dict[str, float]:
     """Milliseconds per image of the image heads (head and beam-search decoder) on in-memory
-    pooled features, and of fusion on their probabilities."""
+    pooled features (with the class attention's logits and caption vectors where the heads read
+    them), and of fusion on their probabilities."""
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(rows, _backbone(predictor).pooled_dim, generator=generator)
+    heads = predictor.heads
+    attended = 0 if heads.attention is None else heads.attention.weight.shape[0]  # its logits follow the pooled
+    features = torch.randn(rows, _backbone(predictor).pooled_dim + attended, generator=generator)
+    captions = (torch.randn(rows, heads.decoder.caption_dim, generator=generator).numpy()
+                if heads.decoder is not None and heads.decoder.caption_dim else None)
     readable = torch.ones(rows, dtype=torch.bool)
     started = time.perf_counter()
-    probs = predictor.heads.probabilities(features, readable, predictor.device)
+    probs = heads.probabilities(features, readable, predictor.device, captions=captions)
     heads_ms = 1000 * (time.perf_counter() - started) / rows
     probs.update({branch: probs[next(iter(probs))] for branch in settings.branches if branch not in probs})
     started = time.perf_counter()

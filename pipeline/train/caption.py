@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse
 from pipeline.io import file_digest, write_json
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.text_features import TextEncoder
-from pipeline.train.caption_config import CaptionTrainConfig
+from pipeline.train.caption_config import CaptionTrainConfig, idle_options
 
 # Share of the updates spent warming the learning rate up (OneCycleLR's pct_start before).
 WARMUP_SHARE = 0.1
@@ -229,6 +230,10 @@ def _encode(config: CaptionTrainConfig, vocab: Vocabulary, frame: pd.DataFrame, 
 
 
 def _train(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> dict:
+    idle = idle_options(config)
+    if context.is_main:
+        for message in idle:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
     paths = DatasetPaths.resolve(config.data, config.images)
     label_set, train_df, val_df = load_train_val(paths, config.val_fraction)
     if CAPTION_COLUMN not in train_df:
@@ -237,6 +242,9 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
             "learn from; train the image branches alone with train_efficientnet.py")
     vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
     encoder = None if config.text_encoder == WORDS else TextEncoder(config.text_encoder)
+    # A --weights-dir that cannot be a folder is refused by its own name, before the encoding
+    # writes its cache inside it.
+    Path(config.weights_dir).mkdir(parents=True, exist_ok=True)
     # Only rank 0 encodes into the cache; the other ranks then read it.
     if context.is_main:
         train = _encode(config, vocab, train_df, label_set, encoder)
@@ -306,4 +314,5 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
         "checkpoint": str(ckpt),
         "val_probs": str(probs_file),
         "config": str(config_file),
+        "options_without_effect": idle,
     }

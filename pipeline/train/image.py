@@ -31,7 +31,7 @@ from pipeline.branches.image import ImageHeads, training_image_ids
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
 from pipeline.config import save_config
 from pipeline.data.augment import BatchAugment
-from pipeline.data.dataset import ID_COLUMN, LABELS_COLUMN
+from pipeline.data.dataset import CAPTION_COLUMN, ID_COLUMN, LABELS_COLUMN
 from pipeline.engine import timing
 from pipeline.engine.distributed import DistContext, barrier, distributed_session
 from pipeline.engine.frozen import Calibration, FrontAndTail
@@ -63,6 +63,7 @@ from pipeline.train.image_config import (
     ImageTrainConfig,
     Mode,
     idle_options,
+    resolve_decoder_caption,
     resolve_mode,
     resolve_recipe,
     resolved_settings,
@@ -109,12 +110,13 @@ def _train(config: ImageTrainConfig, mode: Mode, device: torch.device, context: 
     if context.is_main:
         for message in idle:
             log.warning("warning: %s", message)
-    if not mode.trains_backbone and config.csra_lambda > 0:
+    if not mode.trains_backbone and config.csra_lambda:  # given: the default (None) is off in frozen mode
         raise OptionError(f"--csra-lambda {config.csra_lambda:g}: class attention needs the spatial map of a trained "
                           f"backbone, which {mode.name} mode never sees (cached {mode.trains_on}); use --mode "
                           "partial or finetune, or --csra-lambda 0")
     timing.reset()
     paths, labels, train, val = image_splits(config)
+    config = dataclasses.replace(config, decoder_caption=resolve_decoder_caption(config, CAPTION_COLUMN in train))
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
     recipe = resolve_recipe(config, mode)

@@ -64,7 +64,7 @@ from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
 from pipeline.models.stages import parameter_stages
-from pipeline.train.image_config import FROZEN, ImageTrainConfig, Mode, Recipe, ema_decay, resolve_recipe
+from pipeline.train.image_config import FROZEN, ImageTrainConfig, Mode, Recipe, ema_decay, joint_csra_lambda, resolve_recipe
 from pipeline.train.image_inputs import FeatureRows, LabelledImages, LabelledMaps, TrainingInputs
 
 
@@ -199,8 +199,9 @@ def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: i
     """The trunk with a new image head and label decoder (and with ``--csra-lambda`` the head's
     class attention on the trunk's map), on ``device``, in the training layout. ``caption_dim``:
     the size of the caption vectors a decoder that reads captions takes (0: it reads none)."""
-    attention = (ClassAttention(feature_dim // 2, num_labels, config.csra_lambda, config.csra_temperature)
-                 if config.csra_lambda > 0 else None)
+    csra_lambda = joint_csra_lambda(config)  # joint training always has the trunk's map
+    attention = (ClassAttention(feature_dim // 2, num_labels, csra_lambda, config.csra_temperature)
+                 if csra_lambda > 0 else None)
     return ImageModel(
         trunk,
         ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
