@@ -332,10 +332,10 @@ def summary_line(summary: dict, weights_dir: Path) -> str:
 def _caption_encoder_record(config: ImageTrainConfig) -> dict:
     """The text encoder a caption-reading decoder was trained with, by name and weights digest
     (inference refuses another), or None for both."""
-    if config.decoder_caption == "none":
+    encoder = resolve_decoder_caption(config, has_captions=True)  # resolved by now: the default is filled in
+    if encoder == "none":
         return {"caption_encoder": None, "caption_encoder_digest": None}
-    return {"caption_encoder": config.decoder_caption,
-            "caption_encoder_digest": TextEncoder(config.decoder_caption).digest}
+    return {"caption_encoder": encoder, "caption_encoder_digest": TextEncoder(encoder).digest}
 
 
 def _rows_of(captions: np.ndarray | None, kept: np.ndarray) -> np.ndarray | None:

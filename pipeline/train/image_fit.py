@@ -64,7 +64,15 @@ from pipeline.models.decoder import LabelDecoder, LabelOrder
 from pipeline.models.heads import ClassAttention, FeatureNorm, ImageHead, get_loss
 from pipeline.models.image_model import ImageModel
 from pipeline.models.stages import parameter_stages
-from pipeline.train.image_config import FROZEN, ImageTrainConfig, Mode, Recipe, ema_decay, joint_csra_lambda, resolve_recipe
+from pipeline.train.image_config import (
+    FROZEN,
+    ImageTrainConfig,
+    Mode,
+    Recipe,
+    ema_decay,
+    joint_csra_lambda,
+    resolve_recipe,
+)
 from pipeline.train.image_inputs import FeatureRows, LabelledImages, LabelledMaps, TrainingInputs
 
 

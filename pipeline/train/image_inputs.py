@@ -34,7 +34,7 @@ from pipeline.features import CachedFeatures, StageMaps
 from pipeline.io import OptionError, atomic_write_text
 from pipeline.models.backbones import Backbone
 from pipeline.models.heads import FeatureNorm
-from pipeline.train.image_config import ImageTrainConfig
+from pipeline.train.image_config import ImageTrainConfig, resolve_decoder_caption
 from pipeline.train.stacker import check_stacker_captions
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ def split_caption_vectors(config: ImageTrainConfig, paths: DatasetPaths,
     if CAPTION_COLUMN not in train:
         raise OptionError(f"--decoder-caption {config.decoder_caption}: {paths.train_csv} has no {CAPTION_COLUMN} "
                           "column, so the decoder has no captions to read; use --decoder-caption none")
-    return (image_caption_vectors(train, config.decoder_caption, cache_dir),
-            image_caption_vectors(val, config.decoder_caption, cache_dir))
+    encoder = resolve_decoder_caption(config, has_captions=True)
+    return image_caption_vectors(train, encoder, cache_dir), image_caption_vectors(val, encoder, cache_dir)
 
 
 def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[str], readable: np.ndarray,
