@@ -46,8 +46,7 @@ demo: demo-data
 # ruff and mypy read their settings from pyproject.toml.
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
-	@# PHASE 2 (issue 36): enable once the whole tree is formatted in one commit:
-	@# $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 test: lint

@@ -29,8 +29,9 @@ from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--data", default=None, help="dataset folder holding train.csv (default: the demo dataset)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation fraction of the shared split")
     parser.add_argument("--C", type=float, default=10.0, help="inverse L2 strength of the logistic regression")
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     label_set, train, val = load_train_val(DatasetPaths.resolve(args.data), args.val_fraction)
     # The same tokeniser as the RNN, so the two branches see the same words.
-    vectorizer = TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None,
-                                 ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    vectorizer = TfidfVectorizer(
+        tokenizer=tokenize, lowercase=False, token_pattern=None, ngram_range=(1, 2), min_df=2, sublinear_tf=True
+    )
     x_train = vectorizer.fit_transform(train[CAPTION_COLUMN].fillna(""))
     x_val = vectorizer.transform(val[CAPTION_COLUMN].fillna(""))
     y_train = label_set.encode(train[LABELS_COLUMN])
@@ -55,8 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     f1_half = samples_f1(y_val, binarize(probs, 0.5))
     threshold, f1_tuned = tune_global_threshold(y_val, probs)
-    print(f"train {len(train)} / val {len(val)} captions, {len(label_set)} labels, "
-          f"{x_train.shape[1]} TF-IDF features")
+    print(f"train {len(train)} / val {len(val)} captions, {len(label_set)} labels, {x_train.shape[1]} TF-IDF features")
     print(f"val samples-F1 @0.5: {f1_half:.4f}")
     print(f"val samples-F1 @{threshold:.2f} (tuned global threshold): {f1_tuned:.4f}")
     print(f"seconds: {seconds:.1f}")

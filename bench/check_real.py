@@ -24,18 +24,29 @@ def test_test_csv_reads_all_10000_rows(shared):
     assert caption == 'Stop sign with added "war" annotation, at an intersection.'
 
 
-@pytest.mark.parametrize("image_id, labels, caption", [
-    ("9084.jpg", [3, 1, 11], 'A street sign labeled "Seltzer Way," with a red fire hydrant in the foreground '
-                             "and a street stretching into the background."),
-    ("9508.jpg", [1], 'A cow in street with writing that reads "oh no, not beef on the menu again!"'),
-    ("4787.jpg", [1, 18], "Man and his dog laying on the floor inside of a room/"),
-    ("4788.jpg", [1], "the batter is swinging his bat to hit the ball"),
-    ("14712.jpg", [8, 1, 3, 6], "A bus stops at a small city bus stop/"),
-    ("14957.jpg", [3, 13], 'A red stop sign next to a paper sign that reads "COURT"/'),
-    ("1014.jpg", [18], "Atop an oriental rug rests a dog and two low-lying tables and a taller one\n"
-                       "full of very tidily arranged piles of jeans and tops."),
-    ("6751.jpg", [4], "Red motor \nscooter parked on the sand with a sunset in background."),
-])
+@pytest.mark.parametrize(
+    "image_id, labels, caption",
+    [
+        (
+            "9084.jpg",
+            [3, 1, 11],
+            'A street sign labeled "Seltzer Way," with a red fire hydrant in the foreground '
+            "and a street stretching into the background.",
+        ),
+        ("9508.jpg", [1], 'A cow in street with writing that reads "oh no, not beef on the menu again!"'),
+        ("4787.jpg", [1, 18], "Man and his dog laying on the floor inside of a room/"),
+        ("4788.jpg", [1], "the batter is swinging his bat to hit the ball"),
+        ("14712.jpg", [8, 1, 3, 6], "A bus stops at a small city bus stop/"),
+        ("14957.jpg", [3, 13], 'A red stop sign next to a paper sign that reads "COURT"/'),
+        (
+            "1014.jpg",
+            [18],
+            "Atop an oriental rug rests a dog and two low-lying tables and a taller one\n"
+            "full of very tidily arranged piles of jeans and tops.",
+        ),
+        ("6751.jpg", [4], "Red motor \nscooter parked on the sand with a sunset in background."),
+    ],
+)
 def test_quirky_rows_are_intact(shared, image_id, labels, caption):
     row = read_csv(shared / "train.csv").set_index("ImageID").loc[image_id]
     assert row["Labels"] == labels

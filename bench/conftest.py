@@ -8,8 +8,11 @@ import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--shared", default="../shared/comp5329",
-                     help="folder holding the real competition data (train.csv, test.csv, data/)")
+    parser.addoption(
+        "--shared",
+        default="../shared/comp5329",
+        help="folder holding the real competition data (train.csv, test.csv, data/)",
+    )
 
 
 @pytest.fixture(scope="session")

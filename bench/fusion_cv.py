@@ -29,8 +29,9 @@ from pipeline.fusion import _cross_validated, tune_fusion
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 
 
-def branch_probabilities(weights: Path, sources: dict[str, Path], branches: list[str], val_ids: list[str],
-                         label_ids: Sequence[int]) -> dict[str, np.ndarray]:
+def branch_probabilities(
+    weights: Path, sources: dict[str, Path], branches: list[str], val_ids: list[str], label_ids: Sequence[int]
+) -> dict[str, np.ndarray]:
     """Each branch's validation probabilities aligned on ``val_ids``."""
     out = {}
     for branch in branches:
@@ -46,8 +47,11 @@ def evaluate(y_true: np.ndarray, probs: dict[str, np.ndarray], label_ids: Sequen
     result: dict = {"branches": {}}
     for branch, p in probs.items():
         threshold, f1 = tune_global_threshold(y_true, p)
-        result["branches"][branch] = {"f1": round(f1, 4), "threshold": round(threshold, 2),
-                                      "f1_at_0.5": round(samples_f1(y_true, binarize(p, 0.5)), 4)}
+        result["branches"][branch] = {
+            "f1": round(f1, 4),
+            "threshold": round(threshold, 2),
+            "f1_at_0.5": round(samples_f1(y_true, binarize(p, 0.5)), 4),
+        }
     settings = tune_fusion(y_true, probs, label_ids, compare_stacker=False)
     result["fused_split_tuned"] = settings.val_samples_f1
     result["weights"] = settings.weights
@@ -69,8 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="the dataset folder the branches were trained on")
     parser.add_argument("--weights", required=True, help="the run's weights folder")
     parser.add_argument("--branches", default="image,decoder,caption", help="branches to fuse, comma-separated")
-    parser.add_argument("--from", dest="sources", action="append", default=[], metavar="BRANCH=DIR",
-                        help="take BRANCH's val_probs_BRANCH.csv from DIR (repeatable)")
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="BRANCH=DIR",
+        help="take BRANCH's val_probs_BRANCH.csv from DIR (repeatable)",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="as the branches were trained")
     parser.add_argument("--fold-seeds", type=int, default=8, help="fold seeds of the cross-validated figure")
     parser.add_argument("--json", help="also write the result here")

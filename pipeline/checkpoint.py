@@ -25,8 +25,9 @@ def checkpoint_path(weights_dir: str | Path, branch: str) -> Path:
     return Path(weights_dir) / f"{branch}.pt"
 
 
-def save_checkpoint(path: str | Path, *, branch: str, state_dict: dict, config: dict,
-                    label_ids: Sequence[int], **extras: object) -> None:
+def save_checkpoint(
+    path: str | Path, *, branch: str, state_dict: dict, config: dict, label_ids: Sequence[int], **extras: object
+) -> None:
     """Save one branch as a plain dict carrying everything needed to rebuild it."""
     if branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; valid: {', '.join(BRANCHES)}")
@@ -41,8 +42,7 @@ def save_checkpoint(path: str | Path, *, branch: str, state_dict: dict, config: 
     atomic_torch_save(checkpoint, Path(path))
 
 
-def load_checkpoint(path: str | Path, *, branch: str | None = None,
-                    label_ids: Sequence[int] | None = None) -> dict:
+def load_checkpoint(path: str | Path, *, branch: str | None = None, label_ids: Sequence[int] | None = None) -> dict:
     """Load a checkpoint safely and check it is the expected branch, label set and format."""
     path = Path(path)
     if not path.is_file():
@@ -61,9 +61,7 @@ def load_checkpoint(path: str | Path, *, branch: str | None = None,
     if branch is not None and checkpoint.get("branch") != branch:
         raise CheckpointError(f"{path}: holds the {checkpoint.get('branch')!r} branch, expected {branch!r}")
     if label_ids is not None and list(checkpoint["label_ids"]) != [int(i) for i in label_ids]:
-        raise CheckpointError(
-            f"{path}: trained for labels {checkpoint['label_ids']}, this run has {list(label_ids)}"
-        )
+        raise CheckpointError(f"{path}: trained for labels {checkpoint['label_ids']}, this run has {list(label_ids)}")
     return checkpoint
 
 
@@ -72,8 +70,7 @@ def probabilities_path(weights_dir: str | Path, branch: str) -> Path:
     return Path(weights_dir) / f"val_probs_{branch}.csv"
 
 
-def save_probabilities(path: str | Path, image_ids: Sequence[str], label_ids: Sequence[int],
-                       probs: np.ndarray) -> None:
+def save_probabilities(path: str | Path, image_ids: Sequence[str], label_ids: Sequence[int], probs: np.ndarray) -> None:
     """Write probabilities (N, L) keyed by ImageID, one column per label id, atomically."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape != (len(image_ids), len(label_ids)):
@@ -83,8 +80,9 @@ def save_probabilities(path: str | Path, image_ids: Sequence[str], label_ids: Se
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
 
 
-def load_probabilities(path: str | Path,
-                       label_ids: Sequence[int] | None = None) -> tuple[list[str], list[int], np.ndarray]:
+def load_probabilities(
+    path: str | Path, label_ids: Sequence[int] | None = None
+) -> tuple[list[str], list[int], np.ndarray]:
     """Read a probabilities file: (image ids, label ids, probabilities (N, L)).
 
     An empty cell (or ``nan``) is NaN: no probability, as ``save_probabilities`` writes the row
@@ -99,14 +97,20 @@ def load_probabilities(path: str | Path,
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not a probabilities file written by training "
-                              f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
-                              ) from None
+        raise CheckpointError(
+            f"{path}: not a probabilities file written by training "
+            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+        ) from None
     header = list(frame.columns)
-    if not header or header[0] != "ImageID" or len(header) < 2 or \
-            not all(c.isascii() and c.isdigit() for c in header[1:]):
-        raise CheckpointError(f"{path}:1: header {','.join(header)!r}; a probabilities file has ImageID, then "
-                              "one column per label id")
+    if (
+        not header
+        or header[0] != "ImageID"
+        or len(header) < 2
+        or not all(c.isascii() and c.isdigit() for c in header[1:])
+    ):
+        raise CheckpointError(
+            f"{path}:1: header {','.join(header)!r}; a probabilities file has ImageID, then one column per label id"
+        )
     file_labels = [int(c) for c in header[1:]]
     if label_ids is not None and file_labels != [int(i) for i in label_ids]:
         raise CheckpointError(f"{path}: probabilities for labels {file_labels}, expected {list(label_ids)}")
@@ -116,6 +120,8 @@ def load_probabilities(path: str | Path,
     bad = ~unscored.to_numpy() & ~((values >= 0) & (values <= 1))  # text, inf or outside 0..1
     if bad.any():
         row, column = (int(k) for k in np.argwhere(bad)[0])
-        raise CheckpointError(f"{path}:{row + 2}: label {header[column + 1]} is {cells.iat[row, column]!r}, not a "
-                              "probability (a number 0..1, or empty where the branch could not score the image)")
+        raise CheckpointError(
+            f"{path}:{row + 2}: label {header[column + 1]} is {cells.iat[row, column]!r}, not a "
+            "probability (a number 0..1, or empty where the branch could not score the image)"
+        )
     return frame["ImageID"].tolist(), file_labels, np.where(unscored.to_numpy(), np.nan, values)

@@ -92,6 +92,7 @@ def infer(argv: Sequence[str] | None = None) -> dict:
 
 # The console commands: the exit status, and one-line errors for bad input (pipeline.config.run_main).
 
+
 def train_image_command(argv: Sequence[str] | None = None) -> int:
     return run_main(train_image, train_image_parser(), argv)
 

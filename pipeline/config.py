@@ -47,15 +47,23 @@ GROUPS = {
 }
 
 
-def option(default, help: str, group: str = "run", aliases: tuple[str, ...] = (),  # noqa: A002 - argparse's name
-           bounds: tuple[int, int] | None = None, **argparse_kwargs):
+def option(
+    default,
+    help: str,  # noqa: A002 - argparse's name
+    group: str = "run",
+    aliases: tuple[str, ...] = (),
+    bounds: tuple[int, int] | None = None,
+    **argparse_kwargs,
+):
     """A dataclass field that is also a command-line option, shown under ``--help`` section ``group``
     and also accepted under the older spellings ``aliases``. ``bounds`` (lowest, highest), for an
     integer option, are checked as the command line or a ``--config`` file is parsed."""
     if group not in GROUPS:
         raise ValueError(f"option group {group!r}: valid groups are {', '.join(GROUPS)}")
-    return field(default=default, metadata={"help": help, "group": group, "aliases": aliases, "bounds": bounds,
-                                            **argparse_kwargs})
+    return field(
+        default=default,
+        metadata={"help": help, "group": group, "aliases": aliases, "bounds": bounds, **argparse_kwargs},
+    )
 
 
 # NumPy's generator (np.random.seed) takes seeds of 32 bits: one outside them failed in seed_everything.
@@ -83,10 +91,12 @@ def _bounded(value_type: type, flag: str, bounds: tuple[int, int]) -> Callable[[
 
 def workers_option() -> int:
     """``--workers``, for the scripts that decode images."""
-    return option(usable_cores(),
-                  "DataLoader worker processes decoding images (default: one per core; under torchrun the "
-                  "processes of a machine share them); feature extraction on CPU runs one single-threaded "
-                  "decode+forward process per core instead (0: everything in the main process)")
+    return option(
+        usable_cores(),
+        "DataLoader worker processes decoding images (default: one per core; under torchrun the "
+        "processes of a machine share them); feature extraction on CPU runs one single-threaded "
+        "decode+forward process per core instead (0: everything in the main process)",
+    )
 
 
 def output_option() -> str:
@@ -99,14 +109,21 @@ class CommonConfig:
     """The options every script acts on (the command-line contract)."""
 
     data: str = option(
-        str(DEMO_DATA), "dataset folder holding train.csv, test.csv and the images in data/ "
-        "(the competition's layout); the default is the demo dataset that make demo-data generates", "data")
+        str(DEMO_DATA),
+        "dataset folder holding train.csv, test.csv and the images in data/ "
+        "(the competition's layout); the default is the demo dataset that make demo-data generates",
+        "data",
+    )
     images: str | None = option(None, "image folder, overriding DATA/data", "data")
     val_fraction: float = option(
-        0.15, "fraction of train.csv held out for validation and fusion tuning, by a stable hash of "
-        "ImageID; must be the same for every script of a run", "data")
-    weights_dir: str = option("weights", "folder of the checkpoints, validation probabilities and fusion.json",
-                              aliases=("--weights",))
+        0.15,
+        "fraction of train.csv held out for validation and fusion tuning, by a stable hash of "
+        "ImageID; must be the same for every script of a run",
+        "data",
+    )
+    weights_dir: str = option(
+        "weights", "folder of the checkpoints, validation probabilities and fusion.json", aliases=("--weights",)
+    )
     device: str = option("auto", "where to compute: auto picks cuda when available", choices=["auto", "cpu", "cuda"])
     seed: int = seed_option("random seed for the split-independent randomness (initialisation, shuffling)")
 
@@ -116,18 +133,26 @@ class TrainingConfig(CommonConfig):
     """The options both training scripts act on."""
 
     resume: bool | str = option(
-        False, "continue an interrupted run from its last completed epoch (same options and data give the "
+        False,
+        "continue an interrupted run from its last completed epoch (same options and data give the "
         "result of an uninterrupted run); per-epoch states live in WEIGHTS_DIR/resume/ until the run finishes. "
         "--resume PATH continues from the states of another folder instead: an interrupted run's weights "
-        "folder or its resume/<script> folder (copied here first, PATH is left as it is)", metavar="PATH")
+        "folder or its resume/<script> folder (copied here first, PATH is left as it is)",
+        metavar="PATH",
+    )
     log: str = option(
-        "csv", "where each epoch's loss, score and learning rate go: csv = WEIGHTS_DIR/history_<branch>.csv "
+        "csv",
+        "where each epoch's loss, score and learning rate go: csv = WEIGHTS_DIR/history_<branch>.csv "
         "(always written); tensorboard = that and TensorBoard event files in WEIGHTS_DIR/tensorboard/<branch>/ "
-        "(tensorboard --logdir WEIGHTS_DIR/tensorboard)", choices=["csv", "tensorboard"])
+        "(tensorboard --logdir WEIGHTS_DIR/tensorboard)",
+        choices=["csv", "tensorboard"],
+    )
     keep_best: int = option(
-        0, "also keep the weights of the K best epochs of each training loop (by validation score) in "
+        0,
+        "also keep the weights of the K best epochs of each training loop (by validation score) in "
         "WEIGHTS_DIR/best/, as plain state dicts with their epoch and score; 0: only the best, in the checkpoint",
-        metavar="K")
+        metavar="K",
+    )
 
 
 # A help text that already says its default ("default: 8 partial, 25 end to end").
@@ -157,12 +182,16 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
     and ``--config`` (neither is a setting: one changes how an error is shown, the other where
     the settings come from, so neither is a field or saved)."""
     # allow_abbrev=False: a prefix (--epoch, --thresh) is refused, not read as the option it starts.
-    parser = argparse.ArgumentParser(usage="%(prog)s [options]", description=description,
-                                     formatter_class=HelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [options]", description=description, formatter_class=HelpFormatter, allow_abbrev=False
+    )
     hints = typing.get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
-    sections = {name: parser.add_argument_group(title)
-                for name, title in GROUPS.items() if any(f.metadata["group"] == name for f in fields)}
+    sections = {
+        name: parser.add_argument_group(title)
+        for name, title in GROUPS.items()
+        if any(f.metadata["group"] == name for f in fields)
+    }
     for f in fields:
         meta = dict(f.metadata)
         help_text, section, aliases = meta.pop("help"), sections[meta.pop("group")], meta.pop("aliases")
@@ -171,12 +200,12 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
         hint = hints[f.name]
         value_type = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         if set(typing.get_args(hint)) == {bool, str}:  # --flag alone (True) or --flag VALUE
-            section.add_argument(*flags, dest=f.name, nargs="?", const=True, default=f.default, help=help_text,
-                                 **meta)
+            section.add_argument(*flags, dest=f.name, nargs="?", const=True, default=f.default, help=help_text, **meta)
             continue
         if value_type is bool:  # bool, or bool | None where None means "decided by the run"
-            section.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                 help=help_text)
+            section.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
             continue
         if typing.get_origin(value_type) is list:
             meta.setdefault("nargs", "+")
@@ -188,13 +217,17 @@ def build_parser(config_cls: type, description: str, *, debug: bool = False) -> 
         section.add_argument(*flags, dest=f.name, type=value_type, default=f.default, help=help_text, **meta)
     if debug:
         sections.get("run", parser).add_argument(
-            "--debug", action="store_true",
-            help="show the traceback of an error in the input instead of its one-line message (also "
-                 "PIPELINE_DEBUG=1)")
+            "--debug",
+            action="store_true",
+            help="show the traceback of an error in the input instead of its one-line message (also PIPELINE_DEBUG=1)",
+        )
         sections.get("run", parser).add_argument(
-            "--config", metavar="FILE", default=None,
+            "--config",
+            metavar="FILE",
+            default=None,
             help="read the settings from this JSON object of option names (with _ for -) and values, such "
-                 "as a saved WEIGHTS_DIR/*_config.json; options given on the command line override it")
+            "as a saved WEIGHTS_DIR/*_config.json; options given on the command line override it",
+        )
     return parser
 
 
@@ -211,8 +244,9 @@ REQUESTED_KEY = "requested"
 
 def save_config(config, path: Path, requested: dict[str, object] | None = None) -> None:
     """Write the resolved settings as JSON, atomically, with the ``requested`` values beside them."""
-    write_json(path, {**dataclasses.asdict(config), **({REQUESTED_KEY: requested} if requested else {})},
-               sort_keys=True)
+    write_json(
+        path, {**dataclasses.asdict(config), **({REQUESTED_KEY: requested} if requested else {})}, sort_keys=True
+    )
 
 
 # --- Running a script as a program ----------------------------------------------------------------
@@ -239,8 +273,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.models.backbones import BackboneWeightsError
     from pipeline.models.stages import BackboneSplitError
 
-    return (DataFormatError, OptionError, FusionError, CheckpointError, BackboneWeightsError, BackboneSplitError,
-            ImageReadError, NonFiniteLossError, OSError)
+    return (
+        DataFormatError,
+        OptionError,
+        FusionError,
+        CheckpointError,
+        BackboneWeightsError,
+        BackboneSplitError,
+        ImageReadError,
+        NonFiniteLossError,
+        OSError,
+    )
 
 
 Config = TypeVar("Config")
@@ -253,7 +296,8 @@ def _json_kind(value: object) -> str:
     if isinstance(value, bool):
         return "true/false"
     return {int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path) -> object:
@@ -286,15 +330,16 @@ def _checked_value(f: dataclasses.Field, hint: object, value: object, path: Path
         ok, expected = False, f"{expected} in {bounds[0]}..{bounds[1]}"
     if not ok:
         expected += " or null" if optional else ""
-        raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(value)}; "
-                          f"it takes {expected}")
+        raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(value)}; it takes {expected}")
     choices = f.metadata.get("choices")
     if choices is not None:
         # A list here is a list option's (a scalar option's value passed the checks above as no list).
         bad = [v for v in (value if isinstance(value, list) else [value]) if v not in choices]
         if bad:
-            raise OptionError(f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(bad[0])}; "
-                              f"valid: {', '.join(map(str, choices))}")
+            raise OptionError(
+                f"--config {path}: key {f.name!r} ({flag}) is {json.dumps(bad[0])}; "
+                f"valid: {', '.join(map(str, choices))}"
+            )
     return value
 
 
@@ -308,7 +353,8 @@ def read_config_file(config_cls: type, path: str | Path) -> dict[str, object]:
     path = Path(path)
 
     unique_keys = unique_keys_hook(
-        lambda keys: OptionError(f"--config {path}: key(s) {keys} given twice; give each once"))
+        lambda keys: OptionError(f"--config {path}: key(s) {keys} given twice; give each once")
+    )
 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
@@ -321,14 +367,17 @@ def read_config_file(config_cls: type, path: str | Path) -> dict[str, object]:
     except UnicodeDecodeError:
         raise OptionError(f"--config {path}: not UTF-8 text; a config file is plain JSON") from None
     except RecursionError:
-        raise OptionError(f"--config {path}: JSON nested too deeply to read; a config file is one flat "
-                          "object of settings") from None
+        raise OptionError(
+            f"--config {path}: JSON nested too deeply to read; a config file is one flat object of settings"
+        ) from None
     except OSError as err:  # a symlink loop, no permission, a name too long...
         raise OptionError(f"--config {path}: {err.strerror or err}") from None
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     if not isinstance(raw, dict):
-        raise OptionError(f"--config {path}: holds {_json_kind(raw)}, not a JSON object of settings "
-                          f"(keys: {', '.join(sorted(fields))})")
+        raise OptionError(
+            f"--config {path}: holds {_json_kind(raw)}, not a JSON object of settings "
+            f"(keys: {', '.join(sorted(fields))})"
+        )
     # What a saved file's run was asked for: a record for the reader, not a setting.
     raw.pop(REQUESTED_KEY, None)
     unknown = sorted(set(raw) - set(fields))
@@ -364,8 +413,12 @@ def debug_requested(parser: argparse.ArgumentParser, argv: Sequence[str]) -> boo
     return bool(getattr(known, "debug", False))
 
 
-def run_main(main: Callable[[list[str]], object], parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None = None, errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_main(
+    main: Callable[[list[str]], object],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    errors: tuple[type[BaseException], ...] = (),
+) -> int:
     """Run a script's ``main(argv)`` as a program and return its exit status: 0, or 2 after
     printing ``error: MESSAGE`` on stderr for one of ``user_errors()`` or the script's own
     ``errors``. With ``--debug`` those raise like any other exception, traceback and all."""

@@ -74,8 +74,15 @@ class ExtractionSettings:
     shard_rows: int | None = None  # rows per shard of a new store (None: :func:`shard_rows_for`'s)
 
 
-def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], precision: str = "fp32",
-              output: str = "avg+max", runtime: str = "torch", calibration: Calibration | None = None) -> dict:
+def cache_key(
+    backbone: Backbone,
+    files: Sequence[Path],
+    views: Sequence[str],
+    precision: str = "fp32",
+    output: str = "avg+max",
+    runtime: str = "torch",
+    calibration: Calibration | None = None,
+) -> dict:
     """Everything the features depend on, including each file's size and modification time
     and the runtime that computes them.
 
@@ -84,7 +91,8 @@ def cache_key(backbone: Backbone, files: Sequence[Path], views: Sequence[str], p
     calibration images are part of it too.
     """
     calibrated = {"calibration": calibration.digest} if precision == "int8" and calibration is not None else {}
-    return {**calibrated,
+    return {
+        **calibrated,
         "cache_version": CACHE_VERSION,
         "decode_version": DECODE_VERSION,
         "backbone": backbone.name,
@@ -112,8 +120,13 @@ def cache_key_images(files: Sequence[Path]) -> str:
 CALIBRATION_IMAGES = 300
 
 
-def calibration_images(paths: DatasetPaths, image_ids: Sequence[str], preprocessing: dict,
-                       count: int = CALIBRATION_IMAGES, batch_size: int = 32) -> Calibration:
+def calibration_images(
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    preprocessing: dict,
+    count: int = CALIBRATION_IMAGES,
+    batch_size: int = 32,
+) -> Calibration:
     """``count`` of the training images ``image_ids`` for int8 calibration, the same every time
     (evenly spaced over the ids in name order), decoded as extraction decodes them (plain view,
     unreadable ones left out); named by their files (name, size, modification time) and the
@@ -124,8 +137,13 @@ def calibration_images(paths: DatasetPaths, image_ids: Sequence[str], preprocess
     digest = _key_digest({"images": key, "preprocessing": preprocessing, "decode_version": DECODE_VERSION})
 
     def batches() -> Iterator[torch.Tensor]:
-        dataset = ImageDataset(paths, chosen, build_transform(preprocessing, normalize=False),
-                               preprocessing["resolution"], blank_dtype=torch.uint8)
+        dataset = ImageDataset(
+            paths,
+            chosen,
+            build_transform(preprocessing, normalize=False),
+            preprocessing["resolution"],
+            blank_dtype=torch.uint8,
+        )
         for start in range(0, len(chosen), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(chosen)))]
             images = [image for image, _, readable in items if readable]
@@ -147,9 +165,11 @@ def recorded_calibration(paths: DatasetPaths, record: dict, preprocessing: dict)
         except (ValueError, IndexError, KeyError):  # images given one by one (--image), not a dataset folder
             decoded = []
         if not decoded:
-            raise CheckpointError(f"int8: the quantised model is not in the model cache, and none of its {len(ids)} "
-                                  f"calibration images (e.g. {ids[0] if ids else '?'}) can be read here; run "
-                                  "inference.py once with --data naming the training data to quantise it again")
+            raise CheckpointError(
+                f"int8: the quantised model is not in the model cache, and none of its {len(ids)} "
+                f"calibration images (e.g. {ids[0] if ids else '?'}) can be read here; run "
+                "inference.py once with --data naming the training data to quantise it again"
+            )
         yield from decoded
 
     return Calibration(batches, record["digest"], tuple(ids))
@@ -225,9 +245,12 @@ class _Unit:
 def _units(shards: Sequence[tuple[int, range]], num_views: int, size: int) -> list[_Unit]:
     """The work units of ``(shard, rows)`` pairs, shard by shard, every view of a shard's rows
     before the next shard, so each shard completes as early as possible."""
-    return [_Unit(shard, view, start, min(start + size, rows.stop))
-            for shard, rows in shards for view in range(num_views)
-            for start in range(rows.start, rows.stop, size)]
+    return [
+        _Unit(shard, view, start, min(start + size, rows.stop))
+        for shard, rows in shards
+        for view in range(num_views)
+        for start in range(rows.start, rows.stop, size)
+    ]
 
 
 class _UnitImages(Dataset):
@@ -257,9 +280,17 @@ class _UnitImages(Dataset):
         return outputs, ok, decoded - started, time.perf_counter() - decoded
 
 
-def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
-               units: list[_Unit], workers: int, processes: int, description: str,
-               show_progress: bool = True) -> Iterator[tuple[_Unit, torch.Tensor, torch.Tensor]]:
+def _run_units(
+    extractor: _Extractor,
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    views: Sequence[str],
+    units: list[_Unit],
+    workers: int,
+    processes: int,
+    description: str,
+    show_progress: bool = True,
+) -> Iterator[tuple[_Unit, torch.Tensor, torch.Tensor]]:
     """(unit, outputs, readable) of every unit, in order.
 
     With a runtime that runs in the workers (torch on a CPU) and ``processes`` > 0, that many
@@ -268,17 +299,29 @@ def _run_units(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[s
     the forward.
     """
     resolution = extractor.preprocessing["resolution"]
-    datasets = [ImageDataset(paths, list(image_ids), build_transform(extractor.preprocessing, flip=(view == "flip"),
-                                                                     normalize=False),
-                             resolution, blank_dtype=torch.uint8) for view in views]
+    datasets = [
+        ImageDataset(
+            paths,
+            list(image_ids),
+            build_transform(extractor.preprocessing, flip=(view == "flip"), normalize=False),
+            resolution,
+            blank_dtype=torch.uint8,
+        )
+        for view in views
+    ]
     in_workers = extractor.forward.in_workers and processes > 0
     count = processes if in_workers else workers
-    loader = DataLoader(_UnitImages(datasets, units, extractor if in_workers else None), batch_size=None,
-                        num_workers=count, pin_memory=extractor.device.type == "cuda" and not in_workers,
-                        prefetch_factor=4 if count else None)
+    loader = DataLoader(
+        _UnitImages(datasets, units, extractor if in_workers else None),
+        batch_size=None,
+        num_workers=count,
+        pin_memory=extractor.device.type == "cuda" and not in_workers,
+        prefetch_factor=4 if count else None,
+    )
     # The loader yields one item per unit (batch_size=None over _UnitImages(units)).
-    batches = tqdm(zip(units, loader, strict=True), total=len(units), desc=description, unit="batch",
-                   disable=not show_progress)
+    batches = tqdm(
+        zip(units, loader, strict=True), total=len(units), desc=description, unit="batch", disable=not show_progress
+    )
     if in_workers:
         for unit, (outputs, ok, decode_seconds, forward_seconds) in batches:
             timing.add("decode", decode_seconds, len(ok))
@@ -315,14 +358,20 @@ def _unit_size(extractor: _Extractor, batch_size: int, processes: int) -> int:
     return min(batch_size, CPU_BATCH) if on_cpu else batch_size
 
 
-def _extractor(module: torch.nn.Module, backbone: Backbone, output_shape: tuple[int, ...], precision: str,
-               device: torch.device, runtime: str = "torch", model_cache: Path | None = None,
-               calibration: Calibration | None = None) -> _Extractor:
+def _extractor(
+    module: torch.nn.Module,
+    backbone: Backbone,
+    output_shape: tuple[int, ...],
+    precision: str,
+    device: torch.device,
+    runtime: str = "torch",
+    model_cache: Path | None = None,
+    calibration: Calibration | None = None,
+) -> _Extractor:
     """The extractor of ``module`` (the backbone, or its front) in ``runtime``, which keeps its
     converted models in ``model_cache`` (None: in this process only)."""
     probe = Probe(module, backbone.preprocessing, len(output_shape) == 1, precision, calibration)
-    return _Extractor(build_forward(runtime, probe, device, model_cache), backbone.preprocessing, output_shape,
-                      device)
+    return _Extractor(build_forward(runtime, probe, device, model_cache), backbone.preprocessing, output_shape, device)
 
 
 def _processes(workers: int) -> int:
@@ -338,13 +387,22 @@ def _mean_into(target: np.ndarray, rows: slice, view_number: int, pooled: torch.
     target[rows] = ((previous * view_number + pooled.numpy()) / (view_number + 1)).astype(np.float16)
 
 
-def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], device: torch.device,
-                     batch_size: int = 64, workers: int = 2, views: Sequence[str] = VIEWS,
-                     description: str = "features", precision: str = "fp32",
-                     processes: int | None = None, runtime: str = "torch",
-                     model_cache: Path | None = None,
-                     attention: ClassAttention | None = None,
-                     calibration: Calibration | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    backbone: Backbone,
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 2,
+    views: Sequence[str] = VIEWS,
+    description: str = "features",
+    precision: str = "fp32",
+    processes: int | None = None,
+    runtime: str = "torch",
+    model_cache: Path | None = None,
+    attention: ClassAttention | None = None,
+    calibration: Calibration | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (N, 2C) in float16, averaged over the views (plain and mirrored), and a
     (N,) bool mask of the images that could be read (the others' features are NaN, never
     computed), held in memory: for a chunk of images, not a whole training set (that is
@@ -359,8 +417,9 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     :func:`pooled_output`).
     """
     module, width, _ = pooled_output(backbone, attention)
-    extractor = _extractor(module, backbone, (width,), precision, device, runtime, model_cache=model_cache,
-                           calibration=calibration)
+    extractor = _extractor(
+        module, backbone, (width,), precision, device, runtime, model_cache=model_cache, calibration=calibration
+    )
     if processes is None:
         processes = usable_cores() if workers > 0 else 0
     features = np.zeros((len(image_ids), width), dtype=np.float16)
@@ -368,20 +427,31 @@ def extract_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequenc
     units = _units([(0, range(len(image_ids)))], len(views), _unit_size(extractor, batch_size, processes))
     for unit, pooled, ok in _run_units(extractor, paths, image_ids, views, units, workers, processes, description):
         _mean_into(features, slice(unit.start, unit.stop), unit.view, pooled)
-        readable[unit.start:unit.stop] &= ok.numpy()
+        readable[unit.start : unit.stop] &= ok.numpy()
     features[~readable] = np.nan
     return torch.from_numpy(features), torch.from_numpy(readable)
 
 
-def extract_into_store(extractor: _Extractor, paths: DatasetPaths, image_ids: Sequence[str], views: Sequence[str],
-                       store: ShardedStore, shards: Sequence[int], batch_size: int, workers: int, processes: int,
-                       description: str, show_progress: bool = True) -> None:
+def extract_into_store(
+    extractor: _Extractor,
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    views: Sequence[str],
+    store: ShardedStore,
+    shards: Sequence[int],
+    batch_size: int,
+    workers: int,
+    processes: int,
+    description: str,
+    show_progress: bool = True,
+) -> None:
     """Extract shards ``shards`` of ``store``: pooled features averaged over the views (field
     ``features``) or one field of maps per view, and ``readable``. Each shard is renamed into
     place as soon as its last unit is in, so an interruption loses at most the shard being
     written."""
-    units = _units([(k, store.shard_range(k)) for k in shards], len(views),
-                   _unit_size(extractor, batch_size, processes))
+    units = _units(
+        [(k, store.shard_range(k)) for k in shards], len(views), _unit_size(extractor, batch_size, processes)
+    )
     stream = _run_units(extractor, paths, image_ids, views, units, workers, processes, description, show_progress)
     for shard, pieces in itertools.groupby(stream, key=lambda piece: piece[0].shard):
         first = store.shard_range(shard).start
@@ -399,9 +469,17 @@ def extract_into_store(extractor: _Extractor, paths: DatasetPaths, image_ids: Se
                 arrays["features"][~readable] = np.nan
 
 
-def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor: Callable[[], _Extractor],
-                  paths: DatasetPaths, image_ids: Sequence[str], settings: ExtractionSettings, description: str,
-                  context: DistContext) -> ShardedStore:
+def _cached_store(
+    kind: str,
+    key: dict,
+    fields: dict[str, Field],
+    make_extractor: Callable[[], _Extractor],
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    settings: ExtractionSettings,
+    description: str,
+    context: DistContext,
+) -> ShardedStore:
     """The complete store of ``key``: read when it is there and every file matches its digest,
     else its missing and damaged shards extracted.
 
@@ -423,8 +501,10 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
         barrier(context)
         store = ShardedStore.open(directory, key)
         if store is None:
-            raise CheckpointError(f"{directory}: the cache rank 0 created cannot be read; under torchrun on several "
-                                  "machines --weights-dir must be on a shared file system")
+            raise CheckpointError(
+                f"{directory}: the cache rank 0 created cannot be read; under torchrun on several "
+                "machines --weights-dir must be on a shared file system"
+            )
         store = dataclasses.replace(store, keeps_manifest=context.is_main)
         missing = store.missing_shards()
         damaged = store.damaged_shards([k for k in range(store.num_shards) if k not in missing])
@@ -433,15 +513,24 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
                 log.warning("%s cache: %s; extracting its shard again", kind, problem)
         todo = sorted([*missing, *damaged])
         if all_ranks_agree(not todo, context):
-            log.info("%s cache hit: %s (%d images, written by another run meanwhile)", kind, directory,
-                     len(image_ids))
+            log.info("%s cache hit: %s (%d images, written by another run meanwhile)", kind, directory, len(image_ids))
             return store
         if len(todo) < store.num_shards:
             log.info("%s cache: resuming, %d of %d shards to extract", kind, len(todo), store.num_shards)
         barrier(context)  # every rank has listed the same shards before any is written
-        extract_into_store(make_extractor(), paths, image_ids, settings.views, store,
-                           todo[context.rank::context.world_size], settings.batch_size, settings.workers,
-                           _processes(settings.workers), description, context.is_main)
+        extract_into_store(
+            make_extractor(),
+            paths,
+            image_ids,
+            settings.views,
+            store,
+            todo[context.rank :: context.world_size],
+            settings.batch_size,
+            settings.workers,
+            _processes(settings.workers),
+            description,
+            context.is_main,
+        )
         barrier(context)
         if context.distributed:
             if context.is_main:
@@ -450,8 +539,10 @@ def _cached_store(kind: str, key: dict, fields: dict[str, Field], make_extractor
             if not context.is_main:  # the digests rank 0 recorded
                 store = ShardedStore.open(directory, key) or store
         if any(not store.shard_complete(shard) for shard in todo):
-            raise CheckpointError(f"{directory}: shards written by other ranks are missing; under torchrun on "
-                                  "several machines --weights-dir must be on a shared file system")
+            raise CheckpointError(
+                f"{directory}: shards written by other ranks are missing; under torchrun on "
+                "several machines --weights-dir must be on a shared file system"
+            )
     log.info("%s cache written: %s (%.1f MB)", kind, directory, store.disk_bytes() / 1e6)
     return store
 
@@ -493,14 +584,25 @@ def pooled_output(backbone: Backbone, attention: ClassAttention | None = None) -
     if attention is None:
         return backbone.module, backbone.pooled_dim, "avg+max"
     attention = attention.cpu().eval()
-    return (AttentionPooled(backbone.module, attention), backbone.pooled_dim + attention.num_labels,
-            f"avg+max+csra-{state_digest(attention)}")
+    return (
+        AttentionPooled(backbone.module, attention),
+        backbone.pooled_dim + attention.num_labels,
+        f"avg+max+csra-{state_digest(attention)}",
+    )
 
 
-def _features_key(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], settings: ExtractionSettings,
-                  output: str) -> dict:
-    return cache_key(backbone, [paths.image_path(image_id) for image_id in image_ids], settings.views,
-                     settings.precision, output=output, runtime=settings.runtime, calibration=settings.calibration)
+def _features_key(
+    backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], settings: ExtractionSettings, output: str
+) -> dict:
+    return cache_key(
+        backbone,
+        [paths.image_path(image_id) for image_id in image_ids],
+        settings.views,
+        settings.precision,
+        output=output,
+        runtime=settings.runtime,
+        calibration=settings.calibration,
+    )
 
 
 def _pooled_fields(width: int) -> dict[str, Field]:
@@ -508,28 +610,56 @@ def _pooled_fields(width: int) -> dict[str, Field]:
     return {"features": Field((width,), "float16"), "readable": Field((), "bool")}
 
 
-def cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str], settings: ExtractionSettings,
-                    *, description: str = "features", context: DistContext = DistContext(),
-                    attention: ClassAttention | None = None) -> tuple[CachedFeatures, torch.Tensor]:
+def cached_features(
+    backbone: Backbone,
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    settings: ExtractionSettings,
+    *,
+    description: str = "features",
+    context: DistContext = DistContext(),
+    attention: ClassAttention | None = None,
+) -> tuple[CachedFeatures, torch.Tensor]:
     """(features (N, 2C) float16 read from the cache a batch at a time, readable (N,)): from
     the cache when it is complete, else its missing shards extracted first, as ``settings``
     say. With ``attention``, rows of (N, 2C + L): the attention's logits follow
     (:func:`pooled_output`)."""
     module, width, output = pooled_output(backbone, attention)
     key = _features_key(backbone, paths, image_ids, settings, output)
-    store = _cached_store("features", key, _pooled_fields(width),
-                          lambda: _extractor(module, backbone, (width,), settings.precision, settings.device,
-                                             settings.runtime, settings.cache_dir, settings.calibration),
-                          paths, image_ids, settings, description, context)
+    store = _cached_store(
+        "features",
+        key,
+        _pooled_fields(width),
+        lambda: _extractor(
+            module,
+            backbone,
+            (width,),
+            settings.precision,
+            settings.device,
+            settings.runtime,
+            settings.cache_dir,
+            settings.calibration,
+        ),
+        paths,
+        image_ids,
+        settings,
+        description,
+        context,
+    )
     return CachedFeatures(store), torch.from_numpy(store.read_all("readable"))
 
 
-def has_cached_features(backbone: Backbone, paths: DatasetPaths, image_ids: Sequence[str],
-                        settings: ExtractionSettings, *, attention: ClassAttention | None = None) -> bool:
+def has_cached_features(
+    backbone: Backbone,
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    settings: ExtractionSettings,
+    *,
+    attention: ClassAttention | None = None,
+) -> bool:
     """True when :func:`cached_features` would read these images' features from the cache."""
     key = _features_key(backbone, paths, image_ids, settings, pooled_output(backbone, attention)[2])
-    return ShardedStore.open_complete(_store_dir(settings.cache_dir, "features", key), key,
-                                      len(image_ids)) is not None
+    return ShardedStore.open_complete(_store_dir(settings.cache_dir, "features", key), key, len(image_ids)) is not None
 
 
 @dataclass(frozen=True)
@@ -550,21 +680,52 @@ class StageMaps:
         return self.store.read(view, rows)
 
 
-def cached_stage_maps(backbone: Backbone, front: torch.nn.Module, stage: int, paths: DatasetPaths,
-                      image_ids: Sequence[str], settings: ExtractionSettings, *, description: str = "stage maps",
-                      context: DistContext = DistContext()) -> StageMaps:
+def cached_stage_maps(
+    backbone: Backbone,
+    front: torch.nn.Module,
+    stage: int,
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    settings: ExtractionSettings,
+    *,
+    description: str = "stage maps",
+    context: DistContext = DistContext(),
+) -> StageMaps:
     """The maps ``front`` (the backbone's first ``stage`` stages) computes for every image and
     view, from the cache when it is complete, else its missing shards extracted first, as
     ``settings`` say."""
     files = [paths.image_path(image_id) for image_id in image_ids]
-    key = cache_key(backbone, files, settings.views, settings.precision, output=f"stage{stage}",
-                    runtime=settings.runtime, calibration=settings.calibration)
+    key = cache_key(
+        backbone,
+        files,
+        settings.views,
+        settings.precision,
+        output=f"stage{stage}",
+        runtime=settings.runtime,
+        calibration=settings.calibration,
+    )
     map_shape = _map_shape(front, backbone)
     fields = {**{view: Field(map_shape, "float16") for view in settings.views}, "readable": Field((), "bool")}
-    store = _cached_store("stagemaps", key, fields,
-                          lambda: _extractor(front, backbone, map_shape, settings.precision, settings.device,
-                                             settings.runtime, settings.cache_dir, settings.calibration),
-                          paths, image_ids, settings, description, context)
+    store = _cached_store(
+        "stagemaps",
+        key,
+        fields,
+        lambda: _extractor(
+            front,
+            backbone,
+            map_shape,
+            settings.precision,
+            settings.device,
+            settings.runtime,
+            settings.cache_dir,
+            settings.calibration,
+        ),
+        paths,
+        image_ids,
+        settings,
+        description,
+        context,
+    )
     return StageMaps(store, tuple(settings.views), store.read_all("readable").astype(bool))
 
 
@@ -575,11 +736,21 @@ def _map_shape(front: torch.nn.Module, backbone: Backbone) -> tuple[int, ...]:
         return tuple(front.eval()(torch.zeros(1, 3, resolution, resolution)).shape[1:])
 
 
-def extract_stage_maps(backbone: Backbone, front: torch.nn.Module, paths: DatasetPaths, image_ids: Sequence[str],
-                       device: torch.device, batch_size: int = 64, workers: int = 2, view: str = "plain",
-                       description: str = "stage maps", precision: str = "fp32", runtime: str = "torch",
-                       model_cache: Path | None = None,
-                       calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray]:
+def extract_stage_maps(
+    backbone: Backbone,
+    front: torch.nn.Module,
+    paths: DatasetPaths,
+    image_ids: Sequence[str],
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 2,
+    view: str = "plain",
+    description: str = "stage maps",
+    precision: str = "fp32",
+    runtime: str = "torch",
+    model_cache: Path | None = None,
+    calibration: Calibration | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(maps (N, C, h, w) float16, readable (N,) bool) of ``front`` for the images in one view,
     computed as :func:`cached_stage_maps` computes them but held in memory: for a few images, not
     a dataset. An unreadable image's maps are NaN, never computed."""
@@ -590,6 +761,6 @@ def extract_stage_maps(backbone: Backbone, front: torch.nn.Module, paths: Datase
     readable = np.ones(len(image_ids), dtype=bool)
     units = _units([(0, range(len(image_ids)))], 1, _unit_size(extractor, batch_size, processes))
     for unit, outputs, ok in _run_units(extractor, paths, image_ids, [view], units, workers, processes, description):
-        maps[unit.start:unit.stop] = outputs.numpy()
-        readable[unit.start:unit.stop] = ok.numpy()
+        maps[unit.start : unit.stop] = outputs.numpy()
+        readable[unit.start : unit.stop] = ok.numpy()
     return maps, readable

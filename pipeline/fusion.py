@@ -86,25 +86,32 @@ class FusionSettings:
     def check(self, source: str) -> None:
         """Every field has its JSON type and a value fusion can use; else an error naming
         ``source`` (the file), the key and the values allowed."""
+
         def fail(key: str, problem: str) -> FusionError:
             return FusionError(f"{source}: {key}: {problem}")
 
-        if not isinstance(self.branches, list) or not self.branches or \
-                not all(isinstance(b, str) and b in BRANCHES for b in self.branches):
+        if (
+            not isinstance(self.branches, list)
+            or not self.branches
+            or not all(isinstance(b, str) and b in BRANCHES for b in self.branches)
+        ):
             raise fail("branches", f"{_shown(self.branches)}; a non-empty list of branch names from {list(BRANCHES)}")
         if len(set(self.branches)) != len(self.branches):
             raise fail("branches", f"{self.branches} names a branch twice")
-        if not isinstance(self.label_ids, list) or not self.label_ids or \
-                not all(isinstance(i, int) and not isinstance(i, bool) for i in self.label_ids):
+        if (
+            not isinstance(self.label_ids, list)
+            or not self.label_ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.label_ids)
+        ):
             raise fail("label_ids", f"{_shown(self.label_ids)}; a non-empty list of integer label ids")
         if len(set(self.label_ids)) != len(self.label_ids):
             raise fail("label_ids", f"{self.label_ids} names a label twice")
         if self.method not in ("weighted", "stacker"):
-            raise fail("method", f"{_shown(self.method)}; valid: \"weighted\", \"stacker\"")
+            raise fail("method", f'{_shown(self.method)}; valid: "weighted", "stacker"')
         if self.stacker is not None:
             self._check_stacker(fail)
         elif self.method == "stacker":
-            raise fail("stacker", "method is \"stacker\" but no stacker coefficients are stored")
+            raise fail("stacker", 'method is "stacker" but no stacker coefficients are stored')
         check_weights(self.weights, self.branches, f"{source}: weights", "the file's")
         check_threshold(self.threshold, f"{source}: threshold")
         if not isinstance(self.per_label_thresholds, dict):
@@ -112,8 +119,10 @@ class FusionSettings:
         valid = [str(i) for i in self.label_ids]
         for key, threshold in self.per_label_thresholds.items():
             if key not in valid:
-                raise fail(f"per_label_thresholds.{key}",
-                           f"{key!r} is not one of the trained labels in label_ids {self.label_ids}")
+                raise fail(
+                    f"per_label_thresholds.{key}",
+                    f"{key!r} is not one of the trained labels in label_ids {self.label_ids}",
+                )
             check_threshold(threshold, f"{source}: per_label_thresholds.{key}")
         if self.val_samples_f1 is not None and not _is_number(self.val_samples_f1):
             raise fail("val_samples_f1", f"{_shown(self.val_samples_f1)}; a number or null")
@@ -132,10 +141,16 @@ class FusionSettings:
             return _is_number(value) and math.isfinite(value)
 
         coef, intercept = stacker["coef"], stacker["intercept"]
-        if not isinstance(coef, list) or len(coef) != labels or \
-                not all(isinstance(row, list) and len(row) == width and all(map(finite, row)) for row in coef):
-            raise fail("stacker.coef", f"{labels} rows (one per label) of {width} finite numbers "
-                       f"({len(self.branches)} branches x {labels} labels)")
+        if (
+            not isinstance(coef, list)
+            or len(coef) != labels
+            or not all(isinstance(row, list) and len(row) == width and all(map(finite, row)) for row in coef)
+        ):
+            raise fail(
+                "stacker.coef",
+                f"{labels} rows (one per label) of {width} finite numbers "
+                f"({len(self.branches)} branches x {labels} labels)",
+            )
         if not isinstance(intercept, list) or len(intercept) != labels or not all(map(finite, intercept)):
             raise fail("stacker.intercept", f"{labels} finite numbers, one per label")
         if "C" in stacker and not finite(stacker["C"]):
@@ -203,8 +218,9 @@ def simplex_grid(branches: list[str], step: float = 0.05) -> list[dict[str, floa
     return grid
 
 
-def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
-                 step: float = 0.05) -> tuple[dict[str, float], float, float]:
+def tune_weights(
+    y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], step: float = 0.05
+) -> tuple[dict[str, float], float, float]:
     """Simplex weights and global threshold maximising samples-F1: (weights, threshold, F1).
 
     The F1 is never below that of any branch alone (a corner of the simplex) at its own tuned
@@ -221,13 +237,16 @@ def tune_weights(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
     # final choice, on the full grid, is between the blend found and every branch alone (the
     # blend first, so it wins ties).
     alone = [{b: float(b == branch) for b in branches} for branch in branches]
-    results = [(weights, *tune_global_threshold(y_true, weighted_average(probs_by_branch, weights)))
-               for weights in [best[1], *(w for w in alone if w != best[1])]]
+    results = [
+        (weights, *tune_global_threshold(y_true, weighted_average(probs_by_branch, weights)))
+        for weights in [best[1], *(w for w in alone if w != best[1])]
+    ]
     return max(results, key=lambda result: result[2])
 
 
-def tune_per_label_thresholds(y_true: np.ndarray, probs: np.ndarray, global_threshold: float,
-                              rounds: int = 2) -> np.ndarray:
+def tune_per_label_thresholds(
+    y_true: np.ndarray, probs: np.ndarray, global_threshold: float, rounds: int = 2
+) -> np.ndarray:
     """Per-label thresholds by coordinate ascent on samples-F1 itself, shrunk toward the global one.
 
     Samples-F1 is never below that of the global threshold on ``y_true``.
@@ -284,8 +303,9 @@ def _stacker_predict(stacker: dict, probs_list: list[np.ndarray]) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
-def _cross_validated(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], method: str,
-                     folds: int, seed: int) -> float:
+def _cross_validated(
+    y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], method: str, folds: int, seed: int
+) -> float:
     """Samples-F1 of out-of-fold predictions: each fold predicted by settings tuned on the others."""
     branches = list(probs_by_branch)
     predictions = np.zeros_like(y_true)
@@ -304,8 +324,14 @@ def _cross_validated(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
     return samples_f1(y_true, predictions)
 
 
-def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: Sequence[int],
-                folds: int = 5, seed: int = 0, compare_stacker: bool = True) -> FusionSettings:
+def tune_fusion(
+    y_true: np.ndarray,
+    probs_by_branch: dict[str, np.ndarray],
+    label_ids: Sequence[int],
+    folds: int = 5,
+    seed: int = 0,
+    compare_stacker: bool = True,
+) -> FusionSettings:
     """Tune weights and thresholds (and a stacker) on validation probabilities; keep the better method.
 
     Images some branch has no probabilities for (NaN rows: an image it could not read) are left
@@ -315,19 +341,23 @@ def tune_fusion(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], labe
     scored = ~np.any([np.isnan(p).any(axis=1) for p in probs_by_branch.values()], axis=0)  # (N,)
     unscored = int((~scored).sum())
     if not scored.any():
-        raise FusionError(f"fusion cannot be tuned: none of the {len(y_true)} validation images has probabilities "
-                          f"from every branch {branches}")
+        raise FusionError(
+            f"fusion cannot be tuned: none of the {len(y_true)} validation images has probabilities "
+            f"from every branch {branches}"
+        )
     if unscored:
-        log.info("tuning fusion on the %d of %d validation images every branch scored", int(scored.sum()),
-                 len(y_true))
+        log.info("tuning fusion on the %d of %d validation images every branch scored", int(scored.sum()), len(y_true))
         y_true, probs_by_branch = y_true[scored], {b: p[scored] for b, p in probs_by_branch.items()}
     weights, threshold, f1_global = tune_weights(y_true, probs_by_branch)
     fused = weighted_average(probs_by_branch, weights)
     per_label = tune_per_label_thresholds(y_true, fused, threshold)
     f1_weighted = samples_f1(y_true, binarize(fused, per_label))
     settings = FusionSettings(
-        branches=branches, label_ids=[int(i) for i in label_ids], method="weighted",
-        weights={b: round(w, 4) for b, w in weights.items()}, threshold=round(threshold, 3),
+        branches=branches,
+        label_ids=[int(i) for i in label_ids],
+        method="weighted",
+        weights={b: round(w, 4) for b, w in weights.items()},
+        threshold=round(threshold, 3),
         per_label_thresholds={str(i): float(t) for i, t in zip(label_ids, per_label, strict=True)},
         val_samples_f1=round(f1_weighted, 5),
         tuned_on={"n_images": len(y_true), "global_threshold_samples_f1": round(f1_global, 5)},
@@ -375,8 +405,9 @@ def load_fusion(path: str | Path) -> FusionSettings:
     except UnicodeDecodeError:
         raise FusionError(f"{path}: not UTF-8 text; fusion.json is plain JSON") from None
     except RecursionError:
-        raise FusionError(f"{path}: JSON nested too deeply to read; fusion.json is an object nesting "
-                          "a few levels") from None
+        raise FusionError(
+            f"{path}: JSON nested too deeply to read; fusion.json is an object nesting a few levels"
+        ) from None
     known = list(FusionSettings.__dataclass_fields__)
     if not isinstance(raw, dict):
         raise FusionError(f"{path}: holds {_shown(raw)}; fusion.json is a JSON object with keys {known}")

@@ -73,13 +73,17 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
     recorded, separator = recorded_labels(config.data)
     test_csv = Path(config.test_csv) if config.test_csv else paths.test_csv
     # --evaluate needs no test set: without DATA/test.csv it scores the validation split alone.
-    test = None if config.evaluate and not config.test_csv and not test_csv.is_file() else \
-        read_prediction_csv(test_csv, captions=False)
+    test = (
+        None
+        if config.evaluate and not config.test_csv and not test_csv.is_file()
+        else read_prediction_csv(test_csv, captions=False)
+    )
     frames = {paths.train_csv: train, **({test_csv: test} if test is not None else {})}
     eval_frame = None
     if config.evaluate and config.eval_csv:
-        eval_frame = read_prediction_csv(config.eval_csv, captions=False, label_names=recorded,
-                                         label_separator=separator)
+        eval_frame = read_prediction_csv(
+            config.eval_csv, captions=False, label_names=recorded, label_separator=separator
+        )
         if LABELS_COLUMN not in eval_frame:
             raise DataFormatError(f"--eval-csv {config.eval_csv}:1: needs a {LABELS_COLUMN} column")
         frames[Path(config.eval_csv)] = eval_frame
@@ -91,20 +95,42 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
         check_dataset_labels(paths.train_csv, data_labels, labels, weights_dir)
     predictor = BranchPredictor(checkpoints, paths, device, config.batch_size, config.runtime, weights_dir / "cache")
     inputs = Inputs(paths, weights_dir / "cache", config.workers)
-    settings = resolve_fusion(config, branches, labels, weights_dir,
-                              lambda: validation_split(weights_dir, branches, labels, data_labels, val), context)
+    settings = resolve_fusion(
+        config,
+        branches,
+        labels,
+        weights_dir,
+        lambda: validation_split(weights_dir, branches, labels, data_labels, val),
+        context,
+    )
 
     names = label_names(labels.ids, recorded)
-    summary: dict[str, Any] = {"branches": branches, "fusion_method": settings.method, "submission": None, "rows": 0,
-               "fusion_val_samples_f1": settings.val_samples_f1, "unreadable_images": 0}
+    summary: dict[str, Any] = {
+        "branches": branches,
+        "fusion_method": settings.method,
+        "submission": None,
+        "rows": 0,
+        "fusion_val_samples_f1": settings.val_samples_f1,
+        "unreadable_images": 0,
+    }
     unreadable: list[str] = []
     if test is not None:
         submission = output_dir / "submission.csv"
-        unreadable = predict_in_chunks(predictor, test, inputs, settings, labels, submission, config.chunk_size,
-                                       f"{test_csv.name} features", context,
-                                       label_text=submission_label_text(names, separator))
-        summary.update(submission=str(submission), rows=len(group_by_image(test).images),
-                       unreadable_images=len(unreadable))
+        unreadable = predict_in_chunks(
+            predictor,
+            test,
+            inputs,
+            settings,
+            labels,
+            submission,
+            config.chunk_size,
+            f"{test_csv.name} features",
+            context,
+            label_text=submission_label_text(names, separator),
+        )
+        summary.update(
+            submission=str(submission), rows=len(group_by_image(test).images), unreadable_images=len(unreadable)
+        )
     if not context.is_main:
         return {"rank": context.rank, "rows": summary["rows"]}
     if test is None:
@@ -114,8 +140,14 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
             list_unreadable(unreadable, output_dir)
         if recorded:
             write_submission_info(output_dir, names, separator)
-        log.info("wrote %s: %d rows for the %d images (%d rows) of %s",
-                 submission, summary["rows"], summary["rows"], len(test), test_csv)
+        log.info(
+            "wrote %s: %d rows for the %d images (%d rows) of %s",
+            submission,
+            summary["rows"],
+            summary["rows"],
+            len(test),
+            test_csv,
+        )
 
     if config.evaluate:
         from pipeline.report import evaluation_report
@@ -134,19 +166,37 @@ def _run_inference(config: InferenceConfig, device: torch.device, context: DistC
         if config.report:
             from pipeline.report_page import write_report_page
 
-            rerun = ["python", "inference.py", "--data", str(config.data), "--weights-dir", str(config.weights_dir),
-                     *(["--branches", config.branches] if config.branches else [])]
-            write_report_page(output_dir / "report.html", y_true, probs, settings, list(labels.ids), report,
-                              group_by_image(eval_frame if eval_frame is not None else val).images, paths,
-                              source=source, weights_dir=weights_dir, command=rerun,
-                              plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
-                              label_names=names)
+            rerun = [
+                "python",
+                "inference.py",
+                "--data",
+                str(config.data),
+                "--weights-dir",
+                str(config.weights_dir),
+                *(["--branches", config.branches] if config.branches else []),
+            ]
+            write_report_page(
+                output_dir / "report.html",
+                y_true,
+                probs,
+                settings,
+                list(labels.ids),
+                report,
+                group_by_image(eval_frame if eval_frame is not None else val).images,
+                paths,
+                source=source,
+                weights_dir=weights_dir,
+                command=rerun,
+                plots=[output_dir / "per_label_f1.png", output_dir / "f1_vs_threshold.png"],
+                label_names=names,
+            )
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["timing"] = timing.summary()
     summary_file = output_dir / "inference_summary.json"
     # The files this run wrote, not those an earlier run left in the folder.
-    summary["files"] = [str(path) for path in sorted(output_dir.iterdir())
-                        if path.is_file() and path.stat().st_mtime >= started_at] + [str(summary_file)]
+    summary["files"] = [
+        str(path) for path in sorted(output_dir.iterdir()) if path.is_file() and path.stat().st_mtime >= started_at
+    ] + [str(summary_file)]
     write_json(summary_file, summary)
     log.info(summary_line(summary, output_dir))
     return summary
@@ -165,8 +215,10 @@ def summary_line(summary: dict, output_dir: Path) -> str:
         scores = "fusion set by hand (no validation score)"
     report = output_dir / "report.html"
     page = f", {report}" if str(report) in summary["files"] else ""
-    return (f"inference: {scores}; {summary['rows']} test rows, {summary['seconds'] / 60:.1f} min; wrote "
-            f"{summary['submission']}{page}; every figure: {output_dir / 'inference_summary.json'}")
+    return (
+        f"inference: {scores}; {summary['rows']} test rows, {summary['seconds'] / 60:.1f} min; wrote "
+        f"{summary['submission']}{page}; every figure: {output_dir / 'inference_summary.json'}"
+    )
 
 
 def recorded_label_names(data: str | Path) -> dict[str, str]:

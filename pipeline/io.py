@@ -159,8 +159,7 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
             stats = os.statvfs(tmp.parent)
             if stats.f_bavail == 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
-            raise OSError(errno.EIO, f"torch.save could not write it ({str(err).splitlines()[0]})",
-                          str(path)) from err
+            raise OSError(errno.EIO, f"torch.save could not write it ({str(err).splitlines()[0]})", str(path)) from err
 
     atomic_write(path, save)
 
@@ -176,6 +175,7 @@ def _weights_only_reason(err: pickle.UnpicklingError) -> str:
 def unique_keys_hook(refuse: Callable[[list[str]], Exception]) -> Callable[[list[tuple[str, object]]], dict]:
     """A ``json.loads`` ``object_pairs_hook`` that raises ``refuse(repeated keys)`` for a key
     given twice: json keeps the last one without a word, a value the reader never sees."""
+
     def hook(pairs: list[tuple[str, object]]) -> dict:
         keys = [key for key, _ in pairs]
         repeated = sorted({key for key in keys if keys.count(key) > 1})
@@ -201,8 +201,7 @@ def safe_torch_load(path: str | Path) -> object:
         # Both a crafted file and plain garbage end here: either way it is not a plain-data
         # file written by torch.save, and nothing in it has run.
         raise CheckpointError(
-            f"{path}: refused to load: not a plain-data checkpoint written by torch.save "
-            f"({_weights_only_reason(err)})"
+            f"{path}: refused to load: not a plain-data checkpoint written by torch.save ({_weights_only_reason(err)})"
         ) from None
     except Exception as err:  # noqa: BLE001 - any failure to parse an arbitrary file means "not a checkpoint"
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None

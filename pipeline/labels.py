@@ -13,10 +13,25 @@ from collections.abc import Iterable
 
 # COCO category ids as used by the COMP5329 data (12, "street sign", is never annotated).
 COCO_NAMES: dict[int, str] = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus",
-    7: "train", 8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant",
-    12: "street sign", 13: "stop sign", 14: "parking meter", 15: "bench", 16: "bird",
-    17: "cat", 18: "dog", 19: "horse",
+    1: "person",
+    2: "bicycle",
+    3: "car",
+    4: "motorcycle",
+    5: "airplane",
+    6: "bus",
+    7: "train",
+    8: "truck",
+    9: "boat",
+    10: "traffic light",
+    11: "fire hydrant",
+    12: "street sign",
+    13: "stop sign",
+    14: "parking meter",
+    15: "bench",
+    16: "bird",
+    17: "cat",
+    18: "dog",
+    19: "horse",
 }
 
 # The 18 labels of the COMP5329 competition.

@@ -61,9 +61,7 @@ def _as_2d(name: str, a: np.ndarray) -> np.ndarray:
 
 def _check_same_shape(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
     if a.shape != b.shape:
-        raise ValueError(
-            f"shape mismatch: {name_a} has shape {a.shape} but {name_b} has shape {b.shape}"
-        )
+        raise ValueError(f"shape mismatch: {name_a} has shape {a.shape} but {name_b} has shape {b.shape}")
 
 
 def _as_indicator(name: str, a: np.ndarray) -> np.ndarray:
@@ -147,9 +145,7 @@ def per_label_prf(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.ndarra
     ``support`` is the number of true positives of the label (int); 0/0 scores as 0.
     """
     t, p = _indicator_pair(y_true, y_pred)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        t, p, average=None, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(t, p, average=None, zero_division=0)
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
@@ -237,8 +233,9 @@ def evaluate_probs(
 THRESHOLD_GRID = np.round(np.arange(0.02, 0.96, 0.01), 2)
 
 
-def tune_global_threshold(y_true: np.ndarray, probs: np.ndarray,
-                          grid: np.ndarray = THRESHOLD_GRID) -> tuple[float, float]:
+def tune_global_threshold(
+    y_true: np.ndarray, probs: np.ndarray, grid: np.ndarray = THRESHOLD_GRID
+) -> tuple[float, float]:
     """The single threshold on ``grid`` that maximises samples-F1: (threshold, samples-F1).
 
     Ties go to the threshold closest to 0.5, so a flat optimum does not drift to an extreme.

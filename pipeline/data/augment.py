@@ -26,8 +26,21 @@ from pipeline.choices import AUGMENTS
 
 # TrivialAugment's operations over RandAugment's space, in draw order. Equalize is left out: its
 # per-image histogram has no batched form without a host-side loop.
-OPERATIONS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
-              "contrast", "sharpness", "posterize", "solarize", "autocontrast")
+OPERATIONS = (
+    "identity",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "rotate",
+    "brightness",
+    "color",
+    "contrast",
+    "sharpness",
+    "posterize",
+    "solarize",
+    "autocontrast",
+)
 # The strongest setting of each operation (RandAugment's, torchvision's ``RandAugment``), drawn
 # uniformly from zero to it, with a random sign for the signed ones.
 MAX_SHEAR = 0.3
@@ -49,9 +62,17 @@ def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> to
     return (images * ratio + other * (1.0 - ratio)).clamp_(0.0, 255.0)
 
 
-def photometric(images: torch.Tensor, *, posterize: torch.Tensor, solarize: torch.Tensor,
-                autocontrast: torch.Tensor, brightness: torch.Tensor, color: torch.Tensor, contrast: torch.Tensor,
-                sharpness: torch.Tensor) -> torch.Tensor:
+def photometric(
+    images: torch.Tensor,
+    *,
+    posterize: torch.Tensor,
+    solarize: torch.Tensor,
+    autocontrast: torch.Tensor,
+    brightness: torch.Tensor,
+    color: torch.Tensor,
+    contrast: torch.Tensor,
+    sharpness: torch.Tensor,
+) -> torch.Tensor:
     """torchvision's (and PIL's) photometric operations with a parameter per image (each (B,)).
 
     ``images``: float (B, 3, H, W) holding whole pixel values 0..255. ``posterize``: bits kept
@@ -61,6 +82,7 @@ def photometric(images: torch.Tensor, *, posterize: torch.Tensor, solarize: torc
     parameter leaves an image exactly as it was, so an image given one operation gets that
     operation alone, whatever the order. Returns float values 0..255, unrounded.
     """
+
     def per_image(values: torch.Tensor) -> torch.Tensor:
         return values.to(images.dtype).view(-1, 1, 1, 1)
 
@@ -149,10 +171,17 @@ class BatchAugment:
         m00, m01 = cos - sin * shear_y, cos * shear_x - sin
         m10, m11 = sin + cos * shear_y, sin * shear_x + cos
         aspect = height / width
-        theta = torch.stack([
-            side * mirror * m00, side * m01 * aspect, m00 * centre_x + m01 * aspect * centre_y + shift_x,
-            side * mirror * m10 / aspect, side * m11, m10 / aspect * centre_x + m11 * centre_y + shift_y,
-        ], dim=1).view(batch, 2, 3)
+        theta = torch.stack(
+            [
+                side * mirror * m00,
+                side * m01 * aspect,
+                m00 * centre_x + m01 * aspect * centre_y + shift_x,
+                side * mirror * m10 / aspect,
+                side * m11,
+                m10 / aspect * centre_x + m11 * centre_y + shift_y,
+            ],
+            dim=1,
+        ).view(batch, 2, 3)
         grid = F.affine_grid(theta, [batch, 3, height, width], align_corners=False)
         # Rounded back to whole pixel values, as torchvision's uint8 kernels leave them.
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).round_()
@@ -164,6 +193,8 @@ class BatchAugment:
             posterize=drawn("posterize", 8.0 - torch.round(magnitude * MAX_POSTERIZE_DROP), 8.0),
             solarize=drawn("solarize", 255.0 * (1.0 - magnitude), 256.0),
             autocontrast=operation == OPERATIONS.index("autocontrast"),
-            brightness=drawn("brightness", factor, 1.0), color=drawn("color", factor, 1.0),
-            contrast=drawn("contrast", factor, 1.0), sharpness=drawn("sharpness", factor, 1.0),
+            brightness=drawn("brightness", factor, 1.0),
+            color=drawn("color", factor, 1.0),
+            contrast=drawn("contrast", factor, 1.0),
+            sharpness=drawn("sharpness", factor, 1.0),
         )

@@ -165,7 +165,7 @@ def _empty_labels(path: Path, line: int) -> DataFormatError:
     # recorded that it kept label-less images on purpose (--keep-empty).
     return DataFormatError(
         f"{path}:{line}: empty Labels field; every image needs at least one label "
-        f"(unless {DATASET_INFO} beside the file records \"empty_images\": \"kept\")"
+        f'(unless {DATASET_INFO} beside the file records "empty_images": "kept")'
     )
 
 
@@ -189,8 +189,9 @@ class _LabelForm:
     ids_by_name: dict[str, int]
 
 
-def _label_form(fields: list[tuple[int, str]], path: Path, info: dict, names: dict[str, str] | None,
-                separator: str | None) -> _LabelForm:
+def _label_form(
+    fields: list[tuple[int, str]], path: Path, info: dict, names: dict[str, str] | None, separator: str | None
+) -> _LabelForm:
     """Ids or names, decided by the file's first non-empty Labels field, so a file of the
     competition's ids reads exactly as before. Names are split on the ``"label_separator"`` of
     ``dataset.json`` beside the file, else on ``separator`` (the training data's, for an
@@ -200,19 +201,23 @@ def _label_form(fields: list[tuple[int, str]], path: Path, info: dict, names: di
     first = next((field for _, field in fields if field.strip()), "")
     if not first or all(_is_label_id(token) for token in first.split()):
         return _LabelForm(None, {})
-    separator = _declared_separator(info, path) or separator or (
-        NAME_SEPARATOR_BAR if any(NAME_SEPARATOR_BAR in field for _, field in fields) else " ")
+    separator = (
+        _declared_separator(info, path)
+        or separator
+        or (NAME_SEPARATOR_BAR if any(NAME_SEPARATOR_BAR in field for _, field in fields) else " ")
+    )
     declared = names if names else info.get("labels")
     if declared:
         ids_by_name: dict[str, int] = {}
         for label_id, name in sorted(declared.items(), key=lambda item: int(item[0])):
             if name in ids_by_name:
-                raise DataFormatError(f"{path.parent / DATASET_INFO}: the name {name!r} is given to label ids "
-                                      f"{ids_by_name[name]} and {label_id}; each label needs its own name")
+                raise DataFormatError(
+                    f"{path.parent / DATASET_INFO}: the name {name!r} is given to label ids "
+                    f"{ids_by_name[name]} and {label_id}; each label needs its own name"
+                )
             ids_by_name[name] = int(label_id)
         return _LabelForm(separator, ids_by_name)
-    found = {name for _, field in fields for name in _split_names(field, separator)
-             if name and not _is_label_id(name)}
+    found = {name for _, field in fields for name in _split_names(field, separator) if name and not _is_label_id(name)}
     return _LabelForm(separator, {name: k for k, name in enumerate(sorted(found), start=1)})
 
 
@@ -221,8 +226,10 @@ def _declared_separator(info: dict, csv_path: Path) -> str | None:
     Labels are names, None when it records none."""
     separator = info.get("label_separator")
     if separator not in (None, " ", NAME_SEPARATOR_BAR):
-        raise DataFormatError(f"{csv_path.parent / DATASET_INFO}: \"label_separator\" of {csv_path.name!r} must be "
-                              f"\" \" or \"{NAME_SEPARATOR_BAR}\", got {separator!r}")
+        raise DataFormatError(
+            f'{csv_path.parent / DATASET_INFO}: "label_separator" of {csv_path.name!r} must be '
+            f'" " or "{NAME_SEPARATOR_BAR}", got {separator!r}'
+        )
     return separator
 
 
@@ -238,16 +245,19 @@ def _parse_names(field: str, form: _LabelForm, path: Path, line: int, allow_empt
         raise _empty_labels(path, line)
     for name in names:
         if not name:
-            raise DataFormatError(f"{path}:{line}: Labels {field!r} has an empty name between two "
-                                  f"{NAME_SEPARATOR_BAR!r}")
+            raise DataFormatError(
+                f"{path}:{line}: Labels {field!r} has an empty name between two {NAME_SEPARATOR_BAR!r}"
+            )
         if _is_label_id(name):
             raise DataFormatError(
                 f"{path}:{line}: Labels {field!r} mixes a label id ({name!r}) into a file of label names; "
-                "a file holds either ids or names (a name cannot be a number)")
+                "a file holds either ids or names (a name cannot be a number)"
+            )
         if name not in form.ids_by_name:
             raise DataFormatError(
                 f"{path}:{line}: label {name!r} is not one of the names {DATASET_INFO} declares: "
-                f"{sorted(form.ids_by_name)}")
+                f"{sorted(form.ids_by_name)}"
+            )
     return [form.ids_by_name[name] for name in names]
 
 
@@ -268,13 +278,15 @@ def _declared_label_ids(info: dict, csv_path: Path) -> set[int] | None:
         return None
     if not isinstance(names, dict) or not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in names):
         raise DataFormatError(
-            f"{csv_path.parent / DATASET_INFO}: \"labels\" of {csv_path.name!r} must map label ids to names, "
+            f'{csv_path.parent / DATASET_INFO}: "labels" of {csv_path.name!r} must map label ids to names, '
             'e.g. {"1": "person", "3": "car"}'
         )
     for key, name in names.items():
         if not isinstance(name, str):
-            raise DataFormatError(f"{csv_path.parent / DATASET_INFO}: \"labels\" of {csv_path.name!r}: label "
-                                  f"{key} is named {json.dumps(name)}; a label name is a string")
+            raise DataFormatError(
+                f'{csv_path.parent / DATASET_INFO}: "labels" of {csv_path.name!r}: label '
+                f"{key} is named {json.dumps(name)}; a label name is a string"
+            )
     return {int(key) for key in names}
 
 
@@ -283,8 +295,14 @@ def is_plain_file_name(name: str) -> bool:
     return bool(name) and not ({"\x00", "/", "\\"} & set(name)) and name not in {".", ".."}
 
 
-def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_ids: bool | None = None,
-             label_names: dict[str, str] | None = None, label_separator: str | None = None) -> pd.DataFrame:
+def read_csv(
+    path: str | Path,
+    *,
+    require: Sequence[str] = (),
+    allow_duplicate_ids: bool | None = None,
+    label_names: dict[str, str] | None = None,
+    label_separator: str | None = None,
+) -> pd.DataFrame:
     """Read a dataset CSV: ``ImageID``, ``Labels`` (list of int, absent in a test file), ``Caption``.
 
     Labels are label ids (``1 3 19``) or label names (``cat dog``, or ``traffic light|dog``):
@@ -319,8 +337,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
     header = [name.strip() for name in header]
     if ID_COLUMN not in header:
         raise DataFormatError(
-            f"{path}:1: header {lines[0]!r} has no {ID_COLUMN} column "
-            f"(expected {','.join(KNOWN_COLUMNS)})"
+            f"{path}:1: header {lines[0]!r} has no {ID_COLUMN} column (expected {','.join(KNOWN_COLUMNS)})"
         )
     unknown = [name for name in header if name not in KNOWN_COLUMNS]
     if unknown:
@@ -353,9 +370,7 @@ def read_csv(path: str | Path, *, require: Sequence[str] = (), allow_duplicate_i
     for line, text in records:
         fields = _parse_record(text, header)
         if fields is None:
-            raise DataFormatError(
-                f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}"
-            )
+            raise DataFormatError(f"{path}:{line}: cannot read this record as {','.join(header)}: {text[:80]!r}")
         row: dict[str, Any] = dict(zip(header, fields, strict=True))
         image_id = row[ID_COLUMN]
         if not is_plain_file_name(image_id):
@@ -426,11 +441,14 @@ def record_label_names(csv_path: Path, frame: pd.DataFrame) -> None:
     try:
         write_json(info_path, whole)
     except OSError as err:
-        log.warning("%s: cannot record the label names of %s (%s); later runs will show label ids",
-                    info_path, csv_path.name, err.strerror or err)
+        log.warning(
+            "%s: cannot record the label names of %s (%s); later runs will show label ids",
+            info_path,
+            csv_path.name,
+            err.strerror or err,
+        )
         return
-    log.info("%s: recorded the %d label names of %s and their ids", info_path, len(wanted["labels"]),
-             csv_path.name)
+    log.info("%s: recorded the %d label names of %s and their ids", info_path, len(wanted["labels"]), csv_path.name)
 
 
 def recorded_labels(data: str | Path) -> tuple[dict[str, str], str | None]:
@@ -613,8 +631,9 @@ class GivenFiles(DatasetPaths):
         return self.files[int(image_id)]
 
 
-def load_train_val(paths: DatasetPaths, val_fraction: float, *,
-                   allow_duplicate_ids: bool | None = None) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
+def load_train_val(
+    paths: DatasetPaths, val_fraction: float, *, allow_duplicate_ids: bool | None = None
+) -> tuple[LabelSet, pd.DataFrame, pd.DataFrame]:
     """The label set and the shared (train, validation) split of ``train.csv``.
 
     The frames hold every row: several rows of one image (one per caption) when
@@ -670,16 +689,32 @@ def _check_training_labels(path: Path, labels: LabelSet, train: pd.DataFrame, va
     for label in labels.ids:
         count = len(in_train.get(label, []))
         if count == 0:
-            log.warning("%s: label %d is only in the validation split (%s): the model cannot learn it",
-                        path, label, _some_lines(in_val[label]))
+            log.warning(
+                "%s: label %d is only in the validation split (%s): the model cannot learn it",
+                path,
+                label,
+                _some_lines(in_val[label]),
+            )
         elif count < RARE_LABEL_IMAGES:
-            log.warning("%s: label %d has only %d training image%s (%s); a label this rare is barely learned: "
-                        "check the id is not a mistake", path, label, count, "s" if count > 1 else "",
-                        _some_lines(in_train[label]))
+            log.warning(
+                "%s: label %d has only %d training image%s (%s); a label this rare is barely learned: "
+                "check the id is not a mistake",
+                path,
+                label,
+                count,
+                "s" if count > 1 else "",
+                _some_lines(in_train[label]),
+            )
 
 
-def read_prediction_csv(path: str | Path, *, captions: bool, labels: LabelSet | None = None,
-                        label_names: dict[str, str] | None = None, label_separator: str | None = None) -> pd.DataFrame:
+def read_prediction_csv(
+    path: str | Path,
+    *,
+    captions: bool,
+    labels: LabelSet | None = None,
+    label_names: dict[str, str] | None = None,
+    label_separator: str | None = None,
+) -> pd.DataFrame:
     """A CSV of images to predict: ``test.csv``, or a labelled evaluation CSV when ``labels`` is given.
 
     Beyond ``read_csv``'s checks: at least one row (an empty submission is of no use), one row

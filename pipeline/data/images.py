@@ -83,8 +83,9 @@ class ImageDataset(torch.utils.data.Dataset):
     stays bounded.
     """
 
-    def __init__(self, paths: DatasetPaths, image_ids: list[str], transform, size: int,
-                 blank_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, paths: DatasetPaths, image_ids: list[str], transform, size: int, blank_dtype: torch.dtype = torch.float32
+    ) -> None:
         self.files = [paths.image_path(image_id) for image_id in image_ids]
         self.transform = transform
         self.size = size

@@ -52,9 +52,7 @@ class Vocabulary:
     def __init__(self, tokens: Sequence[str], stem: bool = False) -> None:
         tokens = list(tokens)
         if tokens[:2] != list(SPECIAL_TOKENS):
-            raise ValueError(
-                f"a vocabulary list must start with {list(SPECIAL_TOKENS)}, got {tokens[:2]}"
-            )
+            raise ValueError(f"a vocabulary list must start with {list(SPECIAL_TOKENS)}, got {tokens[:2]}")
         if len(set(tokens)) != len(tokens):
             raise ValueError("a vocabulary list must not repeat a token")
         self.tokens: list[str] = tokens
@@ -110,8 +108,9 @@ class Vocabulary:
         return ids, lengths
 
 
-def load_word_vectors(path: str | Path, vocab: Vocabulary, embed_dim: int,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+def load_word_vectors(
+    path: str | Path, vocab: Vocabulary, embed_dim: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int]:
     """Embedding matrix (V, E) from a GloVe-format text file, and how many tokens it covered.
 
     Each line of the file is a token and its ``embed_dim`` numbers, separated by spaces.

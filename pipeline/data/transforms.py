@@ -22,8 +22,9 @@ _INTERPOLATIONS = {
 }
 
 
-def build_transform(preprocessing: dict, flip: bool = False,
-                    normalize: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(
+    preprocessing: dict, flip: bool = False, normalize: bool = True
+) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> normalised float tensor (3, R, R), or with ``normalize=False`` the resized
     uint8 tensor, to be normalised a batch at a time by :func:`normalize_batch`.
 

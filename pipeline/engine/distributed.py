@@ -93,8 +93,9 @@ def distributed_session(device: torch.device) -> Iterator[tuple[DistContext, tor
         return
     context = DistContext(_env_int("RANK", 0), world_size, local_rank, device, distributed=True)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend, timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+    )
     try:
         yield context, device
     finally:
@@ -146,8 +147,9 @@ def unused_parameters(module: nn.Module, probe: Probe, steps: int = 2) -> tuple[
     return never, sometimes
 
 
-def wrap_model(module: nn.Module, context: DistContext, sync_batch_norm: bool = False,
-               probe: Probe | None = None) -> nn.Module:
+def wrap_model(
+    module: nn.Module, context: DistContext, sync_batch_norm: bool = False, probe: Probe | None = None
+) -> nn.Module:
     """``module`` in DistributedDataParallel when several processes train, else unchanged.
 
     DDP expects a gradient for every trainable parameter in every step and fails at the second
@@ -198,14 +200,20 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         plain: nn.BatchNorm2d
         if isinstance(module, SyncBatchNormAct):
             # timm annotates momentum float; the nn.BatchNorm2d it goes to takes None too (a cumulative average).
-            with_act = BatchNormAct2d(module.num_features, module.eps, module.momentum,  # type: ignore[arg-type]
-                                      module.affine, module.track_running_stats)
+            with_act = BatchNormAct2d(
+                module.num_features,
+                module.eps,
+                module.momentum,  # type: ignore[arg-type]
+                module.affine,
+                module.track_running_stats,
+            )
             # timm's conversion set act and drop on the SyncBatchNormAct as plain attributes.
             with_act.act, with_act.drop = module.get_submodule("act"), module.get_submodule("drop")
             plain = with_act
         else:
-            plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats)
+            plain = nn.BatchNorm2d(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            )
         if module.affine:
             plain.weight, plain.bias = module.weight, module.bias
         if module.track_running_stats:
@@ -289,8 +297,12 @@ def mean_across_ranks(total: float | torch.Tensor, count: int, context: DistCont
 
     ``total`` may be a tensor still on the device (a loss summed without host syncs).
     """
-    values = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=context.device).reshape(()),
-                          torch.tensor(float(count), dtype=torch.float64, device=context.device)])
+    values = torch.stack(
+        [
+            torch.as_tensor(total, dtype=torch.float64, device=context.device).reshape(()),
+            torch.tensor(float(count), dtype=torch.float64, device=context.device),
+        ]
+    )
     if context.distributed:
         dist.all_reduce(values)
     return (values[0] / values[1].clamp(min=1)).item()

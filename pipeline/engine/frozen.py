@@ -84,21 +84,42 @@ class Runtime(ABC):
             return f"{self.name} runs on a CPU; this run's device is {device.type}"
         return None
 
-    def model_key(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str,
-                  calibration: Calibration | None = None) -> dict:
+    def model_key(
+        self,
+        module: nn.Module,
+        preprocessing: dict,
+        pooled: bool,
+        precision: str,
+        calibration: Calibration | None = None,
+    ) -> dict:
         """What a converted model depends on: the module's own tensors (a backbone's front and
         the whole backbone differ in them, and two random initialisations share a weights
         name but not their tensors), the preprocessing, pooled or not, the precision, the
         calibration images where quantised and the runtime's version."""
-        key = {"runtime": self.name, "version": self.version(), "state": state_digest(module),
-               "preprocessing": preprocessing, "pooled": pooled, "precision": precision}
+        key = {
+            "runtime": self.name,
+            "version": self.version(),
+            "state": state_digest(module),
+            "preprocessing": preprocessing,
+            "pooled": pooled,
+            "precision": precision,
+        }
         if precision == "int8" and calibration is not None:
             key["calibration"] = calibration.digest
         return key
 
     @abstractmethod
-    def build(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, device: torch.device,
-              model_cache: Path | None, cores: int, calibration: Calibration | None = None) -> FrozenForward:
+    def build(
+        self,
+        module: nn.Module,
+        preprocessing: dict,
+        pooled: bool,
+        precision: str,
+        device: torch.device,
+        model_cache: Path | None,
+        cores: int,
+        calibration: Calibration | None = None,
+    ) -> FrozenForward:
         """``module`` (eval mode, taking normalised images) ready to run in ``precision``;
         converted models kept in ``model_cache`` (None: in this process only)."""
 
@@ -177,8 +198,10 @@ class ModelFiles:
         partial = self.main.with_name(f"{self.main.stem}.{os.getpid()}.partial{self.main.suffix}")
         save(partial)
         temporary = [partial, *(partial.with_suffix(suffix) for suffix in self.companions)]
-        digests = {final.name: {"size": written.stat().st_size, "sha256": _file_sha256(written)}
-                   for written, final in zip(temporary, self.files, strict=True)}
+        digests = {
+            final.name: {"size": written.stat().st_size, "sha256": _file_sha256(written)}
+            for written, final in zip(temporary, self.files, strict=True)
+        }
         self.digest_file.unlink(missing_ok=True)
         for written, final in zip(temporary[1:], self.files[1:], strict=True):
             written.replace(final)
@@ -187,8 +210,9 @@ class ModelFiles:
         digest_partial.write_text(json.dumps(digests, indent=1, sort_keys=True))
         digest_partial.replace(self.digest_file)
 
-    def load_or_build(self, load: Callable[[Path], Any], build: Callable[[], Any],
-                      save: Callable[[Any, Path], None]) -> Any:
+    def load_or_build(
+        self, load: Callable[[Path], Any], build: Callable[[], Any], save: Callable[[Any, Path], None]
+    ) -> Any:
         """The model read by ``load(main)`` where the files are there, verified and readable;
         else built by ``build()`` and written by ``save(model, path)``, with a warning naming
         the file at fault when there were files that could not be used."""

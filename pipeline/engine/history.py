@@ -66,8 +66,10 @@ def _read_rows(path: Path) -> list[list[str]]:
         rows = list(csv.reader(handle))
     if not rows or tuple(rows[0]) != COLUMNS:
         found = ",".join(rows[0]) if rows else "an empty file"
-        raise ValueError(f"{path}:1: not a training history (header {found!r}, expected {','.join(COLUMNS)!r}); "
-                         "move it away or train without --resume")
+        raise ValueError(
+            f"{path}:1: not a training history (header {found!r}, expected {','.join(COLUMNS)!r}); "
+            "move it away or train without --resume"
+        )
     return rows[1:]
 
 
@@ -98,14 +100,18 @@ class EpochHistory:
         if len(kept) != len(rows):
             atomic_write_text(self.path, _csv_text([list(COLUMNS), *kept]))
 
-    def record(self, epoch: int, train_loss: float, val_score: float | None, lr: float | None,
-               seconds: float) -> None:
+    def record(self, epoch: int, train_loss: float, val_score: float | None, lr: float | None, seconds: float) -> None:
         """Append one epoch's row and flush it to disk."""
         if not self.context.is_main:
             return
-        row = [*self._key(), str(epoch), repr(float(train_loss)),
-               "" if val_score is None else repr(float(val_score)), "" if lr is None else repr(float(lr)),
-               f"{seconds:.3f}"]
+        row = [
+            *self._key(),
+            str(epoch),
+            repr(float(train_loss)),
+            "" if val_score is None else repr(float(val_score)),
+            "" if lr is None else repr(float(lr)),
+            f"{seconds:.3f}",
+        ]
         with open(self.path, "a", encoding="utf-8", newline="") as handle:
             handle.write(_csv_text([row]))
             handle.flush()
@@ -129,21 +135,27 @@ class EpochHistory:
             return
         folder = self.path.parent / BEST_DIR
         prefix = self._best_prefix()
-        kept = [(float(name.split("-score")[-1].removesuffix(".pt")), path)
-                for path in folder.glob(f"{prefix}*.pt") for name in [path.name]]
+        kept = [
+            (float(name.split("-score")[-1].removesuffix(".pt")), path)
+            for path in folder.glob(f"{prefix}*.pt")
+            for name in [path.name]
+        ]
         kept = sorted(kept, key=lambda pair: -pair[0])
         if len(kept) >= self.keep_best and score <= kept[self.keep_best - 1][0]:
             return
         folder.mkdir(parents=True, exist_ok=True)
         state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-        atomic_torch_save({"state_dict": state, "epoch": epoch, "score": float(score), "stage": self.stage,
-                           "member": self.member}, folder / f"{prefix}{epoch:03d}-score{score:.6f}.pt")
-        for _, path in kept[self.keep_best - 1:]:
+        atomic_torch_save(
+            {"state_dict": state, "epoch": epoch, "score": float(score), "stage": self.stage, "member": self.member},
+            folder / f"{prefix}{epoch:03d}-score{score:.6f}.pt",
+        )
+        for _, path in kept[self.keep_best - 1 :]:
             path.unlink()
 
 
-def start_history(path: str | Path, resume: bool | str, context: DistContext = DistContext(), log: str = "csv",
-                  keep_best: int = 0) -> EpochHistory:
+def start_history(
+    path: str | Path, resume: bool | str, context: DistContext = DistContext(), log: str = "csv", keep_best: int = 0
+) -> EpochHistory:
     """The history writer of a training run: a fresh run starts the file over (and clears the
     branch's kept best epochs); ``resume`` keeps the rows an interrupted run left (checking the
     file is a history). ``log`` ``tensorboard`` also writes TensorBoard event files."""
@@ -169,8 +181,10 @@ def _tensorboard_writer(log_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise OptionError("--log tensorboard needs the tensorboard package: pip install tensorboard==2.21.0 "
-                          "(pinned in requirements.txt)") from None
+        raise OptionError(
+            "--log tensorboard needs the tensorboard package: pip install tensorboard==2.21.0 "
+            "(pinned in requirements.txt)"
+        ) from None
     return SummaryWriter(log_dir=str(log_dir))
 
 
@@ -193,8 +207,10 @@ def _panels(weights_dir: Path) -> list[tuple[str, pd.DataFrame]]:
     for path in sorted(weights_dir.glob("history_*.csv")):
         frame = read_history(path)
         branch = path.stem.removeprefix("history_")
-        panels.extend((branch if stage == branch else f"{branch}: {stage}", part)
-                      for stage, part in frame.groupby("stage", sort=False))
+        panels.extend(
+            (branch if stage == branch else f"{branch}: {stage}", part)
+            for stage, part in frame.groupby("stage", sort=False)
+        )
     return panels
 
 
@@ -214,17 +230,24 @@ def training_curves_figure(weights_dir: str | Path) -> Figure | None:
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     with plt.rc_context(PLAIN_TEXT):
-        fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False,
-                                 layout="constrained")
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False, layout="constrained"
+        )
         # The grid's last row may hold spare axes, more than the panels: they are hidden below.
         for ax, (title, part) in zip(axes.flat, panels, strict=False):
             score_ax = ax.twinx()
             members = part.groupby("member", sort=True, dropna=False)
             for color, (member, lines) in enumerate(members):
                 lines = lines.sort_values("epoch")
-                ax.plot(lines["epoch"], lines["train_loss"], "-o", color=f"C{color}", ms=3,
-                        # member: the ensemble member's index, or NA where the stage trained one model
-                        label=f"model {member + 1}/{len(members)}" if isinstance(member, (int, np.integer)) else None)
+                ax.plot(
+                    lines["epoch"],
+                    lines["train_loss"],
+                    "-o",
+                    color=f"C{color}",
+                    ms=3,
+                    # member: the ensemble member's index, or NA where the stage trained one model
+                    label=f"model {member + 1}/{len(members)}" if isinstance(member, (int, np.integer)) else None,
+                )
                 score_ax.plot(lines["epoch"], lines["val_score"], "--s", color=f"C{color}", ms=3)
             ax.set_title(title)
             ax.set_xlabel("epoch")
@@ -234,7 +257,7 @@ def training_curves_figure(weights_dir: str | Path) -> Figure | None:
             ax.grid(alpha=0.3)
             if len(members) > 1:
                 ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(members), 5))
-        for ax in list(axes.flat)[len(panels):]:
+        for ax in list(axes.flat)[len(panels) :]:
             ax.set_visible(False)
     return fig
 
@@ -249,8 +272,9 @@ def plot_histories(weights_dir: str | Path) -> Path | None:
     try:
         fig = training_curves_figure(weights_dir)
     except ImportError as err:
-        log.warning("%s not drawn: matplotlib cannot be imported (%s); the histories are in %s",
-                    CURVES_FILE, err, weights_dir)
+        log.warning(
+            "%s not drawn: matplotlib cannot be imported (%s); the histories are in %s", CURVES_FILE, err, weights_dir
+        )
         return None
     if fig is None:
         return None

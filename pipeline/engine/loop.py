@@ -92,8 +92,7 @@ class ModelEma(nn.Module, Generic[ModelT]):
             raise ValueError("ModelEma.update: the model's tensors are not those the average was made of")
         floats = [(ema_state[k], model_state[k]) for k in ema_state if ema_state[k].is_floating_point()]
         others = [(ema_state[k], model_state[k]) for k in ema_state if not ema_state[k].is_floating_point()]
-        return (model, [e for e, _ in floats], [m for _, m in floats], [e for e, _ in others],
-                [m for _, m in others])
+        return (model, [e for e, _ in floats], [m for _, m in floats], [e for e, _ in others], [m for _, m in others])
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -116,9 +115,14 @@ class ModelEma(nn.Module, Generic[ModelT]):
         self.updates = int(state["updates"])
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float, new_modules: tuple[str, ...] = (),
-                     new_lr_scale: float = 1.0,
-                     lr_scales: Sequence[tuple[Sequence[nn.Parameter], float]] = ()) -> list[dict]:
+def parameter_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    new_modules: tuple[str, ...] = (),
+    new_lr_scale: float = 1.0,
+    lr_scales: Sequence[tuple[Sequence[nn.Parameter], float]] = (),
+) -> list[dict]:
     """AdamW parameter groups: timm's ``param_groups_weight_decay`` (no weight decay on norms
     and biases, the one-dimensional tensors, whose decay only fights the normalisation), each
     split by learning rate: ``new_lr_scale`` times ``lr`` for the freshly initialised
@@ -151,8 +155,9 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> 
     return base_lr * math.sqrt(global_batch / reference_batch)
 
 
-def _to_device(batch: Iterable[torch.Tensor], device: torch.device,
-               host_inputs: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+def _to_device(
+    batch: Iterable[torch.Tensor], device: torch.device, host_inputs: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, ...]:
     return tuple(t if i in host_inputs else t.to(device, non_blocking=True) for i, t in enumerate(batch))
 
 
@@ -176,10 +181,19 @@ class TrainStep(nn.Module, Generic[ModelT]):
         return self.step_loss(self.model, batch)
 
 
-def epoch_loader(dataset: Dataset, global_batch: int, context: DistContext, shuffle: bool, seed: int,
-                 workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
-                 option: str = "--batch-size", sampler: Sampler | None = None,
-                 collate: Callable[[list], Any] | None = None) -> DataLoader:
+def epoch_loader(
+    dataset: Dataset,
+    global_batch: int,
+    context: DistContext,
+    shuffle: bool,
+    seed: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    option: str = "--batch-size",
+    sampler: Sampler | None = None,
+    collate: Callable[[list], Any] | None = None,
+) -> DataLoader:
     """Batches of this rank's share of ``dataset``, reshuffled each epoch by :func:`train_one_epoch`.
 
     The sampler draws one permutation per epoch from ``seed`` and gives rank ``r`` every
@@ -190,11 +204,20 @@ def epoch_loader(dataset: Dataset, global_batch: int, context: DistContext, shuf
     torch's ``default_collate``).
     """
     if sampler is None:
-        sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=shuffle,
-                                     seed=seed, drop_last=drop_last)
-    return DataLoader(dataset, batch_size=context.local_batch_size(global_batch, option), sampler=sampler,
-                      num_workers=workers, pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        sampler = DistributedSampler(
+            dataset, num_replicas=context.world_size, rank=context.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+    return DataLoader(
+        dataset,
+        batch_size=context.local_batch_size(global_batch, option),
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        collate_fn=collate,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 def validation_workers(train_workers: int) -> int:
@@ -227,23 +250,34 @@ class ResidentBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for start in range(0, self.rows, self.batch_size):
-            yield tuple(t[start:start + self.batch_size] for t in self.tensors)
+            yield tuple(t[start : start + self.batch_size] for t in self.tensors)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-def validation_batches(dataset: Dataset, batch_size: int, device: torch.device, workers: int = 0,
-                       collate: Callable[[list], Any] | None = None, pin_memory: bool = False,
-                       max_bytes: int = RESIDENT_MAX_BYTES) -> ResidentBatches | DataLoader:
+def validation_batches(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    collate: Callable[[list], Any] | None = None,
+    pin_memory: bool = False,
+    max_bytes: int = RESIDENT_MAX_BYTES,
+) -> ResidentBatches | DataLoader:
     """Batches of ``dataset`` for a validation pass every epoch: :class:`ResidentBatches`
     when the whole split fits in ``max_bytes`` (judged by its first batch), filled by one pass
     of a loader with ``workers``; else a loader whose workers persist between passes."""
     if not isinstance(dataset, Sized):
         raise TypeError(f"validation batches need a dataset with a length; {type(dataset).__name__} has none")
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=validation_workers(workers),
-                        collate_fn=collate, pin_memory=pin_memory)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=validation_workers(workers),
+        collate_fn=collate,
+        pin_memory=pin_memory,
+    )
     batches = iter(loader)
     first = next(batches, None)
     if first is None:
@@ -251,22 +285,37 @@ def validation_batches(dataset: Dataset, batch_size: int, device: torch.device, 
     per_row = sum(t[:1].numel() * t.element_size() for t in first)
     if per_row * len(dataset) > max_bytes:
         workers = validation_workers(workers)
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                          pin_memory=pin_memory, persistent_workers=workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+        )
     # Each tensor's rows keep the batch's layout (channels_last images stay so).
-    kept = [torch.empty_strided((len(dataset), *t.shape[1:]), t.stride(), dtype=t.dtype, device=device)
-            if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-            else torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in first]
+    kept = [
+        torch.empty_strided((len(dataset), *t.shape[1:]), t.stride(), dtype=t.dtype, device=device)
+        if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+        else torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device)
+        for t in first
+    ]
     done = 0
     for batch in (first, *batches):
         for target, part in zip(kept, batch, strict=True):
-            target[done:done + len(part)].copy_(part, non_blocking=True)
+            target[done : done + len(part)].copy_(part, non_blocking=True)
         done += len(batch[0])
     return ResidentBatches(kept, batch_size)
 
 
-def warm_up(step: nn.Module, batch: Sequence[torch.Tensor], device: torch.device, autocast=None,
-            guard: Callable[[Callable[[], Any]], Any] | None = None, keep: Sequence[Any] = ()) -> None:
+def warm_up(
+    step: nn.Module,
+    batch: Sequence[torch.Tensor],
+    device: torch.device,
+    autocast=None,
+    guard: Callable[[Callable[[], Any]], Any] | None = None,
+    keep: Sequence[Any] = (),
+) -> None:
     """One forward and backward of ``batch`` through ``step`` (a :class:`TrainStep`) before the
     clock of the first epoch starts, inside ``guard`` (the compile fallback's, so a failure in
     the lazily compiled backward falls back to eager): the compilation, cuDNN's algorithm
@@ -315,15 +364,28 @@ def _check_finite(first_bad: torch.Tensor, epoch: int, bad_loss: torch.Tensor, n
     step = int(first_bad.item())
     if step >= 0:
         prefix = f"{name}: " if name else ""
-        raise NonFiniteLossError(f"{prefix}loss is {bad_loss.item()} at epoch {epoch}, step {step}: "
-                                 "lower the learning rate or check the data")
+        raise NonFiniteLossError(
+            f"{prefix}loss is {bad_loss.item()} at epoch {epoch}, step {step}: "
+            "lower the learning rate or check the data"
+        )
 
 
-def train_one_epoch(step: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
-                    epoch: int, scheduler=None, autocast=None, grad_clip: float | None = None,
-                    ema: ModelEma | None = None, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = True, context: DistContext = DistContext(), sync_every: int = 50,
-                    name: str = "") -> float:
+def train_one_epoch(
+    step: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    scheduler=None,
+    autocast=None,
+    grad_clip: float | None = None,
+    ema: ModelEma | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: bool = True,
+    context: DistContext = DistContext(),
+    sync_every: int = 50,
+    name: str = "",
+) -> float:
     """One pass over ``loader`` with ``step(*batch) -> loss`` (a :class:`TrainStep`, maybe in DDP).
 
     Returns the mean loss over every rank's samples. A non-finite loss stops training
@@ -383,8 +445,9 @@ def predict_probs(model: nn.Module, loader: Iterable, device: torch.device) -> n
     return torch.cat(parts).numpy()
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
-                  warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up then cosine decay to zero, stepped once per update: the one schedule of
     every branch, torch's ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``.
 
@@ -397,8 +460,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
     if warmup_steps <= 0:
         return cosine
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0,
-                                               total_iters=max(warmup_steps - 1, 1))
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=max(warmup_steps - 1, 1)
+    )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
@@ -415,10 +479,19 @@ class EpochScore:
     message: str = ""
 
 
-def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Callable[[int], EpochScore],
-        scored: nn.Module, resume: ResumeState, resumable: dict[str, Any], patience: int | None = None,
-        context: DistContext = DistContext(), epoch_bar: bool = False,
-        history: EpochHistory | None = None) -> dict[str, Any]:
+def fit(
+    name: str,
+    epochs: int,
+    train_epoch: Callable[[int], float],
+    score: Callable[[int], EpochScore],
+    scored: nn.Module,
+    resume: ResumeState,
+    resumable: dict[str, Any],
+    patience: int | None = None,
+    context: DistContext = DistContext(),
+    epoch_bar: bool = False,
+    history: EpochHistory | None = None,
+) -> dict[str, Any]:
     """Train for ``epochs`` epochs and keep the best: the one shared epoch loop of every branch.
 
     Each epoch runs ``train_epoch(epoch) -> mean loss``, then ``score(epoch)``; the weights
@@ -455,10 +528,17 @@ def fit(name: str, epochs: int, train_epoch: Callable[[int], float], score: Call
             # Rank 0 decides: scores that differ in the last bit between ranks must not split them.
             improved, stop = broadcast_flags([improved, stop], context)
             if improved:
-                best = {"epoch": epoch, "score": result.value, **result.kept,
-                        "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
-            say(f"{name} epoch {epoch}/{epochs}: loss {loss:.4f}" + (f", {result.message}" if result.message else "")
-                + (" (best)" if improved and result.value is not None else ""))
+                best = {
+                    "epoch": epoch,
+                    "score": result.value,
+                    **result.kept,
+                    "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()},
+                }
+            say(
+                f"{name} epoch {epoch}/{epochs}: loss {loss:.4f}"
+                + (f", {result.message}" if result.message else "")
+                + (" (best)" if improved and result.value is not None else "")
+            )
             resume.end_epoch(epoch, best, finished=stop)
             if stop:
                 say(f"{name}: no better validation score for {patience} epochs; stopping")

@@ -64,8 +64,16 @@ def export(module: nn.Module, preprocessing: dict, pooled: bool, path: Path) -> 
     with torch.no_grad(), warnings.catch_warnings():
         # The exporter traces the module; torch's deprecation notes are not the user's concern.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example,), str(path), dynamo=False, input_names=[INPUT], output_names=["outputs"],
-                          dynamic_axes={INPUT: {0: "batch"}, "outputs": {0: "batch"}}, opset_version=OPSET)
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT],
+            output_names=["outputs"],
+            dynamic_axes={INPUT: {0: "batch"}, "outputs": {0: "batch"}},
+            opset_version=OPSET,
+        )
 
 
 def float_nodes(model: Any, float_prefix: str | None) -> list[str]:
@@ -89,8 +97,7 @@ def quantise(float_path: Path, out: Path, calibration: Calibration, float_prefix
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = (piece for batch in calibration.batches()
-                            for piece in torch.split(batch, CALIBRATION_BATCH))
+            self.batches = (piece for batch in calibration.batches() for piece in torch.split(batch, CALIBRATION_BATCH))
 
         def get_next(self) -> dict | None:
             batch = next(self.batches, None)
@@ -100,15 +107,24 @@ def quantise(float_path: Path, out: Path, calibration: Calibration, float_prefix
     try:
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         model = onnx.load(str(prepared))
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=float_nodes(model, float_prefix))
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=float_nodes(model, float_prefix),
+        )
     finally:
         prepared.unlink(missing_ok=True)
 
 
-def export_model(module: nn.Module, preprocessing: dict, pooled: bool, precision: str,
-                 calibration: Calibration | None, path: Path) -> None:
+def export_model(
+    module: nn.Module, preprocessing: dict, pooled: bool, precision: str, calibration: Calibration | None, path: Path
+) -> None:
     """``module`` as an ONNX model of uint8 pixels (B, R, R, 3) written to ``path``: in float,
     or with ``precision`` int8 quantised statically on ``calibration``'s images (the stem and,
     for a :class:`FrontAndTail`, the tail left in float)."""
@@ -151,18 +167,36 @@ class OnnxRuntime(Runtime):
     def version(self) -> str | None:
         return onnxruntime_version()
 
-    def build(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, device: torch.device,
-              model_cache: Path | None, cores: int, calibration: Calibration | None = None) -> OnnxForward:
+    def build(
+        self,
+        module: nn.Module,
+        preprocessing: dict,
+        pooled: bool,
+        precision: str,
+        device: torch.device,
+        model_cache: Path | None,
+        cores: int,
+        calibration: Calibration | None = None,
+    ) -> OnnxForward:
         digest = key_digest(self.model_key(module, preprocessing, pooled, precision, calibration))
         opened = f"{digest}-{torch.get_num_threads()}"  # a session per thread count
         with _SESSIONS_LOCK:
             if opened not in _SESSIONS:
-                _SESSIONS[opened] = OnnxForward(self._session(module, preprocessing, pooled, precision, digest,
-                                                              model_cache, calibration))
+                _SESSIONS[opened] = OnnxForward(
+                    self._session(module, preprocessing, pooled, precision, digest, model_cache, calibration)
+                )
             return _SESSIONS[opened]
 
-    def _session(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, digest: str,
-                 model_cache: Path | None, calibration: Calibration | None) -> Any:
+    def _session(
+        self,
+        module: nn.Module,
+        preprocessing: dict,
+        pooled: bool,
+        precision: str,
+        digest: str,
+        model_cache: Path | None,
+        calibration: Calibration | None,
+    ) -> Any:
         import tempfile
 
         import onnxruntime

@@ -72,8 +72,11 @@ class OpenVinoForward(FrozenForward):
         # Two requests per stream: a stream finds its next batch waiting when one finishes.
         queue = ov.AsyncInferQueue(self.compiled, 2 * self.streams)
         finished: dict[int, torch.Tensor | None] = {}
-        queue.set_callback(lambda request, number: finished.__setitem__(
-            number, torch.from_numpy(request.get_output_tensor(0).data.copy())))
+        queue.set_callback(
+            lambda request, number: finished.__setitem__(
+                number, torch.from_numpy(request.get_output_tensor(0).data.copy())
+            )
+        )
         waiting: collections.deque[tuple[int, Any]] = collections.deque()
         for number, (tag, pixels) in enumerate(batches):
             waiting.append((number, tag))
@@ -98,8 +101,17 @@ class OpenVinoRuntime(Runtime):
     def version(self) -> str | None:
         return openvino_version()
 
-    def build(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, device: torch.device,
-              model_cache: Path | None, cores: int, calibration: Calibration | None = None) -> OpenVinoForward:
+    def build(
+        self,
+        module: nn.Module,
+        preprocessing: dict,
+        pooled: bool,
+        precision: str,
+        device: torch.device,
+        model_cache: Path | None,
+        cores: int,
+        calibration: Calibration | None = None,
+    ) -> OpenVinoForward:
         """``module`` compiled: from this process's memory, else converted (or read from
         ``model_cache``, where conversions are kept) and compiled."""
         if precision == "int8" and onnxruntime_version() is None:
@@ -108,8 +120,9 @@ class OpenVinoRuntime(Runtime):
         compiled = f"{digest}-{cores}"  # compiled for a number of streams
         with _COMPILED_LOCK:
             if compiled not in _COMPILED:
-                _COMPILED[compiled] = _compile(module, preprocessing, pooled, precision, digest, model_cache, cores,
-                                               calibration)
+                _COMPILED[compiled] = _compile(
+                    module, preprocessing, pooled, precision, digest, model_cache, cores, calibration
+                )
             return _COMPILED[compiled]
 
 
@@ -118,16 +131,30 @@ def model_files(model_cache: Path, digest: str) -> ModelFiles:
     return ModelFiles(Path(model_cache) / "openvino" / f"{digest}.xml", (".bin",))
 
 
-def _compile(module: nn.Module, preprocessing: dict, pooled: bool, precision: str, digest: str,
-             model_cache: Path | None, cores: int, calibration: Calibration | None) -> OpenVinoForward:
+def _compile(
+    module: nn.Module,
+    preprocessing: dict,
+    pooled: bool,
+    precision: str,
+    digest: str,
+    model_cache: Path | None,
+    cores: int,
+    calibration: Calibration | None,
+) -> OpenVinoForward:
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
     core = ov.Core()
-    make = (lambda: convert_quantised(module, preprocessing, pooled, calibration)) if precision == "int8" else \
-        (lambda: convert(module, preprocessing, pooled))
-    model = make() if model_cache is None else model_files(model_cache, digest).load_or_build(
-        core.read_model, make, save_model)
+    make = (
+        (lambda: convert_quantised(module, preprocessing, pooled, calibration))
+        if precision == "int8"
+        else (lambda: convert(module, preprocessing, pooled))
+    )
+    model = (
+        make()
+        if model_cache is None
+        else model_files(model_cache, digest).load_or_build(core.read_model, make, save_model)
+    )
     if precision == "int8":
         laid_out = model  # quantised from ONNX Runtime's export, which takes NHWC pixels already
     else:
@@ -137,9 +164,16 @@ def _compile(module: nn.Module, preprocessing: dict, pooled: bool, precision: st
         steps.input().model().set_layout(ov.Layout("NCHW"))
         laid_out = steps.build()
     hint = "bf16" if precision == "bf16" and cpu_has_bf16(core) else "f32"
-    compiled = core.compile_model(laid_out, "CPU", {
-        "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": cores, "INFERENCE_NUM_THREADS": cores,
-        "PERFORMANCE_HINT": "THROUGHPUT"})
+    compiled = core.compile_model(
+        laid_out,
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": hint,
+            "NUM_STREAMS": cores,
+            "INFERENCE_NUM_THREADS": cores,
+            "PERFORMANCE_HINT": "THROUGHPUT",
+        },
+    )
     return OpenVinoForward(model, compiled, cores)
 
 

@@ -107,8 +107,14 @@ class ResumeState:
             state.end_epoch(epoch, best)
     """
 
-    def __init__(self, directory: Path | None, loop: str = "", digest: str = "", resume: bool | str = False,
-                 context: DistContext = DistContext()) -> None:
+    def __init__(
+        self,
+        directory: Path | None,
+        loop: str = "",
+        digest: str = "",
+        resume: bool | str = False,
+        context: DistContext = DistContext(),
+    ) -> None:
         self.path = Path(directory) / f"{loop}.pt" if directory is not None else None
         self.digest, self.resume, self.context = digest, resume, context
         self.modules: dict[str, Any] = {}
@@ -141,8 +147,10 @@ class ResumeState:
             return 1, best
         saved_world = state.get("world_size")
         if saved_world is None:
-            raise CheckpointError(f"{self.path}: saved by an older version without per-process random generators; "
-                                  "rerun without --resume to start over")
+            raise CheckpointError(
+                f"{self.path}: saved by an older version without per-process random generators; "
+                "rerun without --resume to start over"
+            )
         if saved_world != self.context.world_size:
             raise CheckpointError(
                 f"{self.path}: saved by a run of {saved_world} processes, this one has {self.context.world_size}; "
@@ -250,8 +258,10 @@ def start_run(weights_dir: str | Path, script: str, resume: bool | str, context:
         source = resume_directory(source, script) if resume_directory(source, script).is_dir() else source
         states = sorted(source.glob("*.pt")) if source.is_dir() else []
         if not states:
-            raise CheckpointError(f"--resume {resume}: no resume states of {script} training there (expected "
-                                  f"{resume_directory(resume, script)}/*.pt, or a folder of such .pt files)")
+            raise CheckpointError(
+                f"--resume {resume}: no resume states of {script} training there (expected "
+                f"{resume_directory(resume, script)}/*.pt, or a folder of such .pt files)"
+            )
         if context.is_main and source.resolve() != directory.resolve():
             if directory.exists():
                 shutil.rmtree(directory)

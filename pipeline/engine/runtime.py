@@ -32,8 +32,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-
-
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 arithmetic runs in hardware: CUDA GPUs that support it, and CPUs with
     AVX512-BF16 or AMX (read from /proc/cpuinfo; elsewhere bf16 is emulated and slower)."""
@@ -65,8 +63,13 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 
 # The instruction sets that decide which kernels are fast, newest first, by their cpuinfo flag.
-INSTRUCTION_SETS = (("amx", "amx_tile"), ("avx512_bf16", "avx512_bf16"), ("avx512_vnni", "avx512_vnni"),
-                    ("avx512", "avx512f"), ("avx2", "avx2"))
+INSTRUCTION_SETS = (
+    ("amx", "amx_tile"),
+    ("avx512_bf16", "avx512_bf16"),
+    ("avx512_vnni", "avx512_vnni"),
+    ("avx512", "avx512f"),
+    ("avx2", "avx2"),
+)
 
 
 def instruction_set(cpuinfo: str | None = None) -> str:
@@ -154,8 +157,12 @@ class _CompiledOrEager:
             self._give_up(err)
 
     def _give_up(self, err: BaseException) -> None:
-        log.warning("--compile: torch.compile of the %s failed (%s: %s); training continues uncompiled",
-                    self.name, type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+        log.warning(
+            "--compile: torch.compile of the %s failed (%s: %s); training continues uncompiled",
+            self.name,
+            type(err).__name__,
+            str(err).strip().splitlines()[0] if str(err).strip() else "",
+        )
         self.compiled = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

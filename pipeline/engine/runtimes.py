@@ -64,15 +64,19 @@ def check_runtime(name: str, device: torch.device, precision: str = "fp32") -> R
     if reason is not None:
         raise OptionError(f"--runtime {name}: {reason} (use --runtime auto or torch)")
     if precision not in runtime.precisions:
-        raise OptionError(f"--runtime {name} cannot run precision {precision} (it runs "
-                          f"{', '.join(runtime.precisions)})")
+        raise OptionError(
+            f"--runtime {name} cannot run precision {precision} (it runs {', '.join(runtime.precisions)})"
+        )
     return runtime
 
 
 def available_runtimes(device: torch.device, precision: str) -> list[str]:
     """The runtimes that can run on ``device`` here in ``precision``, in registry order."""
-    return [name for name, runtime in RUNTIMES.items()
-            if runtime.unavailable(device) is None and precision in runtime.precisions]
+    return [
+        name
+        for name, runtime in RUNTIMES.items()
+        if runtime.unavailable(device) is None and precision in runtime.precisions
+    ]
 
 
 @dataclass
@@ -86,18 +90,28 @@ class Probe:
     calibration: Calibration | None = None
 
 
-def build_forward(name: str, probe: Probe, device: torch.device, model_cache: Path | None,
-                  cores: int | None = None) -> FrozenForward:
+def build_forward(
+    name: str, probe: Probe, device: torch.device, model_cache: Path | None, cores: int | None = None
+) -> FrozenForward:
     """``probe.module`` ready to run in runtime ``name`` (converted models kept in ``model_cache``)."""
     runtime = check_runtime(name, device, probe.precision)
-    return runtime.build(probe.module, probe.preprocessing, probe.pooled, probe.precision, device, model_cache,
-                         cores or usable_cores(), probe.calibration)
+    return runtime.build(
+        probe.module,
+        probe.preprocessing,
+        probe.pooled,
+        probe.precision,
+        device,
+        model_cache,
+        cores or usable_cores(),
+        probe.calibration,
+    )
 
 
 def probe_pixels(batch_size: int, resolution: int) -> torch.Tensor:
     """A fixed random uint8 batch (B, 3, R, R), channels_last as the loader workers make them."""
-    return torch.randint(0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
+    return torch.randint(
+        0, 256, (batch_size, resolution, resolution, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    ).permute(0, 3, 1, 2)
 
 
 class _ForwardPasses(torch.utils.data.Dataset):
@@ -113,8 +127,13 @@ class _ForwardPasses(torch.utils.data.Dataset):
         return float(self.forward(self.pixels).float().mean())
 
 
-def time_forward(forward: FrozenForward, resolution: int, batches: int = PROBE_BATCHES,
-                 batch_size: int = PROBE_BATCH_SIZE, processes: int = 0) -> float:
+def time_forward(
+    forward: FrozenForward,
+    resolution: int,
+    batches: int = PROBE_BATCHES,
+    batch_size: int = PROBE_BATCH_SIZE,
+    processes: int = 0,
+) -> float:
     """Images per second of ``forward`` on fixed random uint8 batches, in the layout it runs
     in: with ``processes`` > 0 and a forward that runs in the loader workers, that many
     single-threaded workers each running ``batches`` batches (the clock starts at each one's
@@ -123,8 +142,14 @@ def time_forward(forward: FrozenForward, resolution: int, batches: int = PROBE_B
     if forward.in_workers and processes > 0:
         from torch.utils.data import DataLoader
 
-        loader = iter(DataLoader(_ForwardPasses(forward, pixels, (batches + 1) * processes), batch_size=None,
-                                 num_workers=processes, prefetch_factor=2))
+        loader = iter(
+            DataLoader(
+                _ForwardPasses(forward, pixels, (batches + 1) * processes),
+                batch_size=None,
+                num_workers=processes,
+                prefetch_factor=2,
+            )
+        )
         for _ in range(processes):
             next(loader)
         started, timed = time.perf_counter(), 0
@@ -141,19 +166,27 @@ def time_forward(forward: FrozenForward, resolution: int, batches: int = PROBE_B
 def machine_key() -> dict:
     """What a runtime's speed on this machine depends on besides the model: the CPU model, its
     instruction set, the cores this process may use and every runtime's version."""
-    return {"cpu": cpu_model(), "instruction_set": instruction_set(), "cores": usable_cores(),
-            "versions": {name: runtime.version() for name, runtime in RUNTIMES.items()}}
+    return {
+        "cpu": cpu_model(),
+        "instruction_set": instruction_set(),
+        "cores": usable_cores(),
+        "versions": {name: runtime.version() for name, runtime in RUNTIMES.items()},
+    }
 
 
 def choice_key(probe: Probe) -> dict:
     """The key of ``auto``'s measurement: the machine, the module's tensors, its resolution,
     output and precision."""
-    return {**machine_key(), "state": state_digest(probe.module), "resolution": probe.preprocessing["resolution"],
-            "pooled": probe.pooled, "precision": probe.precision}
+    return {
+        **machine_key(),
+        "state": state_digest(probe.module),
+        "resolution": probe.preprocessing["resolution"],
+        "pooled": probe.pooled,
+        "precision": probe.precision,
+    }
 
 
-def choose_fastest(candidates: list[str], measure: Callable[[str], float], choice_file: Path | None,
-                   key: dict) -> str:
+def choose_fastest(candidates: list[str], measure: Callable[[str], float], choice_file: Path | None, key: dict) -> str:
     """The candidate with the most images per second by ``measure(name)``, read from
     ``choice_file`` where it holds a measurement under ``key`` (a candidate that fails to run
     is left out, with a warning); the measurement is written there."""
@@ -167,8 +200,12 @@ def choose_fastest(candidates: list[str], measure: Callable[[str], float], choic
         try:
             rates[name] = round(measure(name), 2)
         except Exception as err:  # noqa: BLE001 - a runtime that cannot run this model is not chosen
-            log.warning("--runtime auto: %s could not run this model (%s: %s); not chosen", name,
-                        type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            log.warning(
+                "--runtime auto: %s could not run this model (%s: %s); not chosen",
+                name,
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
+            )
     if not rates:
         raise OptionError(f"--runtime auto: none of {', '.join(candidates)} could run this model")
     chosen = max(rates, key=rates.__getitem__)
@@ -197,8 +234,7 @@ def _write_choices(choice_file: Path, recorded: dict) -> None:
     partial.replace(choice_file)
 
 
-def resolve_runtime(name: str, device: torch.device, probe: Probe | None = None,
-                    cache_dir: Path | None = None) -> str:
+def resolve_runtime(name: str, device: torch.device, probe: Probe | None = None, cache_dir: Path | None = None) -> str:
     """The runtime that runs ``probe``: ``name`` itself where it can run here (else a one-line
     error); for ``auto`` the fastest measured of those that can (the only one, without a
     measurement, when one can; torch where there is nothing to time)."""
@@ -211,13 +247,18 @@ def resolve_runtime(name: str, device: torch.device, probe: Probe | None = None,
         raise OptionError(f"--runtime auto: no runtime here runs precision {precision}")
     if len(candidates) == 1 or probe is None:
         return candidates[0]
-    return choose_fastest(candidates, lambda runtime: measure_runtime(runtime, probe, device, cache_dir),
-                          Path(cache_dir) / CHOICE_FILE if cache_dir is not None else None, choice_key(probe))
+    return choose_fastest(
+        candidates,
+        lambda runtime: measure_runtime(runtime, probe, device, cache_dir),
+        Path(cache_dir) / CHOICE_FILE if cache_dir is not None else None,
+        choice_key(probe),
+    )
 
 
 def measure_runtime(name: str, probe: Probe, device: torch.device, model_cache: Path | None) -> float:
     """Images per second of ``probe`` in runtime ``name``, over a few batches, in the layout
     extraction runs it in (torch on a CPU: one single-threaded process per core)."""
     processes = usable_cores() if device.type == "cpu" else 0
-    return time_forward(build_forward(name, probe, device, model_cache), probe.preprocessing["resolution"],
-                        processes=processes)
+    return time_forward(
+        build_forward(name, probe, device, model_cache), probe.preprocessing["resolution"], processes=processes
+    )

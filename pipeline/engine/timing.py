@@ -48,7 +48,12 @@ def timed(stage: str, images: int) -> Iterator[None]:
 def summary() -> dict:
     """``{"cpu", "instruction_set", "cores", "stages": {stage: {"seconds", "images", "img_s"}}}``."""
     with _LOCK:
-        stages = {stage: {"seconds": round(seconds, 3), "images": int(images),
-                          "img_s": round(images / seconds, 2) if seconds > 0 else None}
-                  for stage, (seconds, images) in _STAGES.items()}
+        stages = {
+            stage: {
+                "seconds": round(seconds, 3),
+                "images": int(images),
+                "img_s": round(images / seconds, 2) if seconds > 0 else None,
+            }
+            for stage, (seconds, images) in _STAGES.items()
+        }
     return {"cpu": cpu_model(), "instruction_set": instruction_set(), "cores": usable_cores(), "stages": stages}

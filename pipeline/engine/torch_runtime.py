@@ -30,8 +30,9 @@ class TorchForward(FrozenForward):
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         # The model takes raw pixel values, so the batch only changes type: the values
         # 0..255 are exact in every precision it can run in.
-        batch = pixels.to(self.device, non_blocking=True).to(compute_dtype(self.precision),
-                                                             memory_format=torch.channels_last)
+        batch = pixels.to(self.device, non_blocking=True).to(
+            compute_dtype(self.precision), memory_format=torch.channels_last
+        )
         with torch.inference_mode(), autocast_context(self.device, self.precision):
             result = self.model(batch)
             result = pool_outputs(result) if self.pooled else result
@@ -48,7 +49,16 @@ class TorchRuntime(Runtime):
     def unavailable(self, device: torch.device) -> str | None:
         return None
 
-    def build(self, module: nn.Module, preprocessing: dict, pooled: bool, precision: str, device: torch.device,
-              model_cache: Path | None, cores: int, calibration: Calibration | None = None) -> TorchForward:
+    def build(
+        self,
+        module: nn.Module,
+        preprocessing: dict,
+        pooled: bool,
+        precision: str,
+        device: torch.device,
+        model_cache: Path | None,
+        cores: int,
+        calibration: Calibration | None = None,
+    ) -> TorchForward:
         model = fuse_for_inference(module, preprocessing).to(device).to(memory_format=torch.channels_last)
         return TorchForward(model, pooled, precision, device)

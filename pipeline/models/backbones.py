@@ -167,7 +167,8 @@ def _create_timm(name: str, weights: str | None, pretrained: bool, drop_path: fl
         source, digest = "random", "random"
     interpolation = cfg.get("interpolation")
     preprocessing = make_preprocessing(
-        cfg.get("input_size", (3, 224, 224))[-1], cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("input_size", (3, 224, 224))[-1],
+        cfg.get("mean", IMAGENET_MEAN),
         cfg.get("std", IMAGENET_STD),
         # Models whose config names another interpolation (or none) are fed bicubic, as timm does by default.
         interpolation if interpolation in ("bicubic", "bilinear") else "bicubic",
@@ -195,7 +196,8 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
             missing = [k for k in missing if not k.startswith("_fc.")]
             if missing or unexpected:
                 raise BackboneWeightsError(
-                    f"{path}: does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+                    f"{path}: does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
             source, digest = str(path), file_digest(path)
         else:
             _warn_random(name)
@@ -206,8 +208,13 @@ def _create_efficientnet_pytorch(name: str, weights: str | None, pretrained: boo
     return Backbone(name, EfficientNetPytorchFeatures(model), feature_dim, preprocessing, source, digest)
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, pretrained: bool = False,
-                    resolution: int | None = None, drop_path: float = 0.0) -> Backbone:
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    pretrained: bool = False,
+    resolution: int | None = None,
+    drop_path: float = 0.0,
+) -> Backbone:
     """Build a backbone by name.
 
     ``weights``: None (the bundled weights for the default backbone, else random unless

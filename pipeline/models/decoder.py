@@ -205,13 +205,17 @@ class LabelDecoder(nn.Module):
         """(h0, c0), each (B, H), of the projected image (B, D) and, for a decoder that reads
         captions, the caption vectors (B, caption_dim); a mismatch is an error."""
         if (captions is not None) != bool(self.caption_dim):
-            raise ValueError(f"this decoder reads caption vectors of size {self.caption_dim}: pass them"
-                             if self.caption_dim else "this decoder reads no captions (caption_dim 0)")
+            raise ValueError(
+                f"this decoder reads caption vectors of size {self.caption_dim}: pass them"
+                if self.caption_dim
+                else "this decoder reads no captions (caption_dim 0)"
+            )
         h, c = self.init_h(image), self.init_c(image)
         if captions is not None:
             if captions.shape != (len(image), self.caption_dim):
-                raise ValueError(f"caption vectors must be ({len(image)}, {self.caption_dim}), got "
-                                 f"{tuple(captions.shape)}")
+                raise ValueError(
+                    f"caption vectors must be ({len(image)}, {self.caption_dim}), got {tuple(captions.shape)}"
+                )
             captions = captions.to(device=image.device, dtype=self.caption_init.weight.dtype)
             from_caption = self.caption_init(self.dropout(self.caption_norm(captions)))  # (B, 2H)
             h, c = h + from_caption[:, : self.hidden_dim], c + from_caption[:, self.hidden_dim :]
@@ -334,8 +338,9 @@ class LabelDecoder(nn.Module):
         # permuted from nn.LSTM's (i, f, g, o) to (i, f, o, g) so that one sigmoid call
         # covers three of them.
         hid, vocab = self.hidden_dim, self.embed.num_embeddings
-        perm = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid),
-                          torch.arange(2 * hid, 3 * hid)]).to(device)  # (4H,)
+        perm = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid), torch.arange(2 * hid, 3 * hid)]).to(
+            device
+        )  # (4H,)
         # get_parameter: the LSTM's weights typed as tensors (attribute access gives Tensor | Module).
         lstm = self.lstm.get_parameter
         w_ih = lstm("weight_ih_l0")[perm]  # (4H, E+D)
@@ -383,8 +388,9 @@ class LabelDecoder(nn.Module):
             gates = img_gates.index_select(0, act_image).addmm_(x, w_rec)  # (A, 4H)
             sig = gates[:, : 3 * hid].sigmoid_()  # (A, 3H): i, f, o
             cell = gates[:, 3 * hid :].tanh_()  # (A, H)
-            store_c = torch.addcmul(sig[:, hid : 2 * hid] * store_c.index_select(0, act_ptr),
-                                    sig[:, :hid], cell)  # (A, H)
+            store_c = torch.addcmul(
+                sig[:, hid : 2 * hid] * store_c.index_select(0, act_ptr), sig[:, :hid], cell
+            )  # (A, H)
             store_h = torch.empty(n_act, hid + vocab, dtype=dtype, device=device)  # (A, H+V)
             store_h[:, hid:] = 0.0
             h_act = store_h[:, :hid]  # (A, H) view

@@ -92,16 +92,22 @@ class RawPixelStem(nn.Module):
             rows, cols = significant[:, w // 2].tolist(), significant[h // 2, :].tolist()
             top, left = _run_length(rows), _run_length(cols)
             bottom, right = min(_run_length(rows[::-1]), h - top), min(_run_length(cols[::-1]), w - left)
-            regions = [(slice(0, top), slice(0, w)), (slice(h - bottom, h), slice(0, w)),
-                       (slice(top, h - bottom), slice(0, left)), (slice(top, h - bottom), slice(w - right, w))]
+            regions = [
+                (slice(0, top), slice(0, w)),
+                (slice(h - bottom, h), slice(0, w)),
+                (slice(top, h - bottom), slice(0, left)),
+                (slice(top, h - bottom), slice(w - right, w)),
+            ]
             covered = torch.zeros_like(significant)
             for region in regions:
                 covered[region] = True
             if (significant & ~covered).any():
                 raise ValueError("the stem's output differs away from the border; its input cannot be folded")
-            self._borders[key] = [(region, difference[:, region[0], region[1]].contiguous())
-                                  for region in regions
-                                  if region[0].stop > region[0].start and region[1].stop > region[1].start]
+            self._borders[key] = [
+                (region, difference[:, region[0], region[1]].contiguous())
+                for region in regions
+                if region[0].stop > region[0].start and region[1].stop > region[1].start
+            ]
         return self._borders[key]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -166,7 +172,8 @@ def fuse_for_inference(module: nn.Module, preprocessing: dict) -> nn.Module:
     except ValueError:
         got = None
     if got is None or not torch.allclose(expected, got, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
-        warnings.warn("folding batch norm and normalisation changed this backbone's output; running it unfused",
-                      stacklevel=2)
+        warnings.warn(
+            "folding batch norm and normalisation changed this backbone's output; running it unfused", stacklevel=2
+        )
         return unfused
     return fused

@@ -56,8 +56,11 @@ class ImageHead(nn.Module):
         self.in_dim, self.num_labels = in_dim, num_labels
         if hidden:
             self.net = nn.Sequential(
-                nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(),
-                nn.Dropout(dropout), nn.Linear(hidden, num_labels),
+                nn.Dropout(dropout),
+                nn.Linear(in_dim, hidden),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, num_labels),
             )
         else:
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, num_labels))

@@ -53,8 +53,9 @@ class ImageModel(nn.Module):
     attention starts at zero, so training starts from the head alone).
     """
 
-    def __init__(self, trunk: nn.Module, head: ImageHead, decoder: LabelDecoder,
-                 attention: ClassAttention | None = None) -> None:
+    def __init__(
+        self, trunk: nn.Module, head: ImageHead, decoder: LabelDecoder, attention: ClassAttention | None = None
+    ) -> None:
         super().__init__()
         self.trunk, self.head, self.decoder, self.attention = trunk, head, decoder, attention
 

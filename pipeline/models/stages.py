@@ -81,8 +81,9 @@ def _grouped(target: nn.Module, matcher: GroupMatcher) -> list[list[nn.Parameter
     return [[params[name] for name in groups[key]] for key in sorted(groups)]
 
 
-def _efficientnet_pytorch_matcher(blocks: Iterable[MBConvBlock], stem: tuple[str, ...], block_prefix: str,
-                                  head: tuple[str, ...]) -> Callable[[str], tuple[float, ...]]:
+def _efficientnet_pytorch_matcher(
+    blocks: Iterable[MBConvBlock], stem: tuple[str, ...], block_prefix: str, head: tuple[str, ...]
+) -> Callable[[str], tuple[float, ...]]:
     """A timm-style group matcher for efficientnet-pytorch parameter names: the stem, a group per
     stage (blocks from one channel change to the next, as ``stage_starts`` splits them), and
     the head convolution with the last stage (as timm groups its EfficientNets)."""
@@ -121,17 +122,28 @@ class EfficientNetPytorchFeatures(FeatureExtractor):
 
     def stage_starts(self) -> list[int] | None:
         # efficientnet-pytorch keeps its blocks flat; a stage starts where a block changes the channel count.
-        return [i for i, block in enumerate(self.model._blocks)
-                if i == 0 or block._block_args.input_filters != block._block_args.output_filters]
+        return [
+            i
+            for i, block in enumerate(self.model._blocks)
+            if i == 0 or block._block_args.input_filters != block._block_args.output_filters
+        ]
 
     def split_at(self, block: int) -> tuple[StagedModule, StagedModule]:
-        return (_EfficientNetPytorchStages(self.model, 0, block),
-                _EfficientNetPytorchStages(self.model, block, len(self.model._blocks)))
+        return (
+            _EfficientNetPytorchStages(self.model, 0, block),
+            _EfficientNetPytorchStages(self.model, block, len(self.model._blocks)),
+        )
 
     def parameter_stages(self) -> list[list[nn.Parameter]]:
-        return _grouped(self, _efficientnet_pytorch_matcher(
-            self.model._blocks, ("model._conv_stem.", "model._bn0."), "model._blocks.",
-            ("model._conv_head.", "model._bn1.")))
+        return _grouped(
+            self,
+            _efficientnet_pytorch_matcher(
+                self.model._blocks,
+                ("model._conv_stem.", "model._bn0."),
+                "model._blocks.",
+                ("model._conv_head.", "model._bn1."),
+            ),
+        )
 
 
 class _EfficientNetPytorchStages(StagedModule):
@@ -183,7 +195,7 @@ class TimmFeatures(FeatureExtractor):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = as_timm(self.model).forward_features(images)
         if features.ndim == 3:  # tokens (B, N, C)
-            return features[:, self.prefix_tokens:].transpose(1, 2).unsqueeze(-1)  # (B, C, N', 1)
+            return features[:, self.prefix_tokens :].transpose(1, 2).unsqueeze(-1)  # (B, C, N', 1)
         if self.channels_last:  # (B, h, w, C)
             return features.permute(0, 3, 1, 2)
         return features  # (B, C, h, w)
@@ -191,8 +203,9 @@ class TimmFeatures(FeatureExtractor):
     def stage_starts(self) -> list[int] | None:
         # An EfficientNet-style model (EfficientNet and MobileNet families): each of ``blocks`` is a stage.
         # Its stages are sliced, so ``blocks`` is a sequence of them (as in every timm family with a stem).
-        if (all(isinstance(getattr(self.model, name, None), nn.Module) for name in ("conv_stem", "bn1"))
-                and isinstance(getattr(self.model, "blocks", None), nn.Sequential)):
+        if all(isinstance(getattr(self.model, name, None), nn.Module) for name in ("conv_stem", "bn1")) and isinstance(
+            getattr(self.model, "blocks", None), nn.Sequential
+        ):
             return list(range(len(_timm_blocks(self.model))))
         return None
 
@@ -211,8 +224,9 @@ def _timm_blocks(model: nn.Module) -> nn.Sequential:
     """A timm EfficientNet-style model's ``blocks``: the sequence of its stages."""
     blocks = model.get_submodule("blocks")
     if not isinstance(blocks, nn.Sequential):
-        raise BackboneSplitError(f"{type(model).__name__}.blocks is a {type(blocks).__name__}, "
-                                 "not the sequence of stages it is split at")
+        raise BackboneSplitError(
+            f"{type(model).__name__}.blocks is a {type(blocks).__name__}, not the sequence of stages it is split at"
+        )
     return blocks
 
 
@@ -223,14 +237,16 @@ class _TimmStages(StagedModule):
 
     def __init__(self, model: nn.Module, first: int, stop: int) -> None:
         super().__init__()
-        self.stem = (nn.Sequential(model.get_submodule("conv_stem"), model.get_submodule("bn1")) if first == 0
-                     else nn.Identity())
+        self.stem = (
+            nn.Sequential(model.get_submodule("conv_stem"), model.get_submodule("bn1")) if first == 0 else nn.Identity()
+        )
         blocks = _timm_blocks(model)
         self.blocks = blocks[first:stop]
         # EfficientNet's forward_features ends with conv_head + bn2; MobileNetV3's ends at the blocks.
         last = stop == len(blocks) and isinstance(getattr(model, "bn2", None), nn.Module)
-        self.head = (nn.Sequential(model.get_submodule("conv_head"), model.get_submodule("bn2")) if last
-                     else nn.Identity())
+        self.head = (
+            nn.Sequential(model.get_submodule("conv_head"), model.get_submodule("bn2")) if last else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
@@ -248,7 +264,8 @@ def _stage_starts(backbone: Backbone) -> tuple[FeatureExtractor, list[int]]:
             return backbone.module, starts
     raise BackboneSplitError(
         "--mode partial needs an EfficientNet-style backbone (timm's EfficientNet and MobileNet families, "
-        f"or efficientnet-b0, efficientnet-b1...); {backbone.name} has no stem and stage blocks to split")
+        f"or efficientnet-b0, efficientnet-b1...); {backbone.name} has no stem and stage blocks to split"
+    )
 
 
 def num_stages(backbone: Backbone) -> int:
@@ -268,7 +285,8 @@ def split_backbone(backbone: Backbone, stage: int) -> tuple[nn.Module, nn.Module
     if not 1 <= stage < len(starts):
         raise BackboneSplitError(
             f"--train-from-stage {stage}: {backbone.name} has stages 0..{len(starts) - 1}; choose 1..{len(starts) - 1} "
-            "(0 is --mode finetune)")
+            "(0 is --mode finetune)"
+        )
     front, tail = module.split_at(starts[stage])
     was_training = module.training
     module.eval()
@@ -276,8 +294,10 @@ def split_backbone(backbone: Backbone, stage: int) -> tuple[nn.Module, nn.Module
     expected, got = module(probe), tail(front(probe))
     module.train(was_training)
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
-        raise BackboneSplitError(f"--mode partial: {backbone.name} does not run as stem, stages and head in order; "
-                                 "use --mode frozen or finetune")
+        raise BackboneSplitError(
+            f"--mode partial: {backbone.name} does not run as stem, stages and head in order; "
+            "use --mode frozen or finetune"
+        )
     return front, tail
 
 

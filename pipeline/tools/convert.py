@@ -37,8 +37,26 @@ VOC_SPLITS = ("train", "val", "trainval", "test")
 DIFFICULT_MODES = ("ignore", "include")
 # The standard VOC class order; label id = position + 1.
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 
@@ -79,8 +97,11 @@ class ConvertReport:
 
     def lines(self) -> list[str]:
         """The human-readable report."""
-        images = (f"{_images(self.images)} {self.image_mode} in {self.image_folder}" if self.image_folder
-                  else f"{_images(self.images)}, no image folder (captions only)")
+        images = (
+            f"{_images(self.images)} {self.image_mode} in {self.image_folder}"
+            if self.image_folder
+            else f"{_images(self.images)}, no image folder (captions only)"
+        )
         lines = [f"{self.dataset}: wrote {self.csv_path}: {self.rows} rows, {images}"]
         if self.dropped_empty:
             lines.append(f"  {_images(self.dropped_empty)} without a chosen label dropped (--keep-empty keeps them)")
@@ -147,8 +168,9 @@ def _load_json(path: Path, what: str) -> dict:
     except UnicodeDecodeError as err:
         raise ConvertError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict):
-        raise ConvertError(f"{path}: expected a JSON object with 'images' and 'annotations', "
-                           f"got a {type(data).__name__}")
+        raise ConvertError(
+            f"{path}: expected a JSON object with 'images' and 'annotations', got a {type(data).__name__}"
+        )
     return data
 
 
@@ -188,10 +210,18 @@ def _choose_captions(captions: list[str], mode: str, seed: int, image_id: int) -
     return [random.Random(f"{seed}:{image_id}").choice(captions)]
 
 
-def convert_coco(out: str | Path, instances: str | Path | None = None, captions: str | Path | None = None,
-                 images: str | Path | None = None, split: str = "train", labels: str = "all",
-                 caption: str = "first", keep_empty: bool = False, copy: bool = False,
-                 seed: int = 0) -> ConvertReport:
+def convert_coco(
+    out: str | Path,
+    instances: str | Path | None = None,
+    captions: str | Path | None = None,
+    images: str | Path | None = None,
+    split: str = "train",
+    labels: str = "all",
+    caption: str = "first",
+    keep_empty: bool = False,
+    copy: bool = False,
+    seed: int = 0,
+) -> ConvertReport:
     """Convert COCO ``instances_*.json`` and/or ``captions_*.json`` to OUT/train.csv or OUT/test.csv.
 
     Labels are COCO category ids (``labels`` selects a subset, see ``parse_label_selection``);
@@ -239,48 +269,73 @@ def convert_coco(out: str | Path, instances: str | Path | None = None, captions:
         chosen = parse_label_selection(labels, categories, instances)
         if "annotations" in inst_data:
             label_sets = {image_id: set() for image_id in file_names}
-            for index, ann in enumerate(_entries(inst_data, instances, "annotations",
-                                                 {"image_id": int, "category_id": int})):
+            for index, ann in enumerate(
+                _entries(inst_data, instances, "annotations", {"image_id": int, "category_id": int})
+            ):
                 if ann["image_id"] not in label_sets:
-                    raise ConvertError(f"{instances}: annotations[{index}].image_id {ann['image_id']!r} "
-                                       "is not in its images")
+                    raise ConvertError(
+                        f"{instances}: annotations[{index}].image_id {ann['image_id']!r} is not in its images"
+                    )
                 if ann["category_id"] not in categories:
-                    raise ConvertError(f"{instances}: annotations[{index}].category_id {ann['category_id']} "
-                                       "is not in its categories")
+                    raise ConvertError(
+                        f"{instances}: annotations[{index}].category_id {ann['category_id']} is not in its categories"
+                    )
                 label_sets[ann["image_id"]].add(ann["category_id"])
     elif labels.strip() != "all":
-        raise ConvertError("--labels chooses among the categories of --instances: "
-                           + (f"{instances} has no 'categories'" if instances else "give --instances"))
+        raise ConvertError(
+            "--labels chooses among the categories of --instances: "
+            + (f"{instances} has no 'categories'" if instances else "give --instances")
+        )
     if split == "train" and label_sets is None:
-        raise ConvertError("--split train needs labels: " + (f"{instances} has no 'annotations'" if instances
-                                                              else "give --instances"))
+        raise ConvertError(
+            "--split train needs labels: " + (f"{instances} has no 'annotations'" if instances else "give --instances")
+        )
 
     caption_lists: dict[int, list[tuple[int, str]]] | None = None
     if captions is not None and cap_data is not None:
         caption_lists = defaultdict(list)
-        for index, ann in enumerate(_entries(cap_data, captions, "annotations",
-                                             {"image_id": int, "id": int, "caption": str})):
+        for index, ann in enumerate(
+            _entries(cap_data, captions, "annotations", {"image_id": int, "id": int, "caption": str})
+        ):
             if ann["image_id"] not in file_names:
-                raise ConvertError(f"{captions}: annotations[{index}].image_id {ann['image_id']!r} is not an image of "
-                                   f"{image_source} (are both files of the same split?)")
+                raise ConvertError(
+                    f"{captions}: annotations[{index}].image_id {ann['image_id']!r} is not an image of "
+                    f"{image_source} (are both files of the same split?)"
+                )
             caption_lists[ann["image_id"]].append((ann["id"], _clean_caption(ann["caption"])))
 
     chosen_set = set(chosen)
     records = []
     for image_id, name in file_names.items():
-        record = Record(image_id=name, source=Path(images) / name if images else None,
-                        labels=None if label_sets is None else sorted(label_sets[image_id] & chosen_set))
+        record = Record(
+            image_id=name,
+            source=Path(images) / name if images else None,
+            labels=None if label_sets is None else sorted(label_sets[image_id] & chosen_set),
+        )
         if caption_lists is not None:
             texts = [text for _, text in sorted(caption_lists.get(image_id, []))]
             record.captions = _choose_captions(texts, caption, seed, image_id) if texts else [""]
         records.append(record)
 
     csv_name = "train.csv" if split == "train" else "test.csv"
-    info = {"source": "coco", "instances": str(instances) if instances else None,
-            "captions": str(captions) if captions else None, "images": str(images) if images else None,
-            "caption": caption if captions else None, "seed": seed if caption == "random" else None}
-    return write_dataset(Path(out), csv_name, records, {i: categories[i] for i in chosen}, info,
-                         keep_empty=keep_empty, copy=copy, dataset="coco")
+    info = {
+        "source": "coco",
+        "instances": str(instances) if instances else None,
+        "captions": str(captions) if captions else None,
+        "images": str(images) if images else None,
+        "caption": caption if captions else None,
+        "seed": seed if caption == "random" else None,
+    }
+    return write_dataset(
+        Path(out),
+        csv_name,
+        records,
+        {i: categories[i] for i in chosen},
+        info,
+        keep_empty=keep_empty,
+        copy=copy,
+        dataset="coco",
+    )
 
 
 # ---------------------------------------------------------------- Pascal VOC
@@ -304,8 +359,9 @@ def _voc_labels(xml_path: Path, difficult: str) -> tuple[str | None, list[int]]:
         if not name:
             raise ConvertError(f"{xml_path}: <object> {index} has no <name>")
         if name not in VOC_CLASSES:
-            raise ConvertError(f"{xml_path}: <object> {index}: unknown class {name!r}; "
-                               f"VOC classes: {', '.join(VOC_CLASSES)}")
+            raise ConvertError(
+                f"{xml_path}: <object> {index}: unknown class {name!r}; VOC classes: {', '.join(VOC_CLASSES)}"
+            )
         flag = (obj.findtext("difficult") or "0").strip()
         if flag not in ("0", "1"):
             raise ConvertError(f"{xml_path}: <object> {index} ({name}): <difficult> is {flag!r}, expected 0 or 1")
@@ -315,8 +371,14 @@ def _voc_labels(xml_path: Path, difficult: str) -> tuple[str | None, list[int]]:
     return (filename.strip() if filename else None), sorted(ids)
 
 
-def convert_voc(root: str | Path, out: str | Path, split: str = "trainval", difficult: str = "ignore",
-                keep_empty: bool = False, copy: bool = False) -> ConvertReport:
+def convert_voc(
+    root: str | Path,
+    out: str | Path,
+    split: str = "trainval",
+    difficult: str = "ignore",
+    keep_empty: bool = False,
+    copy: bool = False,
+) -> ConvertReport:
     """Convert a VOC year folder (``VOCdevkit/VOC2007``) split to OUT/train.csv, or OUT/test.csv for ``test``.
 
     Reads ``ImageSets/Main/<split>.txt`` and ``Annotations/<id>.xml``; label ids are 1..20 in
@@ -360,8 +422,10 @@ def _place_image(source: Path, target: Path, copy: bool) -> None:
         if not copy and target.is_symlink() and Path(os.readlink(target)) == source:
             return
         if target.exists() and not filecmp.cmp(source, target, shallow=False):
-            raise ConvertError(f"{target} already exists and is a different image than {source}: another "
-                               "conversion wrote an image of the same name here; use another --out")
+            raise ConvertError(
+                f"{target} already exists and is a different image than {source}: another "
+                "conversion wrote an image of the same name here; use another --out"
+            )
         if target.is_file() and not target.is_symlink():
             return  # an identical copy
         # A dangling link or a link to an identical file; unlinking first also keeps a copy
@@ -387,8 +451,16 @@ def _read_info(out: Path) -> dict:
     return info
 
 
-def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_names: dict[int, str], info: dict,
-                  keep_empty: bool = False, copy: bool = False, dataset: str = "") -> ConvertReport:
+def write_dataset(
+    out: Path,
+    csv_name: str,
+    records: Sequence[Record],
+    label_names: dict[int, str],
+    info: dict,
+    keep_empty: bool = False,
+    copy: bool = False,
+    dataset: str = "",
+) -> ConvertReport:
     """Write the CSV file, the images and dataset.json for converted records; return the report.
 
     A record with labels but none chosen is dropped unless ``keep_empty``. A test file gets
@@ -410,10 +482,13 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
         labels = " ".join(str(i) for i in record.labels) if record.labels is not None else None
         if has_captions and record.captions is None:
             raise ConvertError(f"{record.image_id}: no captions, while other images of the file have them")
-        for text in ((record.captions or []) if has_captions else [None]):
+        for text in (record.captions or []) if has_captions else [None]:
             rows.append({ID_COLUMN: record.image_id, LABELS_COLUMN: labels, CAPTION_COLUMN: text})
-    columns = [ID_COLUMN, *([LABELS_COLUMN] if csv_name == "train.csv" else []),
-               *([CAPTION_COLUMN] if has_captions else [])]
+    columns = [
+        ID_COLUMN,
+        *([LABELS_COLUMN] if csv_name == "train.csv" else []),
+        *([CAPTION_COLUMN] if has_captions else []),
+    ]
     frame = pd.DataFrame(rows, columns=[ID_COLUMN, LABELS_COLUMN, CAPTION_COLUMN])
     # Read before writing anything: the CSV files are only usable with their dataset.json entries.
     info_path, info_file = out / DATASET_INFO, _read_info(out)
@@ -433,18 +508,30 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
         atomic_write_text(out / name, frame[file_columns].to_csv(index=False))
 
     repeated = len(rows) > len(kept)
-    entry = {**info, "labels": {str(i): name for i, name in sorted(label_names.items())},
-             "empty_images": "kept" if keep_empty else "dropped", "repeated_ids": repeated,
-             "rows": len(rows), "image_count": len(kept)}
+    entry = {
+        **info,
+        "labels": {str(i): name for i, name in sorted(label_names.items())},
+        "empty_images": "kept" if keep_empty else "dropped",
+        "repeated_ids": repeated,
+        "rows": len(rows),
+        "image_count": len(kept),
+    }
     info_file.update({name: entry for name in files})
     write_json(info_path, info_file, sort_keys=True)
     found = Counter(label for r in kept if r.labels for label in r.labels)
     # Zero counts stay in the report: a chosen label without images is worth noticing.
     counts = {label: found.get(label, 0) for label in sorted(set(label_names) | set(found))}
     return ConvertReport(
-        dataset=dataset, csv_path=out / csv_name, rows=len(rows), images=len(kept), image_folder=image_folder,
-        image_mode="copied" if copy else "linked", label_names=label_names, label_counts=counts,
-        dropped_empty=0 if keep_empty else len(empty), kept_empty=len(empty) if keep_empty else 0,
+        dataset=dataset,
+        csv_path=out / csv_name,
+        rows=len(rows),
+        images=len(kept),
+        image_folder=image_folder,
+        image_mode="copied" if copy else "linked",
+        label_names=label_names,
+        label_counts=counts,
+        dropped_empty=0 if keep_empty else len(empty),
+        kept_empty=len(empty) if keep_empty else 0,
         without_caption=sum(1 for r in kept if r.captions == [""]) if has_captions else None,
         extra_files=[out / name for name in files if name != csv_name] + [info_path],
     )
@@ -456,44 +543,78 @@ def write_dataset(out: Path, csv_name: str, records: Sequence[Record], label_nam
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``coco`` and ``voc`` subcommands."""
     formatter = OneDefaultHelpFormatter
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.tools.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    coco = commands.add_parser("coco", formatter_class=formatter, allow_abbrev=False,
-                               help="COCO 2014/2017 instances and captions files",
-                               description="Convert COCO instances_*.json (labels) and captions_*.json to "
-                               "OUT/train.csv (--split train) or OUT/test.csv (--split test).")
+    coco = commands.add_parser(
+        "coco",
+        formatter_class=formatter,
+        allow_abbrev=False,
+        help="COCO 2014/2017 instances and captions files",
+        description="Convert COCO instances_*.json (labels) and captions_*.json to "
+        "OUT/train.csv (--split train) or OUT/test.csv (--split test).",
+    )
     coco.add_argument("--instances", help="instances_*.json (labels: category ids); required for --split train")
     coco.add_argument("--captions", help="captions_*.json; without it the dataset has no Caption column")
-    coco.add_argument("--images", help="the images folder (e.g. train2017/); without it no OUT/data is written "
-                      "(a captions-only dataset)")
+    coco.add_argument(
+        "--images",
+        help="the images folder (e.g. train2017/); without it no OUT/data is written (a captions-only dataset)",
+    )
     coco.add_argument("--out", required=True, help="dataset folder to write")
-    coco.add_argument("--split", default="train", choices=COCO_SPLITS,
-                      help="train: OUT/train.csv with Labels; test: OUT/test.csv without (and OUT/test_labels.csv "
-                      "when --instances has annotations)")
-    coco.add_argument("--labels", default="all",
-                      help="category ids to keep: 'all', or ids and ranges such as 1,3,18 or 1-19 (COMP5329's 18)")
-    coco.add_argument("--caption", default="first", choices=CAPTION_MODES,
-                      help="first: the caption with the lowest annotation id; random: one chosen with --seed; "
-                      "all: one row per caption (dataset.json declares the repeated ImageIDs)")
+    coco.add_argument(
+        "--split",
+        default="train",
+        choices=COCO_SPLITS,
+        help="train: OUT/train.csv with Labels; test: OUT/test.csv without (and OUT/test_labels.csv "
+        "when --instances has annotations)",
+    )
+    coco.add_argument(
+        "--labels",
+        default="all",
+        help="category ids to keep: 'all', or ids and ranges such as 1,3,18 or 1-19 (COMP5329's 18)",
+    )
+    coco.add_argument(
+        "--caption",
+        default="first",
+        choices=CAPTION_MODES,
+        help="first: the caption with the lowest annotation id; random: one chosen with --seed; "
+        "all: one row per caption (dataset.json declares the repeated ImageIDs)",
+    )
     coco.add_argument("--seed", type=int, default=0, help="seed of --caption random")
-    coco.add_argument("--keep-empty", action="store_true",
-                      help="keep images with none of the chosen labels (with an empty label set)")
+    coco.add_argument(
+        "--keep-empty", action="store_true", help="keep images with none of the chosen labels (with an empty label set)"
+    )
     coco.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
 
-    voc = commands.add_parser("voc", formatter_class=formatter, allow_abbrev=False,
-                              help="Pascal VOC (2007, 2012) classification",
-                              description="Convert a Pascal VOC split to OUT/train.csv (OUT/test.csv for --split "
-                              "test). Label ids 1..20 follow the standard class order: "
-                              + ", ".join(f"{i + 1} {n}" for i, n in enumerate(VOC_CLASSES)) + ".")
+    voc = commands.add_parser(
+        "voc",
+        formatter_class=formatter,
+        allow_abbrev=False,
+        help="Pascal VOC (2007, 2012) classification",
+        description="Convert a Pascal VOC split to OUT/train.csv (OUT/test.csv for --split "
+        "test). Label ids 1..20 follow the standard class order: "
+        + ", ".join(f"{i + 1} {n}" for i, n in enumerate(VOC_CLASSES))
+        + ".",
+    )
     voc.add_argument("--root", required=True, help="a VOC year folder, e.g. VOCdevkit/VOC2007")
     voc.add_argument("--split", default="trainval", choices=VOC_SPLITS, help="ImageSets/Main/<split>.txt")
     voc.add_argument("--out", required=True, help="dataset folder to write")
-    voc.add_argument("--difficult", default="ignore", choices=DIFFICULT_MODES,
-                     help="objects marked difficult: ignore (as the VOC evaluation does) or include them as labels")
-    voc.add_argument("--keep-empty", action="store_true",
-                     help="keep images with no label (all their objects difficult) with an empty label set")
+    voc.add_argument(
+        "--difficult",
+        default="ignore",
+        choices=DIFFICULT_MODES,
+        help="objects marked difficult: ignore (as the VOC evaluation does) or include them as labels",
+    )
+    voc.add_argument(
+        "--keep-empty",
+        action="store_true",
+        help="keep images with no label (all their objects difficult) with an empty label set",
+    )
     voc.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
     return parser
 
@@ -502,12 +623,22 @@ def main(argv: list[str] | None = None) -> ConvertReport:
     """Run a conversion from command-line arguments and print its report."""
     args = get_args_parser().parse_args(argv)
     if args.command == "coco":
-        report = convert_coco(args.out, instances=args.instances, captions=args.captions, images=args.images,
-                              split=args.split, labels=args.labels, caption=args.caption,
-                              keep_empty=args.keep_empty, copy=args.copy, seed=args.seed)
+        report = convert_coco(
+            args.out,
+            instances=args.instances,
+            captions=args.captions,
+            images=args.images,
+            split=args.split,
+            labels=args.labels,
+            caption=args.caption,
+            keep_empty=args.keep_empty,
+            copy=args.copy,
+            seed=args.seed,
+        )
     else:
-        report = convert_voc(args.root, args.out, split=args.split, difficult=args.difficult,
-                             keep_empty=args.keep_empty, copy=args.copy)
+        report = convert_voc(
+            args.root, args.out, split=args.split, difficult=args.difficult, keep_empty=args.keep_empty, copy=args.copy
+        )
     print("\n".join(report.lines()))
     return report
 

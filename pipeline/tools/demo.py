@@ -67,47 +67,104 @@ class Scene:
 
 
 SCENES: tuple[Scene, ...] = (
-    Scene("people", 0.33, 1.0, {15: 0.04, 18: 0.03, 16: 0.02},
-          ("indoor", "gradient", "noise", "park"),
-          ("in a room", "at a table", "on the beach", "in a kitchen", "on a tennis court",
-           "at a party", "on a ski slope", "in front of a building"),
-          ("A kitchen with a wooden table.", "A room with some furniture.",
-           "A snowy slope on a sunny day.", "A tennis court under blue sky.")),
-    Scene("street", 0.25, 0.66,
-          {3: 0.42, 8: 0.16, 6: 0.13, 10: 0.16, 13: 0.07, 11: 0.06, 14: 0.05, 4: 0.12,
-           2: 0.12},
-          ("street", "street", "gradient", "noise"),
-          ("on a city street", "down the road", "at an intersection", "in a parking lot",
-           "on a busy street", "near the sidewalk", "in the city"),
-          ("A busy city street on a cloudy day.", "An empty road next to some buildings.",
-           "A view of a downtown intersection.")),
-    Scene("park", 0.10, 0.72, {15: 0.45, 18: 0.3, 16: 0.14, 2: 0.1},
-          ("park", "park", "gradient"),
-          ("in a park", "on the grass", "near some trees", "in a field of grass",
-           "at the park"),
-          ("A green park with some trees.", "A grassy lawn on a sunny afternoon.")),
-    Scene("home", 0.09, 0.4, {17: 0.55, 18: 0.5},
-          ("indoor", "indoor", "noise"),
-          ("on a couch", "in the living room", "on the kitchen floor", "on a bed",
-           "next to a window"),
-          ("A cozy living room with a sofa.", "A messy bedroom with clothes on the bed.")),
-    Scene("farm", 0.07, 0.5, {19: 0.75, 18: 0.15, 16: 0.12},
-          ("park", "park", "noise"),
-          ("in a field", "on a farm", "in a pasture", "near a wooden fence"),
-          ("A wide open field under a blue sky.", "A fence around a green pasture.")),
-    Scene("water", 0.07, 0.55, {9: 0.9, 16: 0.18},
-          ("water", "water", "gradient"),
-          ("on the lake", "in the harbor", "near the shore", "on the river", "at the marina"),
-          ("A calm lake at sunset.", "Waves rolling onto a sandy beach.")),
-    Scene("sky", 0.05, 0.25, {5: 0.9, 16: 0.2},
-          ("sky", "sky", "street"),
-          ("in the sky", "over the runway", "at the airport", "above the clouds",
-           "on the tarmac"),
-          ("A clear blue sky with a few clouds.", "A long runway at an airport.")),
-    Scene("rail", 0.04, 0.45, {7: 0.95, 10: 0.05},
-          ("rail", "rail", "gradient"),
-          ("at the station", "on the tracks", "through the countryside", "at a platform"),
-          ("Empty railroad tracks in the countryside.", "A quiet train platform.")),
+    Scene(
+        "people",
+        0.33,
+        1.0,
+        {15: 0.04, 18: 0.03, 16: 0.02},
+        ("indoor", "gradient", "noise", "park"),
+        (
+            "in a room",
+            "at a table",
+            "on the beach",
+            "in a kitchen",
+            "on a tennis court",
+            "at a party",
+            "on a ski slope",
+            "in front of a building",
+        ),
+        (
+            "A kitchen with a wooden table.",
+            "A room with some furniture.",
+            "A snowy slope on a sunny day.",
+            "A tennis court under blue sky.",
+        ),
+    ),
+    Scene(
+        "street",
+        0.25,
+        0.66,
+        {3: 0.42, 8: 0.16, 6: 0.13, 10: 0.16, 13: 0.07, 11: 0.06, 14: 0.05, 4: 0.12, 2: 0.12},
+        ("street", "street", "gradient", "noise"),
+        (
+            "on a city street",
+            "down the road",
+            "at an intersection",
+            "in a parking lot",
+            "on a busy street",
+            "near the sidewalk",
+            "in the city",
+        ),
+        (
+            "A busy city street on a cloudy day.",
+            "An empty road next to some buildings.",
+            "A view of a downtown intersection.",
+        ),
+    ),
+    Scene(
+        "park",
+        0.10,
+        0.72,
+        {15: 0.45, 18: 0.3, 16: 0.14, 2: 0.1},
+        ("park", "park", "gradient"),
+        ("in a park", "on the grass", "near some trees", "in a field of grass", "at the park"),
+        ("A green park with some trees.", "A grassy lawn on a sunny afternoon."),
+    ),
+    Scene(
+        "home",
+        0.09,
+        0.4,
+        {17: 0.55, 18: 0.5},
+        ("indoor", "indoor", "noise"),
+        ("on a couch", "in the living room", "on the kitchen floor", "on a bed", "next to a window"),
+        ("A cozy living room with a sofa.", "A messy bedroom with clothes on the bed."),
+    ),
+    Scene(
+        "farm",
+        0.07,
+        0.5,
+        {19: 0.75, 18: 0.15, 16: 0.12},
+        ("park", "park", "noise"),
+        ("in a field", "on a farm", "in a pasture", "near a wooden fence"),
+        ("A wide open field under a blue sky.", "A fence around a green pasture."),
+    ),
+    Scene(
+        "water",
+        0.07,
+        0.55,
+        {9: 0.9, 16: 0.18},
+        ("water", "water", "gradient"),
+        ("on the lake", "in the harbor", "near the shore", "on the river", "at the marina"),
+        ("A calm lake at sunset.", "Waves rolling onto a sandy beach."),
+    ),
+    Scene(
+        "sky",
+        0.05,
+        0.25,
+        {5: 0.9, 16: 0.2},
+        ("sky", "sky", "street"),
+        ("in the sky", "over the runway", "at the airport", "above the clouds", "on the tarmac"),
+        ("A clear blue sky with a few clouds.", "A long runway at an airport."),
+    ),
+    Scene(
+        "rail",
+        0.04,
+        0.45,
+        {7: 0.95, 10: 0.05},
+        ("rail", "rail", "gradient"),
+        ("at the station", "on the tracks", "through the countryside", "at a platform"),
+        ("Empty railroad tracks in the countryside.", "A quiet train platform."),
+    ),
 )
 _SCENE_WEIGHTS = np.array([s.weight for s in SCENES]) / sum(s.weight for s in SCENES)
 
@@ -181,10 +238,12 @@ class _Pen:
     def ell(self, u0: float, v0: float, u1: float, v1: float, fill: Color) -> None:
         self.d.ellipse(self._box(u0, v0, u1, v1), fill=fill)
 
-    def circle(self, u: float, v: float, r: float, fill: Color | None = None,
-               outline: Color | None = None, width: float = 0.0) -> None:
-        self.d.ellipse(self._box(u - r, v - r, u + r, v + r), fill=fill, outline=outline,
-                       width=self.w(width) if outline else 0)
+    def circle(
+        self, u: float, v: float, r: float, fill: Color | None = None, outline: Color | None = None, width: float = 0.0
+    ) -> None:
+        self.d.ellipse(
+            self._box(u - r, v - r, u + r, v + r), fill=fill, outline=outline, width=self.w(width) if outline else 0
+        )
 
     def poly(self, points: Sequence[tuple[float, float]], fill: Color) -> None:
         self.d.polygon([self.pt(u, v) for u, v in points], fill=fill)
@@ -200,8 +259,11 @@ WINDOW: Color = (160, 205, 235)
 
 
 def _person(p: _Pen, rng: np.random.Generator) -> None:
-    shirt = _jitter(rng, _pick(rng, ((200, 40, 40), (40, 90, 200), (230, 230, 230),
-                                     (60, 160, 70), (150, 60, 170), (240, 150, 30))), 25)
+    shirt = _jitter(
+        rng,
+        _pick(rng, ((200, 40, 40), (40, 90, 200), (230, 230, 230), (60, 160, 70), (150, 60, 170), (240, 150, 30))),
+        25,
+    )
     skin = _jitter(rng, _pick(rng, SKIN), 8)
     pants = _jitter(rng, _pick(rng, ((40, 50, 90), (30, 30, 30), (110, 90, 60))), 10)
     p.line([(-0.05, 0.1), (-0.1, 0.5)], pants, 0.07)
@@ -325,8 +387,10 @@ def _fire_hydrant(p: _Pen, rng: np.random.Generator) -> None:
 
 
 def _octagon(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(math.pi / 8 + k * math.pi / 4),
-             cy + r * math.sin(math.pi / 8 + k * math.pi / 4)) for k in range(8)]
+    return [
+        (cx + r * math.cos(math.pi / 8 + k * math.pi / 4), cy + r * math.sin(math.pi / 8 + k * math.pi / 4))
+        for k in range(8)
+    ]
 
 
 def _stop_sign(p: _Pen, rng: np.random.Generator) -> None:
@@ -404,17 +468,46 @@ def _horse(p: _Pen, rng: np.random.Generator) -> None:
 
 
 _DRAWERS: dict[int, Callable[[_Pen, np.random.Generator], None]] = {
-    1: _person, 2: _bicycle, 3: _car, 4: _motorcycle, 5: _airplane, 6: _bus, 7: _train,
-    8: _truck, 9: _boat, 10: _traffic_light, 11: _fire_hydrant, 13: _stop_sign,
-    14: _parking_meter, 15: _bench, 16: _bird, 17: _cat, 18: _dog, 19: _horse,
+    1: _person,
+    2: _bicycle,
+    3: _car,
+    4: _motorcycle,
+    5: _airplane,
+    6: _bus,
+    7: _train,
+    8: _truck,
+    9: _boat,
+    10: _traffic_light,
+    11: _fire_hydrant,
+    13: _stop_sign,
+    14: _parking_meter,
+    15: _bench,
+    16: _bird,
+    17: _cat,
+    18: _dog,
+    19: _horse,
 }
 
 # Typical object size as a fraction of the image side (min, max).
 _SCALES: dict[int, tuple[float, float]] = {
-    1: (0.35, 0.7), 2: (0.3, 0.55), 3: (0.3, 0.6), 4: (0.3, 0.5), 5: (0.35, 0.8),
-    6: (0.4, 0.75), 7: (0.5, 0.9), 8: (0.4, 0.7), 9: (0.3, 0.6), 10: (0.25, 0.5),
-    11: (0.2, 0.4), 13: (0.25, 0.5), 14: (0.25, 0.45), 15: (0.3, 0.6), 16: (0.15, 0.3),
-    17: (0.25, 0.45), 18: (0.25, 0.5), 19: (0.35, 0.65),
+    1: (0.35, 0.7),
+    2: (0.3, 0.55),
+    3: (0.3, 0.6),
+    4: (0.3, 0.5),
+    5: (0.35, 0.8),
+    6: (0.4, 0.75),
+    7: (0.5, 0.9),
+    8: (0.4, 0.7),
+    9: (0.3, 0.6),
+    10: (0.25, 0.5),
+    11: (0.2, 0.4),
+    13: (0.25, 0.5),
+    14: (0.25, 0.45),
+    15: (0.3, 0.6),
+    16: (0.15, 0.3),
+    17: (0.25, 0.45),
+    18: (0.25, 0.5),
+    19: (0.35, 0.65),
 }
 
 
@@ -482,7 +575,17 @@ def _blob(p: _Pen, rng: np.random.Generator) -> None:
 
 
 _DISTRACTORS: tuple[Callable[[_Pen, np.random.Generator], None], ...] = (
-    _tree, _tree, _house, _cloud, _table, _lamp_post, _round_sign, _cone, _ball, _box, _blob,
+    _tree,
+    _tree,
+    _house,
+    _cloud,
+    _table,
+    _lamp_post,
+    _round_sign,
+    _cone,
+    _ball,
+    _box,
+    _blob,
 )
 _OCCLUDERS: tuple[Callable[[_Pen, np.random.Generator], None], ...] = (_tree, _bush, _box, _blob)
 
@@ -512,8 +615,12 @@ _GROUNDS: dict[str, tuple[Color, Color]] = {
 def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     """A float32 (size, size, 3) background of the given kind."""
     if kind == "gradient":
-        img = _gradient(size, rng.uniform(0, 255, 3).astype(np.float32),
-                        rng.uniform(0, 255, 3).astype(np.float32), horizontal=rng.random() < 0.3)
+        img = _gradient(
+            size,
+            rng.uniform(0, 255, 3).astype(np.float32),
+            rng.uniform(0, 255, 3).astype(np.float32),
+            horizontal=rng.random() < 0.3,
+        )
     elif kind == "noise":
         # A coarse random colour field, upsampled, gives blotchy textures.
         cells = int(rng.integers(2, 7))
@@ -542,8 +649,11 @@ def _place(rng: np.random.Generator, label_or_none: int | None, size: int) -> tu
 
 def render_image(rng: np.random.Generator, scene: Scene, counts: dict[int, int], size: int) -> Image.Image:
     """Draw one image holding ``counts[label]`` instances of every present label."""
-    kind = _pick(rng, scene.backgrounds) if rng.random() < 0.75 \
+    kind = (
+        _pick(rng, scene.backgrounds)
+        if rng.random() < 0.75
         else _pick(rng, ("gradient", "noise", "park", "street", "indoor"))
+    )
     pixels = np.clip(_background(rng, kind, size), 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
@@ -573,33 +683,81 @@ def render_image(rng: np.random.Generator, scene: Scene, counts: dict[int, int],
 # (singular, plural); shared words such as "bike", "vehicle" and "sign" are deliberately
 # ambiguous between labels.
 SYNONYMS: dict[int, tuple[tuple[str, str], ...]] = {
-    1: (("man", "men"), ("woman", "women"), ("person", "people"), ("kid", "kids"),
-        ("boy", "boys"), ("girl", "girls"), ("guy", "guys"), ("child", "children"),
-        ("lady", "ladies"), ("player", "players")),
+    1: (
+        ("man", "men"),
+        ("woman", "women"),
+        ("person", "people"),
+        ("kid", "kids"),
+        ("boy", "boys"),
+        ("girl", "girls"),
+        ("guy", "guys"),
+        ("child", "children"),
+        ("lady", "ladies"),
+        ("player", "players"),
+    ),
     2: (("bicycle", "bicycles"), ("bike", "bikes"), ("bicycle", "bicycles"), ("cycle", "cycles")),
-    3: (("car", "cars"), ("car", "cars"), ("automobile", "automobiles"), ("sedan", "sedans"),
-        ("taxi", "taxis"), ("vehicle", "vehicles")),
-    4: (("motorcycle", "motorcycles"), ("motorbike", "motorbikes"), ("bike", "bikes"),
-        ("scooter", "scooters"), ("motorcycle", "motorcycles")),
-    5: (("airplane", "airplanes"), ("plane", "planes"), ("jet", "jets"),
-        ("airliner", "airliners"), ("aircraft", "aircraft")),
-    6: (("bus", "buses"), ("bus", "buses"), ("double decker bus", "double decker buses"),
-        ("shuttle", "shuttles")),
-    7: (("train", "trains"), ("train", "trains"), ("locomotive", "locomotives"),
-        ("tram", "trams"), ("subway", "subways")),
-    8: (("truck", "trucks"), ("truck", "trucks"), ("pickup truck", "pickup trucks"),
-        ("lorry", "lorries"), ("vehicle", "vehicles")),
-    9: (("boat", "boats"), ("boat", "boats"), ("ship", "ships"), ("sailboat", "sailboats"),
-        ("yacht", "yachts"), ("canoe", "canoes")),
-    10: (("traffic light", "traffic lights"), ("stoplight", "stoplights"),
-         ("traffic signal", "traffic signals"), ("signal", "signals")),
+    3: (
+        ("car", "cars"),
+        ("car", "cars"),
+        ("automobile", "automobiles"),
+        ("sedan", "sedans"),
+        ("taxi", "taxis"),
+        ("vehicle", "vehicles"),
+    ),
+    4: (
+        ("motorcycle", "motorcycles"),
+        ("motorbike", "motorbikes"),
+        ("bike", "bikes"),
+        ("scooter", "scooters"),
+        ("motorcycle", "motorcycles"),
+    ),
+    5: (
+        ("airplane", "airplanes"),
+        ("plane", "planes"),
+        ("jet", "jets"),
+        ("airliner", "airliners"),
+        ("aircraft", "aircraft"),
+    ),
+    6: (("bus", "buses"), ("bus", "buses"), ("double decker bus", "double decker buses"), ("shuttle", "shuttles")),
+    7: (
+        ("train", "trains"),
+        ("train", "trains"),
+        ("locomotive", "locomotives"),
+        ("tram", "trams"),
+        ("subway", "subways"),
+    ),
+    8: (
+        ("truck", "trucks"),
+        ("truck", "trucks"),
+        ("pickup truck", "pickup trucks"),
+        ("lorry", "lorries"),
+        ("vehicle", "vehicles"),
+    ),
+    9: (
+        ("boat", "boats"),
+        ("boat", "boats"),
+        ("ship", "ships"),
+        ("sailboat", "sailboats"),
+        ("yacht", "yachts"),
+        ("canoe", "canoes"),
+    ),
+    10: (
+        ("traffic light", "traffic lights"),
+        ("stoplight", "stoplights"),
+        ("traffic signal", "traffic signals"),
+        ("signal", "signals"),
+    ),
     11: (("fire hydrant", "fire hydrants"), ("hydrant", "hydrants"), ("fire hydrant", "fire hydrants")),
-    13: (("stop sign", "stop signs"), ("stop sign", "stop signs"), ("stop sign", "stop signs"),
-         ("sign", "signs"), ("red sign", "red signs")),
+    13: (
+        ("stop sign", "stop signs"),
+        ("stop sign", "stop signs"),
+        ("stop sign", "stop signs"),
+        ("sign", "signs"),
+        ("red sign", "red signs"),
+    ),
     14: (("parking meter", "parking meters"), ("meter", "meters"), ("parking meter", "parking meters")),
     15: (("bench", "benches"), ("bench", "benches"), ("park bench", "park benches"), ("seat", "seats")),
-    16: (("bird", "birds"), ("bird", "birds"), ("seagull", "seagulls"), ("pigeon", "pigeons"),
-         ("duck", "ducks")),
+    16: (("bird", "birds"), ("bird", "birds"), ("seagull", "seagulls"), ("pigeon", "pigeons"), ("duck", "ducks")),
     17: (("cat", "cats"), ("cat", "cats"), ("kitten", "kittens"), ("kitty", "kitties")),
     18: (("dog", "dogs"), ("dog", "dogs"), ("puppy", "puppies"), ("pup", "pups"), ("pooch", "pooches")),
     19: (("horse", "horses"), ("horse", "horses"), ("pony", "ponies"), ("stallion", "stallions")),
@@ -607,35 +765,78 @@ SYNONYMS: dict[int, tuple[tuple[str, str], ...]] = {
 
 # What a person does with an object: "A man riding a bike ..."
 ACTIONS: dict[int, tuple[str, ...]] = {
-    2: ("riding", "pushing", "standing next to"), 3: ("standing next to", "getting out of", "driving", "washing"),
-    4: ("riding", "sitting on", "parking"), 5: ("boarding", "watching", "walking toward"),
-    6: ("waiting for", "getting off", "boarding"), 7: ("waiting for", "boarding", "looking at"),
-    8: ("loading", "standing by", "driving"), 9: ("rowing", "sitting in", "fishing from"),
-    10: ("waiting at", "crossing the street under"), 11: ("standing by", "walking past"),
-    13: ("standing next to", "walking past"), 14: ("paying at", "standing by"),
-    15: ("sitting on", "resting on", "lying on"), 16: ("feeding", "watching", "photographing"),
-    17: ("holding", "petting", "playing with"), 18: ("walking", "petting", "playing with"),
+    2: ("riding", "pushing", "standing next to"),
+    3: ("standing next to", "getting out of", "driving", "washing"),
+    4: ("riding", "sitting on", "parking"),
+    5: ("boarding", "watching", "walking toward"),
+    6: ("waiting for", "getting off", "boarding"),
+    7: ("waiting for", "boarding", "looking at"),
+    8: ("loading", "standing by", "driving"),
+    9: ("rowing", "sitting in", "fishing from"),
+    10: ("waiting at", "crossing the street under"),
+    11: ("standing by", "walking past"),
+    13: ("standing next to", "walking past"),
+    14: ("paying at", "standing by"),
+    15: ("sitting on", "resting on", "lying on"),
+    16: ("feeding", "watching", "photographing"),
+    17: ("holding", "petting", "playing with"),
+    18: ("walking", "petting", "playing with"),
     19: ("riding", "feeding", "leading", "petting"),
 }
 
 # What an object is doing when it is the subject: "Two dogs playing ..."
 ACTIVITIES: dict[int, tuple[str, ...]] = {
-    1: ("standing", "walking", "sitting", "posing for a picture", "talking on a phone",
-        "eating a sandwich", "smiling", "playing tennis", "holding an umbrella"),
-    2: ("parked", "leaning against a wall", "chained to a pole"), 3: ("parked", "driving", "stopped"),
-    4: ("parked", "driving"), 5: ("flying", "taking off", "landing", "parked"),
-    6: ("driving", "parked", "stopped"), 7: ("pulling into the station", "traveling", "stopped"),
-    8: ("parked", "driving"), 9: ("floating", "docked", "sailing"), 10: ("hanging", "showing red"),
-    11: ("standing",), 13: ("standing",), 14: ("standing",), 15: ("sitting empty",),
-    16: ("perched", "flying", "sitting"), 17: ("sleeping", "sitting", "lying"),
-    18: ("running", "playing", "sleeping", "sitting"), 19: ("grazing", "standing", "running"),
+    1: (
+        "standing",
+        "walking",
+        "sitting",
+        "posing for a picture",
+        "talking on a phone",
+        "eating a sandwich",
+        "smiling",
+        "playing tennis",
+        "holding an umbrella",
+    ),
+    2: ("parked", "leaning against a wall", "chained to a pole"),
+    3: ("parked", "driving", "stopped"),
+    4: ("parked", "driving"),
+    5: ("flying", "taking off", "landing", "parked"),
+    6: ("driving", "parked", "stopped"),
+    7: ("pulling into the station", "traveling", "stopped"),
+    8: ("parked", "driving"),
+    9: ("floating", "docked", "sailing"),
+    10: ("hanging", "showing red"),
+    11: ("standing",),
+    13: ("standing",),
+    14: ("standing",),
+    15: ("sitting empty",),
+    16: ("perched", "flying", "sitting"),
+    17: ("sleeping", "sitting", "lying"),
+    18: ("running", "playing", "sleeping", "sitting"),
+    19: ("grazing", "standing", "running"),
 }
 
 # Non-label nouns that real captions are full of (12, "street sign", is never annotated).
 EXTRAS: tuple[str, ...] = (
-    "a table", "some trees", "a building", "a fence", "a cup of coffee", "an umbrella",
-    "a frisbee", "a kite", "a laptop", "a clock", "a skateboard", "a surfboard", "flowers",
-    "a street sign", "a lamp post", "a traffic cone", "a mailbox", "a pizza", "a backpack",
+    "a table",
+    "some trees",
+    "a building",
+    "a fence",
+    "a cup of coffee",
+    "an umbrella",
+    "a frisbee",
+    "a kite",
+    "a laptop",
+    "a clock",
+    "a skateboard",
+    "a surfboard",
+    "flowers",
+    "a street sign",
+    "a lamp post",
+    "a traffic cone",
+    "a mailbox",
+    "a pizza",
+    "a backpack",
 )
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 
@@ -664,9 +865,9 @@ def _typo(rng: np.random.Generator, word: str) -> str:
     i = int(rng.integers(1, len(word) - 1))
     kind = rng.integers(3)
     if kind == 0:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]  # swap two letters
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]  # swap two letters
     if kind == 1:
-        return word[:i] + word[i + 1:]  # drop a letter
+        return word[:i] + word[i + 1 :]  # drop a letter
     return word[:i] + word[i] + word[i:]  # double a letter
 
 
@@ -749,8 +950,13 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def _params(num_images: int, test_fraction: float, size: int, seed: int) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "num_images": num_images,
-            "test_fraction": test_fraction, "size": size, "seed": seed}
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "num_images": num_images,
+        "test_fraction": test_fraction,
+        "size": size,
+        "seed": seed,
+    }
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -768,9 +974,17 @@ def _label_frequencies(label_strings: Sequence[str]) -> dict[int, float]:
     return {label: counts[label] / max(1, len(label_strings)) for label in COMP5329_LABEL_IDS}
 
 
-def generate_demo(out_dir: Path, num_images: int = 2000, test_fraction: float = 0.2, size: int = 160,
-                  seed: int = 0, *, force: bool = False, workers: int | None = None,
-                  progress: bool = True) -> dict:
+def generate_demo(
+    out_dir: Path,
+    num_images: int = 2000,
+    test_fraction: float = 0.2,
+    size: int = 160,
+    seed: int = 0,
+    *,
+    force: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Write the demo dataset to ``out_dir`` and return a summary.
 
     The summary holds ``out_dir``, ``num_images``, ``num_train``, ``num_test``, ``seconds``,
@@ -793,8 +1007,13 @@ def generate_demo(out_dir: Path, num_images: int = 2000, test_fraction: float = 
     params = _params(num_images, test_fraction, size, seed)
     previous = _read_marker(marker)
     outputs = [out_dir / name for name in ("train.csv", "test.csv", "test_labels.csv")]
-    if (not force and previous and previous.get("params") == params and "summary" in previous
-            and all(p.exists() for p in outputs)):
+    if (
+        not force
+        and previous
+        and previous.get("params") == params
+        and "summary" in previous
+        and all(p.exists() for p in outputs)
+    ):
         summary = dict(previous["summary"])
         summary["label_frequencies"] = {int(k): v for k, v in summary["label_frequencies"].items()}
         summary.update(out_dir=str(out_dir), skipped=True, seconds=time.perf_counter() - start)
@@ -828,16 +1047,20 @@ def generate_demo(out_dir: Path, num_images: int = 2000, test_fraction: float = 
     ids = [f"{i}.jpg" for i in range(num_images)]
     labels = [row[0] for row in rows]
     captions = [row[1] for row in rows]
-    _write_csv(pd.DataFrame({"ImageID": ids[:num_train], "Labels": labels[:num_train],
-                             "Caption": captions[:num_train]}), out_dir / "train.csv")
-    _write_csv(pd.DataFrame({"ImageID": ids[num_train:], "Caption": captions[num_train:]}),
-               out_dir / "test.csv")
-    _write_csv(pd.DataFrame({"ImageID": ids[num_train:], "Labels": labels[num_train:]}),
-               out_dir / "test_labels.csv")
+    _write_csv(
+        pd.DataFrame({"ImageID": ids[:num_train], "Labels": labels[:num_train], "Caption": captions[:num_train]}),
+        out_dir / "train.csv",
+    )
+    _write_csv(pd.DataFrame({"ImageID": ids[num_train:], "Caption": captions[num_train:]}), out_dir / "test.csv")
+    _write_csv(pd.DataFrame({"ImageID": ids[num_train:], "Labels": labels[num_train:]}), out_dir / "test_labels.csv")
 
     summary = {
-        "out_dir": str(out_dir), "num_images": num_images, "num_train": num_train,
-        "num_test": num_test, "seconds": time.perf_counter() - start, "skipped": False,
+        "out_dir": str(out_dir),
+        "num_images": num_images,
+        "num_train": num_train,
+        "num_test": num_test,
+        "seconds": time.perf_counter() - start,
+        "skipped": False,
         "multi_label_fraction": sum(len(s.split()) > 1 for s in labels) / num_images,
         "label_frequencies": _label_frequencies(labels),
     }
@@ -858,27 +1081,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output dataset folder")
     parser.add_argument("--num-images", type=int, default=2000, help="total images, train and test together")
-    parser.add_argument("--test-fraction", type=float, default=0.2,
-                        help="fraction of images (the last ones) written to test.csv without labels")
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of images (the last ones) written to test.csv without labels",
+    )
     parser.add_argument("--size", type=int, default=160, help="image width and height in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes drawing images (default: min(2, CPU count)); does not change the output")
-    parser.add_argument("--force", action="store_true",
-                        help="regenerate even if OUT/.complete says this dataset already exists")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes drawing images (default: min(2, CPU count)); does not change the output",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="regenerate even if OUT/.complete says this dataset already exists"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Generate the dataset from command-line arguments and print a one-line summary."""
     args = get_args_parser().parse_args(argv)
-    summary = generate_demo(args.out, args.num_images, args.test_fraction, args.size, args.seed,
-                            force=args.force, workers=args.workers)
+    summary = generate_demo(
+        args.out, args.num_images, args.test_fraction, args.size, args.seed, force=args.force, workers=args.workers
+    )
     top = sorted(summary["label_frequencies"].items(), key=lambda kv: -kv[1])[:4]
     freq = ", ".join(f"{COCO_NAMES[label]} {share:.0%}" for label, share in top)
     action = "already complete, skipped" if summary["skipped"] else f"{summary['seconds']:.1f} s"
-    print(f"demo: {summary['num_train']} train + {summary['num_test']} test images "
-          f"({summary['multi_label_fraction']:.0%} multi-label; {freq}) in {summary['out_dir']}: {action}")
+    print(
+        f"demo: {summary['num_train']} train + {summary['num_test']} test images "
+        f"({summary['multi_label_fraction']:.0%} multi-label; {freq}) in {summary['out_dir']}: {action}"
+    )
     return summary
 
 

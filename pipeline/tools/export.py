@@ -66,23 +66,39 @@ class ExportError(RuntimeError):
 class ExportConfig:
     """Settings of ``python -m pipeline.tools.export``."""
 
-    weights_dir: str = option("weights", "folder of the checkpoints: the image branch's image.pt is exported "
-                              "(and fusion.json / val_probs_image.csv give its thresholds)", aliases=("--weights",))
-    format: str = option("onnx", "what to write: onnx (OUT/model.onnx) or openvino (OUT/model.xml + model.bin)",
-                         choices=list(FORMATS))
-    out: str = option("export", "folder to write the model, model.json and README.md into; files there that an "
-                      "export did not write are never replaced without --force")
+    weights_dir: str = option(
+        "weights",
+        "folder of the checkpoints: the image branch's image.pt is exported "
+        "(and fusion.json / val_probs_image.csv give its thresholds)",
+        aliases=("--weights",),
+    )
+    format: str = option(
+        "onnx", "what to write: onnx (OUT/model.onnx) or openvino (OUT/model.xml + model.bin)", choices=list(FORMATS)
+    )
+    out: str = option(
+        "export",
+        "folder to write the model, model.json and README.md into; files there that an "
+        "export did not write are never replaced without --force",
+    )
     force: bool = option(False, "replace files in --out that no export wrote (a README.md of your own, say)")
-    opset: int = option(DEFAULT_OPSET, "ONNX opset version (--format onnx; 17 up to the highest torch's "
-                        "exporter writes)")
+    opset: int = option(
+        DEFAULT_OPSET, "ONNX opset version (--format onnx; 17 up to the highest torch's exporter writes)"
+    )
     data: str = option(
-        str(DEMO_DATA), "dataset folder the weights were trained on: its dataset.json gives the label names, "
-        "its validation split the image-only thresholds (both optional: without it, the label ids and 0.5)", "data")
+        str(DEMO_DATA),
+        "dataset folder the weights were trained on: its dataset.json gives the label names, "
+        "its validation split the image-only thresholds (both optional: without it, the label ids and 0.5)",
+        "data",
+    )
     val_fraction: float = option(
-        0.15, "the --val-fraction the weights were trained with (the validation split the thresholds are tuned on)",
-        "data")
-    seed: int = seed_option("random seed, as inference.py's: a backbone trained from random initialisation "
-                       "(no pretrained weights) is rebuilt from it")
+        0.15,
+        "the --val-fraction the weights were trained with (the validation split the thresholds are tuned on)",
+        "data",
+    )
+    seed: int = seed_option(
+        "random seed, as inference.py's: a backbone trained from random initialisation "
+        "(no pretrained weights) is rebuilt from it"
+    )
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the option."""
@@ -91,8 +107,10 @@ class ExportConfig:
         if not self.out.strip():
             raise ValueError("--out is empty (an unset shell variable?); name the folder to write the model into")
         if not DEFAULT_OPSET <= self.opset <= max_opset():
-            raise ValueError(f"--opset {self.opset}: valid opsets are {DEFAULT_OPSET}..{max_opset()} (the "
-                             "model needs 17; torch's ONNX exporter writes up to the highest)")
+            raise ValueError(
+                f"--opset {self.opset}: valid opsets are {DEFAULT_OPSET}..{max_opset()} (the "
+                "model needs 17; torch's ONNX exporter writes up to the highest)"
+            )
 
 
 def max_opset() -> int:
@@ -113,8 +131,13 @@ def _export_metadata(path: Path) -> dict | None:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    is_ours = isinstance(meta, dict) and meta.get("format") in FORMATS and isinstance(meta.get("files"), list) \
-        and isinstance(meta.get("input"), dict) and meta["input"].get("name") == INPUT_NAME
+    is_ours = (
+        isinstance(meta, dict)
+        and meta.get("format") in FORMATS
+        and isinstance(meta.get("files"), list)
+        and isinstance(meta.get("input"), dict)
+        and meta["input"].get("name") == INPUT_NAME
+    )
     return meta if is_ours else None
 
 
@@ -137,11 +160,16 @@ def check_out_folder(out: Path, fmt: str, force: bool) -> None:
     if force or not out.is_dir():
         return
     meta = _export_metadata(out / "model.json")
-    foreign = [name for name in (*MODEL_FILES[fmt], "model.json", "README.md")
-               if (out / name).exists() and not _written_by_export(out / name, meta)]
+    foreign = [
+        name
+        for name in (*MODEL_FILES[fmt], "model.json", "README.md")
+        if (out / name).exists() and not _written_by_export(out / name, meta)
+    ]
     if foreign:
-        raise OptionError(f"--out {out}: would replace {', '.join(foreign)}, which no export wrote; choose an "
-                          "empty or new folder, or give --force to replace them")
+        raise OptionError(
+            f"--out {out}: would replace {', '.join(foreign)}, which no export wrote; choose an "
+            "empty or new folder, or give --force to replace them"
+        )
 
 
 def float16_rounded(values: torch.Tensor) -> torch.Tensor:
@@ -153,9 +181,9 @@ def float16_rounded(values: torch.Tensor) -> torch.Tensor:
     spacing at each value's magnitude, found by comparisons, is what every runtime keeps.
     """
     magnitude = values.abs()
-    step = torch.full_like(values, 2.0 ** -24)  # the spacing of float16's subnormals and lowest binade
+    step = torch.full_like(values, 2.0**-24)  # the spacing of float16's subnormals and lowest binade
     for exponent in range(-13, 16):  # binade [2^e, 2^(e+1)) has 11 significant bits: spacing 2^(e-10)
-        step = torch.where(magnitude >= 2.0 ** exponent, torch.full_like(step, 2.0 ** (exponent - 10)), step)
+        step = torch.where(magnitude >= 2.0**exponent, torch.full_like(step, 2.0 ** (exponent - 10)), step)
     rounded = torch.round(values / step) * step  # both exact: step is a power of two
     return torch.where(magnitude < 65520.0, rounded, values * float("inf"))  # float16 overflows at 65520
 
@@ -203,8 +231,7 @@ def build_exported_branch(checkpoint: dict) -> ExportedImageBranch:
     backbone = rebuild_backbone(checkpoint, "image")
     heads = ImageHeads.from_checkpoints({"image": checkpoint})
     module = backbone.module if heads.attention is None else AttentionPooled(backbone.module, heads.attention)
-    return ExportedImageBranch(module.eval(), checkpoint["preprocessing"],
-                               checkpoint["backbone"]["views"], heads)
+    return ExportedImageBranch(module.eval(), checkpoint["preprocessing"], checkpoint["backbone"]["views"], heads)
 
 
 def _installed(module: str) -> bool:
@@ -214,15 +241,18 @@ def _installed(module: str) -> bool:
 def _require_packages(fmt: str) -> None:
     for module, package in RUNTIME_PACKAGES[fmt].items():
         if not _installed(module):
-            raise ExportError(f"--format {fmt} needs the {package} package, which is not installed: "
-                              f"pip install {package}")
+            raise ExportError(
+                f"--format {fmt} needs the {package} package, which is not installed: pip install {package}"
+            )
 
 
 def _load_image_checkpoint(weights_dir: Path) -> dict:
     path = checkpoint_path(weights_dir, "image")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no image-branch checkpoint to export; train the image branch first "
-                              f"(python train_efficientnet.py --weights-dir {weights_dir})")
+        raise CheckpointError(
+            f"{path}: no image-branch checkpoint to export; train the image branch first "
+            f"(python train_efficientnet.py --weights-dir {weights_dir})"
+        )
     return load_branch_checkpoints(weights_dir, ["image"])["image"]
 
 
@@ -250,11 +280,14 @@ def image_only_thresholds(config: ExportConfig, label_ids: list[int]) -> tuple[l
             if settings.label_ids != label_ids:
                 reasons.append(f"{fusion_path} was tuned for labels {settings.label_ids}, image.pt has {label_ids}")
             elif settings.branches == ["image"] and settings.method == "weighted":
-                return [round(float(t), 4) for t in settings.thresholds()], \
-                    f"{fusion_path}: tuned for the image branch alone"
+                return [
+                    round(float(t), 4) for t in settings.thresholds()
+                ], f"{fusion_path}: tuned for the image branch alone"
             else:
-                reasons.append(f"{fusion_path} fuses {settings.branches} ({settings.method}); its thresholds fit "
-                               "the fused probabilities, not the image branch alone")
+                reasons.append(
+                    f"{fusion_path} fuses {settings.branches} ({settings.method}); its thresholds fit "
+                    "the fused probabilities, not the image branch alone"
+                )
     try:
         _, _, val = load_train_val(DatasetPaths.resolve(config.data), config.val_fraction)
         val_images = group_by_image(val).images
@@ -270,7 +303,8 @@ def image_only_thresholds(config: ExportConfig, label_ids: list[int]) -> tuple[l
     return [round(float(t), 4) for t in settings.thresholds()], (
         f"tuned for the image branch alone on the validation split of {config.data} "
         f"(--val-fraction {config.val_fraction}, {len(y_val)} images, {probabilities_path(weights_dir, 'image')}), "
-        "global then per-label as inference tunes fusion")
+        "global then per-label as inference tunes fusion"
+    )
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, opset: int) -> list[Path]:
@@ -279,9 +313,16 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, opset: int
     path = out / "model.onnx"
 
     def write(tmp: Path) -> None:
-        torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}})
+        torch.onnx.export(
+            module,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+        )
         onnx.checker.check_model(str(tmp), full_check=True)
 
     atomic_write(path, write)
@@ -292,8 +333,9 @@ def _export_openvino(module: nn.Module, example: torch.Tensor, out: Path) -> lis
     import openvino as ov
 
     resolution = example.shape[-1]
-    model = ov.convert_model(module, example_input=example,
-                             input=[(ov.PartialShape([-1, 3, resolution, resolution]), ov.Type.u8)])
+    model = ov.convert_model(
+        module, example_input=example, input=[(ov.PartialShape([-1, 3, resolution, resolution]), ov.Type.u8)]
+    )
     model.inputs[0].get_tensor().set_names({INPUT_NAME})
     model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
     out.mkdir(parents=True, exist_ok=True)
@@ -329,17 +371,19 @@ def _preprocessing_record(preprocessing: dict, views: list[str]) -> dict:
     record = {
         **preprocessing,
         "input_pixels": "raw RGB values 0..255 (uint8), channels first: the mean/std normalisation is folded "
-                        "into the model",
+        "into the model",
         "resize_how": f"squash: the whole image resized to {resolution} x {resolution} ignoring its aspect ratio "
-                      f"(no crop), {interpolation} with antialiasing (torchvision Resize, as "
-                      "pipeline.data.transforms.build_transform(preprocessing, normalize=False))",
+        f"(no crop), {interpolation} with antialiasing (torchvision Resize, as "
+        "pipeline.data.transforms.build_transform(preprocessing, normalize=False))",
         "channel_order": "RGB (an image in another mode is converted to 8-bit RGB first: pipeline.data.images.to_rgb)",
         "orientation": "upright: a file's EXIF orientation is applied first (PIL.ImageOps.exif_transpose)",
         "views": list(views),
     }
     if "flip" in views:
-        record["flip_averaging"] = ("inside the model: the pooled features of the image and of its horizontal "
-                                    "mirror are averaged before the head; pass the unmirrored image")
+        record["flip_averaging"] = (
+            "inside the model: the pooled features of the image and of its horizontal "
+            "mirror are averaged before the head; pass the unmirrored image"
+        )
     return record
 
 
@@ -348,42 +392,56 @@ def _readme(meta: dict) -> str:
     resample = meta["preprocessing"]["interpolation"].upper()  # BICUBIC or BILINEAR
     name = meta["files"][0]
     run = {
-        "onnx": ['import onnxruntime as ort', f'session = ort.InferenceSession("{name}")',
-                 f'probs = session.run(["{OUTPUT_NAME}"], {{"{INPUT_NAME}": pixels}})[0]'],
-        "openvino": ['import openvino as ov',
-                     f'model = ov.Core().compile_model("{name}", "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}})',
-                     'probs = model(pixels)[model.output(0)]'],
+        "onnx": [
+            "import onnxruntime as ort",
+            f'session = ort.InferenceSession("{name}")',
+            f'probs = session.run(["{OUTPUT_NAME}"], {{"{INPUT_NAME}": pixels}})[0]',
+        ],
+        "openvino": [
+            "import openvino as ov",
+            f'model = ov.Core().compile_model("{name}", "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}})',
+            "probs = model(pixels)[model.output(0)]",
+        ],
     }[fmt]
-    example = "\n".join([
-        "import json", "import numpy as np", "from PIL import Image, ImageOps", run[0],
-        'meta = json.load(open("model.json"))',
-        "# exif_transpose: a phone photo upright, as the pipeline sees it",
-        f'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB").resize(({r}, {r}), '
-        f'Image.Resampling.{resample})',
-        "pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)[None]  # (1, 3, R, R)",
-        *run[1:],
-        'print([name for name, p, t in zip(meta["label_names"], probs[0], meta["thresholds"]) if p >= t])',
-    ])
-    flip = ("\nThe model averages the features of the image and of its horizontal mirror itself: pass the "
-            "image unmirrored.\n" if "flip" in meta["preprocessing"]["views"] else "")
+    example = "\n".join(
+        [
+            "import json",
+            "import numpy as np",
+            "from PIL import Image, ImageOps",
+            run[0],
+            'meta = json.load(open("model.json"))',
+            "# exif_transpose: a phone photo upright, as the pipeline sees it",
+            f'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB").resize(({r}, {r}), '
+            f"Image.Resampling.{resample})",
+            "pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)[None]  # (1, 3, R, R)",
+            *run[1:],
+            'print([name for name, p, t in zip(meta["label_names"], probs[0], meta["thresholds"]) if p >= t])',
+        ]
+    )
+    flip = (
+        "\nThe model averages the features of the image and of its horizontal mirror itself: pass the "
+        "image unmirrored.\n"
+        if "flip" in meta["preprocessing"]["views"]
+        else ""
+    )
     return f"""{README_TITLE} ({fmt})
 
-`{'`, `'.join(meta['files'])}`: the trained image branch of `{meta['source']['checkpoint']}` as one model.
+`{"`, `".join(meta["files"])}`: the trained image branch of `{meta["source"]["checkpoint"]}` as one model.
 
 - **input** `{INPUT_NAME}`: uint8, (N, 3, {r}, {r}), NCHW, RGB, raw values 0..255: each image squashed (resized
-  without keeping its aspect ratio, no crop) to {r} x {r}, {meta['preprocessing']['interpolation']}. The mean/std
+  without keeping its aspect ratio, no crop) to {r} x {r}, {meta["preprocessing"]["interpolation"]}. The mean/std
   normalisation is inside the model.
-- **output** `{OUTPUT_NAME}`: float32, (N, {len(meta['label_ids'])}): the probability of each label, column j
+- **output** `{OUTPUT_NAME}`: float32, (N, {len(meta["label_ids"])}): the probability of each label, column j
   for label `label_ids[j]` of `model.json` (names in `label_names`).
 - **thresholds** (`model.json`, one per label): a label is predicted when its probability is >= its
-  threshold ({meta['thresholds_source']}); inference.py also gives an image its most probable label
+  threshold ({meta["thresholds_source"]}); inference.py also gives an image its most probable label
   when none reaches its threshold.
 {flip}
 ```python
 {example}
 ```
 
-Pillow's {meta['preprocessing']['interpolation']} resize above is close to the pipeline's, not identical: the
+Pillow's {meta["preprocessing"]["interpolation"]} resize above is close to the pipeline's, not identical: the
 pipeline resizes the decoded image with torchvision's antialiased resize. For the pixels (and so
 the probabilities) of `inference.py --image FILE --branches image` to within about 1e-4, make
 them with `pipeline.data.transforms.build_transform(model.json's preprocessing, normalize=False)`.
@@ -402,8 +460,9 @@ def export_image_branch(config: ExportConfig) -> dict:
     module = build_exported_branch(checkpoint)
     preprocessing, views = checkpoint["preprocessing"], list(checkpoint["backbone"]["views"])
     resolution, label_ids = int(preprocessing["resolution"]), [int(i) for i in checkpoint["label_ids"]]
-    example = torch.randint(0, 256, (2, 3, resolution, resolution), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))  # (2, 3, R, R): a batch, not one image
+    example = torch.randint(
+        0, 256, (2, 3, resolution, resolution), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )  # (2, 3, R, R): a batch, not one image
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript tracer both exporters use warns that it is deprecated (torch.export needs onnxscript).
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -414,9 +473,15 @@ def export_image_branch(config: ExportConfig) -> dict:
         else:
             files = _export_openvino(module, example, out)
     got = run_exported(files[0], config.format, example.numpy())
-    check = {"runtime": None, "note": "runtime not installed; not run"} if got is None else {
-        "runtime": "onnxruntime" if config.format == "onnx" else "openvino CPU f32",
-        "max_abs_difference_vs_torch": float(np.abs(got - expected).max()), "images": len(example)}
+    check = (
+        {"runtime": None, "note": "runtime not installed; not run"}
+        if got is None
+        else {
+            "runtime": "onnxruntime" if config.format == "onnx" else "openvino CPU f32",
+            "max_abs_difference_vs_torch": float(np.abs(got - expected).max()),
+            "images": len(example),
+        }
+    )
     recorded = recorded_label_names(config.data) if Path(config.data).is_dir() else {}
     names = label_names(label_ids, recorded)  # the names inference.py and the report give them
     thresholds, source = image_only_thresholds(config, label_ids)
@@ -425,38 +490,61 @@ def export_image_branch(config: ExportConfig) -> dict:
         "format": config.format,
         "files": [path.name for path in files],
         "resolution": resolution,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "shape": ["N", 3, resolution, resolution],
-                  "channels": "RGB", "range": "0..255"},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(label_ids)],
-                   "meaning": "per-label probabilities (sigmoid), column j for label_ids[j]"},
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "shape": ["N", 3, resolution, resolution],
+            "channels": "RGB",
+            "range": "0..255",
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "shape": ["N", len(label_ids)],
+            "meaning": "per-label probabilities (sigmoid), column j for label_ids[j]",
+        },
         "label_ids": label_ids,
         "label_names": [names[str(i)] for i in label_ids],
-        "label_names_source": f"{config.data}/dataset.json" if recorded else
-        "none recorded: " + ("the competition's COCO names" if names != {str(i): str(i) for i in label_ids}
-                             else "the label ids"),
+        "label_names_source": f"{config.data}/dataset.json"
+        if recorded
+        else "none recorded: "
+        + ("the competition's COCO names" if names != {str(i): str(i) for i in label_ids} else "the label ids"),
         "preprocessing": _preprocessing_record(preprocessing, views),
         "thresholds": thresholds,
         "thresholds_source": source,
         "decision": "label j is predicted when probabilities[:, j] >= thresholds[j]; an image with no label "
-                    "over its threshold gets its most probable one (as inference.py decides)",
-        "backbone": {**{key: checkpoint["backbone"][key] for key in ("name", "weights", "weights_digest")},
-                     # Random initial weights are not in image.pt: inference rebuilds them from its --seed.
-                     **({"rebuilt_from_seed": config.seed} if checkpoint["backbone"]["weights"] == "random"
-                        else {})},
-        "computes_in": "float32" + ("" if precision == "fp32" else
-                                    f" (the pipeline runs this backbone in {precision}: expect differences "
-                                    "of that precision's rounding)"),
-        "source": {"checkpoint": str(checkpoint_path(weights_dir, "image")),
-                   "checkpoint_digest": file_digest(checkpoint_path(weights_dir, "image"))},
+        "over its threshold gets its most probable one (as inference.py decides)",
+        "backbone": {
+            **{key: checkpoint["backbone"][key] for key in ("name", "weights", "weights_digest")},
+            # Random initial weights are not in image.pt: inference rebuilds them from its --seed.
+            **({"rebuilt_from_seed": config.seed} if checkpoint["backbone"]["weights"] == "random" else {}),
+        },
+        "computes_in": "float32"
+        + (
+            ""
+            if precision == "fp32"
+            else f" (the pipeline runs this backbone in {precision}: expect differences of that precision's rounding)"
+        ),
+        "source": {
+            "checkpoint": str(checkpoint_path(weights_dir, "image")),
+            "checkpoint_digest": file_digest(checkpoint_path(weights_dir, "image")),
+        },
         "check": check,
     }
     if config.format == "onnx":
         meta["opset"] = config.opset
     write_json(out / "model.json", meta)
     atomic_write_text(out / "README.md", _readme(meta))
-    return {"format": config.format, "out": str(out), "model": [str(p) for p in files],
-            "metadata": str(out / "model.json"), "readme": str(out / "README.md"),
-            "thresholds_source": source, "check": check}
+    return {
+        "format": config.format,
+        "out": str(out),
+        "model": [str(p) for p in files],
+        "metadata": str(out / "model.json"),
+        "readme": str(out / "README.md"),
+        "thresholds_source": source,
+        "check": check,
+    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -62,8 +62,9 @@ from pipeline.train.caption_config import CaptionTrainConfig, idle_options
 WARMUP_SHARE = 0.1
 
 
-def _bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator,
-                      pool: int = 32) -> list[torch.Tensor]:
+def _bucketed_batches(
+    lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 32
+) -> list[torch.Tensor]:
     """Shuffled training batches of captions of similar length.
 
     Rows are shuffled, cut into pools of ``pool`` batches, sorted by length inside each
@@ -74,7 +75,7 @@ def _bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.G
     order = torch.randperm(len(lengths), generator=generator)
     batches: list[torch.Tensor] = []
     for start in range(0, len(order), batch_size * pool):
-        chunk = order[start:start + batch_size * pool]
+        chunk = order[start : start + batch_size * pool]
         chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
         batches.extend(chunk.split(batch_size))
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
@@ -102,8 +103,12 @@ def train_caption_branch(config: CaptionTrainConfig) -> dict:
     config.validate()
     reuse_freed_memory()
     start = time.perf_counter()
-    with (_deterministic(), cpu_threads(config.threads), oom_hint(config.batch_size),
-          distributed_session(resolve_device(config.device)) as (context, device)):
+    with (
+        _deterministic(),
+        cpu_threads(config.threads),
+        oom_hint(config.batch_size),
+        distributed_session(resolve_device(config.device)) as (context, device),
+    ):
         timing.reset()
         summary = _train(config, device, context)
     summary["seconds"] = round(time.perf_counter() - start, 1)
@@ -121,11 +126,16 @@ def summary_line(summary: dict) -> str:
     """What a person reads at the end of a run: the score, the time, where the files went; the
     full record is ``caption_summary.json``."""
     members = len(summary["best_epochs"])
-    score = ("no validation split to score on" if summary["val_samples_f1"] is None else
-             f"validation samples-F1 {summary['val_samples_f1']:.4f} at threshold {summary['threshold']:.2f}")
-    return (f"caption branch: {score}; {members} model{'s' if members != 1 else ''} (best epochs "
-            f"{', '.join(map(str, summary['best_epochs']))}), {summary['seconds'] / 60:.1f} min; "
-            f"wrote {summary['checkpoint']}; every figure: {summary['summary']}")
+    score = (
+        "no validation split to score on"
+        if summary["val_samples_f1"] is None
+        else f"validation samples-F1 {summary['val_samples_f1']:.4f} at threshold {summary['threshold']:.2f}"
+    )
+    return (
+        f"caption branch: {score}; {members} model{'s' if members != 1 else ''} (best epochs "
+        f"{', '.join(map(str, summary['best_epochs']))}), {summary['seconds'] / 60:.1f} min; "
+        f"wrote {summary['checkpoint']}; every figure: {summary['summary']}"
+    )
 
 
 @dataclass
@@ -169,16 +179,29 @@ class _CaptionBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         world, rank = self.context.world_size, self.context.rank
-        batch_rows = [rows[rank::world] for rows in _bucketed_batches(self.data.lengths, self.batch_size, self.shuffle)
-                      if len(rows) >= world]  # every rank needs rows in every step
+        batch_rows = [
+            rows[rank::world]
+            for rows in _bucketed_batches(self.data.lengths, self.batch_size, self.shuffle)
+            if len(rows) >= world
+        ]  # every rank needs rows in every step
         for rows, batch_ids, batch_lengths in caption_batches(self.data.ids, self.data.lengths, batch_rows):
             yield batch_ids, batch_lengths, self.targets[rows]
 
 
-def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded, val: _Encoded,
-                vocab_size: int, embeddings: torch.Tensor | None, encoder: TextEncoder | None, device: torch.device,
-                context: DistContext = DistContext(), state: ResumeState | None = None,
-                history: EpochHistory | None = None) -> dict:
+def _fit_member(
+    config: CaptionTrainConfig,
+    seed: int,
+    tag: str,
+    train: _Encoded,
+    val: _Encoded,
+    vocab_size: int,
+    embeddings: torch.Tensor | None,
+    encoder: TextEncoder | None,
+    device: torch.device,
+    context: DistContext = DistContext(),
+    state: ResumeState | None = None,
+    history: EpochHistory | None = None,
+) -> dict:
     """Train one model from ``seed``; keep its epoch with the best validation score.
 
     Under torchrun DistributedDataParallel averages the ranks' gradients; every rank scores
@@ -203,8 +226,7 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
     scheduler = warmup_cosine(optimizer, total_steps, round(WARMUP_SHARE * total_steps))
 
     def train_epoch(epoch: int) -> float:
-        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, context=context,
-                               name=tag)
+        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, context=context, name=tag)
 
     def score(epoch: int) -> EpochScore:
         if len(val.lengths) == 0:
@@ -213,20 +235,41 @@ def _fit_member(config: CaptionTrainConfig, seed: int, tag: str, train: _Encoded
         value, threshold, f1_half = _score(config, val.image_labels, probs)
         return EpochScore(value, {"probs": probs}, f"val samples-F1 {f1_half:.4f} @0.5, {value:.4f} @{threshold:.2f}")
 
-    best = fit(tag, config.epochs, train_epoch, score, model, state or ResumeState.off(),
-               {"model": model, "optimizer": optimizer, "scheduler": scheduler, "shuffle": GeneratorState(shuffle)},
-               patience=config.patience, context=context, history=history)
+    best = fit(
+        tag,
+        config.epochs,
+        train_epoch,
+        score,
+        model,
+        state or ResumeState.off(),
+        {"model": model, "optimizer": optimizer, "scheduler": scheduler, "shuffle": GeneratorState(shuffle)},
+        patience=config.patience,
+        context=context,
+        history=history,
+    )
     best["state"] = model.state_dict()
     return best
 
 
-def _encode(config: CaptionTrainConfig, vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet,
-            encoder: TextEncoder | None) -> _Encoded:
-    ids, lengths = encode_captions(model_settings(config), vocab, frame[CAPTION_COLUMN].tolist(), config.max_len,
-                                   Path(config.weights_dir) / "cache", encoder)
+def _encode(
+    config: CaptionTrainConfig, vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet, encoder: TextEncoder | None
+) -> _Encoded:
+    ids, lengths = encode_captions(
+        model_settings(config),
+        vocab,
+        frame[CAPTION_COLUMN].tolist(),
+        config.max_len,
+        Path(config.weights_dir) / "cache",
+        encoder,
+    )
     groups = group_by_image(frame)
-    return _Encoded(ids=ids, lengths=lengths, labels=label_set.encode(frame[LABELS_COLUMN]), groups=groups,
-                    image_labels=label_set.encode(groups.images[LABELS_COLUMN]))
+    return _Encoded(
+        ids=ids,
+        lengths=lengths,
+        labels=label_set.encode(frame[LABELS_COLUMN]),
+        groups=groups,
+        image_labels=label_set.encode(groups.images[LABELS_COLUMN]),
+    )
 
 
 def _train(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> dict:
@@ -239,7 +282,8 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     if CAPTION_COLUMN not in train_df:
         raise DataFormatError(
             f"{paths.train_csv}:1: no {CAPTION_COLUMN} column, so there is nothing for the caption branch to "
-            "learn from; train the image branches alone with train_efficientnet.py")
+            "learn from; train the image branches alone with train_efficientnet.py"
+        )
     vocab = Vocabulary.build(train_df[CAPTION_COLUMN], min_freq=config.min_freq, stem=config.stem)
     encoder = None if config.text_encoder == WORDS else TextEncoder(config.text_encoder)
     # A --weights-dir that cannot be a folder is refused by its own name, before the encoding
@@ -260,20 +304,36 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     if config.word_vectors:
         # Read once: every ensemble member starts from the same pretrained vectors.
         embeddings, covered = load_word_vectors(
-            config.word_vectors, vocab, config.embed_dim, torch.Generator().manual_seed(config.seed))
+            config.word_vectors, vocab, config.embed_dim, torch.Generator().manual_seed(config.seed)
+        )
         if context.is_main:
             tqdm.write(f"caption: {covered}/{len(vocab)} vocabulary words found in {config.word_vectors}")
 
     resume_dir = start_run(config.weights_dir, "caption", config.resume, context)
     digest = fingerprint(dataclasses.asdict(config), train_csv=file_digest(paths.train_csv))
-    history = start_history(history_path(config.weights_dir, BRANCH), config.resume, context, config.log,
-                            config.keep_best)
+    history = start_history(
+        history_path(config.weights_dir, BRANCH), config.resume, context, config.log, config.keep_best
+    )
     members = []
     for i in range(config.ensemble):
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
         state = ResumeState(resume_dir, f"member{i}", digest, config.resume, context)
-        members.append(_fit_member(config, config.seed + i, tag, train, val, len(vocab), embeddings, encoder, device,
-                                   context, state, history.for_stage(BRANCH, i)))
+        members.append(
+            _fit_member(
+                config,
+                config.seed + i,
+                tag,
+                train,
+                val,
+                len(vocab),
+                embeddings,
+                encoder,
+                device,
+                context,
+                state,
+                history.for_stage(BRANCH, i),
+            )
+        )
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set), encoder)
     for model, member in zip(ensemble, members, strict=True):
@@ -291,9 +351,15 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     config_file = weights_dir / f"{BRANCH}_config.json"
     if context.is_main:
         save_checkpoint(
-            ckpt, branch=BRANCH, state_dict=ensemble.state_dict(), config=dataclasses.asdict(config),
-            label_ids=label_set.ids, vocab=vocab.to_list(), epochs=[m["epoch"] for m in members],
-            threshold=threshold, text_encoder_digest=None if encoder is None else encoder.digest,
+            ckpt,
+            branch=BRANCH,
+            state_dict=ensemble.state_dict(),
+            config=dataclasses.asdict(config),
+            label_ids=label_set.ids,
+            vocab=vocab.to_list(),
+            epochs=[m["epoch"] for m in members],
+            threshold=threshold,
+            text_encoder_digest=None if encoder is None else encoder.digest,
         )
         save_probabilities(probs_file, val.groups.images[ID_COLUMN].tolist(), label_set.ids, val_probs)
         # The device as resolved, so --config of the file runs where this run ran.

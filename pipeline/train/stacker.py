@@ -40,13 +40,22 @@ _IMAGE_KEYS = ("num_images", "images_digest", "views")
 def check_stacker_captions(config: ImageTrainConfig, train: pd.DataFrame, train_csv: Path) -> None:
     """Refuse ``--stacker-folds`` before any work when train.csv has no captions to read."""
     if config.stacker_folds and CAPTION_COLUMN not in train:
-        raise OptionError(f"--stacker-folds {config.stacker_folds}: {train_csv} has no {CAPTION_COLUMN} column, so "
-                          "the stacker's caption model has nothing to read; use --stacker-folds 0")
+        raise OptionError(
+            f"--stacker-folds {config.stacker_folds}: {train_csv} has no {CAPTION_COLUMN} column, so "
+            "the stacker's caption model has nothing to read; use --stacker-folds 0"
+        )
 
 
-def train_stacker(config: ImageTrainConfig, maps: StageMaps, paths: DatasetPaths, label_ids: tuple[int, ...],
-                  train_split: tuple[np.ndarray, np.ndarray], val_split: tuple[np.ndarray, np.ndarray],
-                  val_ids: list[str], image_weights_digest: str) -> dict:
+def train_stacker(
+    config: ImageTrainConfig,
+    maps: StageMaps,
+    paths: DatasetPaths,
+    label_ids: tuple[int, ...],
+    train_split: tuple[np.ndarray, np.ndarray],
+    val_split: tuple[np.ndarray, np.ndarray],
+    val_ids: list[str],
+    image_weights_digest: str,
+) -> dict:
     """Fit the stacker on the readable training images and score it on the validation split;
     write ``stacker.pt`` and ``val_probs_stacker.csv`` (NaN rows for unreadable images) and
     return its figures for ``image_summary.json``.
@@ -58,8 +67,10 @@ def train_stacker(config: ImageTrainConfig, maps: StageMaps, paths: DatasetPaths
     started = time.perf_counter()
     (train_ok, y_train), (val_ok, y_val) = train_split, val_split
     if train_ok.sum() < config.stacker_folds:
-        raise OptionError(f"--stacker-folds {config.stacker_folds}: only {int(train_ok.sum())} readable training "
-                          f"images to split; give at most {int(train_ok.sum())}, or 0")
+        raise OptionError(
+            f"--stacker-folds {config.stacker_folds}: only {int(train_ok.sum())} readable training "
+            f"images to split; give at most {int(train_ok.sum())}, or 0"
+        )
     weights_dir = Path(config.weights_dir)
     cache_dir = weights_dir / "cache"
 
@@ -80,16 +91,36 @@ def train_stacker(config: ImageTrainConfig, maps: StageMaps, paths: DatasetPaths
 
     front = {key: value for key, value in maps.store.key.items() if key not in _IMAGE_KEYS}
     files = [checkpoint_path(weights_dir, "stacker"), probabilities_path(weights_dir, "stacker")]
-    save_checkpoint(files[0], branch="stacker", state_dict=state, config=dataclasses.asdict(config),
-                    label_ids=label_ids,
-                    stacker={"folds": config.stacker_folds, "seed": config.seed,
-                             # What the image model reads: this front's maps, pooled as pool_maps pools them.
-                             "image_view": STACKER_VIEW, "image_pooling": "avg+max", "front": front,
-                             "image_weights_digest": image_weights_digest, "caption_encoder": STACKER_ENCODER,
-                             "caption_encoder_digest": TextEncoder(STACKER_ENCODER).digest})
+    save_checkpoint(
+        files[0],
+        branch="stacker",
+        state_dict=state,
+        config=dataclasses.asdict(config),
+        label_ids=label_ids,
+        stacker={
+            "folds": config.stacker_folds,
+            "seed": config.seed,
+            # What the image model reads: this front's maps, pooled as pool_maps pools them.
+            "image_view": STACKER_VIEW,
+            "image_pooling": "avg+max",
+            "front": front,
+            "image_weights_digest": image_weights_digest,
+            "caption_encoder": STACKER_ENCODER,
+            "caption_encoder_digest": TextEncoder(STACKER_ENCODER).digest,
+        },
+    )
     save_probabilities(files[1], val_ids, label_ids, probs)
     seconds = time.perf_counter() - started
-    log.info("stacker (--stacker-folds %d): validation samples-F1 %.4f, %.1f min; wrote %s, %s",
-             config.stacker_folds, score, seconds / 60, *files)
-    return {"folds": config.stacker_folds, "val_samples_f1": score, "seconds": seconds,
-            "files": [str(path) for path in files]}
+    log.info(
+        "stacker (--stacker-folds %d): validation samples-F1 %.4f, %.1f min; wrote %s, %s",
+        config.stacker_folds,
+        score,
+        seconds / 60,
+        *files,
+    )
+    return {
+        "folds": config.stacker_folds,
+        "val_samples_f1": score,
+        "seconds": seconds,
+        "files": [str(path) for path in files],
+    }
