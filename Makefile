@@ -30,7 +30,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
-	$(PY) -m pip install --progress-bar off --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --progress-bar on --disable-pip-version-check -r requirements-dev.txt
 	touch $(DEV_STAMP)
 
 venv: $(STAMP)

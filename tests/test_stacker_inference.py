@@ -19,7 +19,7 @@ from PIL import Image
 import inference
 import train_caption_rnn
 import train_efficientnet
-from pipeline import Predictor, text_features
+from pipeline import Predictor
 from pipeline.checkpoint import load_checkpoint, load_probabilities, probabilities_path
 from pipeline.data.dataset import DatasetPaths, LabelSet, group_by_image, load_train_val
 from pipeline.io import CheckpointError
@@ -37,14 +37,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore:backbone test_efficientnet:User
 
 
 @pytest.fixture(scope="module")
-def stacked(tmp_path_factory, tiny_encoder_folder) -> tuple[Path, Path]:
+def stacked(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset, weights): the image branch in partial mode with ``--stacker-folds 3`` and the
     caption branch, trained once on a tiny dataset with the stand-in text encoder."""
     root = tmp_path_factory.mktemp("stacker-inference")
     data, weights = make_tiny_dataset(root / "tiny"), root / "weights"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
-        patch.setitem(text_features.TEXT_ENCODERS, "minilm", lambda: tiny_encoder_folder)
         train_efficientnet.main(["--data", str(data), "--weights", str(weights), *TINY_IMAGE_ARGS, *PARTIAL,
                                  "--stacker-folds", "3"])
         train_caption_rnn.main(["--data", str(data), "--weights", str(weights), "--device", "cpu",
