@@ -18,9 +18,16 @@ DEMO_DATA = Path("data/demo")
 DEFAULT_BACKBONE = "tf_efficientnet_lite2"
 # --augment: the fine-tuning augmentations of ``pipeline.data.augment``.
 AUGMENTS = ("trivial", "light", "none")
-# --runtime: who runs the frozen forward passes: auto, then the keys of
-# ``pipeline.engine.runtimes.RUNTIMES`` (its RUNTIME_CHOICES).
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+# --runtime: who runs the frozen forward passes, by name: the class in pipeline/engine/ that
+# implements ``pipeline.engine.frozen.Runtime``. ``pipeline.engine.runtimes`` builds its registry
+# from this table, and the parsers read the names without importing torch: adding a runtime is
+# its module and a line here.
+RUNTIME_CLASSES = {
+    "torch": "pipeline.engine.torch_runtime.TorchRuntime",
+    "openvino": "pipeline.engine.openvino_runtime.OpenVinoRuntime",
+    "onnxruntime": "pipeline.engine.onnx_runtime.OnnxRuntime",
+}
+RUNTIMES = ("auto", *RUNTIME_CLASSES)
 # --precision and --compile (``pipeline.engine.runtime``).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "on", "off")

@@ -234,3 +234,6 @@ def test_the_options_choices_are_the_registry():
     from pipeline.engine.runtimes import RUNTIME_CHOICES
 
     assert OPTION_CHOICES == RUNTIME_CHOICES
+    # Each runtime is registered under the name it calls itself (its cache keys and records).
+    assert {name: runtime.name for name, runtime in runtimes.RUNTIMES.items()} == {
+        "torch": "torch", "openvino": "openvino", "onnxruntime": "onnxruntime"}

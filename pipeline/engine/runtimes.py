@@ -15,11 +15,12 @@ bench) asks this module for its runtime by name; none compares names itself:
   versions, so a machine measures once.
 
 Adding a runtime: a module implementing :class:`pipeline.engine.frozen.Runtime`, and its line
-in :data:`RUNTIMES` here.
+in :data:`pipeline.choices.RUNTIME_CLASSES`, from which :data:`RUNTIMES` here is built.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -31,18 +32,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.choices import usable_cores
+from pipeline.choices import RUNTIME_CLASSES, usable_cores
 from pipeline.engine.frozen import Calibration, FrozenForward, Runtime, key_digest
-from pipeline.engine.onnx_runtime import OnnxRuntime
-from pipeline.engine.openvino_runtime import OpenVinoRuntime
 from pipeline.engine.runtime import cpu_model, instruction_set
-from pipeline.engine.torch_runtime import TorchRuntime
 from pipeline.io import OptionError
 from pipeline.models.backbones import state_digest
 
 log = logging.getLogger(__name__)
 
-RUNTIMES: dict[str, Runtime] = {runtime.name: runtime for runtime in (TorchRuntime(), OpenVinoRuntime(), OnnxRuntime())}
+
+def _runtime(class_path: str) -> Runtime:
+    """An instance of the runtime class that ``module.Class`` names."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)()
+
+
+RUNTIMES: dict[str, Runtime] = {name: _runtime(class_path) for name, class_path in RUNTIME_CLASSES.items()}
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 CHOICE_FILE = "runtime_choice.json"
 # ``auto`` times this many batches of this size in each runtime, after one untimed batch.
