@@ -105,7 +105,10 @@ class ImageTrainConfig(TrainingConfig):
     """Settings of ``train_efficientnet.py``."""
 
     backbone: str = option(
-        DEFAULT_BACKBONE, "backbone: a timm model name or efficientnet-b0..b7 (efficientnet-pytorch)", group="model"
+        DEFAULT_BACKBONE,
+        "backbone: a timm model name, or a name another family in pipeline/models/backbones.py takes "
+        "(efficientnet-b0..b7: efficientnet-pytorch)",
+        group="model",
     )
     backbone_weights: str | None = option(
         None,
