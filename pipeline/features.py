@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -473,7 +473,9 @@ def _cached_store(
     kind: str,
     key: dict,
     fields: dict[str, Field],
-    make_extractor: Callable[[], _Extractor],
+    module: torch.nn.Module,
+    backbone: Backbone,
+    output_shape: tuple[int, ...],
     paths: DatasetPaths,
     image_ids: Sequence[str],
     settings: ExtractionSettings,
@@ -481,7 +483,8 @@ def _cached_store(
     context: DistContext,
 ) -> ShardedStore:
     """The complete store of ``key``: read when it is there and every file matches its digest,
-    else its missing and damaged shards extracted.
+    else its missing and damaged shards extracted by ``module`` (the backbone, or its front,
+    whose output per image is ``output_shape``) as ``settings`` say.
 
     One run at a time writes a store: its rank 0 holds the store's :func:`write_lock`, and
     another run that needs the store meanwhile waits, then reads what the first wrote. Under
@@ -518,8 +521,18 @@ def _cached_store(
         if len(todo) < store.num_shards:
             log.info("%s cache: resuming, %d of %d shards to extract", kind, len(todo), store.num_shards)
         barrier(context)  # every rank has listed the same shards before any is written
+        extractor = _extractor(
+            module,
+            backbone,
+            output_shape,
+            settings.precision,
+            settings.device,
+            settings.runtime,
+            settings.cache_dir,
+            settings.calibration,
+        )
         extract_into_store(
-            make_extractor(),
+            extractor,
             paths,
             image_ids,
             settings.views,
@@ -630,16 +643,9 @@ def cached_features(
         "features",
         key,
         _pooled_fields(width),
-        lambda: _extractor(
-            module,
-            backbone,
-            (width,),
-            settings.precision,
-            settings.device,
-            settings.runtime,
-            settings.cache_dir,
-            settings.calibration,
-        ),
+        module,
+        backbone,
+        (width,),
         paths,
         image_ids,
         settings,
@@ -710,16 +716,9 @@ def cached_stage_maps(
         "stagemaps",
         key,
         fields,
-        lambda: _extractor(
-            front,
-            backbone,
-            map_shape,
-            settings.precision,
-            settings.device,
-            settings.runtime,
-            settings.cache_dir,
-            settings.calibration,
-        ),
+        front,
+        backbone,
+        map_shape,
         paths,
         image_ids,
         settings,
