@@ -331,16 +331,7 @@ class BranchPredictor:
             self._image_backbone(),
             inputs.paths,
             image_ids,
-            ExtractionSettings(
-                cache_dir=inputs.cache_dir,
-                device=self.device,
-                batch_size=self.batch_size,
-                workers=inputs.workers,
-                views=tuple(self.views),
-                precision=self.precision,
-                runtime=self.runtime,
-                calibration=self.calibration,
-            ),
+            self._extraction(inputs, inputs.cache_dir),
             description=description,
             attention=self.heads.attention,
         )
@@ -353,15 +344,21 @@ class BranchPredictor:
             self._image_backbone(),
             inputs.paths,
             image_ids,
-            ExtractionSettings(
-                cache_dir=inputs.cache_dir,
-                device=self.device,
-                views=tuple(self.views),
-                precision=self.precision,
-                runtime=self.runtime,
-                calibration=self.calibration,
-            ),
+            self._extraction(inputs, inputs.cache_dir),
             attention=self.heads.attention,
+        )
+
+    def _extraction(self, inputs: Inputs, cache_dir: Path) -> ExtractionSettings:
+        """How this predictor's frozen passes run for one call, its stores kept in ``cache_dir``."""
+        return ExtractionSettings(
+            cache_dir=cache_dir,
+            device=self.device,
+            batch_size=self.batch_size,
+            workers=inputs.workers,
+            views=tuple(self.views),
+            precision=self.precision,
+            runtime=self.runtime,
+            calibration=self.calibration,
         )
 
     def probabilities(
