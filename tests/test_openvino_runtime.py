@@ -4,7 +4,11 @@ the cache key and of the checkpoint."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +105,24 @@ def test_training_records_its_runtime_and_inference_follows_it(trained_branches,
     stores = [p.name for p in (weights / "cache").glob("features-*")]
     keys = [(weights / "cache" / name / "manifest.json").read_text() for name in stores]
     assert keys and all('"runtime": "openvino"' in key for key in keys)
+
+
+def test_importing_and_converting_send_no_telemetry(tmp_path):
+    """OpenVINO posts usage events from processes forked off a thread, on import and on each
+    conversion: the package's import and conversion decline them, so none is started. Run in a
+    fresh process: the import's event is sent once per process."""
+    probe = """
+import multiprocessing, torch
+started = []
+multiprocessing.Process.start = lambda self: started.append(self)
+from pipeline.engine.openvino_runtime import convert_model, import_openvino
+import_openvino()
+convert_model(torch.nn.Conv2d(3, 4, 3).eval(), example_input=torch.zeros(1, 3, 8, 8))
+import openvino_telemetry
+print(len(started), openvino_telemetry.Telemetry().consent)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path), "PYTHONWARNINGS": "ignore"},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "False"]

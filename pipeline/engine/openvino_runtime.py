@@ -10,6 +10,7 @@ per process.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -25,13 +26,47 @@ from pipeline.engine.onnx_runtime import export_model, onnxruntime_version
 from pipeline.models.image_model import RawPixelGraph
 
 
+def import_openvino() -> Any:
+    """The ``openvino`` module, imported with OpenVINO's usage telemetry declined for this
+    process (ImportError where it is not installed).
+
+    Unless a user has run ``opt_in_out --opt_out``, OpenVINO posts usage events to Google
+    Analytics (one on import, several per conversion), each from a process forked off a thread
+    of this one (``openvino_telemetry``). This tool runs offline, and a fork from a threaded
+    process (torch's and OpenVINO's thread pools, a pytest-xdist worker) can hang. The
+    telemetry is one object per process, which the import finds already made, and declined,
+    under the tool name it asks for.
+    """
+    if "openvino" not in sys.modules:
+        try:
+            import openvino_telemetry
+        except ImportError:  # OpenVINO without it sends nothing
+            pass
+        else:
+            openvino_telemetry.Telemetry(
+                app_name="OpenVINO", app_version="", tid="", backend="ga4", enable_opt_in_dialog=False
+            ).consent = False
+    import openvino
+
+    return openvino
+
+
 def openvino_version() -> str | None:
     """The installed OpenVINO's version, or None where it is not installed."""
     try:
-        import openvino
+        return import_openvino().get_version()
     except ImportError:
         return None
-    return openvino.get_version()
+
+
+def convert_model(*args: Any, **kwargs: Any) -> Any:
+    """``openvino.convert_model`` with its usage events declined (:func:`import_openvino`): the
+    converter makes the telemetry anew under its own tool name, declined here before it runs."""
+    ov = import_openvino()
+    from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+
+    init_ovc_telemetry().consent = False
+    return ov.convert_model(*args, **kwargs)
 
 
 def cpu_has_bf16(core: Any) -> bool:
@@ -67,7 +102,7 @@ class OpenVinoForward(FrozenForward):
         """(tag, outputs) of each (tag, uint8 batch (B, 3, R, R)), in order, with a batch
         in flight on every stream: the next is submitted while the last ones run. An empty
         batch is not run: its outputs are None."""
-        import openvino as ov
+        ov = import_openvino()
 
         # Two requests per stream: a stream finds its next batch waiting when one finishes.
         queue = ov.AsyncInferQueue(self.compiled, 2 * self.streams)
@@ -141,7 +176,7 @@ def _compile(
     cores: int,
     calibration: Calibration | None,
 ) -> OpenVinoForward:
-    import openvino as ov
+    ov = import_openvino()
     from openvino.preprocess import PrePostProcessor
 
     core = ov.Core()
@@ -180,7 +215,7 @@ def _compile(
 def convert(module: nn.Module, preprocessing: dict, pooled: bool) -> Any:
     """``module`` (eval mode, taking normalised images) as an OpenVINO model of uint8 pixels
     (B, 3, R, R), batch size free: avg+max pooled features (B, 2C) or its maps (B, C, h, w)."""
-    import openvino as ov
+    ov = import_openvino()
 
     resolution = preprocessing["resolution"]
     graph = RawPixelGraph(module, preprocessing, pooled).eval()
@@ -189,7 +224,7 @@ def convert(module: nn.Module, preprocessing: dict, pooled: bool) -> Any:
         # The converter traces the module; torch's deprecation of tracing is not the user's concern.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return ov.convert_model(graph, example_input=example, input=[(-1, 3, resolution, resolution), ov.Type.u8])
+        return convert_model(graph, example_input=example, input=[(-1, 3, resolution, resolution), ov.Type.u8])
 
 
 def convert_quantised(module: nn.Module, preprocessing: dict, pooled: bool, calibration: Calibration | None) -> Any:
@@ -198,16 +233,14 @@ def convert_quantised(module: nn.Module, preprocessing: dict, pooled: bool, cali
     quantise-dequantise pairs as int8 kernels. Input: uint8 pixels (B, R, R, 3)."""
     import tempfile
 
-    import openvino as ov
-
     with tempfile.TemporaryDirectory(prefix="openvino-int8-") as scratch:
         path = Path(scratch) / "int8.onnx"
         export_model(module, preprocessing, pooled, "int8", calibration, path)
-        return ov.convert_model(str(path))
+        return convert_model(str(path))
 
 
 def save_model(model: Any, path: Path) -> None:
     """``model`` written as ``path`` (.xml) and the .bin beside it, in float32."""
-    import openvino as ov
+    ov = import_openvino()
 
     ov.save_model(model, path, compress_to_fp16=False)

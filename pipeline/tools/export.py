@@ -41,6 +41,7 @@ from pipeline.data.dataset import (
     group_by_image,
     load_train_val,
 )
+from pipeline.engine.openvino_runtime import convert_model, import_openvino
 from pipeline.engine.runtime import seed_everything
 from pipeline.fusion import FusionError, fusion_file, load_fusion, tune_fusion
 from pipeline.inference import recorded_label_names
@@ -330,10 +331,10 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, opset: int
 
 
 def _export_openvino(module: nn.Module, example: torch.Tensor, out: Path) -> list[Path]:
-    import openvino as ov
+    ov = import_openvino()
 
     resolution = example.shape[-1]
-    model = ov.convert_model(
+    model = convert_model(
         module, example_input=example, input=[(ov.PartialShape([-1, 3, resolution, resolution]), ov.Type.u8)]
     )
     model.inputs[0].get_tensor().set_names({INPUT_NAME})
@@ -360,7 +361,7 @@ def run_exported(path: Path, fmt: str, pixels: np.ndarray) -> np.ndarray | None:
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
-    import openvino as ov
+    ov = import_openvino()
 
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return compiled(pixels)[compiled.output(0)]
