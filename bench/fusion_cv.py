@@ -9,6 +9,8 @@ same other branches without training them again:
 
     .venv/bin/python bench/fusion_cv.py --data ../shared/comp5329 --weights /tmp/real/base0/weights \\
         --from caption=/tmp/real/capm0
+
+``--average image=DIR`` averages the image branch with another run's (an ensemble).
 """
 
 from __future__ import annotations
@@ -30,15 +32,24 @@ from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 
 
 def branch_probabilities(
-    weights: Path, sources: dict[str, Path], branches: list[str], val_ids: list[str], label_ids: Sequence[int]
+    weights: Path,
+    sources: dict[str, Path],
+    branches: list[str],
+    val_ids: list[str],
+    label_ids: Sequence[int],
+    averaged: dict[str, list[Path]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each branch's validation probabilities aligned on ``val_ids``."""
+    """Each branch's validation probabilities aligned on ``val_ids``; a branch in ``averaged``
+    gets the mean of its own and those of the same branch in each listed folder (an ensemble
+    of two runs, say a Lite1 and a Lite2 image branch)."""
     out = {}
     for branch in branches:
-        path = probabilities_path(sources.get(branch, weights), branch)
-        ids, _, probs = load_probabilities(path, label_ids)
-        index = {image_id: i for i, image_id in enumerate(ids)}
-        out[branch] = probs[[index[i] for i in val_ids]]
+        members = []
+        for folder in [sources.get(branch, weights), *(averaged or {}).get(branch, [])]:
+            ids, _, probs = load_probabilities(probabilities_path(folder, branch), label_ids)
+            index = {image_id: i for i, image_id in enumerate(ids)}
+            members.append(probs[[index[i] for i in val_ids]])
+        out[branch] = np.mean(members, axis=0)
     return out
 
 
@@ -81,6 +92,13 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="BRANCH=DIR",
         help="take BRANCH's val_probs_BRANCH.csv from DIR (repeatable)",
     )
+    parser.add_argument(
+        "--average",
+        action="append",
+        default=[],
+        metavar="BRANCH=DIR",
+        help="average BRANCH's probabilities with DIR's val_probs_BRANCH.csv (repeatable: an ensemble)",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="as the branches were trained")
     parser.add_argument("--fold-seeds", type=int, default=8, help="fold seeds of the cross-validated figure")
     parser.add_argument("--json", help="also write the result here")
@@ -90,11 +108,17 @@ def main(argv: list[str] | None = None) -> dict:
     for item in args.sources:
         branch, _, folder = item.partition("=")
         sources[branch] = Path(folder)
+    averaged: dict[str, list[Path]] = {}
+    for item in args.average:
+        branch, _, folder = item.partition("=")
+        averaged.setdefault(branch, []).append(Path(folder))
     label_set, _, val_df = load_train_val(DatasetPaths.resolve(args.data, None), args.val_fraction)
     images = group_by_image(val_df).images
     y_true = label_set.encode(images[LABELS_COLUMN])
     branches = [b for b in args.branches.split(",") if b]
-    probs = branch_probabilities(Path(args.weights), sources, branches, images[ID_COLUMN].tolist(), label_set.ids)
+    probs = branch_probabilities(
+        Path(args.weights), sources, branches, images[ID_COLUMN].tolist(), label_set.ids, averaged
+    )
     return emit(evaluate(y_true, probs, label_set.ids, args.fold_seeds), args.json)
 
 
