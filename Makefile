@@ -50,7 +50,7 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 tests
 
 check-real: $(STAMP)
 	@if [ -d $(SHARED) ]; then \

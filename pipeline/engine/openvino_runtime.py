@@ -93,7 +93,7 @@ class OpenVinoForward(FrozenForward):
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """Outputs (B, ...) float32 of one uint8 batch (B, 3, R, R), B >= 1."""
-        outputs = next(self.run_many([(None, pixels)]))[1]
+        ((_, outputs),) = self.run_many([(None, pixels)])
         if outputs is None:  # run_many runs no empty batch
             raise ValueError("OpenVINO forward: an empty batch (0 images) has no outputs to compute")
         return outputs
@@ -102,31 +102,38 @@ class OpenVinoForward(FrozenForward):
         """(tag, outputs) of each (tag, uint8 batch (B, 3, R, R)), in order, with a batch
         in flight on every stream: the next is submitted while the last ones run. An empty
         batch is not run: its outputs are None."""
-        ov = import_openvino()
+        # Two requests per stream: a stream finds its next batch waiting when one finishes. The
+        # outputs are read here, in order, with no callback: a Python callback makes OpenVINO's
+        # stream threads take the GIL, and a compiled model freed later joins those threads
+        # while holding it, which deadlocked (it hung the test suite in a fixture's teardown).
+        free = [self.compiled.create_infer_request() for _ in range(2 * self.streams)]
+        in_flight: collections.deque[tuple[Any, Any]] = collections.deque()  # (request or None, tag)
 
-        # Two requests per stream: a stream finds its next batch waiting when one finishes.
-        queue = ov.AsyncInferQueue(self.compiled, 2 * self.streams)
-        finished: dict[int, torch.Tensor | None] = {}
-        queue.set_callback(
-            lambda request, number: finished.__setitem__(
-                number, torch.from_numpy(request.get_output_tensor(0).data.copy())
-            )
-        )
-        waiting: collections.deque[tuple[int, Any]] = collections.deque()
-        for number, (tag, pixels) in enumerate(batches):
-            waiting.append((number, tag))
-            if len(pixels) == 0:
-                finished[number] = None
-                continue
-            # channels_last (B, 3, R, R) is (B, R, R, 3) in memory: the model's NHWC input.
-            queue.start_async({0: np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy())}, userdata=number)
-            while waiting and waiting[0][0] in finished:
-                done, done_tag = waiting.popleft()
-                yield done_tag, finished.pop(done)
-        queue.wait_all()
-        while waiting:
-            done, done_tag = waiting.popleft()
-            yield done_tag, finished.pop(done)
+        def oldest() -> tuple[Any, torch.Tensor | None]:
+            request, tag = in_flight.popleft()
+            if request is None:
+                return tag, None
+            request.wait()
+            free.append(request)
+            return tag, torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+        try:
+            for tag, pixels in batches:
+                if len(pixels) == 0:
+                    in_flight.append((None, tag))
+                    continue
+                while not free:
+                    yield oldest()
+                request = free.pop()
+                # channels_last (B, 3, R, R) is (B, R, R, 3) in memory: the model's NHWC input.
+                request.start_async({0: np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy())})
+                in_flight.append((request, tag))
+            while in_flight:
+                yield oldest()
+        finally:  # the caller stopped early: no request is left running
+            for request, _ in in_flight:
+                if request is not None:
+                    request.wait()
 
 
 class OpenVinoRuntime(Runtime):
