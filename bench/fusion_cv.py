@@ -79,6 +79,17 @@ def emit(result: dict, json_path: str | None) -> dict:
     return result
 
 
+def branch_folders(items: list[str], option: str) -> list[tuple[str, Path]]:
+    """(branch, folder) of each ``BRANCH=DIR`` given to ``option``."""
+    pairs = []
+    for item in items:
+        branch, equals, folder = item.partition("=")
+        if not (branch and equals and folder):
+            raise SystemExit(f"{option} {item!r}: expected BRANCH=DIR, e.g. {option} image=/tmp/real/run1")
+        pairs.append((branch, Path(folder)))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the dataset folder the branches were trained on")
@@ -104,14 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
 
-    sources = {}
-    for item in args.sources:
-        branch, _, folder = item.partition("=")
-        sources[branch] = Path(folder)
+    sources = dict(branch_folders(args.sources, "--from"))
     averaged: dict[str, list[Path]] = {}
-    for item in args.average:
-        branch, _, folder = item.partition("=")
-        averaged.setdefault(branch, []).append(Path(folder))
+    for branch, folder in branch_folders(args.average, "--average"):
+        averaged.setdefault(branch, []).append(folder)
     label_set, _, val_df = load_train_val(DatasetPaths.resolve(args.data, None), args.val_fraction)
     images = group_by_image(val_df).images
     y_true = label_set.encode(images[LABELS_COLUMN])
