@@ -38,6 +38,23 @@ def test_token_states_zero_past_each_length_and_equal_when_encoded_alone(tiny_te
         np.testing.assert_allclose(alone[0], states[i], atol=1e-3)
 
 
+def test_states_below_trained_layers_are_the_full_models_hidden_states_there(tiny_text_encoder):
+    """Batches padded to their longest text and the layers above cut off give the states the
+    whole encoder, padded to max_tokens, has entering its last layer; the model stays whole."""
+    encoder = TextEncoder("minilm")
+    tokenizer, model = encoder._load()
+    batch = tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].bool()[..., None]
+    below_last, _ = encoder.token_states(CAPTIONS, max_tokens=12, trained_layers=1)
+    np.testing.assert_allclose(below_last, hidden[-2].masked_fill(~mask, 0.0).numpy(), atol=2e-3)
+    assert len(model.encoder.layer) == encoder.num_layers
+    top, _ = encoder.token_states(CAPTIONS, max_tokens=12)
+    np.testing.assert_allclose(top, hidden[-1].masked_fill(~mask, 0.0).numpy(), atol=2e-3)
+    assert not np.allclose(top, below_last, atol=2e-3)  # so the checks above tell the layers apart
+
+
 def test_cache_round_trip_is_keyed_by_the_texts_and_rebuilds_a_damaged_shard(tiny_text_encoder, tmp_path):
     first = cached_token_states("minilm", CAPTIONS, tmp_path, max_tokens=12, progress=False)
     folders = list(tmp_path.glob("text-minilm-*"))
