@@ -14,6 +14,7 @@ from pipeline.branches.caption import build_ensemble, model_settings, predict_ca
 from pipeline.text_features import TextEncoder
 from pipeline.train.caption_config import CaptionTrainConfig, idle_options
 from pipeline.metrics import binarize, samples_f1
+from pipeline.io import OptionError
 from tests.conftest import WORDS, make_tiny_dataset
 
 TINY_LABELS = sorted(WORDS)
@@ -231,3 +232,36 @@ def test_non_finite_caption_loss_names_model_epoch_and_step(tmp_path, monkeypatc
     with pytest.raises(NonFiniteLossError, match=r"caption: loss is nan at epoch 1, step 0"):
         train_caption_rnn.main(["--data", str(data), "--weights", str(tmp_path / "w"), "--ensemble", "1",
                                 "--epochs", "1"])
+
+
+def test_members_trained_in_forked_processes_equal_those_trained_in_turn(tmp_path):
+    """--member-processes 2 trains two members at once, one per process; each seeds itself, so
+    the checkpoint and the validation probabilities are those of training them one by one."""
+    data = make_tiny_dataset(tmp_path / "data", n_train=60, images=False)
+    argv = ["--data", str(data), "--device", "cpu", "--epochs", "2", "--hidden-size", "8",
+            "--batch-size", "16", "--val-fraction", "0.3", "--ensemble", "3", "--threads", "1"]
+    in_turn = train_caption_rnn.main([*argv, "--weights", str(tmp_path / "turn"), "--member-processes", "1"])
+    at_once = train_caption_rnn.main([*argv, "--weights", str(tmp_path / "once"), "--member-processes", "2"])
+    assert at_once["best_epochs"] == in_turn["best_epochs"]
+    assert at_once["member_val_samples_f1"] == in_turn["member_val_samples_f1"]
+    _, _, turn_probs = load_probabilities(tmp_path / "turn" / "val_probs_caption.csv")
+    _, _, once_probs = load_probabilities(tmp_path / "once" / "val_probs_caption.csv")
+    np.testing.assert_array_equal(once_probs, turn_probs)
+    turn_state = load_checkpoint(tmp_path / "turn" / "caption.pt")["state_dict"]
+    once_state = load_checkpoint(tmp_path / "once" / "caption.pt")["state_dict"]
+    assert turn_state.keys() == once_state.keys()
+    for key in turn_state:
+        torch.testing.assert_close(once_state[key], turn_state[key], rtol=0, atol=0)
+    # Both runs wrote every member's epochs to the history.
+    for folder in ("turn", "once"):
+        rows = pd.read_csv(tmp_path / folder / "history_caption.csv")
+        assert sorted(rows["member"].unique().tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("blocker", [["--log", "tensorboard"], ["--threads", "0"]])
+def test_member_processes_that_cannot_act_are_refused_by_name(tmp_path, blocker):
+    data = make_tiny_dataset(tmp_path / "data", n_train=30, images=False)
+    argv = ["--data", str(data), "--weights", str(tmp_path / "w"), "--device", "cpu", "--member-processes", "2",
+            *blocker]
+    with pytest.raises(OptionError, match=rf"--member-processes 2 cannot act with {blocker[0]} "):
+        train_caption_rnn.main(argv)

@@ -100,6 +100,18 @@ class EpochHistory:
         if len(kept) != len(rows):
             atomic_write_text(self.path, _csv_text([list(COLUMNS), *kept]))
 
+    def group_members(self) -> None:
+        """Order the file's rows by stage and ensemble member, each member's epochs in turn:
+        members trained at once interleave their rows as they finish epochs, and a resumed run
+        must end with the file an uninterrupted one writes."""
+        if not self.context.is_main:
+            return
+        rows = _read_rows(self.path)
+        order = {stage: i for i, stage in enumerate(dict.fromkeys(row[0] for row in rows))}
+        grouped = sorted(rows, key=lambda row: (order[row[0]], int(row[1] or -1), int(row[2])))
+        if grouped != rows:
+            atomic_write_text(self.path, _csv_text([list(COLUMNS), *grouped]))
+
     def record(self, epoch: int, train_loss: float, val_score: float | None, lr: float | None, seconds: float) -> None:
         """Append one epoch's row and flush it to disk."""
         if not self.context.is_main:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
+import multiprocessing
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from pipeline.branches.caption import (
     predict_captions,
 )
 from pipeline.checkpoint import checkpoint_path, probabilities_path, save_checkpoint, save_probabilities
+from pipeline.choices import usable_cores
 from pipeline.config import save_config
 from pipeline.data.dataset import (
     CAPTION_COLUMN,
@@ -53,7 +56,7 @@ from pipeline.engine.history import EpochHistory, history_path, plot_histories, 
 from pipeline.engine.loop import EpochScore, TrainStep, fit, train_one_epoch, warmup_cosine
 from pipeline.engine.resume import GeneratorState, ResumeState, fingerprint, finish_run, start_run
 from pipeline.engine.runtime import cpu_threads, oom_hint, resolve_device, reuse_freed_memory, seed_everything
-from pipeline.io import file_digest, write_json
+from pipeline.io import OptionError, file_digest, write_json
 from pipeline.metrics import binarize, samples_f1, tune_global_threshold
 from pipeline.text_features import TextEncoder
 from pipeline.train.caption_config import CaptionTrainConfig, idle_options
@@ -201,6 +204,7 @@ def _fit_member(
     context: DistContext = DistContext(),
     state: ResumeState | None = None,
     history: EpochHistory | None = None,
+    progress: bool = True,
 ) -> dict:
     """Train one model from ``seed``; keep its epoch with the best validation score.
 
@@ -226,7 +230,9 @@ def _fit_member(
     scheduler = warmup_cosine(optimizer, total_steps, round(WARMUP_SHARE * total_steps))
 
     def train_epoch(epoch: int) -> float:
-        return train_one_epoch(step, loader, optimizer, device, epoch, scheduler=scheduler, context=context, name=tag)
+        return train_one_epoch(
+            step, loader, optimizer, device, epoch, scheduler=scheduler, context=context, name=tag, progress=progress
+        )
 
     def score(epoch: int) -> EpochScore:
         if len(val.lengths) == 0:
@@ -249,6 +255,61 @@ def _fit_member(
     )
     best["state"] = model.state_dict()
     return best
+
+
+def member_processes(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> int:
+    """How many ensemble members train at once: ``--member-processes``, or for 0 the cores over
+    ``--threads`` (one small model on one thread leaves the other cores idle), at most the
+    ensemble; 1 where members cannot train apart, which an explicit count above 1 refuses."""
+    cannot = [
+        reason
+        for reason, applies in (
+            (f"--device {device.type} (forked members compute on the CPU)", device.type != "cpu"),
+            ("torchrun (its processes already share the cores)", context.world_size > 1),
+            ("--resume (members would rewrite one history file at once)", bool(config.resume)),
+            ("--log tensorboard (its writer cannot be shared by processes)", config.log == "tensorboard"),
+            ("--threads 0 (each member takes every core)", config.threads == 0),
+        )
+        if applies
+    ]
+    if config.member_processes > 1 and cannot:
+        raise OptionError(f"--member-processes {config.member_processes} cannot act with {cannot[0]}; give 1 or 0")
+    if config.member_processes:
+        return min(config.member_processes, config.ensemble)
+    return 1 if cannot else max(1, min(config.ensemble, usable_cores() // config.threads))
+
+
+# The member-training function of the run in progress, set for the forked processes to inherit
+# (the training data, hundreds of MB of token states, is shared by the fork rather than pickled).
+_FORKED_FIT: Callable[[int], dict] | None = None
+
+
+def _fit_forked(index: int) -> dict:
+    """In a forked process: train member ``index``; the weights travel back as torch.save bytes."""
+    assert _FORKED_FIT is not None
+    member = _FORKED_FIT(index)
+    buffer = io.BytesIO()
+    torch.save(member.pop("state"), buffer)
+    return {**member, "state_bytes": buffer.getvalue()}
+
+
+def _fit_in_processes(fit_member: Callable[[int], dict], count: int, processes: int, threads: int) -> list[dict]:
+    """Members 0..count-1 trained by ``processes`` forked processes of ``threads`` threads each.
+
+    Each member seeds itself, so the models equal those trained one after another."""
+    global _FORKED_FIT
+    _FORKED_FIT = fit_member
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # what the forked processes start with
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            members = pool.map(_fit_forked, range(count), chunksize=1)
+    finally:
+        _FORKED_FIT = None
+        torch.set_num_threads(previous)
+    for member in members:
+        member["state"] = torch.load(io.BytesIO(member.pop("state_bytes")), weights_only=True)
+    return members
 
 
 def _encode(
@@ -274,6 +335,7 @@ def _encode(
 
 def _train(config: CaptionTrainConfig, device: torch.device, context: DistContext) -> dict:
     idle = idle_options(config)
+    processes = member_processes(config, device, context)  # refused before any work
     if context.is_main:
         for message in idle:
             tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -314,26 +376,33 @@ def _train(config: CaptionTrainConfig, device: torch.device, context: DistContex
     history = start_history(
         history_path(config.weights_dir, BRANCH), config.resume, context, config.log, config.keep_best
     )
-    members = []
-    for i in range(config.ensemble):
+
+    def fit_member(i: int) -> dict:
         tag = "caption" if config.ensemble == 1 else f"caption model {i + 1}/{config.ensemble}"
         state = ResumeState(resume_dir, f"member{i}", digest, config.resume, context)
-        members.append(
-            _fit_member(
-                config,
-                config.seed + i,
-                tag,
-                train,
-                val,
-                len(vocab),
-                embeddings,
-                encoder,
-                device,
-                context,
-                state,
-                history.for_stage(BRANCH, i),
-            )
+        return _fit_member(
+            config,
+            config.seed + i,
+            tag,
+            train,
+            val,
+            len(vocab),
+            embeddings,
+            encoder,
+            device,
+            context,
+            state,
+            history.for_stage(BRANCH, i),
+            progress=processes == 1,
         )
+
+    if processes == 1:
+        members = [fit_member(i) for i in range(config.ensemble)]
+    else:
+        if context.is_main:
+            tqdm.write(f"caption: training {config.ensemble} models, {processes} at a time (--member-processes)")
+        members = _fit_in_processes(fit_member, config.ensemble, processes, config.threads)
+    history.group_members()
 
     ensemble = build_ensemble(model_settings(config), config.ensemble, len(vocab), len(label_set), encoder)
     for model, member in zip(ensemble, members, strict=True):

@@ -54,6 +54,13 @@ class CaptionTrainConfig(TrainingConfig):
         "when other processes load the cores; 0: as many as torch picks",
         group="run",
     )
+    member_processes: int = option(
+        0,
+        "ensemble members trained at once on a CPU, each in its own process with --threads threads, so "
+        "that every core works: 0 picks the cores over --threads, at most --ensemble, and 1 where members "
+        "cannot run apart (a GPU, torchrun, --resume, --log tensorboard); 1: one after another",
+        group="run",
+    )
     text_encoder: str = option(
         DEFAULT_TEXT_ENCODER,
         "what the recurrent layers read: a frozen pretrained encoder's token states ('minilm': "
@@ -91,6 +98,7 @@ class CaptionTrainConfig(TrainingConfig):
             (self.min_freq >= 1, f"--min-freq must be >= 1, got {self.min_freq}"),
             (self.ensemble >= 1, f"--ensemble must be >= 1, got {self.ensemble}"),
             (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
+            (self.member_processes >= 0, f"--member-processes must be >= 0, got {self.member_processes}"),
             (self.keep_best >= 0, f"--keep-best must be >= 0, got {self.keep_best}"),
         ]
         for ok, message in checks:
