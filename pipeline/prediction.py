@@ -382,9 +382,13 @@ class BranchPredictor:
         # branches: their extraction keeps the cores busy from its own processes and leaves
         # the main process waiting, and the caption branch's small batches leave cores idle
         # when run alone.
+        # While extraction processes hold every core, the caption branch's text encoder runs on
+        # one thread: several would spin at their barriers against the extraction for a core.
+        extracting_on_cpu = self.backbone is not None and features is None and self.device.type == "cpu"
+        caption_threads = 1 if extracting_on_cpu else torch.get_num_threads()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-branch") as pool:
             caption = (
-                pool.submit(self._caption_probabilities, frame, inputs.cache_dir, torch.get_num_threads())
+                pool.submit(self._caption_probabilities, frame, inputs.cache_dir, caption_threads)
                 if "caption" in self.checkpoints
                 else None
             )
