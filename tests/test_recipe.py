@@ -33,7 +33,7 @@ def test_each_mode_resolves_to_its_defaults():
                                                         augment="trivial", scale_jitter=0.7, loss="bce", csra_lambda=0.2)
     # Partial mode trains one or two top stages on cached maps: one rate, no drop path, and the
     # cached mirror image its only augmentation.
-    assert resolve_recipe(config, PARTIAL) == Recipe(epochs=8, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
+    assert resolve_recipe(config, PARTIAL) == Recipe(epochs=6, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
                                                        augment="none", scale_jitter=1.0, loss="bce", csra_lambda=0.2)
     # Frozen mode has no spatial map for class attention: its default is off there.
     assert resolve_recipe(config, FROZEN) == Recipe(epochs=12, weight_decay=1e-4, layer_decay=1.0, drop_path=0.0,
