@@ -381,8 +381,7 @@ class BranchPredictor:
         # The caption branch needs no image, so it runs in a thread beside the image
         # branches: their extraction keeps the cores busy from its own processes and leaves
         # the main process waiting, and the caption branch's small batches leave cores idle
-        # when run alone.
-        # While extraction processes hold every core, the caption branch's text encoder runs on
+        # when run alone. While extraction processes hold every core, its text encoder runs on
         # one thread: several would spin at their barriers against the extraction for a core.
         extracting_on_cpu = self.backbone is not None and features is None and self.device.type == "cpu"
         caption_threads = 1 if extracting_on_cpu else torch.get_num_threads()

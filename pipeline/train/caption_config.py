@@ -58,7 +58,7 @@ class CaptionTrainConfig(TrainingConfig):
         0,
         "ensemble members trained at once on a CPU, each in its own process with --threads threads, so "
         "that every core works: 0 picks the cores over --threads, at most --ensemble, and 1 where members "
-        "cannot run apart (a GPU, torchrun, --resume, --log tensorboard); 1: one after another",
+        "cannot run apart (a GPU, torchrun, --resume, --log tensorboard, --threads 0); 1: one after another",
         group="run",
     )
     text_encoder: str = option(
