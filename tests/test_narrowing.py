@@ -30,7 +30,7 @@ def test_a_stacker_without_coefficients_is_a_fusion_error():
 
 
 def test_an_empty_openvino_batch_is_refused_by_name(monkeypatch):
-    forward = OpenVinoForward(converted=None, compiled=None, streams=1)
+    forward = OpenVinoForward(laid_out=None, hint="f32", streams=1)
     # run_many leaves an empty batch unrun, its outputs None (the real one needs a compiled model).
     monkeypatch.setattr(forward, "run_many", lambda batches: iter([(tag, None) for tag, _ in batches]))
     with pytest.raises(ValueError, match="empty batch"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,27 @@ def test_a_model_compiles_once_per_process_and_converts_once_per_cache(backbone,
     pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     assert torch.equal(again(pixels), first(pixels))
     assert again(pixels).shape == (3, backbone.pooled_dim)
+
+
+def test_loader_workers_run_their_own_copies_and_a_spawned_worker_gets_the_model(backbone, tiny_images, tmp_path,
+                                                                               monkeypatch):
+    paths, ids = tiny_images
+    in_main = extract_features(backbone, paths, ids, CPU, batch_size=2, workers=0, runtime="openvino",
+                               model_cache=tmp_path)
+    monkeypatch.setattr(openvino_runtime, "_COMPILED", {})
+    in_workers = extract_features(backbone, paths, ids, CPU, batch_size=2, workers=2, runtime="openvino",
+                                  model_cache=tmp_path)
+    # Each worker compiled its own copy (one stream): this process compiled none.
+    (forward,) = openvino_runtime._COMPILED.values()
+    assert os.getpid() not in forward._compiled
+    # One stream or two, the same kernels up to float16 rounding of the cache.
+    assert torch.allclose(in_workers[0].float(), in_main[0].float(), rtol=1e-3, atol=1e-3)
+    assert torch.equal(in_workers[1], in_main[1])
+
+    # A worker started by spawning gets the model pickled, and computes what the original does.
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    spawned = pickle.loads(pickle.dumps(forward))
+    assert torch.equal(spawned(pixels), forward(pixels))
 
 
 def test_the_runtime_is_part_of_the_feature_cache_key(backbone, tiny_images, tmp_path):

@@ -1,6 +1,8 @@
 """The OpenVINO runtime: the frozen graph converted by ``openvino.convert_model`` and compiled
-for this CPU (it folds batch norm itself and picks kernels for the instruction set it finds),
-run in the main process with one stream per core while loader workers decode.
+for this CPU (it folds batch norm itself and picks kernels for the instruction set it finds).
+Extraction runs it as the torch runtime runs on a CPU: each loader worker decodes its batches
+and runs them on its own single-threaded copy, one worker per core; called in the main process
+it runs one stream per core.
 
 A converted model is kept in ``<model_cache>/openvino/<digest>.xml`` (+ ``.bin``), verified by
 the digest written beside it (:class:`pipeline.engine.frozen.ModelFiles`), and compiled once
@@ -10,7 +12,9 @@ per process.
 from __future__ import annotations
 
 import collections
+import os
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -74,7 +78,7 @@ def cpu_has_bf16(core: Any) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-# One compiled model per key and process: every chunk of a run uses the first one.
+# One model per key and process: every chunk of a run uses the first one.
 _COMPILED: dict[str, OpenVinoForward] = {}
 _COMPILED_LOCK = threading.Lock()
 
@@ -83,13 +87,56 @@ class OpenVinoForward(FrozenForward):
     """A frozen module compiled by OpenVINO: uint8 pixel batches in, float32 outputs out.
 
     Takes the batches channels_last, as the loader workers make them (the transpose is
-    compiled into the model's input), and runs one inference stream per core, so a core that
-    a decoding worker borrows holds up only its own stream.
+    compiled into the model's input). Each process compiles its own copy when it first runs
+    one: a loader worker a single stream on one thread, unpinned (every worker would pin its
+    thread to the first core), any other process one stream per core. A worker that decodes
+    and runs its own batches keeps its core busy without a decoding process preempting its
+    stream (docs/speed.md has the measurement).
     """
 
-    def __init__(self, converted: Any, compiled: Any, streams: int) -> None:
-        self.converted = converted  # the model as converted: uint8 NCHW input, any batch size
-        self.compiled, self.streams = compiled, streams
+    in_workers: ClassVar[bool] = True
+
+    def __init__(self, laid_out: Any, hint: str, streams: int) -> None:
+        self.laid_out = laid_out  # the model as compiled: uint8 NHWC input, any batch size
+        self.hint, self.streams = hint, streams
+        self._compiled: dict[int, Any] = {}  # process id -> its compiled copy
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """What a worker started by spawning (not forking) gets: the model serialised, no
+        compiled copy (each process compiles its own)."""
+        ov = import_openvino()
+        with tempfile.TemporaryDirectory(prefix="openvino-pickle-") as scratch:
+            xml = Path(scratch) / "model.xml"
+            ov.save_model(self.laid_out, xml, compress_to_fp16=False)
+            return {
+                "xml": xml.read_bytes(),
+                "bin": xml.with_suffix(".bin").read_bytes(),
+                "hint": self.hint,
+                "streams": self.streams,
+            }
+
+    def __setstate__(self, state: dict) -> None:
+        ov = import_openvino()
+        weights = ov.Tensor(np.frombuffer(state["bin"], dtype=np.uint8).copy())
+        self.__init__(ov.Core().read_model(state["xml"].decode(), weights), state["hint"], state["streams"])
+
+    def compiled(self) -> tuple[Any, int]:
+        """(this process's compiled copy, its streams), compiled on first use."""
+        in_worker = torch.utils.data.get_worker_info() is not None
+        streams = 1 if in_worker else self.streams
+        with self._lock:
+            if os.getpid() not in self._compiled:
+                settings = {
+                    "INFERENCE_PRECISION_HINT": self.hint,
+                    "NUM_STREAMS": streams,
+                    "INFERENCE_NUM_THREADS": streams,
+                    "PERFORMANCE_HINT": "THROUGHPUT",
+                    **({"ENABLE_CPU_PINNING": False} if in_worker else {}),
+                }
+                core = import_openvino().Core()
+                self._compiled[os.getpid()] = core.compile_model(self.laid_out, "CPU", settings)
+            return self._compiled[os.getpid()], streams
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """Outputs (B, ...) float32 of one uint8 batch (B, 3, R, R), B >= 1."""
@@ -106,7 +153,8 @@ class OpenVinoForward(FrozenForward):
         # outputs are read here, in order, with no callback: a Python callback makes OpenVINO's
         # stream threads take the GIL, and a compiled model freed later joins those threads
         # while holding it, which deadlocked (it hung the test suite in a fixture's teardown).
-        free = [self.compiled.create_infer_request() for _ in range(2 * self.streams)]
+        compiled, streams = self.compiled()
+        free = [compiled.create_infer_request() for _ in range(2 * streams)]
         in_flight: collections.deque[tuple[Any, Any]] = collections.deque()  # (request or None, tag)
 
         def oldest() -> tuple[Any, torch.Tensor | None]:
@@ -159,13 +207,13 @@ class OpenVinoRuntime(Runtime):
         if precision == "int8" and onnxruntime_version() is None:
             raise ImportError("openvino int8 reads the model ONNX Runtime's quantisation makes: install onnxruntime")
         digest = key_digest(self.model_key(module, preprocessing, pooled, precision, calibration))
-        compiled = f"{digest}-{cores}"  # compiled for a number of streams
+        built = f"{digest}-{cores}"  # compiled for a number of streams
         with _COMPILED_LOCK:
-            if compiled not in _COMPILED:
-                _COMPILED[compiled] = _compile(
+            if built not in _COMPILED:
+                _COMPILED[built] = _build(
                     module, preprocessing, pooled, precision, digest, model_cache, cores, calibration
                 )
-            return _COMPILED[compiled]
+            return _COMPILED[built]
 
 
 def model_files(model_cache: Path, digest: str) -> ModelFiles:
@@ -173,7 +221,7 @@ def model_files(model_cache: Path, digest: str) -> ModelFiles:
     return ModelFiles(Path(model_cache) / "openvino" / f"{digest}.xml", (".bin",))
 
 
-def _compile(
+def _build(
     module: nn.Module,
     preprocessing: dict,
     pooled: bool,
@@ -206,17 +254,7 @@ def _compile(
         steps.input().model().set_layout(ov.Layout("NCHW"))
         laid_out = steps.build()
     hint = "bf16" if precision == "bf16" and cpu_has_bf16(core) else "f32"
-    compiled = core.compile_model(
-        laid_out,
-        "CPU",
-        {
-            "INFERENCE_PRECISION_HINT": hint,
-            "NUM_STREAMS": cores,
-            "INFERENCE_NUM_THREADS": cores,
-            "PERFORMANCE_HINT": "THROUGHPUT",
-        },
-    )
-    return OpenVinoForward(model, compiled, cores)
+    return OpenVinoForward(laid_out, hint, cores)
 
 
 def convert(module: nn.Module, preprocessing: dict, pooled: bool) -> Any:
@@ -238,8 +276,6 @@ def convert_quantised(module: nn.Module, preprocessing: dict, pooled: bool, cali
     """``module`` quantised to int8 as the ONNX Runtime runtime quantises it (QDQ, per-channel
     7-bit weights, the stem and a trained tail in float), read by OpenVINO, which runs the
     quantise-dequantise pairs as int8 kernels. Input: uint8 pixels (B, R, R, 3)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="openvino-int8-") as scratch:
         path = Path(scratch) / "int8.onnx"
         export_model(module, preprocessing, pooled, "int8", calibration, path)
