@@ -21,7 +21,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.engine.runtime import cpu_threads
 from pipeline.io import OptionError, file_digest
 from pipeline.shards import Field, ShardedStore, write_lock
 
@@ -185,7 +183,7 @@ def cached_token_states(
     cache in ``cache_dir`` when it holds them, else encoded and cached there (``cache_dir`` None:
     encoded, not cached). The encoder's model loads only when something must be encoded; pass
     ``encoder`` to reuse one. With ``trained_layers`` the states are those that enter the
-    encoder's last ``trained_layers`` layers."""
+    encoder's last ``trained_layers`` layers. Encoding runs on the calling thread's torch threads."""
     texts = [text if isinstance(text, str) else "" for text in texts]
     encoder = encoder or TextEncoder(encoder_name)
     if not texts:
@@ -212,9 +210,9 @@ def cached_token_states(
             missing = store.missing_shards()
             todo = missing + sorted(store.damaged_shards([k for k in range(store.num_shards) if k not in missing]))
             bar = tqdm(total=len(texts), desc=f"{encoder_name} token states", unit="caption", disable=not progress)
-            # Every core: the caption trainer runs its small models on one thread, and the
-            # encoder's matrix products are what the cores are for.
-            with contextlib.closing(bar), cpu_threads(len(os.sched_getaffinity(0))):
+            # On the caller's torch threads: the caption trainer gives its encoding every core,
+            # inference one thread beside the extraction processes that hold the others.
+            with contextlib.closing(bar):
                 for shard in todo:
                     rows = store.shard_range(shard)
                     with store.write_shard(shard) as arrays:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -218,13 +217,14 @@ def stand_in_text_encoders(tmp_path_factory) -> dict:
 
 
 def stand_in_threads(patch: pytest.MonkeyPatch) -> None:
-    """The encoding stays on the test's one thread, where the product takes every core: the
-    stand-in's matrices are too small for a second thread, whose waiting made each encoding
+    """The caption trainer's encoding stays on one thread, where the product gives it every core:
+    the stand-in's matrices are too small for a second thread, whose waiting made each encoding
     several times slower on loaded cores, and a process forked later (tests/test_cache_safety.py)
     cannot use an OpenMP pool its parent started."""
-    from pipeline import text_features
+    from pipeline.engine.runtime import cpu_threads
+    from pipeline.train import caption
 
-    patch.setattr(text_features, "cpu_threads", lambda threads: contextlib.nullcontext())
+    patch.setattr(caption, "cpu_threads", lambda threads: cpu_threads(min(threads, 1)))
 
 
 @pytest.fixture(autouse=True)

@@ -171,6 +171,7 @@ def test_the_caption_branch_runs_beside_image_extraction_and_gives_what_it_gives
     from pipeline.data.dataset import DatasetPaths, group_by_image, read_csv
     from pipeline.engine.runtime import cpu_threads
     from pipeline.prediction import BranchPredictor, Inputs, load_branch_checkpoints
+    from pipeline.text_features import TextEncoder
 
     data, weights = trained_branches
     paths = DatasetPaths.resolve(str(data), None)
@@ -195,8 +196,15 @@ def test_the_caption_branch_runs_beside_image_extraction_and_gives_what_it_gives
         events.append(("extraction", threading.current_thread().name, None))
         return extract(*args, **kwargs)
 
+    encode = TextEncoder.token_states
+
+    def encoding(self, *args, **kwargs):
+        events.append(("encoding", threading.current_thread().name, torch.get_num_threads()))
+        return encode(self, *args, **kwargs)
+
     monkeypatch.setattr(prediction_module, "predict_caption_probs", caption_branch)
     monkeypatch.setattr(features_module, "extract_into_store", extraction)
+    monkeypatch.setattr(TextEncoder, "token_states", encoding)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -206,8 +214,11 @@ def test_the_caption_branch_runs_beside_image_extraction_and_gives_what_it_gives
     names = {event: thread for event, thread, _ in events}
     assert names["extraction"] == threading.main_thread().name
     assert names["caption starts"] != threading.main_thread().name
-    # One thread beside the extraction processes, not the caller's 2 (nor a new thread's default).
+    # One thread beside the extraction processes, not the caller's 2 (nor a new thread's default),
+    # the text encoder's too.
     assert events[0][2] == 1
+    encodings = [threads for event, thread, threads in events if event == "encoding" and thread == names["caption starts"]]
+    assert encodings and set(encodings) == {1}
     with cpu_threads(1):
         alone = group_by_image(frame).mean(predict_caption_probs(checkpoints["caption"],
                                                                  frame["Caption"].fillna("").tolist(), "cpu"))

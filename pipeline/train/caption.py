@@ -315,14 +315,17 @@ def _fit_in_processes(fit_member: Callable[[int], dict], count: int, processes: 
 def _encode(
     config: CaptionTrainConfig, vocab: Vocabulary, frame: pd.DataFrame, label_set: LabelSet, encoder: TextEncoder | None
 ) -> _Encoded:
-    ids, lengths = encode_captions(
-        model_settings(config),
-        vocab,
-        frame[CAPTION_COLUMN].tolist(),
-        config.max_len,
-        Path(config.weights_dir) / "cache",
-        encoder,
-    )
+    # Every core: the small models train on --threads threads, and the encoder's matrix
+    # products are what the cores are for.
+    with cpu_threads(usable_cores()):
+        ids, lengths = encode_captions(
+            model_settings(config),
+            vocab,
+            frame[CAPTION_COLUMN].tolist(),
+            config.max_len,
+            Path(config.weights_dir) / "cache",
+            encoder,
+        )
     groups = group_by_image(frame)
     return _Encoded(
         ids=ids,
