@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 
 import pytest
 import torch
@@ -148,6 +149,27 @@ def test_onnxruntime_uses_as_many_threads_as_torch(backbone, tmp_path, monkeypat
     forward = onnx_runtime.OnnxRuntime().build(backbone.module, backbone.preprocessing, True, "fp32", CPU,
                                                 None, 1)
     assert forward.session.get_session_options().intra_op_num_threads == 3
+
+
+def test_onnxruntime_runs_in_the_loader_workers_and_a_spawned_worker_gets_the_model(backbone, tmp_path,
+                                                                                   monkeypatch):
+    root = make_tiny_dataset(tmp_path / "tiny", n_train=6, n_test=0)
+    paths, ids = DatasetPaths.resolve(root), [f"{i}.jpg" for i in range(6)]
+    in_main = extract_features(backbone, paths, ids, CPU, batch_size=2, workers=0, runtime="onnxruntime",
+                               model_cache=tmp_path / "models")
+    monkeypatch.setattr(onnx_runtime, "_SESSIONS", {})
+    in_workers = extract_features(backbone, paths, ids, CPU, batch_size=2, workers=2, runtime="onnxruntime",
+                                  model_cache=tmp_path / "models")
+    # Each worker opened its own session: this process opened none.
+    (forward,) = onnx_runtime._SESSIONS.values()
+    assert forward._sessions == {}
+    # One thread or several, the same model up to float16 rounding of the cache.
+    assert torch.allclose(in_workers[0].float(), in_main[0].float(), rtol=1e-3, atol=1e-3)
+    assert torch.equal(in_workers[1], in_main[1])
+
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    spawned = pickle.loads(pickle.dumps(forward))
+    assert torch.equal(spawned(pixels), forward(pixels))
 
 
 # --- the converted-model caches: a digest beside the files, verified when loaded ---------------

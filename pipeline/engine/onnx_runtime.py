@@ -1,8 +1,9 @@
 """The ONNX Runtime runtime: the frozen graph exported to ONNX once, run by ONNX Runtime's CPU
-provider in the main process with as many intra-op threads as torch has, while loader
-workers decode; with ``int8``, the graph quantised statically first (QDQ, per-channel weights
-with a 7-bit range, calibrated on training images, the stem and the trained part left in
-float).
+provider as the other CPU runtimes run: in extraction each loader worker decodes its batches
+and runs them in its own single-threaded session, one worker per core; called in the main
+process, a session with as many intra-op threads as torch has. With ``int8``, the graph is
+quantised statically first (QDQ, per-channel weights with a 7-bit range, calibrated on training
+images, the stem and the trained part left in float).
 
 An exported (or quantised) model is kept in ``<model_cache>/onnxruntime/<digest>.onnx``,
 verified by the digest written beside it (:class:`pipeline.engine.frozen.ModelFiles`), and
@@ -11,6 +12,8 @@ opened once per process.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -133,8 +136,6 @@ def export_model(
         return
     if calibration is None:
         raise ValueError("int8 needs calibration images")
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="onnx-float-") as scratch:
         float_path = Path(scratch) / "float.onnx"
         export(module, preprocessing, pooled, float_path)
@@ -149,15 +150,48 @@ _SESSIONS_LOCK = threading.Lock()
 
 
 class OnnxForward(FrozenForward):
-    """An ONNX Runtime session of the frozen graph: uint8 batches in, float32 outputs out."""
+    """The frozen graph's ONNX model: uint8 batches in, float32 outputs out, run in this
+    process's own session, opened on first use: in a loader worker with one thread, elsewhere
+    with ``threads`` (a session's thread pool does not survive a fork, and a worker started by
+    spawning gets the model's bytes pickled)."""
 
-    def __init__(self, session: Any) -> None:
-        self.session = session
+    in_workers: ClassVar[bool] = True
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        self.model, self.threads = model, threads
+        self._sessions: dict[int, Any] = {}  # process id -> its session
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model, "threads": self.threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"], state["threads"])
+
+    @property
+    def session(self) -> Any:
+        """This process's session."""
+        with self._lock:
+            if os.getpid() not in self._sessions:
+                in_worker = torch.utils.data.get_worker_info() is not None
+                self._sessions[os.getpid()] = open_session(self.model, 1 if in_worker else self.threads)
+            return self._sessions[os.getpid()]
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         # channels_last (B, 3, R, R) is (B, R, R, 3) in memory: the model's input, no copy.
         nhwc = np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy())
         return torch.from_numpy(self.session.run(None, {INPUT: nhwc})[0])
+
+
+def open_session(model: bytes | Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session of ``model`` (its bytes or its file) on ``threads`` threads."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxRuntime(Runtime):
@@ -179,15 +213,14 @@ class OnnxRuntime(Runtime):
         calibration: Calibration | None = None,
     ) -> OnnxForward:
         digest = key_digest(self.model_key(module, preprocessing, pooled, precision, calibration))
-        opened = f"{digest}-{torch.get_num_threads()}"  # a session per thread count
+        opened = f"{digest}-{torch.get_num_threads()}"  # the main process's session per thread count
         with _SESSIONS_LOCK:
             if opened not in _SESSIONS:
-                _SESSIONS[opened] = OnnxForward(
-                    self._session(module, preprocessing, pooled, precision, digest, model_cache, calibration)
-                )
+                model = self._model(module, preprocessing, pooled, precision, digest, model_cache, calibration)
+                _SESSIONS[opened] = OnnxForward(model, torch.get_num_threads())
             return _SESSIONS[opened]
 
-    def _session(
+    def _model(
         self,
         module: nn.Module,
         preprocessing: dict,
@@ -196,27 +229,19 @@ class OnnxRuntime(Runtime):
         digest: str,
         model_cache: Path | None,
         calibration: Calibration | None,
-    ) -> Any:
-        import tempfile
-
-        import onnxruntime
+    ) -> bytes:
+        """The exported (or quantised) model's bytes, from ``model_cache`` where a verified one
+        is kept (a session opens it there: a file ONNX Runtime cannot read is built again)."""
 
         def build(path: Path) -> None:
             export_model(module, preprocessing, pooled, precision, calibration, path)
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-
-        def open_session(path: Path) -> Any:
-            return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-        with tempfile.TemporaryDirectory(prefix="onnx-") as scratch:
-            if model_cache is None:
+        if model_cache is None:
+            with tempfile.TemporaryDirectory(prefix="onnx-") as scratch:
                 path = Path(scratch) / "model.onnx"
                 build(path)
-                return open_session(path)
-            files = ModelFiles(Path(model_cache) / "onnxruntime" / f"{digest}.onnx")
-            # Built straight into the cache's temporary name (nothing in memory), then opened.
-            session = files.load_or_build(open_session, lambda: None, lambda _, path: build(path))
-            return session if session is not None else open_session(files.main)
+                return path.read_bytes()
+        files = ModelFiles(Path(model_cache) / "onnxruntime" / f"{digest}.onnx")
+        # Built straight into the cache's temporary name (nothing in memory), then read.
+        files.load_or_build(lambda path: open_session(path, 1), lambda: None, lambda _, path: build(path))
+        return files.main.read_bytes()
