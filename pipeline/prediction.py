@@ -383,7 +383,13 @@ class BranchPredictor:
         # the main process waiting, and the caption branch's small batches leave cores idle
         # when run alone. While extraction processes hold every core, its text encoder runs on
         # one thread: several would spin at their barriers against the extraction for a core.
-        extracting_on_cpu = self.backbone is not None and features is None and self.device.type == "cpu"
+        # Features read from the cache leave the cores to it.
+        extracting_on_cpu = (
+            self.backbone is not None
+            and features is None
+            and self.device.type == "cpu"
+            and not self.has_cached(inputs, image_ids)
+        )
         caption_threads = 1 if extracting_on_cpu else torch.get_num_threads()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-branch") as pool:
             caption = (

@@ -219,6 +219,14 @@ def test_the_caption_branch_runs_beside_image_extraction_and_gives_what_it_gives
     assert events[0][2] == 1
     encodings = [threads for event, thread, threads in events if event == "encoding" and thread == names["caption starts"]]
     assert encodings and set(encodings) == {1}
+    # With the features cached nothing is extracted: the caption branch gets the caller's threads.
+    events.clear()
+    torch.set_num_threads(2)
+    try:
+        predictor.probabilities(frame, Inputs(paths, tmp_path / "cache"))
+    finally:
+        torch.set_num_threads(threads)
+    assert [count for event, _, count in events if event == "caption starts"] == [2]
     with cpu_threads(1):
         alone = group_by_image(frame).mean(predict_caption_probs(checkpoints["caption"],
                                                                  frame["Caption"].fillna("").tolist(), "cpu"))
