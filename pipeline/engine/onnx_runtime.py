@@ -166,7 +166,8 @@ class OnnxForward(FrozenForward):
         return {"model": self.model, "threads": self.threads}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model"], state["threads"])
+        self.model, self.threads = state["model"], state["threads"]
+        self._sessions, self._lock = {}, threading.Lock()
 
     @property
     def session(self) -> Any:

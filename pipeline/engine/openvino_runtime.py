@@ -119,7 +119,9 @@ class OpenVinoForward(FrozenForward):
     def __setstate__(self, state: dict) -> None:
         ov = import_openvino()
         weights = ov.Tensor(np.frombuffer(state["bin"], dtype=np.uint8).copy())
-        self.__init__(ov.Core().read_model(state["xml"].decode(), weights), state["hint"], state["streams"])
+        self.laid_out = ov.Core().read_model(state["xml"].decode(), weights)
+        self.hint, self.streams = state["hint"], state["streams"]
+        self._compiled, self._lock = {}, threading.Lock()
 
     def compiled(self) -> tuple[Any, int]:
         """(this process's compiled copy, its streams), compiled on first use."""
