@@ -293,9 +293,9 @@ def _run_units(
 ) -> Iterator[tuple[_Unit, torch.Tensor, torch.Tensor]]:
     """(unit, outputs, readable) of every unit, in order.
 
-    With a runtime that runs in the workers (torch on a CPU) and ``processes`` > 0, that many
-    single-threaded workers each decode and run whole units and the main process only
-    collects; otherwise ``workers`` processes decode and the main process (or the GPU) runs
+    With a runtime that runs in the workers (every runtime on a CPU) and ``processes`` > 0,
+    that many single-threaded workers each decode and run whole units and the main process
+    only collects; otherwise ``workers`` processes decode and the main process (or the GPU) runs
     the forward.
     """
     resolution = extractor.preprocessing["resolution"]
@@ -409,11 +409,11 @@ def extract_features(
     :func:`cached_features`).
 
     The backbone runs with batch norm folded, channels_last, in inference mode, in
-    ``precision``, in ``runtime``. On GPU, and with OpenVINO, ``workers`` processes decode and
-    the main process runs the forward. With torch on CPU, ``processes`` single-threaded
-    workers (default: one per core; with ``workers=0``, none) each decode and run their own
-    chunks, and the main process only collects. OpenVINO keeps its converted model in
-    ``model_cache``. With ``attention`` each row also holds its logits on the map (see
+    ``precision``, in ``runtime``. On GPU ``workers`` processes decode and the main process runs
+    the forward. On CPU ``processes`` single-threaded workers (default: one per core; with
+    ``workers=0``, none) each decode and run their own chunks, and the main process only
+    collects. OpenVINO and ONNX Runtime keep their converted models in ``model_cache``. With
+    ``attention`` each row also holds its logits on the map (see
     :func:`pooled_output`).
     """
     module, width, _ = pooled_output(backbone, attention)

@@ -262,7 +262,7 @@ def resolve_runtime(name: str, device: torch.device, probe: Probe | None = None,
 
 def measure_runtime(name: str, probe: Probe, device: torch.device, model_cache: Path | None) -> float:
     """Images per second of ``probe`` in runtime ``name``, over a few batches, in the layout
-    extraction runs it in (torch on a CPU: one single-threaded process per core)."""
+    extraction runs it in (on a CPU: one single-threaded process per core)."""
     processes = usable_cores() if device.type == "cpu" else 0
     return time_forward(
         build_forward(name, probe, device, model_cache), probe.preprocessing["resolution"], processes=processes

@@ -139,7 +139,7 @@ def time_forward_in_processes(
     forward: FrozenForward, batch_size: int, resolution: int, processes: int, seconds: float
 ) -> float:
     """Images per second of ``processes`` single-threaded workers each running ``forward`` on an
-    in-memory batch for about ``seconds``: the CPU layout torch extraction uses, without any decoding."""
+    in-memory batch for about ``seconds``: the CPU layout extraction uses, without any decoding."""
     single = time_forward_here(forward, batch_size, resolution, min(seconds, 1.0))
     batches = max(2, int(single * seconds / batch_size))
     return round(time_forward(forward, resolution, batches, batch_size, processes), 2)
@@ -187,8 +187,8 @@ def forward_table(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{runtime: {precision: {"img_s", "single_core_ms"}}}`` of ``module``'s frozen forward at
     the pipeline's batch, on in-memory batches, for every runtime that runs here and each of
-    its ``precisions``: ``img_s`` with every core, in the layout extraction runs it in (torch on
-    a CPU: one single-threaded process per core; the others: this process, their own threads);
+    its ``precisions``: ``img_s`` with every core, in the layout extraction runs it in (on a
+    CPU: one single-threaded process per core; on a GPU: this process);
     ``single_core_ms``: milliseconds per image on one core (one thread), the cost the bound
     charges."""
     resolution = preprocessing["resolution"]
