@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 FRONT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
+def threads_here(threads: int) -> int:
+    """The threads a forward runs on in this process: one in a loader worker (extraction runs
+    one worker per core, each running its own batches), else ``threads``."""
+    return 1 if torch.utils.data.get_worker_info() is not None else threads
+
+
 class FrozenForward(ABC):
     """A frozen module ready to run: uint8 pixel batches (B, 3, R, R) in, outputs out."""
 

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.engine.frozen import Calibration, FrontAndTail, FrozenForward, ModelFiles, Runtime, key_digest
+from pipeline.engine.frozen import (
+    Calibration,
+    FrontAndTail,
+    FrozenForward,
+    ModelFiles,
+    Runtime,
+    key_digest,
+    threads_here,
+)
 from pipeline.models.image_model import RawPixelGraph
 
 OPSET = 17
@@ -174,8 +182,7 @@ class OnnxForward(FrozenForward):
         """This process's session."""
         with self._lock:
             if os.getpid() not in self._sessions:
-                in_worker = torch.utils.data.get_worker_info() is not None
-                self._sessions[os.getpid()] = open_session(self.model, 1 if in_worker else self.threads)
+                self._sessions[os.getpid()] = open_session(self.model, threads_here(self.threads))
             return self._sessions[os.getpid()]
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.engine.frozen import Calibration, FrozenForward, ModelFiles, Runtime, key_digest
+from pipeline.engine.frozen import Calibration, FrozenForward, ModelFiles, Runtime, key_digest, threads_here
 from pipeline.engine.onnx_runtime import export_model, onnxruntime_version
 from pipeline.models.image_model import RawPixelGraph
 
@@ -88,8 +88,9 @@ class OpenVinoForward(FrozenForward):
 
     Takes the batches channels_last, as the loader workers make them (the transpose is
     compiled into the model's input). Each process compiles its own copy when it first runs
-    one: a loader worker a single stream on one thread, unpinned (every worker would pin its
-    thread to the first core), any other process one stream per core. A worker that decodes
+    one: a loader worker a single stream on one thread, any other process one stream per core.
+    A single stream is left unpinned: OpenVINO pins it to the first core, the same core in
+    every process that runs one. A worker that decodes
     and runs its own batches keeps its core busy without a decoding process preempting its
     stream (docs/speed.md has the measurement).
     """
@@ -125,8 +126,7 @@ class OpenVinoForward(FrozenForward):
 
     def compiled(self) -> tuple[Any, int]:
         """(this process's compiled copy, its streams), compiled on first use."""
-        in_worker = torch.utils.data.get_worker_info() is not None
-        streams = 1 if in_worker else self.streams
+        streams = threads_here(self.streams)
         with self._lock:
             if os.getpid() not in self._compiled:
                 settings = {
@@ -134,7 +134,7 @@ class OpenVinoForward(FrozenForward):
                     "NUM_STREAMS": streams,
                     "INFERENCE_NUM_THREADS": streams,
                     "PERFORMANCE_HINT": "THROUGHPUT",
-                    **({"ENABLE_CPU_PINNING": False} if in_worker else {}),
+                    **({"ENABLE_CPU_PINNING": False} if streams == 1 else {}),
                 }
                 core = import_openvino().Core()
                 self._compiled[os.getpid()] = core.compile_model(self.laid_out, "CPU", settings)
